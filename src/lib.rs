@@ -1,0 +1,3 @@
+//! Pull-through caching proxy for container registries.
+pub mod config;
+pub mod registry;

@@ -1,0 +1,223 @@
+//! Manifests as exact bytes, their media types, and local `Accept` negotiation
+//! (protocol §3; distribution `registry/handlers/manifests.go` `GetManifest`).
+
+use super::Digest;
+use bytes::Bytes;
+use std::fmt;
+use std::sync::Arc;
+
+/// The `Accept` list pullthrough always sends upstream: every modern manifest type, so Docker Hub
+/// never down-converts to schema 1 and one cached answer serves every client (protocol §3.2).
+pub const UPSTREAM_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
+application/vnd.docker.distribution.manifest.list.v2+json, \
+application/vnd.oci.image.manifest.v1+json, \
+application/vnd.docker.distribution.manifest.v2+json";
+
+/// A manifest media type, kept as upstream spelled it (parameters stripped).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct MediaType(Arc<str>);
+
+impl MediaType {
+    /// Docker manifest list.
+    pub const DOCKER_LIST: &'static str = "application/vnd.docker.distribution.manifest.list.v2+json";
+    /// Docker image manifest, schema 2.
+    pub const DOCKER_MANIFEST: &'static str = "application/vnd.docker.distribution.manifest.v2+json";
+    /// OCI image index.
+    pub const OCI_INDEX: &'static str = "application/vnd.oci.image.index.v1+json";
+    /// OCI image manifest.
+    pub const OCI_MANIFEST: &'static str = "application/vnd.oci.image.manifest.v1+json";
+
+    /// From a `Content-Type` value: parameters dropped, lower-cased (dist-spec: clients
+    /// ignore parameters).
+    pub fn from_content_type(value: &str) -> MediaType {
+        let essence = value.split(';').next().unwrap_or_default().trim();
+        MediaType(essence.to_ascii_lowercase().into())
+    }
+
+    /// The media type text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    fn is(&self, other: &str) -> bool {
+        &*self.0 == other
+    }
+}
+
+impl fmt::Display for MediaType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for MediaType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// A manifest exactly as upstream sent it. Never re-serialized: the digest is over these bytes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Manifest {
+    /// The raw bytes.
+    pub bytes: Bytes,
+    /// The media type upstream declared.
+    pub media_type: MediaType,
+    /// The digest of `bytes`.
+    pub digest: Digest,
+}
+
+impl fmt::Debug for Manifest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Manifest")
+            .field("digest", &self.digest)
+            .field("media_type", &self.media_type)
+            .field("len", &self.bytes.len())
+            .finish()
+    }
+}
+
+/// The media types a client accepts: every `Accept` line merged and split on commas, with
+/// parameters (q-values) ignored, as distribution does.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Accept {
+    types: Vec<String>,
+    /// No `Accept` header at all: the client gets what upstream gave.
+    absent: bool,
+}
+
+/// The outcome of negotiating a stored manifest against a client's `Accept`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Negotiation {
+    /// Serve the stored manifest.
+    Serve,
+    /// Serve the linux/amd64 child of a Docker manifest list instead (protocol §3.3).
+    PlatformChild,
+    /// The client cannot take the stored type: 404 `MANIFEST_UNKNOWN` with this message.
+    Unacceptable(&'static str),
+}
+
+impl Accept {
+    /// Parses every `Accept` header line.
+    pub fn parse<'a>(lines: impl IntoIterator<Item = &'a str>) -> Accept {
+        let mut types = Vec::new();
+        let mut absent = true;
+        for line in lines {
+            absent = false;
+            for item in line.split(',') {
+                let essence = item.split(';').next().unwrap_or_default().trim();
+                if !essence.is_empty() {
+                    types.push(essence.to_ascii_lowercase());
+                }
+            }
+        }
+        Accept { types, absent }
+    }
+
+    fn accepts(&self, media_type: &str) -> bool {
+        self.absent || self.types.iter().any(|t| t == media_type || t == "*/*")
+    }
+
+    /// distribution's rule: OCI types the client does not accept are 404; a Docker list
+    /// requested by tag by a client that takes schema 2 but not lists yields its linux/amd64
+    /// child; everything else is served as stored.
+    pub fn negotiate(&self, stored: &MediaType, by_tag: bool) -> Negotiation {
+        if self.accepts(stored.as_str()) {
+            return Negotiation::Serve;
+        }
+        if stored.is(MediaType::OCI_MANIFEST) {
+            Negotiation::Unacceptable("OCI manifest found, but accept header does not support OCI manifests")
+        } else if stored.is(MediaType::OCI_INDEX) {
+            Negotiation::Unacceptable("OCI index found, but accept header does not support OCI indexes")
+        } else if stored.is(MediaType::DOCKER_LIST) && by_tag {
+            if self.accepts(MediaType::DOCKER_MANIFEST) {
+                Negotiation::PlatformChild
+            } else {
+                Negotiation::Unacceptable("manifest list found, but accept header supports neither lists nor schema 2 manifests")
+            }
+        } else {
+            Negotiation::Serve
+        }
+    }
+}
+
+/// The digest of the linux/amd64 entry of a manifest list, if it has one.
+pub fn platform_child(list: &[u8]) -> Option<Digest> {
+    #[derive(serde::Deserialize)]
+    struct List {
+        manifests: Vec<Entry>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        digest: String,
+        platform: Option<Platform>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Platform {
+        architecture: String,
+        os: String,
+    }
+    let list: List = serde_json::from_slice(list).ok()?;
+    list.manifests
+        .into_iter()
+        .find(|e| e.platform.as_ref().is_some_and(|p| p.os == "linux" && p.architecture == "amd64"))
+        .and_then(|e| e.digest.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mt(s: &str) -> MediaType {
+        MediaType::from_content_type(s)
+    }
+
+    #[test]
+    fn parses_accept_lines() {
+        let a = Accept::parse([
+            "application/vnd.oci.image.manifest.v1+json",
+            "application/vnd.docker.distribution.manifest.v2+json; q=0.5, application/vnd.oci.image.index.v1+json",
+        ]);
+        assert!(a.accepts(MediaType::OCI_MANIFEST));
+        assert!(a.accepts(MediaType::DOCKER_MANIFEST));
+        assert!(a.accepts(MediaType::OCI_INDEX));
+        assert!(!a.accepts(MediaType::DOCKER_LIST));
+        assert!(Accept::parse([]).accepts(MediaType::DOCKER_LIST));
+        assert!(Accept::parse(["text/html, */*"]).accepts(MediaType::DOCKER_LIST));
+        assert!(!Accept::parse([""]).accepts(MediaType::DOCKER_LIST));
+    }
+
+    #[test]
+    fn negotiates_like_distribution() {
+        let schema2_only = Accept::parse([MediaType::DOCKER_MANIFEST]);
+        let full = Accept::parse([UPSTREAM_ACCEPT]);
+        let cases = [
+            (&full, MediaType::OCI_INDEX, true, Negotiation::Serve),
+            (&schema2_only, MediaType::OCI_INDEX, true, Negotiation::Unacceptable("OCI index found, but accept header does not support OCI indexes")),
+            (&schema2_only, MediaType::OCI_MANIFEST, false, Negotiation::Unacceptable("OCI manifest found, but accept header does not support OCI manifests")),
+            (&schema2_only, MediaType::DOCKER_LIST, true, Negotiation::PlatformChild),
+            (&schema2_only, MediaType::DOCKER_LIST, false, Negotiation::Serve),
+            (&Accept::parse(["application/json"]), MediaType::DOCKER_MANIFEST, true, Negotiation::Serve),
+            (&Accept::parse(["application/json"]), MediaType::DOCKER_LIST, true, Negotiation::Unacceptable("manifest list found, but accept header supports neither lists nor schema 2 manifests")),
+        ];
+        for (accept, stored, by_tag, want) in cases {
+            assert_eq!(accept.negotiate(&mt(stored), by_tag), want, "{accept:?} {stored}");
+        }
+    }
+
+    #[test]
+    fn strips_content_type_parameters() {
+        assert_eq!(mt("Application/JSON; charset=utf-8").as_str(), "application/json");
+    }
+
+    #[test]
+    fn finds_amd64_child() {
+        let d1 = format!("sha256:{}", "1".repeat(64));
+        let d2 = format!("sha256:{}", "2".repeat(64));
+        let list = format!(
+            r#"{{"manifests":[{{"digest":"{d1}","platform":{{"architecture":"arm64","os":"linux"}}}},{{"digest":"{d2}","platform":{{"architecture":"amd64","os":"linux"}}}}]}}"#
+        );
+        assert_eq!(platform_child(list.as_bytes()).map(|d| d.to_string()), Some(d2));
+        assert_eq!(platform_child(b"{}"), None);
+    }
+}

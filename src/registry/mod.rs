@@ -1,0 +1,12 @@
+//! The registry vocabulary: repository names, references, digests and manifest media
+//! types, parsed once at the edge and trusted everywhere else. Pure code, no I/O.
+
+mod digest;
+mod manifest;
+mod name;
+mod reference;
+
+pub use digest::{Algorithm, Digest, DigestError, Verifier};
+pub use manifest::{Accept, Manifest, MediaType, Negotiation, UPSTREAM_ACCEPT, platform_child};
+pub use name::{NameError, RepoName};
+pub use reference::{Reference, Tag, TagError};

@@ -230,11 +230,6 @@ impl Config {
             (None, None) => Ok(None),
         }
     }
-
-    /// True when the upstream is Docker Hub, whose one-component names mean `library/<name>`.
-    pub fn upstream_is_docker_hub(&self) -> bool {
-        matches!(self.upstream.host_str(), Some("registry-1.docker.io" | "index.docker.io" | "registry.hub.docker.com" | "docker.io"))
-    }
 }
 
 /// `PULLTHROUGH_*` variables as a figment provider, parsed as figment's own `Env` does
@@ -319,7 +314,6 @@ mod tests {
         let c = Config::load(None, env(&[]), &Overrides::default()).unwrap();
         assert_eq!(c.listen.to_string(), "127.0.0.1:5000");
         assert_eq!(c.upstream.as_str(), "https://registry-1.docker.io/");
-        assert!(c.upstream_is_docker_hub());
     }
 
     #[test]

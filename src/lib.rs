@@ -1,3 +1,38 @@
 //! Pull-through caching proxy for container registries.
+//!
+//! ```text
+//! http ──► proxy ──► manifests / blobs   (local cache: memory + data dir)
+//!              └───► upstream ──► auth   (remote registry, tokens, rate limits)
+//! ```
+//! `registry` holds the spec vocabulary shared by all of them; `config` and `error` are
+//! leaves. Nothing below `http` imports axum.
+
 pub mod config;
+pub mod disk;
+pub mod error;
+pub mod flight;
+pub mod http;
+pub mod manifests;
+pub mod metrics;
+pub mod proxy;
 pub mod registry;
+pub mod state;
+pub mod upstream;
+
+use std::sync::Arc;
+use tokio::net::TcpListener;
+
+pub use config::Config;
+
+/// Serves until `shutdown` resolves. Tests pass a port-0 listener and their own trigger.
+pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let app = app(&config)?;
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+    Ok(())
+}
+
+/// The complete router with its state, ready for `serve` or `oneshot`.
+pub fn app(config: &Config) -> anyhow::Result<axum::Router> {
+    let state = state::AppState::new(config)?;
+    Ok(http::router(Arc::new(state)))
+}

@@ -9,4 +9,4 @@ mod reference;
 pub use digest::{Algorithm, Digest, DigestError, Verifier};
 pub use manifest::{Accept, Manifest, MediaType, Negotiation, UPSTREAM_ACCEPT, platform_child};
 pub use name::{NameError, RepoName};
-pub use reference::{Reference, Tag, TagError};
+pub use reference::{Reference, ReferenceError, Tag, TagError};

@@ -1,0 +1,96 @@
+//! Single-flight: concurrent requests for one key share one upstream operation. The operation
+//! runs as its own task, so it finishes (and fills the cache) even when every client that
+//! asked for it has gone away or given up at its deadline.
+
+use crate::error::Error;
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, Shared};
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::Hash;
+use std::sync::{Arc, Mutex};
+
+type Outcome<V> = Result<V, Error>;
+
+/// In-flight operations by key.
+pub struct Flights<K, V> {
+    running: Arc<Mutex<HashMap<K, Shared<BoxFuture<'static, Outcome<V>>>>>>,
+}
+
+impl<K, V> fmt::Debug for Flights<K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.running.lock().map(|m| m.len()).unwrap_or_default();
+        f.debug_struct("Flights").field("running", &n).finish()
+    }
+}
+
+impl<K, V> Default for Flights<K, V> {
+    fn default() -> Self {
+        Flights { running: Arc::default() }
+    }
+}
+
+impl<K, V> Flights<K, V>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    /// Joins the operation running for `key`, or starts `start()` as a new task.
+    pub fn join<F>(&self, key: K, start: impl FnOnce() -> F) -> Shared<BoxFuture<'static, Outcome<V>>>
+    where
+        F: Future<Output = Outcome<V>> + Send + 'static,
+    {
+        let mut running = self.running.lock().expect("flight lock poisoned");
+        if let Some(flight) = running.get(&key) {
+            return flight.clone();
+        }
+        let operation = start();
+        let map = Arc::clone(&self.running);
+        let done_key = key.clone();
+        // The lock is held until the entry is inserted, so the task cannot remove it first.
+        let task = tokio::spawn(async move {
+            let outcome = operation.await;
+            map.lock().expect("flight lock poisoned").remove(&done_key);
+            outcome
+        });
+        let flight = async move { task.await.unwrap_or_else(|e| Err(Error::Storage(format!("background task failed: {e}")))) }
+            .boxed()
+            .shared();
+        running.insert(key, flight.clone());
+        flight
+    }
+
+    /// True while an operation for `key` runs.
+    pub fn is_running(&self, key: &K) -> bool {
+        self.running.lock().expect("flight lock poisoned").contains_key(key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn concurrent_joins_share_one_run_that_outlives_its_callers() {
+        let flights: Flights<u32, u32> = Flights::default();
+        let runs = Arc::new(AtomicUsize::new(0));
+        let start = |runs: Arc<AtomicUsize>| {
+            move || async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Ok(7)
+            }
+        };
+        let a = flights.join(1, start(runs.clone()));
+        let b = flights.join(1, start(runs.clone()));
+        assert_eq!((a.await.unwrap(), b.await.unwrap()), (7, 7));
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+
+        drop(flights.join(2, start(runs.clone())));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(runs.load(Ordering::SeqCst), 2, "the dropped flight still ran");
+        assert!(!flights.is_running(&2));
+    }
+}

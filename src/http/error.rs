@@ -1,0 +1,61 @@
+//! Renders [`Error`] as the registry error envelope (distribution-spec §Error Codes), with the
+//! status chosen by blame: client mistakes 4xx, upstream trouble 502/504, our own 500.
+
+use crate::error::Error;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+impl Error {
+    /// HTTP status and registry error code.
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            Error::NameInvalid(_) => (StatusCode::BAD_REQUEST, "NAME_INVALID"),
+            Error::TagInvalid(_) => (StatusCode::BAD_REQUEST, "TAG_INVALID"),
+            Error::DigestInvalid(_) => (StatusCode::BAD_REQUEST, "DIGEST_INVALID"),
+            Error::PaginationInvalid => (StatusCode::BAD_REQUEST, "PAGINATION_NUMBER_INVALID"),
+            Error::NotFound(_) => (StatusCode::NOT_FOUND, "NOT_FOUND"),
+            Error::Unsupported(_) => (StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED"),
+            Error::ManifestUnknown(_) => (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN"),
+            Error::BlobUnknown => (StatusCode::NOT_FOUND, "BLOB_UNKNOWN"),
+            Error::NameUnknown => (StatusCode::NOT_FOUND, "NAME_UNKNOWN"),
+            Error::RangeInvalid { .. } => (StatusCode::RANGE_NOT_SATISFIABLE, "RANGE_INVALID"),
+            Error::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS"),
+            Error::GatewayTimeout => (StatusCode::GATEWAY_TIMEOUT, "UNAVAILABLE"),
+            Error::Upstream(_) => (StatusCode::BAD_GATEWAY, "UNAVAILABLE"),
+            Error::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN"),
+        }
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        if status.is_server_error() {
+            // The one place request failures are logged; we are inside the request span.
+            tracing::warn!(error = ?self, "request failed");
+        }
+        let message = match &self {
+            Error::Upstream(cause) => format!("{self}: {cause}"),
+            other => other.to_string(),
+        };
+        let body = serde_json::json!({ "errors": [{ "code": code, "message": message, "detail": null }] });
+        let mut response = (status, axum::Json(body)).into_response();
+        let headers = response.headers_mut();
+        match &self {
+            Error::TooManyRequests { retry_after } => {
+                let secs = retry_after.map(|d| d.as_secs().max(1)).unwrap_or(60);
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            }
+            Error::RangeInvalid { size } => {
+                if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                    headers.insert(header::CONTENT_RANGE, v);
+                }
+            }
+            Error::Unsupported(_) => {
+                headers.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            }
+            _ => {}
+        }
+        response
+    }
+}

@@ -1,0 +1,89 @@
+//! The HTTP boundary: routing, parsing, rendering. Handlers parse the request into registry
+//! types, make one call into the core, and render. No caching decisions here.
+
+mod error;
+mod manifests;
+pub mod path;
+
+use crate::error::Error;
+use crate::proxy::ManifestRequest;
+use crate::registry::Accept;
+use crate::state::AppState;
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use path::RegistryPath;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Time a request spent waiting for upstream, attached to responses for the access log.
+#[derive(Debug, Clone, Copy)]
+pub struct UpstreamWait(pub Duration);
+
+/// The complete router.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v2/", axum::routing::any(api_version))
+        .route("/v2", axum::routing::any(api_version))
+        .route("/v2/{*path}", axum::routing::any(dispatch))
+        .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+        .fallback(|uri: Uri| async move { Error::NotFound(uri.path().to_owned()) })
+        .layer(middleware::from_fn(access_log))
+        .with_state(state)
+}
+
+/// `GET /v2/`: 200 `{}` tells clients this is a registry that needs no auth (protocol §1.2).
+async fn api_version(method: Method) -> Response {
+    if method != Method::GET && method != Method::HEAD {
+        return Error::Unsupported(method.to_string()).into_response();
+    }
+    let mut response = (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], "{}").into_response();
+    response.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from_static("2"));
+    response
+}
+
+async fn dispatch(State(state): State<Arc<AppState>>, method: Method, uri: Uri, headers: HeaderMap) -> Result<Response, Error> {
+    if method != Method::GET && method != Method::HEAD {
+        return Err(Error::Unsupported(method.to_string()));
+    }
+    let tail = uri.path().strip_prefix("/v2/").unwrap_or_default();
+    // Validate before anything can reach upstream; learn Hub-ness only for names that need it.
+    let mut target = RegistryPath::parse(tail, false)?;
+    if target.name().as_str().split('/').count() == 1 && state.docker_hub().await {
+        target = RegistryPath::parse(tail, true)?;
+    }
+    state.check_namespace(uri.query()).await?;
+    let with_body = method == Method::GET;
+    match target {
+        RegistryPath::Manifest { name, reference } => {
+            let accept = Accept::parse(headers.get_all(header::ACCEPT).iter().filter_map(|v| v.to_str().ok()));
+            let request = ManifestRequest { name, reference, accept, want_body: with_body };
+            let served = state.proxy.manifest(&request).await?;
+            Ok(manifests::respond(served, &headers, with_body))
+        }
+        RegistryPath::Blob { .. } | RegistryPath::TagsList { .. } => Err(Error::NotFound(uri.path().to_owned())),
+    }
+}
+
+/// One event per request, and the API version header on every response.
+async fn access_log(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let mut response = next.run(request).await;
+    response.headers_mut().insert("docker-distribution-api-version", HeaderValue::from_static("registry/2.0"));
+    let cache = response.headers().get("x-cache").and_then(|v| v.to_str().ok()).unwrap_or("-");
+    let upstream_ms = response.extensions().get::<UpstreamWait>().map(|w| w.0.as_secs_f64() * 1000.0);
+    tracing::info!(
+        %method,
+        path,
+        status = response.status().as_u16(),
+        cache,
+        upstream_ms,
+        elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+        "request"
+    );
+    response
+}

@@ -1,0 +1,120 @@
+//! The `/v2/` tail → what is asked for. Repository names contain '/', so the tail is parsed
+//! from the right (protocol §4.3): `<name>/manifests/<ref>`, `<name>/blobs/<digest>`,
+//! `<name>/tags/list`.
+
+use crate::error::Error;
+use crate::registry::{Digest, Reference, RepoName};
+use crate::registry::{DigestError, TagError};
+
+/// A parsed registry API path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegistryPath {
+    /// `/v2/<name>/manifests/<reference>`
+    Manifest {
+        /// Repository.
+        name: RepoName,
+        /// Tag or digest.
+        reference: Reference,
+    },
+    /// `/v2/<name>/blobs/<digest>`
+    Blob {
+        /// Repository.
+        name: RepoName,
+        /// Blob digest.
+        digest: Digest,
+    },
+    /// `/v2/<name>/tags/list`
+    TagsList {
+        /// Repository.
+        name: RepoName,
+    },
+}
+
+impl RegistryPath {
+    /// The repository the path is about.
+    pub fn name(&self) -> &RepoName {
+        match self {
+            RegistryPath::Manifest { name, .. } | RegistryPath::Blob { name, .. } | RegistryPath::TagsList { name } => name,
+        }
+    }
+
+    /// Parses the part after `/v2/`, raw (not percent-decoded: '%' is never valid here).
+    pub fn parse(tail: &str, docker_hub: bool) -> Result<RegistryPath, Error> {
+        let segments: Vec<&str> = tail.split('/').collect();
+        let n = segments.len();
+        let name = |upto: usize| {
+            let raw = segments[..upto].join("/");
+            RepoName::parse(&raw, docker_hub).map_err(|e| Error::NameInvalid(e.to_string()))
+        };
+        if n >= 3 && segments[n - 2] == "tags" && segments[n - 1] == "list" {
+            return Ok(RegistryPath::TagsList { name: name(n - 2)? });
+        }
+        if n >= 3 && segments[n - 2] == "manifests" {
+            let name = name(n - 2)?;
+            let reference = Reference::parse(segments[n - 1]).map_err(|e| match e {
+                crate::registry::ReferenceError::Digest(d) => Error::DigestInvalid(d.to_string()),
+                crate::registry::ReferenceError::Tag(TagError) => Error::TagInvalid(TagError.to_string()),
+            })?;
+            return Ok(RegistryPath::Manifest { name, reference });
+        }
+        if n >= 3 && segments[n - 2] == "blobs" && segments[n - 1] != "uploads" {
+            let name = name(n - 2)?;
+            let digest = segments[n - 1].parse().map_err(|e: DigestError| Error::DigestInvalid(e.to_string()))?;
+            return Ok(RegistryPath::Blob { name, digest });
+        }
+        if segments.iter().any(|s| *s == "uploads") || tail.ends_with("/blobs/uploads/") {
+            return Err(Error::Unsupported("pushing".into()));
+        }
+        Err(Error::NotFound(format!("/v2/{tail}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(tail: &str) -> Result<String, String> {
+        RegistryPath::parse(tail, true)
+            .map(|p| match p {
+                RegistryPath::Manifest { name, reference } => format!("manifest {name} {reference}"),
+                RegistryPath::Blob { name, digest } => format!("blob {name} {digest}"),
+                RegistryPath::TagsList { name } => format!("tags {name}"),
+            })
+            .map_err(|e| match e {
+                Error::NameInvalid(_) => "NAME_INVALID".into(),
+                Error::TagInvalid(_) => "TAG_INVALID".into(),
+                Error::DigestInvalid(_) => "DIGEST_INVALID".into(),
+                Error::NotFound(_) => "NOT_FOUND".into(),
+                Error::Unsupported(_) => "UNSUPPORTED".into(),
+                other => format!("{other:?}"),
+            })
+    }
+
+    #[test]
+    fn parses_tails() {
+        let d = format!("sha256:{}", "a".repeat(64));
+        let long_tag = "t".repeat(200);
+        let cases: Vec<(String, Result<String, String>)> = vec![
+            ("library/alpine/manifests/3.20".into(), Ok("manifest library/alpine 3.20".into())),
+            ("alpine/manifests/latest".into(), Ok("manifest library/alpine latest".into())),
+            ("a/b/c/manifests/v1".into(), Ok("manifest a/b/c v1".into())),
+            (format!("a/b/manifests/{d}"), Ok(format!("manifest a/b {d}"))),
+            (format!("library/alpine/blobs/{d}"), Ok(format!("blob library/alpine {d}"))),
+            ("library/alpine/tags/list".into(), Ok("tags library/alpine".into())),
+            ("manifests/x/manifests/y".into(), Ok("manifest manifests/x y".into())),
+            ("../etc/manifests/latest".into(), Err("NAME_INVALID".into())),
+            ("Library/alpine/manifests/latest".into(), Err("NAME_INVALID".into())),
+            ("library%2falpine/manifests/latest".into(), Err("NAME_INVALID".into())),
+            ("/manifests/latest".into(), Err("NAME_INVALID".into())),
+            (format!("library/alpine/manifests/{long_tag}"), Err("TAG_INVALID".into())),
+            ("library/alpine/manifests/sha256:xyz".into(), Err("DIGEST_INVALID".into())),
+            ("library/alpine/blobs/latest".into(), Err("DIGEST_INVALID".into())),
+            ("library/alpine/blobs/uploads/".into(), Err("UNSUPPORTED".into())),
+            ("library/alpine".into(), Err("NOT_FOUND".into())),
+            ("_catalog".into(), Err("NOT_FOUND".into())),
+        ];
+        for (tail, want) in cases {
+            assert_eq!(parse(&tail), want, "{tail}");
+        }
+    }
+}

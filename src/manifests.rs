@@ -1,0 +1,304 @@
+//! The manifest cache: a digest → manifest store (exact bytes; RAM bounded by bytes, every
+//! entry also on disk) and a separate tag → digest index with fetch and validation times, so
+//! a manifest shared by several tags is held once. Digest entries never go stale; tag
+//! freshness is decided by [`TagPolicy`].
+
+use crate::disk::Layout;
+use crate::registry::{Digest, Manifest, MediaType, RepoName, Tag};
+use moka::sync::Cache;
+use regex::RegexSet;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// What the index knows about a tag.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TagEntry {
+    /// The digest the tag pointed to when last validated.
+    pub digest: String,
+    /// Media type of that manifest.
+    pub media_type: String,
+    /// Size of that manifest in bytes.
+    pub size: u64,
+    /// When the digest was first fetched (ms since the Unix epoch).
+    pub fetched_at: u64,
+    /// When upstream last confirmed the digest (ms since the Unix epoch).
+    pub validated_at: u64,
+    /// A newer digest upstream has, not yet taken (rate-limit budget below the reserve).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_back: Option<String>,
+}
+
+impl TagEntry {
+    /// A new entry validated now.
+    pub fn new(digest: &Digest, media_type: &MediaType, size: u64) -> TagEntry {
+        let now = now_ms();
+        TagEntry { digest: digest.to_string(), media_type: media_type.to_string(), size, fetched_at: now, validated_at: now, held_back: None }
+    }
+
+    /// The digest, parsed.
+    pub fn digest(&self) -> Digest {
+        self.digest.parse().expect("tag entries hold validated digests")
+    }
+
+    /// The media type.
+    pub fn media_type(&self) -> MediaType {
+        MediaType::from_content_type(&self.media_type)
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or_default()
+}
+
+/// How far a tag answer can be trusted right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    /// Serve it without asking upstream.
+    Fresh,
+    /// Serve it, and revalidate in the background.
+    Stale,
+    /// Too old to serve without upstream's word.
+    Expired,
+}
+
+/// The tag freshness rule: fresh for `ttl` after validation, then servable while revalidating
+/// (or while upstream fails) for `max_stale` more; immutable tags are always fresh.
+#[derive(Debug, Clone)]
+pub struct TagPolicy {
+    /// Freshness lifetime.
+    pub ttl: Duration,
+    /// Staleness allowed past `ttl`.
+    pub max_stale: Duration,
+    /// Tags that never move.
+    pub immutable: RegexSet,
+}
+
+impl TagPolicy {
+    /// Classifies an entry validated at `validated_at` (ms) as seen at `now` (ms).
+    pub fn freshness(&self, tag: &Tag, validated_at: u64, now: u64) -> Freshness {
+        if self.immutable.is_match(tag.as_str()) {
+            return Freshness::Fresh;
+        }
+        let age = Duration::from_millis(now.saturating_sub(validated_at));
+        if age < self.ttl {
+            Freshness::Fresh
+        } else if age - self.ttl < self.max_stale {
+            Freshness::Stale
+        } else {
+            Freshness::Expired
+        }
+    }
+}
+
+/// Manifests by digest and tags by name, in memory and on disk.
+#[derive(Debug)]
+pub struct ManifestCache {
+    by_digest: Cache<Digest, Arc<Manifest>>,
+    tags: Cache<(RepoName, Tag), TagEntry>,
+    /// (repository, digest) pairs upstream has shown us, for sharing content across
+    /// repositories only where access is known.
+    access: Cache<(RepoName, Digest), ()>,
+    layout: Layout,
+}
+
+impl ManifestCache {
+    /// Opens the cache and loads the tag index from disk.
+    pub fn open(layout: Layout, memory_bytes: u64) -> std::io::Result<ManifestCache> {
+        let by_digest = Cache::builder()
+            .max_capacity(memory_bytes)
+            .weigher(|_: &Digest, m: &Arc<Manifest>| u32::try_from(m.bytes.len() + 256).unwrap_or(u32::MAX))
+            .build();
+        let cache = ManifestCache { by_digest, tags: Cache::builder().max_capacity(1_000_000).build(), access: Cache::new(1_000_000), layout };
+        cache.load_tags()?;
+        Ok(cache)
+    }
+
+    fn manifest_path(&self, digest: &Digest) -> PathBuf {
+        self.layout.root().join("manifests").join(digest.algorithm().as_str()).join(digest.hex())
+    }
+
+    fn tag_path(&self, name: &RepoName, tag: &Tag) -> PathBuf {
+        // Repository components never start with '_', so `_tags` cannot collide with one.
+        self.layout.root().join("tags").join(name.as_str()).join("_tags").join(tag.as_str())
+    }
+
+    /// A manifest by digest, from memory or disk. A file whose bytes do not hash to its name
+    /// is deleted, never served.
+    pub fn get(&self, digest: &Digest) -> Option<Arc<Manifest>> {
+        if let Some(m) = self.by_digest.get(digest) {
+            return Some(m);
+        }
+        let path = self.manifest_path(digest);
+        let raw = std::fs::read(&path).ok()?;
+        match decode_manifest(&raw, digest) {
+            Some(m) => {
+                let m = Arc::new(m);
+                self.by_digest.insert(digest.clone(), Arc::clone(&m));
+                Some(m)
+            }
+            None => {
+                tracing::warn!(%digest, "deleting a stored manifest that does not match its digest");
+                let _ = std::fs::remove_file(&path);
+                None
+            }
+        }
+    }
+
+    /// Stores a verified manifest in memory and, durably, on disk.
+    pub fn put(&self, manifest: Manifest) -> Arc<Manifest> {
+        let path = self.manifest_path(&manifest.digest);
+        if !path.exists() {
+            let header = format!("{}\n", manifest.media_type);
+            if let Err(e) = self.layout.write_atomic(&path, &[header.as_bytes(), &manifest.bytes], true) {
+                tracing::error!(error = %e, digest = %manifest.digest, "could not store manifest on disk");
+            }
+        }
+        let m = Arc::new(manifest);
+        self.by_digest.insert(m.digest.clone(), Arc::clone(&m));
+        m
+    }
+
+    /// The index entry of a tag.
+    pub fn tag(&self, name: &RepoName, tag: &Tag) -> Option<TagEntry> {
+        self.tags.get(&(name.clone(), tag.clone()))
+    }
+
+    /// Records a tag entry in memory and on disk (not fsynced: losing one only costs a HEAD).
+    pub fn set_tag(&self, name: &RepoName, tag: &Tag, entry: TagEntry) {
+        let path = self.tag_path(name, tag);
+        match serde_json::to_vec(&entry) {
+            Ok(json) => {
+                if let Err(e) = self.layout.write_atomic(&path, &[&json], false) {
+                    tracing::error!(error = %e, repo = %name, %tag, "could not store tag on disk");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "could not encode tag entry"),
+        }
+        if let Ok(digest) = entry.digest.parse() {
+            self.grant(name, &digest);
+        }
+        self.tags.insert((name.clone(), tag.clone()), entry);
+    }
+
+    /// Forgets a tag upstream no longer has.
+    pub fn remove_tag(&self, name: &RepoName, tag: &Tag) {
+        self.tags.invalidate(&(name.clone(), tag.clone()));
+        let _ = std::fs::remove_file(self.tag_path(name, tag));
+    }
+
+    /// Records that `name` may read `digest` upstream.
+    pub fn grant(&self, name: &RepoName, digest: &Digest) {
+        self.access.insert((name.clone(), digest.clone()), ());
+    }
+
+    /// Whether upstream has shown `digest` in `name`.
+    pub fn granted(&self, name: &RepoName, digest: &Digest) -> bool {
+        self.access.contains_key(&(name.clone(), digest.clone()))
+    }
+
+    /// Loads `tags/<name>/_tags/<tag>` files; unreadable ones are deleted.
+    fn load_tags(&self) -> std::io::Result<()> {
+        let root = self.layout.root().join("tags");
+        let mut stack = vec![root.clone()];
+        let mut loaded = 0usize;
+        while let Some(dir) = stack.pop() {
+            for item in std::fs::read_dir(&dir)? {
+                let item = item?;
+                let path = item.path();
+                if !item.file_type()?.is_dir() {
+                    continue;
+                }
+                if item.file_name() != "_tags" {
+                    stack.push(path);
+                    continue;
+                }
+                let Some(name) = dir.strip_prefix(&root).ok().and_then(|p| p.to_str()).and_then(|p| RepoName::parse(p, false).ok()) else {
+                    continue;
+                };
+                for file in std::fs::read_dir(&path)? {
+                    let file = file?.path();
+                    let tag = file.file_name().and_then(|t| t.to_str()).and_then(|t| Tag::parse(t).ok());
+                    let entry = std::fs::read(&file).ok().and_then(|raw| serde_json::from_slice::<TagEntry>(&raw).ok());
+                    match (tag, entry) {
+                        (Some(tag), Some(entry)) if entry.digest.parse::<Digest>().is_ok() => {
+                            if let Ok(digest) = entry.digest.parse() {
+                                self.grant(&name, &digest);
+                            }
+                            self.tags.insert((name.clone(), tag), entry);
+                            loaded += 1;
+                        }
+                        _ => {
+                            tracing::warn!(path = %file.display(), "deleting an unreadable tag file");
+                            let _ = std::fs::remove_file(&file);
+                        }
+                    }
+                }
+            }
+        }
+        tracing::info!(tags = loaded, "tag index loaded");
+        Ok(())
+    }
+}
+
+fn decode_manifest(raw: &[u8], digest: &Digest) -> Option<Manifest> {
+    let split = raw.iter().position(|b| *b == b'\n')?;
+    let media_type = MediaType::from_content_type(std::str::from_utf8(&raw[..split]).ok()?);
+    let bytes = bytes::Bytes::copy_from_slice(&raw[split + 1..]);
+    (Digest::of(digest.algorithm(), &bytes) == *digest).then(|| Manifest { bytes, media_type, digest: digest.clone() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tag_freshness_follows_ttl_and_max_stale() {
+        let policy = TagPolicy { ttl: Duration::from_secs(60), max_stale: Duration::from_secs(3600), immutable: RegexSet::new([r"^v\d+\.\d+\.\d+$"]).unwrap() };
+        let tag = |t: &str| Tag::parse(t).unwrap();
+        let s = 1000;
+        let cases = [
+            ("latest", 0, Freshness::Fresh),
+            ("latest", 59 * s, Freshness::Fresh),
+            ("latest", 60 * s, Freshness::Stale),
+            ("latest", 3659 * s, Freshness::Stale),
+            ("latest", 3660 * s, Freshness::Expired),
+            ("v1.2.3", 999_999 * s, Freshness::Fresh),
+            ("v1.2", 999_999 * s, Freshness::Expired),
+        ];
+        for (t, age, want) in cases {
+            assert_eq!(policy.freshness(&tag(t), 1_000_000_000, 1_000_000_000 + age), want, "{t} {age}");
+        }
+        let blocking = TagPolicy { max_stale: Duration::ZERO, ..policy };
+        assert_eq!(blocking.freshness(&tag("latest"), 0, 60 * s), Freshness::Expired);
+    }
+
+    #[test]
+    fn persists_manifests_and_tags() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = bytes::Bytes::from_static(br#"{"mediaType":"application\/vnd.oci.image.index.v1+json"}"#);
+        let digest = Digest::sha256(&bytes);
+        let media_type = MediaType::from_content_type(MediaType::OCI_INDEX);
+        let name = RepoName::parse("library/alpine", true).unwrap();
+        let tag = Tag::parse("3.20").unwrap();
+        {
+            let cache = ManifestCache::open(Layout::open(dir.path()).unwrap(), 1 << 20).unwrap();
+            cache.put(Manifest { bytes: bytes.clone(), media_type: media_type.clone(), digest: digest.clone() });
+            cache.set_tag(&name, &tag, TagEntry::new(&digest, &media_type, bytes.len() as u64));
+        }
+        let cache = ManifestCache::open(Layout::open(dir.path()).unwrap(), 1 << 20).unwrap();
+        assert_eq!(cache.tag(&name, &tag).unwrap().digest, digest.to_string());
+        let m = cache.get(&digest).unwrap();
+        assert_eq!((m.bytes.clone(), m.media_type.clone()), (bytes, media_type));
+        assert!(cache.granted(&name, &digest));
+
+        // A corrupted file is deleted, not served.
+        let other = Digest::sha256(b"x");
+        let path = dir.path().join("manifests/sha256").join(other.hex());
+        std::fs::write(&path, b"application/json\ny").unwrap();
+        assert!(cache.get(&other).is_none());
+        assert!(!path.exists());
+    }
+}

@@ -1,0 +1,63 @@
+//! `AppState`: every shared handle, built once from `Config` at startup.
+
+use crate::config::Config;
+use crate::disk::Layout;
+use crate::error::Error;
+use crate::manifests::ManifestCache;
+use crate::proxy::Proxy;
+use crate::upstream::Upstream;
+use anyhow::Context;
+use std::sync::Arc;
+
+/// Shared state of a running pullthrough.
+#[derive(Debug)]
+pub struct AppState {
+    /// Manifest side.
+    pub proxy: Arc<Proxy>,
+    /// The upstream client (also reachable through `proxy`).
+    pub upstream: Arc<Upstream>,
+    /// The upstream's host\[:port\], an `ns` value that always names it.
+    host: String,
+    /// How long request parsing may wait to learn whether the upstream is Docker Hub.
+    probe_deadline: std::time::Duration,
+}
+
+impl AppState {
+    /// Opens the data directory and builds every component.
+    pub fn new(config: &Config) -> anyhow::Result<AppState> {
+        let layout = Layout::open(&config.data_dir).with_context(|| format!("opening data directory {}", config.data_dir.display()))?;
+        let upstream = Arc::new(Upstream::new(config)?);
+        let manifests = Arc::new(ManifestCache::open(layout.clone(), config.manifest_cache_bytes.as_u64())?);
+        let proxy = Arc::new(Proxy::new(config, Arc::clone(&upstream), manifests)?);
+        let host = match (config.upstream.host_str(), config.upstream.port()) {
+            (Some(h), Some(p)) => format!("{h}:{p}"),
+            (Some(h), None) => h.to_owned(),
+            _ => String::new(),
+        };
+        Ok(AppState { proxy, upstream, host, probe_deadline: config.upstream_deadline / 2 })
+    }
+
+    /// Whether one-component names mean `library/<name>` and `ns=docker.io` means us. Learned
+    /// from the upstream's host or first challenge; "no" if upstream cannot be asked in time.
+    pub async fn docker_hub(&self) -> bool {
+        tokio::time::timeout(self.probe_deadline, self.upstream.is_docker_hub()).await.unwrap_or(false)
+    }
+
+    /// containerd names the registry it wants in `?ns=`. A request meant for another registry
+    /// gets 404, so containerd falls back to its next host instead of receiving our upstream's
+    /// content under a foreign name.
+    pub async fn check_namespace(&self, query: Option<&str>) -> Result<(), Error> {
+        let Some(query) = query else { return Ok(()) };
+        for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
+            if key != "ns" {
+                continue;
+            }
+            let value = value.to_ascii_lowercase();
+            let hub_name = matches!(value.as_str(), "docker.io" | "registry-1.docker.io" | "index.docker.io");
+            if value != self.host && !(hub_name && self.docker_hub().await) {
+                return Err(Error::NameUnknown);
+            }
+        }
+        Ok(())
+    }
+}

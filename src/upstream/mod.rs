@@ -1,0 +1,497 @@
+//! The upstream registry client: manifest, blob and tags requests through reqwest, with the
+//! 401 → token → retry dance (protocol §1), rate-limit bookkeeping, a concurrency cap, and a
+//! 429 pause. Knows nothing of caching.
+
+pub mod auth;
+pub mod ratelimit;
+
+use crate::config::Config;
+use crate::metrics::Counters;
+use crate::registry::{Digest, Manifest, MediaType, Reference, RepoName, UPSTREAM_ACCEPT};
+use auth::{Credentials, TokenCache, TokenKey, parse_challenges, realm_trusted};
+use bytes::{Bytes, BytesMut};
+use ratelimit::RateLimits;
+use reqwest::header::{self, HeaderMap, HeaderValue};
+use reqwest::{Method, StatusCode};
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+use url::Url;
+
+/// Largest manifest accepted from upstream (distribution and containers/image use 4 MiB).
+pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
+/// Largest token or tags-list response read.
+const MAX_SMALL_BODY: usize = 4 * 1024 * 1024;
+
+/// Why an upstream request failed. Cheap to clone: one failure is shared by every waiter.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// 404 from upstream.
+    #[error("not found upstream")]
+    NotFound,
+    /// 401/403 after authenticating: private, nonexistent, or not ours to read.
+    #[error("upstream denied access")]
+    Denied,
+    /// 429, or a pause after one.
+    #[error("upstream rate limit reached")]
+    TooManyRequests {
+        /// How long upstream asked us to wait.
+        retry_after: Option<Duration>,
+    },
+    /// Any other unexpected status.
+    #[error("upstream answered HTTP {0}")]
+    Status(u16),
+    /// No answer in time.
+    #[error("upstream timed out")]
+    Timeout,
+    /// Connection refused, DNS, TLS, reset.
+    #[error("upstream unreachable")]
+    Unreachable(String),
+    /// Upstream answered something a registry must not (bad digest, missing headers, too big).
+    #[error("upstream sent an invalid response: {0}")]
+    BadResponse(String),
+    /// The token realm failed or refused.
+    #[error("upstream token request failed: {0}")]
+    Token(String),
+}
+
+impl Error {
+    fn from_reqwest(e: &reqwest::Error) -> Error {
+        if e.is_timeout() {
+            Error::Timeout
+        } else {
+            // Display of a reqwest error names the URL, never credentials (none are in URLs).
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(s) = source {
+                text = format!("{text}: {s}");
+                source = s.source();
+            }
+            Error::Unreachable(text)
+        }
+    }
+}
+
+/// What a HEAD (or the headers of a GET) said about some content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    /// `Docker-Content-Digest`.
+    pub digest: Option<Digest>,
+    /// `Content-Type`, parameters stripped.
+    pub media_type: Option<MediaType>,
+    /// `Content-Length` (the header, not reqwest's body hint).
+    pub size: Option<u64>,
+}
+
+impl Head {
+    fn from_headers(headers: &HeaderMap) -> Head {
+        let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        Head {
+            digest: text("docker-content-digest").and_then(|d| d.trim().parse().ok()),
+            media_type: text("content-type").map(MediaType::from_content_type),
+            size: text("content-length").and_then(|v| v.trim().parse().ok()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    ManifestGet,
+    ManifestHead,
+    BlobGet,
+    BlobHead,
+    Tags,
+}
+
+/// What the upstream's `/v2/` answered.
+#[derive(Debug, Clone, Copy)]
+struct Ping {
+    /// The challenge named Docker Hub's token service.
+    docker_hub: bool,
+}
+
+/// Host names of Docker Hub's registry API.
+const DOCKER_HUB_HOSTS: &[&str] = &["registry-1.docker.io", "index.docker.io", "registry.hub.docker.com", "docker.io"];
+
+/// A client for one upstream registry and one credential.
+#[derive(Debug)]
+pub struct Upstream {
+    base: Url,
+    http: reqwest::Client,
+    credentials: Option<Credentials>,
+    tokens: TokenCache,
+    /// Realm and service of the last Bearer challenge, so later requests carry a token
+    /// without a 401 round trip first.
+    bearer: RwLock<Option<(String, String)>>,
+    /// Upstream asked for Basic auth.
+    basic: AtomicBool,
+    /// Realms that answered the OAuth2 POST with 404/405: use GET there.
+    post_unsupported: Mutex<HashSet<String>>,
+    warned_realm: AtomicBool,
+    permits: Semaphore,
+    request_timeout: Duration,
+    /// What the first `GET /v2/` taught us; retried until it succeeds once.
+    ping: tokio::sync::OnceCell<Ping>,
+    /// Rate-limit state for this upstream's credential.
+    pub limits: RateLimits,
+    /// Request counters.
+    pub counters: Counters,
+}
+
+impl Upstream {
+    /// Builds the client. Fails only on an unreadable password file or a TLS set-up problem.
+    pub fn new(config: &Config) -> anyhow::Result<Upstream> {
+        let password = config.password()?;
+        let credentials = match (&config.upstream_username, password) {
+            (Some(username), Some(password)) => Some(Credentials { username: username.clone(), password }),
+            _ => None,
+        };
+        let http = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .read_timeout(config.request_timeout)
+            .referer(false)
+            .user_agent(concat!("pullthrough/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Upstream {
+            base: config.upstream.clone(),
+            http,
+            credentials,
+            tokens: TokenCache::default(),
+            bearer: RwLock::new(None),
+            basic: AtomicBool::new(false),
+            post_unsupported: Mutex::new(HashSet::new()),
+            warned_realm: AtomicBool::new(false),
+            permits: Semaphore::new(config.upstream_max_concurrency),
+            request_timeout: config.request_timeout,
+            ping: tokio::sync::OnceCell::new(),
+            limits: RateLimits::default(),
+            counters: Counters::default(),
+        })
+    }
+
+    /// True when a credential is configured (then cached content is shared across
+    /// repositories only after upstream confirms access).
+    pub fn has_credentials(&self) -> bool {
+        self.credentials.is_some()
+    }
+
+    /// Whether the upstream is Docker Hub: by host name, or by the token service its challenge
+    /// names (`registry.docker.io`), which also covers emulators and Hub-compatible mirrors.
+    pub async fn is_docker_hub(&self) -> bool {
+        if self.base.host_str().is_some_and(|h| DOCKER_HUB_HOSTS.contains(&h)) {
+            return true;
+        }
+        self.pinged().await.is_some_and(|p| p.docker_hub)
+    }
+
+    /// Pings `/v2/` once (like distribution's proxy) to learn the auth scheme and realm, so
+    /// every later request carries its credentials up front instead of collecting a 401.
+    async fn pinged(&self) -> Option<Ping> {
+        self.ping.get_or_try_init(|| self.send_ping()).await.ok().copied()
+    }
+
+    async fn send_ping(&self) -> Result<Ping, Error> {
+        let url = self.base.join("/v2/").map_err(|e| Error::BadResponse(e.to_string()))?;
+        let response = self.http.get(url).timeout(self.request_timeout).send().await.map_err(|e| Error::from_reqwest(&e))?;
+        self.limits.observe(response.headers());
+        let challenges: Vec<_> = response
+            .headers()
+            .get_all(header::WWW_AUTHENTICATE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(parse_challenges)
+            .collect();
+        let mut docker_hub = false;
+        if let Some(bearer) = challenges.iter().find(|c| c.scheme == "bearer")
+            && let Some(realm) = bearer.param("realm")
+        {
+            let service = bearer.param("service").unwrap_or_default();
+            docker_hub = service == "registry.docker.io";
+            *self.bearer.write().expect("bearer lock poisoned") = Some((realm.to_owned(), service.to_owned()));
+        } else if challenges.iter().any(|c| c.scheme == "basic") {
+            self.basic.store(true, Ordering::Relaxed);
+        }
+        Ok(Ping { docker_hub })
+    }
+
+    /// GETs a manifest with the full Accept list and verifies its digest.
+    pub async fn get_manifest(&self, name: &RepoName, reference: &Reference) -> Result<Manifest, Error> {
+        let path = format!("/v2/{name}/manifests/{reference}");
+        let response = self.send(Method::GET, name, &path, None, Kind::ManifestGet).await?;
+        let head = Head::from_headers(response.headers());
+        let bytes = read_limited(response, MAX_MANIFEST_BYTES).await?;
+        let media_type = head.media_type.ok_or_else(|| Error::BadResponse("manifest without Content-Type".into()))?;
+        let algorithm = match (reference, &head.digest) {
+            (Reference::Digest(d), _) | (_, Some(d)) => d.algorithm(),
+            _ => crate::registry::Algorithm::Sha256,
+        };
+        let digest = Digest::of(algorithm, &bytes);
+        if let Reference::Digest(want) = reference
+            && *want != digest
+        {
+            return Err(Error::BadResponse(format!("manifest digest {digest} does not match the requested {want}")));
+        }
+        if let Some(claimed) = &head.digest
+            && *claimed != digest
+        {
+            return Err(Error::BadResponse(format!("Docker-Content-Digest {claimed} does not match the manifest's {digest}")));
+        }
+        Ok(Manifest { bytes, media_type, digest })
+    }
+
+    /// HEADs a manifest; never a GET, so it costs no Docker Hub pull.
+    pub async fn head_manifest(&self, name: &RepoName, reference: &Reference) -> Result<Head, Error> {
+        let path = format!("/v2/{name}/manifests/{reference}");
+        let response = self.send(Method::HEAD, name, &path, None, Kind::ManifestHead).await?;
+        Ok(Head::from_headers(response.headers()))
+    }
+
+    /// GETs a blob, following redirects (reqwest drops `Authorization` when the host changes,
+    /// as the CDN requires). The caller streams and verifies the body.
+    pub async fn get_blob(&self, name: &RepoName, digest: &Digest, range: Option<&str>) -> Result<reqwest::Response, Error> {
+        let path = format!("/v2/{name}/blobs/{digest}");
+        self.send(Method::GET, name, &path, range, Kind::BlobGet).await
+    }
+
+    /// HEADs a blob.
+    pub async fn head_blob(&self, name: &RepoName, digest: &Digest) -> Result<Head, Error> {
+        let path = format!("/v2/{name}/blobs/{digest}");
+        let response = self.send(Method::HEAD, name, &path, None, Kind::BlobHead).await?;
+        Ok(Head::from_headers(response.headers()))
+    }
+
+    /// GETs a tags list page; returns the body and upstream's `Link` header.
+    pub async fn tags_list(&self, name: &RepoName, query: &str) -> Result<(Bytes, Option<String>), Error> {
+        let path = if query.is_empty() { format!("/v2/{name}/tags/list") } else { format!("/v2/{name}/tags/list?{query}") };
+        let response = self.send(Method::GET, name, &path, None, Kind::Tags).await?;
+        let link = response.headers().get(header::LINK).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        Ok((read_limited(response, MAX_SMALL_BODY).await?, link))
+    }
+
+    async fn send(&self, method: Method, name: &RepoName, path: &str, range: Option<&str>, kind: Kind) -> Result<reqwest::Response, Error> {
+        if let Some(left) = self.limits.paused_for(matches!(kind, Kind::ManifestGet)) {
+            return Err(Error::TooManyRequests { retry_after: Some(left) });
+        }
+        let _permit = self.permits.acquire().await.map_err(|_| Error::Unreachable("client shutting down".into()))?;
+        let url = self.base.join(path).map_err(|e| Error::BadResponse(e.to_string()))?;
+        let default_scope = format!("repository:{name}:pull");
+        let mut auth = self.preemptive_auth(&default_scope).await?;
+        for attempt in 0..2 {
+            let mut request = self.http.request(method.clone(), url.clone());
+            if matches!(kind, Kind::ManifestGet | Kind::ManifestHead) {
+                request = request.header(header::ACCEPT, UPSTREAM_ACCEPT);
+            }
+            if !matches!(kind, Kind::BlobGet) {
+                request = request.timeout(self.request_timeout);
+            }
+            if let Some(range) = range {
+                request = request.header(header::RANGE, range);
+            }
+            if let Some((value, _)) = &auth {
+                request = request.header(header::AUTHORIZATION, value.clone());
+            }
+            let counter = match kind {
+                Kind::ManifestGet => &self.counters.manifest_gets,
+                Kind::ManifestHead => &self.counters.manifest_heads,
+                Kind::BlobGet => &self.counters.blob_gets,
+                Kind::BlobHead => &self.counters.blob_heads,
+                Kind::Tags => &self.counters.tag_lists,
+            };
+            Counters::inc(counter);
+            let started = Instant::now();
+            let response = request.send().await.map_err(|e| Error::from_reqwest(&e))?;
+            tracing::debug!(%method, path, status = response.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "upstream request");
+            self.limits.observe(response.headers());
+            if response.status() != StatusCode::UNAUTHORIZED || attempt == 1 {
+                return self.check_status(response);
+            }
+            auth = self.answer_challenge(response.headers(), &default_scope, auth.and_then(|(_, key)| key)).await?;
+            if auth.is_none() {
+                return Err(Error::Denied);
+            }
+        }
+        unreachable!("the loop returns on its second attempt")
+    }
+
+    fn check_status(&self, response: reqwest::Response) -> Result<reqwest::Response, Error> {
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        Err(match status {
+            StatusCode::NOT_FOUND => Error::NotFound,
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Error::Denied,
+            StatusCode::TOO_MANY_REQUESTS => {
+                let retry_after = ratelimit::retry_after(response.headers());
+                let abuse = response
+                    .headers()
+                    .get(header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|ct| ct.starts_with("text/"));
+                self.limits.pause(retry_after, abuse);
+                tracing::warn!(retry_after_secs = retry_after.map(|d| d.as_secs()), abuse, "upstream rate limit hit; pausing manifest GETs");
+                Error::TooManyRequests { retry_after }
+            }
+            other => Error::Status(other.as_u16()),
+        })
+    }
+
+    /// Authorization for a first attempt, from what earlier challenges taught us.
+    async fn preemptive_auth(&self, scope: &str) -> Result<Option<(HeaderValue, Option<TokenKey>)>, Error> {
+        self.pinged().await;
+        if self.basic.load(Ordering::Relaxed) {
+            return Ok(self.basic_header().map(|h| (h, None)));
+        }
+        let known = self.bearer.read().expect("bearer lock poisoned").clone();
+        match known {
+            Some((realm, service)) => self.bearer_token(&realm, &service, scope).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Reacts to a 401: fetch a token for the challenge (after dropping the one refused) or
+    /// switch to Basic. `None` means there is nothing more to try.
+    async fn answer_challenge(
+        &self,
+        headers: &HeaderMap,
+        default_scope: &str,
+        refused: Option<TokenKey>,
+    ) -> Result<Option<(HeaderValue, Option<TokenKey>)>, Error> {
+        if let Some(key) = &refused {
+            self.tokens.invalidate(key).await;
+        }
+        let challenges: Vec<_> = headers
+            .get_all(header::WWW_AUTHENTICATE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(parse_challenges)
+            .collect();
+        if let Some(bearer) = challenges.iter().find(|c| c.scheme == "bearer") {
+            let Some(realm) = bearer.param("realm") else {
+                return Err(Error::BadResponse("Bearer challenge without a realm".into()));
+            };
+            let service = bearer.param("service").unwrap_or_default();
+            *self.bearer.write().expect("bearer lock poisoned") = Some((realm.to_owned(), service.to_owned()));
+            // Upstream's own scope wins when given; several scopes are space-separated.
+            let scope = bearer.param("scope").unwrap_or(default_scope);
+            return self.bearer_token(realm, service, scope).await.map(Some);
+        }
+        if challenges.iter().any(|c| c.scheme == "basic") {
+            self.basic.store(true, Ordering::Relaxed);
+            return Ok(self.basic_header().map(|h| (h, None)));
+        }
+        Ok(None)
+    }
+
+    fn basic_header(&self) -> Option<HeaderValue> {
+        use base64::Engine as _;
+        let c = self.credentials.as_ref()?;
+        let raw = format!("{}:{}", c.username, c.password.0);
+        let mut value = HeaderValue::from_str(&format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw))).ok()?;
+        value.set_sensitive(true);
+        Some(value)
+    }
+
+    async fn bearer_token(&self, realm: &str, service: &str, scope: &str) -> Result<(HeaderValue, Option<TokenKey>), Error> {
+        let realm_url = Url::parse(realm).map_err(|_| Error::BadResponse(format!("token realm {realm:?} is not a URL")))?;
+        let credentials = self.credentials.as_ref().filter(|_| realm_trusted(&self.base, &realm_url));
+        if self.credentials.is_some() && credentials.is_none() && !self.warned_realm.swap(true, Ordering::Relaxed) {
+            tracing::warn!(realm = %realm_url.host_str().unwrap_or_default(), "token realm is not on the upstream's domain; requesting tokens anonymously");
+        }
+        let key = TokenKey { realm: realm.to_owned(), service: service.to_owned(), scope: scope.to_owned(), authenticated: credentials.is_some() };
+        let token = self
+            .tokens
+            .get_or_fetch(key.clone(), self.fetch_token(realm_url, service, scope, credentials))
+            .await
+            .map_err(|e| (*e).clone())?;
+        let mut value = HeaderValue::from_str(&format!("Bearer {}", token.secret)).map_err(|_| Error::Token("token has invalid characters".into()))?;
+        value.set_sensitive(true);
+        Ok((value, Some(key)))
+    }
+
+    /// OAuth2 password grant first when we have credentials (Docker's own flow), falling back
+    /// to the GET form every token server supports (containerd does the same).
+    async fn fetch_token(&self, realm: Url, service: &str, scope: &str, credentials: Option<&Credentials>) -> Result<auth::Token, Error> {
+        if let Some(c) = credentials {
+            let post_ok = !self.post_unsupported.lock().expect("lock poisoned").contains(realm.as_str());
+            if post_ok {
+                let body = {
+                    let mut form = url::form_urlencoded::Serializer::new(String::new());
+                    form.append_pair("grant_type", "password")
+                        .append_pair("username", &c.username)
+                        .append_pair("password", &c.password.0)
+                        .append_pair("service", service)
+                        .append_pair("client_id", "pullthrough")
+                        .append_pair("access_type", "offline");
+                    if !scope.is_empty() {
+                        form.append_pair("scope", scope);
+                    }
+                    form.finish()
+                };
+                Counters::inc(&self.counters.token_requests);
+                let response = self
+                    .http
+                    .post(realm.clone())
+                    .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded; charset=utf-8")
+                    .body(body)
+                    .timeout(self.request_timeout)
+                    .send()
+                    .await
+                    .map_err(|e| Error::Token(Error::from_reqwest(&e).to_string()))?;
+                match response.status() {
+                    s if s.is_success() => return parse_token(response).await,
+                    StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED => {
+                        self.post_unsupported.lock().expect("lock poisoned").insert(realm.to_string());
+                    }
+                    StatusCode::BAD_REQUEST | StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {}
+                    other => return Err(Error::Token(format!("token endpoint answered HTTP {}", other.as_u16()))),
+                }
+            }
+        }
+        let mut url = realm;
+        {
+            let mut q = url.query_pairs_mut();
+            if !service.is_empty() {
+                q.append_pair("service", service);
+            }
+            for s in scope.split(' ').filter(|s| !s.is_empty()) {
+                q.append_pair("scope", s);
+            }
+            if let Some(c) = credentials {
+                q.append_pair("account", &c.username);
+            }
+        }
+        let mut request = self.http.get(url).timeout(self.request_timeout);
+        if let Some(c) = credentials {
+            request = request.basic_auth(&c.username, Some(&c.password.0));
+        }
+        Counters::inc(&self.counters.token_requests);
+        let response = request.send().await.map_err(|e| Error::Token(Error::from_reqwest(&e).to_string()))?;
+        match response.status() {
+            s if s.is_success() => parse_token(response).await,
+            StatusCode::UNAUTHORIZED if credentials.is_some() => Err(Error::Token("the token endpoint refused the configured credentials".into())),
+            other => Err(Error::Token(format!("token endpoint answered HTTP {}", other.as_u16()))),
+        }
+    }
+}
+
+async fn parse_token(response: reqwest::Response) -> Result<auth::Token, Error> {
+    let received = Instant::now();
+    let body = read_limited(response, MAX_SMALL_BODY).await.map_err(|e| Error::Token(e.to_string()))?;
+    let parsed: auth::TokenResponse = serde_json::from_slice(&body).map_err(|_| Error::Token("token response is not JSON".into()))?;
+    parsed.into_token(received).ok_or_else(|| Error::Token("token response has no token".into()))
+}
+
+/// Reads a whole body, refusing more than `limit` bytes.
+async fn read_limited(mut response: reqwest::Response, limit: usize) -> Result<Bytes, Error> {
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| Error::from_reqwest(&e))? {
+        if buf.len() + chunk.len() > limit {
+            return Err(Error::BadResponse(format!("response larger than {limit} bytes")));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}

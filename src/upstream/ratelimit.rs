@@ -1,0 +1,180 @@
+//! Docker Hub's rate-limit headers (`ratelimit-limit: 100;w=21600`, `ratelimit-remaining`,
+//! `docker-ratelimit-source`; protocol §2.4) and the `Retry-After` pause after a 429 (§2.7).
+
+use reqwest::header::HeaderMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+/// The last rate-limit state upstream reported for pullthrough's credential.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RateLimit {
+    /// Pulls allowed per window.
+    pub limit: Option<u64>,
+    /// Pulls left in the window.
+    pub remaining: Option<u64>,
+    /// Window length in seconds (`w=`).
+    pub window_secs: Option<u64>,
+    /// `docker-ratelimit-source`: the address or account upstream counts against.
+    pub source: Option<String>,
+    /// When the headers were last seen (seconds since the Unix epoch).
+    pub observed_at: Option<u64>,
+}
+
+/// Parses `<count>;w=<seconds>` (other parameters ignored; several comma-separated policies
+/// are allowed and the first is used).
+pub fn parse_quota(value: &str) -> Option<(u64, Option<u64>)> {
+    let first = value.split(',').next()?;
+    let mut parts = first.split(';');
+    let count = parts.next()?.trim().parse().ok()?;
+    let window = parts.find_map(|p| p.trim().strip_prefix("w=").and_then(|w| w.trim().parse().ok()));
+    Some((count, window))
+}
+
+/// Rate-limit state and the 429 pause for one upstream credential.
+#[derive(Debug, Default)]
+pub struct RateLimits {
+    state: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    last: RateLimit,
+    /// No manifest GET goes out before this instant (after a 429).
+    paused_until: Option<Instant>,
+    /// The last pause was upstream's abuse limit: nothing at all goes out.
+    pause_everything: bool,
+    /// When the budget window is expected to have reset.
+    window_resets_at: Option<Instant>,
+}
+
+impl RateLimits {
+    /// Records whatever rate-limit headers a response carries.
+    pub fn observe(&self, headers: &HeaderMap) {
+        let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let limit = get("ratelimit-limit").and_then(parse_quota);
+        let remaining = get("ratelimit-remaining").and_then(parse_quota);
+        let source = get("docker-ratelimit-source");
+        if limit.is_none() && remaining.is_none() && source.is_none() {
+            return;
+        }
+        let mut s = self.state.lock().expect("rate-limit lock poisoned");
+        if let Some((count, window)) = limit {
+            s.last.limit = Some(count);
+            s.last.window_secs = window.or(s.last.window_secs);
+        }
+        if let Some((count, window)) = remaining {
+            // A fresh window: remember when it will have rolled over at the latest.
+            if s.last.remaining.is_none_or(|old| count > old) || s.window_resets_at.is_none() {
+                let w = window.or(s.last.window_secs).unwrap_or(21_600);
+                s.window_resets_at = Some(Instant::now() + Duration::from_secs(w));
+            }
+            s.last.remaining = Some(count);
+            s.last.window_secs = window.or(s.last.window_secs);
+        }
+        if let Some(source) = source {
+            s.last.source = Some(source.to_owned());
+        }
+        s.last.observed_at = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).ok().map(|d| d.as_secs());
+    }
+
+    /// Records a 429: pause for `retry_after` (60 s when upstream gave none).
+    pub fn pause(&self, retry_after: Option<Duration>, abuse: bool) {
+        let mut s = self.state.lock().expect("rate-limit lock poisoned");
+        let until = Instant::now() + retry_after.unwrap_or(Duration::from_secs(60));
+        s.paused_until = Some(s.paused_until.map_or(until, |u| u.max(until)));
+        s.pause_everything |= abuse;
+    }
+
+    /// How long manifest GETs (or, after an abuse 429, all requests) must still wait.
+    pub fn paused_for(&self, is_manifest_get: bool) -> Option<Duration> {
+        let mut s = self.state.lock().expect("rate-limit lock poisoned");
+        let until = s.paused_until?;
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            s.paused_until = None;
+            s.pause_everything = false;
+            return None;
+        }
+        (is_manifest_get || s.pause_everything).then_some(left)
+    }
+
+    /// True while the remaining budget is below `reserve` (a fraction of the limit).
+    pub fn below_reserve(&self, reserve: f64) -> bool {
+        let s = self.state.lock().expect("rate-limit lock poisoned");
+        match (s.last.limit, s.last.remaining) {
+            (Some(limit), Some(remaining)) => (remaining as f64) < (limit as f64) * reserve,
+            _ => false,
+        }
+    }
+
+    /// The last state seen.
+    pub fn snapshot(&self) -> RateLimit {
+        self.state.lock().expect("rate-limit lock poisoned").last.clone()
+    }
+}
+
+/// `Retry-After` in seconds or as an HTTP date.
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = httpdate(value)?;
+    Some(when.duration_since(SystemTime::now()).unwrap_or_default())
+}
+
+fn httpdate(value: &str) -> Option<SystemTime> {
+    humantime::parse_rfc3339_weak(value).ok().or_else(|| {
+        // IMF-fixdate: "Sun, 06 Nov 1994 08:49:37 GMT"
+        let rest = value.split_once(", ")?.1;
+        let mut it = rest.split(' ');
+        let (day, mon, year, time) = (it.next()?, it.next()?, it.next()?, it.next()?);
+        let months = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+        let m = months.iter().position(|x| *x == mon)? + 1;
+        humantime::parse_rfc3339_weak(&format!("{year}-{m:02}-{day:0>2} {time}")).ok()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::{HeaderName, HeaderValue};
+
+    #[test]
+    fn parses_quotas() {
+        assert_eq!(parse_quota("100;w=21600"), Some((100, Some(21600))));
+        assert_eq!(parse_quota(" 76 ; w=21600"), Some((76, Some(21600))));
+        assert_eq!(parse_quota("5"), Some((5, None)));
+        assert_eq!(parse_quota("100;w=21600, 2500;w=86400"), Some((100, Some(21600))));
+        assert_eq!(parse_quota("lots"), None);
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(HeaderName::from_static(k), HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn tracks_budget_and_pause() {
+        let r = RateLimits::default();
+        r.observe(&headers(&[("ratelimit-limit", "100;w=21600"), ("ratelimit-remaining", "5;w=21600"), ("docker-ratelimit-source", "192.0.2.1")]));
+        let s = r.snapshot();
+        assert_eq!((s.limit, s.remaining, s.window_secs, s.source.as_deref()), (Some(100), Some(5), Some(21600), Some("192.0.2.1")));
+        assert!(r.below_reserve(0.1));
+        assert!(!r.below_reserve(0.01));
+        assert_eq!(r.paused_for(true), None);
+        r.pause(Some(Duration::from_secs(2)), false);
+        assert!(r.paused_for(true).is_some());
+        assert!(r.paused_for(false).is_none());
+    }
+
+    #[test]
+    fn parses_retry_after() {
+        assert_eq!(retry_after(&headers(&[("retry-after", "60")])), Some(Duration::from_secs(60)));
+        assert_eq!(retry_after(&headers(&[("retry-after", "Sun, 06 Nov 1994 08:49:37 GMT")])), Some(Duration::ZERO));
+        assert_eq!(retry_after(&headers(&[("retry-after", "soon")])), None);
+    }
+}

@@ -1,0 +1,112 @@
+//! Test support: an emulated Docker Hub (registry, token realm on another port, blob CDN on a
+//! third), image fixtures, and a running pullthrough. Everything binds to 127.0.0.1:0 and
+//! stops when dropped.
+#![allow(clippy::unwrap_used, dead_code, unreachable_pub, missing_docs)]
+
+pub mod hub;
+
+use pullthrough::Config;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+pub use hub::{FakeHub, Fault, Image};
+
+/// A pullthrough running against some upstream, stopped on drop.
+pub struct TestProxy {
+    pub url: String,
+    pub config: Config,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    _dir: Option<Arc<tempfile::TempDir>>,
+    pub client: reqwest::Client,
+}
+
+impl TestProxy {
+    /// A config pointing at `upstream`, with a fresh data dir.
+    pub fn config(upstream: &str, dir: &std::path::Path) -> Config {
+        let mut config = Config::default();
+        config.upstream = upstream.parse().unwrap();
+        config.data_dir = dir.to_path_buf();
+        config.listen = "127.0.0.1:0".parse().unwrap();
+        config
+    }
+
+    pub async fn start(hub: &FakeHub) -> TestProxy {
+        Self::start_with(hub, |_| {}).await
+    }
+
+    pub async fn start_with(hub: &FakeHub, tweak: impl FnOnce(&mut Config)) -> TestProxy {
+        let dir = Arc::new(tempfile::tempdir().unwrap());
+        let mut config = Self::config(&hub.url, dir.path());
+        tweak(&mut config);
+        Self::start_config(config, Some(dir)).await
+    }
+
+    pub async fn start_config(config: Config, dir: Option<Arc<tempfile::TempDir>>) -> TestProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let run_config = config.clone();
+        let task = tokio::spawn(async move {
+            pullthrough::run(run_config, listener, async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+        });
+        TestProxy { url, config, stop: Some(stop), task: Some(task), _dir: dir, client: client() }
+    }
+
+    /// Stops the server and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.request(reqwest::Method::GET, path, &[]).await
+    }
+
+    pub async fn head(&self, path: &str) -> reqwest::Response {
+        self.request(reqwest::Method::HEAD, path, &[]).await
+    }
+
+    pub async fn request(&self, method: reqwest::Method, path: &str, headers: &[(&str, &str)]) -> reqwest::Response {
+        let mut req = self.client.request(method, format!("{}{path}", self.url));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.send().await.unwrap()
+    }
+}
+
+impl Drop for TestProxy {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// A plain client: no proxy, no redirects followed, no decompression.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().redirect(reqwest::redirect::Policy::none()).build().unwrap()
+}
+
+/// The full Accept list a modern client sends.
+pub const FULL_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
+
+/// Registry error code of a response body.
+pub async fn error_code(response: reqwest::Response) -> String {
+    let body: serde_json::Value = response.json().await.unwrap();
+    body["errors"][0]["code"].as_str().unwrap_or_default().to_owned()
+}

@@ -22,6 +22,8 @@ use url::Url;
 
 /// Largest manifest accepted from upstream (distribution and containers/image use 4 MiB).
 pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
+/// The token error for credentials the realm refused.
+const REFUSED_CREDENTIALS: &str = "the token endpoint refused the configured credentials";
 /// Largest token or tags-list response read.
 const MAX_SMALL_BODY: usize = 4 * 1024 * 1024;
 
@@ -400,12 +402,18 @@ impl Upstream {
         if self.credentials.is_some() && credentials.is_none() && !self.warned_realm.swap(true, Ordering::Relaxed) {
             tracing::warn!(realm = %realm_url.host_str().unwrap_or_default(), "token realm is not on the upstream's domain; requesting tokens anonymously");
         }
-        let key = TokenKey { realm: realm.to_owned(), service: service.to_owned(), scope: scope.to_owned(), authenticated: credentials.is_some() };
-        let token = self
-            .tokens
-            .get_or_fetch(key.clone(), self.fetch_token(realm_url, service, scope, credentials))
-            .await
-            .map_err(|e| (*e).clone())?;
+        let mut key = TokenKey { realm: realm.to_owned(), service: service.to_owned(), scope: scope.to_owned(), authenticated: credentials.is_some() };
+        let mut fetched = self.tokens.get_or_fetch(key.clone(), self.fetch_token(realm_url.clone(), service, scope, credentials)).await;
+        if let Err(e) = &fetched
+            && credentials.is_some()
+            && **e == Error::Token(REFUSED_CREDENTIALS.into())
+        {
+            // Wrong credentials must not take public images away: fall back to anonymous.
+            tracing::error!(realm = %realm_url.host_str().unwrap_or_default(), "the token realm refused the configured credentials; continuing anonymously");
+            key.authenticated = false;
+            fetched = self.tokens.get_or_fetch(key.clone(), self.fetch_token(realm_url, service, scope, None)).await;
+        }
+        let token = fetched.map_err(|e| (*e).clone())?;
         let mut value = HeaderValue::from_str(&format!("Bearer {}", token.secret)).map_err(|_| Error::Token("token has invalid characters".into()))?;
         value.set_sensitive(true);
         Ok((value, Some(key)))
@@ -471,7 +479,7 @@ impl Upstream {
         let response = request.send().await.map_err(|e| Error::Token(Error::from_reqwest(&e).to_string()))?;
         match response.status() {
             s if s.is_success() => parse_token(response).await,
-            StatusCode::UNAUTHORIZED if credentials.is_some() => Err(Error::Token("the token endpoint refused the configured credentials".into())),
+            StatusCode::UNAUTHORIZED if credentials.is_some() => Err(Error::Token(REFUSED_CREDENTIALS.into())),
             other => Err(Error::Token(format!("token endpoint answered HTTP {}", other.as_u16()))),
         }
     }

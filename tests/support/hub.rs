@@ -70,6 +70,7 @@ struct Inner {
     counts: HashMap<String, u64>,
     token_seq: u64,
     support_post: bool,
+    realm_host: Option<String>,
 }
 
 #[derive(Clone)]
@@ -221,6 +222,12 @@ impl FakeHub {
         self.with(|i| i.expires_in = secs);
     }
 
+    /// Names the token realm by this host instead of 127.0.0.1 (e.g. "localhost", a
+    /// different host as far as credential forwarding is concerned).
+    pub fn set_realm_host(&self, host: &str) {
+        self.with(|i| i.realm_host = Some(host.to_owned()));
+    }
+
     pub fn set_oauth_post(&self, supported: bool) {
         self.with(|i| i.support_post = supported);
     }
@@ -269,7 +276,11 @@ impl FakeHub {
     }
 
     fn challenge(&self, scope: Option<&str>, error: Option<&str>) -> String {
-        let mut c = format!(r#"Bearer realm="{}",service="registry.docker.io""#, self.token_url);
+        let realm = match self.with(|i| i.realm_host.clone()) {
+            Some(host) => self.token_url.replace("127.0.0.1", &host),
+            None => self.token_url.clone(),
+        };
+        let mut c = format!(r#"Bearer realm="{realm}",service="registry.docker.io""#);
         if let Some(s) = scope {
             c.push_str(&format!(r#",scope="{s}""#));
         }
@@ -526,6 +537,9 @@ async fn token_handler(State(hub): State<FakeHub>, request: Request) -> Response
         });
         (url::form_urlencoded::parse(query.as_bytes()).into_owned().collect(), user)
     };
+    if user.is_some() {
+        hub.bump("token_with_credentials");
+    }
     let authed = match &user {
         Some((u, p)) => {
             if hub.with(|i| i.users.get(u) != Some(p)) {

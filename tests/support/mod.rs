@@ -1,7 +1,7 @@
 //! Test support: an emulated Docker Hub (registry, token realm on another port, blob CDN on a
 //! third), image fixtures, and a running pullthrough. Everything binds to 127.0.0.1:0 and
 //! stops when dropped.
-#![allow(clippy::unwrap_used, dead_code, unreachable_pub, missing_docs)]
+#![allow(clippy::unwrap_used, dead_code, unused_imports, unreachable_pub, missing_docs)]
 
 pub mod hub;
 

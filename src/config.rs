@@ -154,7 +154,10 @@ impl Config {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(path) = file {
             if !path.is_file() {
-                return Err(ConfigError(format!("config file {} does not exist", path.display())));
+                return Err(ConfigError(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )));
             }
             figment = figment.merge(Toml::file_exact(path));
         }
@@ -185,36 +188,67 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |key: &str, why: &str| Err(ConfigError(format!("invalid value for key {key:?}: {why}")));
-        if !matches!(self.upstream.scheme(), "http" | "https") || self.upstream.host_str().is_none() {
+        let bad = |key: &str, why: &str| {
+            Err(ConfigError(format!("invalid value for key {key:?}: {why}")))
+        };
+        if !matches!(self.upstream.scheme(), "http" | "https") || self.upstream.host_str().is_none()
+        {
             return bad("upstream", "must be an http:// or https:// URL with a host");
         }
         if self.upstream.query().is_some() || !matches!(self.upstream.path(), "" | "/") {
-            return bad("upstream", "must be the registry root, without a path or query");
+            return bad(
+                "upstream",
+                "must be the registry root, without a path or query",
+            );
         }
         if self.upstream_password.is_some() && self.upstream_password_file.is_some() {
-            return bad("upstream_password_file", "set either upstream_password or upstream_password_file, not both");
+            return bad(
+                "upstream_password_file",
+                "set either upstream_password or upstream_password_file, not both",
+            );
         }
-        if (self.upstream_password.is_some() || self.upstream_password_file.is_some()) && self.upstream_username.is_none() {
+        if (self.upstream_password.is_some() || self.upstream_password_file.is_some())
+            && self.upstream_username.is_none()
+        {
             return bad("upstream_username", "a password is set but no username");
         }
-        for (key, value) in [("tag_ttl", self.tag_ttl), ("upstream_deadline", self.upstream_deadline), ("connect_timeout", self.connect_timeout), ("request_timeout", self.request_timeout)] {
+        for (key, value) in [
+            ("tag_ttl", self.tag_ttl),
+            ("upstream_deadline", self.upstream_deadline),
+            ("connect_timeout", self.connect_timeout),
+            ("request_timeout", self.request_timeout),
+        ] {
             if value.is_zero() {
                 return bad(key, "must be greater than zero");
             }
         }
         if !(0.0..1.0).contains(&self.ratelimit_reserve) {
-            return bad("ratelimit_reserve", "must be a fraction from 0 to below 1, such as 0.1");
+            return bad(
+                "ratelimit_reserve",
+                "must be a fraction from 0 to below 1, such as 0.1",
+            );
         }
         if self.upstream_max_concurrency == 0 {
             return bad("upstream_max_concurrency", "must be at least 1");
         }
-        if !(self.cache_low_watermark > 0.0 && self.cache_low_watermark < self.cache_high_watermark && self.cache_high_watermark <= 1.0) {
-            return bad("cache_low_watermark", "need 0 < cache_low_watermark < cache_high_watermark <= 1");
+        if !(self.cache_low_watermark > 0.0
+            && self.cache_low_watermark < self.cache_high_watermark
+            && self.cache_high_watermark <= 1.0)
+        {
+            return bad(
+                "cache_low_watermark",
+                "need 0 < cache_low_watermark < cache_high_watermark <= 1",
+            );
         }
         for pattern in &self.immutable_tags {
             if let Err(e) = regex::Regex::new(pattern) {
-                return bad("immutable_tags", &format!("{pattern:?} is not a regular expression: {}", one_line_str(&e.to_string())));
+                return bad(
+                    "immutable_tags",
+                    &format!(
+                        "{pattern:?} is not a regular expression: {}",
+                        one_line_str(&e.to_string())
+                    ),
+                );
             }
         }
         Ok(())
@@ -226,7 +260,12 @@ impl Config {
             (Some(p), _) => Ok(Some(p.clone())),
             (None, Some(path)) => std::fs::read_to_string(path)
                 .map(|s| Some(Secret(s.trim_end_matches(['\r', '\n']).to_owned())))
-                .map_err(|e| ConfigError(format!("invalid value for key \"upstream_password_file\": cannot read {}: {e}", path.display()))),
+                .map_err(|e| {
+                    ConfigError(format!(
+                        "invalid value for key \"upstream_password_file\": cannot read {}: {e}",
+                        path.display()
+                    ))
+                }),
             (None, None) => Ok(None),
         }
     }
@@ -258,11 +297,26 @@ impl Provider for EnvVars {
 }
 
 const KNOWN_KEYS: &[&str] = &[
-    "listen", "upstream", "tag_ttl", "max_stale", "immutable_tags", "upstream_deadline",
-    "ratelimit_reserve", "upstream_max_concurrency", "data_dir", "upstream_username",
-    "upstream_password", "upstream_password_file", "manifest_cache_bytes", "cache_max_disk",
-    "cache_high_watermark", "cache_low_watermark", "tags_list_ttl", "connect_timeout",
-    "request_timeout", "log_format",
+    "listen",
+    "upstream",
+    "tag_ttl",
+    "max_stale",
+    "immutable_tags",
+    "upstream_deadline",
+    "ratelimit_reserve",
+    "upstream_max_concurrency",
+    "data_dir",
+    "upstream_username",
+    "upstream_password",
+    "upstream_password_file",
+    "manifest_cache_bytes",
+    "cache_max_disk",
+    "cache_high_watermark",
+    "cache_low_watermark",
+    "tags_list_ttl",
+    "connect_timeout",
+    "request_timeout",
+    "log_format",
 ];
 
 fn one_line(e: figment::Error) -> ConfigError {
@@ -306,7 +360,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -320,9 +377,21 @@ mod tests {
     fn layers_file_env_and_flags() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("p.toml");
-        std::fs::write(&file, "tag_ttl = \"10s\"\nlisten = \"127.0.0.1:1\"\nupstream_username = \"bob\"\n").unwrap();
-        let vars = env(&[("PULLTHROUGH_TAG_TTL", "5m"), ("PULLTHROUGH_UPSTREAM_PASSWORD", "1234"), ("HOME", "/root"), ("PULLTHROUGH_CONFIG", "x")]);
-        let flags = Overrides { listen: Some("127.0.0.1:2".into()), ..Overrides::default() };
+        std::fs::write(
+            &file,
+            "tag_ttl = \"10s\"\nlisten = \"127.0.0.1:1\"\nupstream_username = \"bob\"\n",
+        )
+        .unwrap();
+        let vars = env(&[
+            ("PULLTHROUGH_TAG_TTL", "5m"),
+            ("PULLTHROUGH_UPSTREAM_PASSWORD", "1234"),
+            ("HOME", "/root"),
+            ("PULLTHROUGH_CONFIG", "x"),
+        ]);
+        let flags = Overrides {
+            listen: Some("127.0.0.1:2".into()),
+            ..Overrides::default()
+        };
         let c = Config::load(Some(&file), vars, &flags).unwrap();
         assert_eq!(c.tag_ttl, Duration::from_secs(300));
         assert_eq!(c.listen.port(), 2);
@@ -338,14 +407,22 @@ mod tests {
             (("PULLTHROUGH_LISTEN", "nowhere"), "listen"),
             (("PULLTHROUGH_UPSTREAM", "ftp://x"), "upstream"),
             (("PULLTHROUGH_LOG_FORMAT", "xml"), "log_format"),
-            (("PULLTHROUGH_MANIFEST_CACHE_BYTES", "lots"), "manifest_cache_bytes"),
+            (
+                ("PULLTHROUGH_MANIFEST_CACHE_BYTES", "lots"),
+                "manifest_cache_bytes",
+            ),
             (("PULLTHROUGH_RATELIMIT_RESERVE", "2"), "ratelimit_reserve"),
             (("PULLTHROUGH_IMMUTABLE_TAGS", "[\"(\"]"), "immutable_tags"),
             (("PULLTHROUGH_TAG_TLL", "1s"), "TAG_TLL"),
         ];
         for ((k, v), key) in cases {
-            let err = Config::load(None, env(&[(k, v)]), &Overrides::default()).unwrap_err().to_string();
-            assert!(err.to_lowercase().contains(&key.to_lowercase()), "{k}={v}: {err}");
+            let err = Config::load(None, env(&[(k, v)]), &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.to_lowercase().contains(&key.to_lowercase()),
+                "{k}={v}: {err}"
+            );
             assert!(!err.contains('\n'), "{err}");
         }
     }
@@ -355,7 +432,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("secret");
         std::fs::write(&file, "s3cret\n").unwrap();
-        let vars = env(&[("PULLTHROUGH_UPSTREAM_USERNAME", "u"), ("PULLTHROUGH_UPSTREAM_PASSWORD_FILE", file.to_str().unwrap()), ("PULLTHROUGH_MANIFEST_CACHE_BYTES", "1 MiB")]);
+        let vars = env(&[
+            ("PULLTHROUGH_UPSTREAM_USERNAME", "u"),
+            ("PULLTHROUGH_UPSTREAM_PASSWORD_FILE", file.to_str().unwrap()),
+            ("PULLTHROUGH_MANIFEST_CACHE_BYTES", "1 MiB"),
+        ]);
         let c = Config::load(None, vars, &Overrides::default()).unwrap();
         assert_eq!(c.password().unwrap(), Some(Secret("s3cret".into())));
         assert_eq!(c.manifest_cache_bytes, ByteSize::mib(1));

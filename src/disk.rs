@@ -13,12 +13,19 @@ pub struct Layout {
 impl Layout {
     /// Creates the directories and removes temp files a previous process left behind.
     pub fn open(root: &Path) -> std::io::Result<Layout> {
-        let layout = Layout { root: root.to_path_buf() };
+        let layout = Layout {
+            root: root.to_path_buf(),
+        };
         let tmp = layout.tmp();
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp)?;
         }
-        for dir in [tmp, layout.root.join("manifests"), layout.root.join("tags"), layout.root.join("blobs")] {
+        for dir in [
+            tmp,
+            layout.root.join("manifests"),
+            layout.root.join("tags"),
+            layout.root.join("blobs"),
+        ] {
             std::fs::create_dir_all(dir)?;
         }
         Ok(layout)
@@ -36,7 +43,9 @@ impl Layout {
 
     /// A fresh temp file.
     pub fn temp_file(&self) -> std::io::Result<tempfile::NamedTempFile> {
-        tempfile::Builder::new().prefix("part-").tempfile_in(self.tmp())
+        tempfile::Builder::new()
+            .prefix("part-")
+            .tempfile_in(self.tmp())
     }
 
     /// Writes `bytes` to `path` atomically; `durable` also fsyncs before the rename.

@@ -79,7 +79,9 @@ impl From<upstream::Error> for Error {
     fn from(e: upstream::Error) -> Error {
         match e {
             upstream::Error::NotFound | upstream::Error::Denied => Error::NameUnknown,
-            upstream::Error::TooManyRequests { retry_after } => Error::TooManyRequests { retry_after },
+            upstream::Error::TooManyRequests { retry_after } => {
+                Error::TooManyRequests { retry_after }
+            }
             upstream::Error::Timeout => Error::GatewayTimeout,
             other => Error::Upstream(other),
         }

@@ -11,10 +11,11 @@ use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 
 type Outcome<V> = Result<V, Error>;
+type Flight<V> = Shared<BoxFuture<'static, Outcome<V>>>;
 
 /// In-flight operations by key.
 pub struct Flights<K, V> {
-    running: Arc<Mutex<HashMap<K, Shared<BoxFuture<'static, Outcome<V>>>>>>,
+    running: Arc<Mutex<HashMap<K, Flight<V>>>>,
 }
 
 impl<K, V> fmt::Debug for Flights<K, V> {
@@ -26,7 +27,9 @@ impl<K, V> fmt::Debug for Flights<K, V> {
 
 impl<K, V> Default for Flights<K, V> {
     fn default() -> Self {
-        Flights { running: Arc::default() }
+        Flights {
+            running: Arc::default(),
+        }
     }
 }
 
@@ -36,7 +39,7 @@ where
     V: Clone + Send + Sync + 'static,
 {
     /// Joins the operation running for `key`, or starts `start()` as a new task.
-    pub fn join<F>(&self, key: K, start: impl FnOnce() -> F) -> Shared<BoxFuture<'static, Outcome<V>>>
+    pub fn join<F>(&self, key: K, start: impl FnOnce() -> F) -> Flight<V>
     where
         F: Future<Output = Outcome<V>> + Send + 'static,
     {
@@ -53,16 +56,22 @@ where
             map.lock().expect("flight lock poisoned").remove(&done_key);
             outcome
         });
-        let flight = async move { task.await.unwrap_or_else(|e| Err(Error::Storage(format!("background task failed: {e}")))) }
-            .boxed()
-            .shared();
+        let flight = async move {
+            task.await
+                .unwrap_or_else(|e| Err(Error::Storage(format!("background task failed: {e}"))))
+        }
+        .boxed()
+        .shared();
         running.insert(key, flight.clone());
         flight
     }
 
     /// True while an operation for `key` runs.
     pub fn is_running(&self, key: &K) -> bool {
-        self.running.lock().expect("flight lock poisoned").contains_key(key)
+        self.running
+            .lock()
+            .expect("flight lock poisoned")
+            .contains_key(key)
     }
 }
 
@@ -90,7 +99,11 @@ mod tests {
 
         drop(flights.join(2, start(runs.clone())));
         tokio::time::sleep(Duration::from_millis(100)).await;
-        assert_eq!(runs.load(Ordering::SeqCst), 2, "the dropped flight still ran");
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            2,
+            "the dropped flight still ran"
+        );
         assert!(!flights.is_running(&2));
     }
 }

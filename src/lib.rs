@@ -7,6 +7,7 @@
 //! `registry` holds the spec vocabulary shared by all of them; `config` and `error` are
 //! leaves. Nothing below `http` imports axum.
 
+pub mod blobs;
 pub mod config;
 pub mod disk;
 pub mod error;
@@ -25,9 +26,15 @@ use tokio::net::TcpListener;
 pub use config::Config;
 
 /// Serves until `shutdown` resolves. Tests pass a port-0 listener and their own trigger.
-pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let app = app(&config)?;
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await?;
     Ok(())
 }
 

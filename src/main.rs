@@ -37,7 +37,13 @@ struct Cli {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let overrides = Overrides { listen: cli.listen, upstream: cli.upstream, tag_ttl: cli.tag_ttl, data_dir: cli.data_dir, log_format: cli.log_format };
+    let overrides = Overrides {
+        listen: cli.listen,
+        upstream: cli.upstream,
+        tag_ttl: cli.tag_ttl,
+        data_dir: cli.data_dir,
+        log_format: cli.log_format,
+    };
     let config = match Config::load(cli.config.as_deref(), std::env::vars(), &overrides) {
         Ok(config) => config,
         Err(e) => {
@@ -45,10 +51,15 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("pullthrough=info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("pullthrough=info"));
     match config.log_format {
         LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
-        LogFormat::Json => tracing_subscriber::fmt().json().flatten_event(true).with_env_filter(filter).init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_env_filter(filter)
+            .init(),
     }
     let listener = match TcpListener::bind(config.listen).await {
         Ok(l) => l,

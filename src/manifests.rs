@@ -34,12 +34,21 @@ impl TagEntry {
     /// A new entry validated now.
     pub fn new(digest: &Digest, media_type: &MediaType, size: u64) -> TagEntry {
         let now = now_ms();
-        TagEntry { digest: digest.to_string(), media_type: media_type.to_string(), size, fetched_at: now, validated_at: now, held_back: None }
+        TagEntry {
+            digest: digest.to_string(),
+            media_type: media_type.to_string(),
+            size,
+            fetched_at: now,
+            validated_at: now,
+            held_back: None,
+        }
     }
 
     /// The digest, parsed.
     pub fn digest(&self) -> Digest {
-        self.digest.parse().expect("tag entries hold validated digests")
+        self.digest
+            .parse()
+            .expect("tag entries hold validated digests")
     }
 
     /// The media type.
@@ -50,7 +59,10 @@ impl TagEntry {
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or_default()
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
 }
 
 /// How far a tag answer can be trusted right now.
@@ -109,20 +121,36 @@ impl ManifestCache {
     pub fn open(layout: Layout, memory_bytes: u64) -> std::io::Result<ManifestCache> {
         let by_digest = Cache::builder()
             .max_capacity(memory_bytes)
-            .weigher(|_: &Digest, m: &Arc<Manifest>| u32::try_from(m.bytes.len() + 256).unwrap_or(u32::MAX))
+            .weigher(|_: &Digest, m: &Arc<Manifest>| {
+                u32::try_from(m.bytes.len() + 256).unwrap_or(u32::MAX)
+            })
             .build();
-        let cache = ManifestCache { by_digest, tags: Cache::builder().max_capacity(1_000_000).build(), access: Cache::new(1_000_000), layout };
+        let cache = ManifestCache {
+            by_digest,
+            tags: Cache::builder().max_capacity(1_000_000).build(),
+            access: Cache::new(1_000_000),
+            layout,
+        };
         cache.load_tags()?;
         Ok(cache)
     }
 
     fn manifest_path(&self, digest: &Digest) -> PathBuf {
-        self.layout.root().join("manifests").join(digest.algorithm().as_str()).join(digest.hex())
+        self.layout
+            .root()
+            .join("manifests")
+            .join(digest.algorithm().as_str())
+            .join(digest.hex())
     }
 
     fn tag_path(&self, name: &RepoName, tag: &Tag) -> PathBuf {
         // Repository components never start with '_', so `_tags` cannot collide with one.
-        self.layout.root().join("tags").join(name.as_str()).join("_tags").join(tag.as_str())
+        self.layout
+            .root()
+            .join("tags")
+            .join(name.as_str())
+            .join("_tags")
+            .join(tag.as_str())
     }
 
     /// A manifest by digest, from memory or disk. A file whose bytes do not hash to its name
@@ -152,7 +180,10 @@ impl ManifestCache {
         let path = self.manifest_path(&manifest.digest);
         if !path.exists() {
             let header = format!("{}\n", manifest.media_type);
-            if let Err(e) = self.layout.write_atomic(&path, &[header.as_bytes(), &manifest.bytes], true) {
+            if let Err(e) =
+                self.layout
+                    .write_atomic(&path, &[header.as_bytes(), &manifest.bytes], true)
+            {
                 tracing::error!(error = %e, digest = %manifest.digest, "could not store manifest on disk");
             }
         }
@@ -215,13 +246,23 @@ impl ManifestCache {
                     stack.push(path);
                     continue;
                 }
-                let Some(name) = dir.strip_prefix(&root).ok().and_then(|p| p.to_str()).and_then(|p| RepoName::parse(p, false).ok()) else {
+                let Some(name) = dir
+                    .strip_prefix(&root)
+                    .ok()
+                    .and_then(|p| p.to_str())
+                    .and_then(|p| RepoName::parse(p, false).ok())
+                else {
                     continue;
                 };
                 for file in std::fs::read_dir(&path)? {
                     let file = file?.path();
-                    let tag = file.file_name().and_then(|t| t.to_str()).and_then(|t| Tag::parse(t).ok());
-                    let entry = std::fs::read(&file).ok().and_then(|raw| serde_json::from_slice::<TagEntry>(&raw).ok());
+                    let tag = file
+                        .file_name()
+                        .and_then(|t| t.to_str())
+                        .and_then(|t| Tag::parse(t).ok());
+                    let entry = std::fs::read(&file)
+                        .ok()
+                        .and_then(|raw| serde_json::from_slice::<TagEntry>(&raw).ok());
                     match (tag, entry) {
                         (Some(tag), Some(entry)) if entry.digest.parse::<Digest>().is_ok() => {
                             if let Ok(digest) = entry.digest.parse() {
@@ -247,7 +288,11 @@ fn decode_manifest(raw: &[u8], digest: &Digest) -> Option<Manifest> {
     let split = raw.iter().position(|b| *b == b'\n')?;
     let media_type = MediaType::from_content_type(std::str::from_utf8(&raw[..split]).ok()?);
     let bytes = bytes::Bytes::copy_from_slice(&raw[split + 1..]);
-    (Digest::of(digest.algorithm(), &bytes) == *digest).then(|| Manifest { bytes, media_type, digest: digest.clone() })
+    (Digest::of(digest.algorithm(), &bytes) == *digest).then(|| Manifest {
+        bytes,
+        media_type,
+        digest: digest.clone(),
+    })
 }
 
 #[cfg(test)]
@@ -256,7 +301,11 @@ mod tests {
 
     #[test]
     fn tag_freshness_follows_ttl_and_max_stale() {
-        let policy = TagPolicy { ttl: Duration::from_secs(60), max_stale: Duration::from_secs(3600), immutable: RegexSet::new([r"^v\d+\.\d+\.\d+$"]).unwrap() };
+        let policy = TagPolicy {
+            ttl: Duration::from_secs(60),
+            max_stale: Duration::from_secs(3600),
+            immutable: RegexSet::new([r"^v\d+\.\d+\.\d+$"]).unwrap(),
+        };
         let tag = |t: &str| Tag::parse(t).unwrap();
         let s = 1000;
         let cases = [
@@ -269,24 +318,44 @@ mod tests {
             ("v1.2", 999_999 * s, Freshness::Expired),
         ];
         for (t, age, want) in cases {
-            assert_eq!(policy.freshness(&tag(t), 1_000_000_000, 1_000_000_000 + age), want, "{t} {age}");
+            assert_eq!(
+                policy.freshness(&tag(t), 1_000_000_000, 1_000_000_000 + age),
+                want,
+                "{t} {age}"
+            );
         }
-        let blocking = TagPolicy { max_stale: Duration::ZERO, ..policy };
-        assert_eq!(blocking.freshness(&tag("latest"), 0, 60 * s), Freshness::Expired);
+        let blocking = TagPolicy {
+            max_stale: Duration::ZERO,
+            ..policy
+        };
+        assert_eq!(
+            blocking.freshness(&tag("latest"), 0, 60 * s),
+            Freshness::Expired
+        );
     }
 
     #[test]
     fn persists_manifests_and_tags() {
         let dir = tempfile::tempdir().unwrap();
-        let bytes = bytes::Bytes::from_static(br#"{"mediaType":"application\/vnd.oci.image.index.v1+json"}"#);
+        let bytes = bytes::Bytes::from_static(
+            br#"{"mediaType":"application\/vnd.oci.image.index.v1+json"}"#,
+        );
         let digest = Digest::sha256(&bytes);
         let media_type = MediaType::from_content_type(MediaType::OCI_INDEX);
         let name = RepoName::parse("library/alpine", true).unwrap();
         let tag = Tag::parse("3.20").unwrap();
         {
             let cache = ManifestCache::open(Layout::open(dir.path()).unwrap(), 1 << 20).unwrap();
-            cache.put(Manifest { bytes: bytes.clone(), media_type: media_type.clone(), digest: digest.clone() });
-            cache.set_tag(&name, &tag, TagEntry::new(&digest, &media_type, bytes.len() as u64));
+            cache.put(Manifest {
+                bytes: bytes.clone(),
+                media_type: media_type.clone(),
+                digest: digest.clone(),
+            });
+            cache.set_tag(
+                &name,
+                &tag,
+                TagEntry::new(&digest, &media_type, bytes.len() as u64),
+            );
         }
         let cache = ManifestCache::open(Layout::open(dir.path()).unwrap(), 1 << 20).unwrap();
         assert_eq!(cache.tag(&name, &tag).unwrap().digest, digest.to_string());

@@ -1,5 +1,6 @@
 //! `AppState`: every shared handle, built once from `Config` at startup.
 
+use crate::blobs::{BlobStore, DiskLimits};
 use crate::config::Config;
 use crate::disk::Layout;
 use crate::error::Error;
@@ -25,22 +26,40 @@ pub struct AppState {
 impl AppState {
     /// Opens the data directory and builds every component.
     pub fn new(config: &Config) -> anyhow::Result<AppState> {
-        let layout = Layout::open(&config.data_dir).with_context(|| format!("opening data directory {}", config.data_dir.display()))?;
+        let layout = Layout::open(&config.data_dir)
+            .with_context(|| format!("opening data directory {}", config.data_dir.display()))?;
         let upstream = Arc::new(Upstream::new(config)?);
-        let manifests = Arc::new(ManifestCache::open(layout.clone(), config.manifest_cache_bytes.as_u64())?);
-        let proxy = Arc::new(Proxy::new(config, Arc::clone(&upstream), manifests)?);
+        let manifests = Arc::new(ManifestCache::open(
+            layout.clone(),
+            config.manifest_cache_bytes.as_u64(),
+        )?);
+        let limits = DiskLimits {
+            max: config.cache_max_disk.as_u64(),
+            high: config.cache_high_watermark,
+            low: config.cache_low_watermark,
+        };
+        let blobs = BlobStore::open(layout.clone(), limits)?;
+        blobs.spawn_maintenance();
+        let proxy = Arc::new(Proxy::new(config, Arc::clone(&upstream), manifests, blobs)?);
         let host = match (config.upstream.host_str(), config.upstream.port()) {
             (Some(h), Some(p)) => format!("{h}:{p}"),
             (Some(h), None) => h.to_owned(),
             _ => String::new(),
         };
-        Ok(AppState { proxy, upstream, host, probe_deadline: config.upstream_deadline / 2 })
+        Ok(AppState {
+            proxy,
+            upstream,
+            host,
+            probe_deadline: config.upstream_deadline / 2,
+        })
     }
 
     /// Whether one-component names mean `library/<name>` and `ns=docker.io` means us. Learned
     /// from the upstream's host or first challenge; "no" if upstream cannot be asked in time.
     pub async fn docker_hub(&self) -> bool {
-        tokio::time::timeout(self.probe_deadline, self.upstream.is_docker_hub()).await.unwrap_or(false)
+        tokio::time::timeout(self.probe_deadline, self.upstream.is_docker_hub())
+            .await
+            .unwrap_or(false)
     }
 
     /// containerd names the registry it wants in `?ns=`. A request meant for another registry
@@ -53,7 +72,10 @@ impl AppState {
                 continue;
             }
             let value = value.to_ascii_lowercase();
-            let hub_name = matches!(value.as_str(), "docker.io" | "registry-1.docker.io" | "index.docker.io");
+            let hub_name = matches!(
+                value.as_str(),
+                "docker.io" | "registry-1.docker.io" | "index.docker.io"
+            );
             if value != self.host && !(hub_name && self.docker_hub().await) {
                 return Err(Error::NameUnknown);
             }

@@ -34,19 +34,30 @@ async fn private_repository_needs_credentials() {
     let r = authed.get("/v2/acme/secret/manifests/1").await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.bytes().await.unwrap(), image.bytes);
-    assert!(hub.count("token_post") >= 1, "credentials go through the OAuth2 password grant first");
+    assert!(
+        hub.count("token_post") >= 1,
+        "credentials go through the OAuth2 password grant first"
+    );
 }
 
 #[tokio::test]
 async fn falls_back_to_get_when_the_realm_has_no_oauth2() {
     let hub = FakeHub::start().await;
-    hub.push("acme/secret", "1", &Image::single("secret2", DOCKER_MANIFEST, 10));
+    hub.push(
+        "acme/secret",
+        "1",
+        &Image::single("secret2", DOCKER_MANIFEST, 10),
+    );
     hub.make_private("acme/secret");
     hub.add_user("alice", "s3cret");
     hub.set_oauth_post(false);
     let proxy = TestProxy::start_with(&hub, with_credentials("alice", "s3cret")).await;
     assert_eq!(proxy.get("/v2/acme/secret/manifests/1").await.status(), 200);
-    hub.push("acme/secret", "2", &Image::single("secret3", DOCKER_MANIFEST, 10));
+    hub.push(
+        "acme/secret",
+        "2",
+        &Image::single("secret3", DOCKER_MANIFEST, 10),
+    );
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert_eq!(proxy.get("/v2/acme/secret/manifests/2").await.status(), 200);
     assert_eq!(hub.count("token_post"), 0);
@@ -55,7 +66,11 @@ async fn falls_back_to_get_when_the_realm_has_no_oauth2() {
 #[tokio::test]
 async fn wrong_credentials_still_serve_public_images() {
     let hub = FakeHub::start().await;
-    hub.push("library/pub", "1", &Image::single("pub", DOCKER_MANIFEST, 10));
+    hub.push(
+        "library/pub",
+        "1",
+        &Image::single("pub", DOCKER_MANIFEST, 10),
+    );
     hub.add_user("alice", "s3cret");
     let proxy = TestProxy::start_with(&hub, with_credentials("alice", "wrong")).await;
     assert_eq!(proxy.get("/v2/library/pub/manifests/1").await.status(), 200);
@@ -65,21 +80,35 @@ async fn wrong_credentials_still_serve_public_images() {
 async fn short_lived_tokens_are_renewed_without_client_errors() {
     let hub = FakeHub::start().await;
     for tag in ["1", "2"] {
-        hub.push("library/short", tag, &Image::single(&format!("short{tag}"), DOCKER_MANIFEST, 10));
+        hub.push(
+            "library/short",
+            tag,
+            &Image::single(&format!("short{tag}"), DOCKER_MANIFEST, 10),
+        );
     }
     hub.set_token_lifetime(2);
     let proxy = TestProxy::start(&hub).await;
-    assert_eq!(proxy.get("/v2/library/short/manifests/1").await.status(), 200);
+    assert_eq!(
+        proxy.get("/v2/library/short/manifests/1").await.status(),
+        200
+    );
     tokio::time::sleep(Duration::from_millis(2200)).await;
     // The cached token (kept for the 60 s minimum) has expired upstream: one 401, a new token.
-    assert_eq!(proxy.get("/v2/library/short/manifests/2").await.status(), 200);
+    assert_eq!(
+        proxy.get("/v2/library/short/manifests/2").await.status(),
+        200
+    );
     assert_eq!(hub.count("token"), 2);
 }
 
 #[tokio::test]
 async fn credentials_never_go_to_a_foreign_realm() {
     let hub = FakeHub::start().await;
-    hub.push("library/pub", "1", &Image::single("pub2", DOCKER_MANIFEST, 10));
+    hub.push(
+        "library/pub",
+        "1",
+        &Image::single("pub2", DOCKER_MANIFEST, 10),
+    );
     hub.add_user("alice", "s3cret");
     hub.set_realm_host("localhost");
     let proxy = TestProxy::start_with(&hub, with_credentials("alice", "s3cret")).await;
@@ -91,7 +120,11 @@ async fn credentials_never_go_to_a_foreign_realm() {
 #[tokio::test]
 async fn credentials_reach_a_realm_on_the_upstream_host() {
     let hub = FakeHub::start().await;
-    hub.push("library/pub", "1", &Image::single("pub3", DOCKER_MANIFEST, 10));
+    hub.push(
+        "library/pub",
+        "1",
+        &Image::single("pub3", DOCKER_MANIFEST, 10),
+    );
     hub.add_user("alice", "s3cret");
     let proxy = TestProxy::start_with(&hub, with_credentials("alice", "s3cret")).await;
     assert_eq!(proxy.get("/v2/library/pub/manifests/1").await.status(), 200);

@@ -15,14 +15,38 @@ async fn invalid_input_is_400_without_upstream_requests() {
     let proxy = TestProxy::start(&hub).await;
     let long_tag = "t".repeat(200);
     let cases = [
-        ("/v2/library/a..b/manifests/latest".to_owned(), 400, "NAME_INVALID"),
-        ("/v2/Library/alpine/manifests/latest".to_owned(), 400, "NAME_INVALID"),
+        (
+            "/v2/library/a..b/manifests/latest".to_owned(),
+            400,
+            "NAME_INVALID",
+        ),
+        (
+            "/v2/Library/alpine/manifests/latest".to_owned(),
+            400,
+            "NAME_INVALID",
+        ),
         ("/v2/UPPER/manifests/latest".to_owned(), 400, "NAME_INVALID"),
         ("/v2/a//b/manifests/latest".to_owned(), 400, "NAME_INVALID"),
-        (format!("/v2/library/alpine/manifests/{long_tag}"), 400, "TAG_INVALID"),
-        ("/v2/library/alpine/manifests/sha256:xyz".to_owned(), 400, "DIGEST_INVALID"),
-        ("/v2/library/alpine/manifests/md5:abc".to_owned(), 400, "DIGEST_INVALID"),
-        ("/v2/library/alpine/blobs/latest".to_owned(), 400, "DIGEST_INVALID"),
+        (
+            format!("/v2/library/alpine/manifests/{long_tag}"),
+            400,
+            "TAG_INVALID",
+        ),
+        (
+            "/v2/library/alpine/manifests/sha256:xyz".to_owned(),
+            400,
+            "DIGEST_INVALID",
+        ),
+        (
+            "/v2/library/alpine/manifests/md5:abc".to_owned(),
+            400,
+            "DIGEST_INVALID",
+        ),
+        (
+            "/v2/library/alpine/blobs/latest".to_owned(),
+            400,
+            "DIGEST_INVALID",
+        ),
         ("/v2/library/alpine".to_owned(), 404, "NOT_FOUND"),
         ("/nothing".to_owned(), 404, "NOT_FOUND"),
     ];
@@ -30,11 +54,16 @@ async fn invalid_input_is_400_without_upstream_requests() {
         let r = proxy.get(&path).await;
         assert_eq!(r.status(), status, "{path}");
         assert_eq!(r.headers()["content-type"], "application/json", "{path}");
-        assert_eq!(r.headers()["docker-distribution-api-version"], "registry/2.0");
+        assert_eq!(
+            r.headers()["docker-distribution-api-version"],
+            "registry/2.0"
+        );
         assert_eq!(error_code(r).await, code, "{path}");
     }
     for method in [Method::PUT, Method::POST, Method::DELETE, Method::PATCH] {
-        let r = proxy.request(method.clone(), "/v2/library/alpine/manifests/latest", &[]).await;
+        let r = proxy
+            .request(method.clone(), "/v2/library/alpine/manifests/latest", &[])
+            .await;
         assert_eq!(r.status(), 405, "{method}");
         assert_eq!(error_code(r).await, "UNSUPPORTED");
     }
@@ -42,7 +71,9 @@ async fn invalid_input_is_400_without_upstream_requests() {
     let raw = raw_get(&proxy.url, "/v2/library/../etc/manifests/latest").await;
     assert!(raw.starts_with("HTTP/1.1 400"), "{raw}");
     assert!(raw.contains("NAME_INVALID"), "{raw}");
-    let r = proxy.request(Method::POST, "/v2/library/alpine/blobs/uploads/", &[]).await;
+    let r = proxy
+        .request(Method::POST, "/v2/library/alpine/blobs/uploads/", &[])
+        .await;
     assert_eq!(r.status(), 405);
     assert_eq!(hub.total(), 0, "bad input caused no upstream request");
 }
@@ -55,7 +86,10 @@ async fn ping_answers_200_with_empty_json() {
         let r = proxy.get(path).await;
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["content-type"], "application/json");
-        assert_eq!(r.headers()["docker-distribution-api-version"], "registry/2.0");
+        assert_eq!(
+            r.headers()["docker-distribution-api-version"],
+            "registry/2.0"
+        );
         assert_eq!(r.text().await.unwrap(), "{}");
     }
     let head = proxy.head("/v2/").await;
@@ -85,12 +119,17 @@ async fn upstream_failures_map_to_registry_errors() {
 async fn black_holed_upstream_gets_504_within_the_deadline() {
     let hub = FakeHub::start().await;
     hub.push("library/x", "1", &Image::single("x", DOCKER_MANIFEST, 10));
-    let proxy = TestProxy::start_with(&hub, |c| c.upstream_deadline = Duration::from_millis(500)).await;
+    let proxy =
+        TestProxy::start_with(&hub, |c| c.upstream_deadline = Duration::from_millis(500)).await;
     hub.fault(Fault::BlackHole);
     let started = Instant::now();
     let r = proxy.get("/v2/library/x/manifests/1").await;
     assert_eq!(r.status(), 504);
-    assert!(started.elapsed() < Duration::from_millis(1500), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(error_code(r).await, "UNAVAILABLE");
 }
 
@@ -109,7 +148,9 @@ async fn unreachable_upstream_is_502() {
 
 async fn raw_get(base: &str, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(base.trim_start_matches("http://")).await.unwrap();
+    let mut stream = tokio::net::TcpStream::connect(base.trim_start_matches("http://"))
+        .await
+        .unwrap();
     let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut out = String::new();

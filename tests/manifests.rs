@@ -12,18 +12,35 @@ const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+
 const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 
 fn multi_arch(seed: &str, index_type: &str, child_type: &str) -> Image {
-    Image::index(index_type, vec![("amd64", Image::single(&format!("{seed}-amd64"), child_type, 100)), ("arm64", Image::single(&format!("{seed}-arm64"), child_type, 100))])
+    Image::index(
+        index_type,
+        vec![
+            (
+                "amd64",
+                Image::single(&format!("{seed}-amd64"), child_type, 100),
+            ),
+            (
+                "arm64",
+                Image::single(&format!("{seed}-arm64"), child_type, 100),
+            ),
+        ],
+    )
 }
 
 async fn get_accept(proxy: &TestProxy, path: &str, accept: &str) -> reqwest::Response {
-    proxy.request(reqwest::Method::GET, path, &[("accept", accept)]).await
+    proxy
+        .request(reqwest::Method::GET, path, &[("accept", accept)])
+        .await
 }
 
 #[tokio::test]
 async fn serves_exact_bytes_and_caches_them() {
     let hub = FakeHub::start().await;
     let image = multi_arch("alpine", OCI_INDEX, OCI_MANIFEST);
-    assert!(std::str::from_utf8(&image.bytes).unwrap().contains("\\/"), "fixture has escaped slashes");
+    assert!(
+        std::str::from_utf8(&image.bytes).unwrap().contains("\\/"),
+        "fixture has escaped slashes"
+    );
     hub.push("library/alpine", "3.20", &image);
     let proxy = TestProxy::start(&hub).await;
 
@@ -31,10 +48,22 @@ async fn serves_exact_bytes_and_caches_them() {
     assert_eq!(first.status(), 200);
     assert_eq!(first.headers()["x-cache"], "MISS");
     assert_eq!(first.headers()["content-type"], OCI_INDEX);
-    assert_eq!(first.headers()["docker-content-digest"], image.digest.as_str());
-    assert_eq!(first.headers()["etag"], format!("\"{}\"", image.digest).as_str());
-    assert_eq!(first.headers()["content-length"], image.bytes.len().to_string().as_str());
-    assert_eq!(first.headers()["docker-distribution-api-version"], "registry/2.0");
+    assert_eq!(
+        first.headers()["docker-content-digest"],
+        image.digest.as_str()
+    );
+    assert_eq!(
+        first.headers()["etag"],
+        format!("\"{}\"", image.digest).as_str()
+    );
+    assert_eq!(
+        first.headers()["content-length"],
+        image.bytes.len().to_string().as_str()
+    );
+    assert_eq!(
+        first.headers()["docker-distribution-api-version"],
+        "registry/2.0"
+    );
     assert_eq!(first.bytes().await.unwrap(), image.bytes);
     let upstream_after_first = hub.total();
 
@@ -43,13 +72,25 @@ async fn serves_exact_bytes_and_caches_them() {
     assert_eq!(second.bytes().await.unwrap(), image.bytes);
     let head = proxy.head("/v2/library/alpine/manifests/3.20").await;
     assert_eq!(head.status(), 200);
-    assert_eq!(head.headers()["content-length"], image.bytes.len().to_string().as_str());
-    assert_eq!(head.headers()["docker-content-digest"], image.digest.as_str());
-    let by_digest = proxy.get(&format!("/v2/library/alpine/manifests/{}", image.digest)).await;
+    assert_eq!(
+        head.headers()["content-length"],
+        image.bytes.len().to_string().as_str()
+    );
+    assert_eq!(
+        head.headers()["docker-content-digest"],
+        image.digest.as_str()
+    );
+    let by_digest = proxy
+        .get(&format!("/v2/library/alpine/manifests/{}", image.digest))
+        .await;
     assert_eq!(by_digest.headers()["x-cache"], "HIT");
     assert_eq!(by_digest.bytes().await.unwrap(), image.bytes);
 
-    assert_eq!(hub.total(), upstream_after_first, "cache hits made no upstream request");
+    assert_eq!(
+        hub.total(),
+        upstream_after_first,
+        "cache hits made no upstream request"
+    );
     assert_eq!(hub.count("manifest_get"), 1);
 }
 
@@ -63,10 +104,14 @@ async fn one_component_names_mean_library() {
     let short = proxy.get("/v2/busybox/manifests/latest").await;
     assert_eq!(short.status(), 200);
     assert_eq!(short.bytes().await.unwrap(), image.bytes);
-    let full = proxy.get("/v2/library/busybox/manifests/latest?ns=docker.io").await;
+    let full = proxy
+        .get("/v2/library/busybox/manifests/latest?ns=docker.io")
+        .await;
     assert_eq!(full.headers()["x-cache"], "HIT");
     // containerd asking for another registry's content is sent on to its next host.
-    let foreign = proxy.get("/v2/library/busybox/manifests/latest?ns=ghcr.io").await;
+    let foreign = proxy
+        .get("/v2/library/busybox/manifests/latest?ns=ghcr.io")
+        .await;
     assert_eq!(foreign.status(), 404);
     assert_eq!(hub.count("manifest_get"), 1);
 }
@@ -79,7 +124,13 @@ async fn etag_gives_304() {
     let proxy = TestProxy::start(&hub).await;
     let etag = format!("\"{}\"", image.digest);
     proxy.get("/v2/library/etag/manifests/1").await;
-    let r = proxy.request(reqwest::Method::GET, "/v2/library/etag/manifests/1", &[("if-none-match", &etag)]).await;
+    let r = proxy
+        .request(
+            reqwest::Method::GET,
+            "/v2/library/etag/manifests/1",
+            &[("if-none-match", &etag)],
+        )
+        .await;
     assert_eq!(r.status(), 304);
     assert_eq!(r.headers()["docker-content-digest"], image.digest.as_str());
 }
@@ -93,17 +144,34 @@ async fn head_after_miss_and_head_miss_never_get() {
 
     let head = proxy.head("/v2/library/headonly/manifests/v1").await;
     assert_eq!(head.status(), 200);
-    assert_eq!(head.headers()["content-length"], image.bytes.len().to_string().as_str());
-    assert_eq!(head.headers()["docker-content-digest"], image.digest.as_str());
+    assert_eq!(
+        head.headers()["content-length"],
+        image.bytes.len().to_string().as_str()
+    );
+    assert_eq!(
+        head.headers()["docker-content-digest"],
+        image.digest.as_str()
+    );
     assert_eq!(head.headers()["content-type"], DOCKER_MANIFEST);
-    let head = proxy.head(&format!("/v2/library/headonly/manifests/{}", image.digest)).await;
+    let head = proxy
+        .head(&format!("/v2/library/headonly/manifests/{}", image.digest))
+        .await;
     assert_eq!(head.status(), 200);
-    assert_eq!(head.headers()["content-length"], image.bytes.len().to_string().as_str());
-    assert_eq!(hub.count("manifest_get"), 0, "a client HEAD never becomes an upstream GET");
+    assert_eq!(
+        head.headers()["content-length"],
+        image.bytes.len().to_string().as_str()
+    );
+    assert_eq!(
+        hub.count("manifest_get"),
+        0,
+        "a client HEAD never becomes an upstream GET"
+    );
     assert_eq!(hub.count("manifest_head"), 2);
 
     // containerd's pull: HEAD the tag, then GET by digest: one upstream GET in all.
-    let get = proxy.get(&format!("/v2/library/headonly/manifests/{}", image.digest)).await;
+    let get = proxy
+        .get(&format!("/v2/library/headonly/manifests/{}", image.digest))
+        .await;
     assert_eq!(get.bytes().await.unwrap(), image.bytes);
     proxy.head("/v2/library/headonly/manifests/v1").await;
     proxy.get("/v2/library/headonly/manifests/v1").await;
@@ -127,7 +195,11 @@ async fn expired_unchanged_tag_costs_one_head_and_moved_tag_is_picked_up() {
     assert_eq!(stale.headers()["x-cache"], "STALE");
     assert_eq!(stale.headers()["docker-content-digest"], v1.digest.as_str());
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(proxy.get(path).await.headers()["x-cache"], "HIT", "revalidated in the background");
+    assert_eq!(
+        proxy.get(path).await.headers()["x-cache"],
+        "HIT",
+        "revalidated in the background"
+    );
     assert_eq!(hub.count("manifest_head") - heads, 1);
     assert_eq!(hub.count("manifest_get") - gets, 0);
 
@@ -177,7 +249,9 @@ async fn concurrent_cold_gets_make_one_upstream_get_and_one_token() {
     for _ in 0..50 {
         let client = proxy.client.clone();
         let url = format!("{}/v2/library/burst/manifests/1", proxy.url);
-        tasks.push(tokio::spawn(async move { client.get(url).send().await.unwrap().bytes().await.unwrap() }));
+        tasks.push(tokio::spawn(async move {
+            client.get(url).send().await.unwrap().bytes().await.unwrap()
+        }));
     }
     for t in tasks {
         assert_eq!(t.await.unwrap(), image.bytes);
@@ -190,15 +264,29 @@ async fn concurrent_cold_gets_make_one_upstream_get_and_one_token() {
 async fn one_token_serves_several_tags() {
     let hub = FakeHub::start().await;
     for tag in ["a", "b", "c"] {
-        hub.push("org/app", tag, &Image::single(&format!("app-{tag}"), DOCKER_MANIFEST, 10));
+        hub.push(
+            "org/app",
+            tag,
+            &Image::single(&format!("app-{tag}"), DOCKER_MANIFEST, 10),
+        );
     }
     let proxy = TestProxy::start(&hub).await;
     for tag in ["a", "b", "c"] {
-        assert_eq!(proxy.get(&format!("/v2/org/app/manifests/{tag}")).await.status(), 200);
+        assert_eq!(
+            proxy
+                .get(&format!("/v2/org/app/manifests/{tag}"))
+                .await
+                .status(),
+            200
+        );
     }
     assert_eq!(hub.count("token"), 1);
     assert_eq!(hub.count("manifest_get"), 3);
-    assert_eq!(hub.count("GET /v2/org/app/manifests/b"), 1, "with a known realm the token is sent up front, no 401 round trip");
+    assert_eq!(
+        hub.count("GET /v2/org/app/manifests/b"),
+        1,
+        "with a known realm the token is sent up front, no 401 round trip"
+    );
 }
 
 #[tokio::test]
@@ -212,14 +300,23 @@ async fn accept_limited_client_gets_404_and_others_still_get_the_index() {
     assert_eq!(limited.status(), 404);
     let body: serde_json::Value = limited.json().await.unwrap();
     assert_eq!(body["errors"][0]["code"], "MANIFEST_UNKNOWN");
-    assert_eq!(body["errors"][0]["message"], "OCI index found, but accept header does not support OCI indexes");
+    assert_eq!(
+        body["errors"][0]["message"],
+        "OCI index found, but accept header does not support OCI indexes"
+    );
     let full = get_accept(&proxy, "/v2/library/oci/manifests/1", FULL_ACCEPT).await;
     assert_eq!(full.status(), 200);
     assert_eq!(full.bytes().await.unwrap(), oci.bytes);
     let none = proxy.get("/v2/library/oci/manifests/1").await;
     assert_eq!(none.headers()["content-type"], OCI_INDEX);
     // Two accept lines merged, as Docker and containers/image send them.
-    let lines = proxy.request(reqwest::Method::GET, "/v2/library/oci/manifests/1", &[("accept", DOCKER_MANIFEST), ("accept", OCI_INDEX)]).await;
+    let lines = proxy
+        .request(
+            reqwest::Method::GET,
+            "/v2/library/oci/manifests/1",
+            &[("accept", DOCKER_MANIFEST), ("accept", OCI_INDEX)],
+        )
+        .await;
     assert_eq!(lines.status(), 200);
     assert_eq!(hub.count("manifest_get"), 1);
 }
@@ -238,14 +335,21 @@ async fn schema2_only_client_gets_the_amd64_manifest_of_a_list() {
     assert_eq!(r.headers()["content-type"], DOCKER_MANIFEST);
     assert_eq!(r.bytes().await.unwrap(), amd64.bytes);
     let full = get_accept(&proxy, "/v2/library/list/manifests/1", FULL_ACCEPT).await;
-    assert_eq!(full.headers()["docker-content-digest"], list.digest.as_str());
+    assert_eq!(
+        full.headers()["docker-content-digest"],
+        list.digest.as_str()
+    );
     assert_eq!(full.bytes().await.unwrap(), list.bytes);
 }
 
 #[tokio::test]
 async fn unknown_tag_and_repository_are_404() {
     let hub = FakeHub::start().await;
-    hub.push("library/known", "1", &Image::single("known", DOCKER_MANIFEST, 10));
+    hub.push(
+        "library/known",
+        "1",
+        &Image::single("known", DOCKER_MANIFEST, 10),
+    );
     let proxy = TestProxy::start(&hub).await;
     let r = proxy.get("/v2/library/known/manifests/nope").await;
     assert_eq!(r.status(), 404);
@@ -258,14 +362,24 @@ async fn unknown_tag_and_repository_are_404() {
 #[tokio::test]
 async fn a_tag_deleted_upstream_is_forgotten_at_revalidation() {
     let hub = FakeHub::start().await;
-    hub.push("library/gone", "1", &Image::single("gone", DOCKER_MANIFEST, 10));
+    hub.push(
+        "library/gone",
+        "1",
+        &Image::single("gone", DOCKER_MANIFEST, 10),
+    );
     let proxy = TestProxy::start_with(&hub, |c| {
         c.tag_ttl = Duration::from_millis(100);
         c.max_stale = Duration::ZERO;
     })
     .await;
-    assert_eq!(proxy.get("/v2/library/gone/manifests/1").await.status(), 200);
+    assert_eq!(
+        proxy.get("/v2/library/gone/manifests/1").await.status(),
+        200
+    );
     hub.delete_tag("library/gone", "1");
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(proxy.get("/v2/library/gone/manifests/1").await.status(), 404);
+    assert_eq!(
+        proxy.get("/v2/library/gone/manifests/1").await.status(),
+        404
+    );
 }

@@ -38,7 +38,8 @@ impl IntoResponse for Error {
             Error::Upstream(cause) => format!("{self}: {cause}"),
             other => other.to_string(),
         };
-        let body = serde_json::json!({ "errors": [{ "code": code, "message": message, "detail": null }] });
+        let body =
+            serde_json::json!({ "errors": [{ "code": code, "message": message, "detail": null }] });
         let mut response = (status, axum::Json(body)).into_response();
         let headers = response.headers_mut();
         match &self {

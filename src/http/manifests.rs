@@ -10,8 +10,16 @@ use axum::response::Response;
 /// Renders a served manifest for GET (`with_body`) or HEAD.
 pub fn respond(served: Served, request_headers: &HeaderMap, with_body: bool) -> Response {
     let (digest, media_type, size) = match &served.body {
-        ManifestBody::Full(m) => (m.digest.to_string(), m.media_type.to_string(), m.bytes.len() as u64),
-        ManifestBody::Described { digest, media_type, size } => (digest.to_string(), media_type.to_string(), *size),
+        ManifestBody::Full(m) => (
+            m.digest.to_string(),
+            m.media_type.to_string(),
+            m.bytes.len() as u64,
+        ),
+        ManifestBody::Described {
+            digest,
+            media_type,
+            size,
+        } => (digest.to_string(), media_type.to_string(), *size),
     };
     let etag = format!("\"{digest}\"");
     let not_modified = request_headers
@@ -29,11 +37,18 @@ pub fn respond(served: Served, request_headers: &HeaderMap, with_body: bool) -> 
         builder = builder.extension(UpstreamWait(wait));
     }
     if not_modified {
-        return builder.status(StatusCode::NOT_MODIFIED).body(Body::empty()).expect("static response parts");
+        return builder
+            .status(StatusCode::NOT_MODIFIED)
+            .body(Body::empty())
+            .expect("static response parts");
     }
     builder = builder
         .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, HeaderValue::from_str(&media_type).unwrap_or(HeaderValue::from_static("application/octet-stream")))
+        .header(
+            header::CONTENT_TYPE,
+            HeaderValue::from_str(&media_type)
+                .unwrap_or(HeaderValue::from_static("application/octet-stream")),
+        )
         .header(header::CONTENT_LENGTH, size);
     let body = match (&served.body, with_body) {
         (ManifestBody::Full(m), true) => Body::from(m.bytes.clone()),

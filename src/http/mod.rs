@@ -1,10 +1,12 @@
 //! The HTTP boundary: routing, parsing, rendering. Handlers parse the request into registry
 //! types, make one call into the core, and render. No caching decisions here.
 
+mod blobs;
 mod error;
 mod manifests;
 pub mod path;
 
+use crate::blobs::ByteRange;
 use crate::error::Error;
 use crate::proxy::ManifestRequest;
 use crate::registry::Accept;
@@ -39,12 +41,24 @@ async fn api_version(method: Method) -> Response {
     if method != Method::GET && method != Method::HEAD {
         return Error::Unsupported(method.to_string()).into_response();
     }
-    let mut response = (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], "{}").into_response();
-    response.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from_static("2"));
+    let mut response = (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        "{}",
+    )
+        .into_response();
+    response
+        .headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from_static("2"));
     response
 }
 
-async fn dispatch(State(state): State<Arc<AppState>>, method: Method, uri: Uri, headers: HeaderMap) -> Result<Response, Error> {
+async fn dispatch(
+    State(state): State<Arc<AppState>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, Error> {
     if method != Method::GET && method != Method::HEAD {
         return Err(Error::Unsupported(method.to_string()));
     }
@@ -58,12 +72,35 @@ async fn dispatch(State(state): State<Arc<AppState>>, method: Method, uri: Uri, 
     let with_body = method == Method::GET;
     match target {
         RegistryPath::Manifest { name, reference } => {
-            let accept = Accept::parse(headers.get_all(header::ACCEPT).iter().filter_map(|v| v.to_str().ok()));
-            let request = ManifestRequest { name, reference, accept, want_body: with_body };
+            let accept = Accept::parse(
+                headers
+                    .get_all(header::ACCEPT)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok()),
+            );
+            let request = ManifestRequest {
+                name,
+                reference,
+                accept,
+                want_body: with_body,
+            };
             let served = state.proxy.manifest(&request).await?;
             Ok(manifests::respond(served, &headers, with_body))
         }
-        RegistryPath::Blob { .. } | RegistryPath::TagsList { .. } => Err(Error::NotFound(uri.path().to_owned())),
+        RegistryPath::Blob { name, digest } => {
+            if with_body {
+                let range = headers
+                    .get(header::RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(ByteRange::parse);
+                let body = state.proxy.blob(&name, &digest, range).await?;
+                Ok(blobs::respond(&digest, body))
+            } else {
+                let head = state.proxy.blob_head(&name, &digest).await?;
+                Ok(blobs::respond_head(&digest, head))
+            }
+        }
+        RegistryPath::TagsList { .. } => Err(Error::NotFound(uri.path().to_owned())),
     }
 }
 
@@ -73,9 +110,19 @@ async fn access_log(request: Request, next: Next) -> Response {
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let mut response = next.run(request).await;
-    response.headers_mut().insert("docker-distribution-api-version", HeaderValue::from_static("registry/2.0"));
-    let cache = response.headers().get("x-cache").and_then(|v| v.to_str().ok()).unwrap_or("-");
-    let upstream_ms = response.extensions().get::<UpstreamWait>().map(|w| w.0.as_secs_f64() * 1000.0);
+    response.headers_mut().insert(
+        "docker-distribution-api-version",
+        HeaderValue::from_static("registry/2.0"),
+    );
+    let cache = response
+        .headers()
+        .get("x-cache")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-");
+    let upstream_ms = response
+        .extensions()
+        .get::<UpstreamWait>()
+        .map(|w| w.0.as_secs_f64() * 1000.0);
     tracing::info!(
         %method,
         path,

@@ -34,7 +34,9 @@ impl RegistryPath {
     /// The repository the path is about.
     pub fn name(&self) -> &RepoName {
         match self {
-            RegistryPath::Manifest { name, .. } | RegistryPath::Blob { name, .. } | RegistryPath::TagsList { name } => name,
+            RegistryPath::Manifest { name, .. }
+            | RegistryPath::Blob { name, .. }
+            | RegistryPath::TagsList { name } => name,
         }
     }
 
@@ -53,16 +55,20 @@ impl RegistryPath {
             let name = name(n - 2)?;
             let reference = Reference::parse(segments[n - 1]).map_err(|e| match e {
                 crate::registry::ReferenceError::Digest(d) => Error::DigestInvalid(d.to_string()),
-                crate::registry::ReferenceError::Tag(TagError) => Error::TagInvalid(TagError.to_string()),
+                crate::registry::ReferenceError::Tag(TagError) => {
+                    Error::TagInvalid(TagError.to_string())
+                }
             })?;
             return Ok(RegistryPath::Manifest { name, reference });
         }
         if n >= 3 && segments[n - 2] == "blobs" && segments[n - 1] != "uploads" {
             let name = name(n - 2)?;
-            let digest = segments[n - 1].parse().map_err(|e: DigestError| Error::DigestInvalid(e.to_string()))?;
+            let digest = segments[n - 1]
+                .parse()
+                .map_err(|e: DigestError| Error::DigestInvalid(e.to_string()))?;
             return Ok(RegistryPath::Blob { name, digest });
         }
-        if segments.iter().any(|s| *s == "uploads") || tail.ends_with("/blobs/uploads/") {
+        if segments.contains(&"uploads") || tail.ends_with("/blobs/uploads/") {
             return Err(Error::Unsupported("pushing".into()));
         }
         Err(Error::NotFound(format!("/v2/{tail}")))
@@ -76,7 +82,9 @@ mod tests {
     fn parse(tail: &str) -> Result<String, String> {
         RegistryPath::parse(tail, true)
             .map(|p| match p {
-                RegistryPath::Manifest { name, reference } => format!("manifest {name} {reference}"),
+                RegistryPath::Manifest { name, reference } => {
+                    format!("manifest {name} {reference}")
+                }
                 RegistryPath::Blob { name, digest } => format!("blob {name} {digest}"),
                 RegistryPath::TagsList { name } => format!("tags {name}"),
             })
@@ -95,21 +103,57 @@ mod tests {
         let d = format!("sha256:{}", "a".repeat(64));
         let long_tag = "t".repeat(200);
         let cases: Vec<(String, Result<String, String>)> = vec![
-            ("library/alpine/manifests/3.20".into(), Ok("manifest library/alpine 3.20".into())),
-            ("alpine/manifests/latest".into(), Ok("manifest library/alpine latest".into())),
+            (
+                "library/alpine/manifests/3.20".into(),
+                Ok("manifest library/alpine 3.20".into()),
+            ),
+            (
+                "alpine/manifests/latest".into(),
+                Ok("manifest library/alpine latest".into()),
+            ),
             ("a/b/c/manifests/v1".into(), Ok("manifest a/b/c v1".into())),
-            (format!("a/b/manifests/{d}"), Ok(format!("manifest a/b {d}"))),
-            (format!("library/alpine/blobs/{d}"), Ok(format!("blob library/alpine {d}"))),
-            ("library/alpine/tags/list".into(), Ok("tags library/alpine".into())),
-            ("manifests/x/manifests/y".into(), Ok("manifest manifests/x y".into())),
+            (
+                format!("a/b/manifests/{d}"),
+                Ok(format!("manifest a/b {d}")),
+            ),
+            (
+                format!("library/alpine/blobs/{d}"),
+                Ok(format!("blob library/alpine {d}")),
+            ),
+            (
+                "library/alpine/tags/list".into(),
+                Ok("tags library/alpine".into()),
+            ),
+            (
+                "manifests/x/manifests/y".into(),
+                Ok("manifest manifests/x y".into()),
+            ),
             ("../etc/manifests/latest".into(), Err("NAME_INVALID".into())),
-            ("Library/alpine/manifests/latest".into(), Err("NAME_INVALID".into())),
-            ("library%2falpine/manifests/latest".into(), Err("NAME_INVALID".into())),
+            (
+                "Library/alpine/manifests/latest".into(),
+                Err("NAME_INVALID".into()),
+            ),
+            (
+                "library%2falpine/manifests/latest".into(),
+                Err("NAME_INVALID".into()),
+            ),
             ("/manifests/latest".into(), Err("NAME_INVALID".into())),
-            (format!("library/alpine/manifests/{long_tag}"), Err("TAG_INVALID".into())),
-            ("library/alpine/manifests/sha256:xyz".into(), Err("DIGEST_INVALID".into())),
-            ("library/alpine/blobs/latest".into(), Err("DIGEST_INVALID".into())),
-            ("library/alpine/blobs/uploads/".into(), Err("UNSUPPORTED".into())),
+            (
+                format!("library/alpine/manifests/{long_tag}"),
+                Err("TAG_INVALID".into()),
+            ),
+            (
+                "library/alpine/manifests/sha256:xyz".into(),
+                Err("DIGEST_INVALID".into()),
+            ),
+            (
+                "library/alpine/blobs/latest".into(),
+                Err("DIGEST_INVALID".into()),
+            ),
+            (
+                "library/alpine/blobs/uploads/".into(),
+                Err("UNSUPPORTED".into()),
+            ),
             ("library/alpine".into(), Err("NOT_FOUND".into())),
             ("_catalog".into(), Err("NOT_FOUND".into())),
         ];

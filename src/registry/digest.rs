@@ -83,11 +83,15 @@ impl FromStr for Digest {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (alg, hex) = s.split_once(':').ok_or(DigestError::Malformed)?;
         let alg_ok = !alg.is_empty()
-            && alg
-                .split(['+', '.', '_', '-'])
-                .all(|c| !c.is_empty() && c.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()));
+            && alg.split(['+', '.', '_', '-']).all(|c| {
+                !c.is_empty()
+                    && c.bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+            });
         let hex_ok = !hex.is_empty()
-            && hex.bytes().all(|b| b.is_ascii_alphanumeric() || b"=_-".contains(&b));
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"=_-".contains(&b));
         if !alg_ok || !hex_ok {
             return Err(DigestError::Malformed);
         }
@@ -96,11 +100,19 @@ impl FromStr for Digest {
             "sha512" => Algorithm::Sha512,
             other => return Err(DigestError::UnsupportedAlgorithm(other.to_owned())),
         };
-        let lower_hex = hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        let lower_hex = hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
         if hex.len() != algorithm.hex_len() || !lower_hex {
-            return Err(DigestError::BadEncoding(algorithm.as_str(), algorithm.hex_len()));
+            return Err(DigestError::BadEncoding(
+                algorithm.as_str(),
+                algorithm.hex_len(),
+            ));
         }
-        Ok(Digest { algorithm, hex: hex.to_owned() })
+        Ok(Digest {
+            algorithm,
+            hex: hex.to_owned(),
+        })
     }
 }
 
@@ -164,15 +176,27 @@ mod tests {
             (&format!("sha256:{HEX}"), Ok(())),
             (&format!("sha512:{}", "a".repeat(128)), Ok(())),
             ("sha256:xyz", Err(DigestError::BadEncoding("sha256", 64))),
-            (&format!("sha256:{}", HEX.to_uppercase()), Err(DigestError::BadEncoding("sha256", 64))),
-            (&format!("sha256:{}", &HEX[..63]), Err(DigestError::BadEncoding("sha256", 64))),
+            (
+                &format!("sha256:{}", HEX.to_uppercase()),
+                Err(DigestError::BadEncoding("sha256", 64)),
+            ),
+            (
+                &format!("sha256:{}", &HEX[..63]),
+                Err(DigestError::BadEncoding("sha256", 64)),
+            ),
             ("sha256", Err(DigestError::Malformed)),
             (":abc", Err(DigestError::Malformed)),
             ("sha256:", Err(DigestError::Malformed)),
             ("SHA256:abc", Err(DigestError::Malformed)),
             ("sha256:a/b", Err(DigestError::Malformed)),
-            ("md5:abcdef", Err(DigestError::UnsupportedAlgorithm("md5".into()))),
-            ("sha256+b64u:LCa0a2j_xo_5m0U8HTBBNBNCLXBkg7-g-YpeiGJm564", Err(DigestError::UnsupportedAlgorithm("sha256+b64u".into()))),
+            (
+                "md5:abcdef",
+                Err(DigestError::UnsupportedAlgorithm("md5".into())),
+            ),
+            (
+                "sha256+b64u:LCa0a2j_xo_5m0U8HTBBNBNCLXBkg7-g-YpeiGJm564",
+                Err(DigestError::UnsupportedAlgorithm("sha256+b64u".into())),
+            ),
         ];
         for (input, want) in cases {
             assert_eq!(input.parse::<Digest>().map(|_| ()), *want, "{input}");

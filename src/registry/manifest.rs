@@ -19,9 +19,11 @@ pub struct MediaType(Arc<str>);
 
 impl MediaType {
     /// Docker manifest list.
-    pub const DOCKER_LIST: &'static str = "application/vnd.docker.distribution.manifest.list.v2+json";
+    pub const DOCKER_LIST: &'static str =
+        "application/vnd.docker.distribution.manifest.list.v2+json";
     /// Docker image manifest, schema 2.
-    pub const DOCKER_MANIFEST: &'static str = "application/vnd.docker.distribution.manifest.v2+json";
+    pub const DOCKER_MANIFEST: &'static str =
+        "application/vnd.docker.distribution.manifest.v2+json";
     /// OCI image index.
     pub const OCI_INDEX: &'static str = "application/vnd.oci.image.index.v1+json";
     /// OCI image manifest.
@@ -126,14 +128,20 @@ impl Accept {
             return Negotiation::Serve;
         }
         if stored.is(MediaType::OCI_MANIFEST) {
-            Negotiation::Unacceptable("OCI manifest found, but accept header does not support OCI manifests")
+            Negotiation::Unacceptable(
+                "OCI manifest found, but accept header does not support OCI manifests",
+            )
         } else if stored.is(MediaType::OCI_INDEX) {
-            Negotiation::Unacceptable("OCI index found, but accept header does not support OCI indexes")
+            Negotiation::Unacceptable(
+                "OCI index found, but accept header does not support OCI indexes",
+            )
         } else if stored.is(MediaType::DOCKER_LIST) && by_tag {
             if self.accepts(MediaType::DOCKER_MANIFEST) {
                 Negotiation::PlatformChild
             } else {
-                Negotiation::Unacceptable("manifest list found, but accept header supports neither lists nor schema 2 manifests")
+                Negotiation::Unacceptable(
+                    "manifest list found, but accept header supports neither lists nor schema 2 manifests",
+                )
             }
         } else {
             Negotiation::Serve
@@ -160,7 +168,11 @@ pub fn platform_child(list: &[u8]) -> Option<Digest> {
     let list: List = serde_json::from_slice(list).ok()?;
     list.manifests
         .into_iter()
-        .find(|e| e.platform.as_ref().is_some_and(|p| p.os == "linux" && p.architecture == "amd64"))
+        .find(|e| {
+            e.platform
+                .as_ref()
+                .is_some_and(|p| p.os == "linux" && p.architecture == "amd64")
+        })
         .and_then(|e| e.digest.parse().ok())
 }
 
@@ -193,21 +205,64 @@ mod tests {
         let full = Accept::parse([UPSTREAM_ACCEPT]);
         let cases = [
             (&full, MediaType::OCI_INDEX, true, Negotiation::Serve),
-            (&schema2_only, MediaType::OCI_INDEX, true, Negotiation::Unacceptable("OCI index found, but accept header does not support OCI indexes")),
-            (&schema2_only, MediaType::OCI_MANIFEST, false, Negotiation::Unacceptable("OCI manifest found, but accept header does not support OCI manifests")),
-            (&schema2_only, MediaType::DOCKER_LIST, true, Negotiation::PlatformChild),
-            (&schema2_only, MediaType::DOCKER_LIST, false, Negotiation::Serve),
-            (&Accept::parse(["application/json"]), MediaType::DOCKER_MANIFEST, true, Negotiation::Serve),
-            (&Accept::parse(["application/json"]), MediaType::DOCKER_LIST, true, Negotiation::Unacceptable("manifest list found, but accept header supports neither lists nor schema 2 manifests")),
+            (
+                &schema2_only,
+                MediaType::OCI_INDEX,
+                true,
+                Negotiation::Unacceptable(
+                    "OCI index found, but accept header does not support OCI indexes",
+                ),
+            ),
+            (
+                &schema2_only,
+                MediaType::OCI_MANIFEST,
+                false,
+                Negotiation::Unacceptable(
+                    "OCI manifest found, but accept header does not support OCI manifests",
+                ),
+            ),
+            (
+                &schema2_only,
+                MediaType::DOCKER_LIST,
+                true,
+                Negotiation::PlatformChild,
+            ),
+            (
+                &schema2_only,
+                MediaType::DOCKER_LIST,
+                false,
+                Negotiation::Serve,
+            ),
+            (
+                &Accept::parse(["application/json"]),
+                MediaType::DOCKER_MANIFEST,
+                true,
+                Negotiation::Serve,
+            ),
+            (
+                &Accept::parse(["application/json"]),
+                MediaType::DOCKER_LIST,
+                true,
+                Negotiation::Unacceptable(
+                    "manifest list found, but accept header supports neither lists nor schema 2 manifests",
+                ),
+            ),
         ];
         for (accept, stored, by_tag, want) in cases {
-            assert_eq!(accept.negotiate(&mt(stored), by_tag), want, "{accept:?} {stored}");
+            assert_eq!(
+                accept.negotiate(&mt(stored), by_tag),
+                want,
+                "{accept:?} {stored}"
+            );
         }
     }
 
     #[test]
     fn strips_content_type_parameters() {
-        assert_eq!(mt("Application/JSON; charset=utf-8").as_str(), "application/json");
+        assert_eq!(
+            mt("Application/JSON; charset=utf-8").as_str(),
+            "application/json"
+        );
     }
 
     #[test]
@@ -217,7 +272,10 @@ mod tests {
         let list = format!(
             r#"{{"manifests":[{{"digest":"{d1}","platform":{{"architecture":"arm64","os":"linux"}}}},{{"digest":"{d2}","platform":{{"architecture":"amd64","os":"linux"}}}}]}}"#
         );
-        assert_eq!(platform_child(list.as_bytes()).map(|d| d.to_string()), Some(d2));
+        assert_eq!(
+            platform_child(list.as_bytes()).map(|d| d.to_string()),
+            Some(d2)
+        );
         assert_eq!(platform_child(b"{}"), None);
     }
 }

@@ -129,7 +129,11 @@ mod tests {
         ];
         for (input, hub, want) in cases {
             let got = RepoName::parse(input, *hub);
-            assert_eq!(got.as_ref().map(RepoName::as_str), want.as_ref().map(|s| *s), "{input}");
+            assert_eq!(
+                got.as_ref().map(RepoName::as_str),
+                want.as_ref().map(|s| *s),
+                "{input}"
+            );
         }
     }
 }

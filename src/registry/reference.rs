@@ -17,8 +17,12 @@ impl Tag {
     /// Parses a tag.
     pub fn parse(s: &str) -> Result<Tag, TagError> {
         let bytes = s.as_bytes();
-        let first_ok = bytes.first().is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'_');
-        let rest_ok = bytes.iter().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(b));
+        let first_ok = bytes
+            .first()
+            .is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'_');
+        let rest_ok = bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(b));
         if first_ok && rest_ok && bytes.len() <= 128 {
             Ok(Tag(s.into()))
         } else {
@@ -118,7 +122,9 @@ mod tests {
             ("a b", None),
         ];
         for (input, want) in cases {
-            let got = Reference::parse(input).ok().map(|r| matches!(r, Reference::Digest(_)));
+            let got = Reference::parse(input)
+                .ok()
+                .map(|r| matches!(r, Reference::Digest(_)));
             assert_eq!(got, *want, "{input}");
         }
     }

@@ -32,11 +32,17 @@ impl Challenge {
 /// (`Bearer realm="a",service="b", Basic realm="c"`).
 pub fn parse_challenges(value: &str) -> Vec<Challenge> {
     let mut out: Vec<Challenge> = Vec::new();
-    let mut p = Parser { s: value.as_bytes(), i: 0 };
+    let mut p = Parser {
+        s: value.as_bytes(),
+        i: 0,
+    };
     loop {
         p.skip(b" \t,");
         let Some(scheme) = p.token() else { break };
-        let mut challenge = Challenge { scheme: scheme.to_ascii_lowercase(), params: BTreeMap::new() };
+        let mut challenge = Challenge {
+            scheme: scheme.to_ascii_lowercase(),
+            params: BTreeMap::new(),
+        };
         loop {
             p.skip(b" \t,");
             let save = p.i;
@@ -48,7 +54,11 @@ pub fn parse_challenges(value: &str) -> Vec<Challenge> {
                 break;
             }
             p.skip(b" \t");
-            let value = if p.peek() == Some(b'"') { p.quoted() } else { p.token().unwrap_or_default() };
+            let value = if p.peek() == Some(b'"') {
+                p.quoted()
+            } else {
+                p.token().unwrap_or_default()
+            };
             challenge.params.insert(key.to_ascii_lowercase(), value);
         }
         out.push(challenge);
@@ -80,7 +90,10 @@ impl Parser<'_> {
     /// An RFC 7230 token (token68 characters `/` and `=` allowed at its end are not needed here).
     fn token(&mut self) -> Option<String> {
         let start = self.i;
-        while self.peek().is_some_and(|b| b > b' ' && b < 0x7f && !b" \t\"(),/:;<=>?@[]\\{}".contains(&b)) {
+        while self
+            .peek()
+            .is_some_and(|b| b > b' ' && b < 0x7f && !b" \t\"(),/:;<=>?@[]\\{}".contains(&b))
+        {
             self.i += 1;
         }
         (self.i > start).then(|| String::from_utf8_lossy(&self.s[start..self.i]).into_owned())
@@ -116,7 +129,10 @@ pub struct Credentials {
 
 impl fmt::Debug for Credentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Credentials").field("username", &self.username).field("password", &self.password).finish()
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("password", &self.password)
+            .finish()
     }
 }
 
@@ -131,7 +147,10 @@ pub struct Token {
 
 impl fmt::Debug for Token {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Token").field("secret", &"<redacted>").field("expires_at", &self.expires_at).finish()
+        f.debug_struct("Token")
+            .field("secret", &"<redacted>")
+            .field("expires_at", &self.expires_at)
+            .finish()
     }
 }
 
@@ -163,12 +182,18 @@ impl TokenResponse {
     /// The token and when to stop using it, counted from local receipt time (issued_at is
     /// ignored: a skewed clock must not make tokens look expired or eternal).
     pub(crate) fn into_token(self, received: Instant) -> Option<Token> {
-        let secret = self.token.filter(|t| !t.is_empty()).or(self.access_token.filter(|t| !t.is_empty()))?;
+        let secret = self
+            .token
+            .filter(|t| !t.is_empty())
+            .or(self.access_token.filter(|t| !t.is_empty()))?;
         let lifetime = Duration::from_secs(self.expires_in.unwrap_or(0)).max(MIN_TOKEN_LIFETIME);
         // Renew early: a tenth of the lifetime, at most 30 s, so in-flight requests never carry
         // a token that expires on the way.
         let margin = (lifetime / 10).min(Duration::from_secs(30));
-        Some(Token { secret: secret.into(), expires_at: received + lifetime - margin })
+        Some(Token {
+            secret: secret.into(),
+            expires_at: received + lifetime - margin,
+        })
     }
 }
 
@@ -180,7 +205,9 @@ pub struct TokenCache {
 
 impl fmt::Debug for TokenCache {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TokenCache").field("entries", &self.tokens.entry_count()).finish()
+        f.debug_struct("TokenCache")
+            .field("entries", &self.tokens.entry_count())
+            .finish()
     }
 }
 
@@ -194,7 +221,12 @@ impl moka::Expiry<TokenKey, Token> for ExpireTokens {
 
 impl Default for TokenCache {
     fn default() -> Self {
-        TokenCache { tokens: Cache::builder().max_capacity(10_000).expire_after(ExpireTokens).build() }
+        TokenCache {
+            tokens: Cache::builder()
+                .max_capacity(10_000)
+                .expire_after(ExpireTokens)
+                .build(),
+        }
     }
 }
 
@@ -219,7 +251,9 @@ impl TokenCache {
 /// plain http), and only to the upstream's own host or its registrable domain. distribution
 /// adopted this rule in 2026 after its proxy sent credentials to any realm (`proxyauth.go`).
 pub fn realm_trusted(upstream: &Url, realm: &Url) -> bool {
-    let (Some(up), Some(rh)) = (upstream.host_str(), realm.host_str()) else { return false };
+    let (Some(up), Some(rh)) = (upstream.host_str(), realm.host_str()) else {
+        return false;
+    };
     let scheme_ok = realm.scheme() == "https" || upstream.scheme() == "http";
     if !scheme_ok {
         return false;
@@ -243,35 +277,76 @@ mod tests {
     use super::*;
 
     fn params(c: &Challenge) -> Vec<(&str, &str)> {
-        c.params.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+        c.params
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect()
     }
 
     #[test]
     fn parses_docker_hub_challenge() {
-        let c = parse_challenges(r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/redis:pull""#);
+        let c = parse_challenges(
+            r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/redis:pull""#,
+        );
         assert_eq!(c.len(), 1);
         assert_eq!(c[0].scheme, "bearer");
         assert_eq!(
             params(&c[0]),
-            vec![("realm", "https://auth.docker.io/token"), ("scope", "repository:library/redis:pull"), ("service", "registry.docker.io")]
+            vec![
+                ("realm", "https://auth.docker.io/token"),
+                ("scope", "repository:library/redis:pull"),
+                ("service", "registry.docker.io")
+            ]
         );
     }
 
     #[test]
     fn parses_edge_cases() {
-        let cases: &[(&str, Vec<(&str, Vec<(&str, &str)>)>)] = &[
-            (r#"Basic realm="Registry Realm""#, vec![("basic", vec![("realm", "Registry Realm")])]),
-            (r#"BEARER Realm="x", Service = "y" ,error="insufficient_scope""#, vec![("bearer", vec![("error", "insufficient_scope"), ("realm", "x"), ("service", "y")])]),
-            (r#"Bearer realm=plain,scope="a:b:pull b:c:pull""#, vec![("bearer", vec![("realm", "plain"), ("scope", "a:b:pull b:c:pull")])]),
-            (r#"Bearer slashed="he\"\l\lo""#, vec![("bearer", vec![("slashed", "he\"llo")])]),
-            (r#"Bearer realm="a", Basic realm="b""#, vec![("bearer", vec![("realm", "a")]), ("basic", vec![("realm", "b")])]),
+        type Parsed<'a> = Vec<(&'a str, Vec<(&'a str, &'a str)>)>;
+        let cases: &[(&str, Parsed)] = &[
+            (
+                r#"Basic realm="Registry Realm""#,
+                vec![("basic", vec![("realm", "Registry Realm")])],
+            ),
+            (
+                r#"BEARER Realm="x", Service = "y" ,error="insufficient_scope""#,
+                vec![(
+                    "bearer",
+                    vec![
+                        ("error", "insufficient_scope"),
+                        ("realm", "x"),
+                        ("service", "y"),
+                    ],
+                )],
+            ),
+            (
+                r#"Bearer realm=plain,scope="a:b:pull b:c:pull""#,
+                vec![(
+                    "bearer",
+                    vec![("realm", "plain"), ("scope", "a:b:pull b:c:pull")],
+                )],
+            ),
+            (
+                r#"Bearer slashed="he\"\l\lo""#,
+                vec![("bearer", vec![("slashed", "he\"llo")])],
+            ),
+            (
+                r#"Bearer realm="a", Basic realm="b""#,
+                vec![
+                    ("bearer", vec![("realm", "a")]),
+                    ("basic", vec![("realm", "b")]),
+                ],
+            ),
             ("Basic", vec![("basic", vec![])]),
             ("", vec![]),
-            (r#"Bearer realm="unterminated"#, vec![("bearer", vec![("realm", "unterminated")])]),
+            (
+                r#"Bearer realm="unterminated"#,
+                vec![("bearer", vec![("realm", "unterminated")])],
+            ),
         ];
         for (input, want) in cases {
             let got = parse_challenges(input);
-            let got: Vec<(&str, Vec<(&str, &str)>)> = got.iter().map(|c| (c.scheme.as_str(), params(c))).collect();
+            let got: Parsed = got.iter().map(|c| (c.scheme.as_str(), params(c))).collect();
             assert_eq!(&got, want, "{input}");
         }
     }
@@ -288,21 +363,52 @@ mod tests {
             (&hub, "https://docker.io.evil.example/token", false),
             (&local, "http://127.0.0.1:6000/token", true),
             (&local, "http://127.0.0.2/token", false),
-            (&Url::parse("https://foo.github.io").unwrap(), "https://bar.github.io/t", false),
+            (
+                &Url::parse("https://foo.github.io").unwrap(),
+                "https://bar.github.io/t",
+                false,
+            ),
         ];
         for (up, realm, want) in cases {
-            assert_eq!(realm_trusted(up, &Url::parse(realm).unwrap()), want, "{up} {realm}");
+            assert_eq!(
+                realm_trusted(up, &Url::parse(realm).unwrap()),
+                want,
+                "{up} {realm}"
+            );
         }
     }
 
     #[test]
     fn token_lifetime_has_a_floor_and_a_margin() {
         let now = Instant::now();
-        let t = TokenResponse { token: None, access_token: Some("a".into()), expires_in: Some(2) }.into_token(now).unwrap();
+        let t = TokenResponse {
+            token: None,
+            access_token: Some("a".into()),
+            expires_in: Some(2),
+        }
+        .into_token(now)
+        .unwrap();
         assert_eq!(t.expires_at - now, Duration::from_secs(54));
-        let t = TokenResponse { token: Some("t".into()), access_token: None, expires_in: Some(300) }.into_token(now).unwrap();
+        let t = TokenResponse {
+            token: Some("t".into()),
+            access_token: None,
+            expires_in: Some(300),
+        }
+        .into_token(now)
+        .unwrap();
         assert_eq!(t.expires_at - now, Duration::from_secs(270));
-        assert!(TokenResponse { token: Some(String::new()), access_token: None, expires_in: None }.into_token(now).is_none());
-        assert!(!format!("{t:?}").contains('t'.to_string().as_str()) || !format!("{t:?}").contains("\"t\""));
+        assert!(
+            TokenResponse {
+                token: Some(String::new()),
+                access_token: None,
+                expires_in: None
+            }
+            .into_token(now)
+            .is_none()
+        );
+        assert!(
+            !format!("{t:?}").contains('t'.to_string().as_str())
+                || !format!("{t:?}").contains("\"t\"")
+        );
     }
 }

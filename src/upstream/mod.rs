@@ -115,7 +115,12 @@ struct Ping {
 }
 
 /// Host names of Docker Hub's registry API.
-const DOCKER_HUB_HOSTS: &[&str] = &["registry-1.docker.io", "index.docker.io", "registry.hub.docker.com", "docker.io"];
+const DOCKER_HUB_HOSTS: &[&str] = &[
+    "registry-1.docker.io",
+    "index.docker.io",
+    "registry.hub.docker.com",
+    "docker.io",
+];
 
 /// A client for one upstream registry and one credential.
 #[derive(Debug)]
@@ -147,7 +152,10 @@ impl Upstream {
     pub fn new(config: &Config) -> anyhow::Result<Upstream> {
         let password = config.password()?;
         let credentials = match (&config.upstream_username, password) {
-            (Some(username), Some(password)) => Some(Credentials { username: username.clone(), password }),
+            (Some(username), Some(password)) => Some(Credentials {
+                username: username.clone(),
+                password,
+            }),
             _ => None,
         };
         let http = reqwest::Client::builder()
@@ -182,7 +190,11 @@ impl Upstream {
     /// Whether the upstream is Docker Hub: by host name, or by the token service its challenge
     /// names (`registry.docker.io`), which also covers emulators and Hub-compatible mirrors.
     pub async fn is_docker_hub(&self) -> bool {
-        if self.base.host_str().is_some_and(|h| DOCKER_HUB_HOSTS.contains(&h)) {
+        if self
+            .base
+            .host_str()
+            .is_some_and(|h| DOCKER_HUB_HOSTS.contains(&h))
+        {
             return true;
         }
         self.pinged().await.is_some_and(|p| p.docker_hub)
@@ -191,12 +203,25 @@ impl Upstream {
     /// Pings `/v2/` once (like distribution's proxy) to learn the auth scheme and realm, so
     /// every later request carries its credentials up front instead of collecting a 401.
     async fn pinged(&self) -> Option<Ping> {
-        self.ping.get_or_try_init(|| self.send_ping()).await.ok().copied()
+        self.ping
+            .get_or_try_init(|| self.send_ping())
+            .await
+            .ok()
+            .copied()
     }
 
     async fn send_ping(&self) -> Result<Ping, Error> {
-        let url = self.base.join("/v2/").map_err(|e| Error::BadResponse(e.to_string()))?;
-        let response = self.http.get(url).timeout(self.request_timeout).send().await.map_err(|e| Error::from_reqwest(&e))?;
+        let url = self
+            .base
+            .join("/v2/")
+            .map_err(|e| Error::BadResponse(e.to_string()))?;
+        let response = self
+            .http
+            .get(url)
+            .timeout(self.request_timeout)
+            .send()
+            .await
+            .map_err(|e| Error::from_reqwest(&e))?;
         self.limits.observe(response.headers());
         let challenges: Vec<_> = response
             .headers()
@@ -211,7 +236,8 @@ impl Upstream {
         {
             let service = bearer.param("service").unwrap_or_default();
             docker_hub = service == "registry.docker.io";
-            *self.bearer.write().expect("bearer lock poisoned") = Some((realm.to_owned(), service.to_owned()));
+            *self.bearer.write().expect("bearer lock poisoned") =
+                Some((realm.to_owned(), service.to_owned()));
         } else if challenges.iter().any(|c| c.scheme == "basic") {
             self.basic.store(true, Ordering::Relaxed);
         }
@@ -219,12 +245,20 @@ impl Upstream {
     }
 
     /// GETs a manifest with the full Accept list and verifies its digest.
-    pub async fn get_manifest(&self, name: &RepoName, reference: &Reference) -> Result<Manifest, Error> {
+    pub async fn get_manifest(
+        &self,
+        name: &RepoName,
+        reference: &Reference,
+    ) -> Result<Manifest, Error> {
         let path = format!("/v2/{name}/manifests/{reference}");
-        let response = self.send(Method::GET, name, &path, None, Kind::ManifestGet).await?;
+        let response = self
+            .send(Method::GET, name, &path, None, Kind::ManifestGet)
+            .await?;
         let head = Head::from_headers(response.headers());
         let bytes = read_limited(response, MAX_MANIFEST_BYTES).await?;
-        let media_type = head.media_type.ok_or_else(|| Error::BadResponse("manifest without Content-Type".into()))?;
+        let media_type = head
+            .media_type
+            .ok_or_else(|| Error::BadResponse("manifest without Content-Type".into()))?;
         let algorithm = match (reference, &head.digest) {
             (Reference::Digest(d), _) | (_, Some(d)) => d.algorithm(),
             _ => crate::registry::Algorithm::Sha256,
@@ -233,51 +267,103 @@ impl Upstream {
         if let Reference::Digest(want) = reference
             && *want != digest
         {
-            return Err(Error::BadResponse(format!("manifest digest {digest} does not match the requested {want}")));
+            return Err(Error::BadResponse(format!(
+                "manifest digest {digest} does not match the requested {want}"
+            )));
         }
         if let Some(claimed) = &head.digest
             && *claimed != digest
         {
-            return Err(Error::BadResponse(format!("Docker-Content-Digest {claimed} does not match the manifest's {digest}")));
+            return Err(Error::BadResponse(format!(
+                "Docker-Content-Digest {claimed} does not match the manifest's {digest}"
+            )));
         }
-        Ok(Manifest { bytes, media_type, digest })
+        Ok(Manifest {
+            bytes,
+            media_type,
+            digest,
+        })
     }
 
     /// HEADs a manifest; never a GET, so it costs no Docker Hub pull.
-    pub async fn head_manifest(&self, name: &RepoName, reference: &Reference) -> Result<Head, Error> {
+    pub async fn head_manifest(
+        &self,
+        name: &RepoName,
+        reference: &Reference,
+    ) -> Result<Head, Error> {
         let path = format!("/v2/{name}/manifests/{reference}");
-        let response = self.send(Method::HEAD, name, &path, None, Kind::ManifestHead).await?;
+        let response = self
+            .send(Method::HEAD, name, &path, None, Kind::ManifestHead)
+            .await?;
         Ok(Head::from_headers(response.headers()))
     }
 
     /// GETs a blob, following redirects (reqwest drops `Authorization` when the host changes,
     /// as the CDN requires). The caller streams and verifies the body.
-    pub async fn get_blob(&self, name: &RepoName, digest: &Digest, range: Option<&str>) -> Result<reqwest::Response, Error> {
+    pub async fn get_blob(
+        &self,
+        name: &RepoName,
+        digest: &Digest,
+        range: Option<&str>,
+    ) -> Result<reqwest::Response, Error> {
         let path = format!("/v2/{name}/blobs/{digest}");
-        self.send(Method::GET, name, &path, range, Kind::BlobGet).await
+        self.send(Method::GET, name, &path, range, Kind::BlobGet)
+            .await
     }
 
     /// HEADs a blob.
     pub async fn head_blob(&self, name: &RepoName, digest: &Digest) -> Result<Head, Error> {
         let path = format!("/v2/{name}/blobs/{digest}");
-        let response = self.send(Method::HEAD, name, &path, None, Kind::BlobHead).await?;
+        let response = self
+            .send(Method::HEAD, name, &path, None, Kind::BlobHead)
+            .await?;
         Ok(Head::from_headers(response.headers()))
     }
 
     /// GETs a tags list page; returns the body and upstream's `Link` header.
-    pub async fn tags_list(&self, name: &RepoName, query: &str) -> Result<(Bytes, Option<String>), Error> {
-        let path = if query.is_empty() { format!("/v2/{name}/tags/list") } else { format!("/v2/{name}/tags/list?{query}") };
-        let response = self.send(Method::GET, name, &path, None, Kind::Tags).await?;
-        let link = response.headers().get(header::LINK).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    pub async fn tags_list(
+        &self,
+        name: &RepoName,
+        query: &str,
+    ) -> Result<(Bytes, Option<String>), Error> {
+        let path = if query.is_empty() {
+            format!("/v2/{name}/tags/list")
+        } else {
+            format!("/v2/{name}/tags/list?{query}")
+        };
+        let response = self
+            .send(Method::GET, name, &path, None, Kind::Tags)
+            .await?;
+        let link = response
+            .headers()
+            .get(header::LINK)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         Ok((read_limited(response, MAX_SMALL_BODY).await?, link))
     }
 
-    async fn send(&self, method: Method, name: &RepoName, path: &str, range: Option<&str>, kind: Kind) -> Result<reqwest::Response, Error> {
+    async fn send(
+        &self,
+        method: Method,
+        name: &RepoName,
+        path: &str,
+        range: Option<&str>,
+        kind: Kind,
+    ) -> Result<reqwest::Response, Error> {
         if let Some(left) = self.limits.paused_for(matches!(kind, Kind::ManifestGet)) {
-            return Err(Error::TooManyRequests { retry_after: Some(left) });
+            return Err(Error::TooManyRequests {
+                retry_after: Some(left),
+            });
         }
-        let _permit = self.permits.acquire().await.map_err(|_| Error::Unreachable("client shutting down".into()))?;
-        let url = self.base.join(path).map_err(|e| Error::BadResponse(e.to_string()))?;
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| Error::Unreachable("client shutting down".into()))?;
+        let url = self
+            .base
+            .join(path)
+            .map_err(|e| Error::BadResponse(e.to_string()))?;
         let default_scope = format!("repository:{name}:pull");
         let mut auth = self.preemptive_auth(&default_scope).await?;
         for attempt in 0..2 {
@@ -309,7 +395,13 @@ impl Upstream {
             if response.status() != StatusCode::UNAUTHORIZED || attempt == 1 {
                 return self.check_status(response);
             }
-            auth = self.answer_challenge(response.headers(), &default_scope, auth.and_then(|(_, key)| key)).await?;
+            auth = self
+                .answer_challenge(
+                    response.headers(),
+                    &default_scope,
+                    auth.and_then(|(_, key)| key),
+                )
+                .await?;
             if auth.is_none() {
                 return Err(Error::Denied);
             }
@@ -333,7 +425,11 @@ impl Upstream {
                     .and_then(|v| v.to_str().ok())
                     .is_some_and(|ct| ct.starts_with("text/"));
                 self.limits.pause(retry_after, abuse);
-                tracing::warn!(retry_after_secs = retry_after.map(|d| d.as_secs()), abuse, "upstream rate limit hit; pausing manifest GETs");
+                tracing::warn!(
+                    retry_after_secs = retry_after.map(|d| d.as_secs()),
+                    abuse,
+                    "upstream rate limit hit; pausing manifest GETs"
+                );
                 Error::TooManyRequests { retry_after }
             }
             other => Error::Status(other.as_u16()),
@@ -341,7 +437,10 @@ impl Upstream {
     }
 
     /// Authorization for a first attempt, from what earlier challenges taught us.
-    async fn preemptive_auth(&self, scope: &str) -> Result<Option<(HeaderValue, Option<TokenKey>)>, Error> {
+    async fn preemptive_auth(
+        &self,
+        scope: &str,
+    ) -> Result<Option<(HeaderValue, Option<TokenKey>)>, Error> {
         self.pinged().await;
         if self.basic.load(Ordering::Relaxed) {
             return Ok(self.basic_header().map(|h| (h, None)));
@@ -372,10 +471,13 @@ impl Upstream {
             .collect();
         if let Some(bearer) = challenges.iter().find(|c| c.scheme == "bearer") {
             let Some(realm) = bearer.param("realm") else {
-                return Err(Error::BadResponse("Bearer challenge without a realm".into()));
+                return Err(Error::BadResponse(
+                    "Bearer challenge without a realm".into(),
+                ));
             };
             let service = bearer.param("service").unwrap_or_default();
-            *self.bearer.write().expect("bearer lock poisoned") = Some((realm.to_owned(), service.to_owned()));
+            *self.bearer.write().expect("bearer lock poisoned") =
+                Some((realm.to_owned(), service.to_owned()));
             // Upstream's own scope wins when given; several scopes are space-separated.
             let scope = bearer.param("scope").unwrap_or(default_scope);
             return self.bearer_token(realm, service, scope).await.map(Some);
@@ -391,19 +493,46 @@ impl Upstream {
         use base64::Engine as _;
         let c = self.credentials.as_ref()?;
         let raw = format!("{}:{}", c.username, c.password.0);
-        let mut value = HeaderValue::from_str(&format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw))).ok()?;
+        let mut value = HeaderValue::from_str(&format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(raw)
+        ))
+        .ok()?;
         value.set_sensitive(true);
         Some(value)
     }
 
-    async fn bearer_token(&self, realm: &str, service: &str, scope: &str) -> Result<(HeaderValue, Option<TokenKey>), Error> {
-        let realm_url = Url::parse(realm).map_err(|_| Error::BadResponse(format!("token realm {realm:?} is not a URL")))?;
-        let credentials = self.credentials.as_ref().filter(|_| realm_trusted(&self.base, &realm_url));
-        if self.credentials.is_some() && credentials.is_none() && !self.warned_realm.swap(true, Ordering::Relaxed) {
+    async fn bearer_token(
+        &self,
+        realm: &str,
+        service: &str,
+        scope: &str,
+    ) -> Result<(HeaderValue, Option<TokenKey>), Error> {
+        let realm_url = Url::parse(realm)
+            .map_err(|_| Error::BadResponse(format!("token realm {realm:?} is not a URL")))?;
+        let credentials = self
+            .credentials
+            .as_ref()
+            .filter(|_| realm_trusted(&self.base, &realm_url));
+        if self.credentials.is_some()
+            && credentials.is_none()
+            && !self.warned_realm.swap(true, Ordering::Relaxed)
+        {
             tracing::warn!(realm = %realm_url.host_str().unwrap_or_default(), "token realm is not on the upstream's domain; requesting tokens anonymously");
         }
-        let mut key = TokenKey { realm: realm.to_owned(), service: service.to_owned(), scope: scope.to_owned(), authenticated: credentials.is_some() };
-        let mut fetched = self.tokens.get_or_fetch(key.clone(), self.fetch_token(realm_url.clone(), service, scope, credentials)).await;
+        let mut key = TokenKey {
+            realm: realm.to_owned(),
+            service: service.to_owned(),
+            scope: scope.to_owned(),
+            authenticated: credentials.is_some(),
+        };
+        let mut fetched = self
+            .tokens
+            .get_or_fetch(
+                key.clone(),
+                self.fetch_token(realm_url.clone(), service, scope, credentials),
+            )
+            .await;
         if let Err(e) = &fetched
             && credentials.is_some()
             && **e == Error::Token(REFUSED_CREDENTIALS.into())
@@ -411,19 +540,36 @@ impl Upstream {
             // Wrong credentials must not take public images away: fall back to anonymous.
             tracing::error!(realm = %realm_url.host_str().unwrap_or_default(), "the token realm refused the configured credentials; continuing anonymously");
             key.authenticated = false;
-            fetched = self.tokens.get_or_fetch(key.clone(), self.fetch_token(realm_url, service, scope, None)).await;
+            fetched = self
+                .tokens
+                .get_or_fetch(
+                    key.clone(),
+                    self.fetch_token(realm_url, service, scope, None),
+                )
+                .await;
         }
         let token = fetched.map_err(|e| (*e).clone())?;
-        let mut value = HeaderValue::from_str(&format!("Bearer {}", token.secret)).map_err(|_| Error::Token("token has invalid characters".into()))?;
+        let mut value = HeaderValue::from_str(&format!("Bearer {}", token.secret))
+            .map_err(|_| Error::Token("token has invalid characters".into()))?;
         value.set_sensitive(true);
         Ok((value, Some(key)))
     }
 
     /// OAuth2 password grant first when we have credentials (Docker's own flow), falling back
     /// to the GET form every token server supports (containerd does the same).
-    async fn fetch_token(&self, realm: Url, service: &str, scope: &str, credentials: Option<&Credentials>) -> Result<auth::Token, Error> {
+    async fn fetch_token(
+        &self,
+        realm: Url,
+        service: &str,
+        scope: &str,
+        credentials: Option<&Credentials>,
+    ) -> Result<auth::Token, Error> {
         if let Some(c) = credentials {
-            let post_ok = !self.post_unsupported.lock().expect("lock poisoned").contains(realm.as_str());
+            let post_ok = !self
+                .post_unsupported
+                .lock()
+                .expect("lock poisoned")
+                .contains(realm.as_str());
             if post_ok {
                 let body = {
                     let mut form = url::form_urlencoded::Serializer::new(String::new());
@@ -442,7 +588,10 @@ impl Upstream {
                 let response = self
                     .http
                     .post(realm.clone())
-                    .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded; charset=utf-8")
+                    .header(
+                        header::CONTENT_TYPE,
+                        "application/x-www-form-urlencoded; charset=utf-8",
+                    )
                     .body(body)
                     .timeout(self.request_timeout)
                     .send()
@@ -451,10 +600,18 @@ impl Upstream {
                 match response.status() {
                     s if s.is_success() => return parse_token(response).await,
                     StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED => {
-                        self.post_unsupported.lock().expect("lock poisoned").insert(realm.to_string());
+                        self.post_unsupported
+                            .lock()
+                            .expect("lock poisoned")
+                            .insert(realm.to_string());
                     }
                     StatusCode::BAD_REQUEST | StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {}
-                    other => return Err(Error::Token(format!("token endpoint answered HTTP {}", other.as_u16()))),
+                    other => {
+                        return Err(Error::Token(format!(
+                            "token endpoint answered HTTP {}",
+                            other.as_u16()
+                        )));
+                    }
                 }
             }
         }
@@ -476,28 +633,47 @@ impl Upstream {
             request = request.basic_auth(&c.username, Some(&c.password.0));
         }
         Counters::inc(&self.counters.token_requests);
-        let response = request.send().await.map_err(|e| Error::Token(Error::from_reqwest(&e).to_string()))?;
+        let response = request
+            .send()
+            .await
+            .map_err(|e| Error::Token(Error::from_reqwest(&e).to_string()))?;
         match response.status() {
             s if s.is_success() => parse_token(response).await,
-            StatusCode::UNAUTHORIZED if credentials.is_some() => Err(Error::Token(REFUSED_CREDENTIALS.into())),
-            other => Err(Error::Token(format!("token endpoint answered HTTP {}", other.as_u16()))),
+            StatusCode::UNAUTHORIZED if credentials.is_some() => {
+                Err(Error::Token(REFUSED_CREDENTIALS.into()))
+            }
+            other => Err(Error::Token(format!(
+                "token endpoint answered HTTP {}",
+                other.as_u16()
+            ))),
         }
     }
 }
 
 async fn parse_token(response: reqwest::Response) -> Result<auth::Token, Error> {
     let received = Instant::now();
-    let body = read_limited(response, MAX_SMALL_BODY).await.map_err(|e| Error::Token(e.to_string()))?;
-    let parsed: auth::TokenResponse = serde_json::from_slice(&body).map_err(|_| Error::Token("token response is not JSON".into()))?;
-    parsed.into_token(received).ok_or_else(|| Error::Token("token response has no token".into()))
+    let body = read_limited(response, MAX_SMALL_BODY)
+        .await
+        .map_err(|e| Error::Token(e.to_string()))?;
+    let parsed: auth::TokenResponse = serde_json::from_slice(&body)
+        .map_err(|_| Error::Token("token response is not JSON".into()))?;
+    parsed
+        .into_token(received)
+        .ok_or_else(|| Error::Token("token response has no token".into()))
 }
 
 /// Reads a whole body, refusing more than `limit` bytes.
 async fn read_limited(mut response: reqwest::Response, limit: usize) -> Result<Bytes, Error> {
     let mut buf = BytesMut::new();
-    while let Some(chunk) = response.chunk().await.map_err(|e| Error::from_reqwest(&e))? {
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| Error::from_reqwest(&e))?
+    {
         if buf.len() + chunk.len() > limit {
-            return Err(Error::BadResponse(format!("response larger than {limit} bytes")));
+            return Err(Error::BadResponse(format!(
+                "response larger than {limit} bytes"
+            )));
         }
         buf.extend_from_slice(&chunk);
     }

@@ -26,7 +26,11 @@ pub fn parse_quota(value: &str) -> Option<(u64, Option<u64>)> {
     let first = value.split(',').next()?;
     let mut parts = first.split(';');
     let count = parts.next()?.trim().parse().ok()?;
-    let window = parts.find_map(|p| p.trim().strip_prefix("w=").and_then(|w| w.trim().parse().ok()));
+    let window = parts.find_map(|p| {
+        p.trim()
+            .strip_prefix("w=")
+            .and_then(|w| w.trim().parse().ok())
+    });
     Some((count, window))
 }
 
@@ -74,7 +78,10 @@ impl RateLimits {
         if let Some(source) = source {
             s.last.source = Some(source.to_owned());
         }
-        s.last.observed_at = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).ok().map(|d| d.as_secs());
+        s.last.observed_at = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .ok()
+            .map(|d| d.as_secs());
     }
 
     /// Records a 429: pause for `retry_after` (60 s when upstream gave none).
@@ -109,13 +116,21 @@ impl RateLimits {
 
     /// The last state seen.
     pub fn snapshot(&self) -> RateLimit {
-        self.state.lock().expect("rate-limit lock poisoned").last.clone()
+        self.state
+            .lock()
+            .expect("rate-limit lock poisoned")
+            .last
+            .clone()
     }
 }
 
 /// `Retry-After` in seconds or as an HTTP date.
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    let value = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
     if let Ok(secs) = value.parse::<u64>() {
         return Some(Duration::from_secs(secs));
     }
@@ -129,7 +144,9 @@ fn httpdate(value: &str) -> Option<SystemTime> {
         let rest = value.split_once(", ")?.1;
         let mut it = rest.split(' ');
         let (day, mon, year, time) = (it.next()?, it.next()?, it.next()?, it.next()?);
-        let months = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+        let months = [
+            "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+        ];
         let m = months.iter().position(|x| *x == mon)? + 1;
         humantime::parse_rfc3339_weak(&format!("{year}-{m:02}-{day:0>2} {time}")).ok()
     })
@@ -145,14 +162,20 @@ mod tests {
         assert_eq!(parse_quota("100;w=21600"), Some((100, Some(21600))));
         assert_eq!(parse_quota(" 76 ; w=21600"), Some((76, Some(21600))));
         assert_eq!(parse_quota("5"), Some((5, None)));
-        assert_eq!(parse_quota("100;w=21600, 2500;w=86400"), Some((100, Some(21600))));
+        assert_eq!(
+            parse_quota("100;w=21600, 2500;w=86400"),
+            Some((100, Some(21600)))
+        );
         assert_eq!(parse_quota("lots"), None);
     }
 
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.insert(HeaderName::from_static(k), HeaderValue::from_str(v).unwrap());
+            h.insert(
+                HeaderName::from_static(k),
+                HeaderValue::from_str(v).unwrap(),
+            );
         }
         h
     }
@@ -160,9 +183,16 @@ mod tests {
     #[test]
     fn tracks_budget_and_pause() {
         let r = RateLimits::default();
-        r.observe(&headers(&[("ratelimit-limit", "100;w=21600"), ("ratelimit-remaining", "5;w=21600"), ("docker-ratelimit-source", "192.0.2.1")]));
+        r.observe(&headers(&[
+            ("ratelimit-limit", "100;w=21600"),
+            ("ratelimit-remaining", "5;w=21600"),
+            ("docker-ratelimit-source", "192.0.2.1"),
+        ]));
         let s = r.snapshot();
-        assert_eq!((s.limit, s.remaining, s.window_secs, s.source.as_deref()), (Some(100), Some(5), Some(21600), Some("192.0.2.1")));
+        assert_eq!(
+            (s.limit, s.remaining, s.window_secs, s.source.as_deref()),
+            (Some(100), Some(5), Some(21600), Some("192.0.2.1"))
+        );
         assert!(r.below_reserve(0.1));
         assert!(!r.below_reserve(0.01));
         assert_eq!(r.paused_for(true), None);
@@ -173,8 +203,17 @@ mod tests {
 
     #[test]
     fn parses_retry_after() {
-        assert_eq!(retry_after(&headers(&[("retry-after", "60")])), Some(Duration::from_secs(60)));
-        assert_eq!(retry_after(&headers(&[("retry-after", "Sun, 06 Nov 1994 08:49:37 GMT")])), Some(Duration::ZERO));
+        assert_eq!(
+            retry_after(&headers(&[("retry-after", "60")])),
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(
+            retry_after(&headers(&[(
+                "retry-after",
+                "Sun, 06 Nov 1994 08:49:37 GMT"
+            )])),
+            Some(Duration::ZERO)
+        );
         assert_eq!(retry_after(&headers(&[("retry-after", "soon")])), None);
     }
 }

@@ -97,12 +97,20 @@ pub struct Image {
 impl Image {
     /// A single-platform image: a config and `layers` deterministic layers of `layer_size`.
     pub fn single(seed: &str, media_type: &str, layer_size: usize) -> Image {
-        let config = Bytes::from(format!(r#"{{"architecture":"amd64","os":"linux","seed":"{seed}"}}"#));
+        let config = Bytes::from(format!(
+            r#"{{"architecture":"amd64","os":"linux","seed":"{seed}"}}"#
+        ));
         let layer = Bytes::from(pattern(seed, layer_size));
         let (cfg_type, layer_type) = if media_type.contains("oci") {
-            ("application/vnd.oci.image.config.v1+json", "application/vnd.oci.image.layer.v1.tar+gzip")
+            (
+                "application/vnd.oci.image.config.v1+json",
+                "application/vnd.oci.image.layer.v1.tar+gzip",
+            )
         } else {
-            ("application/vnd.docker.container.image.v1+json", "application/vnd.docker.image.rootfs.diff.tar.gzip")
+            (
+                "application/vnd.docker.container.image.v1+json",
+                "application/vnd.docker.image.rootfs.diff.tar.gzip",
+            )
         };
         // Hub's stored JSON escapes '/' as '\/': serving anything re-serialized changes the digest.
         let json = format!(
@@ -116,7 +124,13 @@ impl Image {
             sha256(&layer)
         );
         let bytes = Bytes::from(json);
-        Image { digest: sha256(&bytes), bytes, media_type: media_type.to_owned(), blobs: vec![config, layer], children: vec![] }
+        Image {
+            digest: sha256(&bytes),
+            bytes,
+            media_type: media_type.to_owned(),
+            blobs: vec![config, layer],
+            children: vec![],
+        }
     }
 
     /// An index or list over (arch, image) pairs.
@@ -132,9 +146,19 @@ impl Image {
                 )
             })
             .collect();
-        let json = format!(r#"{{"schemaVersion":2,"mediaType":"{}","manifests":[{}]}}"#, media_type.replace('/', "\\/"), entries.join(","));
+        let json = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{}","manifests":[{}]}}"#,
+            media_type.replace('/', "\\/"),
+            entries.join(",")
+        );
         let bytes = Bytes::from(json);
-        Image { digest: sha256(&bytes), bytes, media_type: media_type.to_owned(), blobs: vec![], children: children.into_iter().map(|(_, c)| c).collect() }
+        Image {
+            digest: sha256(&bytes),
+            bytes,
+            media_type: media_type.to_owned(),
+            blobs: vec![],
+            children: children.into_iter().map(|(_, c)| c).collect(),
+        }
     }
 }
 
@@ -155,7 +179,13 @@ impl FakeHub {
         let registry = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let token = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let cdn = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let inner = Inner { limit: 100, remaining: 100, expires_in: 300, support_post: true, ..Inner::default() };
+        let inner = Inner {
+            limit: 100,
+            remaining: 100,
+            expires_in: 300,
+            support_post: true,
+            ..Inner::default()
+        };
         let mut hub = FakeHub {
             url: format!("http://{}", registry.local_addr().unwrap()),
             token_url: format!("http://{}/token", token.local_addr().unwrap()),
@@ -165,8 +195,12 @@ impl FakeHub {
             peak: Arc::default(),
             tasks: Arc::new(vec![]),
         };
-        let r = Router::new().fallback(registry_handler).with_state(hub.clone());
-        let t = Router::new().fallback(token_handler).with_state(hub.clone());
+        let r = Router::new()
+            .fallback(registry_handler)
+            .with_state(hub.clone());
+        let t = Router::new()
+            .fallback(token_handler)
+            .with_state(hub.clone());
         let c = Router::new().fallback(cdn_handler).with_state(hub.clone());
         let tasks = vec![
             tokio::spawn(async move { axum::serve(registry, r).await.unwrap() }).abort_handle(),
@@ -184,13 +218,22 @@ impl FakeHub {
     /// Pushes an image (and its children and blobs) and points `tag` at it.
     pub fn push(&self, repo: &str, tag: &str, image: &Image) {
         self.push_untagged(repo, image);
-        self.with(|i| i.repos.entry(repo.into()).or_default().tags.insert(tag.into(), image.digest.clone()));
+        self.with(|i| {
+            i.repos
+                .entry(repo.into())
+                .or_default()
+                .tags
+                .insert(tag.into(), image.digest.clone())
+        });
     }
 
     pub fn push_untagged(&self, repo: &str, image: &Image) {
         self.with(|i| {
             let r = i.repos.entry(repo.into()).or_default();
-            r.manifests.insert(image.digest.clone(), (image.bytes.clone(), image.media_type.clone()));
+            r.manifests.insert(
+                image.digest.clone(),
+                (image.bytes.clone(), image.media_type.clone()),
+            );
             for b in &image.blobs {
                 r.blobs.insert(sha256(b), b.clone());
             }
@@ -202,7 +245,13 @@ impl FakeHub {
 
     pub fn push_blob(&self, repo: &str, blob: Bytes) -> String {
         let d = sha256(&blob);
-        self.with(|i| i.repos.entry(repo.into()).or_default().blobs.insert(d.clone(), blob));
+        self.with(|i| {
+            i.repos
+                .entry(repo.into())
+                .or_default()
+                .blobs
+                .insert(d.clone(), blob)
+        });
         d
     }
 
@@ -264,7 +313,19 @@ impl FakeHub {
 
     /// Every registry and token request made so far.
     pub fn total(&self) -> u64 {
-        ["token", "manifest_get", "manifest_head", "blob_get", "blob_head", "tags", "ping", "other"].iter().map(|k| self.count(k)).sum()
+        [
+            "token",
+            "manifest_get",
+            "manifest_head",
+            "blob_get",
+            "blob_head",
+            "tags",
+            "ping",
+            "other",
+        ]
+        .iter()
+        .map(|k| self.count(k))
+        .sum()
     }
 
     pub fn peak_in_flight(&self) -> u64 {
@@ -292,7 +353,11 @@ impl FakeHub {
 
     /// The repos a bearer token grants, or why not.
     fn authorize(&self, headers: &HeaderMap, repo: &str) -> Result<(), Option<&'static str>> {
-        let Some(token) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")) else {
+        let Some(token) = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+        else {
             return Err(None);
         };
         self.with(|i| match i.tokens.get(token) {
@@ -339,21 +404,45 @@ async fn registry_handler(State(hub): State<FakeHub>, request: Request) -> Respo
             Fault::Delay(d) => tokio::time::sleep(d).await,
             Fault::BlackHole => std::future::pending::<()>().await,
             Fault::Abuse => {
-                return (StatusCode::TOO_MANY_REQUESTS, [(header::CONTENT_TYPE, "text/plain"), (header::RETRY_AFTER, "60")], "Too Many Requests (HAP429).").into_response();
+                return (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    [
+                        (header::CONTENT_TYPE, "text/plain"),
+                        (header::RETRY_AFTER, "60"),
+                    ],
+                    "Too Many Requests (HAP429).",
+                )
+                    .into_response();
             }
             _ => {}
         }
     }
     let mut response = route(&hub, &method, &path, &query, request.headers()).await;
-    response.headers_mut().insert("docker-distribution-api-version", "registry/2.0".parse().unwrap());
+    response.headers_mut().insert(
+        "docker-distribution-api-version",
+        "registry/2.0".parse().unwrap(),
+    );
     response
 }
 
-async fn route(hub: &FakeHub, method: &Method, path: &str, query: &str, headers: &HeaderMap) -> Response {
+async fn route(
+    hub: &FakeHub,
+    method: &Method,
+    path: &str,
+    query: &str,
+    headers: &HeaderMap,
+) -> Response {
     if path == "/v2/" || path == "/v2" {
         hub.bump("ping");
-        let mut r = json_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "authentication required");
-        r.headers_mut().insert(header::WWW_AUTHENTICATE, hub.challenge(None, None).parse().unwrap());
+        let mut r = json_error(
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHORIZED",
+            "authentication required",
+        );
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            hub.challenge(None, None).parse().unwrap(),
+        );
         return r;
     }
     let tail = path.strip_prefix("/v2/").unwrap_or_default();
@@ -377,9 +466,19 @@ async fn route(hub: &FakeHub, method: &Method, path: &str, query: &str, headers:
     hub.bump(counter);
     for fault in hub.faults() {
         match fault {
-            Fault::Status(s) => return json_error(StatusCode::from_u16(s).unwrap(), "UNAVAILABLE", "injected fault"),
+            Fault::Status(s) => {
+                return json_error(
+                    StatusCode::from_u16(s).unwrap(),
+                    "UNAVAILABLE",
+                    "injected fault",
+                );
+            }
             Fault::TooMany(secs) if counter == "manifest_get" => {
-                let mut r = json_error(StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS", "You have reached your unauthenticated pull rate limit. https://www.docker.com/increase-rate-limit");
+                let mut r = json_error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "TOOMANYREQUESTS",
+                    "You have reached your unauthenticated pull rate limit. https://www.docker.com/increase-rate-limit",
+                );
                 r.headers_mut().insert(header::RETRY_AFTER, secs.into());
                 return r;
             }
@@ -389,12 +488,26 @@ async fn route(hub: &FakeHub, method: &Method, path: &str, query: &str, headers:
     let scope = format!("repository:{repo}:pull");
     if let Err(error) = hub.authorize(headers, &repo) {
         let mut r = if error == Some("insufficient_scope") {
-            let body = format!(r#"{{"errors":[{{"code":"DENIED","message":"requested access to the resource is denied"}},{{"code":"UNAUTHORIZED","message":"authentication required","detail":[{{"Action":"pull","Class":"","Name":"{repo}","Type":"repository"}}]}}]}}"#);
-            (StatusCode::UNAUTHORIZED, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+            let body = format!(
+                r#"{{"errors":[{{"code":"DENIED","message":"requested access to the resource is denied"}},{{"code":"UNAUTHORIZED","message":"authentication required","detail":[{{"Action":"pull","Class":"","Name":"{repo}","Type":"repository"}}]}}]}}"#
+            );
+            (
+                StatusCode::UNAUTHORIZED,
+                [(header::CONTENT_TYPE, "application/json")],
+                body,
+            )
+                .into_response()
         } else {
-            json_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "authentication required")
+            json_error(
+                StatusCode::UNAUTHORIZED,
+                "UNAUTHORIZED",
+                "authentication required",
+            )
         };
-        r.headers_mut().insert(header::WWW_AUTHENTICATE, hub.challenge(Some(&scope), error).parse().unwrap());
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            hub.challenge(Some(&scope), error).parse().unwrap(),
+        );
         return r;
     }
     match kind {
@@ -406,12 +519,24 @@ async fn route(hub: &FakeHub, method: &Method, path: &str, query: &str, headers:
 
 fn rate_headers(r: &mut Response, limit: u64, remaining: u64) {
     let h = r.headers_mut();
-    h.insert("ratelimit-limit", format!("{limit};w=21600").parse().unwrap());
-    h.insert("ratelimit-remaining", format!("{remaining};w=21600").parse().unwrap());
+    h.insert(
+        "ratelimit-limit",
+        format!("{limit};w=21600").parse().unwrap(),
+    );
+    h.insert(
+        "ratelimit-remaining",
+        format!("{remaining};w=21600").parse().unwrap(),
+    );
     h.insert("docker-ratelimit-source", "192.0.2.1".parse().unwrap());
 }
 
-fn manifest(hub: &FakeHub, method: &Method, repo: &str, reference: &str, headers: &HeaderMap) -> Response {
+fn manifest(
+    hub: &FakeHub,
+    method: &Method,
+    repo: &str,
+    reference: &str,
+    headers: &HeaderMap,
+) -> Response {
     let accept: Vec<String> = headers
         .get_all(header::ACCEPT)
         .iter()
@@ -421,24 +546,47 @@ fn manifest(hub: &FakeHub, method: &Method, repo: &str, reference: &str, headers
         .collect();
     let found = hub.with(|i| {
         let r = i.repos.get(repo)?;
-        let digest = if reference.contains(':') { reference.to_owned() } else { r.tags.get(reference)?.clone() };
+        let digest = if reference.contains(':') {
+            reference.to_owned()
+        } else {
+            r.tags.get(reference)?.clone()
+        };
         let (bytes, mt) = r.manifests.get(&digest)?.clone();
         Some((bytes, mt, digest, r.manifests.clone()))
     });
     let Some((mut bytes, mut mt, mut digest, all)) = found else {
-        return json_error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", "manifest unknown");
+        return json_error(
+            StatusCode::NOT_FOUND,
+            "MANIFEST_UNKNOWN",
+            "manifest unknown",
+        );
     };
     let accepts = |t: &str| accept.iter().any(|a| a == t || a == "*/*");
     if !accept.is_empty() && !accepts(&mt) {
         if mt == "application/vnd.oci.image.index.v1+json" {
-            return json_error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", "OCI index found, but accept header does not support OCI indexes");
+            return json_error(
+                StatusCode::NOT_FOUND,
+                "MANIFEST_UNKNOWN",
+                "OCI index found, but accept header does not support OCI indexes",
+            );
         }
         if mt == "application/vnd.oci.image.manifest.v1+json" {
-            return json_error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", "OCI manifest found, but accept header does not support OCI manifests");
+            return json_error(
+                StatusCode::NOT_FOUND,
+                "MANIFEST_UNKNOWN",
+                "OCI manifest found, but accept header does not support OCI manifests",
+            );
         }
-        if mt == "application/vnd.docker.distribution.manifest.list.v2+json" && !reference.contains(':') {
+        if mt == "application/vnd.docker.distribution.manifest.list.v2+json"
+            && !reference.contains(':')
+        {
             let list: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
-            let child = list["manifests"].as_array().unwrap().iter().find(|m| m["platform"]["architecture"] == "amd64").unwrap();
+            let child = list["manifests"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["platform"]["architecture"] == "amd64")
+                .unwrap();
             digest = child["digest"].as_str().unwrap().to_owned();
             (bytes, mt) = all[&digest].clone();
         }
@@ -446,7 +594,11 @@ fn manifest(hub: &FakeHub, method: &Method, repo: &str, reference: &str, headers
     let (limit, remaining) = hub.with(|i| (i.limit, i.remaining));
     if *method == Method::GET {
         if remaining == 0 {
-            let mut r = json_error(StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS", "You have reached your unauthenticated pull rate limit. https://www.docker.com/increase-rate-limit");
+            let mut r = json_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "TOOMANYREQUESTS",
+                "You have reached your unauthenticated pull rate limit. https://www.docker.com/increase-rate-limit",
+            );
             rate_headers(&mut r, limit, 0);
             return r;
         }
@@ -454,7 +606,11 @@ fn manifest(hub: &FakeHub, method: &Method, repo: &str, reference: &str, headers
     }
     let remaining = hub.with(|i| i.remaining);
     let len = bytes.len();
-    let body = if *method == Method::HEAD { Body::empty() } else { Body::from(bytes) };
+    let body = if *method == Method::HEAD {
+        Body::empty()
+    } else {
+        Body::from(bytes)
+    };
     let mut r = Response::builder()
         .header(header::CONTENT_TYPE, mt)
         .header(header::CONTENT_LENGTH, len)
@@ -467,8 +623,13 @@ fn manifest(hub: &FakeHub, method: &Method, repo: &str, reference: &str, headers
 }
 
 fn blob(hub: &FakeHub, method: &Method, repo: &str, digest: &str) -> Response {
-    let Some(blob) = hub.with(|i| i.repos.get(repo).and_then(|r| r.blobs.get(digest).cloned())) else {
-        return json_error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN", "blob unknown to registry");
+    let Some(blob) = hub.with(|i| i.repos.get(repo).and_then(|r| r.blobs.get(digest).cloned()))
+    else {
+        return json_error(
+            StatusCode::NOT_FOUND,
+            "BLOB_UNKNOWN",
+            "blob unknown to registry",
+        );
     };
     if *method == Method::HEAD {
         return Response::builder()
@@ -478,7 +639,10 @@ fn blob(hub: &FakeHub, method: &Method, repo: &str, digest: &str) -> Response {
             .body(Body::empty())
             .unwrap();
     }
-    let location = format!("{}/registry-v2/{}/{}/data?verify=1", hub.cdn_url, repo, digest);
+    let location = format!(
+        "{}/registry-v2/{}/{}/data?verify=1",
+        hub.cdn_url, repo, digest
+    );
     Response::builder()
         .status(StatusCode::TEMPORARY_REDIRECT)
         .header(header::LOCATION, location)
@@ -489,17 +653,38 @@ fn blob(hub: &FakeHub, method: &Method, repo: &str, digest: &str) -> Response {
 }
 
 fn tags(hub: &FakeHub, repo: &str, query: &str) -> Response {
-    let Some(all) = hub.with(|i| i.repos.get(repo).map(|r| r.tags.keys().cloned().collect::<Vec<_>>())) else {
-        return json_error(StatusCode::NOT_FOUND, "NAME_UNKNOWN", "repository name not known to registry");
+    let Some(all) = hub.with(|i| {
+        i.repos
+            .get(repo)
+            .map(|r| r.tags.keys().cloned().collect::<Vec<_>>())
+    }) else {
+        return json_error(
+            StatusCode::NOT_FOUND,
+            "NAME_UNKNOWN",
+            "repository name not known to registry",
+        );
     };
-    let params: HashMap<String, String> = url::form_urlencoded::parse(query.as_bytes()).into_owned().collect();
+    let params: HashMap<String, String> = url::form_urlencoded::parse(query.as_bytes())
+        .into_owned()
+        .collect();
     let n: usize = params.get("n").and_then(|n| n.parse().ok()).unwrap_or(100);
-    let after: Vec<&String> = all.iter().filter(|t| params.get("last").is_none_or(|l| t.as_str() > l.as_str())).collect();
+    let after: Vec<&String> = all
+        .iter()
+        .filter(|t| params.get("last").is_none_or(|l| t.as_str() > l.as_str()))
+        .collect();
     let page: Vec<&String> = after.iter().take(n).copied().collect();
     let body = serde_json::json!({ "name": repo, "tags": page }).to_string();
-    let mut r = (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body).into_response();
+    let mut r = (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response();
     if after.len() > n && n > 0 {
-        let link = format!("</v2/{repo}/tags/list?last={}&n={n}>; rel=\"next\"", page.last().unwrap());
+        let link = format!(
+            "</v2/{repo}/tags/list?last={}&n={n}>; rel=\"next\"",
+            page.last().unwrap()
+        );
         r.headers_mut().insert(header::LINK, link.parse().unwrap());
     }
     r
@@ -511,10 +696,17 @@ async fn token_handler(State(hub): State<FakeHub>, request: Request) -> Response
         return (StatusCode::INTERNAL_SERVER_ERROR, "down").into_response();
     }
     let method = request.method().clone();
-    let basic = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let basic = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let query = request.uri().query().unwrap_or_default().to_owned();
-    let body = axum::body::to_bytes(request.into_body(), 1 << 20).await.unwrap();
-    let (params, user): (Vec<(String, String)>, Option<(String, String)>) = if method == Method::POST {
+    let body = axum::body::to_bytes(request.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    type Pairs = Vec<(String, String)>;
+    let (params, user): (Pairs, Option<(String, String)>) = if method == Method::POST {
         if !hub.with(|i| i.support_post) {
             return (StatusCode::NOT_FOUND, "404 page not found").into_response();
         }
@@ -525,17 +717,28 @@ async fn token_handler(State(hub): State<FakeHub>, request: Request) -> Response
             return (StatusCode::BAD_REQUEST, "bad grant").into_response();
         }
         let user = get("username").zip(get("password"));
-        let scopes = get("scope").unwrap_or_default().split(' ').map(|s| ("scope".to_owned(), s.to_owned())).collect();
+        let scopes = get("scope")
+            .unwrap_or_default()
+            .split(' ')
+            .map(|s| ("scope".to_owned(), s.to_owned()))
+            .collect();
         (scopes, user)
     } else {
         use base64::Engine as _;
         let user = basic.and_then(|b| {
-            let raw = base64::engine::general_purpose::STANDARD.decode(b.strip_prefix("Basic ")?).ok()?;
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(b.strip_prefix("Basic ")?)
+                .ok()?;
             let s = String::from_utf8(raw).ok()?;
             let (u, p) = s.split_once(':')?;
             Some((u.to_owned(), p.to_owned()))
         });
-        (url::form_urlencoded::parse(query.as_bytes()).into_owned().collect(), user)
+        (
+            url::form_urlencoded::parse(query.as_bytes())
+                .into_owned()
+                .collect(),
+            user,
+        )
     };
     if user.is_some() {
         hub.bump("token_with_credentials");
@@ -543,7 +746,12 @@ async fn token_handler(State(hub): State<FakeHub>, request: Request) -> Response
     let authed = match &user {
         Some((u, p)) => {
             if hub.with(|i| i.users.get(u) != Some(p)) {
-                return (StatusCode::UNAUTHORIZED, [(header::CONTENT_TYPE, "application/json")], r#"{"details":"incorrect username or password"}"#).into_response();
+                return (
+                    StatusCode::UNAUTHORIZED,
+                    [(header::CONTENT_TYPE, "application/json")],
+                    r#"{"details":"incorrect username or password"}"#,
+                )
+                    .into_response();
             }
             true
         }
@@ -552,17 +760,32 @@ async fn token_handler(State(hub): State<FakeHub>, request: Request) -> Response
     let repos: Vec<String> = params
         .iter()
         .filter(|(k, _)| k == "scope")
-        .filter_map(|(_, v)| v.strip_prefix("repository:")?.strip_suffix(":pull").map(str::to_owned))
+        .filter_map(|(_, v)| {
+            v.strip_prefix("repository:")?
+                .strip_suffix(":pull")
+                .map(str::to_owned)
+        })
         .filter(|r| hub.with(|i| i.repos.get(r).is_some_and(|repo| !repo.private || authed)))
         .collect();
     let (token, expires_in) = hub.with(|i| {
         i.token_seq += 1;
         let token = format!("tok{}", i.token_seq);
-        i.tokens.insert(token.clone(), TokenGrant { repos, expires: Instant::now() + Duration::from_secs(i.expires_in) });
+        i.tokens.insert(
+            token.clone(),
+            TokenGrant {
+                repos,
+                expires: Instant::now() + Duration::from_secs(i.expires_in),
+            },
+        );
         (token, i.expires_in)
     });
     let body = serde_json::json!({ "token": token, "access_token": token, "expires_in": expires_in, "issued_at": "2026-11-26T00:00:00Z" }).to_string();
-    (StatusCode::OK, [(header::CONTENT_TYPE, "application/json; charset=utf-8")], body).into_response()
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json; charset=utf-8")],
+        body,
+    )
+        .into_response()
 }
 
 async fn cdn_handler(State(hub): State<FakeHub>, request: Request) -> Response {
@@ -571,10 +794,15 @@ async fn cdn_handler(State(hub): State<FakeHub>, request: Request) -> Response {
         return (StatusCode::BAD_REQUEST, "Authorization header not allowed").into_response();
     }
     let path = request.uri().path().to_owned();
-    let Some((repo, digest)) = path.strip_prefix("/registry-v2/").and_then(|p| p.strip_suffix("/data")).and_then(|p| p.rsplit_once('/')) else {
+    let Some((repo, digest)) = path
+        .strip_prefix("/registry-v2/")
+        .and_then(|p| p.strip_suffix("/data"))
+        .and_then(|p| p.rsplit_once('/'))
+    else {
         return StatusCode::NOT_FOUND.into_response();
     };
-    let Some(blob) = hub.with(|i| i.repos.get(repo).and_then(|r| r.blobs.get(digest).cloned())) else {
+    let Some(blob) = hub.with(|i| i.repos.get(repo).and_then(|r| r.blobs.get(digest).cloned()))
+    else {
         return StatusCode::NOT_FOUND.into_response();
     };
     let faults = hub.faults();
@@ -584,13 +812,26 @@ async fn cdn_handler(State(hub): State<FakeHub>, request: Request) -> Response {
         data[mid] ^= 0xff;
     }
     let total = data.len();
-    let (status, start, end) = match request.headers().get(header::RANGE).and_then(|v| v.to_str().ok()).and_then(|r| r.strip_prefix("bytes=")) {
+    let (status, start, end) = match request
+        .headers()
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|r| r.strip_prefix("bytes="))
+    {
         Some(spec) => {
             let (a, b) = spec.split_once('-').unwrap();
             let start: usize = a.parse().unwrap_or(0);
-            let end: usize = if b.is_empty() { total - 1 } else { b.parse::<usize>().unwrap().min(total - 1) };
+            let end: usize = if b.is_empty() {
+                total - 1
+            } else {
+                b.parse::<usize>().unwrap().min(total - 1)
+            };
             if start >= total {
-                return (StatusCode::RANGE_NOT_SATISFIABLE, [(header::CONTENT_RANGE, format!("bytes */{total}"))]).into_response();
+                return (
+                    StatusCode::RANGE_NOT_SATISFIABLE,
+                    [(header::CONTENT_RANGE, format!("bytes */{total}"))],
+                )
+                    .into_response();
             }
             (StatusCode::PARTIAL_CONTENT, start, end)
         }
@@ -599,7 +840,13 @@ async fn cdn_handler(State(hub): State<FakeHub>, request: Request) -> Response {
     let slice = Bytes::from(data).slice(start..=end);
     let len = slice.len();
     let truncate = faults.contains(&Fault::TruncateBlob);
-    let slow = faults.iter().find_map(|f| if let Fault::SlowBlob(d) = f { Some(*d) } else { None });
+    let slow = faults.iter().find_map(|f| {
+        if let Fault::SlowBlob(d) = f {
+            Some(*d)
+        } else {
+            None
+        }
+    });
     let stream = async_stream(slice, truncate, slow);
     let mut builder = Response::builder()
         .status(status)
@@ -608,7 +855,10 @@ async fn cdn_handler(State(hub): State<FakeHub>, request: Request) -> Response {
         .header(header::ETAG, "\"d41d8cd98f00b204e9800998ecf8427e\"")
         .header(header::CONTENT_LENGTH, len);
     if status == StatusCode::PARTIAL_CONTENT {
-        builder = builder.header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{total}"));
+        builder = builder.header(
+            header::CONTENT_RANGE,
+            format!("bytes {start}-{end}/{total}"),
+        );
     }
     builder.body(stream).unwrap()
 }

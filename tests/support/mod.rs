@@ -1,7 +1,13 @@
 //! Test support: an emulated Docker Hub (registry, token realm on another port, blob CDN on a
 //! third), image fixtures, and a running pullthrough. Everything binds to 127.0.0.1:0 and
 //! stops when dropped.
-#![allow(clippy::unwrap_used, dead_code, unused_imports, unreachable_pub, missing_docs)]
+#![allow(
+    clippy::unwrap_used,
+    dead_code,
+    unused_imports,
+    unreachable_pub,
+    missing_docs
+)]
 
 pub mod hub;
 
@@ -26,11 +32,12 @@ pub struct TestProxy {
 impl TestProxy {
     /// A config pointing at `upstream`, with a fresh data dir.
     pub fn config(upstream: &str, dir: &std::path::Path) -> Config {
-        let mut config = Config::default();
-        config.upstream = upstream.parse().unwrap();
-        config.data_dir = dir.to_path_buf();
-        config.listen = "127.0.0.1:0".parse().unwrap();
-        config
+        Config {
+            upstream: upstream.parse().unwrap(),
+            data_dir: dir.to_path_buf(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            ..Config::default()
+        }
     }
 
     pub async fn start(hub: &FakeHub) -> TestProxy {
@@ -56,7 +63,14 @@ impl TestProxy {
             .await
             .unwrap();
         });
-        TestProxy { url, config, stop: Some(stop), task: Some(task), _dir: dir, client: client() }
+        TestProxy {
+            url,
+            config,
+            stop: Some(stop),
+            task: Some(task),
+            _dir: dir,
+            client: client(),
+        }
     }
 
     /// Stops the server and waits for it.
@@ -77,7 +91,12 @@ impl TestProxy {
         self.request(reqwest::Method::HEAD, path, &[]).await
     }
 
-    pub async fn request(&self, method: reqwest::Method, path: &str, headers: &[(&str, &str)]) -> reqwest::Response {
+    pub async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> reqwest::Response {
         let mut req = self.client.request(method, format!("{}{path}", self.url));
         for (k, v) in headers {
             req = req.header(*k, *v);
@@ -99,7 +118,11 @@ impl Drop for TestProxy {
 
 /// A plain client: no proxy, no redirects followed, no decompression.
 pub fn client() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().redirect(reqwest::redirect::Policy::none()).build().unwrap()
+    reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
 }
 
 /// The full Accept list a modern client sends.
@@ -108,5 +131,8 @@ pub const FULL_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, applicat
 /// Registry error code of a response body.
 pub async fn error_code(response: reqwest::Response) -> String {
     let body: serde_json::Value = response.json().await.unwrap();
-    body["errors"][0]["code"].as_str().unwrap_or_default().to_owned()
+    body["errors"][0]["code"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
 }

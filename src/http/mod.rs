@@ -8,7 +8,7 @@ pub mod path;
 
 use crate::blobs::ByteRange;
 use crate::error::Error;
-use crate::proxy::ManifestRequest;
+use crate::proxy::{ManifestRequest, TagsQuery};
 use crate::registry::Accept;
 use crate::state::AppState;
 use axum::Router;
@@ -100,7 +100,34 @@ async fn dispatch(
                 Ok(blobs::respond_head(&digest, head))
             }
         }
-        RegistryPath::TagsList { .. } => Err(Error::NotFound(uri.path().to_owned())),
+        RegistryPath::TagsList { name } => {
+            let page = state
+                .proxy
+                .tags_list(&name, TagsQuery::parse(uri.query())?)
+                .await?;
+            let mut response = Response::builder()
+                .header(header::CONTENT_TYPE, "application/json")
+                .header(
+                    "x-cache",
+                    if page.stale {
+                        "STALE"
+                    } else if page.fetched {
+                        "MISS"
+                    } else {
+                        "HIT"
+                    },
+                )
+                .header(header::CONTENT_LENGTH, page.body.len());
+            if let Some(link) = &page.link {
+                response = response.header(header::LINK, link);
+            }
+            let body = if with_body {
+                axum::body::Body::from(page.body)
+            } else {
+                axum::body::Body::empty()
+            };
+            Ok(response.body(body).expect("static response parts"))
+        }
     }
 }
 

@@ -4,8 +4,10 @@
 //! upstream. Misses are single-flight, and no client waits longer than `upstream_deadline`.
 
 mod blobs;
+mod tags;
 
 pub use blobs::BlobHead;
+pub use tags::{TagsPage, TagsQuery};
 
 use crate::blobs::BlobStore;
 use crate::config::Config;
@@ -101,6 +103,9 @@ pub struct Proxy {
     tag_gets: Flights<TagKey, TagEntry>,
     tag_heads: Flights<TagKey, TagEntry>,
     digest_gets: Flights<(RepoName, Digest), Arc<Manifest>>,
+    tag_pages: Cache<(RepoName, TagsQuery), Arc<TagsPage>>,
+    tag_page_flights: Flights<(RepoName, TagsQuery), Arc<TagsPage>>,
+    tags_ttl: Duration,
     /// Tags whose last revalidation failed: not retried until this expires.
     backoff: Cache<TagKey, ()>,
     /// Tags whose move was held back for the budget (logged once each).
@@ -144,6 +149,16 @@ impl Proxy {
             tag_gets: Flights::default(),
             tag_heads: Flights::default(),
             digest_gets: Flights::default(),
+            tag_pages: Cache::builder()
+                .time_to_live(
+                    config
+                        .tags_list_ttl
+                        .max(config.tags_list_ttl + config.max_stale),
+                )
+                .max_capacity(10_000)
+                .build(),
+            tag_page_flights: Flights::default(),
+            tags_ttl: config.tags_list_ttl,
             backoff: Cache::builder()
                 .time_to_live(backoff_for)
                 .max_capacity(100_000)

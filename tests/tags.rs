@@ -1,0 +1,76 @@
+//! Tags lists through pullthrough: paging, Link rewriting, caching, stale on upstream failure.
+
+mod support;
+
+use std::time::Duration;
+use support::{FakeHub, Fault, Image, TestProxy, error_code};
+
+const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+
+#[tokio::test]
+async fn tags_list_pages_and_caches() {
+    let hub = FakeHub::start().await;
+    for tag in ["a", "b", "c", "d", "e"] {
+        hub.push(
+            "library/t",
+            tag,
+            &Image::single(&format!("t{tag}"), DOCKER_MANIFEST, 10),
+        );
+    }
+    let proxy = TestProxy::start_with(&hub, |c| c.tags_list_ttl = Duration::from_secs(60)).await;
+    let r = proxy.get("/v2/library/t/tags/list?n=2").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["link"],
+        "</v2/library/t/tags/list?last=b&n=2>; rel=\"next\""
+    );
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["tags"], serde_json::json!(["a", "b"]));
+    let next: serde_json::Value = proxy
+        .get("/v2/library/t/tags/list?last=b&n=2")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(next["tags"], serde_json::json!(["c", "d"]));
+    let all: serde_json::Value = proxy
+        .get("/v2/library/t/tags/list")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(all["tags"].as_array().unwrap().len(), 5);
+    let tags_requests = hub.count("tags");
+    let again = proxy.get("/v2/library/t/tags/list").await;
+    assert_eq!(again.headers()["x-cache"], "HIT");
+    assert_eq!(hub.count("tags"), tags_requests);
+    let empty: serde_json::Value = proxy
+        .get("/v2/library/t/tags/list?n=0")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(empty["tags"], serde_json::json!([]));
+
+    let r = proxy.get("/v2/library/t/tags/list?n=abc").await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(error_code(r).await, "PAGINATION_NUMBER_INVALID");
+    let r = proxy.get("/v2/library/none/tags/list").await;
+    assert_eq!(r.status(), 404);
+    assert_eq!(error_code(r).await, "NAME_UNKNOWN");
+}
+
+#[tokio::test]
+async fn tags_list_is_served_stale_when_upstream_fails() {
+    let hub = FakeHub::start().await;
+    hub.push("library/t", "a", &Image::single("ta", DOCKER_MANIFEST, 10));
+    let proxy = TestProxy::start_with(&hub, |c| c.tags_list_ttl = Duration::from_millis(100)).await;
+    assert_eq!(proxy.get("/v2/library/t/tags/list").await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    hub.fault(Fault::Status(503));
+    let r = proxy.get("/v2/library/t/tags/list").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-cache"], "STALE");
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["tags"], serde_json::json!(["a"]));
+}

@@ -29,6 +29,9 @@ pub struct Config {
     /// background) or while upstream fails. Zero makes every expired tag wait for upstream.
     #[serde(with = "humantime_serde")]
     pub max_stale: Duration,
+    /// Registries (containerd's `?ns=` values) this pullthrough mirrors; requests naming another
+    /// get 404 so containerd moves on to its next host. Empty accepts every `ns`.
+    pub namespaces: Vec<String>,
     /// Regular expressions for tags that never change once seen, and so are never revalidated.
     pub immutable_tags: Vec<String>,
     /// Response headers reach the client within this time, whatever upstream does.
@@ -87,6 +90,7 @@ impl Default for Config {
             upstream: Url::parse("https://registry-1.docker.io").expect("constant URL"),
             tag_ttl: Duration::from_secs(60),
             max_stale: Duration::from_secs(24 * 3600),
+            namespaces: Vec::new(),
             immutable_tags: Vec::new(),
             upstream_deadline: Duration::from_secs(10),
             ratelimit_reserve: 0.1,

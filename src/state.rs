@@ -17,8 +17,8 @@ pub struct AppState {
     pub proxy: Arc<Proxy>,
     /// The upstream client (also reachable through `proxy`).
     pub upstream: Arc<Upstream>,
-    /// The upstream's host\[:port\], an `ns` value that always names it.
-    host: String,
+    /// `ns` values accepted (empty: all).
+    namespaces: Vec<String>,
     /// How long request parsing may wait to learn whether the upstream is Docker Hub.
     probe_deadline: std::time::Duration,
 }
@@ -41,20 +41,15 @@ impl AppState {
         let blobs = BlobStore::open(layout.clone(), limits)?;
         blobs.spawn_maintenance();
         let proxy = Arc::new(Proxy::new(config, Arc::clone(&upstream), manifests, blobs)?);
-        let host = match (config.upstream.host_str(), config.upstream.port()) {
-            (Some(h), Some(p)) => format!("{h}:{p}"),
-            (Some(h), None) => h.to_owned(),
-            _ => String::new(),
-        };
         Ok(AppState {
             proxy,
             upstream,
-            host,
+            namespaces: config.namespaces.clone(),
             probe_deadline: config.upstream_deadline / 2,
         })
     }
 
-    /// Whether one-component names mean `library/<name>` and `ns=docker.io` means us. Learned
+    /// Whether one-component names mean `library/<name>`. Learned
     /// from the upstream's host or first challenge; "no" if upstream cannot be asked in time.
     pub async fn docker_hub(&self) -> bool {
         tokio::time::timeout(self.probe_deadline, self.upstream.is_docker_hub())
@@ -62,21 +57,21 @@ impl AppState {
             .unwrap_or(false)
     }
 
-    /// containerd names the registry it wants in `?ns=`. A request meant for another registry
-    /// gets 404, so containerd falls back to its next host instead of receiving our upstream's
-    /// content under a foreign name.
-    pub async fn check_namespace(&self, query: Option<&str>) -> Result<(), Error> {
+    /// containerd names the registry it wants in `?ns=`. With `namespaces` configured, a
+    /// request meant for another registry gets 404, so containerd falls back to its next host
+    /// instead of receiving our upstream's content under a foreign name.
+    pub fn check_namespace(&self, query: Option<&str>) -> Result<(), Error> {
         let Some(query) = query else { return Ok(()) };
+        if self.namespaces.is_empty() {
+            return Ok(());
+        }
         for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
-            if key != "ns" {
-                continue;
-            }
-            let value = value.to_ascii_lowercase();
-            let hub_name = matches!(
-                value.as_str(),
-                "docker.io" | "registry-1.docker.io" | "index.docker.io"
-            );
-            if value != self.host && !(hub_name && self.docker_hub().await) {
+            if key == "ns"
+                && !self
+                    .namespaces
+                    .iter()
+                    .any(|n| n.eq_ignore_ascii_case(&value))
+            {
                 return Err(Error::NameUnknown);
             }
         }

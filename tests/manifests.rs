@@ -99,7 +99,7 @@ async fn one_component_names_mean_library() {
     let hub = FakeHub::start().await;
     let image = Image::single("busybox", DOCKER_MANIFEST, 10);
     hub.push("library/busybox", "latest", &image);
-    let proxy = TestProxy::start(&hub).await;
+    let proxy = TestProxy::start_with(&hub, |c| c.namespaces = vec!["docker.io".into()]).await;
     // The emulator's challenge names Docker Hub's token service, so it is Docker Hub.
     let short = proxy.get("/v2/busybox/manifests/latest").await;
     assert_eq!(short.status(), 200);

@@ -68,7 +68,7 @@ async fn dispatch(
     if target.name().as_str().split('/').count() == 1 && state.docker_hub().await {
         target = RegistryPath::parse(tail, true)?;
     }
-    state.check_namespace(uri.query()).await?;
+    state.check_namespace(uri.query())?;
     let with_body = method == Method::GET;
     match target {
         RegistryPath::Manifest { name, reference } => {

@@ -44,6 +44,13 @@ impl TestProxy {
         Self::start_with(hub, |_| {}).await
     }
 
+    /// A proxy in front of any registry URL.
+    pub async fn start_with_upstream(upstream: &str) -> TestProxy {
+        let dir = Arc::new(tempfile::tempdir().unwrap());
+        let config = Self::config(upstream, dir.path());
+        Self::start_config(config, Some(dir)).await
+    }
+
     pub async fn start_with(hub: &FakeHub, tweak: impl FnOnce(&mut Config)) -> TestProxy {
         let dir = Arc::new(tempfile::tempdir().unwrap());
         let mut config = Self::config(&hub.url, dir.path());

@@ -1,0 +1,296 @@
+//! Interop with software nobody here wrote: Debian's reference registry (`docker-registry`) as
+//! the upstream, and skopeo and containerd as clients. Ignored by a plain `cargo test` (they
+//! need those programs); `.ci/run` installs them and runs these with `--include-ignored`.
+
+mod support;
+
+use flate2::Compression;
+use flate2::write::GzEncoder;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use support::TestProxy;
+use support::hub::sha256;
+
+/// A process killed when dropped.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn wait_for(url: &str) {
+    let client = support::client();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if client.get(url).send().await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{url} did not come up");
+}
+
+/// Debian's `docker-registry` (distribution 2.8) on a free port with its own storage.
+async fn reference_registry(dir: &Path) -> (Process, String) {
+    let port = free_port();
+    let config = dir.join("registry.yml");
+    std::fs::write(
+        &config,
+        format!("version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n", dir.join("storage").display()),
+    )
+    .unwrap();
+    let child = Command::new("docker-registry")
+        .arg("serve")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("docker-registry is installed (apt-get install docker-registry)");
+    let url = format!("http://127.0.0.1:{port}");
+    wait_for(&format!("{url}/v2/")).await;
+    (Process(child), url)
+}
+
+fn write_blob(layout: &Path, bytes: &[u8]) -> (String, usize) {
+    let digest = sha256(bytes);
+    std::fs::write(layout.join("blobs/sha256").join(&digest[7..]), bytes).unwrap();
+    (digest, bytes.len())
+}
+
+/// An OCI image layout holding a two-platform index tagged `tag`, with real tar+gzip layers.
+fn oci_layout(layout: &Path, seed: &str, tag: &str) -> String {
+    std::fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
+    std::fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
+    let mut entries = Vec::new();
+    for arch in ["amd64", "arm64"] {
+        let mut tar = tar::Builder::new(Vec::new());
+        let content = format!("hello from {seed} on {arch}\n").repeat(1000);
+        let mut header = tar::Header::new_gnu();
+        header.set_size(content.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        tar.append_data(
+            &mut header,
+            format!("{seed}-{arch}.txt"),
+            content.as_bytes(),
+        )
+        .unwrap();
+        let raw = tar.into_inner().unwrap();
+        let mut gz = GzEncoder::new(Vec::new(), Compression::default());
+        std::io::Write::write_all(&mut gz, &raw).unwrap();
+        let (layer, layer_size) = write_blob(layout, &gz.finish().unwrap());
+        let config = format!(
+            r#"{{"architecture":"{arch}","os":"linux","config":{{}},"rootfs":{{"type":"layers","diff_ids":["{}"]}}}}"#,
+            sha256(&raw)
+        );
+        let (config, config_size) = write_blob(layout, config.as_bytes());
+        let manifest = format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config}","size":{config_size}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{layer}","size":{layer_size}}}]}}"#
+        );
+        let (digest, size) = write_blob(layout, manifest.as_bytes());
+        entries.push(format!(r#"{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{digest}","size":{size},"platform":{{"architecture":"{arch}","os":"linux"}}}}"#));
+    }
+    let index = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{}]}}"#,
+        entries.join(",")
+    );
+    let (digest, size) = write_blob(layout, index.as_bytes());
+    std::fs::write(
+        layout.join("index.json"),
+        format!(r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.index.v1+json","digest":"{digest}","size":{size},"annotations":{{"org.opencontainers.image.ref.name":"{tag}"}}}}]}}"#),
+    )
+    .unwrap();
+    digest
+}
+
+fn run(cmd: &mut Command) -> Vec<u8> {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+fn skopeo() -> Command {
+    let mut c = Command::new("skopeo");
+    c.env_remove("HTTP_PROXY")
+        .env_remove("HTTPS_PROXY")
+        .env_remove("http_proxy")
+        .env_remove("https_proxy");
+    c
+}
+
+/// Pushes a multi-platform image into the reference registry with skopeo; returns its digest.
+fn push(dir: &Path, registry: &str, repo: &str, tag: &str) -> String {
+    let layout = dir.join(format!("layout-{}", repo.replace('/', "-")));
+    let digest = oci_layout(&layout, repo, tag);
+    let host = registry.trim_start_matches("http://");
+    run(skopeo()
+        .args(["copy", "--all", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:{tag}", layout.display()))
+        .arg(format!("docker://{host}/{repo}:{tag}")));
+    digest
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs docker-registry and skopeo (run by .ci/run)"]
+async fn skopeo_through_pullthrough_gets_the_reference_registrys_exact_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (registry, upstream) = reference_registry(dir.path()).await;
+    let digest = push(dir.path(), &upstream, "library/multi", "1");
+    let proxy = TestProxy::start_with_upstream(&upstream).await;
+    let host = proxy.url.trim_start_matches("http://").to_owned();
+
+    let direct = run(skopeo()
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!(
+            "docker://{}/library/multi:1",
+            upstream.trim_start_matches("http://")
+        )));
+    let through = run(skopeo()
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{host}/library/multi:1")));
+    assert_eq!(
+        through, direct,
+        "skopeo inspect --raw returns the upstream's exact bytes"
+    );
+    assert_eq!(sha256(&through), digest);
+
+    // A full multi-platform copy verifies every manifest and blob digest on the way.
+    let out = dir.path().join("copied");
+    run(skopeo()
+        .args(["copy", "--all", "--src-tls-verify=false"])
+        .arg(format!("docker://{host}/library/multi:1"))
+        .arg(format!("oci:{}:1", out.display())));
+    assert!(
+        std::fs::read_to_string(out.join("index.json"))
+            .unwrap()
+            .contains(&digest)
+    );
+
+    // Everything is now cached: with the upstream gone, the same copy still succeeds.
+    drop(registry);
+    let again = dir.path().join("again");
+    run(skopeo()
+        .args(["copy", "--all", "--src-tls-verify=false"])
+        .arg(format!("docker://{host}/library/multi:1"))
+        .arg(format!("oci:{}:1", again.display())));
+    let by_digest = run(skopeo()
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{host}/library/multi@{digest}")));
+    assert_eq!(by_digest, direct);
+}
+
+/// containerd with its own root, state and socket under `dir`.
+async fn containerd(dir: &Path) -> (Process, PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
+    let socket = dir.join("containerd.sock");
+    let config = dir.join("containerd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}.ttrpc\"\n",
+            root = dir.join("root").display(),
+            state = dir.join("state").display(),
+            sock = socket.display()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
+    let child = Command::new("containerd")
+        .arg("--config")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("containerd is installed (apt-get install containerd)");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "containerd did not start: {}",
+            std::fs::read_to_string(dir.join("containerd.log")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (Process(child), socket)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs docker-registry, skopeo and containerd (run by .ci/run)"]
+async fn containerd_pulls_and_unpacks_through_pullthrough_as_the_docker_io_mirror() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_registry, upstream) = reference_registry(dir.path()).await;
+    push(dir.path(), &upstream, "library/ctrtest", "1");
+    let proxy = TestProxy::start_with_upstream(&upstream).await;
+
+    // hosts.toml: pullthrough is the docker.io mirror; the fallback server is a dead port, so
+    // the pull can only succeed through pullthrough.
+    let hosts = dir.path().join("certs.d/docker.io");
+    std::fs::create_dir_all(&hosts).unwrap();
+    std::fs::write(hosts.join("hosts.toml"), format!("server = \"http://127.0.0.1:{}\"\n\n[host.\"{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n", free_port(), proxy.url)).unwrap();
+    let (_containerd, socket) = containerd(&dir.path().join("ctr")).await;
+    let ctr = |args: &[&str]| {
+        let mut c = Command::new("ctr");
+        c.arg("--address").arg(&socket).args(args);
+        c
+    };
+    run(&mut ctr(&[
+        "images",
+        "pull",
+        "--hosts-dir",
+        dir.path().join("certs.d").to_str().unwrap(),
+        "--snapshotter",
+        "native",
+        "--platform",
+        "linux/amd64",
+        "docker.io/library/ctrtest:1",
+    ]));
+    let listed = String::from_utf8(run(&mut ctr(&["images", "ls", "-q"]))).unwrap();
+    assert!(listed.contains("docker.io/library/ctrtest:1"), "{listed}");
+    let snapshots = String::from_utf8(run(&mut ctr(&[
+        "snapshots",
+        "--snapshotter",
+        "native",
+        "ls",
+    ])))
+    .unwrap();
+    assert!(
+        snapshots.lines().count() > 1,
+        "the image was unpacked: {snapshots}"
+    );
+
+    // A second pull of the same image, after removing it, needs no upstream blob request.
+    run(&mut ctr(&["images", "rm", "docker.io/library/ctrtest:1"]));
+    run(&mut ctr(&["content", "prune", "references"]));
+    drop(_registry);
+    run(&mut ctr(&[
+        "images",
+        "pull",
+        "--hosts-dir",
+        dir.path().join("certs.d").to_str().unwrap(),
+        "--snapshotter",
+        "native",
+        "--platform",
+        "linux/amd64",
+        "docker.io/library/ctrtest:1",
+    ]));
+}

@@ -40,6 +40,7 @@ impl AppState {
         };
         let blobs = BlobStore::open(layout.clone(), limits)?;
         blobs.spawn_maintenance();
+        spawn_summary(Arc::downgrade(&upstream));
         let proxy = Arc::new(Proxy::new(config, Arc::clone(&upstream), manifests, blobs)?);
         Ok(AppState {
             proxy,
@@ -77,4 +78,26 @@ impl AppState {
         }
         Ok(())
     }
+}
+
+/// Logs the upstream counters and rate-limit state once a minute, at debug level.
+fn spawn_summary(upstream: std::sync::Weak<Upstream>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let Some(upstream) = upstream.upgrade() else {
+                return;
+            };
+            let counters: Vec<String> = upstream
+                .counters
+                .snapshot()
+                .into_iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            let limit = upstream.limits.snapshot();
+            tracing::debug!(counters = %counters.join(" "), ratelimit_limit = limit.limit, ratelimit_remaining = limit.remaining, ratelimit_source = limit.source.as_deref(), "upstream summary");
+        }
+    });
 }

@@ -277,6 +277,11 @@ impl FakeHub {
         self.with(|i| i.realm_host = Some(host.to_owned()));
     }
 
+    /// Every token issued so far stops working.
+    pub fn revoke_tokens(&self) {
+        self.with(|i| i.tokens.clear());
+    }
+
     pub fn set_oauth_post(&self, supported: bool) {
         self.with(|i| i.support_post = supported);
     }

@@ -71,15 +71,7 @@ async fn serves_exact_bytes_and_caches_them() {
     assert_eq!(second.headers()["x-cache"], "HIT");
     assert_eq!(second.bytes().await.unwrap(), image.bytes);
     let head = proxy.head("/v2/library/alpine/manifests/3.20").await;
-    assert_eq!(head.status(), 200);
-    assert_eq!(
-        head.headers()["content-length"],
-        image.bytes.len().to_string().as_str()
-    );
-    assert_eq!(
-        head.headers()["docker-content-digest"],
-        image.digest.as_str()
-    );
+    assert_describes(&head, &image);
     let by_digest = proxy
         .get(&format!("/v2/library/alpine/manifests/{}", image.digest))
         .await;
@@ -143,15 +135,7 @@ async fn head_after_miss_and_head_miss_never_get() {
     let proxy = TestProxy::start(&hub).await;
 
     let head = proxy.head("/v2/library/headonly/manifests/v1").await;
-    assert_eq!(head.status(), 200);
-    assert_eq!(
-        head.headers()["content-length"],
-        image.bytes.len().to_string().as_str()
-    );
-    assert_eq!(
-        head.headers()["docker-content-digest"],
-        image.digest.as_str()
-    );
+    assert_describes(&head, &image);
     assert_eq!(head.headers()["content-type"], DOCKER_MANIFEST);
     let head = proxy
         .head(&format!("/v2/library/headonly/manifests/{}", image.digest))
@@ -381,5 +365,22 @@ async fn a_tag_deleted_upstream_is_forgotten_at_revalidation() {
     assert_eq!(
         proxy.get("/v2/library/gone/manifests/1").await.status(),
         404
+    );
+}
+
+/// A 200 whose headers describe `image`: its length (on HEAD too) and digest.
+fn assert_describes(response: &reqwest::Response, image: &Image) {
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["content-length"],
+        image.bytes.len().to_string().as_str()
+    );
+    assert_eq!(
+        response.headers()["docker-content-digest"],
+        image.digest.as_str()
+    );
+    assert_eq!(
+        response.headers()["content-type"],
+        image.media_type.as_str()
     );
 }

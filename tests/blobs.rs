@@ -80,6 +80,19 @@ async fn head_of_an_uncached_blob_is_an_upstream_head() {
 }
 
 #[tokio::test]
+async fn blob_head_works_when_the_cdn_refuses_head() {
+    let hub = FakeHub::start().await;
+    let blob = Bytes::from(pattern("cdnhead", 4321));
+    let digest = hub.push_blob("library/alpine", blob);
+    hub.fault(Fault::CdnRefusesHead);
+    let proxy = TestProxy::start(&hub).await;
+    let head = proxy.head(&blob_path("library/alpine", &digest)).await;
+    assert_eq!(head.status(), 200);
+    assert_eq!(head.headers()["content-length"], "4321");
+    assert_eq!(head.headers()["docker-content-digest"], digest.as_str());
+}
+
+#[tokio::test]
 async fn twenty_concurrent_cold_pulls_share_one_download_and_stream_early() {
     let hub = FakeHub::start().await;
     let blob = Bytes::from(pattern("big", 64 * 1024 * 1024));

@@ -213,10 +213,14 @@ impl Proxy {
             Some(entry) => match self.policy.freshness(tag, entry.validated_at, now_ms()) {
                 Freshness::Fresh => (entry, CacheStatus::Hit),
                 Freshness::Stale => {
-                    if !self.backoff.contains_key(&key) {
+                    // After a failed revalidation the tag rests in `backoff`: stale because
+                    // upstream failed, not because a revalidation is under way.
+                    if self.backoff.contains_key(&key) {
+                        Counters::inc(&self.upstream.counters.stale_upstream_error);
+                    } else {
                         drop(self.revalidate(key));
+                        Counters::inc(&self.upstream.counters.stale_revalidating);
                     }
-                    Counters::inc(&self.upstream.counters.stale_revalidating);
                     (entry, CacheStatus::Stale)
                 }
                 Freshness::Expired => (
@@ -387,13 +391,9 @@ impl Proxy {
         &self,
         flight: impl Future<Output = Result<V, Error>>,
     ) -> Result<V, Error> {
-        match tokio::time::timeout(self.deadline, flight).await {
-            Ok(outcome) => outcome,
-            Err(_) => {
-                Counters::inc(&self.upstream.counters.stale_upstream_error);
-                Err(Error::GatewayTimeout)
-            }
-        }
+        tokio::time::timeout(self.deadline, flight)
+            .await
+            .unwrap_or(Err(Error::GatewayTimeout))
     }
 
     /// GET by tag (single-flight): stores the manifest and the tag entry.

@@ -312,12 +312,40 @@ impl Upstream {
     }
 
     /// HEADs a blob.
+    /// HEADs a blob. Where that gives no size (a CDN that refuses HEAD after the redirect, or
+    /// omits `Content-Length`), asks for its first byte instead: `Content-Range` carries the
+    /// size, and blob GETs are not pulls.
     pub async fn head_blob(&self, name: &RepoName, digest: &Digest) -> Result<Head, Error> {
         let path = format!("/v2/{name}/blobs/{digest}");
-        let response = self
+        let head = match self
             .send(Method::HEAD, name, &path, None, Kind::BlobHead)
+            .await
+        {
+            Ok(response) => Head::from_headers(response.headers()),
+            Err(Error::Status(status)) if status != 429 => Head {
+                digest: None,
+                media_type: None,
+                size: None,
+            },
+            Err(e) => return Err(e),
+        };
+        if head.size.is_some() {
+            return Ok(head);
+        }
+        let response = self
+            .send(Method::GET, name, &path, Some("bytes=0-0"), Kind::BlobGet)
             .await?;
-        Ok(Head::from_headers(response.headers()))
+        let total = response
+            .headers()
+            .get(header::CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit_once('/'))
+            .and_then(|(_, total)| total.trim().parse().ok());
+        let size = match response.status() {
+            StatusCode::PARTIAL_CONTENT => total,
+            _ => Head::from_headers(response.headers()).size,
+        };
+        Ok(Head { size, ..head })
     }
 
     /// GETs a tags list page; returns the body and upstream's `Link` header.

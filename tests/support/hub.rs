@@ -43,6 +43,8 @@ pub enum Fault {
     TruncateBlob,
     /// The CDN sends each 64 KiB chunk after this pause.
     SlowBlob(Duration),
+    /// Blob HEADs redirect to the CDN too, which refuses HEAD with 405.
+    CdnRefusesHead,
 }
 
 #[derive(Default)]
@@ -517,7 +519,13 @@ async fn route(
     }
     match kind {
         "manifest" => manifest(hub, method, &repo, &reference, headers),
-        "blob" => blob(hub, method, &repo, &reference),
+        "blob" => blob(
+            hub,
+            method,
+            &repo,
+            &reference,
+            hub.faults().contains(&Fault::CdnRefusesHead),
+        ),
         _ => tags(hub, &repo, query),
     }
 }
@@ -627,7 +635,13 @@ fn manifest(
     r
 }
 
-fn blob(hub: &FakeHub, method: &Method, repo: &str, digest: &str) -> Response {
+fn blob(
+    hub: &FakeHub,
+    method: &Method,
+    repo: &str,
+    digest: &str,
+    redirect_heads: bool,
+) -> Response {
     let Some(blob) = hub.with(|i| i.repos.get(repo).and_then(|r| r.blobs.get(digest).cloned()))
     else {
         return json_error(
@@ -636,7 +650,7 @@ fn blob(hub: &FakeHub, method: &Method, repo: &str, digest: &str) -> Response {
             "blob unknown to registry",
         );
     };
-    if *method == Method::HEAD {
+    if *method == Method::HEAD && !redirect_heads {
         return Response::builder()
             .header(header::CONTENT_TYPE, "application/octet-stream")
             .header(header::CONTENT_LENGTH, blob.len())
@@ -795,6 +809,9 @@ async fn token_handler(State(hub): State<FakeHub>, request: Request) -> Response
 
 async fn cdn_handler(State(hub): State<FakeHub>, request: Request) -> Response {
     hub.bump("cdn_get");
+    if request.method() == Method::HEAD && hub.faults().contains(&Fault::CdnRefusesHead) {
+        return StatusCode::METHOD_NOT_ALLOWED.into_response();
+    }
     if request.headers().contains_key(header::AUTHORIZATION) {
         return (StatusCode::BAD_REQUEST, "Authorization header not allowed").into_response();
     }

@@ -5,12 +5,16 @@
 //! the digest verifies, so a corrupt or truncated upstream blob ends in an aborted transfer,
 //! never in a complete wrong blob. Least recently used blobs are evicted between watermarks.
 
+mod download;
+mod range;
+
+pub use range::ByteRange;
+
 use crate::disk::Layout;
 use crate::error::Error;
-use crate::metrics::Counters;
-use crate::registry::{Algorithm, Digest, RepoName, Verifier};
-use crate::upstream::Upstream;
+use crate::registry::{Algorithm, Digest, Verifier};
 use bytes::Bytes;
+use download::Download;
 use futures_util::{Stream, StreamExt};
 use std::collections::HashMap;
 use std::io::SeekFrom;
@@ -18,8 +22,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
-use tokio::sync::{Notify, watch};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::sync::Notify;
 
 const CHUNK: usize = 256 * 1024;
 
@@ -31,25 +35,6 @@ struct BlobMeta {
     readers: AtomicUsize,
     /// Hashed since this process started (files found at startup are re-verified).
     verified: AtomicBool,
-}
-
-/// Progress of one download, published to its followers.
-#[derive(Debug, Clone, Default)]
-struct Progress {
-    /// Upstream's `Content-Length`, once its headers arrived.
-    size: Option<u64>,
-    /// Upstream answered with a body.
-    started: bool,
-    /// Bytes written to the temp file so far.
-    written: u64,
-    /// Set when the download ended.
-    outcome: Option<Result<(), Error>>,
-}
-
-#[derive(Debug)]
-struct Download {
-    temp: PathBuf,
-    progress: watch::Sender<Progress>,
 }
 
 /// Limits for the store's size.
@@ -102,47 +87,6 @@ impl std::fmt::Debug for BlobBody {
             .field("range", &self.range)
             .field("source", &self.source)
             .finish()
-    }
-}
-
-/// A parsed single `Range: bytes=` request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ByteRange {
-    /// `a-b` or `a-`.
-    From(u64, Option<u64>),
-    /// `-n`: the last n bytes.
-    Suffix(u64),
-}
-
-impl ByteRange {
-    /// Parses a `Range` header; `None` for anything but one well-formed byte range (then the
-    /// whole blob is served, as RFC 9110 allows).
-    pub fn parse(value: &str) -> Option<ByteRange> {
-        let spec = value.trim().strip_prefix("bytes=")?.trim();
-        if spec.contains(',') {
-            return None;
-        }
-        let (a, b) = spec.split_once('-')?;
-        let (a, b) = (a.trim(), b.trim());
-        if a.is_empty() {
-            return b.parse().ok().filter(|n| *n > 0).map(ByteRange::Suffix);
-        }
-        let start = a.parse().ok()?;
-        if b.is_empty() {
-            return Some(ByteRange::From(start, None));
-        }
-        let end = b.parse().ok()?;
-        (end >= start).then_some(ByteRange::From(start, Some(end)))
-    }
-
-    /// Inclusive bounds within a blob of `size`, or 416 if unsatisfiable.
-    pub fn resolve(self, size: u64) -> Result<(u64, u64), Error> {
-        match self {
-            ByteRange::From(start, _) if start >= size => Err(Error::RangeInvalid { size }),
-            ByteRange::From(start, end) => Ok((start, end.unwrap_or(u64::MAX).min(size - 1))),
-            ByteRange::Suffix(_) if size == 0 => Err(Error::RangeInvalid { size }),
-            ByteRange::Suffix(n) => Ok((size - n.min(size), size - 1)),
-        }
     }
 }
 
@@ -206,12 +150,6 @@ impl BlobStore {
             .expect("index lock poisoned")
             .get(digest)
             .map(|m| m.size)
-    }
-
-    /// The size of a blob being downloaded, once upstream said it.
-    pub fn downloading_size(&self, digest: &Digest) -> Option<u64> {
-        let downloads = self.downloads.lock().expect("downloads lock poisoned");
-        downloads.get(digest).and_then(|d| d.progress.borrow().size)
     }
 
     fn scan(&self) -> std::io::Result<()> {
@@ -381,199 +319,6 @@ impl BlobStore {
         }))
     }
 
-    /// Joins the download of `digest`, or starts it (fetching from `name` upstream). Returns
-    /// once upstream's headers arrived, with the body following the download.
-    pub async fn fetch(
-        self: &Arc<Self>,
-        upstream: &Arc<Upstream>,
-        name: &RepoName,
-        digest: &Digest,
-        range: Option<ByteRange>,
-    ) -> Result<BlobBody, Error> {
-        let download = self.download(upstream, name, digest)?;
-        let mut rx = download.progress.subscribe();
-        // Wait for upstream's headers (or failure).
-        let progress = rx
-            .wait_for(|p| p.started || p.outcome.is_some())
-            .await
-            .map_err(|_| Error::Storage("download vanished".into()))?
-            .clone();
-        if let Some(Err(e)) = progress.outcome {
-            return Err(e);
-        }
-        if let Some(range) = range {
-            // A range is served from the verified file: wait for the end of the download.
-            let done = rx
-                .wait_for(|p| p.outcome.is_some())
-                .await
-                .map_err(|_| Error::Storage("download vanished".into()))?
-                .clone();
-            done.outcome.unwrap_or(Ok(()))?;
-            return match self.open_stored(digest, Some(range)).await? {
-                Some(mut body) => {
-                    body.source = Source::Miss;
-                    Ok(body)
-                }
-                None => Err(Error::BlobUnknown),
-            };
-        }
-        let file = match tokio::fs::File::open(&download.temp).await {
-            Ok(f) => f,
-            // Already renamed into the store: serve it from there.
-            Err(_) => {
-                return match self.open_stored(digest, None).await? {
-                    Some(mut body) => {
-                        body.source = Source::Miss;
-                        Ok(body)
-                    }
-                    None => Err(Error::BlobUnknown),
-                };
-            }
-        };
-        let stream = follow(file, rx);
-        Ok(BlobBody {
-            size: progress.size,
-            range: None,
-            source: Source::Miss,
-            stream: Box::pin(stream),
-        })
-    }
-
-    fn download(
-        self: &Arc<Self>,
-        upstream: &Arc<Upstream>,
-        name: &RepoName,
-        digest: &Digest,
-    ) -> Result<Arc<Download>, Error> {
-        let mut downloads = self.downloads.lock().expect("downloads lock poisoned");
-        if let Some(d) = downloads.get(digest) {
-            return Ok(Arc::clone(d));
-        }
-        let temp = self.layout.temp_file()?;
-        let (file, temp_path) = temp.into_parts();
-        let (progress, _) = watch::channel(Progress::default());
-        let download = Arc::new(Download {
-            temp: temp_path.to_path_buf(),
-            progress,
-        });
-        downloads.insert(digest.clone(), Arc::clone(&download));
-        let (store, upstream, name, digest, d) = (
-            Arc::clone(self),
-            Arc::clone(upstream),
-            name.clone(),
-            digest.clone(),
-            Arc::clone(&download),
-        );
-        tokio::spawn(async move {
-            let outcome = store
-                .run_download(
-                    &upstream,
-                    &name,
-                    &digest,
-                    &d,
-                    tokio::fs::File::from_std(file),
-                    temp_path,
-                )
-                .await;
-            if let Err(e) = &outcome {
-                tracing::warn!(%digest, repo = %name, error = %e, "blob download failed; nothing stored");
-            }
-            store
-                .downloads
-                .lock()
-                .expect("downloads lock poisoned")
-                .remove(&digest);
-            d.progress.send_modify(|p| p.outcome = Some(outcome));
-        });
-        Ok(download)
-    }
-
-    async fn run_download(
-        self: &Arc<Self>,
-        upstream: &Upstream,
-        name: &RepoName,
-        digest: &Digest,
-        download: &Download,
-        mut file: tokio::fs::File,
-        temp: tempfile::TempPath,
-    ) -> Result<(), Error> {
-        let response = upstream
-            .get_blob(name, digest, None)
-            .await
-            .map_err(Error::blob)?;
-        let size = response
-            .headers()
-            .get(reqwest::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        download.progress.send_modify(|p| {
-            p.size = size;
-            p.started = true;
-        });
-        let mut verifier = Verifier::new(digest.algorithm());
-        let mut written = 0u64;
-        let mut body = response.bytes_stream();
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| {
-                Error::Upstream(crate::upstream::Error::Unreachable(format!(
-                    "blob body: {e}"
-                )))
-            })?;
-            file.write_all(&chunk).await?;
-            // tokio's File writes in the background: flush so followers can read what we publish.
-            file.flush().await?;
-            verifier.update(&chunk);
-            written += chunk.len() as u64;
-            Counters::add(&upstream.counters.blob_bytes_fetched, chunk.len() as u64);
-            download.progress.send_modify(|p| p.written = written);
-        }
-        file.flush().await?;
-        if size.is_some_and(|s| s != written) {
-            return Err(Error::Upstream(crate::upstream::Error::BadResponse(
-                format!(
-                    "blob truncated at {written} of {} bytes",
-                    size.unwrap_or_default()
-                ),
-            )));
-        }
-        let got = verifier.finish();
-        if got != *digest {
-            return Err(Error::Upstream(crate::upstream::Error::BadResponse(
-                format!("blob content has digest {got}, not {digest}"),
-            )));
-        }
-        file.sync_all().await?;
-        drop(file);
-        let path = self.path(digest);
-        let parent = path.parent().map(Path::to_path_buf);
-        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            if let Some(parent) = parent {
-                std::fs::create_dir_all(parent)?;
-            }
-            temp.persist(&path).map_err(|e| e.error)
-        })
-        .await
-        .map_err(|e| Error::Storage(e.to_string()))??;
-        let meta = BlobMeta {
-            size: written,
-            last_access: AtomicU64::new(now_ms()),
-            readers: AtomicUsize::new(0),
-            verified: AtomicBool::new(true),
-        };
-        let previous = self
-            .index
-            .lock()
-            .expect("index lock poisoned")
-            .insert(digest.clone(), Arc::new(meta));
-        if previous.is_none() {
-            self.total.fetch_add(written, Ordering::Relaxed);
-        }
-        if self.total_bytes() as f64 > self.limits.max as f64 * self.limits.high {
-            self.evict.notify_one();
-        }
-        Ok(())
-    }
-
     /// Evicts least recently used blobs (never one being read) until below the low watermark.
     fn evict_if_needed(&self) {
         let high = (self.limits.max as f64 * self.limits.high) as u64;
@@ -625,57 +370,6 @@ impl Drop for ReaderGuard {
     }
 }
 
-/// Streams a download's temp file as it grows. The final byte waits for verification; a failed
-/// download ends the stream with an error, which aborts the client's transfer.
-fn follow(
-    file: tokio::fs::File,
-    rx: watch::Receiver<Progress>,
-) -> impl Stream<Item = std::io::Result<Bytes>> + Send {
-    futures_util::stream::unfold(
-        (file, rx, 0u64, false),
-        |(mut file, mut rx, sent, finished)| async move {
-            if finished {
-                return None;
-            }
-            loop {
-                let progress = rx.borrow_and_update().clone();
-                let limit = match &progress.outcome {
-                    Some(Err(e)) => {
-                        return Some((
-                            Err(std::io::Error::other(e.to_string())),
-                            (file, rx, sent, true),
-                        ));
-                    }
-                    Some(Ok(())) => progress.written,
-                    None => progress.written.saturating_sub(1),
-                };
-                if sent < limit {
-                    let want = usize::try_from(limit - sent)
-                        .unwrap_or(usize::MAX)
-                        .min(CHUNK);
-                    let mut buf = vec![0u8; want];
-                    return match file.read_exact(&mut buf).await {
-                        Ok(_) => {
-                            Some((Ok(Bytes::from(buf)), (file, rx, sent + want as u64, false)))
-                        }
-                        Err(e) => Some((Err(e), (file, rx, sent, true))),
-                    };
-                }
-                if progress.outcome.is_some() {
-                    return None;
-                }
-                if rx.changed().await.is_err() {
-                    // The download task is gone without an outcome: treat as failure.
-                    return Some((
-                        Err(std::io::Error::other("blob download stopped")),
-                        (file, rx, sent, true),
-                    ));
-                }
-            }
-        },
-    )
-}
-
 fn hash_file(path: &Path, algorithm: Algorithm) -> std::io::Result<Digest> {
     use std::io::Read;
     let mut file = std::fs::File::open(path)?;
@@ -687,34 +381,5 @@ fn hash_file(path: &Path, algorithm: Algorithm) -> std::io::Result<Digest> {
             return Ok(verifier.finish());
         }
         verifier.update(&buf[..n]);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_and_resolves_ranges() {
-        let cases = [
-            ("bytes=0-9", Some(ByteRange::From(0, Some(9)))),
-            ("bytes=5-", Some(ByteRange::From(5, None))),
-            ("bytes=-3", Some(ByteRange::Suffix(3))),
-            ("bytes=9-5", None),
-            ("bytes=0-1,3-4", None),
-            ("items=0-1", None),
-            ("bytes=-0", None),
-            ("bytes=a-b", None),
-        ];
-        for (input, want) in cases {
-            assert_eq!(ByteRange::parse(input), want, "{input}");
-        }
-        assert_eq!(ByteRange::From(0, Some(99)).resolve(10).unwrap(), (0, 9));
-        assert_eq!(ByteRange::Suffix(3).resolve(10).unwrap(), (7, 9));
-        assert_eq!(ByteRange::Suffix(30).resolve(10).unwrap(), (0, 9));
-        assert!(matches!(
-            ByteRange::From(10, None).resolve(10),
-            Err(Error::RangeInvalid { size: 10 })
-        ));
     }
 }

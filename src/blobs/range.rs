@@ -1,0 +1,73 @@
+//! Single byte ranges (RFC 9110 §14): parsing a `Range` header and resolving it against a size.
+
+use crate::error::Error;
+
+/// A parsed single `Range: bytes=` request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ByteRange {
+    /// `a-b` or `a-`.
+    From(u64, Option<u64>),
+    /// `-n`: the last n bytes.
+    Suffix(u64),
+}
+
+impl ByteRange {
+    /// Parses a `Range` header; `None` for anything but one well-formed byte range (then the
+    /// whole blob is served, as RFC 9110 allows).
+    pub fn parse(value: &str) -> Option<ByteRange> {
+        let spec = value.trim().strip_prefix("bytes=")?.trim();
+        if spec.contains(',') {
+            return None;
+        }
+        let (a, b) = spec.split_once('-')?;
+        let (a, b) = (a.trim(), b.trim());
+        if a.is_empty() {
+            return b.parse().ok().filter(|n| *n > 0).map(ByteRange::Suffix);
+        }
+        let start = a.parse().ok()?;
+        if b.is_empty() {
+            return Some(ByteRange::From(start, None));
+        }
+        let end = b.parse().ok()?;
+        (end >= start).then_some(ByteRange::From(start, Some(end)))
+    }
+
+    /// Inclusive bounds within a blob of `size`, or 416 if unsatisfiable.
+    pub fn resolve(self, size: u64) -> Result<(u64, u64), Error> {
+        match self {
+            ByteRange::From(start, _) if start >= size => Err(Error::RangeInvalid { size }),
+            ByteRange::From(start, end) => Ok((start, end.unwrap_or(u64::MAX).min(size - 1))),
+            ByteRange::Suffix(_) if size == 0 => Err(Error::RangeInvalid { size }),
+            ByteRange::Suffix(n) => Ok((size - n.min(size), size - 1)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_resolves_ranges() {
+        let cases = [
+            ("bytes=0-9", Some(ByteRange::From(0, Some(9)))),
+            ("bytes=5-", Some(ByteRange::From(5, None))),
+            ("bytes=-3", Some(ByteRange::Suffix(3))),
+            ("bytes=9-5", None),
+            ("bytes=0-1,3-4", None),
+            ("items=0-1", None),
+            ("bytes=-0", None),
+            ("bytes=a-b", None),
+        ];
+        for (input, want) in cases {
+            assert_eq!(ByteRange::parse(input), want, "{input}");
+        }
+        assert_eq!(ByteRange::From(0, Some(99)).resolve(10).unwrap(), (0, 9));
+        assert_eq!(ByteRange::Suffix(3).resolve(10).unwrap(), (7, 9));
+        assert_eq!(ByteRange::Suffix(30).resolve(10).unwrap(), (0, 9));
+        assert!(matches!(
+            ByteRange::From(10, None).resolve(10),
+            Err(Error::RangeInvalid { size: 10 })
+        ));
+    }
+}

@@ -4,11 +4,12 @@
 
 pub mod auth;
 pub mod ratelimit;
+mod token;
 
 use crate::config::Config;
 use crate::metrics::Counters;
 use crate::registry::{Digest, Manifest, MediaType, Reference, RepoName, UPSTREAM_ACCEPT};
-use auth::{Credentials, TokenCache, TokenKey, parse_challenges, realm_trusted};
+use auth::{Credentials, TokenCache, TokenKey, parse_challenges};
 use bytes::{Bytes, BytesMut};
 use ratelimit::RateLimits;
 use reqwest::header::{self, HeaderMap, HeaderValue};
@@ -529,165 +530,6 @@ impl Upstream {
         value.set_sensitive(true);
         Some(value)
     }
-
-    async fn bearer_token(
-        &self,
-        realm: &str,
-        service: &str,
-        scope: &str,
-    ) -> Result<(HeaderValue, Option<TokenKey>), Error> {
-        let realm_url = Url::parse(realm)
-            .map_err(|_| Error::BadResponse(format!("token realm {realm:?} is not a URL")))?;
-        let credentials = self
-            .credentials
-            .as_ref()
-            .filter(|_| realm_trusted(&self.base, &realm_url));
-        if self.credentials.is_some()
-            && credentials.is_none()
-            && !self.warned_realm.swap(true, Ordering::Relaxed)
-        {
-            tracing::warn!(realm = %realm_url.host_str().unwrap_or_default(), "token realm is not on the upstream's domain; requesting tokens anonymously");
-        }
-        let mut key = TokenKey {
-            realm: realm.to_owned(),
-            service: service.to_owned(),
-            scope: scope.to_owned(),
-            authenticated: credentials.is_some(),
-        };
-        let mut fetched = self
-            .tokens
-            .get_or_fetch(
-                key.clone(),
-                self.fetch_token(realm_url.clone(), service, scope, credentials),
-            )
-            .await;
-        if let Err(e) = &fetched
-            && credentials.is_some()
-            && **e == Error::Token(REFUSED_CREDENTIALS.into())
-        {
-            // Wrong credentials must not take public images away: fall back to anonymous.
-            tracing::error!(realm = %realm_url.host_str().unwrap_or_default(), "the token realm refused the configured credentials; continuing anonymously");
-            key.authenticated = false;
-            fetched = self
-                .tokens
-                .get_or_fetch(
-                    key.clone(),
-                    self.fetch_token(realm_url, service, scope, None),
-                )
-                .await;
-        }
-        let token = fetched.map_err(|e| (*e).clone())?;
-        let mut value = HeaderValue::from_str(&format!("Bearer {}", token.secret))
-            .map_err(|_| Error::Token("token has invalid characters".into()))?;
-        value.set_sensitive(true);
-        Ok((value, Some(key)))
-    }
-
-    /// OAuth2 password grant first when we have credentials (Docker's own flow), falling back
-    /// to the GET form every token server supports (containerd does the same).
-    async fn fetch_token(
-        &self,
-        realm: Url,
-        service: &str,
-        scope: &str,
-        credentials: Option<&Credentials>,
-    ) -> Result<auth::Token, Error> {
-        if let Some(c) = credentials {
-            let post_ok = !self
-                .post_unsupported
-                .lock()
-                .expect("lock poisoned")
-                .contains(realm.as_str());
-            if post_ok {
-                let body = {
-                    let mut form = url::form_urlencoded::Serializer::new(String::new());
-                    form.append_pair("grant_type", "password")
-                        .append_pair("username", &c.username)
-                        .append_pair("password", &c.password.0)
-                        .append_pair("service", service)
-                        .append_pair("client_id", "pullthrough")
-                        .append_pair("access_type", "offline");
-                    if !scope.is_empty() {
-                        form.append_pair("scope", scope);
-                    }
-                    form.finish()
-                };
-                Counters::inc(&self.counters.token_requests);
-                let response = self
-                    .http
-                    .post(realm.clone())
-                    .header(
-                        header::CONTENT_TYPE,
-                        "application/x-www-form-urlencoded; charset=utf-8",
-                    )
-                    .body(body)
-                    .timeout(self.request_timeout)
-                    .send()
-                    .await
-                    .map_err(|e| Error::Token(Error::from_reqwest(&e).to_string()))?;
-                match response.status() {
-                    s if s.is_success() => return parse_token(response).await,
-                    StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED => {
-                        self.post_unsupported
-                            .lock()
-                            .expect("lock poisoned")
-                            .insert(realm.to_string());
-                    }
-                    StatusCode::BAD_REQUEST | StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {}
-                    other => {
-                        return Err(Error::Token(format!(
-                            "token endpoint answered HTTP {}",
-                            other.as_u16()
-                        )));
-                    }
-                }
-            }
-        }
-        let mut url = realm;
-        {
-            let mut q = url.query_pairs_mut();
-            if !service.is_empty() {
-                q.append_pair("service", service);
-            }
-            for s in scope.split(' ').filter(|s| !s.is_empty()) {
-                q.append_pair("scope", s);
-            }
-            if let Some(c) = credentials {
-                q.append_pair("account", &c.username);
-            }
-        }
-        let mut request = self.http.get(url).timeout(self.request_timeout);
-        if let Some(c) = credentials {
-            request = request.basic_auth(&c.username, Some(&c.password.0));
-        }
-        Counters::inc(&self.counters.token_requests);
-        let response = request
-            .send()
-            .await
-            .map_err(|e| Error::Token(Error::from_reqwest(&e).to_string()))?;
-        match response.status() {
-            s if s.is_success() => parse_token(response).await,
-            StatusCode::UNAUTHORIZED if credentials.is_some() => {
-                Err(Error::Token(REFUSED_CREDENTIALS.into()))
-            }
-            other => Err(Error::Token(format!(
-                "token endpoint answered HTTP {}",
-                other.as_u16()
-            ))),
-        }
-    }
-}
-
-async fn parse_token(response: reqwest::Response) -> Result<auth::Token, Error> {
-    let received = Instant::now();
-    let body = read_limited(response, MAX_SMALL_BODY)
-        .await
-        .map_err(|e| Error::Token(e.to_string()))?;
-    let parsed: auth::TokenResponse = serde_json::from_slice(&body)
-        .map_err(|_| Error::Token("token response is not JSON".into()))?;
-    parsed
-        .into_token(received)
-        .ok_or_else(|| Error::Token("token response has no token".into()))
 }
 
 /// Reads a whole body, refusing more than `limit` bytes.

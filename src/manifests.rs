@@ -16,9 +16,9 @@ use std::time::{Duration, SystemTime};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TagEntry {
     /// The digest the tag pointed to when last validated.
-    pub digest: String,
+    pub digest: Digest,
     /// Media type of that manifest.
-    pub media_type: String,
+    pub media_type: MediaType,
     /// Size of that manifest in bytes.
     pub size: u64,
     /// When the digest was first fetched (ms since the Unix epoch).
@@ -27,7 +27,7 @@ pub struct TagEntry {
     pub validated_at: u64,
     /// A newer digest upstream has, not yet taken (rate-limit budget below the reserve).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub held_back: Option<String>,
+    pub held_back: Option<Digest>,
 }
 
 impl TagEntry {
@@ -35,25 +35,13 @@ impl TagEntry {
     pub fn new(digest: &Digest, media_type: &MediaType, size: u64) -> TagEntry {
         let now = now_ms();
         TagEntry {
-            digest: digest.to_string(),
-            media_type: media_type.to_string(),
+            digest: digest.clone(),
+            media_type: media_type.clone(),
             size,
             fetched_at: now,
             validated_at: now,
             held_back: None,
         }
-    }
-
-    /// The digest, parsed.
-    pub fn digest(&self) -> Digest {
-        self.digest
-            .parse()
-            .expect("tag entries hold validated digests")
-    }
-
-    /// The media type.
-    pub fn media_type(&self) -> MediaType {
-        MediaType::from_content_type(&self.media_type)
     }
 }
 
@@ -208,9 +196,7 @@ impl ManifestCache {
             }
             Err(e) => tracing::error!(error = %e, "could not encode tag entry"),
         }
-        if let Ok(digest) = entry.digest.parse() {
-            self.grant(name, &digest);
-        }
+        self.grant(name, &entry.digest);
         self.tags.insert((name.clone(), tag.clone()), entry);
     }
 
@@ -264,10 +250,8 @@ impl ManifestCache {
                         .ok()
                         .and_then(|raw| serde_json::from_slice::<TagEntry>(&raw).ok());
                     match (tag, entry) {
-                        (Some(tag), Some(entry)) if entry.digest.parse::<Digest>().is_ok() => {
-                            if let Ok(digest) = entry.digest.parse() {
-                                self.grant(&name, &digest);
-                            }
+                        (Some(tag), Some(entry)) => {
+                            self.grant(&name, &entry.digest);
                             self.tags.insert((name.clone(), tag), entry);
                             loaded += 1;
                         }
@@ -358,7 +342,7 @@ mod tests {
             );
         }
         let cache = ManifestCache::open(Layout::open(dir.path()).unwrap(), 1 << 20).unwrap();
-        assert_eq!(cache.tag(&name, &tag).unwrap().digest, digest.to_string());
+        assert_eq!(cache.tag(&name, &tag).unwrap().digest, digest);
         let m = cache.get(&digest).unwrap();
         assert_eq!((m.bytes.clone(), m.media_type.clone()), (bytes, media_type));
         assert!(cache.granted(&name, &digest));

@@ -250,8 +250,8 @@ impl Proxy {
         accept: &Accept,
         want_body: bool,
     ) -> Result<Served, Error> {
-        let digest = entry.digest();
-        let media_type = entry.media_type();
+        let digest = entry.digest.clone();
+        let media_type = entry.media_type.clone();
         match accept.negotiate(&media_type, true) {
             Negotiation::Unacceptable(message) => Err(Error::ManifestUnknown(message.into())),
             Negotiation::Serve if !want_body => Ok(Served {
@@ -506,7 +506,7 @@ impl Proxy {
         let Some(new_digest) = head.digest.clone() else {
             return self.fetch_tag(key.clone()).await;
         };
-        if new_digest.to_string() == entry.digest {
+        if new_digest == entry.digest {
             entry.validated_at = now_ms();
             entry.held_back = None;
             self.manifests.set_tag(name, tag, entry.clone());
@@ -519,11 +519,11 @@ impl Proxy {
             }
             Counters::inc(&self.upstream.counters.stale_budget);
             entry.validated_at = now_ms();
-            entry.held_back = Some(new_digest.to_string());
+            entry.held_back = Some(new_digest.clone());
             self.manifests.set_tag(name, tag, entry.clone());
             return Ok(entry);
         }
-        let had_bytes = self.manifests.get(&entry.digest()).is_some();
+        let had_bytes = self.manifests.get(&entry.digest).is_some();
         let new_entry = match (head.media_type, head.size) {
             (Some(media_type), Some(size)) if !had_bytes && size > 0 => {
                 TagEntry::new(&new_digest, &media_type, size)

@@ -58,6 +58,18 @@ impl fmt::Debug for MediaType {
     }
 }
 
+impl serde::Serialize for MediaType {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for MediaType {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(MediaType::from_content_type(&String::deserialize(d)?))
+    }
+}
+
 /// A manifest exactly as upstream sent it. Never re-serialized: the digest is over these bytes.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Manifest {

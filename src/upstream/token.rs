@@ -105,7 +105,7 @@ impl Upstream {
                     .timeout(self.request_timeout)
                     .send()
                     .await
-                    .map_err(|e| Error::Token(Error::from_reqwest(&e).to_string()))?;
+                    .map_err(|e| Error::Token(Error::from_reqwest(&e.without_url()).to_string()))?;
                 match response.status() {
                     s if s.is_success() => return parse_token(response).await,
                     StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED => {
@@ -145,7 +145,7 @@ impl Upstream {
         let response = request
             .send()
             .await
-            .map_err(|e| Error::Token(Error::from_reqwest(&e).to_string()))?;
+            .map_err(|e| Error::Token(Error::from_reqwest(&e.without_url()).to_string()))?;
         match response.status() {
             s if s.is_success() => parse_token(response).await,
             StatusCode::UNAUTHORIZED if credentials.is_some() => {

@@ -244,6 +244,7 @@ impl Config {
                 "need 0 < cache_low_watermark < cache_high_watermark <= 1",
             );
         }
+        self.password()?;
         for pattern in &self.immutable_tags {
             if let Err(e) = regex::Regex::new(pattern) {
                 return bad(

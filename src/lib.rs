@@ -36,7 +36,15 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let app = app(&config)?;
+    serve(app(&config)?, listener, shutdown).await
+}
+
+/// Serves a built router (see [`app`]) until `shutdown` resolves, with the same grace period.
+pub async fn serve(
+    app: axum::Router,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
     let signal = async move {
         shutdown.await;

@@ -61,15 +61,27 @@ async fn main() -> ExitCode {
             .with_env_filter(filter)
             .init(),
     }
+    // Everything that can fail on a bad setting (data directory, password file, patterns)
+    // fails here, before serving, with exit status 2.
+    let app = match pullthrough::app(&config) {
+        Ok(app) => app,
+        Err(e) => {
+            eprintln!("pullthrough: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
     let listener = match TcpListener::bind(config.listen).await {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("pullthrough: cannot listen on {}: {e}", config.listen);
+            eprintln!(
+                "pullthrough: invalid value for key \"listen\": cannot listen on {}: {e}",
+                config.listen
+            );
             return ExitCode::from(2);
         }
     };
     tracing::info!(addr = %config.listen, upstream = %config.upstream, data_dir = %config.data_dir.display(), "listening");
-    match pullthrough::run(config, listener, shutdown_signal()).await {
+    match pullthrough::serve(app, listener, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("pullthrough: {e:#}");

@@ -26,8 +26,12 @@ pub struct AppState {
 impl AppState {
     /// Opens the data directory and builds every component.
     pub fn new(config: &Config) -> anyhow::Result<AppState> {
-        let layout = Layout::open(&config.data_dir)
-            .with_context(|| format!("opening data directory {}", config.data_dir.display()))?;
+        let layout = Layout::open(&config.data_dir).with_context(|| {
+            format!(
+                "invalid value for key \"data_dir\": cannot use {}",
+                config.data_dir.display()
+            )
+        })?;
         let upstream = Arc::new(Upstream::new(config)?);
         let manifests = Arc::new(ManifestCache::open(
             layout.clone(),

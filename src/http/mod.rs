@@ -13,7 +13,7 @@ use crate::registry::Accept;
 use crate::state::AppState;
 use axum::Router;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use path::RegistryPath;
@@ -53,12 +53,8 @@ async fn api_version(method: Method) -> Response {
     response
 }
 
-async fn dispatch(
-    State(state): State<Arc<AppState>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-) -> Result<Response, Error> {
+async fn dispatch(State(state): State<Arc<AppState>>, request: Request) -> Result<Response, Error> {
+    let (method, uri, headers) = (request.method(), request.uri(), request.headers());
     if method != Method::GET && method != Method::HEAD {
         return Err(Error::Unsupported(method.to_string()));
     }
@@ -134,13 +130,17 @@ async fn dispatch(
 /// One event per request, and the API version header on every response.
 async fn access_log(request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = request.method().clone();
-    let path = request.uri().path().to_owned();
+    // Skip copying the request line when nobody will see the event (benchmarks, RUST_LOG=warn).
+    let line = tracing::enabled!(tracing::Level::INFO)
+        .then(|| (request.method().clone(), request.uri().path().to_owned()));
     let mut response = next.run(request).await;
     response.headers_mut().insert(
         "docker-distribution-api-version",
         HeaderValue::from_static("registry/2.0"),
     );
+    let Some((method, path)) = line else {
+        return response;
+    };
     let cache = response
         .headers()
         .get("x-cache")

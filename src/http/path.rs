@@ -4,7 +4,7 @@
 
 use crate::error::Error;
 use crate::registry::{Digest, Reference, RepoName};
-use crate::registry::{DigestError, TagError};
+use crate::registry::{DigestError, ReferenceError};
 
 /// A parsed registry API path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,36 +42,35 @@ impl RegistryPath {
 
     /// Parses the part after `/v2/`, raw (not percent-decoded: '%' is never valid here).
     pub fn parse(tail: &str, docker_hub: bool) -> Result<RegistryPath, Error> {
-        let segments: Vec<&str> = tail.split('/').collect();
-        let n = segments.len();
-        let name = |upto: usize| {
-            let raw = segments[..upto].join("/");
-            RepoName::parse(&raw, docker_hub).map_err(|e| Error::NameInvalid(e.to_string()))
+        // From the right: <name>/<keyword>/<last>; the name is whatever precedes.
+        let mut parts = tail.rsplitn(3, '/');
+        let (last, keyword, rest) = (parts.next().unwrap_or_default(), parts.next(), parts.next());
+        let name = || {
+            let raw = rest.unwrap_or_default();
+            RepoName::parse(raw, docker_hub).map_err(|e| Error::NameInvalid(e.to_string()))
         };
-        if n >= 3 && segments[n - 2] == "tags" && segments[n - 1] == "list" {
-            return Ok(RegistryPath::TagsList { name: name(n - 2)? });
+        match (keyword, rest.is_some()) {
+            (Some("tags"), true) if last == "list" => Ok(RegistryPath::TagsList { name: name()? }),
+            (Some("manifests"), true) => {
+                let name = name()?;
+                let reference = Reference::parse(last).map_err(|e| match e {
+                    ReferenceError::Digest(d) => Error::DigestInvalid(d.to_string()),
+                    ReferenceError::Tag(t) => Error::TagInvalid(t.to_string()),
+                })?;
+                Ok(RegistryPath::Manifest { name, reference })
+            }
+            (Some("blobs"), true) if last != "uploads" => {
+                let name = name()?;
+                let digest = last
+                    .parse()
+                    .map_err(|e: DigestError| Error::DigestInvalid(e.to_string()))?;
+                Ok(RegistryPath::Blob { name, digest })
+            }
+            _ if tail.split('/').any(|s| s == "uploads") => {
+                Err(Error::Unsupported("pushing".into()))
+            }
+            _ => Err(Error::NotFound(format!("/v2/{tail}"))),
         }
-        if n >= 3 && segments[n - 2] == "manifests" {
-            let name = name(n - 2)?;
-            let reference = Reference::parse(segments[n - 1]).map_err(|e| match e {
-                crate::registry::ReferenceError::Digest(d) => Error::DigestInvalid(d.to_string()),
-                crate::registry::ReferenceError::Tag(TagError) => {
-                    Error::TagInvalid(TagError.to_string())
-                }
-            })?;
-            return Ok(RegistryPath::Manifest { name, reference });
-        }
-        if n >= 3 && segments[n - 2] == "blobs" && segments[n - 1] != "uploads" {
-            let name = name(n - 2)?;
-            let digest = segments[n - 1]
-                .parse()
-                .map_err(|e: DigestError| Error::DigestInvalid(e.to_string()))?;
-            return Ok(RegistryPath::Blob { name, digest });
-        }
-        if segments.contains(&"uploads") || tail.ends_with("/blobs/uploads/") {
-            return Err(Error::Unsupported("pushing".into()));
-        }
-        Err(Error::NotFound(format!("/v2/{tail}")))
     }
 }
 

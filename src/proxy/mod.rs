@@ -114,13 +114,13 @@ pub struct Proxy {
 
 /// A request for a manifest, as parsed at the edge.
 #[derive(Debug, Clone)]
-pub struct ManifestRequest {
+pub struct ManifestRequest<'a> {
     /// Repository.
     pub name: RepoName,
     /// Tag or digest.
     pub reference: Reference,
     /// The client's Accept lines.
-    pub accept: Accept,
+    pub accept: Accept<'a>,
     /// GET (true) or HEAD (false).
     pub want_body: bool,
 }
@@ -171,7 +171,7 @@ impl Proxy {
     }
 
     /// Answers a manifest GET or HEAD.
-    pub async fn manifest(self: &Arc<Self>, req: &ManifestRequest) -> Result<Served, Error> {
+    pub async fn manifest(self: &Arc<Self>, req: &ManifestRequest<'_>) -> Result<Served, Error> {
         let mut served = match &req.reference {
             Reference::Digest(d) => {
                 self.by_digest(&req.name, d, &req.accept, req.want_body)
@@ -195,7 +195,7 @@ impl Proxy {
         self: &Arc<Self>,
         name: &RepoName,
         tag: &Tag,
-        accept: &Accept,
+        accept: &Accept<'_>,
         want_body: bool,
     ) -> Result<Served, Error> {
         let key = (name.clone(), tag.clone());
@@ -247,7 +247,7 @@ impl Proxy {
         name: &RepoName,
         entry: &TagEntry,
         status: CacheStatus,
-        accept: &Accept,
+        accept: &Accept<'_>,
         want_body: bool,
     ) -> Result<Served, Error> {
         let digest = entry.digest.clone();
@@ -286,7 +286,7 @@ impl Proxy {
         self: &Arc<Self>,
         name: &RepoName,
         digest: &Digest,
-        accept: &Accept,
+        accept: &Accept<'_>,
         want_body: bool,
     ) -> Result<Served, Error> {
         let started = Instant::now();

@@ -4,6 +4,7 @@
 use sha2::{Digest as _, Sha256, Sha512};
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 /// A hash algorithm pullthrough can verify. Digests with other algorithms are rejected at the
 /// edge: content we cannot verify is content we must not cache.
@@ -36,7 +37,8 @@ impl Algorithm {
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Digest {
     algorithm: Algorithm,
-    hex: String,
+    /// Shared, so cloning a digest (every cache hit does) never allocates.
+    hex: Arc<str>,
 }
 
 /// Why a string is not a digest pullthrough accepts.
@@ -111,7 +113,7 @@ impl FromStr for Digest {
         }
         Ok(Digest {
             algorithm,
-            hex: hex.to_owned(),
+            hex: hex.into(),
         })
     }
 }
@@ -173,7 +175,10 @@ impl Verifier {
             Verifier::Sha256(h) => (Algorithm::Sha256, hex::encode(h.finalize())),
             Verifier::Sha512(h) => (Algorithm::Sha512, hex::encode(h.finalize())),
         };
-        Digest { algorithm, hex }
+        Digest {
+            algorithm,
+            hex: hex.into(),
+        }
     }
 }
 

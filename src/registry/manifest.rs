@@ -94,8 +94,9 @@ impl fmt::Debug for Manifest {
 /// The media types a client accepts: every `Accept` line merged and split on commas, with
 /// parameters (q-values) ignored, as distribution does.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Accept {
-    types: Vec<String>,
+pub struct Accept<'a> {
+    /// Borrowed from the request: parsing allocates nothing but this list.
+    types: Vec<&'a str>,
     /// No `Accept` header at all: the client gets what upstream gave.
     absent: bool,
 }
@@ -111,9 +112,9 @@ pub enum Negotiation {
     Unacceptable(&'static str),
 }
 
-impl Accept {
+impl<'a> Accept<'a> {
     /// Parses every `Accept` header line.
-    pub fn parse<'a>(lines: impl IntoIterator<Item = &'a str>) -> Accept {
+    pub fn parse(lines: impl IntoIterator<Item = &'a str>) -> Accept<'a> {
         let mut types = Vec::new();
         let mut absent = true;
         for line in lines {
@@ -121,7 +122,7 @@ impl Accept {
             for item in line.split(',') {
                 let essence = item.split(';').next().unwrap_or_default().trim();
                 if !essence.is_empty() {
-                    types.push(essence.to_ascii_lowercase());
+                    types.push(essence);
                 }
             }
         }
@@ -129,7 +130,11 @@ impl Accept {
     }
 
     fn accepts(&self, media_type: &str) -> bool {
-        self.absent || self.types.iter().any(|t| t == media_type || t == "*/*")
+        self.absent
+            || self
+                .types
+                .iter()
+                .any(|t| t.eq_ignore_ascii_case(media_type) || *t == "*/*")
     }
 
     /// distribution's rule: OCI types the client does not accept are 404; a Docker list

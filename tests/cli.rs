@@ -1,0 +1,93 @@
+//! The binary's start-up contract: a bad setting stops it with one line naming the key and exit
+//! status 2; `--help` documents the flags.
+
+use std::process::Command;
+
+fn pullthrough(env: &[(&str, &str)], args: &[&str]) -> std::process::Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_pullthrough"));
+    c.args(args).env("PULLTHROUGH_LISTEN", "127.0.0.1:0");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().unwrap()
+}
+
+#[test]
+fn bad_settings_exit_2_with_one_line_naming_the_key() {
+    let cases: &[(&[(&str, &str)], &[&str], &str)] = &[
+        (
+            &[("PULLTHROUGH_TAG_TTL", "soon")],
+            &[],
+            "PULLTHROUGH_TAG_TTL",
+        ),
+        (
+            &[("PULLTHROUGH_UPSTREAM", "ftp://example")],
+            &[],
+            "upstream",
+        ),
+        (&[("PULLTHROUGH_TAG_TLL", "5m")], &[], "PULLTHROUGH_TAG_TLL"),
+        (&[], &["--listen", "not-an-address"], "listen"),
+        (
+            &[],
+            &["--config", "/nonexistent/pullthrough.toml"],
+            "/nonexistent/pullthrough.toml",
+        ),
+        (
+            &[("PULLTHROUGH_DATA_DIR", "/proc/pullthrough-cannot-be-here")],
+            &[],
+            "data_dir",
+        ),
+        (
+            &[
+                ("PULLTHROUGH_UPSTREAM_USERNAME", "u"),
+                ("PULLTHROUGH_UPSTREAM_PASSWORD_FILE", "/nonexistent/secret"),
+            ],
+            &[],
+            "upstream_password_file",
+        ),
+    ];
+    for (env, args, key) in cases {
+        let out = pullthrough(env, args);
+        assert_eq!(out.status.code(), Some(2), "{env:?} {args:?}");
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(key), "{key} not in {stderr}");
+    }
+}
+
+#[test]
+fn the_documented_config_file_loads() {
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/config/pullthrough.toml");
+    let config = pullthrough::config::Config::load(
+        Some(std::path::Path::new(file)),
+        Vec::new(),
+        &Default::default(),
+    )
+    .unwrap();
+    let defaults = pullthrough::Config::default();
+    assert_eq!(
+        config.listen, defaults.listen,
+        "the file shows the defaults"
+    );
+    assert_eq!(config.tag_ttl, defaults.tag_ttl);
+    assert_eq!(config.max_stale, defaults.max_stale);
+    assert_eq!(config.manifest_cache_bytes, defaults.manifest_cache_bytes);
+    assert_eq!(config.cache_max_disk, defaults.cache_max_disk);
+}
+
+#[test]
+fn help_lists_the_flags() {
+    let out = pullthrough(&[], &["--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    for flag in [
+        "--config",
+        "--listen",
+        "--upstream",
+        "--tag-ttl",
+        "--data-dir",
+        "--log-format",
+    ] {
+        assert!(help.contains(flag), "{flag}");
+    }
+}

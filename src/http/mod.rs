@@ -81,7 +81,7 @@ async fn dispatch(State(state): State<Arc<AppState>>, request: Request) -> Resul
                 want_body: with_body,
             };
             let served = state.proxy.manifest(&request).await?;
-            Ok(manifests::respond(served, &headers, with_body))
+            Ok(manifests::respond(served, headers, with_body))
         }
         RegistryPath::Blob { name, digest } => {
             if with_body {

@@ -14,7 +14,8 @@ fn pullthrough(env: &[(&str, &str)], args: &[&str]) -> std::process::Output {
 
 #[test]
 fn bad_settings_exit_2_with_one_line_naming_the_key() {
-    let cases: &[(&[(&str, &str)], &[&str], &str)] = &[
+    type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str], &'a str);
+    let cases: &[Case] = &[
         (
             &[("PULLTHROUGH_TAG_TTL", "soon")],
             &[],

@@ -296,6 +296,62 @@ async fn eviction_keeps_the_store_under_its_limit() {
     assert_eq!(first.bytes().await.unwrap(), blobs[0]);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eviction_during_a_pull_never_breaks_it() {
+    let hub = FakeHub::start().await;
+    let slow = Bytes::from(pattern("slow-evict", 2 * 1024 * 1024));
+    let slow_digest = hub.push_blob("library/e", slow.clone());
+    let others: Vec<Bytes> = (0..6)
+        .map(|i| Bytes::from(pattern(&format!("fill{i}"), 1024 * 1024)))
+        .collect();
+    let other_digests: Vec<String> = others
+        .iter()
+        .map(|b| hub.push_blob("library/e", b.clone()))
+        .collect();
+    let proxy = TestProxy::start_with(&hub, |c| {
+        c.cache_max_disk = bytesize::ByteSize::mib(4);
+        c.cache_high_watermark = 0.9;
+        c.cache_low_watermark = 0.5;
+    })
+    .await;
+    // Cache the big blob, then read it slowly while other pulls push the store over its limit.
+    assert_eq!(
+        proxy
+            .get(&blob_path("library/e", &slow_digest))
+            .await
+            .bytes()
+            .await
+            .unwrap(),
+        slow
+    );
+    let response = proxy.get(&blob_path("library/e", &slow_digest)).await;
+    assert_eq!(response.headers()["x-cache"], "HIT");
+    let mut stream = response.bytes_stream();
+    let mut received = stream.next().await.unwrap().unwrap().to_vec();
+    for (d, b) in other_digests.iter().zip(&others) {
+        assert_eq!(
+            proxy
+                .get(&blob_path("library/e", d))
+                .await
+                .bytes()
+                .await
+                .unwrap(),
+            *b
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    while let Some(chunk) = stream.next().await {
+        received.extend_from_slice(&chunk.unwrap());
+    }
+    assert_eq!(
+        sha256(&received),
+        slow_digest,
+        "the pull in progress completed intact"
+    );
+    let on_disk = walk(&proxy.config.data_dir.join("blobs"));
+    assert!(on_disk <= 4 * 1024 * 1024, "{on_disk} bytes on disk");
+}
+
 fn walk(dir: &std::path::Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;

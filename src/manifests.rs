@@ -164,18 +164,21 @@ impl ManifestCache {
     }
 
     /// Stores a verified manifest in memory and, durably, on disk.
-    pub fn put(&self, manifest: Manifest) -> Arc<Manifest> {
-        let path = self.manifest_path(&manifest.digest);
+    pub async fn put(&self, manifest: Manifest) -> Arc<Manifest> {
+        let m = Arc::new(manifest);
+        let path = self.manifest_path(&m.digest);
         if !path.exists() {
-            let header = format!("{}\n", manifest.media_type);
-            if let Err(e) =
-                self.layout
-                    .write_atomic(&path, &[header.as_bytes(), &manifest.bytes], true)
-            {
-                tracing::error!(error = %e, digest = %manifest.digest, "could not store manifest on disk");
+            // fsync takes milliseconds: keep it off the async workers.
+            let (layout, stored) = (self.layout.clone(), Arc::clone(&m));
+            let written = tokio::task::spawn_blocking(move || {
+                let header = format!("{}\n", stored.media_type);
+                layout.write_atomic(&path, &[header.as_bytes(), &stored.bytes], true)
+            })
+            .await;
+            if let Err(e) = written.map_err(std::io::Error::other).and_then(|r| r) {
+                tracing::error!(error = %e, digest = %m.digest, "could not store manifest on disk");
             }
         }
-        let m = Arc::new(manifest);
         self.by_digest.insert(m.digest.clone(), Arc::clone(&m));
         m
     }
@@ -318,8 +321,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn persists_manifests_and_tags() {
+    #[tokio::test]
+    async fn persists_manifests_and_tags() {
         let dir = tempfile::tempdir().unwrap();
         let bytes = bytes::Bytes::from_static(
             br#"{"mediaType":"application\/vnd.oci.image.index.v1+json"}"#,
@@ -330,11 +333,13 @@ mod tests {
         let tag = Tag::parse("3.20").unwrap();
         {
             let cache = ManifestCache::open(Layout::open(dir.path()).unwrap(), 1 << 20).unwrap();
-            cache.put(Manifest {
-                bytes: bytes.clone(),
-                media_type: media_type.clone(),
-                digest: digest.clone(),
-            });
+            cache
+                .put(Manifest {
+                    bytes: bytes.clone(),
+                    media_type: media_type.clone(),
+                    digest: digest.clone(),
+                })
+                .await;
             cache.set_tag(
                 &name,
                 &tag,

@@ -21,6 +21,8 @@ pub struct AppState {
     namespaces: Vec<String>,
     /// How long request parsing may wait to learn whether the upstream is Docker Hub.
     probe_deadline: std::time::Duration,
+    /// `upstream_deadline`: the longest any request waits for its response headers.
+    pub deadline: std::time::Duration,
 }
 
 impl AppState {
@@ -50,7 +52,8 @@ impl AppState {
             proxy,
             upstream,
             namespaces: config.namespaces.clone(),
-            probe_deadline: config.upstream_deadline / 2,
+            probe_deadline: (config.upstream_deadline / 2).min(std::time::Duration::from_secs(2)),
+            deadline: config.upstream_deadline,
         })
     }
 

@@ -53,7 +53,16 @@ async fn api_version(method: Method) -> Response {
     response
 }
 
+/// Every registry request gets its response headers within the upstream deadline, however its
+/// parts (learning the upstream's kind, fetching) add up; bodies stream on afterwards.
 async fn dispatch(State(state): State<Arc<AppState>>, request: Request) -> Result<Response, Error> {
+    let deadline = state.deadline;
+    tokio::time::timeout(deadline, pull(state, request))
+        .await
+        .unwrap_or(Err(Error::GatewayTimeout))
+}
+
+async fn pull(state: Arc<AppState>, request: Request) -> Result<Response, Error> {
     let (method, uri, headers) = (request.method(), request.uri(), request.headers());
     if method != Method::GET && method != Method::HEAD {
         return Err(Error::Unsupported(method.to_string()));

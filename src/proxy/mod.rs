@@ -414,7 +414,7 @@ impl Proxy {
                 &manifest.media_type,
                 manifest.bytes.len() as u64,
             );
-            this.manifests.put(manifest);
+            this.manifests.put(manifest).await;
             this.manifests.set_tag(&name, &tag, entry.clone());
             Ok(entry)
         })
@@ -461,7 +461,7 @@ impl Proxy {
                 .await
                 .map_err(Error::manifest)?;
             this.manifests.grant(&name, &digest);
-            Ok(this.manifests.put(manifest))
+            Ok(this.manifests.put(manifest).await)
         })
     }
 

@@ -110,7 +110,8 @@ impl Proxy {
             this.tag_pages.insert((name, query), Arc::clone(&page));
             Ok(page)
         });
-        match tokio::time::timeout(self.deadline, flight).await {
+        // A little under the deadline, so the stale copy beats the request-wide deadline.
+        match tokio::time::timeout(self.deadline.mul_f64(0.9), flight).await {
             Ok(Ok(page)) => Ok(TagsPage {
                 fetched: true,
                 ..(*page).clone()

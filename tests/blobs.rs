@@ -140,6 +140,25 @@ async fn twenty_concurrent_cold_pulls_share_one_download_and_stream_early() {
 }
 
 #[tokio::test]
+async fn a_departing_client_does_not_stop_the_download() {
+    let hub = FakeHub::start().await;
+    let blob = Bytes::from(pattern("departing", 4 * 1024 * 1024));
+    let digest = hub.push_blob("library/d", blob.clone());
+    hub.fault(Fault::SlowBlob(Duration::from_millis(2)));
+    let proxy = TestProxy::start(&hub).await;
+    let path = blob_path("library/d", &digest);
+    let response = proxy.get(&path).await;
+    let mut stream = response.bytes_stream();
+    stream.next().await.unwrap().unwrap();
+    drop(stream);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let r = proxy.get(&path).await;
+    assert_eq!(r.headers()["x-cache"], "HIT", "the download finished for the cache");
+    assert_eq!(r.bytes().await.unwrap(), blob);
+    assert_eq!(hub.count("blob_get"), 1);
+}
+
+#[tokio::test]
 async fn corrupt_or_truncated_blobs_are_never_served_or_stored() {
     for fault in [Fault::CorruptBlob, Fault::TruncateBlob] {
         let hub = FakeHub::start().await;

@@ -153,7 +153,11 @@ async fn a_departing_client_does_not_stop_the_download() {
     drop(stream);
     tokio::time::sleep(Duration::from_millis(600)).await;
     let r = proxy.get(&path).await;
-    assert_eq!(r.headers()["x-cache"], "HIT", "the download finished for the cache");
+    assert_eq!(
+        r.headers()["x-cache"],
+        "HIT",
+        "the download finished for the cache"
+    );
     assert_eq!(r.bytes().await.unwrap(), blob);
     assert_eq!(hub.count("blob_get"), 1);
 }

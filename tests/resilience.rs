@@ -340,3 +340,40 @@ async fn upstream_concurrency_is_capped() {
     assert!(hub.peak_in_flight() <= 4, "peak {}", hub.peak_in_flight());
     assert_eq!(hub.count("manifest_get"), 100);
 }
+
+#[tokio::test]
+async fn a_spent_budget_still_allows_heads_and_cached_pulls() {
+    let hub = FakeHub::start().await;
+    let cached = image("spent-cached");
+    hub.push("library/spent", "cached", &cached);
+    hub.push("library/spent", "new", &image("spent-new"));
+    let proxy = TestProxy::start(&hub).await;
+    assert_eq!(
+        proxy
+            .get("/v2/library/spent/manifests/cached")
+            .await
+            .status(),
+        200
+    );
+    hub.set_budget(100, 0);
+    // Hub answers HEADs at zero budget: a client HEAD of a new tag works, and costs no pull.
+    let head = proxy.head("/v2/library/spent/manifests/new").await;
+    assert_eq!(head.status(), 200);
+    let r = proxy.get("/v2/library/spent/manifests/new").await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(error_code(r).await, "TOOMANYREQUESTS");
+    let r = proxy.get("/v2/library/spent/manifests/cached").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap(), cached.bytes);
+    assert_eq!(
+        hub.count("manifest_get"),
+        2,
+        "one pull for the cached tag, one refused"
+    );
+    // Without a Retry-After there is nothing to wait for: a new window is used at once.
+    hub.reset_window();
+    assert_eq!(
+        proxy.get("/v2/library/spent/manifests/new").await.status(),
+        200
+    );
+}

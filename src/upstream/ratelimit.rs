@@ -84,10 +84,17 @@ impl RateLimits {
             .map(|d| d.as_secs());
     }
 
-    /// Records a 429: pause for `retry_after` (60 s when upstream gave none).
+    /// Records a 429: pause for `retry_after`.
     pub fn pause(&self, retry_after: Option<Duration>, abuse: bool) {
+        // A pull-limit 429 without Retry-After gives no time to wait for: the next GET asks
+        // again (429s are not pulls). The abuse limit means "back off", 60 s unless told.
+        let wait = match (retry_after, abuse) {
+            (Some(wait), _) => wait,
+            (None, true) => Duration::from_secs(60),
+            (None, false) => return,
+        };
         let mut s = self.state.lock().expect("rate-limit lock poisoned");
-        let until = Instant::now() + retry_after.unwrap_or(Duration::from_secs(60));
+        let until = Instant::now() + wait;
         s.paused_until = Some(s.paused_until.map_or(until, |u| u.max(until)));
         s.pause_everything |= abuse;
     }

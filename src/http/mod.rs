@@ -5,6 +5,7 @@ mod blobs;
 mod error;
 mod manifests;
 pub mod path;
+mod tags;
 
 use crate::blobs::ByteRange;
 use crate::error::Error;
@@ -70,6 +71,10 @@ async fn pull(state: Arc<AppState>, request: Request) -> Result<Response, Error>
     let tail = uri.path().strip_prefix("/v2/").unwrap_or_default();
     // Validate before anything can reach upstream; learn Hub-ness only for names that need it.
     let mut target = RegistryPath::parse(tail, false)?;
+    let tags_query = match target {
+        RegistryPath::TagsList { .. } => TagsQuery::parse(uri.query())?,
+        _ => TagsQuery::default(),
+    };
     if target.name().as_str().split('/').count() == 1 && state.docker_hub().await {
         target = RegistryPath::parse(tail, true)?;
     }
@@ -106,32 +111,8 @@ async fn pull(state: Arc<AppState>, request: Request) -> Result<Response, Error>
             }
         }
         RegistryPath::TagsList { name } => {
-            let page = state
-                .proxy
-                .tags_list(&name, TagsQuery::parse(uri.query())?)
-                .await?;
-            let mut response = Response::builder()
-                .header(header::CONTENT_TYPE, "application/json")
-                .header(
-                    "x-cache",
-                    if page.stale {
-                        "STALE"
-                    } else if page.fetched {
-                        "MISS"
-                    } else {
-                        "HIT"
-                    },
-                )
-                .header(header::CONTENT_LENGTH, page.body.len());
-            if let Some(link) = &page.link {
-                response = response.header(header::LINK, link);
-            }
-            let body = if with_body {
-                axum::body::Body::from(page.body)
-            } else {
-                axum::body::Body::empty()
-            };
-            Ok(response.body(body).expect("static response parts"))
+            let page = state.proxy.tags_list(&name, tags_query).await?;
+            Ok(tags::respond(page, with_body))
         }
     }
 }

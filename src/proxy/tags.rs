@@ -25,7 +25,7 @@ pub struct TagsPage {
 }
 
 /// Which page is asked for.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct TagsQuery {
     /// `n`: page size.
     pub n: Option<u32>,

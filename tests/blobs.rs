@@ -285,29 +285,10 @@ async fn private_blobs_are_shared_only_where_upstream_confirms_access() {
 #[tokio::test]
 async fn eviction_keeps_the_store_under_its_limit() {
     let hub = FakeHub::start().await;
-    let blobs: Vec<Bytes> = (0..8)
-        .map(|i| Bytes::from(pattern(&format!("evict{i}"), 1024 * 1024)))
-        .collect();
-    let digests: Vec<String> = blobs
-        .iter()
-        .map(|b| hub.push_blob("library/e", b.clone()))
-        .collect();
-    let proxy = TestProxy::start_with(&hub, |c| {
-        c.cache_max_disk = bytesize::ByteSize::mib(4);
-        c.cache_high_watermark = 0.9;
-        c.cache_low_watermark = 0.5;
-    })
-    .await;
+    let (blobs, digests) = push_mib_blobs(&hub, "evict", 8);
+    let proxy = four_mib_store(&hub).await;
     for (d, b) in digests.iter().zip(&blobs) {
-        assert_eq!(
-            proxy
-                .get(&blob_path("library/e", d))
-                .await
-                .bytes()
-                .await
-                .unwrap(),
-            *b
-        );
+        assert_eq!(get_bytes(&proxy, &blob_path("library/e", d)).await, *b);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let on_disk: u64 = walk(&proxy.config.data_dir.join("blobs"));
@@ -324,19 +305,8 @@ async fn eviction_during_a_pull_never_breaks_it() {
     let hub = FakeHub::start().await;
     let slow = Bytes::from(pattern("slow-evict", 2 * 1024 * 1024));
     let slow_digest = hub.push_blob("library/e", slow.clone());
-    let others: Vec<Bytes> = (0..6)
-        .map(|i| Bytes::from(pattern(&format!("fill{i}"), 1024 * 1024)))
-        .collect();
-    let other_digests: Vec<String> = others
-        .iter()
-        .map(|b| hub.push_blob("library/e", b.clone()))
-        .collect();
-    let proxy = TestProxy::start_with(&hub, |c| {
-        c.cache_max_disk = bytesize::ByteSize::mib(4);
-        c.cache_high_watermark = 0.9;
-        c.cache_low_watermark = 0.5;
-    })
-    .await;
+    let (others, other_digests) = push_mib_blobs(&hub, "fill", 6);
+    let proxy = four_mib_store(&hub).await;
     // Cache the big blob, then read it slowly while other pulls push the store over its limit.
     assert_eq!(
         proxy
@@ -373,6 +343,32 @@ async fn eviction_during_a_pull_never_breaks_it() {
     );
     let on_disk = walk(&proxy.config.data_dir.join("blobs"));
     assert!(on_disk <= 4 * 1024 * 1024, "{on_disk} bytes on disk");
+}
+
+/// `n` blobs of 1 MiB in library/e, with their digests.
+fn push_mib_blobs(hub: &FakeHub, seed: &str, n: usize) -> (Vec<Bytes>, Vec<String>) {
+    let blobs: Vec<Bytes> = (0..n)
+        .map(|i| Bytes::from(pattern(&format!("{seed}{i}"), 1024 * 1024)))
+        .collect();
+    let digests = blobs
+        .iter()
+        .map(|b| hub.push_blob("library/e", b.clone()))
+        .collect();
+    (blobs, digests)
+}
+
+/// A proxy whose blob store holds 4 MiB, evicting from 90 % down to 50 %.
+async fn four_mib_store(hub: &FakeHub) -> TestProxy {
+    TestProxy::start_with(hub, |c| {
+        c.cache_max_disk = bytesize::ByteSize::mib(4);
+        c.cache_high_watermark = 0.9;
+        c.cache_low_watermark = 0.5;
+    })
+    .await
+}
+
+async fn get_bytes(proxy: &TestProxy, path: &str) -> Bytes {
+    proxy.get(path).await.bytes().await.unwrap()
 }
 
 fn walk(dir: &std::path::Path) -> u64 {

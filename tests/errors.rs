@@ -48,8 +48,16 @@ async fn invalid_input_is_400_without_upstream_requests() {
             "DIGEST_INVALID",
         ),
         ("/v2/library/alpine".to_owned(), 404, "NOT_FOUND"),
-        ("/v2/alpine/tags/list?n=abc".to_owned(), 400, "PAGINATION_NUMBER_INVALID"),
-        ("/v2/alpine/tags/list?last=..".to_owned(), 400, "TAG_INVALID"),
+        (
+            "/v2/alpine/tags/list?n=abc".to_owned(),
+            400,
+            "PAGINATION_NUMBER_INVALID",
+        ),
+        (
+            "/v2/alpine/tags/list?last=..".to_owned(),
+            400,
+            "TAG_INVALID",
+        ),
         ("/nothing".to_owned(), 404, "NOT_FOUND"),
     ];
     for (path, status, code) in cases {

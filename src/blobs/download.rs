@@ -13,6 +13,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
+/// How often one download may resume after its upstream body broke off.
+const MAX_RESUMES: u32 = 3;
+
 /// Progress of one download, published to its followers.
 #[derive(Debug, Clone, Default)]
 pub(super) struct Progress {
@@ -170,20 +173,69 @@ impl BlobStore {
         });
         let mut verifier = Verifier::new(digest.algorithm());
         let mut written = 0u64;
-        let mut body = response.bytes_stream();
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| {
-                Error::Upstream(crate::upstream::Error::Unreachable(format!(
-                    "blob body: {e}"
-                )))
-            })?;
-            file.write_all(&chunk).await?;
-            // tokio's File writes in the background: flush so followers can read what we publish.
-            file.flush().await?;
-            verifier.update(&chunk);
-            written += chunk.len() as u64;
-            Counters::add(&upstream.counters.blob_bytes_fetched, chunk.len() as u64);
-            download.progress.send_modify(|p| p.written = written);
+        let mut response = response;
+        // Bytes at the start of `response` that we already have (a resume answered with 200).
+        let mut skip = 0u64;
+        let mut resumes = 0;
+        loop {
+            let mut body = response.bytes_stream();
+            let mut broken = None;
+            while let Some(chunk) = body.next().await {
+                let mut chunk = match chunk {
+                    Ok(chunk) => chunk,
+                    Err(e) => {
+                        broken = Some(e);
+                        break;
+                    }
+                };
+                if skip > 0 {
+                    let drop_len = skip.min(chunk.len() as u64);
+                    skip -= drop_len;
+                    chunk = chunk.slice(drop_len as usize..);
+                }
+                if chunk.is_empty() {
+                    continue;
+                }
+                file.write_all(&chunk).await?;
+                // tokio's File writes in the background: flush so followers can read what we publish.
+                file.flush().await?;
+                verifier.update(&chunk);
+                written += chunk.len() as u64;
+                Counters::add(&upstream.counters.blob_bytes_fetched, chunk.len() as u64);
+                download.progress.send_modify(|p| p.written = written);
+            }
+            let Some(e) = broken else { break };
+            if resumes == MAX_RESUMES {
+                return Err(Error::Upstream(crate::upstream::Error::Unreachable(
+                    format!(
+                        "blob body broke off at {written} bytes {MAX_RESUMES} times; last: {e}"
+                    ),
+                )));
+            }
+            // Followers keep streaming: resume where the body broke off instead of failing them.
+            resumes += 1;
+            tracing::warn!(%digest, written, resumes, error = %e, "blob stream broke off; resuming with a range request");
+            let range = format!("bytes={written}-");
+            response = upstream
+                .get_blob(name, digest, Some(&range))
+                .await
+                .map_err(Error::blob)?;
+            let start = response
+                .headers()
+                .get(reqwest::header::CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("bytes "))
+                .and_then(|v| v.split('-').next())
+                .and_then(|v| v.parse::<u64>().ok());
+            skip = match (response.status().as_u16(), start) {
+                (206, Some(start)) if start == written => 0,
+                (200, _) => written,
+                _ => {
+                    return Err(Error::Upstream(crate::upstream::Error::BadResponse(
+                        "upstream answered a resume with an unusable range".into(),
+                    )));
+                }
+            };
         }
         file.flush().await?;
         if size.is_some_and(|s| s != written) {

@@ -45,6 +45,8 @@ pub enum Fault {
     SlowBlob(Duration),
     /// Blob HEADs redirect to the CDN too, which refuses HEAD with 405.
     CdnRefusesHead,
+    /// The CDN ignores `Range` and always sends the whole blob with 200.
+    IgnoreRange,
 }
 
 #[derive(Default)]
@@ -73,6 +75,8 @@ struct Inner {
     token_seq: u64,
     support_post: bool,
     realm_host: Option<String>,
+    /// The next this-many CDN responses break off half way.
+    breaks_left: u32,
 }
 
 #[derive(Clone)]
@@ -277,6 +281,11 @@ impl FakeHub {
     /// different host as far as credential forwarding is concerned).
     pub fn set_realm_host(&self, host: &str) {
         self.with(|i| i.realm_host = Some(host.to_owned()));
+    }
+
+    /// The next `n` CDN responses break off half way through their body.
+    pub fn break_next_streams(&self, n: u32) {
+        self.with(|i| i.breaks_left = n);
     }
 
     /// Every token issued so far stops working.
@@ -861,7 +870,12 @@ async fn cdn_handler(State(hub): State<FakeHub>, request: Request) -> Response {
     };
     let slice = Bytes::from(data).slice(start..=end);
     let len = slice.len();
-    let truncate = faults.contains(&Fault::TruncateBlob);
+    let break_now = hub.with(|i| {
+        let hit = i.breaks_left > 0;
+        i.breaks_left = i.breaks_left.saturating_sub(1);
+        hit
+    });
+    let truncate = faults.contains(&Fault::TruncateBlob) || break_now;
     let slow = faults.iter().find_map(|f| {
         if let Fault::SlowBlob(d) = f {
             Some(*d)

@@ -169,16 +169,16 @@ async fn expired_unchanged_tag_costs_one_head_and_moved_tag_is_picked_up() {
     let v1 = Image::single("moving-1", DOCKER_MANIFEST, 10);
     let v2 = Image::single("moving-2", DOCKER_MANIFEST, 10);
     hub.push("library/moving", "latest", &v1);
-    let proxy = TestProxy::start_with(&hub, |c| c.tag_ttl = Duration::from_millis(300)).await;
+    let proxy = TestProxy::start_with(&hub, |c| c.tag_ttl = Duration::from_millis(600)).await;
     let path = "/v2/library/moving/manifests/latest";
 
     assert_eq!(proxy.get(path).await.headers()["x-cache"], "MISS");
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
     let (gets, heads) = (hub.count("manifest_get"), hub.count("manifest_head"));
     let stale = proxy.get(path).await;
     assert_eq!(stale.headers()["x-cache"], "STALE");
     assert_eq!(stale.headers()["docker-content-digest"], v1.digest.as_str());
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
         proxy.get(path).await.headers()["x-cache"],
         "HIT",
@@ -188,9 +188,9 @@ async fn expired_unchanged_tag_costs_one_head_and_moved_tag_is_picked_up() {
     assert_eq!(hub.count("manifest_get") - gets, 0);
 
     hub.push("library/moving", "latest", &v2);
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
     proxy.get(path).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let moved = proxy.get(path).await;
     assert_eq!(moved.headers()["docker-content-digest"], v2.digest.as_str());
     assert_eq!(moved.bytes().await.unwrap(), v2.bytes);

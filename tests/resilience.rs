@@ -307,7 +307,7 @@ async fn immutable_tags_are_never_revalidated() {
         );
     }
     proxy.get("/v2/library/semver/manifests/latest").await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(hub.count("HEAD /v2/library/semver/manifests/v1.2.3"), 0);
     assert_eq!(hub.count("HEAD /v2/library/semver/manifests/latest"), 1);
 }

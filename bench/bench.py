@@ -35,7 +35,7 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DURATION = os.environ.get("BENCH_DURATION", "10s")
 BLOB_MIB = int(os.environ.get("BENCH_BLOB_MIB", "256"))
-ROUNDS = int(os.environ.get("BENCH_ROUNDS", "2"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 
 
 def free_port():

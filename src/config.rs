@@ -199,6 +199,12 @@ impl Config {
         {
             return bad("upstream", "must be an http:// or https:// URL with a host");
         }
+        if !self.upstream.username().is_empty() || self.upstream.password().is_some() {
+            return bad(
+                "upstream",
+                "must not carry credentials; set upstream_username and upstream_password(_file)",
+            );
+        }
         if self.upstream.query().is_some() || !matches!(self.upstream.path(), "" | "/") {
             return bad(
                 "upstream",
@@ -412,6 +418,10 @@ mod tests {
             (("PULLTHROUGH_LISTEN", "nowhere"), "listen"),
             (("PULLTHROUGH_UPSTREAM", "ftp://x"), "upstream"),
             (("PULLTHROUGH_LOG_FORMAT", "xml"), "log_format"),
+            (
+                ("PULLTHROUGH_UPSTREAM", "https://me:secret@registry.example"),
+                "upstream",
+            ),
             (
                 ("PULLTHROUGH_MANIFEST_CACHE_BYTES", "lots"),
                 "manifest_cache_bytes",

@@ -1,0 +1,158 @@
+//! The upstream operations behind manifest requests, each single-flight per key and run as its
+//! own task: GET by tag, HEAD by tag, GET by digest, and tag revalidation.
+
+use super::{Proxy, TagKey};
+use crate::error::Error;
+use crate::manifests::{TagEntry, now_ms};
+use crate::metrics::Counters;
+use crate::registry::{Digest, Manifest, Reference, RepoName};
+use crate::upstream;
+use std::sync::Arc;
+
+impl Proxy {
+    /// GET by tag (single-flight): stores the manifest and the tag entry.
+    pub(super) fn fetch_tag(
+        self: &Arc<Self>,
+        key: TagKey,
+    ) -> impl Future<Output = Result<TagEntry, Error>> + use<> {
+        let this = Arc::clone(self);
+        self.tag_gets.join(key.clone(), move || async move {
+            let (name, tag) = key;
+            let manifest = this
+                .upstream
+                .get_manifest(&name, &Reference::Tag(tag.clone()))
+                .await
+                .map_err(Error::manifest)?;
+            let entry = TagEntry::new(
+                &manifest.digest,
+                &manifest.media_type,
+                manifest.bytes.len() as u64,
+            );
+            this.manifests.put(manifest).await;
+            this.manifests.set_tag(&name, &tag, entry.clone());
+            Ok(entry)
+        })
+    }
+
+    /// HEAD by tag for a client HEAD on an unknown tag (single-flight); falls back to a GET
+    /// only if upstream's HEAD lacks the digest or length.
+    pub(super) fn head_tag(
+        self: &Arc<Self>,
+        key: TagKey,
+    ) -> impl Future<Output = Result<TagEntry, Error>> + use<> {
+        let this = Arc::clone(self);
+        self.tag_heads.join(key.clone(), move || async move {
+            let (name, tag) = key;
+            let head = this
+                .upstream
+                .head_manifest(&name, &Reference::Tag(tag.clone()))
+                .await
+                .map_err(Error::manifest)?;
+            match (head.digest, head.media_type, head.size) {
+                (Some(digest), Some(media_type), Some(size)) if size > 0 => {
+                    let entry = TagEntry::new(&digest, &media_type, size);
+                    this.manifests.set_tag(&name, &tag, entry.clone());
+                    Ok(entry)
+                }
+                _ => this.fetch_tag((name, tag)).await,
+            }
+        })
+    }
+
+    /// GET by digest (single-flight per repository and digest).
+    pub(super) fn fetch_digest(
+        self: &Arc<Self>,
+        name: &RepoName,
+        digest: &Digest,
+    ) -> impl Future<Output = Result<Arc<Manifest>, Error>> + use<> {
+        let this = Arc::clone(self);
+        let key = (name.clone(), digest.clone());
+        self.digest_gets.join(key.clone(), move || async move {
+            let (name, digest) = key;
+            let manifest = this
+                .upstream
+                .get_manifest(&name, &Reference::Digest(digest.clone()))
+                .await
+                .map_err(Error::manifest)?;
+            this.manifests.grant(&name, &digest);
+            Ok(this.manifests.put(manifest).await)
+        })
+    }
+
+    /// Revalidates a tag with one upstream HEAD (single-flight per tag). An unchanged digest
+    /// refreshes the entry; a moved one is taken (its manifest fetched first if the old one
+    /// was cached), unless the rate-limit budget is below the reserve.
+    pub(super) fn revalidate(
+        self: &Arc<Self>,
+        key: TagKey,
+    ) -> impl Future<Output = Result<TagEntry, Error>> + use<> {
+        let this = Arc::clone(self);
+        self.tag_heads.join(key.clone(), move || async move {
+            let outcome = this.revalidate_now(&key).await;
+            if outcome.is_err() {
+                this.backoff.insert(key, ());
+            }
+            outcome
+        })
+    }
+
+    async fn revalidate_now(self: &Arc<Self>, key: &TagKey) -> Result<TagEntry, Error> {
+        let (name, tag) = key;
+        let Some(mut entry) = self.manifests.tag(name, tag) else {
+            return self.fetch_tag(key.clone()).await;
+        };
+        let head = match self
+            .upstream
+            .head_manifest(name, &Reference::Tag(tag.clone()))
+            .await
+        {
+            Ok(head) => head,
+            Err(e @ (upstream::Error::NotFound | upstream::Error::Denied)) => {
+                tracing::info!(repo = %name, %tag, "tag is gone upstream; forgetting it");
+                self.manifests.remove_tag(name, tag);
+                return Err(Error::manifest(e));
+            }
+            Err(e) => {
+                tracing::warn!(repo = %name, %tag, error = %e, "tag revalidation failed");
+                return Err(Error::manifest(e));
+            }
+        };
+        let Some(new_digest) = head.digest.clone() else {
+            return self.fetch_tag(key.clone()).await;
+        };
+        if new_digest == entry.digest {
+            entry.validated_at = now_ms();
+            entry.held_back = None;
+            self.manifests.set_tag(name, tag, entry.clone());
+            return Ok(entry);
+        }
+        if self.upstream.limits.below_reserve(self.reserve) {
+            if self.held_logged.get(key).is_none() {
+                self.held_logged.insert(key.clone(), ());
+                tracing::warn!(repo = %name, %tag, cached = %entry.digest, upstream = %new_digest, "tag moved upstream but the rate-limit budget is below the reserve; serving the cached digest");
+            }
+            Counters::inc(&self.upstream.counters.stale_budget);
+            entry.validated_at = now_ms();
+            entry.held_back = Some(new_digest.clone());
+            self.manifests.set_tag(name, tag, entry.clone());
+            return Ok(entry);
+        }
+        let had_bytes = self.manifests.get(&entry.digest).is_some();
+        let new_entry = match (head.media_type, head.size) {
+            (Some(media_type), Some(size)) if !had_bytes && size > 0 => {
+                TagEntry::new(&new_digest, &media_type, size)
+            }
+            _ => {
+                let manifest = self.fetch_digest(name, &new_digest).await?;
+                TagEntry::new(
+                    &manifest.digest,
+                    &manifest.media_type,
+                    manifest.bytes.len() as u64,
+                )
+            }
+        };
+        tracing::info!(repo = %name, %tag, from = %entry.digest, to = %new_entry.digest, "tag moved upstream");
+        self.manifests.set_tag(name, tag, new_entry.clone());
+        Ok(new_entry)
+    }
+}

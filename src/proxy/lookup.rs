@@ -1,0 +1,241 @@
+//! Answering a manifest request from the caches: tag freshness, Accept negotiation, and when
+//! to wait for (or only start) an upstream operation.
+
+use super::{CacheStatus, ManifestBody, ManifestRequest, Proxy, Served};
+use crate::error::Error;
+use crate::manifests::{Freshness, TagEntry, now_ms};
+use crate::metrics::Counters;
+use crate::registry::{
+    Accept, Digest, Manifest, Negotiation, Reference, RepoName, Tag, platform_child,
+};
+use futures_util::future::Either;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+impl Proxy {
+    /// Answers a manifest GET or HEAD.
+    pub async fn manifest(self: &Arc<Self>, req: &ManifestRequest<'_>) -> Result<Served, Error> {
+        let mut served = match &req.reference {
+            Reference::Digest(d) => {
+                self.by_digest(&req.name, d, &req.accept, req.want_body)
+                    .await?
+            }
+            Reference::Tag(t) => {
+                self.by_tag(&req.name, t, &req.accept, req.want_body)
+                    .await?
+            }
+        };
+        if req.want_body && served.status != CacheStatus::Miss {
+            Counters::inc(&self.upstream.counters.pulls_saved);
+        }
+        if served.status == CacheStatus::Miss && served.upstream_wait.is_none() {
+            served.upstream_wait = Some(Duration::ZERO);
+        }
+        Ok(served)
+    }
+
+    async fn by_tag(
+        self: &Arc<Self>,
+        name: &RepoName,
+        tag: &Tag,
+        accept: &Accept<'_>,
+        want_body: bool,
+    ) -> Result<Served, Error> {
+        let key = (name.clone(), tag.clone());
+        let cached = self.manifests.tag(name, tag);
+        let started = Instant::now();
+        let (entry, mut status) = match cached {
+            None => {
+                let flight = if want_body {
+                    Either::Left(self.fetch_tag(key))
+                } else {
+                    Either::Right(self.head_tag(key))
+                };
+                (self.within_deadline(flight).await?, CacheStatus::Miss)
+            }
+            Some(entry) => match self.policy.freshness(tag, entry.validated_at, now_ms()) {
+                Freshness::Fresh => (entry, CacheStatus::Hit),
+                Freshness::Stale => {
+                    // After a failed revalidation the tag rests in `backoff`: stale because
+                    // upstream failed, not because a revalidation is under way.
+                    if self.backoff.contains_key(&key) {
+                        Counters::inc(&self.upstream.counters.stale_upstream_error);
+                    } else {
+                        drop(self.revalidate(key));
+                        Counters::inc(&self.upstream.counters.stale_revalidating);
+                    }
+                    (entry, CacheStatus::Stale)
+                }
+                Freshness::Expired => (
+                    self.within_deadline(self.revalidate(key)).await?,
+                    CacheStatus::Revalidated,
+                ),
+            },
+        };
+        if entry.held_back.is_some() {
+            status = CacheStatus::Stale;
+        }
+        let waited = (status == CacheStatus::Miss || status == CacheStatus::Revalidated)
+            .then(|| started.elapsed());
+        let mut served = self
+            .serve_entry(name, &entry, status, accept, want_body)
+            .await?;
+        served.upstream_wait = served.upstream_wait.or(waited);
+        Ok(served)
+    }
+
+    /// Turns a tag entry into an answer, negotiating against the client's Accept.
+    async fn serve_entry(
+        self: &Arc<Self>,
+        name: &RepoName,
+        entry: &TagEntry,
+        status: CacheStatus,
+        accept: &Accept<'_>,
+        want_body: bool,
+    ) -> Result<Served, Error> {
+        let digest = entry.digest.clone();
+        let media_type = entry.media_type.clone();
+        match accept.negotiate(&media_type, true) {
+            Negotiation::Unacceptable(message) => Err(Error::ManifestUnknown(message.into())),
+            Negotiation::Serve if !want_body => Ok(Served {
+                body: ManifestBody::Described {
+                    digest,
+                    media_type,
+                    size: entry.size,
+                },
+                status,
+                upstream_wait: None,
+            }),
+            Negotiation::Serve => {
+                let (manifest, fetched) = self.bytes_of(name, &digest).await?;
+                let status = if fetched { CacheStatus::Miss } else { status };
+                Ok(Served {
+                    body: ManifestBody::Full(manifest),
+                    status,
+                    upstream_wait: None,
+                })
+            }
+            Negotiation::PlatformChild => {
+                let (list, _) = self.bytes_of(name, &digest).await?;
+                let child = platform_child(&list.bytes).ok_or_else(|| {
+                    Error::ManifestUnknown("manifest list has no linux/amd64 manifest".into())
+                })?;
+                Box::pin(self.by_digest(name, &child, &Accept::default(), want_body)).await
+            }
+        }
+    }
+
+    async fn by_digest(
+        self: &Arc<Self>,
+        name: &RepoName,
+        digest: &Digest,
+        accept: &Accept<'_>,
+        want_body: bool,
+    ) -> Result<Served, Error> {
+        let started = Instant::now();
+        let cached = match self.manifests.get(digest) {
+            Some(m) if self.may_share(name, digest).await => Some(m),
+            _ => None,
+        };
+        let (body, status) = match cached {
+            Some(m) => (ManifestBody::Full(m), CacheStatus::Hit),
+            None if !want_body => (self.describe(name, digest).await?, CacheStatus::Miss),
+            None => (
+                ManifestBody::Full(
+                    self.within_deadline(self.fetch_digest(name, digest))
+                        .await?,
+                ),
+                CacheStatus::Miss,
+            ),
+        };
+        let media_type = match &body {
+            ManifestBody::Full(m) => &m.media_type,
+            ManifestBody::Described { media_type, .. } => media_type,
+        };
+        if let Negotiation::Unacceptable(message) = accept.negotiate(media_type, false) {
+            return Err(Error::ManifestUnknown(message.into()));
+        }
+        let upstream_wait = (status == CacheStatus::Miss).then(|| started.elapsed());
+        Ok(Served {
+            body,
+            status,
+            upstream_wait,
+        })
+    }
+
+    /// Content cached from one repository is served for another only when no credentials are
+    /// configured (everything cached is public), or after upstream confirms access with a HEAD.
+    async fn may_share(&self, name: &RepoName, digest: &Digest) -> bool {
+        if !self.upstream.has_credentials() || self.manifests.granted(name, digest) {
+            return true;
+        }
+        match self
+            .upstream
+            .head_manifest(name, &Reference::Digest(digest.clone()))
+            .await
+        {
+            Ok(_) => {
+                self.manifests.grant(name, digest);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// The bytes of a manifest: from cache, or fetched by digest. The flag says it was fetched.
+    async fn bytes_of(
+        self: &Arc<Self>,
+        name: &RepoName,
+        digest: &Digest,
+    ) -> Result<(Arc<Manifest>, bool), Error> {
+        match self.manifests.get(digest) {
+            Some(m) => Ok((m, false)),
+            None => Ok((
+                self.within_deadline(self.fetch_digest(name, digest))
+                    .await?,
+                true,
+            )),
+        }
+    }
+
+    /// HEAD for an uncached digest: asks upstream with a HEAD, never a GET.
+    async fn describe(
+        self: &Arc<Self>,
+        name: &RepoName,
+        digest: &Digest,
+    ) -> Result<ManifestBody, Error> {
+        let head = tokio::time::timeout(
+            self.deadline,
+            self.upstream
+                .head_manifest(name, &Reference::Digest(digest.clone())),
+        )
+        .await
+        .map_err(|_| Error::GatewayTimeout)?
+        .map_err(Error::manifest)?;
+        match (head.media_type, head.size) {
+            (Some(media_type), Some(size))
+                if head.digest.as_ref().is_none_or(|d| d == digest) && size > 0 =>
+            {
+                Ok(ManifestBody::Described {
+                    digest: digest.clone(),
+                    media_type,
+                    size,
+                })
+            }
+            // An upstream HEAD without the headers clients need: fetch the bytes instead.
+            _ => Ok(ManifestBody::Full(
+                self.within_deadline(self.fetch_digest(name, digest))
+                    .await?,
+            )),
+        }
+    }
+
+    pub(super) async fn within_deadline<V>(
+        &self,
+        flight: impl Future<Output = Result<V, Error>>,
+    ) -> Result<V, Error> {
+        tokio::time::timeout(self.deadline, flight)
+            .await
+            .unwrap_or(Err(Error::GatewayTimeout))
+    }
+}

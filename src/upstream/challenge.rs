@@ -1,0 +1,132 @@
+//! Learning how the upstream authenticates: the one-time `/v2/` ping, the credentials a first
+//! attempt carries, and the answer to a 401 challenge.
+
+use super::auth::{TokenKey, parse_challenges};
+use super::{DOCKER_HUB_HOSTS, Error, Ping, Upstream};
+use reqwest::header::{self, HeaderMap, HeaderValue};
+use std::sync::atomic::Ordering;
+
+impl Upstream {
+    /// Whether the upstream is Docker Hub: by host name, or by the token service its challenge
+    /// names (`registry.docker.io`), which also covers emulators and Hub-compatible mirrors.
+    pub async fn is_docker_hub(&self) -> bool {
+        if self
+            .base
+            .host_str()
+            .is_some_and(|h| DOCKER_HUB_HOSTS.contains(&h))
+        {
+            return true;
+        }
+        self.pinged().await.is_some_and(|p| p.docker_hub)
+    }
+
+    /// Pings `/v2/` once (like distribution's proxy) to learn the auth scheme and realm, so
+    /// every later request carries its credentials up front instead of collecting a 401.
+    async fn pinged(&self) -> Option<Ping> {
+        self.ping
+            .get_or_try_init(|| self.send_ping())
+            .await
+            .ok()
+            .copied()
+    }
+
+    async fn send_ping(&self) -> Result<Ping, Error> {
+        let url = self
+            .base
+            .join("/v2/")
+            .map_err(|e| Error::BadResponse(e.to_string()))?;
+        let response = self
+            .http
+            .get(url)
+            .timeout(self.request_timeout)
+            .send()
+            .await
+            .map_err(|e| Error::from_reqwest(&e))?;
+        self.limits.observe(response.headers());
+        let challenges: Vec<_> = response
+            .headers()
+            .get_all(header::WWW_AUTHENTICATE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(parse_challenges)
+            .collect();
+        let mut docker_hub = false;
+        if let Some(bearer) = challenges.iter().find(|c| c.scheme == "bearer")
+            && let Some(realm) = bearer.param("realm")
+        {
+            let service = bearer.param("service").unwrap_or_default();
+            docker_hub = service == "registry.docker.io";
+            *self.bearer.write().expect("bearer lock poisoned") =
+                Some((realm.to_owned(), service.to_owned()));
+        } else if challenges.iter().any(|c| c.scheme == "basic") {
+            self.basic.store(true, Ordering::Relaxed);
+        }
+        Ok(Ping { docker_hub })
+    }
+
+    /// Authorization for a first attempt, from what earlier challenges taught us.
+    pub(super) async fn preemptive_auth(
+        &self,
+        scope: &str,
+    ) -> Result<Option<(HeaderValue, Option<TokenKey>)>, Error> {
+        self.pinged().await;
+        if self.basic.load(Ordering::Relaxed) {
+            return Ok(self.basic_header().map(|h| (h, None)));
+        }
+        let known = self.bearer.read().expect("bearer lock poisoned").clone();
+        match known {
+            Some((realm, service)) => self.bearer_token(&realm, &service, scope).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Reacts to a 401: fetch a token for the challenge (after dropping the one refused) or
+    /// switch to Basic. `None` means there is nothing more to try.
+    pub(super) async fn answer_challenge(
+        &self,
+        headers: &HeaderMap,
+        default_scope: &str,
+        refused: Option<TokenKey>,
+    ) -> Result<Option<(HeaderValue, Option<TokenKey>)>, Error> {
+        if let Some(key) = &refused {
+            self.tokens.invalidate(key).await;
+        }
+        let challenges: Vec<_> = headers
+            .get_all(header::WWW_AUTHENTICATE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(parse_challenges)
+            .collect();
+        if let Some(bearer) = challenges.iter().find(|c| c.scheme == "bearer") {
+            let Some(realm) = bearer.param("realm") else {
+                return Err(Error::BadResponse(
+                    "Bearer challenge without a realm".into(),
+                ));
+            };
+            let service = bearer.param("service").unwrap_or_default();
+            *self.bearer.write().expect("bearer lock poisoned") =
+                Some((realm.to_owned(), service.to_owned()));
+            // Upstream's own scope wins when given; several scopes are space-separated.
+            let scope = bearer.param("scope").unwrap_or(default_scope);
+            return self.bearer_token(realm, service, scope).await.map(Some);
+        }
+        if challenges.iter().any(|c| c.scheme == "basic") {
+            self.basic.store(true, Ordering::Relaxed);
+            return Ok(self.basic_header().map(|h| (h, None)));
+        }
+        Ok(None)
+    }
+
+    fn basic_header(&self) -> Option<HeaderValue> {
+        use base64::Engine as _;
+        let c = self.credentials.as_ref()?;
+        let raw = format!("{}:{}", c.username, c.password.0);
+        let mut value = HeaderValue::from_str(&format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(raw)
+        ))
+        .ok()?;
+        value.set_sensitive(true);
+        Some(value)
+    }
+}

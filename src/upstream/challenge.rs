@@ -43,6 +43,11 @@ impl Upstream {
             .await
             .map_err(|e| Error::from_reqwest(&e))?;
         self.limits.observe(response.headers());
+        // Only 200 and 401 say something lasting; anything else is asked again next time.
+        let status = response.status().as_u16();
+        if status != 200 && status != 401 {
+            return Err(Error::Status(status));
+        }
         let challenges: Vec<_> = response
             .headers()
             .get_all(header::WWW_AUTHENTICATE)

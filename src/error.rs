@@ -66,6 +66,11 @@ impl Error {
         }
     }
 
+    /// Upstream answered something a registry must not.
+    pub fn upstream_invalid(why: impl Into<String>) -> Error {
+        Error::Upstream(upstream::Error::BadResponse(why.into()))
+    }
+
     /// Maps an upstream failure for a blob request.
     pub fn blob(e: upstream::Error) -> Error {
         match e {

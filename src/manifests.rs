@@ -79,7 +79,7 @@ pub struct TagPolicy {
 impl TagPolicy {
     /// Classifies an entry validated at `validated_at` (ms) as seen at `now` (ms).
     pub fn freshness(&self, tag: &Tag, validated_at: u64, now: u64) -> Freshness {
-        if self.immutable.is_match(tag.as_str()) {
+        if !self.immutable.is_empty() && self.immutable.is_match(tag.as_str()) {
             return Freshness::Fresh;
         }
         let age = Duration::from_millis(now.saturating_sub(validated_at));

@@ -13,10 +13,8 @@ use std::sync::Arc;
 /// Shared state of a running pullthrough.
 #[derive(Debug)]
 pub struct AppState {
-    /// Manifest side.
+    /// Cache-or-fetch for everything served; holds the upstream client.
     pub proxy: Arc<Proxy>,
-    /// The upstream client (also reachable through `proxy`).
-    pub upstream: Arc<Upstream>,
     /// `ns` values accepted (empty: all).
     namespaces: Vec<String>,
     /// How long request parsing may wait to learn whether the upstream is Docker Hub.
@@ -50,7 +48,6 @@ impl AppState {
         let proxy = Arc::new(Proxy::new(config, Arc::clone(&upstream), manifests, blobs)?);
         Ok(AppState {
             proxy,
-            upstream,
             namespaces: config.namespaces.clone(),
             probe_deadline: (config.upstream_deadline / 2).min(std::time::Duration::from_secs(2)),
             deadline: config.upstream_deadline,
@@ -60,7 +57,7 @@ impl AppState {
     /// Whether one-component names mean `library/<name>`. Learned
     /// from the upstream's host or first challenge; "no" if upstream cannot be asked in time.
     pub async fn docker_hub(&self) -> bool {
-        tokio::time::timeout(self.probe_deadline, self.upstream.is_docker_hub())
+        tokio::time::timeout(self.probe_deadline, self.proxy.upstream.is_docker_hub())
             .await
             .unwrap_or(false)
     }

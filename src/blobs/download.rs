@@ -1,6 +1,6 @@
 //! One upstream download per digest, and the streams that follow its growing temp file.
 
-use super::{BlobBody, BlobMeta, BlobStore, ByteRange, CHUNK, Source, now_ms};
+use super::{BlobBody, BlobMeta, BlobStore, ByteRange, CHUNK, Source};
 use crate::error::Error;
 use crate::metrics::Counters;
 use crate::registry::{Digest, RepoName, Verifier};
@@ -9,7 +9,7 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
@@ -70,26 +70,12 @@ impl BlobStore {
                 .map_err(|_| Error::Storage("download vanished".into()))?
                 .clone();
             done.outcome.unwrap_or(Ok(()))?;
-            return match self.open_stored(digest, Some(range)).await? {
-                Some(mut body) => {
-                    body.source = Source::Miss;
-                    Ok(body)
-                }
-                None => Err(Error::BlobUnknown),
-            };
+            return self.open_downloaded(digest, Some(range)).await;
         }
         let file = match tokio::fs::File::open(&download.temp).await {
             Ok(f) => f,
             // Already renamed into the store: serve it from there.
-            Err(_) => {
-                return match self.open_stored(digest, None).await? {
-                    Some(mut body) => {
-                        body.source = Source::Miss;
-                        Ok(body)
-                    }
-                    None => Err(Error::BlobUnknown),
-                };
-            }
+            Err(_) => return self.open_downloaded(digest, None).await,
         };
         let stream = follow(file, rx);
         Ok(BlobBody {
@@ -98,6 +84,20 @@ impl BlobStore {
             source: Source::Miss,
             stream: Box::pin(stream),
         })
+    }
+
+    /// A blob this request's download just stored, still reported as a miss.
+    async fn open_downloaded(
+        self: &Arc<Self>,
+        digest: &Digest,
+        range: Option<ByteRange>,
+    ) -> Result<BlobBody, Error> {
+        let mut body = self
+            .open_stored(digest, range)
+            .await?
+            .ok_or(Error::BlobUnknown)?;
+        body.source = Source::Miss;
+        Ok(body)
     }
 
     fn download(
@@ -231,25 +231,23 @@ impl BlobStore {
                 (206, Some(start)) if start == written => 0,
                 (200, _) => written,
                 _ => {
-                    return Err(Error::Upstream(crate::upstream::Error::BadResponse(
-                        "upstream answered a resume with an unusable range".into(),
-                    )));
+                    return Err(Error::upstream_invalid(
+                        "upstream answered a resume with an unusable range",
+                    ));
                 }
             };
         }
         file.flush().await?;
         if size.is_some_and(|s| s != written) {
-            return Err(Error::Upstream(crate::upstream::Error::BadResponse(
-                format!(
-                    "blob truncated at {written} of {} bytes",
-                    size.unwrap_or_default()
-                ),
+            return Err(Error::upstream_invalid(format!(
+                "blob truncated at {written} of {} bytes",
+                size.unwrap_or_default()
             )));
         }
         let got = verifier.finish();
         if got != *digest {
-            return Err(Error::Upstream(crate::upstream::Error::BadResponse(
-                format!("blob content has digest {got}, not {digest}"),
+            return Err(Error::upstream_invalid(format!(
+                "blob content has digest {got}, not {digest}"
             )));
         }
         file.sync_all().await?;
@@ -264,17 +262,11 @@ impl BlobStore {
         })
         .await
         .map_err(|e| Error::Storage(e.to_string()))??;
-        let meta = BlobMeta {
-            size: written,
-            last_access: AtomicU64::new(now_ms()),
-            readers: AtomicUsize::new(0),
-            verified: AtomicBool::new(true),
-        };
         let previous = self
             .index
             .lock()
             .expect("index lock poisoned")
-            .insert(digest.clone(), Arc::new(meta));
+            .insert(digest.clone(), Arc::new(BlobMeta::new(written, true)));
         if previous.is_none() {
             self.total.fetch_add(written, Ordering::Relaxed);
         }

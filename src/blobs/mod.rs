@@ -12,6 +12,7 @@ pub use range::ByteRange;
 
 use crate::disk::Layout;
 use crate::error::Error;
+use crate::manifests::now_ms;
 use crate::registry::{Algorithm, Digest, Verifier};
 use bytes::Bytes;
 use download::Download;
@@ -35,6 +36,17 @@ struct BlobMeta {
     readers: AtomicUsize,
     /// Hashed since this process started (files found at startup are re-verified).
     verified: AtomicBool,
+}
+
+impl BlobMeta {
+    fn new(size: u64, verified: bool) -> BlobMeta {
+        BlobMeta {
+            size,
+            last_access: AtomicU64::new(now_ms()),
+            readers: AtomicUsize::new(0),
+            verified: AtomicBool::new(verified),
+        }
+    }
 }
 
 /// Limits for the store's size.
@@ -90,10 +102,6 @@ impl std::fmt::Debug for BlobBody {
     }
 }
 
-fn now_ms() -> u64 {
-    crate::manifests::now_ms()
-}
-
 impl BlobStore {
     /// Opens the store: indexes the files present (verifying them in the background).
     pub fn open(layout: Layout, limits: DiskLimits) -> std::io::Result<Arc<BlobStore>> {
@@ -143,17 +151,7 @@ impl BlobStore {
         self.total.load(Ordering::Relaxed)
     }
 
-    /// The size of a stored blob.
-    pub fn stored_size(&self, digest: &Digest) -> Option<u64> {
-        self.index
-            .lock()
-            .expect("index lock poisoned")
-            .get(digest)
-            .map(|m| m.size)
-    }
-
     fn scan(&self) -> std::io::Result<()> {
-        let mut found = 0u64;
         for (alg, algorithm) in [("sha256", Algorithm::Sha256), ("sha512", Algorithm::Sha512)] {
             let dir = self.layout.root().join("blobs").join(alg);
             let Ok(fans) = std::fs::read_dir(&dir) else {
@@ -173,19 +171,11 @@ impl BlobStore {
                         .filter(|d| self.path(d) == file.path());
                     match (parsed, file.metadata()) {
                         (Some(digest), Ok(meta)) if meta.is_file() => {
-                            let size = meta.len();
-                            self.total.fetch_add(size, Ordering::Relaxed);
-                            found += size;
-                            let meta = BlobMeta {
-                                size,
-                                last_access: AtomicU64::new(now_ms()),
-                                readers: AtomicUsize::new(0),
-                                verified: AtomicBool::new(false),
-                            };
+                            self.total.fetch_add(meta.len(), Ordering::Relaxed);
                             self.index
                                 .lock()
                                 .expect("index lock poisoned")
-                                .insert(digest, Arc::new(meta));
+                                .insert(digest, Arc::new(BlobMeta::new(meta.len(), false)));
                         }
                         _ => {
                             tracing::warn!(path = %file.path().display(), "removing a stray file from the blob store");
@@ -197,7 +187,7 @@ impl BlobStore {
         }
         tracing::info!(
             blobs = self.index.lock().expect("index lock poisoned").len(),
-            bytes = found,
+            bytes = self.total_bytes(),
             "blob store loaded"
         );
         Ok(())
@@ -275,9 +265,10 @@ impl BlobStore {
         Some(meta)
     }
 
-    /// Whether the store has `digest` (verified).
-    pub async fn contains(self: &Arc<Self>, digest: &Digest) -> bool {
-        self.stored(digest).await.is_some()
+    /// The size of a stored blob, once its file verified (files found at startup are hashed
+    /// before their first use).
+    pub async fn verified_size(self: &Arc<Self>, digest: &Digest) -> Option<u64> {
+        self.stored(digest).await.map(|m| m.size)
     }
 
     /// Serves a stored blob, or `None` if it is not stored.

@@ -75,7 +75,7 @@ async fn pull(state: Arc<AppState>, request: Request) -> Result<Response, Error>
         RegistryPath::TagsList { .. } => TagsQuery::parse(uri.query())?,
         _ => TagsQuery::default(),
     };
-    if target.name().as_str().split('/').count() == 1 && state.docker_hub().await {
+    if !target.name().as_str().contains('/') && state.docker_hub().await {
         target = RegistryPath::parse(tail, true)?;
     }
     state.check_namespace(uri.query())?;

@@ -24,16 +24,18 @@ impl Proxy {
         digest: &Digest,
         range: Option<ByteRange>,
     ) -> Result<BlobBody, Error> {
-        if self.blobs.contains(digest).await
-            && self.may_share_blob(name, digest).await?
-            && let Some(body) = self.blobs.open_stored(digest, range).await?
-        {
-            return Ok(body);
+        if self.blobs.verified_size(digest).await.is_some() {
+            self.may_share(name, digest, self.upstream.head_blob(name, digest))
+                .await
+                .map_err(Error::blob)?;
+            if let Some(body) = self.blobs.open_stored(digest, range).await? {
+                return Ok(body);
+            }
         }
-        let fetch = self.blobs.fetch(&self.upstream, name, digest, range);
-        let body = tokio::time::timeout(self.deadline, fetch)
-            .await
-            .map_err(|_| Error::GatewayTimeout)??;
+        let body = self
+            .blobs
+            .fetch(&self.upstream, name, digest, range)
+            .await?;
         self.manifests.grant(name, digest);
         Ok(body)
     }
@@ -44,10 +46,10 @@ impl Proxy {
         name: &RepoName,
         digest: &Digest,
     ) -> Result<BlobHead, Error> {
-        if let Some(size) = self.blobs.stored_size(digest)
-            && self.blobs.contains(digest).await
-            && self.may_share_blob(name, digest).await?
-        {
+        if let Some(size) = self.blobs.verified_size(digest).await {
+            self.may_share(name, digest, self.upstream.head_blob(name, digest))
+                .await
+                .map_err(Error::blob)?;
             return Ok(BlobHead {
                 size,
                 source: Source::Hit,
@@ -61,41 +63,23 @@ impl Proxy {
                 source: Source::Miss,
             });
         }
-        let head = tokio::time::timeout(self.deadline, self.upstream.head_blob(name, digest))
+        let head = self
+            .upstream
+            .head_blob(name, digest)
             .await
-            .map_err(|_| Error::GatewayTimeout)?
             .map_err(Error::blob)?;
         if head.digest.as_ref().is_some_and(|d| d != digest) {
-            return Err(Error::Upstream(crate::upstream::Error::BadResponse(
-                "blob HEAD digest differs from the one asked for".into(),
-            )));
+            return Err(Error::upstream_invalid(
+                "blob HEAD digest differs from the one asked for",
+            ));
         }
         self.manifests.grant(name, digest);
-        match head.size {
-            Some(size) => Ok(BlobHead {
-                size,
-                source: Source::Miss,
-            }),
-            None => Err(Error::Upstream(crate::upstream::Error::BadResponse(
-                "blob HEAD without Content-Length".into(),
-            ))),
-        }
-    }
-
-    /// A stored blob is shared with another repository of the same upstream freely when no
-    /// credentials are configured (all of it is public); otherwise only after an upstream blob
-    /// HEAD shows this repository may read it.
-    async fn may_share_blob(&self, name: &RepoName, digest: &Digest) -> Result<bool, Error> {
-        if !self.upstream.has_credentials() || self.manifests.granted(name, digest) {
-            return Ok(true);
-        }
-        match tokio::time::timeout(self.deadline, self.upstream.head_blob(name, digest)).await {
-            Ok(Ok(_)) => {
-                self.manifests.grant(name, digest);
-                Ok(true)
-            }
-            Ok(Err(e)) => Err(Error::blob(e)),
-            Err(_) => Err(Error::GatewayTimeout),
-        }
+        let size = head
+            .size
+            .ok_or_else(|| Error::upstream_invalid("blob HEAD without Content-Length"))?;
+        Ok(BlobHead {
+            size,
+            source: Source::Miss,
+        })
     }
 }

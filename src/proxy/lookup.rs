@@ -8,14 +8,15 @@ use crate::metrics::Counters;
 use crate::registry::{
     Accept, Digest, Manifest, Negotiation, Reference, RepoName, Tag, platform_child,
 };
+use crate::upstream;
 use futures_util::future::Either;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 impl Proxy {
     /// Answers a manifest GET or HEAD.
     pub async fn manifest(self: &Arc<Self>, req: &ManifestRequest<'_>) -> Result<Served, Error> {
-        let mut served = match &req.reference {
+        let served = match &req.reference {
             Reference::Digest(d) => {
                 self.by_digest(&req.name, d, &req.accept, req.want_body)
                     .await?
@@ -27,9 +28,6 @@ impl Proxy {
         };
         if req.want_body && served.status != CacheStatus::Miss {
             Counters::inc(&self.upstream.counters.pulls_saved);
-        }
-        if served.status == CacheStatus::Miss && served.upstream_wait.is_none() {
-            served.upstream_wait = Some(Duration::ZERO);
         }
         Ok(served)
     }
@@ -51,7 +49,7 @@ impl Proxy {
                 } else {
                     Either::Right(self.head_tag(key))
                 };
-                (self.within_deadline(flight).await?, CacheStatus::Miss)
+                (flight.await?, CacheStatus::Miss)
             }
             Some(entry) => match self.policy.freshness(tag, entry.validated_at, now_ms()) {
                 Freshness::Fresh => (entry, CacheStatus::Hit),
@@ -66,21 +64,19 @@ impl Proxy {
                     }
                     (entry, CacheStatus::Stale)
                 }
-                Freshness::Expired => (
-                    self.within_deadline(self.revalidate(key)).await?,
-                    CacheStatus::Revalidated,
-                ),
+                Freshness::Expired => (self.revalidate(key).await?, CacheStatus::Revalidated),
             },
         };
         if entry.held_back.is_some() {
             status = CacheStatus::Stale;
         }
-        let waited = (status == CacheStatus::Miss || status == CacheStatus::Revalidated)
-            .then(|| started.elapsed());
         let mut served = self
             .serve_entry(name, &entry, status, accept, want_body)
             .await?;
-        served.upstream_wait = served.upstream_wait.or(waited);
+        // Measured after negotiation too: a fresh tag whose bytes had to be fetched waited.
+        if matches!(served.status, CacheStatus::Miss | CacheStatus::Revalidated) {
+            served.upstream_wait.get_or_insert(started.elapsed());
+        }
         Ok(served)
     }
 
@@ -133,18 +129,19 @@ impl Proxy {
         want_body: bool,
     ) -> Result<Served, Error> {
         let started = Instant::now();
-        let cached = match self.manifests.get(digest) {
-            Some(m) if self.may_share(name, digest).await => Some(m),
-            _ => None,
-        };
+        let cached = self.manifests.get(digest);
+        if cached.is_some() {
+            let reference = Reference::Digest(digest.clone());
+            let confirm = self.upstream.head_manifest(name, &reference);
+            self.may_share(name, digest, confirm)
+                .await
+                .map_err(Error::manifest)?;
+        }
         let (body, status) = match cached {
             Some(m) => (ManifestBody::Full(m), CacheStatus::Hit),
             None if !want_body => (self.describe(name, digest).await?, CacheStatus::Miss),
             None => (
-                ManifestBody::Full(
-                    self.within_deadline(self.fetch_digest(name, digest))
-                        .await?,
-                ),
+                ManifestBody::Full(self.fetch_digest(name, digest).await?),
                 CacheStatus::Miss,
             ),
         };
@@ -164,22 +161,19 @@ impl Proxy {
     }
 
     /// Content cached from one repository is served for another only when no credentials are
-    /// configured (everything cached is public), or after upstream confirms access with a HEAD.
-    async fn may_share(&self, name: &RepoName, digest: &Digest) -> bool {
-        if !self.upstream.has_credentials() || self.manifests.granted(name, digest) {
-            return true;
+    /// configured (everything cached is public), or after upstream confirms access with the
+    /// HEAD `confirm` (polled only then). Manifests and blobs share this rule and its grants.
+    pub(super) async fn may_share(
+        &self,
+        name: &RepoName,
+        digest: &Digest,
+        confirm: impl Future<Output = Result<upstream::Head, upstream::Error>>,
+    ) -> Result<(), upstream::Error> {
+        if self.upstream.has_credentials() && !self.manifests.granted(name, digest) {
+            confirm.await?;
+            self.manifests.grant(name, digest);
         }
-        match self
-            .upstream
-            .head_manifest(name, &Reference::Digest(digest.clone()))
-            .await
-        {
-            Ok(_) => {
-                self.manifests.grant(name, digest);
-                true
-            }
-            Err(_) => false,
-        }
+        Ok(())
     }
 
     /// The bytes of a manifest: from cache, or fetched by digest. The flag says it was fetched.
@@ -190,11 +184,7 @@ impl Proxy {
     ) -> Result<(Arc<Manifest>, bool), Error> {
         match self.manifests.get(digest) {
             Some(m) => Ok((m, false)),
-            None => Ok((
-                self.within_deadline(self.fetch_digest(name, digest))
-                    .await?,
-                true,
-            )),
+            None => Ok((self.fetch_digest(name, digest).await?, true)),
         }
     }
 
@@ -204,14 +194,11 @@ impl Proxy {
         name: &RepoName,
         digest: &Digest,
     ) -> Result<ManifestBody, Error> {
-        let head = tokio::time::timeout(
-            self.deadline,
-            self.upstream
-                .head_manifest(name, &Reference::Digest(digest.clone())),
-        )
-        .await
-        .map_err(|_| Error::GatewayTimeout)?
-        .map_err(Error::manifest)?;
+        let head = self
+            .upstream
+            .head_manifest(name, &Reference::Digest(digest.clone()))
+            .await
+            .map_err(Error::manifest)?;
         match (head.media_type, head.size) {
             (Some(media_type), Some(size))
                 if head.digest.as_ref().is_none_or(|d| d == digest) && size > 0 =>
@@ -223,19 +210,7 @@ impl Proxy {
                 })
             }
             // An upstream HEAD without the headers clients need: fetch the bytes instead.
-            _ => Ok(ManifestBody::Full(
-                self.within_deadline(self.fetch_digest(name, digest))
-                    .await?,
-            )),
+            _ => Ok(ManifestBody::Full(self.fetch_digest(name, digest).await?)),
         }
-    }
-
-    pub(super) async fn within_deadline<V>(
-        &self,
-        flight: impl Future<Output = Result<V, Error>>,
-    ) -> Result<V, Error> {
-        tokio::time::timeout(self.deadline, flight)
-            .await
-            .unwrap_or(Err(Error::GatewayTimeout))
     }
 }

@@ -1,8 +1,8 @@
 //! Cache-or-fetch for manifests, blobs and tags lists: the only module that knows both the
 //! caches and the upstream. Policy: digests are served from cache forever; tags are fresh for
 //! `tag_ttl`, then served stale while one background HEAD per tag revalidates; past `max_stale`
-//! a request waits for upstream. Misses are single-flight, and no client waits longer than
-//! `upstream_deadline`.
+//! a request waits for upstream. Misses are single-flight and run as their own tasks, so the
+//! HTTP edge can bound every request by `upstream_deadline` while the fetch goes on.
 
 mod blobs;
 mod fetch;
@@ -96,6 +96,7 @@ pub struct Proxy {
     /// The blob store.
     pub blobs: Arc<BlobStore>,
     policy: TagPolicy,
+    /// The tags-list copy is served stale a little before this request-wide deadline.
     deadline: Duration,
     reserve: f64,
     tag_gets: Flights<TagKey, TagEntry>,

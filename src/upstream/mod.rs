@@ -79,7 +79,7 @@ impl Error {
 }
 
 /// What a HEAD (or the headers of a GET) said about some content.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Head {
     /// `Docker-Content-Digest`.
     pub digest: Option<Digest>,
@@ -266,11 +266,7 @@ impl Upstream {
             .await
         {
             Ok(response) => Head::from_headers(response.headers()),
-            Err(Error::Status(status)) if status != 429 => Head {
-                digest: None,
-                media_type: None,
-                size: None,
-            },
+            Err(Error::Status(_)) => Head::default(),
             Err(e) => return Err(e),
         };
         if head.size.is_some() {
@@ -400,7 +396,7 @@ impl Upstream {
                 tracing::warn!(
                     retry_after_secs = retry_after.map(|d| d.as_secs()),
                     abuse,
-                    "upstream rate limit hit; pausing manifest GETs"
+                    "upstream rate limit hit"
                 );
                 Error::TooManyRequests { retry_after }
             }

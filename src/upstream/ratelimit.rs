@@ -47,8 +47,6 @@ struct Inner {
     paused_until: Option<Instant>,
     /// The last pause was upstream's abuse limit: nothing at all goes out.
     pause_everything: bool,
-    /// When the budget window is expected to have reset.
-    window_resets_at: Option<Instant>,
 }
 
 impl RateLimits {
@@ -67,11 +65,6 @@ impl RateLimits {
             s.last.window_secs = window.or(s.last.window_secs);
         }
         if let Some((count, window)) = remaining {
-            // A fresh window: remember when it will have rolled over at the latest.
-            if s.last.remaining.is_none_or(|old| count > old) || s.window_resets_at.is_none() {
-                let w = window.or(s.last.window_secs).unwrap_or(21_600);
-                s.window_resets_at = Some(Instant::now() + Duration::from_secs(w));
-            }
             s.last.remaining = Some(count);
             s.last.window_secs = window.or(s.last.window_secs);
         }

@@ -20,8 +20,7 @@ fn with_credentials(user: &str, password: &str) -> impl FnOnce(&mut pullthrough:
 #[tokio::test]
 async fn private_repository_needs_credentials() {
     let hub = FakeHub::start().await;
-    let image = Image::single("secret", DOCKER_MANIFEST, 10);
-    hub.push("acme/secret", "1", &image);
+    let image = push(&hub, "acme/secret", "1");
     hub.make_private("acme/secret");
     hub.add_user("alice", "s3cret");
 
@@ -43,60 +42,54 @@ async fn private_repository_needs_credentials() {
 #[tokio::test]
 async fn falls_back_to_get_when_the_realm_has_no_oauth2() {
     let hub = FakeHub::start().await;
-    hub.push(
-        "acme/secret",
-        "1",
-        &Image::single("secret2", DOCKER_MANIFEST, 10),
+    let (one, two) = (
+        push(&hub, "acme/secret", "1"),
+        push(&hub, "acme/secret", "2"),
     );
     hub.make_private("acme/secret");
     hub.add_user("alice", "s3cret");
     hub.set_oauth_post(false);
     let proxy = TestProxy::start_with(&hub, with_credentials("alice", "s3cret")).await;
-    assert_eq!(proxy.get("/v2/acme/secret/manifests/1").await.status(), 200);
-    hub.push(
-        "acme/secret",
-        "2",
-        &Image::single("secret3", DOCKER_MANIFEST, 10),
-    );
-    tokio::time::sleep(Duration::from_millis(10)).await;
-    assert_eq!(proxy.get("/v2/acme/secret/manifests/2").await.status(), 200);
+    assert_eq!(proxy.get_ok("/v2/acme/secret/manifests/1").await, one.bytes);
+    assert_eq!(proxy.get_ok("/v2/acme/secret/manifests/2").await, two.bytes);
     assert_eq!(hub.count("token_post"), 0);
+    assert_eq!(
+        hub.count("token_with_credentials"),
+        1,
+        "one token for the repository, fetched by GET with Basic"
+    );
 }
 
 #[tokio::test]
 async fn wrong_credentials_still_serve_public_images() {
     let hub = FakeHub::start().await;
-    hub.push(
-        "library/pub",
-        "1",
-        &Image::single("pub", DOCKER_MANIFEST, 10),
-    );
+    let image = push(&hub, "library/pub", "1");
     hub.add_user("alice", "s3cret");
     let proxy = TestProxy::start_with(&hub, with_credentials("alice", "wrong")).await;
-    assert_eq!(proxy.get("/v2/library/pub/manifests/1").await.status(), 200);
+    assert_eq!(
+        proxy.get_ok("/v2/library/pub/manifests/1").await,
+        image.bytes
+    );
 }
 
 #[tokio::test]
 async fn short_lived_tokens_are_renewed_without_client_errors() {
     let hub = FakeHub::start().await;
-    for tag in ["1", "2"] {
-        hub.push(
-            "library/short",
-            tag,
-            &Image::single(&format!("short{tag}"), DOCKER_MANIFEST, 10),
-        );
-    }
+    let (one, two) = (
+        push(&hub, "library/short", "1"),
+        push(&hub, "library/short", "2"),
+    );
     hub.set_token_lifetime(2);
     let proxy = TestProxy::start(&hub).await;
     assert_eq!(
-        proxy.get("/v2/library/short/manifests/1").await.status(),
-        200
+        proxy.get_ok("/v2/library/short/manifests/1").await,
+        one.bytes
     );
     tokio::time::sleep(Duration::from_millis(2200)).await;
     // The cached token (kept for the 60 s minimum) has expired upstream: one 401, a new token.
     assert_eq!(
-        proxy.get("/v2/library/short/manifests/2").await.status(),
-        200
+        proxy.get_ok("/v2/library/short/manifests/2").await,
+        two.bytes
     );
     assert_eq!(hub.count("token"), 2);
 }
@@ -104,29 +97,34 @@ async fn short_lived_tokens_are_renewed_without_client_errors() {
 #[tokio::test]
 async fn credentials_never_go_to_a_foreign_realm() {
     let hub = FakeHub::start().await;
-    hub.push(
-        "library/pub",
-        "1",
-        &Image::single("pub2", DOCKER_MANIFEST, 10),
-    );
+    let image = push(&hub, "library/pub", "1");
     hub.add_user("alice", "s3cret");
     hub.set_realm_host("localhost");
     let proxy = TestProxy::start_with(&hub, with_credentials("alice", "s3cret")).await;
-    assert_eq!(proxy.get("/v2/library/pub/manifests/1").await.status(), 200);
-    assert!(hub.count("token") >= 1);
+    assert_eq!(
+        proxy.get_ok("/v2/library/pub/manifests/1").await,
+        image.bytes
+    );
+    assert_eq!(hub.count("token"), 1, "an anonymous token instead");
     assert_eq!(hub.count("token_with_credentials"), 0);
 }
 
 #[tokio::test]
 async fn credentials_reach_a_realm_on_the_upstream_host() {
     let hub = FakeHub::start().await;
-    hub.push(
-        "library/pub",
-        "1",
-        &Image::single("pub3", DOCKER_MANIFEST, 10),
-    );
+    let image = push(&hub, "library/pub", "1");
     hub.add_user("alice", "s3cret");
     let proxy = TestProxy::start_with(&hub, with_credentials("alice", "s3cret")).await;
-    assert_eq!(proxy.get("/v2/library/pub/manifests/1").await.status(), 200);
+    assert_eq!(
+        proxy.get_ok("/v2/library/pub/manifests/1").await,
+        image.bytes
+    );
     assert_eq!(hub.count("token_with_credentials"), 1);
+}
+
+/// Pushes a small single-platform image as `repo:tag` and returns it.
+fn push(hub: &FakeHub, repo: &str, tag: &str) -> Image {
+    let image = Image::single(&format!("{repo}:{tag}"), DOCKER_MANIFEST, 10);
+    hub.push(repo, tag, &image);
+    image
 }

@@ -318,7 +318,7 @@ async fn eviction_keeps_the_store_under_its_limit() {
     let (blobs, digests) = push_mib_blobs(&hub, "evict", 8);
     let proxy = four_mib_store(&hub).await;
     for (d, b) in digests.iter().zip(&blobs) {
-        assert_eq!(get_bytes(&proxy, &blob_path("library/e", d)).await, *b);
+        assert_eq!(proxy.get_ok(&blob_path("library/e", d)).await, *b);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let on_disk: u64 = walk(&proxy.config.data_dir.join("blobs"));
@@ -395,10 +395,6 @@ async fn four_mib_store(hub: &FakeHub) -> TestProxy {
         c.cache_low_watermark = 0.5;
     })
     .await
-}
-
-async fn get_bytes(proxy: &TestProxy, path: &str) -> Bytes {
-    proxy.get(path).await.bytes().await.unwrap()
 }
 
 fn walk(dir: &std::path::Path) -> u64 {

@@ -94,6 +94,13 @@ impl TestProxy {
         self.request(reqwest::Method::GET, path, &[]).await
     }
 
+    /// GETs `path`, asserts 200, and returns the body for the caller to compare.
+    pub async fn get_ok(&self, path: &str) -> bytes::Bytes {
+        let response = self.get(path).await;
+        assert_eq!(response.status(), 200, "GET {path}");
+        response.bytes().await.unwrap()
+    }
+
     pub async fn head(&self, path: &str) -> reqwest::Response {
         self.request(reqwest::Method::HEAD, path, &[]).await
     }

@@ -14,9 +14,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 use url::Url;
 
-/// Every setting pullthrough reads. Defaults live in [`Config::default`] and nowhere else.
+/// Every setting pullthrough reads. Defaults live in [`Config::default`] and nowhere else; the
+/// keys accepted from the file and the environment are this struct's fields (serde refuses any
+/// other), so the list of keys cannot drift from the type.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Address to listen on.
     pub listen: SocketAddr,
@@ -31,34 +33,51 @@ pub struct Config {
     pub max_stale: Duration,
     /// Registries (containerd's `?ns=` values) this pullthrough mirrors; requests naming another
     /// get 404 so containerd moves on to its next host. Empty accepts every `ns`.
+    #[serde(deserialize_with = "list")]
     pub namespaces: Vec<String>,
     /// Regular expressions for tags that never change once seen, and so are never revalidated.
+    #[serde(deserialize_with = "list")]
     pub immutable_tags: Vec<String>,
     /// Response headers reach the client within this time, whatever upstream does.
     #[serde(with = "humantime_serde")]
     pub upstream_deadline: Duration,
     /// Fraction of upstream's rate limit kept for content pullthrough does not have yet.
+    #[serde(deserialize_with = "fraction")]
     pub ratelimit_reserve: f64,
-    /// Most requests in flight to the upstream at once.
+    /// Most requests in flight to the upstream at once, each counted until its body is read.
     pub upstream_max_concurrency: usize,
+    /// The longest pause a 429's `Retry-After` can impose on upstream requests.
+    #[serde(with = "humantime_serde")]
+    pub max_upstream_pause: Duration,
     /// Root of the on-disk cache (blobs, manifests, tag index).
     pub data_dir: PathBuf,
     /// Upstream account name, for private repositories and a larger Docker Hub budget.
-    #[serde(deserialize_with = "optional_string")]
     pub upstream_username: Option<String>,
     /// Upstream password or access token.
-    #[serde(deserialize_with = "optional_secret")]
     pub upstream_password: Option<Secret>,
     /// File holding the upstream password (as container secrets are mounted).
     pub upstream_password_file: Option<PathBuf>,
     /// Memory for manifests held in RAM, in bytes (all manifests are also kept on disk).
     pub manifest_cache_bytes: ByteSize,
+    /// Memory for cached tags-list pages, in bytes.
+    pub tags_list_cache_bytes: ByteSize,
     /// Most disk the blob store may use before least recently used blobs are evicted.
     pub cache_max_disk: ByteSize,
     /// Eviction starts above this fraction of `cache_max_disk`...
+    #[serde(deserialize_with = "fraction")]
     pub cache_high_watermark: f64,
     /// ...and stops below this one.
+    #[serde(deserialize_with = "fraction")]
     pub cache_low_watermark: f64,
+    /// Free space eviction keeps on the data directory's filesystem (0 disables).
+    pub cache_min_free_disk: ByteSize,
+    /// Bytes per second the background scrub re-hashes stored blobs at (0 disables it).
+    pub scrub_rate: ByteSize,
+    /// Pause between two scrub passes over the store.
+    #[serde(with = "humantime_serde")]
+    pub scrub_interval: Duration,
+    /// Hash every blob served from the store, holding its last byte until it verifies.
+    pub verify_on_serve: bool,
     /// How long a tags list answer is reused.
     #[serde(with = "humantime_serde")]
     pub tags_list_ttl: Duration,
@@ -69,12 +88,25 @@ pub struct Config {
     /// upstream blob stream may stall.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// A client must send a complete request head within this time, counted from the
+    /// connection's start or the end of its previous response.
+    #[serde(with = "humantime_serde")]
+    pub client_header_timeout: Duration,
+    /// A client connection on which no byte moves for this long is closed (after the response
+    /// in progress, if any).
+    #[serde(with = "humantime_serde")]
+    pub client_idle_timeout: Duration,
+    /// Open client connections above which the quietest ones are closed to make room.
+    pub max_client_connections: usize,
+    /// How long in-flight responses may finish after a shutdown signal.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
     /// Log format.
     pub log_format: LogFormat,
 }
 
 /// How log events are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable lines.
@@ -95,17 +127,27 @@ impl Default for Config {
             upstream_deadline: Duration::from_secs(10),
             ratelimit_reserve: 0.1,
             upstream_max_concurrency: 32,
+            max_upstream_pause: Duration::from_secs(3600),
             data_dir: PathBuf::from("pullthrough-data"),
             upstream_username: None,
             upstream_password: None,
             upstream_password_file: None,
             manifest_cache_bytes: ByteSize::mib(32),
+            tags_list_cache_bytes: ByteSize::mib(16),
             cache_max_disk: ByteSize::gib(20),
             cache_high_watermark: 0.9,
             cache_low_watermark: 0.8,
+            cache_min_free_disk: ByteSize::gib(1),
+            scrub_rate: ByteSize::mib(16),
+            scrub_interval: Duration::from_secs(24 * 3600),
+            verify_on_serve: false,
             tags_list_ttl: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
+            client_header_timeout: Duration::from_secs(20),
+            client_idle_timeout: Duration::from_secs(60),
+            max_client_connections: 1024,
+            shutdown_grace: Duration::from_secs(30),
             log_format: LogFormat::Text,
         }
     }
@@ -127,29 +169,41 @@ impl fmt::Debug for Secret {
 #[error("{0}")]
 pub struct ConfigError(String);
 
-/// Overrides given as command-line flags; `None` leaves the lower layers alone.
+/// Overrides given as command-line flags, already parsed by clap (which names the flag when a
+/// value does not parse); `None` leaves the lower layers alone.
 #[derive(Debug, Default, Serialize)]
 pub struct Overrides {
     /// `--listen`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub listen: Option<String>,
+    pub listen: Option<SocketAddr>,
     /// `--upstream`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub upstream: Option<String>,
+    pub upstream: Option<Url>,
     /// `--tag-ttl`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tag_ttl: Option<String>,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde::option"
+    )]
+    pub tag_ttl: Option<Duration>,
     /// `--data-dir`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub data_dir: Option<String>,
+    pub data_dir: Option<PathBuf>,
     /// `--log-format`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub log_format: Option<String>,
+    pub log_format: Option<LogFormat>,
 }
+
+/// The longest duration any setting accepts: ten years. Larger values are typos, and they would
+/// overflow the clock arithmetic they feed.
+const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Provider names, for error messages that say where a bad value came from.
+const ENV_SOURCE: &str = "environment variable";
 
 impl Config {
     /// Layers defaults, the file (if any), `PULLTHROUGH_*` variables from `env`, and flags.
-    /// `env` is passed in so tests never touch the process environment.
+    /// `env` is passed in so tests never touch the process environment. Environment values
+    /// are taken byte for byte as strings; numbers and booleans are read from them only where
+    /// the setting is a number or a boolean.
     pub fn load(
         file: Option<&std::path::Path>,
         env: impl IntoIterator<Item = (String, String)>,
@@ -172,29 +226,21 @@ impl Config {
                 (key != "config").then_some((key.replace("__", "."), v))
             })
             .collect();
-        let unknown: Vec<String> = vars
-            .iter()
-            .map(|(k, _)| k.split('.').next().unwrap_or_default().to_owned())
-            .filter(|k| !KNOWN_KEYS.contains(&k.as_str()))
-            .collect();
-        if let Some(key) = unknown.first() {
-            return Err(ConfigError(format!(
-                "unknown setting PULLTHROUGH_{}: known keys are {}",
-                key.to_ascii_uppercase(),
-                KNOWN_KEYS.join(", ")
-            )));
-        }
         figment = figment.merge(EnvVars(vars));
         figment = figment.merge(Serialized::defaults(overrides));
-        let config: Config = figment.extract().map_err(one_line)?;
-        config.validate()?;
+        let config: Config = figment.extract_lossy().map_err(|e| describe(&figment, e))?;
+        config.validate().map_err(|(key, why)| {
+            ConfigError(format!(
+                "invalid value for {}: {why}",
+                source_of(&figment, key)
+            ))
+        })?;
         Ok(config)
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |key: &str, why: &str| {
-            Err(ConfigError(format!("invalid value for key {key:?}: {why}")))
-        };
+    /// Checks every value against its range; the error names the key.
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        let bad = |key: &'static str, why: &str| Err((key, why.to_owned()));
         if !matches!(self.upstream.scheme(), "http" | "https") || self.upstream.host_str().is_none()
         {
             return bad("upstream", "must be an http:// or https:// URL with a host");
@@ -211,6 +257,12 @@ impl Config {
                 "must be the registry root, without a path or query",
             );
         }
+        if self.data_dir.as_os_str().is_empty() {
+            return bad("data_dir", "must not be empty");
+        }
+        if self.upstream_username.as_deref() == Some("") {
+            return bad("upstream_username", "must not be empty");
+        }
         if self.upstream_password.is_some() && self.upstream_password_file.is_some() {
             return bad(
                 "upstream_password_file",
@@ -222,14 +274,25 @@ impl Config {
         {
             return bad("upstream_username", "a password is set but no username");
         }
-        for (key, value) in [
-            ("tag_ttl", self.tag_ttl),
-            ("upstream_deadline", self.upstream_deadline),
-            ("connect_timeout", self.connect_timeout),
-            ("request_timeout", self.request_timeout),
-        ] {
-            if value.is_zero() {
+        let durations = [
+            ("tag_ttl", self.tag_ttl, true),
+            ("max_stale", self.max_stale, false),
+            ("upstream_deadline", self.upstream_deadline, true),
+            ("max_upstream_pause", self.max_upstream_pause, true),
+            ("scrub_interval", self.scrub_interval, true),
+            ("tags_list_ttl", self.tags_list_ttl, false),
+            ("connect_timeout", self.connect_timeout, true),
+            ("request_timeout", self.request_timeout, true),
+            ("client_header_timeout", self.client_header_timeout, true),
+            ("client_idle_timeout", self.client_idle_timeout, true),
+            ("shutdown_grace", self.shutdown_grace, false),
+        ];
+        for (key, value, positive) in durations {
+            if positive && value.is_zero() {
                 return bad(key, "must be greater than zero");
+            }
+            if value > MAX_DURATION {
+                return bad(key, "must be at most 10 years");
             }
         }
         if !(0.0..1.0).contains(&self.ratelimit_reserve) {
@@ -238,19 +301,45 @@ impl Config {
                 "must be a fraction from 0 to below 1, such as 0.1",
             );
         }
-        if self.upstream_max_concurrency == 0 {
-            return bad("upstream_max_concurrency", "must be at least 1");
+        if !(1..=4096).contains(&self.upstream_max_concurrency) {
+            return bad("upstream_max_concurrency", "must be from 1 to 4096");
         }
-        if !(self.cache_low_watermark > 0.0
-            && self.cache_low_watermark < self.cache_high_watermark
-            && self.cache_high_watermark <= 1.0)
+        if !(1..=1_000_000).contains(&self.max_client_connections) {
+            return bad("max_client_connections", "must be from 1 to 1000000");
+        }
+        let sizes = [
+            ("cache_max_disk", self.cache_max_disk, ByteSize::mib(1)),
+            (
+                "manifest_cache_bytes",
+                self.manifest_cache_bytes,
+                ByteSize::kib(64),
+            ),
+            (
+                "tags_list_cache_bytes",
+                self.tags_list_cache_bytes,
+                ByteSize::kib(64),
+            ),
+        ];
+        for (key, value, min) in sizes {
+            if value < min {
+                return bad(key, &format!("must be at least {}", min));
+            }
+        }
+        if !(self.cache_high_watermark > 0.0 && self.cache_high_watermark <= 1.0) {
+            return bad(
+                "cache_high_watermark",
+                "must be a fraction above 0 and at most 1",
+            );
+        }
+        if !(self.cache_low_watermark > 0.0 && self.cache_low_watermark < self.cache_high_watermark)
         {
             return bad(
                 "cache_low_watermark",
-                "need 0 < cache_low_watermark < cache_high_watermark <= 1",
+                "must be a fraction above 0 and below cache_high_watermark",
             );
         }
-        self.password()?;
+        self.password()
+            .map_err(|e| ("upstream_password_file", e.0))?;
         for pattern in &self.immutable_tags {
             if let Err(e) = regex::Regex::new(pattern) {
                 return bad(
@@ -271,24 +360,54 @@ impl Config {
             (Some(p), _) => Ok(Some(p.clone())),
             (None, Some(path)) => std::fs::read_to_string(path)
                 .map(|s| Some(Secret(s.trim_end_matches(['\r', '\n']).to_owned())))
-                .map_err(|e| {
-                    ConfigError(format!(
-                        "invalid value for key \"upstream_password_file\": cannot read {}: {e}",
-                        path.display()
-                    ))
-                }),
+                .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display()))),
             (None, None) => Ok(None),
         }
     }
+
+    /// Every key the file and the environment accept, read from the type itself.
+    pub fn keys() -> &'static [&'static str] {
+        struct_fields::<Config>()
+    }
 }
 
-/// `PULLTHROUGH_*` variables as a figment provider, parsed as figment's own `Env` does
-/// (`30` is a number, `[..]` an array), but from a list the caller passes in.
+/// The field names serde knows for `T`: a deserializer that only records what
+/// `deserialize_struct` is told and then fails.
+fn struct_fields<T: serde::de::DeserializeOwned>() -> &'static [&'static str] {
+    use serde::de::{self, Visitor};
+    struct Capture<'a>(&'a mut &'static [&'static str]);
+    impl<'de> Deserializer<'de> for Capture<'_> {
+        type Error = de::value::Error;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+            Err(de::Error::custom("not a struct"))
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Self::Error> {
+            *self.0 = fields;
+            Err(de::Error::custom("fields captured"))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+            option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
+            ignored_any
+        }
+    }
+    let mut fields: &'static [&'static str] = &[];
+    let _ = T::deserialize(Capture(&mut fields));
+    fields
+}
+
+/// `PULLTHROUGH_*` variables as a figment provider: every value a string, byte for byte (nested
+/// tables joined by `__`), from a list the caller passes in.
 struct EnvVars(Vec<(String, String)>);
 
 impl Provider for EnvVars {
     fn metadata(&self) -> Metadata {
-        Metadata::named("environment variable").interpolater(|_: &Profile, keys: &[&str]| {
+        Metadata::named(ENV_SOURCE).interpolater(|_: &Profile, keys: &[&str]| {
             format!("PULLTHROUGH_{}", keys.join("__").to_ascii_uppercase())
         })
     }
@@ -296,7 +415,7 @@ impl Provider for EnvVars {
     fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
         let mut dict = Dict::new();
         for (key, raw) in &self.0 {
-            let value: Value = raw.parse().expect("parsing a figment Value is infallible");
+            let value = Value::from(raw.clone());
             if let Some(nested) = figment::util::nest(key, value).into_dict() {
                 for (k, v) in nested {
                     dict.insert(k, v);
@@ -307,63 +426,103 @@ impl Provider for EnvVars {
     }
 }
 
-const KNOWN_KEYS: &[&str] = &[
-    "listen",
-    "upstream",
-    "tag_ttl",
-    "max_stale",
-    "immutable_tags",
-    "upstream_deadline",
-    "ratelimit_reserve",
-    "upstream_max_concurrency",
-    "data_dir",
-    "upstream_username",
-    "upstream_password",
-    "upstream_password_file",
-    "manifest_cache_bytes",
-    "cache_max_disk",
-    "cache_high_watermark",
-    "cache_low_watermark",
-    "tags_list_ttl",
-    "connect_timeout",
-    "request_timeout",
-    "log_format",
-];
-
-fn one_line(e: figment::Error) -> ConfigError {
-    let mut text = e.to_string();
-    if let Some(path) = e.path.first().filter(|_| !text.contains("for key")) {
-        text = format!("{text} for key {path:?}");
+/// The key and where its value came from, for messages: `key "k" (PULLTHROUGH_K)`,
+/// `key "k" (--k)`, `key "k" in <file>`, or `key "k"`.
+fn source_of(figment: &Figment, key: &str) -> String {
+    match figment.find_metadata(key) {
+        Some(m) if m.name == ENV_SOURCE => {
+            format!("key {key:?} (PULLTHROUGH_{})", key.to_ascii_uppercase())
+        }
+        // figment names a `Serialized` provider after the type: the flags are `Overrides`.
+        Some(m) if m.name.ends_with("Overrides") => {
+            format!("key {key:?} (--{})", key.replace('_', "-"))
+        }
+        Some(m) => match &m.source {
+            Some(figment::Source::File(path)) => format!("key {key:?} in {}", path.display()),
+            _ => format!("key {key:?}"),
+        },
+        None => format!("key {key:?}"),
     }
-    ConfigError(format!("invalid configuration: {}", one_line_str(&text)))
+}
+
+/// A figment error as one line naming the key and where it was set.
+fn describe(figment: &Figment, e: figment::Error) -> ConfigError {
+    use figment::error::Kind;
+    let key = e.path.join(".");
+    let text = match &e.kind {
+        Kind::UnknownField(field, _) => {
+            let place = match e.metadata.as_ref().map(|m| (m.name.as_ref(), &m.source)) {
+                Some((ENV_SOURCE, _)) => {
+                    format!(
+                        "environment variable PULLTHROUGH_{}",
+                        field.to_ascii_uppercase()
+                    )
+                }
+                Some((_, Some(figment::Source::File(path)))) => {
+                    format!("key {field:?} in {}", path.display())
+                }
+                _ => format!("key {field:?}"),
+            };
+            return ConfigError(format!(
+                "unknown setting: {place}; known keys are {}",
+                Config::keys().join(", ")
+            ));
+        }
+        kind => kind.to_string(),
+    };
+    let place = if key.is_empty() {
+        "configuration".to_owned()
+    } else {
+        source_of(figment, &key)
+    };
+    ConfigError(format!(
+        "invalid value for {place}: {}",
+        one_line_str(&text)
+    ))
 }
 
 fn one_line_str(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// Environment values that look like numbers arrive as numbers; a name is still a string.
-fn optional_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+/// A number with a fraction, from a number or from a string parsed exactly (figment's lossy
+/// reading goes through `f32` and would turn "0.95" into 0.949999988).
+fn fraction<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
-    enum Scalar {
-        S(String),
-        U(u64),
-        I(i64),
-        F(f64),
-        B(bool),
+    enum Raw {
+        Number(f64),
+        Text(String),
     }
-    Ok(Option::<Scalar>::deserialize(d)?.map(|s| match s {
-        Scalar::S(s) => s,
-        Scalar::U(n) => n.to_string(),
-        Scalar::I(n) => n.to_string(),
-        Scalar::F(n) => n.to_string(),
-        Scalar::B(b) => b.to_string(),
-    }))
+    match Raw::deserialize(d)? {
+        Raw::Number(n) => Ok(n),
+        Raw::Text(s) => s
+            .trim()
+            .parse()
+            .map_err(|_| serde::de::Error::custom(format!("{s:?} is not a number"))),
+    }
 }
 
-fn optional_secret<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Secret>, D::Error> {
-    Ok(optional_string(d)?.map(Secret))
+/// A list setting: a TOML array, or from the environment a string holding one (`["a", "b"]`),
+/// or a single plain string (one element, so a regex may contain commas).
+fn list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        List(Vec<String>),
+        One(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::List(items) => Ok(items),
+        Raw::One(s) if s.trim_start().starts_with('[') => {
+            let value: Value = s.parse().map_err(serde::de::Error::custom)?;
+            value.deserialize::<Vec<String>>().map_err(|_| {
+                serde::de::Error::custom("expected a list of strings, such as [\"a\", \"b\"]")
+            })
+        }
+        Raw::One(s) if s.is_empty() => Ok(Vec::new()),
+        Raw::One(s) => Ok(vec![s]),
+    }
 }
 
 #[cfg(test)]
@@ -400,7 +559,7 @@ mod tests {
             ("PULLTHROUGH_CONFIG", "x"),
         ]);
         let flags = Overrides {
-            listen: Some("127.0.0.1:2".into()),
+            listen: Some("127.0.0.1:2".parse().unwrap()),
             ..Overrides::default()
         };
         let c = Config::load(Some(&file), vars, &flags).unwrap();
@@ -429,6 +588,42 @@ mod tests {
             (("PULLTHROUGH_RATELIMIT_RESERVE", "2"), "ratelimit_reserve"),
             (("PULLTHROUGH_IMMUTABLE_TAGS", "[\"(\"]"), "immutable_tags"),
             (("PULLTHROUGH_TAG_TLL", "1s"), "TAG_TLL"),
+            (
+                (
+                    "PULLTHROUGH_UPSTREAM_MAX_CONCURRENCY",
+                    "3000000000000000000",
+                ),
+                "PULLTHROUGH_UPSTREAM_MAX_CONCURRENCY",
+            ),
+            (
+                ("PULLTHROUGH_MAX_STALE", "600000000y"),
+                "PULLTHROUGH_MAX_STALE",
+            ),
+            (
+                ("PULLTHROUGH_CACHE_MAX_DISK", "0"),
+                "PULLTHROUGH_CACHE_MAX_DISK",
+            ),
+            (("PULLTHROUGH_DATA_DIR", ""), "PULLTHROUGH_DATA_DIR"),
+            (
+                ("PULLTHROUGH_CACHE_HIGH_WATERMARK", "1.5"),
+                "PULLTHROUGH_CACHE_HIGH_WATERMARK",
+            ),
+            (
+                ("PULLTHROUGH_CACHE_LOW_WATERMARK", "0.95"),
+                "PULLTHROUGH_CACHE_LOW_WATERMARK",
+            ),
+            (
+                ("PULLTHROUGH_VERIFY_ON_SERVE", "maybe"),
+                "PULLTHROUGH_VERIFY_ON_SERVE",
+            ),
+            (
+                ("PULLTHROUGH_MAX_CLIENT_CONNECTIONS", "0"),
+                "PULLTHROUGH_MAX_CLIENT_CONNECTIONS",
+            ),
+            (
+                ("PULLTHROUGH_MAX_UPSTREAM_PAUSE", "0s"),
+                "PULLTHROUGH_MAX_UPSTREAM_PAUSE",
+            ),
         ];
         for ((k, v), key) in cases {
             let err = Config::load(None, env(&[(k, v)]), &Overrides::default())
@@ -439,6 +634,108 @@ mod tests {
                 "{k}={v}: {err}"
             );
             assert!(!err.contains('\n'), "{err}");
+        }
+    }
+
+    #[test]
+    fn environment_strings_arrive_byte_for_byte() {
+        for password in [
+            "007",
+            "0123456",
+            "1.50",
+            "+1",
+            "\"quoted\"",
+            " spaced ",
+            "true",
+            "[1]",
+        ] {
+            let vars = env(&[
+                ("PULLTHROUGH_UPSTREAM_USERNAME", "0042"),
+                ("PULLTHROUGH_UPSTREAM_PASSWORD", password),
+            ]);
+            let c = Config::load(None, vars, &Overrides::default()).unwrap();
+            assert_eq!(c.password().unwrap(), Some(Secret(password.into())));
+            assert_eq!(c.upstream_username.as_deref(), Some("0042"));
+        }
+        // Numbers, booleans and lists are still read from strings where the key wants them.
+        let vars = env(&[
+            ("PULLTHROUGH_UPSTREAM_MAX_CONCURRENCY", "7"),
+            ("PULLTHROUGH_VERIFY_ON_SERVE", "true"),
+            ("PULLTHROUGH_CACHE_HIGH_WATERMARK", "0.95"),
+            ("PULLTHROUGH_IMMUTABLE_TAGS", r#"["^v\\d+$", "a,b"]"#),
+            ("PULLTHROUGH_NAMESPACES", "docker.io"),
+        ]);
+        let c = Config::load(None, vars, &Overrides::default()).unwrap();
+        assert_eq!(c.upstream_max_concurrency, 7);
+        assert!(c.verify_on_serve);
+        assert_eq!(c.cache_high_watermark, 0.95);
+        assert_eq!(c.immutable_tags, vec![r"^v\d+$".to_owned(), "a,b".into()]);
+        assert_eq!(c.namespaces, vec!["docker.io".to_owned()]);
+    }
+
+    #[test]
+    fn a_typo_in_the_file_is_refused_naming_the_key_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.toml");
+        std::fs::write(&file, "tag_tl = \"5s\"\n").unwrap();
+        let err = Config::load(Some(&file), env(&[]), &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tag_tl"), "{err}");
+        assert!(err.contains(&file.display().to_string()), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+        std::fs::write(&file, "tag_ttl = \"soon\"\n").unwrap();
+        let err = Config::load(Some(&file), env(&[]), &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"tag_ttl\""), "{err}");
+        assert!(!err.contains("default."), "{err}");
+        // A flag's bad range names the flag.
+        let flags = Overrides {
+            tag_ttl: Some(Duration::ZERO),
+            ..Overrides::default()
+        };
+        let err = Config::load(None, env(&[]), &flags)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--tag-ttl"), "{err}");
+    }
+
+    #[test]
+    fn every_documented_key_can_be_set_through_the_environment() {
+        let documented = include_str!("../config/pullthrough.toml");
+        let mut seen = Vec::new();
+        for line in documented.lines() {
+            let line = line.trim_start_matches("# ").trim();
+            let Some((key, value)) = line.split_once(" = ") else {
+                continue;
+            };
+            if !key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+                continue;
+            }
+            let value: toml::Value = toml::from_str(&format!("v = {value}"))
+                .map(|t: toml::Table| t["v"].clone())
+                .unwrap_or_else(|e| panic!("{key}: {e}"));
+            let raw = match value {
+                toml::Value::String(s) => s,
+                other => other.to_string(),
+            };
+            let mut vars = vec![(format!("PULLTHROUGH_{}", key.to_ascii_uppercase()), raw)];
+            if key.starts_with("upstream_password") {
+                vars.push(("PULLTHROUGH_UPSTREAM_USERNAME".into(), "u".into()));
+            }
+            if key == "upstream_password_file" {
+                vars[0].1 = "/dev/null".into();
+            }
+            Config::load(None, vars, &Overrides::default())
+                .unwrap_or_else(|e| panic!("{key}: {e}"));
+            seen.push(key.to_owned());
+        }
+        for key in Config::keys() {
+            assert!(
+                seen.iter().any(|k| k == key),
+                "{key} is not in config/pullthrough.toml"
+            );
         }
     }
 

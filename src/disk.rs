@@ -1,8 +1,16 @@
-//! Crash-safe file writes for the cache: every file is written under `tmp/`, flushed, and
-//! renamed into place, so a reader (or a restart after `kill -9`) sees a whole file or none.
+//! The data directory: its layout, the marker that makes it pullthrough's, and crash-safe file
+//! writes (every file is written under `tmp/`, flushed, and renamed into place, so a reader, or
+//! a restart after `kill -9`, sees a whole file or none). pullthrough deletes only what it
+//! created: it refuses a non-empty directory without its marker, and recreates its layout when
+//! the directory is removed while it runs.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+
+/// The file that marks a directory as a pullthrough cache.
+pub const MARKER: &str = ".pullthrough-cache";
+/// The directories of the layout.
+const DIRS: [&str; 4] = ["tmp", "manifests", "tags", "blobs"];
 
 /// The on-disk layout under the data directory.
 #[derive(Debug, Clone)]
@@ -10,25 +18,71 @@ pub struct Layout {
     root: PathBuf,
 }
 
+/// Why a directory cannot be used as the cache.
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    /// Not empty and not marked as pullthrough's.
+    #[error(
+        "{0} is not empty and is not a pullthrough cache (it has no {MARKER} file); choose an empty or new directory"
+    )]
+    Foreign(PathBuf),
+    /// Not a directory, or not readable or writable.
+    #[error("cannot use {path}: {source}")]
+    Io {
+        /// The directory.
+        path: PathBuf,
+        /// The failure.
+        source: std::io::Error,
+    },
+}
+
 impl Layout {
-    /// Creates the directories and removes temp files a previous process left behind.
-    pub fn open(root: &Path) -> std::io::Result<Layout> {
+    /// Opens (or creates) the cache directory: refuses a foreign one, then creates the layout
+    /// and removes temp files a previous process left behind.
+    pub fn open(root: &Path) -> Result<Layout, LayoutError> {
+        let io = |source| LayoutError::Io {
+            path: root.to_path_buf(),
+            source,
+        };
         let layout = Layout {
             root: root.to_path_buf(),
         };
+        std::fs::create_dir_all(root).map_err(io)?;
+        if !root.join(MARKER).is_file() {
+            let mut entries = std::fs::read_dir(root).map_err(io)?;
+            // A cache from before the marker existed holds only the layout's directories.
+            let adoptable = std::fs::read_dir(root)
+                .map_err(io)?
+                .filter_map(Result::ok)
+                .all(|e| DIRS.contains(&e.file_name().to_string_lossy().as_ref()))
+                && ["manifests", "tags", "blobs"]
+                    .iter()
+                    .all(|d| root.join(d).is_dir());
+            if entries.next().is_some() && !adoptable {
+                return Err(LayoutError::Foreign(root.to_path_buf()));
+            }
+        }
         let tmp = layout.tmp();
         if tmp.exists() {
-            std::fs::remove_dir_all(&tmp)?;
+            std::fs::remove_dir_all(&tmp).map_err(io)?;
         }
-        for dir in [
-            tmp,
-            layout.root.join("manifests"),
-            layout.root.join("tags"),
-            layout.root.join("blobs"),
-        ] {
-            std::fs::create_dir_all(dir)?;
-        }
+        layout.create().map_err(io)?;
         Ok(layout)
+    }
+
+    /// Creates the marker and the layout's directories (again, if they were removed).
+    fn create(&self) -> std::io::Result<()> {
+        for dir in DIRS {
+            std::fs::create_dir_all(self.root.join(dir))?;
+        }
+        let marker = self.root.join(MARKER);
+        if !marker.is_file() {
+            std::fs::write(
+                marker,
+                "This directory is a pullthrough cache; pullthrough may delete anything in it.\n",
+            )?;
+        }
+        Ok(())
     }
 
     /// The data directory.
@@ -41,18 +95,25 @@ impl Layout {
         self.root.join("tmp")
     }
 
-    /// A fresh temp file.
+    /// A fresh temp file; the layout is recreated if it has gone.
     pub fn temp_file(&self) -> std::io::Result<tempfile::NamedTempFile> {
-        tempfile::Builder::new()
-            .prefix("part-")
-            .tempfile_in(self.tmp())
+        let make = || {
+            tempfile::Builder::new()
+                .prefix("part-")
+                .tempfile_in(self.tmp())
+        };
+        match make() {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                tracing::warn!(data_dir = %self.root.display(), "the cache's directories are gone; recreating them");
+                self.create()?;
+                make()
+            }
+            other => other,
+        }
     }
 
     /// Writes `bytes` to `path` atomically; `durable` also fsyncs before the rename.
     pub fn write_atomic(&self, path: &Path, bytes: &[&[u8]], durable: bool) -> std::io::Result<()> {
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
         let mut file = self.temp_file()?;
         for part in bytes {
             file.write_all(part)?;
@@ -60,7 +121,65 @@ impl Layout {
         if durable {
             file.as_file().sync_all()?;
         }
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
         file.persist(path).map_err(|e| e.error)?;
         Ok(())
+    }
+
+    /// Reads a small state file of the layout (`None` if absent or unreadable).
+    pub fn read_state(&self, name: &str) -> Option<Vec<u8>> {
+        std::fs::read(self.root.join(name)).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_foreign_directories_and_adopts_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let foreign = dir.path().join("home");
+        std::fs::create_dir_all(foreign.join("tmp")).unwrap();
+        std::fs::write(foreign.join("tmp/notes.txt"), "mine").unwrap();
+        assert!(matches!(
+            Layout::open(&foreign),
+            Err(LayoutError::Foreign(_))
+        ));
+        assert!(foreign.join("tmp/notes.txt").exists(), "nothing deleted");
+
+        let fresh = dir.path().join("new");
+        Layout::open(&fresh).unwrap();
+        assert!(fresh.join(MARKER).is_file());
+        std::fs::write(fresh.join("tmp/part-x"), "partial").unwrap();
+        Layout::open(&fresh).unwrap();
+        assert!(
+            !fresh.join("tmp/part-x").exists(),
+            "own temp files are wiped"
+        );
+
+        let old = dir.path().join("old");
+        for d in ["manifests", "tags", "blobs", "tmp"] {
+            std::fs::create_dir_all(old.join(d)).unwrap();
+        }
+        Layout::open(&old).unwrap();
+        assert!(
+            old.join(MARKER).is_file(),
+            "an unmarked cache of the old layout is adopted"
+        );
+    }
+
+    #[test]
+    fn recreates_the_layout_when_it_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("cache");
+        let layout = Layout::open(&root).unwrap();
+        std::fs::remove_dir_all(&root).unwrap();
+        let target = root.join("manifests/sha256/x");
+        layout.write_atomic(&target, &[b"data"], false).unwrap();
+        assert_eq!(std::fs::read(target).unwrap(), b"data");
+        assert!(root.join(MARKER).is_file());
     }
 }

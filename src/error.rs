@@ -49,6 +49,16 @@ pub enum Error {
     /// Upstream did not answer within the deadline.
     #[error("upstream did not answer in time")]
     GatewayTimeout,
+    /// Upstream refused the request as a client error: passed on with its status and code.
+    #[error("{}", message.as_deref().unwrap_or("upstream refused the request"))]
+    UpstreamRejected {
+        /// Upstream's status, 400 to 499.
+        status: u16,
+        /// Upstream's registry error code, if it sent one.
+        code: Option<String>,
+        /// Upstream's message, if it sent one.
+        message: Option<String>,
+    },
     /// Upstream failed or misbehaved.
     #[error("upstream registry failed")]
     Upstream(upstream::Error),
@@ -88,6 +98,15 @@ impl From<upstream::Error> for Error {
                 Error::TooManyRequests { retry_after }
             }
             upstream::Error::Timeout => Error::GatewayTimeout,
+            upstream::Error::Rejected {
+                status,
+                code,
+                message,
+            } => Error::UpstreamRejected {
+                status,
+                code,
+                message,
+            },
             other => Error::Upstream(other),
         }
     }

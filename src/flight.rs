@@ -5,10 +5,11 @@
 use crate::error::Error;
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::fmt;
 use std::hash::Hash;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 type Outcome<V> = Result<V, Error>;
 type Flight<V> = Shared<BoxFuture<'static, Outcome<V>>>;
@@ -20,7 +21,7 @@ pub struct Flights<K, V> {
 
 impl<K, V> fmt::Debug for Flights<K, V> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let n = self.running.lock().map(|m| m.len()).unwrap_or_default();
+        let n = self.running.lock().len();
         f.debug_struct("Flights").field("running", &n).finish()
     }
 }
@@ -43,7 +44,7 @@ where
     where
         F: Future<Output = Outcome<V>> + Send + 'static,
     {
-        let mut running = self.running.lock().expect("flight lock poisoned");
+        let mut running = self.running.lock();
         if let Some(flight) = running.get(&key) {
             return flight.clone();
         }
@@ -53,7 +54,7 @@ where
         // The lock is held until the entry is inserted, so the task cannot remove it first.
         let task = tokio::spawn(async move {
             let outcome = operation.await;
-            map.lock().expect("flight lock poisoned").remove(&done_key);
+            map.lock().remove(&done_key);
             outcome
         });
         let flight = async move {
@@ -68,10 +69,7 @@ where
 
     /// True while an operation for `key` runs.
     pub fn is_running(&self, key: &K) -> bool {
-        self.running
-            .lock()
-            .expect("flight lock poisoned")
-            .contains_key(key)
+        self.running.lock().contains_key(key)
     }
 }
 

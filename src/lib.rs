@@ -21,47 +21,35 @@ pub mod state;
 pub mod upstream;
 
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::net::TcpListener;
 
 pub use config::Config;
 
-/// How long in-flight responses (a blob stream can take minutes) may finish after shutdown.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
-
-/// Serves until `shutdown` resolves, then lets in-flight responses finish for up to 30 s.
-/// Tests pass a port-0 listener and their own trigger.
+/// Serves until `shutdown` resolves, then lets in-flight responses finish for up to
+/// `shutdown_grace`. Tests pass a port-0 listener and their own trigger.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    serve(app(&config)?, listener, shutdown).await
+    serve(app(&config)?, listener, &config, shutdown).await
 }
 
-/// Serves a built router (see [`app`]) until `shutdown` resolves, with the same grace period.
+/// Serves a built router (see [`app`]) with the connection limits of `config` until `shutdown`
+/// resolves.
 pub async fn serve(
     app: axum::Router,
     listener: TcpListener,
+    config: &Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
-    let signal = async move {
-        shutdown.await;
-        let _ = stopping.send(());
-    };
-    let server = axum::serve(listener, app).with_graceful_shutdown(signal);
-    let grace = async move {
-        if stopped.await.is_ok() {
-            tokio::time::sleep(SHUTDOWN_GRACE).await;
-        } else {
-            std::future::pending::<()>().await;
-        }
-    };
-    tokio::select! {
-        served = server => served?,
-        () = grace => tracing::warn!("shutdown grace period over; dropping open connections"),
-    }
+    http::server::serve(
+        app,
+        listener,
+        http::server::Limits::from_config(config),
+        shutdown,
+    )
+    .await?;
     Ok(())
 }
 

@@ -2,10 +2,14 @@
 
 use clap::Parser;
 use pullthrough::config::{Config, LogFormat, Overrides};
+use std::io::IsTerminal;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
+use url::Url;
 
 /// A caching pull-through proxy for container registries.
 ///
@@ -19,24 +23,37 @@ struct Cli {
     config: Option<PathBuf>,
     /// Address to listen on [default: 127.0.0.1:5000].
     #[arg(long)]
-    listen: Option<String>,
+    listen: Option<SocketAddr>,
     /// Upstream registry URL [default: https://registry-1.docker.io].
     #[arg(long)]
-    upstream: Option<String>,
+    upstream: Option<Url>,
     /// How long a tag answer is trusted before revalidation, e.g. 30s or 5m [default: 1m].
-    #[arg(long)]
-    tag_ttl: Option<String>,
+    #[arg(long, value_parser = humantime::parse_duration)]
+    tag_ttl: Option<Duration>,
     /// On-disk cache root [default: pullthrough-data].
     #[arg(long)]
-    data_dir: Option<String>,
-    /// Log format: text or json [default: text].
-    #[arg(long)]
-    log_format: Option<String>,
+    data_dir: Option<PathBuf>,
+    /// Log format [default: text].
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if e.use_stderr() => {
+            // One line naming the flag, like every other bad setting.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or_default();
+            eprintln!("pullthrough: {}", first.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+    };
     let overrides = Overrides {
         listen: cli.listen,
         upstream: cli.upstream,
@@ -53,8 +70,13 @@ async fn main() -> ExitCode {
     };
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("pullthrough=info"));
+    // Colour only for a person at a terminal; files and log collectors get plain text.
+    let ansi = std::io::stdout().is_terminal();
     match config.log_format {
-        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
+        LogFormat::Text => tracing_subscriber::fmt()
+            .with_ansi(ansi)
+            .with_env_filter(filter)
+            .init(),
         LogFormat::Json => tracing_subscriber::fmt()
             .json()
             .flatten_event(true)
@@ -80,8 +102,9 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tracing::info!(addr = %config.listen, upstream = %config.upstream, data_dir = %config.data_dir.display(), "listening");
-    match pullthrough::serve(app, listener, shutdown_signal()).await {
+    let bound = listener.local_addr().unwrap_or(config.listen);
+    tracing::info!(addr = %bound, upstream = %config.upstream, data_dir = %config.data_dir.display(), "listening");
+    match pullthrough::serve(app, listener, &config, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("pullthrough: {e:#}");

@@ -141,26 +141,29 @@ impl ManifestCache {
             .join(tag.as_str())
     }
 
-    /// A manifest by digest, from memory or disk. A file whose bytes do not hash to its name
-    /// is deleted, never served.
-    pub fn get(&self, digest: &Digest) -> Option<Arc<Manifest>> {
+    /// A manifest by digest, from memory or disk (read and hashed off the async workers). A
+    /// file whose bytes do not hash to its name is deleted, never served.
+    pub async fn get(&self, digest: &Digest) -> Option<Arc<Manifest>> {
         if let Some(m) = self.by_digest.get(digest) {
             return Some(m);
         }
         let path = self.manifest_path(digest);
-        let raw = std::fs::read(&path).ok()?;
-        match decode_manifest(&raw, digest) {
-            Some(m) => {
-                let m = Arc::new(m);
-                self.by_digest.insert(digest.clone(), Arc::clone(&m));
-                Some(m)
-            }
-            None => {
-                tracing::warn!(%digest, "deleting a stored manifest that does not match its digest");
+        let wanted = digest.clone();
+        let loaded = tokio::task::spawn_blocking(move || {
+            let raw = std::fs::read(&path).ok()?;
+            let decoded = decode_manifest(&raw, &wanted);
+            if decoded.is_none() {
+                tracing::warn!(digest = %wanted, "deleting a stored manifest that does not match its digest");
                 let _ = std::fs::remove_file(&path);
-                None
             }
-        }
+            decoded
+        })
+        .await
+        .ok()
+        .flatten()?;
+        let m = Arc::new(loaded);
+        self.by_digest.insert(digest.clone(), Arc::clone(&m));
+        Some(m)
     }
 
     /// Stores a verified manifest in memory and, durably, on disk.
@@ -188,25 +191,29 @@ impl ManifestCache {
         self.tags.get(&(name.clone(), tag.clone()))
     }
 
-    /// Records a tag entry in memory and on disk (not fsynced: losing one only costs a HEAD).
-    pub fn set_tag(&self, name: &RepoName, tag: &Tag, entry: TagEntry) {
-        let path = self.tag_path(name, tag);
-        match serde_json::to_vec(&entry) {
-            Ok(json) => {
-                if let Err(e) = self.layout.write_atomic(&path, &[&json], false) {
-                    tracing::error!(error = %e, repo = %name, %tag, "could not store tag on disk");
-                }
-            }
-            Err(e) => tracing::error!(error = %e, "could not encode tag entry"),
-        }
+    /// Records a tag entry in memory and on disk (written off the async workers, not fsynced:
+    /// losing one only costs a HEAD).
+    pub async fn set_tag(&self, name: &RepoName, tag: &Tag, entry: TagEntry) {
         self.grant(name, &entry.digest);
-        self.tags.insert((name.clone(), tag.clone()), entry);
+        self.tags.insert((name.clone(), tag.clone()), entry.clone());
+        let (path, layout) = (self.tag_path(name, tag), self.layout.clone());
+        let written = tokio::task::spawn_blocking(move || {
+            let json = serde_json::to_vec(&entry).map_err(std::io::Error::other)?;
+            layout.write_atomic(&path, &[&json], false)
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r);
+        if let Err(e) = written {
+            tracing::error!(error = %e, repo = %name, %tag, "could not store tag on disk");
+        }
     }
 
     /// Forgets a tag upstream no longer has.
-    pub fn remove_tag(&self, name: &RepoName, tag: &Tag) {
+    pub async fn remove_tag(&self, name: &RepoName, tag: &Tag) {
         self.tags.invalidate(&(name.clone(), tag.clone()));
-        let _ = std::fs::remove_file(self.tag_path(name, tag));
+        let path = self.tag_path(name, tag);
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await;
     }
 
     /// Records that `name` may read `digest` upstream.
@@ -340,15 +347,17 @@ mod tests {
                     digest: digest.clone(),
                 })
                 .await;
-            cache.set_tag(
-                &name,
-                &tag,
-                TagEntry::new(&digest, &media_type, bytes.len() as u64),
-            );
+            cache
+                .set_tag(
+                    &name,
+                    &tag,
+                    TagEntry::new(&digest, &media_type, bytes.len() as u64),
+                )
+                .await;
         }
         let cache = ManifestCache::open(Layout::open(dir.path()).unwrap(), 1 << 20).unwrap();
         assert_eq!(cache.tag(&name, &tag).unwrap().digest, digest);
-        let m = cache.get(&digest).unwrap();
+        let m = cache.get(&digest).await.unwrap();
         assert_eq!((m.bytes.clone(), m.media_type.clone()), (bytes, media_type));
         assert!(cache.granted(&name, &digest));
 
@@ -356,7 +365,7 @@ mod tests {
         let other = Digest::sha256(b"x");
         let path = dir.path().join("manifests/sha256").join(other.hex());
         std::fs::write(&path, b"application/json\ny").unwrap();
-        assert!(cache.get(&other).is_none());
+        assert!(cache.get(&other).await.is_none());
         assert!(!path.exists());
     }
 }

@@ -189,6 +189,12 @@ async fn a_broken_upstream_stream_resumes_with_a_range_request() {
     hub.break_next_streams(1);
     let r = proxy.get(&blob_path("library/r", &digest)).await;
     assert_eq!(r.bytes().await.unwrap(), other);
+    assert_eq!(
+        hub.count("blob_get"),
+        5,
+        "one GET and one resume answered with 200"
+    );
+    assert_eq!(hub.count("cdn_get"), 5);
 }
 
 #[tokio::test]
@@ -238,6 +244,8 @@ async fn ranges_are_206_or_416_and_never_download_twice() {
     assert_eq!(r.status(), 206);
     assert_eq!(r.headers()["content-range"], "bytes 10-19/100000");
     assert_eq!(r.bytes().await.unwrap(), blob.slice(10..20));
+    // The range did not wait for the whole blob; a full GET follows the same download.
+    assert_eq!(proxy.get_ok(&path).await, blob);
     let r = proxy
         .request(reqwest::Method::GET, &path, &[("range", "bytes=99990-")])
         .await;

@@ -28,6 +28,29 @@ fn bad_settings_exit_2_with_one_line_naming_the_key() {
         ),
         (&[("PULLTHROUGH_TAG_TLL", "5m")], &[], "PULLTHROUGH_TAG_TLL"),
         (&[], &["--listen", "not-an-address"], "listen"),
+        (&[], &["--tag-ttl", "soon"], "--tag-ttl"),
+        (&[], &["--log-format", "xml"], "--log-format"),
+        (
+            &[("PULLTHROUGH_CACHE_HIGH_WATERMARK", "2")],
+            &[],
+            "cache_high_watermark",
+        ),
+        (&[("PULLTHROUGH_DATA_DIR", "")], &[], "data_dir"),
+        (
+            &[(
+                "PULLTHROUGH_UPSTREAM_MAX_CONCURRENCY",
+                "3000000000000000000",
+            )],
+            &[],
+            "upstream_max_concurrency",
+        ),
+        (&[("PULLTHROUGH_MAX_STALE", "600000000y")], &[], "max_stale"),
+        (
+            &[("PULLTHROUGH_CACHE_MAX_DISK", "0")],
+            &[],
+            "cache_max_disk",
+        ),
+        (&[("PULLTHROUGH_NAMESPACES", "[1")], &[], "namespaces"),
         (
             &[],
             &["--config", "/nonexistent/pullthrough.toml"],
@@ -53,7 +76,35 @@ fn bad_settings_exit_2_with_one_line_naming_the_key() {
         let stderr = String::from_utf8(out.stderr).unwrap();
         assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
         assert!(stderr.contains(key), "{key} not in {stderr}");
+        for internal in ["src/", ".rs:", "pullthrough::", "default."] {
+            assert!(!stderr.contains(internal), "{internal} in {stderr}");
+        }
     }
+}
+
+#[test]
+fn a_typo_in_the_config_file_and_a_foreign_data_dir_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("p.toml");
+    std::fs::write(&file, "tag_tl = \"5s\"\n").unwrap();
+    let out = pullthrough(&[], &["--config", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.contains("tag_tl") && stderr.trim_end().lines().count() == 1,
+        "{stderr}"
+    );
+
+    // A directory with someone's files in it (here a tmp/ of theirs) is never used or emptied.
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(home.join("tmp")).unwrap();
+    std::fs::write(home.join("tmp/keep.txt"), "mine").unwrap();
+    let out = pullthrough(&[("PULLTHROUGH_DATA_DIR", home.to_str().unwrap())], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("not a pullthrough cache"), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(home.join("tmp/keep.txt").exists());
 }
 
 #[test]

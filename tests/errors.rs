@@ -27,10 +27,17 @@ async fn invalid_input_is_400_without_upstream_requests() {
         ),
         ("/v2/UPPER/manifests/latest".to_owned(), 400, "NAME_INVALID"),
         ("/v2/a//b/manifests/latest".to_owned(), 400, "NAME_INVALID"),
+        // A reference that is no valid tag names no manifest (the OCI conformance suite's
+        // `.INVALID_MANIFEST_NAME`); a malformed digest stays 400.
         (
             format!("/v2/library/alpine/manifests/{long_tag}"),
-            400,
-            "TAG_INVALID",
+            404,
+            "MANIFEST_UNKNOWN",
+        ),
+        (
+            "/v2/library/alpine/manifests/.INVALID_MANIFEST_NAME".to_owned(),
+            404,
+            "MANIFEST_UNKNOWN",
         ),
         (
             "/v2/library/alpine/manifests/sha256:xyz".to_owned(),

@@ -1,16 +1,21 @@
 //! One upstream download per digest, and the streams that follow its growing temp file.
+//!
+//! What is written never goes past the blob's size (upstream's `Content-Length`, or the total of
+//! a resume's `Content-Range`), a resume must continue exactly where the body broke off, and a
+//! follower never receives the blob's last byte before the digest verified.
 
-use super::{BlobBody, BlobMeta, BlobStore, ByteRange, CHUNK, Source};
+use super::{BlobBody, BlobMeta, BlobStore, ByteRange, CHUNK, ContentRange, Source};
 use crate::error::Error;
 use crate::metrics::Counters;
 use crate::registry::{Digest, RepoName, Verifier};
-use crate::upstream::Upstream;
+use crate::upstream::{Exchange, Upstream};
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
+use std::io::SeekFrom;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio::sync::watch;
 
 /// How often one download may resume after its upstream body broke off.
@@ -19,39 +24,82 @@ const MAX_RESUMES: u32 = 3;
 /// Progress of one download, published to its followers.
 #[derive(Debug, Clone, Default)]
 pub(super) struct Progress {
-    /// Upstream's `Content-Length`, once its headers arrived.
+    /// The blob's size, once upstream said it.
     size: Option<u64>,
     /// Upstream answered with a body.
     started: bool,
-    /// Bytes written to the temp file so far.
+    /// Bytes written to the temp file so far (never more than `size`).
     written: u64,
     /// Set when the download ended.
     outcome: Option<Result<(), Error>>,
 }
 
+impl Progress {
+    /// How many bytes from the start a follower may send now: what is written, less the blob's
+    /// last byte until the download verified.
+    fn sendable(&self) -> u64 {
+        match (&self.outcome, self.size) {
+            (Some(Ok(())), _) => self.written,
+            (_, Some(size)) => self.written.min(size.saturating_sub(1)),
+            (_, None) => self.written.saturating_sub(1),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub(super) struct Download {
     temp: PathBuf,
+    /// The repository the blob is fetched from: another repository may read the download only
+    /// under the rule for stored blobs.
+    repo: RepoName,
     progress: watch::Sender<Progress>,
+}
+
+/// The temp file a download writes, and what it has verified so far.
+struct Writer {
+    file: tokio::fs::File,
+    verifier: Verifier,
+    written: u64,
+    /// The blob's size, once known: nothing is written past it.
+    size: Option<u64>,
+    /// The most a blob of unknown size may take (`cache_max_disk`).
+    max: u64,
+    /// An `ENOSPC` was already answered by an eviction.
+    evicted_for_space: bool,
+}
+
+/// What a download request found.
+#[derive(Debug)]
+pub enum Joined {
+    /// A body following the download.
+    Body(BlobBody),
+    /// A download started for another repository is under way; joining it needs access to
+    /// be confirmed first.
+    OtherRepository,
 }
 
 impl BlobStore {
     /// The size of a blob being downloaded, once upstream said it.
     pub fn downloading_size(&self, digest: &Digest) -> Option<u64> {
-        let downloads = self.downloads.lock().expect("downloads lock poisoned");
+        let downloads = self.downloads.lock();
         downloads.get(digest).and_then(|d| d.progress.borrow().size)
     }
 
-    /// Joins the download of `digest`, or starts it (fetching from `name` upstream). Returns
-    /// once upstream's headers arrived, with the body following the download.
+    /// Joins the download of `digest`, or starts it (fetching from `name` upstream). A download
+    /// under way for another repository is joined only when `shared_ok`. Returns once
+    /// upstream's headers arrived, with the body following the download; a range is served
+    /// as soon as its bytes are on disk.
     pub async fn fetch(
         self: &Arc<Self>,
         upstream: &Arc<Upstream>,
         name: &RepoName,
         digest: &Digest,
         range: Option<ByteRange>,
-    ) -> Result<BlobBody, Error> {
-        let download = self.download(upstream, name, digest)?;
+        shared_ok: bool,
+    ) -> Result<Joined, Error> {
+        let Some(download) = self.download(upstream, name, digest, shared_ok).await? else {
+            return Ok(Joined::OtherRepository);
+        };
         let mut rx = download.progress.subscribe();
         // Wait for upstream's headers (or failure).
         let progress = rx
@@ -62,28 +110,38 @@ impl BlobStore {
         if let Some(Err(e)) = progress.outcome {
             return Err(e);
         }
-        if let Some(range) = range {
-            // A range is served from the verified file: wait for the end of the download.
-            let done = rx
-                .wait_for(|p| p.outcome.is_some())
-                .await
-                .map_err(|_| Error::Storage("download vanished".into()))?
-                .clone();
-            done.outcome.unwrap_or(Ok(()))?;
-            return self.open_downloaded(digest, Some(range)).await;
-        }
+        let bounds = match (range, progress.size) {
+            (Some(range), Some(size)) => Some(range.resolve(size)?),
+            (Some(range), None) => {
+                // No size yet to resolve the range against: serve it from the stored file.
+                let done = rx
+                    .wait_for(|p| p.outcome.is_some())
+                    .await
+                    .map_err(|_| Error::Storage("download vanished".into()))?
+                    .clone();
+                done.outcome.unwrap_or(Ok(()))?;
+                return self
+                    .open_downloaded(digest, Some(range))
+                    .await
+                    .map(Joined::Body);
+            }
+            (None, _) => None,
+        };
         let file = match tokio::fs::File::open(&download.temp).await {
             Ok(f) => f,
             // Already renamed into the store: serve it from there.
-            Err(_) => return self.open_downloaded(digest, None).await,
+            Err(_) => return self.open_downloaded(digest, range).await.map(Joined::Body),
         };
-        let stream = follow(file, rx);
-        Ok(BlobBody {
+        let (start, end) = match bounds {
+            Some((start, end)) => (start, Some(end + 1)),
+            None => (0, None),
+        };
+        Ok(Joined::Body(BlobBody {
             size: progress.size,
-            range: None,
+            range: bounds,
             source: Source::Miss,
-            stream: Box::pin(stream),
-        })
+            stream: Box::pin(follow(file, rx, start, end).await?),
+        }))
     }
 
     /// A blob this request's download just stored, still reported as a miss.
@@ -100,24 +158,42 @@ impl BlobStore {
         Ok(body)
     }
 
-    fn download(
+    /// The running download of `digest`, or a new one. `None` when the running one is for
+    /// another repository and `shared_ok` is not set.
+    async fn download(
         self: &Arc<Self>,
         upstream: &Arc<Upstream>,
         name: &RepoName,
         digest: &Digest,
-    ) -> Result<Arc<Download>, Error> {
-        let mut downloads = self.downloads.lock().expect("downloads lock poisoned");
-        if let Some(d) = downloads.get(digest) {
-            return Ok(Arc::clone(d));
+        shared_ok: bool,
+    ) -> Result<Option<Arc<Download>>, Error> {
+        let joinable = |d: &Arc<Download>| (shared_ok || d.repo == *name).then(|| Arc::clone(d));
+        if let Some(d) = self.downloads.lock().get(digest) {
+            return Ok(joinable(d));
         }
-        let temp = self.layout.temp_file()?;
+        // Creating a file is blocking I/O: do it off the async workers and outside the lock.
+        let layout = self.layout.clone();
+        let temp = tokio::task::spawn_blocking(move || layout.temp_file())
+            .await
+            .map_err(|e| Error::Storage(e.to_string()))??;
         let (file, temp_path) = temp.into_parts();
-        let (progress, _) = watch::channel(Progress::default());
-        let download = Arc::new(Download {
-            temp: temp_path.to_path_buf(),
-            progress,
-        });
-        downloads.insert(digest.clone(), Arc::clone(&download));
+        let download = {
+            let mut downloads = self.downloads.lock();
+            if let Some(d) = downloads.get(digest) {
+                let d = joinable(d);
+                drop(downloads);
+                tokio::task::spawn_blocking(move || drop((file, temp_path)));
+                return Ok(d);
+            }
+            let (progress, _) = watch::channel(Progress::default());
+            let download = Arc::new(Download {
+                temp: temp_path.to_path_buf(),
+                repo: name.clone(),
+                progress,
+            });
+            downloads.insert(digest.clone(), Arc::clone(&download));
+            download
+        };
         let (store, upstream, name, digest, d) = (
             Arc::clone(self),
             Arc::clone(upstream),
@@ -126,27 +202,17 @@ impl BlobStore {
             Arc::clone(&download),
         );
         tokio::spawn(async move {
+            let file = tokio::fs::File::from_std(file);
             let outcome = store
-                .run_download(
-                    &upstream,
-                    &name,
-                    &digest,
-                    &d,
-                    tokio::fs::File::from_std(file),
-                    temp_path,
-                )
+                .run_download(&upstream, &name, &digest, &d, file, temp_path)
                 .await;
             if let Err(e) = &outcome {
                 tracing::warn!(%digest, repo = %name, error = %e, "blob download failed; nothing stored");
             }
-            store
-                .downloads
-                .lock()
-                .expect("downloads lock poisoned")
-                .remove(&digest);
+            store.downloads.lock().remove(&digest);
             d.progress.send_modify(|p| p.outcome = Some(outcome));
         });
-        Ok(download)
+        Ok(Some(download))
     }
 
     async fn run_download(
@@ -155,93 +221,145 @@ impl BlobStore {
         name: &RepoName,
         digest: &Digest,
         download: &Download,
-        mut file: tokio::fs::File,
+        file: tokio::fs::File,
         temp: tempfile::TempPath,
     ) -> Result<(), Error> {
-        let response = upstream
+        let mut exchange = upstream
             .get_blob(name, digest, None)
             .await
             .map_err(Error::blob)?;
-        let size = response
-            .headers()
-            .get(reqwest::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
+        let size = content_length(&exchange);
+        if size.is_some_and(|s| s > self.limits.max) {
+            return Err(Error::upstream_invalid(
+                "blob is larger than cache_max_disk; not fetched",
+            ));
+        }
         download.progress.send_modify(|p| {
             p.size = size;
             p.started = true;
         });
-        let mut verifier = Verifier::new(digest.algorithm());
-        let mut written = 0u64;
-        let mut response = response;
-        // Bytes at the start of `response` that we already have (a resume answered with 200).
+        let mut writer = Writer {
+            file,
+            verifier: Verifier::new(digest.algorithm()),
+            written: 0,
+            size,
+            max: self.limits.max,
+            evicted_for_space: false,
+        };
+        // Bytes at the start of the response that we already have (a resume answered with 200).
         let mut skip = 0u64;
         let mut resumes = 0;
         loop {
-            let mut body = response.bytes_stream();
-            let mut broken = None;
-            while let Some(chunk) = body.next().await {
-                let mut chunk = match chunk {
-                    Ok(chunk) => chunk,
-                    Err(e) => {
-                        broken = Some(e);
-                        break;
-                    }
-                };
-                if skip > 0 {
-                    let drop_len = skip.min(chunk.len() as u64);
-                    skip -= drop_len;
-                    chunk = chunk.slice(drop_len as usize..);
-                }
-                if chunk.is_empty() {
-                    continue;
-                }
-                file.write_all(&chunk).await?;
-                // tokio's File writes in the background: flush so followers can read what we publish.
-                file.flush().await?;
-                verifier.update(&chunk);
-                written += chunk.len() as u64;
-                Counters::add(&upstream.counters.blob_bytes_fetched, chunk.len() as u64);
-                download.progress.send_modify(|p| p.written = written);
-            }
-            let Some(e) = broken else { break };
+            let Some(broken) = self
+                .copy_body(&mut writer, exchange, skip, upstream, download)
+                .await?
+            else {
+                break;
+            };
             if resumes == MAX_RESUMES {
                 return Err(Error::Upstream(crate::upstream::Error::Unreachable(
                     format!(
-                        "blob body broke off at {written} bytes {MAX_RESUMES} times; last: {e}"
+                        "blob body broke off at {} bytes {MAX_RESUMES} times; last: {broken}",
+                        writer.written
                     ),
                 )));
             }
             // Followers keep streaming: resume where the body broke off instead of failing them.
             resumes += 1;
-            tracing::warn!(%digest, written, resumes, error = %e, "blob stream broke off; resuming with a range request");
-            let range = format!("bytes={written}-");
-            response = upstream
-                .get_blob(name, digest, Some(&range))
-                .await
-                .map_err(Error::blob)?;
-            let start = response
-                .headers()
-                .get(reqwest::header::CONTENT_RANGE)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("bytes "))
-                .and_then(|v| v.split('-').next())
-                .and_then(|v| v.parse::<u64>().ok());
-            skip = match (response.status().as_u16(), start) {
-                (206, Some(start)) if start == written => 0,
-                (200, _) => written,
-                _ => {
-                    return Err(Error::upstream_invalid(
-                        "upstream answered a resume with an unusable range",
-                    ));
-                }
-            };
+            tracing::warn!(%digest, written = writer.written, resumes, error = %broken, "blob stream broke off; resuming with a range request");
+            (exchange, skip) = resume(upstream, name, digest, &mut writer).await?;
+            if let Some(size) = writer.size {
+                download.progress.send_modify(|p| p.size = Some(size));
+            }
         }
+        self.commit(digest, writer, temp).await
+    }
+
+    /// Copies one response body into the temp file. `Some(error)` when the body broke off.
+    async fn copy_body(
+        self: &Arc<Self>,
+        writer: &mut Writer,
+        exchange: Exchange,
+        mut skip: u64,
+        upstream: &Upstream,
+        download: &Download,
+    ) -> Result<Option<reqwest::Error>, Error> {
+        let mut body = exchange.response.bytes_stream();
+        while let Some(chunk) = body.next().await {
+            let mut chunk = match chunk {
+                Ok(chunk) => chunk,
+                Err(e) => return Ok(Some(e)),
+            };
+            if skip > 0 {
+                let drop_len = skip.min(chunk.len() as u64);
+                skip -= drop_len;
+                chunk = chunk.slice(usize::try_from(drop_len).unwrap_or(chunk.len())..);
+            }
+            if chunk.is_empty() {
+                continue;
+            }
+            let end = writer.written.saturating_add(chunk.len() as u64);
+            if writer.size.is_some_and(|size| end > size) || end > writer.max {
+                return Err(Error::upstream_invalid(
+                    "blob body is longer than its announced size",
+                ));
+            }
+            self.write_chunk(writer, &chunk).await?;
+            Counters::add(&upstream.counters.blob_bytes_fetched, chunk.len() as u64);
+            let written = writer.written;
+            download.progress.send_modify(|p| p.written = written);
+        }
+        Ok(None)
+    }
+
+    /// Appends `chunk` to the temp file. A full disk is answered once per download by evicting
+    /// enough for the rest of the blob and writing the chunk again.
+    async fn write_chunk(self: &Arc<Self>, writer: &mut Writer, chunk: &[u8]) -> Result<(), Error> {
+        let mut written = write_flushed(&mut writer.file, chunk).await;
+        if let Err(e) = &written
+            && e.kind() == std::io::ErrorKind::StorageFull
+            && !writer.evicted_for_space
+        {
+            writer.evicted_for_space = true;
+            let needed = writer
+                .size
+                .map_or(chunk.len() as u64, |s| s.saturating_sub(writer.written));
+            tracing::warn!(
+                needed,
+                "disk full while downloading a blob; evicting and retrying"
+            );
+            self.make_room(needed).await;
+            // Drop whatever part of the chunk reached the file, then write it again.
+            writer.file.set_len(writer.written).await?;
+            writer.file.seek(SeekFrom::Start(writer.written)).await?;
+            written = write_flushed(&mut writer.file, chunk).await;
+        }
+        written?;
+        writer.verifier.update(chunk);
+        writer.written += chunk.len() as u64;
+        Ok(())
+    }
+
+    /// Verifies a complete download and moves it into the store.
+    async fn commit(
+        self: &Arc<Self>,
+        digest: &Digest,
+        writer: Writer,
+        temp: tempfile::TempPath,
+    ) -> Result<(), Error> {
+        let Writer {
+            mut file,
+            verifier,
+            written,
+            size,
+            ..
+        } = writer;
         file.flush().await?;
-        if size.is_some_and(|s| s != written) {
+        if let Some(size) = size
+            && size != written
+        {
             return Err(Error::upstream_invalid(format!(
-                "blob truncated at {written} of {} bytes",
-                size.unwrap_or_default()
+                "blob truncated at {written} of {size} bytes"
             )));
         }
         let got = verifier.finish();
@@ -265,42 +383,122 @@ impl BlobStore {
         let previous = self
             .index
             .lock()
-            .expect("index lock poisoned")
             .insert(digest.clone(), Arc::new(BlobMeta::new(written, true)));
         if previous.is_none() {
             self.total.fetch_add(written, Ordering::Relaxed);
         }
-        if self.total_bytes() as f64 > self.limits.max as f64 * self.limits.high {
+        if self.over_high_watermark() {
             self.evict.notify_one();
         }
         Ok(())
     }
 }
 
-/// Streams a download's temp file as it grows. The final byte waits for verification; a failed
-/// download ends the stream with an error, which aborts the client's transfer.
-fn follow(
-    file: tokio::fs::File,
+async fn write_flushed(file: &mut tokio::fs::File, chunk: &[u8]) -> std::io::Result<()> {
+    file.write_all(chunk).await?;
+    // tokio's File writes in the background: flush so followers can read what we publish.
+    file.flush().await
+}
+
+/// `Content-Length` of a response, if it is a plain number.
+fn content_length(exchange: &Exchange) -> Option<u64> {
+    let value = exchange
+        .response
+        .headers()
+        .get(reqwest::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?;
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    value.parse().ok()
+}
+
+/// Asks upstream for the rest of the blob. The answer must fit exactly: a 206 for precisely
+/// the missing bytes (and the known size), or a 200 of the whole blob whose prefix is skipped.
+/// Returns the response and how many of its leading bytes to skip.
+async fn resume(
+    upstream: &Upstream,
+    name: &RepoName,
+    digest: &Digest,
+    writer: &mut Writer,
+) -> Result<(Exchange, u64), Error> {
+    let written = writer.written;
+    let range = match writer.size {
+        Some(size) => format!("bytes={written}-{}", size.saturating_sub(1)),
+        None => format!("bytes={written}-"),
+    };
+    let exchange = upstream
+        .get_blob(name, digest, Some(&range))
+        .await
+        .map_err(Error::blob)?;
+    let unusable = || Error::upstream_invalid("upstream answered a resume with an unusable range");
+    let length = content_length(&exchange);
+    match exchange.response.status().as_u16() {
+        206 => {
+            let content_range = exchange
+                .response
+                .headers()
+                .get(reqwest::header::CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(ContentRange::parse)
+                .ok_or_else(unusable)?;
+            let (first, last) = content_range.range.ok_or_else(unusable)?;
+            let total = match (writer.size, content_range.total) {
+                (Some(size), Some(total)) if size != total => return Err(unusable()),
+                (Some(size), _) => size,
+                (None, Some(total)) => total,
+                (None, None) => return Err(unusable()),
+            };
+            let fits = first == written
+                && last.checked_add(1) == Some(total)
+                && length.is_none_or(|l| Some(l) == (last - first).checked_add(1));
+            if !fits {
+                return Err(unusable());
+            }
+            writer.size = Some(total);
+            Ok((exchange, 0))
+        }
+        200 => {
+            if let (Some(size), Some(length)) = (writer.size, length)
+                && size != length
+            {
+                return Err(unusable());
+            }
+            writer.size = writer.size.or(length);
+            Ok((exchange, written))
+        }
+        _ => Err(unusable()),
+    }
+}
+
+/// Streams a download's temp file from `start` as it grows, up to `end` (exclusive; the whole
+/// blob when `None`). The blob's last byte waits for verification; a failed download ends the
+/// stream with an error, which aborts the client's transfer.
+async fn follow(
+    mut file: tokio::fs::File,
     rx: watch::Receiver<Progress>,
-) -> impl Stream<Item = std::io::Result<Bytes>> + Send {
-    futures_util::stream::unfold(
-        (file, rx, 0u64, false),
-        |(mut file, mut rx, sent, finished)| async move {
-            if finished {
+    start: u64,
+    end: Option<u64>,
+) -> std::io::Result<impl Stream<Item = std::io::Result<Bytes>> + Send + use<>> {
+    if start > 0 {
+        file.seek(SeekFrom::Start(start)).await?;
+    }
+    Ok(futures_util::stream::unfold(
+        (file, rx, start, false),
+        move |(mut file, mut rx, sent, finished)| async move {
+            if finished || end.is_some_and(|end| sent >= end) {
                 return None;
             }
             loop {
                 let progress = rx.borrow_and_update().clone();
-                let limit = match &progress.outcome {
-                    Some(Err(e)) => {
-                        return Some((
-                            Err(std::io::Error::other(e.to_string())),
-                            (file, rx, sent, true),
-                        ));
-                    }
-                    Some(Ok(())) => progress.written,
-                    None => progress.written.saturating_sub(1),
-                };
+                if let Some(Err(e)) = &progress.outcome {
+                    return Some((
+                        Err(std::io::Error::other(e.to_string())),
+                        (file, rx, sent, true),
+                    ));
+                }
+                let limit = end.map_or(progress.sendable(), |end| end.min(progress.sendable()));
                 if sent < limit {
                     let want = usize::try_from(limit - sent)
                         .unwrap_or(usize::MAX)
@@ -325,5 +523,5 @@ fn follow(
                 }
             }
         },
-    )
+    ))
 }

@@ -3,12 +3,17 @@
 //! it runs as its own task (so a departing client does not stop it), and every request for the
 //! digest, the first included, follows the growing temp file. The last byte is held back until
 //! the digest verifies, so a corrupt or truncated upstream blob ends in an aborted transfer,
-//! never in a complete wrong blob. Least recently used blobs are evicted between watermarks.
+//! never in a complete wrong blob. Least recently used blobs are evicted between watermarks and
+//! to keep a minimum of free space on the filesystem. Stored files are checked for their size
+//! on every open, re-hashed by a background scrub at a bounded rate, and optionally hashed on
+//! every serve (`verify_on_serve`); a file that fails any check is dropped and fetched again.
 
 mod download;
 mod range;
+mod verify;
 
-pub use range::ByteRange;
+pub use download::Joined;
+pub use range::{ByteRange, ContentRange};
 
 use crate::disk::Layout;
 use crate::error::Error;
@@ -17,11 +22,12 @@ use crate::registry::{Algorithm, Digest, Verifier};
 use bytes::Bytes;
 use download::Download;
 use futures_util::{Stream, StreamExt};
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::io::SeekFrom;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::Notify;
@@ -49,7 +55,7 @@ impl BlobMeta {
     }
 }
 
-/// Limits for the store's size.
+/// Limits for the store's size, and how it checks what it holds.
 #[derive(Debug, Clone, Copy)]
 pub struct DiskLimits {
     /// Most bytes of blobs.
@@ -58,6 +64,14 @@ pub struct DiskLimits {
     pub high: f64,
     /// ...and stops below `max * low`.
     pub low: f64,
+    /// Free bytes eviction keeps on the filesystem (0: no such rule).
+    pub min_free: u64,
+    /// Bytes per second the scrub hashes (0: no scrub).
+    pub scrub_rate: u64,
+    /// Pause between scrub passes.
+    pub scrub_interval: Duration,
+    /// Hash every serve from the store.
+    pub verify_on_serve: bool,
 }
 
 /// Content-addressed blob files with single-flight downloads.
@@ -117,10 +131,13 @@ impl BlobStore {
         Ok(store)
     }
 
-    /// Starts the background verifier and evictor.
+    /// Starts the background verifier, scrub and evictor.
     pub fn spawn_maintenance(self: &Arc<Self>) {
         let verifier = Arc::clone(self);
         tokio::task::spawn_blocking(move || verifier.verify_all());
+        if self.limits.scrub_rate > 0 {
+            verify::spawn_scrub(Arc::downgrade(self));
+        }
         let evictor = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {
@@ -131,7 +148,7 @@ impl BlobStore {
                 let _ = tokio::time::timeout(Duration::from_secs(30), notified).await;
                 let store2 = Arc::clone(&store);
                 drop(store);
-                let _ = tokio::task::spawn_blocking(move || store2.evict_if_needed()).await;
+                let _ = tokio::task::spawn_blocking(move || store2.evict_if_needed(0)).await;
             }
         });
     }
@@ -174,7 +191,6 @@ impl BlobStore {
                             self.total.fetch_add(meta.len(), Ordering::Relaxed);
                             self.index
                                 .lock()
-                                .expect("index lock poisoned")
                                 .insert(digest, Arc::new(BlobMeta::new(meta.len(), false)));
                         }
                         _ => {
@@ -186,7 +202,7 @@ impl BlobStore {
             }
         }
         tracing::info!(
-            blobs = self.index.lock().expect("index lock poisoned").len(),
+            blobs = self.index.lock().len(),
             bytes = self.total_bytes(),
             "blob store loaded"
         );
@@ -198,7 +214,6 @@ impl BlobStore {
         let pending: Vec<Digest> = self
             .index
             .lock()
-            .expect("index lock poisoned")
             .iter()
             .filter(|(_, m)| !m.verified.load(Ordering::Relaxed))
             .map(|(d, _)| d.clone())
@@ -210,48 +225,58 @@ impl BlobStore {
 
     /// Verifies one stored file (once per process); false if it was bad and is now gone.
     fn verify_file(&self, digest: &Digest) -> bool {
-        let Some(meta) = self
-            .index
-            .lock()
-            .expect("index lock poisoned")
-            .get(digest)
-            .cloned()
-        else {
+        let Some(meta) = self.index.lock().get(digest).cloned() else {
             return false;
         };
         if meta.verified.load(Ordering::Acquire) {
             return true;
         }
-        let ok = hash_file(&self.path(digest), digest.algorithm()).is_ok_and(|d| d == *digest);
+        self.rehash(digest)
+    }
+
+    /// Hashes a stored file now, whatever was known of it; false if it was bad and is now gone.
+    fn rehash(&self, digest: &Digest) -> bool {
+        self.rehash_at(digest, 0)
+    }
+
+    /// [`Self::rehash`] reading at most `rate` bytes per second (0: as fast as the disk goes).
+    fn rehash_at(&self, digest: &Digest, rate: u64) -> bool {
+        let Some(meta) = self.index.lock().get(digest).cloned() else {
+            return false;
+        };
+        let hashed = hash_file(&self.path(digest), digest.algorithm(), rate);
+        let ok = matches!(&hashed, Ok((d, len)) if d == digest && *len == meta.size);
         if ok {
             meta.verified.store(true, Ordering::Release);
-        } else {
+        } else if self
+            .index
+            .lock()
+            .get(digest)
+            .is_some_and(|m| Arc::ptr_eq(m, &meta))
+        {
             tracing::warn!(%digest, "deleting a stored blob that does not match its digest");
             self.remove(digest);
         }
         ok
     }
 
+    /// Drops a blob from the index and deletes its file (blocking).
     fn remove(&self, digest: &Digest) {
-        if let Some(meta) = self
-            .index
-            .lock()
-            .expect("index lock poisoned")
-            .remove(digest)
-        {
+        if let Some(meta) = self.index.lock().remove(digest) {
             self.total.fetch_sub(meta.size, Ordering::Relaxed);
         }
         let _ = std::fs::remove_file(self.path(digest));
     }
 
+    /// [`Self::remove`] off the async workers.
+    async fn remove_async(self: &Arc<Self>, digest: &Digest) {
+        let (store, digest) = (Arc::clone(self), digest.clone());
+        let _ = tokio::task::spawn_blocking(move || store.remove(&digest)).await;
+    }
+
     /// A stored blob, verified, or `None`.
     async fn stored(self: &Arc<Self>, digest: &Digest) -> Option<Arc<BlobMeta>> {
-        let meta = self
-            .index
-            .lock()
-            .expect("index lock poisoned")
-            .get(digest)
-            .cloned()?;
+        let meta = self.index.lock().get(digest).cloned()?;
         if !meta.verified.load(Ordering::Acquire) {
             let store = Arc::clone(self);
             let d = digest.clone();
@@ -284,11 +309,29 @@ impl BlobStore {
         let mut file = match tokio::fs::File::open(self.path(digest)).await {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                self.remove(digest);
+                tracing::warn!(%digest, "a stored blob's file is gone; fetching it again");
+                self.remove_async(digest).await;
                 return Ok(None);
             }
             Err(e) => return Err(e.into()),
         };
+        // A file of the wrong size (truncated, appended to) is dropped and fetched again.
+        let on_disk = file.metadata().await?.len();
+        if on_disk != meta.size {
+            tracing::warn!(%digest, expected = meta.size, on_disk, "a stored blob has the wrong size; dropping it");
+            self.remove_async(digest).await;
+            return Ok(None);
+        }
+        if self.limits.verify_on_serve && bounds.is_some() {
+            // A range is only part of the file: hash all of it before serving any.
+            let (store, d) = (Arc::clone(self), digest.clone());
+            let good = tokio::task::spawn_blocking(move || store.rehash(&d))
+                .await
+                .unwrap_or(false);
+            if !good {
+                return Ok(None);
+            }
+        }
         let (start, end) = bounds.unwrap_or((0, meta.size.saturating_sub(1)));
         if start > 0 {
             file.seek(SeekFrom::Start(start)).await?;
@@ -302,25 +345,52 @@ impl BlobStore {
                 let _ = &guard;
                 chunk
             });
+        let stream: verify::BoxStream = if self.limits.verify_on_serve && bounds.is_none() {
+            Box::pin(verify::verified(stream, Arc::clone(self), digest.clone()))
+        } else {
+            Box::pin(stream)
+        };
         Ok(Some(BlobBody {
             size: Some(meta.size),
             range: bounds,
             source: Source::Hit,
-            stream: Box::pin(stream),
+            stream,
         }))
     }
 
-    /// Evicts least recently used blobs (never one being read) until below the low watermark.
-    fn evict_if_needed(&self) {
-        let high = (self.limits.max as f64 * self.limits.high) as u64;
-        let low = (self.limits.max as f64 * self.limits.low) as u64;
-        if self.total_bytes() <= high {
+    /// Whether the store is above its high watermark.
+    fn over_high_watermark(&self) -> bool {
+        self.total_bytes() as f64 > self.limits.max as f64 * self.limits.high
+    }
+
+    /// Free bytes on the data directory's filesystem (`None` if it cannot be read).
+    fn free_space(&self) -> Option<u64> {
+        let stat = rustix::fs::statvfs(self.layout.root()).ok()?;
+        stat.f_bavail.checked_mul(stat.f_frsize)
+    }
+
+    /// Whether eviction is needed: above the high watermark, or below the free-space minimum.
+    fn needs_eviction(&self) -> bool {
+        self.over_high_watermark()
+            || (self.limits.min_free > 0
+                && self.free_space().is_some_and(|f| f < self.limits.min_free))
+    }
+
+    /// Evicts least recently used blobs (never one being read) until below the low watermark
+    /// and with the free-space minimum (plus `extra`) available.
+    fn evict_if_needed(&self, extra: u64) {
+        if extra == 0 && !self.needs_eviction() {
             return;
         }
+        let low = (self.limits.max as f64 * self.limits.low) as u64;
+        let want_free = self.limits.min_free.saturating_add(extra);
+        let done = |store: &Self| {
+            store.total_bytes() <= low
+                && (want_free == 0 || store.free_space().is_none_or(|f| f >= want_free))
+        };
         let mut candidates: Vec<(u64, Digest, u64)> = self
             .index
             .lock()
-            .expect("index lock poisoned")
             .iter()
             .filter(|(_, m)| m.readers.load(Ordering::Acquire) == 0)
             .map(|(d, m)| (m.last_access.load(Ordering::Relaxed), d.clone(), m.size))
@@ -328,13 +398,12 @@ impl BlobStore {
         candidates.sort_by_key(|(last_access, _, _)| *last_access);
         let (mut freed, mut count) = (0u64, 0usize);
         for (_, digest, size) in candidates {
-            if self.total_bytes() <= low {
+            if done(self) {
                 break;
             }
             let in_use = self
                 .index
                 .lock()
-                .expect("index lock poisoned")
                 .get(&digest)
                 .is_some_and(|m| m.readers.load(Ordering::Acquire) > 0);
             if in_use {
@@ -344,12 +413,21 @@ impl BlobStore {
             freed += size;
             count += 1;
         }
-        tracing::info!(
-            blobs = count,
-            bytes = freed,
-            total = self.total_bytes(),
-            "evicted least recently used blobs"
-        );
+        if count > 0 {
+            tracing::info!(
+                blobs = count,
+                bytes = freed,
+                total = self.total_bytes(),
+                free = self.free_space(),
+                "evicted least recently used blobs"
+            );
+        }
+    }
+
+    /// Evicts (off the async workers) until `needed` more bytes fit above the free minimum.
+    async fn make_room(self: &Arc<Self>, needed: u64) {
+        let store = Arc::clone(self);
+        let _ = tokio::task::spawn_blocking(move || store.evict_if_needed(needed.max(1))).await;
     }
 }
 
@@ -361,16 +439,28 @@ impl Drop for ReaderGuard {
     }
 }
 
-fn hash_file(path: &Path, algorithm: Algorithm) -> std::io::Result<Digest> {
+/// Hashes a file, reading at most `rate` bytes per second (0: unlimited); returns the digest
+/// and the length read.
+fn hash_file(path: &Path, algorithm: Algorithm, rate: u64) -> std::io::Result<(Digest, u64)> {
     use std::io::Read;
     let mut file = std::fs::File::open(path)?;
     let mut verifier = Verifier::new(algorithm);
     let mut buf = vec![0u8; 1 << 20];
+    let started = std::time::Instant::now();
+    let mut len = 0u64;
     loop {
         let n = file.read(&mut buf)?;
         if n == 0 {
-            return Ok(verifier.finish());
+            return Ok((verifier.finish(), len));
         }
         verifier.update(&buf[..n]);
+        len += n as u64;
+        if rate > 0 {
+            // Sleep until the bytes read so far fit the rate.
+            let due = Duration::from_secs_f64(len as f64 / rate as f64);
+            if let Some(ahead) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(ahead);
+            }
+        }
     }
 }

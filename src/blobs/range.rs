@@ -43,9 +43,87 @@ impl ByteRange {
     }
 }
 
+/// A `Content-Range` answer (RFC 9110 §14.4): `bytes <first>-<last>/<total>`, where the total
+/// may be `*`, or `bytes */<total>` for a 416.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContentRange {
+    /// First and last byte (inclusive), `first <= last`.
+    pub range: Option<(u64, u64)>,
+    /// The complete length, when given; larger than `last`.
+    pub total: Option<u64>,
+}
+
+impl ContentRange {
+    /// Parses a `Content-Range` value; `None` for anything malformed or self-contradictory.
+    pub fn parse(value: &str) -> Option<ContentRange> {
+        let spec = value.trim().strip_prefix("bytes")?.trim_start();
+        let (range, total) = spec.split_once('/')?;
+        let total = match total.trim() {
+            "*" => None,
+            t => Some(number(t)?),
+        };
+        let range = match range.trim() {
+            "*" => None,
+            r => {
+                let (first, last) = r.split_once('-')?;
+                let (first, last) = (number(first)?, number(last)?);
+                if first > last || total.is_some_and(|t| last >= t) {
+                    return None;
+                }
+                Some((first, last))
+            }
+        };
+        if range.is_none() && total.is_none() {
+            return None;
+        }
+        Some(ContentRange { range, total })
+    }
+}
+
+/// A decimal number of digits only (no sign, no spaces inside), without overflow.
+fn number(s: &str) -> Option<u64> {
+    let s = s.trim();
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_content_ranges() {
+        let some = |a, b, t| {
+            Some(ContentRange {
+                range: Some((a, b)),
+                total: t,
+            })
+        };
+        let cases = [
+            ("bytes 0-9/10", some(0, 9, Some(10))),
+            ("bytes 5-9/*", some(5, 9, None)),
+            (
+                "bytes */10",
+                Some(ContentRange {
+                    range: None,
+                    total: Some(10),
+                }),
+            ),
+            ("bytes 0-10/10", None),
+            ("bytes 9-5/10", None),
+            ("bytes -1-5/10", None),
+            ("bytes +1-5/10", None),
+            ("bytes 0-99999999999999999999/*", None),
+            ("bytes */*", None),
+            ("items 0-1/2", None),
+            ("bytes 0-1", None),
+        ];
+        for (input, want) in cases {
+            assert_eq!(ContentRange::parse(input), want, "{input}");
+        }
+    }
 
     #[test]
     fn parses_and_resolves_ranges() {

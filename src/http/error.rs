@@ -7,8 +7,15 @@ use axum::response::{IntoResponse, Response};
 
 impl Error {
     /// HTTP status and registry error code.
-    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+    pub fn status_and_code(&self) -> (StatusCode, &str) {
         match self {
+            Error::UpstreamRejected { status, code, .. } => (
+                StatusCode::from_u16(*status)
+                    .ok()
+                    .filter(StatusCode::is_client_error)
+                    .unwrap_or(StatusCode::BAD_REQUEST),
+                code.as_deref().unwrap_or("UNKNOWN"),
+            ),
             Error::NameInvalid(_) => (StatusCode::BAD_REQUEST, "NAME_INVALID"),
             Error::TagInvalid(_) => (StatusCode::BAD_REQUEST, "TAG_INVALID"),
             Error::DigestInvalid(_) => (StatusCode::BAD_REQUEST, "DIGEST_INVALID"),
@@ -30,6 +37,7 @@ impl Error {
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
+        let code = code.to_owned();
         if status.is_server_error() {
             // The one place request failures are logged; we are inside the request span.
             tracing::warn!(error = ?self, "request failed");

@@ -5,6 +5,7 @@ mod blobs;
 mod error;
 mod manifests;
 pub mod path;
+pub mod server;
 mod tags;
 
 use crate::blobs::ByteRange;
@@ -75,7 +76,7 @@ async fn pull(state: Arc<AppState>, request: Request) -> Result<Response, Error>
         RegistryPath::TagsList { .. } => TagsQuery::parse(uri.query())?,
         _ => TagsQuery::default(),
     };
-    if !target.name().as_str().contains('/') && state.docker_hub().await {
+    if !target.name().as_str().contains('/') && state.docker_hub().await? {
         target = RegistryPath::parse(tail, true)?;
     }
     state.check_namespace(uri.query())?;

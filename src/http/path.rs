@@ -53,9 +53,11 @@ impl RegistryPath {
             (Some("tags"), true) if last == "list" => Ok(RegistryPath::TagsList { name: name()? }),
             (Some("manifests"), true) => {
                 let name = name()?;
+                // A malformed digest is 400 DIGEST_INVALID; a reference that is no valid tag
+                // names no manifest: 404 MANIFEST_UNKNOWN, as the OCI conformance suite expects.
                 let reference = Reference::parse(last).map_err(|e| match e {
                     ReferenceError::Digest(d) => Error::DigestInvalid(d.to_string()),
-                    ReferenceError::Tag(t) => Error::TagInvalid(t.to_string()),
+                    ReferenceError::Tag(t) => Error::ManifestUnknown(t.to_string()),
                 })?;
                 Ok(RegistryPath::Manifest { name, reference })
             }
@@ -92,6 +94,7 @@ mod tests {
                 Error::TagInvalid(_) => "TAG_INVALID".into(),
                 Error::DigestInvalid(_) => "DIGEST_INVALID".into(),
                 Error::NotFound(_) => "NOT_FOUND".into(),
+                Error::ManifestUnknown(_) => "MANIFEST_UNKNOWN".into(),
                 Error::Unsupported(_) => "UNSUPPORTED".into(),
                 other => format!("{other:?}"),
             })
@@ -139,7 +142,11 @@ mod tests {
             ("/manifests/latest".into(), Err("NAME_INVALID".into())),
             (
                 format!("library/alpine/manifests/{long_tag}"),
-                Err("TAG_INVALID".into()),
+                Err("MANIFEST_UNKNOWN".into()),
+            ),
+            (
+                "library/alpine/manifests/.INVALID_MANIFEST_NAME".into(),
+                Err("MANIFEST_UNKNOWN".into()),
             ),
             (
                 "library/alpine/manifests/sha256:xyz".into(),

@@ -2,7 +2,7 @@
 //! known), else one shared download. HEAD never becomes an upstream GET.
 
 use super::Proxy;
-use crate::blobs::{BlobBody, ByteRange, Source};
+use crate::blobs::{BlobBody, ByteRange, Joined, Source};
 use crate::error::Error;
 use crate::registry::{Digest, RepoName};
 use std::sync::Arc;
@@ -32,10 +32,30 @@ impl Proxy {
                 return Ok(body);
             }
         }
-        let body = self
+        // A download started for another repository is joined under the same rule as a
+        // stored blob: only where access from `name` is known or confirmed by upstream.
+        let shared_ok = !self.upstream.has_credentials() || self.manifests.granted(name, digest);
+        let joined = self
             .blobs
-            .fetch(&self.upstream, name, digest, range)
+            .fetch(&self.upstream, name, digest, range, shared_ok)
             .await?;
+        let body = match joined {
+            Joined::Body(body) => body,
+            Joined::OtherRepository => {
+                self.may_share(name, digest, self.upstream.head_blob(name, digest))
+                    .await
+                    .map_err(Error::blob)?;
+                match self
+                    .blobs
+                    .fetch(&self.upstream, name, digest, range, true)
+                    .await?
+                {
+                    Joined::Body(body) => body,
+                    Joined::OtherRepository => return Err(Error::BlobUnknown),
+                }
+            }
+        };
+        // Upstream served `digest` from `name` (this request's download, or one it may join).
         self.manifests.grant(name, digest);
         Ok(body)
     }

@@ -29,7 +29,7 @@ impl Proxy {
                 manifest.bytes.len() as u64,
             );
             this.manifests.put(manifest).await;
-            this.manifests.set_tag(&name, &tag, entry.clone());
+            this.manifests.set_tag(&name, &tag, entry.clone()).await;
             Ok(entry)
         })
     }
@@ -51,7 +51,7 @@ impl Proxy {
             match (head.digest, head.media_type, head.size) {
                 (Some(digest), Some(media_type), Some(size)) if size > 0 => {
                     let entry = TagEntry::new(&digest, &media_type, size);
-                    this.manifests.set_tag(&name, &tag, entry.clone());
+                    this.manifests.set_tag(&name, &tag, entry.clone()).await;
                     Ok(entry)
                 }
                 _ => this.fetch_tag((name, tag)).await,
@@ -109,7 +109,7 @@ impl Proxy {
             Ok(head) => head,
             Err(e @ (upstream::Error::NotFound | upstream::Error::Denied)) => {
                 tracing::info!(repo = %name, %tag, "tag is gone upstream; forgetting it");
-                self.manifests.remove_tag(name, tag);
+                self.manifests.remove_tag(name, tag).await;
                 return Err(Error::manifest(e));
             }
             Err(e) => {
@@ -123,7 +123,7 @@ impl Proxy {
         if new_digest == entry.digest {
             entry.validated_at = now_ms();
             entry.held_back = None;
-            self.manifests.set_tag(name, tag, entry.clone());
+            self.manifests.set_tag(name, tag, entry.clone()).await;
             return Ok(entry);
         }
         if self.upstream.limits.below_reserve(self.reserve) {
@@ -134,10 +134,10 @@ impl Proxy {
             Counters::inc(&self.upstream.counters.stale_budget);
             entry.validated_at = now_ms();
             entry.held_back = Some(new_digest.clone());
-            self.manifests.set_tag(name, tag, entry.clone());
+            self.manifests.set_tag(name, tag, entry.clone()).await;
             return Ok(entry);
         }
-        let had_bytes = self.manifests.get(&entry.digest).is_some();
+        let had_bytes = self.manifests.get(&entry.digest).await.is_some();
         let new_entry = match (head.media_type, head.size) {
             (Some(media_type), Some(size)) if !had_bytes && size > 0 => {
                 TagEntry::new(&new_digest, &media_type, size)
@@ -152,7 +152,7 @@ impl Proxy {
             }
         };
         tracing::info!(repo = %name, %tag, from = %entry.digest, to = %new_entry.digest, "tag moved upstream");
-        self.manifests.set_tag(name, tag, new_entry.clone());
+        self.manifests.set_tag(name, tag, new_entry.clone()).await;
         Ok(new_entry)
     }
 }

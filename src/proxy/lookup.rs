@@ -129,7 +129,7 @@ impl Proxy {
         want_body: bool,
     ) -> Result<Served, Error> {
         let started = Instant::now();
-        let cached = self.manifests.get(digest);
+        let cached = self.manifests.get(digest).await;
         if cached.is_some() {
             let reference = Reference::Digest(digest.clone());
             let confirm = self.upstream.head_manifest(name, &reference);
@@ -182,7 +182,7 @@ impl Proxy {
         name: &RepoName,
         digest: &Digest,
     ) -> Result<(Arc<Manifest>, bool), Error> {
-        match self.manifests.get(digest) {
+        match self.manifests.get(digest).await {
             Some(m) => Ok((m, false)),
             None => Ok((self.fetch_digest(name, digest).await?, true)),
         }

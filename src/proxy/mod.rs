@@ -148,13 +148,20 @@ impl Proxy {
             tag_gets: Flights::default(),
             tag_heads: Flights::default(),
             digest_gets: Flights::default(),
+            // Weighed in bytes: a page can be megabytes (a repository with 30,000 tags).
             tag_pages: Cache::builder()
-                .time_to_live(
-                    config
-                        .tags_list_ttl
-                        .max(config.tags_list_ttl + config.max_stale),
+                .time_to_live(config.tags_list_ttl.saturating_add(config.max_stale))
+                .weigher(
+                    |(name, query): &(RepoName, TagsQuery), page: &Arc<TagsPage>| {
+                        let bytes = page.body.len()
+                            + page.link.as_ref().map_or(0, String::len)
+                            + name.as_str().len()
+                            + query.last.as_ref().map_or(0, |t| t.as_str().len())
+                            + 256;
+                        u32::try_from(bytes).unwrap_or(u32::MAX)
+                    },
                 )
-                .max_capacity(10_000)
+                .max_capacity(config.tags_list_cache_bytes.as_u64())
                 .build(),
             tag_page_flights: Flights::default(),
             tags_ttl: config.tags_list_ttl,

@@ -9,24 +9,23 @@ use std::sync::atomic::Ordering;
 impl Upstream {
     /// Whether the upstream is Docker Hub: by host name, or by the token service its challenge
     /// names (`registry.docker.io`), which also covers emulators and Hub-compatible mirrors.
-    pub async fn is_docker_hub(&self) -> bool {
+    pub async fn is_docker_hub(&self) -> Result<bool, Error> {
         if self
             .base
             .host_str()
             .is_some_and(|h| DOCKER_HUB_HOSTS.contains(&h))
         {
-            return true;
+            return Ok(true);
         }
-        self.pinged().await.is_some_and(|p| p.docker_hub)
+        self.pinged().await.map(|p| p.docker_hub)
     }
 
     /// Pings `/v2/` once (like distribution's proxy) to learn the auth scheme and realm, so
     /// every later request carries its credentials up front instead of collecting a 401.
-    async fn pinged(&self) -> Option<Ping> {
+    async fn pinged(&self) -> Result<Ping, Error> {
         self.ping
             .get_or_try_init(|| self.send_ping())
             .await
-            .ok()
             .copied()
     }
 
@@ -61,8 +60,7 @@ impl Upstream {
         {
             let service = bearer.param("service").unwrap_or_default();
             docker_hub = service == "registry.docker.io";
-            *self.bearer.write().expect("bearer lock poisoned") =
-                Some((realm.to_owned(), service.to_owned()));
+            *self.bearer.write() = Some((realm.to_owned(), service.to_owned()));
         } else if challenges.iter().any(|c| c.scheme == "basic") {
             self.basic.store(true, Ordering::Relaxed);
         }
@@ -74,11 +72,13 @@ impl Upstream {
         &self,
         scope: &str,
     ) -> Result<Option<(HeaderValue, Option<TokenKey>)>, Error> {
-        self.pinged().await;
+        // A failed ping is asked again next time; this request goes without credentials and
+        // answers a challenge if it gets one.
+        let _ = self.pinged().await;
         if self.basic.load(Ordering::Relaxed) {
             return Ok(self.basic_header().map(|h| (h, None)));
         }
-        let known = self.bearer.read().expect("bearer lock poisoned").clone();
+        let known = self.bearer.read().clone();
         match known {
             Some((realm, service)) => self.bearer_token(&realm, &service, scope).await.map(Some),
             None => Ok(None),
@@ -109,8 +109,7 @@ impl Upstream {
                 ));
             };
             let service = bearer.param("service").unwrap_or_default();
-            *self.bearer.write().expect("bearer lock poisoned") =
-                Some((realm.to_owned(), service.to_owned()));
+            *self.bearer.write() = Some((realm.to_owned(), service.to_owned()));
             // Upstream's own scope wins when given; several scopes are space-separated.
             let scope = bearer.param("scope").unwrap_or(default_scope);
             return self.bearer_token(realm, service, scope).await.map(Some);

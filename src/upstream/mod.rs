@@ -7,25 +7,25 @@ mod challenge;
 pub mod ratelimit;
 mod token;
 
+use crate::blobs::ContentRange;
 use crate::config::Config;
 use crate::metrics::Counters;
 use crate::registry::{Digest, Manifest, MediaType, Reference, RepoName, UPSTREAM_ACCEPT};
 use auth::{Credentials, TokenCache};
 use bytes::{Bytes, BytesMut};
+use parking_lot::{Mutex, RwLock};
 use ratelimit::RateLimits;
 use reqwest::header::{self, HeaderMap};
 use reqwest::{Method, StatusCode};
 use std::collections::HashSet;
-use std::sync::atomic::AtomicBool;
-use std::sync::{Mutex, RwLock};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::time::{Duration, Instant};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use url::Url;
 
 /// Largest manifest accepted from upstream (distribution and containers/image use 4 MiB).
 pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
-/// The token error for credentials the realm refused.
-const REFUSED_CREDENTIALS: &str = "the token endpoint refused the configured credentials";
 /// Largest token or tags-list response read.
 const MAX_SMALL_BODY: usize = 4 * 1024 * 1024;
 
@@ -59,6 +59,20 @@ pub enum Error {
     /// The token realm failed or refused.
     #[error("upstream token request failed: {0}")]
     Token(String),
+    /// The token realm refused the configured credentials.
+    #[error("the token endpoint refused the configured credentials")]
+    CredentialsRefused,
+    /// A client error (4xx other than 401, 403, 404, 408 and 429) with the registry error
+    /// code and message upstream sent, if any: passed on to the client with its meaning.
+    #[error("upstream refused the request (HTTP {status})")]
+    Rejected {
+        /// The upstream status, 400 to 499.
+        status: u16,
+        /// The first registry error code of the body (`[A-Z_]`, at most 64 characters).
+        code: Option<String>,
+        /// Its message, printable and at most 256 characters.
+        message: Option<String>,
+    },
 }
 
 impl Error {
@@ -139,7 +153,14 @@ pub struct Upstream {
     /// Realms that answered the OAuth2 POST with 404/405: use GET there.
     post_unsupported: Mutex<HashSet<String>>,
     warned_realm: AtomicBool,
-    permits: Semaphore,
+    /// When the last "credentials refused" error was logged (seconds on `started`'s clock).
+    refused_logged_at: AtomicU64,
+    /// When this client was built.
+    started: Instant,
+    /// Client for token requests: follows a redirect only within the realm's own origin, so a
+    /// password form is never re-sent to another host or over plain http.
+    token_http: reqwest::Client,
+    permits: Arc<Semaphore>,
     request_timeout: Duration,
     /// What the first `GET /v2/` taught us; retried until it succeeds once.
     ping: tokio::sync::OnceCell<Ping>,
@@ -166,6 +187,13 @@ impl Upstream {
             .referer(false)
             .user_agent(concat!("pullthrough/", env!("CARGO_PKG_VERSION")))
             .build()?;
+        let token_http = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .read_timeout(config.request_timeout)
+            .referer(false)
+            .redirect(reqwest::redirect::Policy::custom(same_origin_only))
+            .user_agent(concat!("pullthrough/", env!("CARGO_PKG_VERSION")))
+            .build()?;
         Ok(Upstream {
             base: config.upstream.clone(),
             http,
@@ -175,10 +203,13 @@ impl Upstream {
             basic: AtomicBool::new(false),
             post_unsupported: Mutex::new(HashSet::new()),
             warned_realm: AtomicBool::new(false),
-            permits: Semaphore::new(config.upstream_max_concurrency),
+            refused_logged_at: AtomicU64::new(0),
+            started: Instant::now(),
+            token_http,
+            permits: Arc::new(Semaphore::new(config.upstream_max_concurrency)),
             request_timeout: config.request_timeout,
             ping: tokio::sync::OnceCell::new(),
-            limits: RateLimits::default(),
+            limits: RateLimits::new(config.max_upstream_pause),
             counters: Counters::default(),
         })
     }
@@ -196,11 +227,11 @@ impl Upstream {
         reference: &Reference,
     ) -> Result<Manifest, Error> {
         let path = format!("/v2/{name}/manifests/{reference}");
-        let response = self
+        let exchange = self
             .send(Method::GET, name, &path, None, Kind::ManifestGet)
             .await?;
-        let head = Head::from_headers(response.headers());
-        let bytes = read_limited(response, MAX_MANIFEST_BYTES).await?;
+        let head = Head::from_headers(exchange.response.headers());
+        let bytes = read_limited(exchange.response, MAX_MANIFEST_BYTES).await?;
         let media_type = head
             .media_type
             .ok_or_else(|| Error::BadResponse("manifest without Content-Type".into()))?;
@@ -237,20 +268,21 @@ impl Upstream {
         reference: &Reference,
     ) -> Result<Head, Error> {
         let path = format!("/v2/{name}/manifests/{reference}");
-        let response = self
+        let exchange = self
             .send(Method::HEAD, name, &path, None, Kind::ManifestHead)
             .await?;
-        Ok(Head::from_headers(response.headers()))
+        Ok(Head::from_headers(exchange.response.headers()))
     }
 
     /// GETs a blob, following redirects (reqwest drops `Authorization` when the host changes,
-    /// as the CDN requires). The caller streams and verifies the body.
+    /// as the CDN requires). The caller streams and verifies the body; the exchange keeps its
+    /// place under `upstream_max_concurrency` until it is dropped.
     pub async fn get_blob(
         &self,
         name: &RepoName,
         digest: &Digest,
         range: Option<&str>,
-    ) -> Result<reqwest::Response, Error> {
+    ) -> Result<Exchange, Error> {
         let path = format!("/v2/{name}/blobs/{digest}");
         self.send(Method::GET, name, &path, range, Kind::BlobGet)
             .await
@@ -265,24 +297,24 @@ impl Upstream {
             .send(Method::HEAD, name, &path, None, Kind::BlobHead)
             .await
         {
-            Ok(response) => Head::from_headers(response.headers()),
-            Err(Error::Status(_)) => Head::default(),
+            Ok(exchange) => Head::from_headers(exchange.response.headers()),
+            Err(Error::Status(_) | Error::Rejected { .. }) => Head::default(),
             Err(e) => return Err(e),
         };
         if head.size.is_some() {
             return Ok(head);
         }
-        let response = self
+        let exchange = self
             .send(Method::GET, name, &path, Some("bytes=0-0"), Kind::BlobGet)
             .await?;
-        let total = response
-            .headers()
-            .get(header::CONTENT_RANGE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.rsplit_once('/'))
-            .and_then(|(_, total)| total.trim().parse().ok());
+        let response = &exchange.response;
         let size = match response.status() {
-            StatusCode::PARTIAL_CONTENT => total,
+            StatusCode::PARTIAL_CONTENT => response
+                .headers()
+                .get(header::CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(ContentRange::parse)
+                .and_then(|r| r.total),
             _ => Head::from_headers(response.headers()).size,
         };
         Ok(Head { size, ..head })
@@ -299,15 +331,16 @@ impl Upstream {
         } else {
             format!("/v2/{name}/tags/list?{query}")
         };
-        let response = self
+        let exchange = self
             .send(Method::GET, name, &path, None, Kind::Tags)
             .await?;
-        let link = response
+        let link = exchange
+            .response
             .headers()
             .get(header::LINK)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        Ok((read_limited(response, MAX_SMALL_BODY).await?, link))
+        Ok((read_limited(exchange.response, MAX_SMALL_BODY).await?, link))
     }
 
     async fn send(
@@ -317,15 +350,14 @@ impl Upstream {
         path: &str,
         range: Option<&str>,
         kind: Kind,
-    ) -> Result<reqwest::Response, Error> {
+    ) -> Result<Exchange, Error> {
         if let Some(left) = self.limits.paused_for(matches!(kind, Kind::ManifestGet)) {
             return Err(Error::TooManyRequests {
                 retry_after: Some(left),
             });
         }
-        let _permit = self
-            .permits
-            .acquire()
+        let permit = Arc::clone(&self.permits)
+            .acquire_owned()
             .await
             .map_err(|_| Error::Unreachable("client shutting down".into()))?;
         let url = self
@@ -361,7 +393,11 @@ impl Upstream {
             tracing::debug!(%method, path, status = response.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "upstream request");
             self.limits.observe(response.headers());
             if response.status() != StatusCode::UNAUTHORIZED || attempt == 1 {
-                return self.check_status(response);
+                let response = self.check_status(response).await?;
+                return Ok(Exchange {
+                    response,
+                    _permit: permit,
+                });
             }
             auth = self
                 .answer_challenge(
@@ -377,7 +413,7 @@ impl Upstream {
         unreachable!("the loop returns on its second attempt")
     }
 
-    fn check_status(&self, response: reqwest::Response) -> Result<reqwest::Response, Error> {
+    async fn check_status(&self, response: reqwest::Response) -> Result<reqwest::Response, Error> {
         let status = response.status();
         if status.is_success() {
             return Ok(response);
@@ -385,8 +421,14 @@ impl Upstream {
         Err(match status {
             StatusCode::NOT_FOUND => Error::NotFound,
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Error::Denied,
+            StatusCode::REQUEST_TIMEOUT => Error::Status(status.as_u16()),
+            s if s.is_client_error() && s != StatusCode::TOO_MANY_REQUESTS => {
+                rejected(status.as_u16(), response).await
+            }
             StatusCode::TOO_MANY_REQUESTS => {
-                let retry_after = ratelimit::retry_after(response.headers());
+                let retry_after = self
+                    .limits
+                    .clamp(ratelimit::retry_after(response.headers()));
                 let abuse = response
                     .headers()
                     .get(header::CONTENT_TYPE)
@@ -403,6 +445,76 @@ impl Upstream {
             other => Error::Status(other.as_u16()),
         })
     }
+}
+
+/// An upstream response, holding its place under `upstream_max_concurrency` until dropped, so
+/// the cap covers the whole exchange and not just the wait for headers.
+#[derive(Debug)]
+pub struct Exchange {
+    /// The response.
+    pub response: reqwest::Response,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Redirect policy for token requests: only within the first URL's origin (scheme, host and
+/// port), at most 5 times.
+fn same_origin_only(attempt: reqwest::redirect::Attempt<'_>) -> reqwest::redirect::Action {
+    let first = attempt.previous().first();
+    let same = first.is_some_and(|f| {
+        f.scheme() == attempt.url().scheme()
+            && f.host_str() == attempt.url().host_str()
+            && f.port_or_known_default() == attempt.url().port_or_known_default()
+    });
+    if same && attempt.previous().len() <= 5 {
+        attempt.follow()
+    } else {
+        attempt.stop()
+    }
+}
+
+/// A 4xx answer as [`Error::Rejected`], with the registry error code and message of its body
+/// (distribution-spec §Error Codes) when it has them.
+async fn rejected(status: u16, response: reqwest::Response) -> Error {
+    let body = tokio::time::timeout(Duration::from_secs(2), read_limited(response, 64 * 1024))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default();
+    let (code, message) = registry_error(&body);
+    Error::Rejected {
+        status,
+        code,
+        message,
+    }
+}
+
+/// The first code and message of a registry error body, sanitised for passing on.
+pub fn registry_error(body: &[u8]) -> (Option<String>, Option<String>) {
+    #[derive(serde::Deserialize)]
+    struct Body {
+        errors: Vec<Entry>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        code: Option<String>,
+        message: Option<String>,
+    }
+    let Some(first) = serde_json::from_slice::<Body>(body)
+        .ok()
+        .and_then(|b| b.errors.into_iter().next())
+    else {
+        return (None, None);
+    };
+    let code = first.code.filter(|c| {
+        !c.is_empty() && c.len() <= 64 && c.bytes().all(|b| b.is_ascii_uppercase() || b == b'_')
+    });
+    let message = first.message.map(|m| {
+        m.chars()
+            .filter(|c| !c.is_control())
+            .take(256)
+            .collect::<String>()
+    });
+    (code, message.filter(|m| !m.is_empty()))
 }
 
 /// Reads a whole body, refusing more than `limit` bytes.

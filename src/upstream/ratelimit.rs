@@ -1,8 +1,8 @@
 //! Docker Hub's rate-limit headers (`ratelimit-limit: 100;w=21600`, `ratelimit-remaining`,
 //! `docker-ratelimit-source`; protocol §2.4) and the `Retry-After` pause after a 429 (§2.7).
 
+use parking_lot::Mutex;
 use reqwest::header::HeaderMap;
-use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 /// The last rate-limit state upstream reported for pullthrough's credential.
@@ -34,10 +34,19 @@ pub fn parse_quota(value: &str) -> Option<(u64, Option<u64>)> {
     Some((count, window))
 }
 
-/// Rate-limit state and the 429 pause for one upstream credential.
-#[derive(Debug, Default)]
+/// Rate-limit state and the 429 pause for one upstream credential. The lock never poisons
+/// (parking_lot), and nothing done under it can panic.
+#[derive(Debug)]
 pub struct RateLimits {
     state: Mutex<Inner>,
+    /// The longest pause any 429 can impose (`max_upstream_pause`).
+    max_pause: Duration,
+}
+
+impl Default for RateLimits {
+    fn default() -> Self {
+        RateLimits::new(Duration::from_secs(3600))
+    }
 }
 
 #[derive(Debug, Default)]
@@ -50,6 +59,14 @@ struct Inner {
 }
 
 impl RateLimits {
+    /// No pause will exceed `max_pause`.
+    pub fn new(max_pause: Duration) -> RateLimits {
+        RateLimits {
+            state: Mutex::default(),
+            max_pause,
+        }
+    }
+
     /// Records whatever rate-limit headers a response carries.
     pub fn observe(&self, headers: &HeaderMap) {
         let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
@@ -59,7 +76,7 @@ impl RateLimits {
         if limit.is_none() && remaining.is_none() && source.is_none() {
             return;
         }
-        let mut s = self.state.lock().expect("rate-limit lock poisoned");
+        let mut s = self.state.lock();
         if let Some((count, window)) = limit {
             s.last.limit = Some(count);
             s.last.window_secs = window.or(s.last.window_secs);
@@ -77,24 +94,32 @@ impl RateLimits {
             .map(|d| d.as_secs());
     }
 
-    /// Records a 429: pause for `retry_after`.
+    /// `retry_after` as far as pullthrough honours it: at most `max_upstream_pause`.
+    pub fn clamp(&self, retry_after: Option<Duration>) -> Option<Duration> {
+        retry_after.map(|d| d.min(self.max_pause))
+    }
+
+    /// Records a 429: pause for `retry_after` (clamped to `max_upstream_pause`).
     pub fn pause(&self, retry_after: Option<Duration>, abuse: bool) {
         // A pull-limit 429 without Retry-After gives no time to wait for: the next GET asks
         // again (429s are not pulls). The abuse limit means "back off", 60 s unless told.
-        let wait = match (retry_after, abuse) {
+        let wait = match (self.clamp(retry_after), abuse) {
             (Some(wait), _) => wait,
-            (None, true) => Duration::from_secs(60),
+            (None, true) => Duration::from_secs(60).min(self.max_pause),
             (None, false) => return,
         };
-        let mut s = self.state.lock().expect("rate-limit lock poisoned");
-        let until = Instant::now() + wait;
+        let now = Instant::now();
+        let Some(until) = now.checked_add(wait) else {
+            return;
+        };
+        let mut s = self.state.lock();
         s.paused_until = Some(s.paused_until.map_or(until, |u| u.max(until)));
         s.pause_everything |= abuse;
     }
 
     /// How long manifest GETs (or, after an abuse 429, all requests) must still wait.
     pub fn paused_for(&self, is_manifest_get: bool) -> Option<Duration> {
-        let mut s = self.state.lock().expect("rate-limit lock poisoned");
+        let mut s = self.state.lock();
         let until = s.paused_until?;
         let left = until.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -107,7 +132,7 @@ impl RateLimits {
 
     /// True while the remaining budget is below `reserve` (a fraction of the limit).
     pub fn below_reserve(&self, reserve: f64) -> bool {
-        let s = self.state.lock().expect("rate-limit lock poisoned");
+        let s = self.state.lock();
         match (s.last.limit, s.last.remaining) {
             (Some(limit), Some(remaining)) => (remaining as f64) < (limit as f64) * reserve,
             _ => false,
@@ -116,11 +141,7 @@ impl RateLimits {
 
     /// The last state seen.
     pub fn snapshot(&self) -> RateLimit {
-        self.state
-            .lock()
-            .expect("rate-limit lock poisoned")
-            .last
-            .clone()
+        self.state.lock().last.clone()
     }
 }
 
@@ -199,6 +220,25 @@ mod tests {
         r.pause(Some(Duration::from_secs(2)), false);
         assert!(r.paused_for(true).is_some());
         assert!(r.paused_for(false).is_none());
+    }
+
+    #[test]
+    fn absurd_retry_after_values_are_clamped_not_panics() {
+        let r = RateLimits::new(Duration::from_secs(3600));
+        for value in [
+            "18446744073709551615",
+            "99999999999",
+            "Fri, 31 Dec 9999 23:59:59 GMT",
+        ] {
+            let wait = retry_after(&headers(&[("retry-after", value)]));
+            assert!(wait.is_some(), "{value}");
+            r.pause(wait, false);
+            let left = r.paused_for(true).unwrap();
+            assert!(left <= Duration::from_secs(3600), "{value}: {left:?}");
+            assert_eq!(r.clamp(wait), Some(Duration::from_secs(3600)), "{value}");
+        }
+        r.pause(Some(Duration::MAX), true);
+        assert!(r.paused_for(false).unwrap() <= Duration::from_secs(3600));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Token requests: the OAuth2 password grant and the GET form (distribution `oauth.md`,
 //! `token.md`), cached per realm, service, scope and identity.
 
-use super::{Error, MAX_SMALL_BODY, REFUSED_CREDENTIALS, Upstream, auth, read_limited};
+use super::{Error, MAX_SMALL_BODY, Upstream, auth, read_limited};
 use crate::metrics::Counters;
 use auth::{Credentials, TokenKey, realm_trusted};
 use reqwest::StatusCode;
@@ -44,10 +44,12 @@ impl Upstream {
             .await;
         if let Err(e) = &fetched
             && credentials.is_some()
-            && **e == Error::Token(REFUSED_CREDENTIALS.into())
+            && **e == Error::CredentialsRefused
         {
-            // Wrong credentials must not take public images away: fall back to anonymous.
-            tracing::error!(realm = %realm_url.host_str().unwrap_or_default(), "the token realm refused the configured credentials; continuing anonymously");
+            // Wrong credentials must not take public images away: public content is fetched
+            // anonymously, and the refusal is logged as an error each minute it goes on, so a
+            // typo in a password is never silent.
+            self.log_refused_credentials(&realm_url);
             key.authenticated = false;
             fetched = self
                 .tokens
@@ -74,11 +76,7 @@ impl Upstream {
         credentials: Option<&Credentials>,
     ) -> Result<auth::Token, Error> {
         if let Some(c) = credentials {
-            let post_ok = !self
-                .post_unsupported
-                .lock()
-                .expect("lock poisoned")
-                .contains(realm.as_str());
+            let post_ok = !self.post_unsupported.lock().contains(realm.as_str());
             if post_ok {
                 let body = {
                     let mut form = url::form_urlencoded::Serializer::new(String::new());
@@ -95,7 +93,7 @@ impl Upstream {
                 };
                 Counters::inc(&self.counters.token_requests);
                 let response = self
-                    .http
+                    .token_http
                     .post(realm.clone())
                     .header(
                         header::CONTENT_TYPE,
@@ -108,11 +106,13 @@ impl Upstream {
                     .map_err(|e| Error::Token(Error::from_reqwest(&e.without_url()).to_string()))?;
                 match response.status() {
                     s if s.is_success() => return parse_token(response).await,
+                    s if s.is_redirection() => {
+                        return Err(Error::Token(
+                            "token endpoint redirected to another origin; not following".into(),
+                        ));
+                    }
                     StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED => {
-                        self.post_unsupported
-                            .lock()
-                            .expect("lock poisoned")
-                            .insert(realm.to_string());
+                        self.post_unsupported.lock().insert(realm.to_string());
                     }
                     StatusCode::BAD_REQUEST | StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {}
                     other => {
@@ -137,7 +137,7 @@ impl Upstream {
                 q.append_pair("account", &c.username);
             }
         }
-        let mut request = self.http.get(url).timeout(self.request_timeout);
+        let mut request = self.token_http.get(url).timeout(self.request_timeout);
         if let Some(c) = credentials {
             request = request.basic_auth(&c.username, Some(&c.password.0));
         }
@@ -148,13 +148,32 @@ impl Upstream {
             .map_err(|e| Error::Token(Error::from_reqwest(&e.without_url()).to_string()))?;
         match response.status() {
             s if s.is_success() => parse_token(response).await,
-            StatusCode::UNAUTHORIZED if credentials.is_some() => {
-                Err(Error::Token(REFUSED_CREDENTIALS.into()))
-            }
+            StatusCode::UNAUTHORIZED if credentials.is_some() => Err(Error::CredentialsRefused),
             other => Err(Error::Token(format!(
                 "token endpoint answered HTTP {}",
                 other.as_u16()
             ))),
+        }
+    }
+}
+
+impl Upstream {
+    /// Logs that the realm refused the configured credentials: at once, then at most once a
+    /// minute while it goes on.
+    fn log_refused_credentials(&self, realm: &Url) {
+        let now = self.started.elapsed().as_secs().max(1);
+        let last = self.refused_logged_at.load(Ordering::Relaxed);
+        if (last == 0 || now.saturating_sub(last) >= 60)
+            && self
+                .refused_logged_at
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::error!(
+                realm = %realm.host_str().unwrap_or_default(),
+                username = self.credentials.as_ref().map(|c| c.username.as_str()),
+                "the token realm refused the configured upstream credentials; private images cannot be pulled and public ones are fetched anonymously (check upstream_username and upstream_password)"
+            );
         }
     }
 }

@@ -843,12 +843,13 @@ async fn cdn_handler(State(hub): State<FakeHub>, request: Request) -> Response {
         data[mid] ^= 0xff;
     }
     let total = data.len();
-    let (status, start, end) = match request
+    let range = request
         .headers()
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok())
         .and_then(|r| r.strip_prefix("bytes="))
-    {
+        .filter(|_| !faults.contains(&Fault::IgnoreRange));
+    let (status, start, end) = match range {
         Some(spec) => {
             let (a, b) = spec.split_once('-').unwrap();
             let start: usize = a.parse().unwrap_or(0);

@@ -36,6 +36,8 @@ impl TestProxy {
             upstream: upstream.parse().unwrap(),
             data_dir: dir.to_path_buf(),
             listen: "127.0.0.1:0".parse().unwrap(),
+            // The tests' disk may be nearly full; only the free-space tests set this.
+            cache_min_free_disk: bytesize::ByteSize::b(0),
             ..Config::default()
         }
     }

@@ -9,6 +9,7 @@
     missing_docs
 )]
 
+pub mod hostile;
 pub mod hub;
 
 use pullthrough::Config;

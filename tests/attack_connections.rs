@@ -1,0 +1,133 @@
+//! Slow and idle clients, against the settings `client_header_timeout`, `client_idle_timeout`
+//! and `max_client_connections` (added after this file was written: it compiles only once
+//! `pullthrough::Config` has them). Raw TCP connections stand in for slowloris clients.
+
+mod support;
+
+use std::time::{Duration, Instant};
+use support::{FakeHub, TestProxy};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const LONG: Duration = Duration::from_secs(30);
+
+fn addr(proxy: &TestProxy) -> &str {
+    proxy.url.trim_start_matches("http://")
+}
+
+/// Reads until the server closes the connection (EOF or reset); what arrived, or `None` if it
+/// is still open after `limit`.
+async fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> Option<Vec<u8>> {
+    let mut got = Vec::new();
+    let read = async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(limit, read).await.ok().map(|()| got)
+}
+
+/// Sends a complete `GET /v2/` and reads its answer (200, `{}`), leaving the connection open.
+async fn one_request(stream: &mut TcpStream) {
+    stream
+        .write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !(got.starts_with(b"HTTP/1.1 200") && got.ends_with(b"\r\n\r\n{}")) {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("the request was answered")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before answering: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_request_head_is_disconnected() {
+    let hub = FakeHub::start().await;
+    let proxy = TestProxy::start_with(&hub, |c| {
+        c.client_header_timeout = Duration::from_secs(1);
+        c.client_idle_timeout = LONG;
+    })
+    .await;
+    let mut stream = TcpStream::connect(addr(&proxy)).await.unwrap();
+    stream
+        .write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let got = read_until_closed(&mut stream, Duration::from_secs(2))
+        .await
+        .expect("the connection was still open 2 s after a 1 s header timeout");
+    assert!(
+        got.is_empty() || got.starts_with(b"HTTP/1.1 408"),
+        "after {:?}: {:?}",
+        started.elapsed(),
+        String::from_utf8_lossy(&got)
+    );
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed() {
+    let hub = FakeHub::start().await;
+    let proxy = TestProxy::start_with(&hub, |c| {
+        c.client_header_timeout = LONG;
+        c.client_idle_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let mut stream = TcpStream::connect(addr(&proxy)).await.unwrap();
+    one_request(&mut stream).await;
+    let got = read_until_closed(&mut stream, Duration::from_secs(2))
+        .await
+        .expect("the idle connection was still open 2 s after a 1 s idle timeout");
+    assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_over_the_limit_do_not_lock_out_a_new_client() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let hub = FakeHub::start().await;
+        // Long timeouts: only the connection limit's handling can make room in time.
+        let proxy = TestProxy::start_with(&hub, |c| {
+            c.client_header_timeout = LONG;
+            c.client_idle_timeout = LONG;
+            c.max_client_connections = 20;
+        })
+        .await;
+        let mut idle = Vec::new();
+        for _ in 0..20 {
+            let mut stream = TcpStream::connect(addr(&proxy)).await.unwrap();
+            one_request(&mut stream).await;
+            idle.push(stream);
+        }
+        for _ in 0..20 {
+            idle.push(TcpStream::connect(addr(&proxy)).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+
+        let started = Instant::now();
+        let r = tokio::time::timeout(
+            Duration::from_secs(3),
+            support::client().get(format!("{}/v2/", proxy.url)).send(),
+        )
+        .await
+        .expect("a new client waited over 3 s behind 40 idle connections")
+        .unwrap();
+        assert_eq!(r.status(), 200, "after {:?}", started.elapsed());
+        assert_eq!(r.bytes().await.unwrap(), "{}");
+        drop(idle);
+    })
+    .await
+    .expect("test hung");
+}

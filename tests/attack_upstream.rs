@@ -1,0 +1,523 @@
+//! Attacks from the upstream side: resumes that overrun or misplace a blob, absurd
+//! `Retry-After` values, registry 400s, a slow `/v2/` ping, a token realm that redirects
+//! credentials to another host, and a private blob shared while it downloads. Each test states
+//! the required behaviour; each failed on the code it was written against.
+
+mod support;
+
+use axum::http::Method;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use pullthrough::Config;
+use pullthrough::config::Secret;
+use std::sync::Arc;
+use std::time::Duration;
+use support::hostile::{Hostile, Recorded, json_error, respond, stream, unauthorized};
+use support::hub::{pattern, sha256};
+use support::{FakeHub, Fault, Image, TestProxy, error_code};
+
+const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+/// Every test ends: a hang on broken code fails instead.
+const TEST_LIMIT: Duration = Duration::from_secs(60);
+
+async fn proxy_for(upstream: &str, tweak: impl FnOnce(&mut Config)) -> TestProxy {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let mut config = TestProxy::config(upstream, dir.path());
+    tweak(&mut config);
+    TestProxy::start_config(config, Some(dir)).await
+}
+
+fn manifest_response(image: &Image) -> axum::response::Response {
+    respond(
+        200,
+        &[
+            ("content-type", image.media_type.as_str()),
+            ("docker-content-digest", image.digest.as_str()),
+        ],
+        image.bytes.clone(),
+    )
+}
+
+const SIZE: usize = 4 * 1024 * 1024;
+const HALF: usize = SIZE / 2;
+const BLOB_PATH: &str = "/v2/acme/app/blobs/";
+
+/// How upstream answers the resume (`Range: bytes=HALF-`): its body is streamed in 64 KiB
+/// pieces 10 ms apart, ending 200 ms after the last.
+struct Resume {
+    label: &'static str,
+    status: u16,
+    content_range: Option<String>,
+    /// Send `Content-Length` (else the body is chunked, its end known only when it comes).
+    length: bool,
+    body: Vec<u8>,
+}
+
+/// Two clients GET a blob whose first upstream body breaks off at half, then upstream answers
+/// the resume as `resume` says; later requests get the right blob. Neither client may complete
+/// a transfer (the resume does not fit), and nothing may be stored.
+async fn bad_resume(resume: Resume) {
+    let label = resume.label;
+    let blob = Bytes::from(pattern("overrun", SIZE));
+    let digest = sha256(&blob);
+    let up = Hostile::start().await;
+    up.answer_ping(Duration::ZERO, None);
+    let good = blob.clone();
+    let resume_body = Bytes::from(resume.body);
+    up.on(Method::GET, BLOB_PATH, move |_, n| {
+        let octets = ("content-type", "application/octet-stream");
+        let (size, resume_len) = (SIZE.to_string(), resume_body.len().to_string());
+        match n {
+            // Slow enough that the second client joins before the break.
+            1 => respond(
+                200,
+                &[octets, ("content-length", &size)],
+                stream(
+                    good.clone(),
+                    64 * 1024,
+                    Duration::from_millis(10),
+                    Some(HALF),
+                ),
+            ),
+            2 => {
+                let mut headers = vec![octets];
+                if let Some(range) = &resume.content_range {
+                    headers.push(("content-range", range));
+                }
+                if resume.length {
+                    headers.push(("content-length", &resume_len));
+                }
+                let body = stream(
+                    resume_body.clone(),
+                    64 * 1024,
+                    Duration::from_millis(10),
+                    None,
+                );
+                respond(resume.status, &headers, body)
+            }
+            _ => respond(200, &[octets, ("content-length", &size)], good.clone()),
+        }
+    });
+    let proxy = proxy_for(&up.url, |_| {}).await;
+    let url = format!("{}{BLOB_PATH}{digest}", proxy.url);
+    let clients: Vec<_> = (0..2)
+        .map(|_| {
+            let (client, url) = (proxy.client.clone(), url.clone());
+            tokio::spawn(async move {
+                let r = client.get(url).send().await.unwrap();
+                let status = r.status().as_u16();
+                let mut body = r.bytes_stream();
+                let mut got = Vec::new();
+                while let Some(chunk) = body.next().await {
+                    match chunk {
+                        Ok(c) => got.extend_from_slice(&c),
+                        Err(_) => return (status, got, false),
+                    }
+                }
+                (status, got, true)
+            })
+        })
+        .collect();
+    for (i, client) in clients.into_iter().enumerate() {
+        let (status, got, complete) = client.await.unwrap();
+        assert_eq!(status, 200, "{label}: client {i}");
+        assert!(
+            !complete || got.len() != SIZE || got == blob,
+            "{label}: client {i} received a complete {SIZE}-byte body that is not the blob"
+        );
+        assert!(
+            !complete,
+            "{label}: client {i} completed a {}-byte transfer (the blob: {}) although the \
+             resume did not fit; it must abort",
+            got.len(),
+            got == blob
+        );
+    }
+    let gets: Vec<Recorded> = up
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == Method::GET && r.path.starts_with(BLOB_PATH))
+        .collect();
+    assert_eq!(gets.len(), 2, "{label}: one GET and one resume");
+    assert_eq!(gets[1].header("range"), format!("bytes={HALF}-"), "{label}");
+
+    // Nothing was stored: with upstream fixed, the next GET downloads again and is right.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let r = proxy.get(&format!("{BLOB_PATH}{digest}")).await;
+    assert_eq!(r.status(), 200, "{label}");
+    assert_eq!(
+        r.headers()["x-cache"],
+        "MISS",
+        "{label}: nothing was stored"
+    );
+    assert_eq!(r.bytes().await.unwrap(), blob, "{label}");
+    assert_eq!(up.count(Method::GET, BLOB_PATH), 3, "{label}");
+}
+
+fn junk(n: usize) -> Vec<u8> {
+    pattern("junk", n)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_longer_than_the_missing_rest_aborts_and_nothing_is_stored() {
+    tokio::time::timeout(TEST_LIMIT, async {
+        let blob = pattern("overrun", SIZE);
+        let rest = || blob[HALF..].to_vec();
+        let right_range = Some(format!("bytes {HALF}-{}/{SIZE}", SIZE - 1));
+        let cases = [
+            Resume {
+                label: "junk before the rest",
+                status: 206,
+                content_range: right_range.clone(),
+                length: false,
+                body: [junk(1000), rest()].concat(),
+            },
+            Resume {
+                label: "body starting 1000 bytes early",
+                status: 206,
+                content_range: right_range.clone(),
+                length: false,
+                body: blob[HALF - 1000..].to_vec(),
+            },
+            Resume {
+                label: "the rest, then 1 MiB of junk, Content-Length saying so",
+                status: 206,
+                content_range: right_range.clone(),
+                length: true,
+                body: [rest(), junk(1024 * 1024)].concat(),
+            },
+            Resume {
+                label: "Content-Range naming a longer blob",
+                status: 206,
+                content_range: Some(format!("bytes {HALF}-{}/{}", SIZE + 999, SIZE + 1000)),
+                length: false,
+                body: [rest(), junk(1000)].concat(),
+            },
+        ];
+        for resume in cases {
+            bad_resume(resume).await;
+        }
+    })
+    .await
+    .expect("test hung");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_at_the_wrong_offset_aborts_and_nothing_is_stored() {
+    tokio::time::timeout(TEST_LIMIT, async {
+        let blob = pattern("overrun", SIZE);
+        let (early, late) = (HALF - 1000, HALF + 1000);
+        let cases = [
+            Resume {
+                label: "honest range starting 1000 bytes early",
+                status: 206,
+                content_range: Some(format!("bytes {early}-{}/{SIZE}", SIZE - 1)),
+                length: true,
+                body: blob[early..].to_vec(),
+            },
+            Resume {
+                label: "range starting 1000 bytes early, body of junk and the rest",
+                status: 206,
+                content_range: Some(format!("bytes {early}-{}/{SIZE}", SIZE - 1)),
+                length: false,
+                body: [junk(1000), blob[HALF..].to_vec()].concat(),
+            },
+            Resume {
+                label: "range starting 1000 bytes late, padded past the end",
+                status: 206,
+                content_range: Some(format!("bytes {late}-{}/{SIZE}", SIZE + 999)),
+                length: false,
+                body: [blob[late..].to_vec(), junk(2000)].concat(),
+            },
+            Resume {
+                label: "200 (whole blob) whose body starts 1000 bytes off",
+                status: 200,
+                content_range: None,
+                length: false,
+                body: [junk(1000), blob.clone()].concat(),
+            },
+        ];
+        for resume in cases {
+            bad_resume(resume).await;
+        }
+    })
+    .await
+    .expect("test hung");
+}
+
+#[tokio::test]
+async fn an_absurd_retry_after_pauses_at_most_an_hour_and_breaks_nothing() {
+    tokio::time::timeout(TEST_LIMIT, async {
+        for retry_after in [u64::MAX, 99_999_999_999] {
+            let hub = FakeHub::start().await;
+            let a = Image::single("pause-a", DOCKER_MANIFEST, 1000);
+            hub.push("acme/a", "1", &a);
+            hub.push(
+                "acme/b",
+                "1",
+                &Image::single("pause-b", DOCKER_MANIFEST, 1000),
+            );
+            let proxy = TestProxy::start(&hub).await;
+            hub.fault(Fault::TooMany(retry_after));
+
+            let r = proxy.get("/v2/acme/a/manifests/1").await;
+            assert_eq!(r.status(), 429, "Retry-After {retry_after}: the 429 itself");
+
+            // (a) The pause holds, bounded by max_upstream_pause (1 h by default).
+            let r = proxy.get("/v2/acme/b/manifests/1").await;
+            assert_eq!(r.status(), 429, "Retry-After {retry_after}: paused");
+            let secs: u64 = r.headers()["retry-after"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!(
+                (1..=3600).contains(&secs),
+                "Retry-After {retry_after}: paused for {secs} s"
+            );
+            assert_eq!(error_code(r).await, "TOOMANYREQUESTS");
+            assert_eq!(
+                hub.count("manifest_get"),
+                1,
+                "Retry-After {retry_after}: the paused GET stayed here"
+            );
+
+            // (b) Tags lists and blobs do not count against pulls: they still work.
+            let r = proxy.get("/v2/acme/a/tags/list").await;
+            assert_eq!(r.status(), 200, "Retry-After {retry_after}: tags list");
+            let tags: serde_json::Value = r.json().await.unwrap();
+            assert_eq!(tags["tags"], serde_json::json!(["1"]));
+            let layer = &a.blobs[1];
+            let got = proxy
+                .get_ok(&format!("/v2/acme/a/blobs/{}", sha256(layer)))
+                .await;
+            assert_eq!(got, *layer, "Retry-After {retry_after}: blob");
+        }
+    })
+    .await
+    .expect("test hung");
+}
+
+#[tokio::test]
+async fn an_upstream_400_reaches_the_client_as_400_with_its_code() {
+    tokio::time::timeout(TEST_LIMIT, async {
+        let up = Hostile::start().await;
+        up.answer_ping(Duration::ZERO, None);
+        let with_code = format!("/v2/acme/app/manifests/sha512:{}", "a".repeat(128));
+        let plain = format!("/v2/acme/app/manifests/sha512:{}", "b".repeat(128));
+        up.on(Method::GET, &with_code, |_, _| {
+            json_error(400, "DIGEST_INVALID", "unsupported digest algorithm")
+        });
+        up.on(Method::GET, &plain, |_, _| {
+            respond(400, &[("content-type", "text/plain")], "bad request")
+        });
+        let proxy = proxy_for(&up.url, |_| {}).await;
+
+        let r = proxy.get(&with_code).await;
+        assert_eq!(r.status(), 400);
+        assert_eq!(error_code(r).await, "DIGEST_INVALID");
+        let r = proxy.get(&plain).await;
+        assert_eq!(r.status(), 400, "a 400 without a registry body");
+        assert_eq!(
+            (
+                up.count(Method::GET, &with_code),
+                up.count(Method::GET, &plain)
+            ),
+            (1, 1)
+        );
+    })
+    .await
+    .expect("test hung");
+}
+
+#[tokio::test]
+async fn a_slow_ping_still_maps_single_component_names_to_library() {
+    tokio::time::timeout(TEST_LIMIT, async {
+        let up = Hostile::start().await;
+        let challenge = format!(
+            r#"Bearer realm="{}/token",service="registry.docker.io""#,
+            up.url
+        );
+        up.answer_ping(Duration::from_secs(3), Some(challenge.clone()));
+        up.on(Method::GET, "/token", |_, _| {
+            respond(
+                200,
+                &[("content-type", "application/json")],
+                r#"{"token":"t1","expires_in":300}"#,
+            )
+        });
+        let image = Image::single("alpine", DOCKER_MANIFEST, 1000);
+        let served = image.clone();
+        up.on(Method::GET, "/v2/library/alpine/manifests/", move |r, _| {
+            if r.header("authorization") == "Bearer t1" {
+                manifest_response(&served)
+            } else {
+                unauthorized(&format!(
+                    r#"{challenge},scope="repository:library/alpine:pull""#
+                ))
+            }
+        });
+        let proxy = proxy_for(&up.url, |c| c.upstream_deadline = Duration::from_secs(10)).await;
+
+        let r = proxy.get("/v2/alpine/manifests/latest").await;
+        let status = r.status();
+        let body = r.bytes().await.unwrap();
+        let asked: Vec<String> = up.requests().into_iter().map(|r| r.path).collect();
+        assert_eq!(status, 200, "upstream was asked {asked:?}");
+        assert_eq!(body, image.bytes);
+        assert!(
+            !asked.iter().any(|p| p.starts_with("/v2/alpine/")),
+            "a one-component name reached Docker Hub unmapped: {asked:?}"
+        );
+        assert_eq!(
+            up.count(Method::GET, "/v2/library/alpine/manifests/latest"),
+            1
+        );
+    })
+    .await
+    .expect("test hung");
+}
+
+#[tokio::test]
+async fn a_token_realm_redirect_never_carries_the_password_to_another_host() {
+    tokio::time::timeout(TEST_LIMIT, async {
+        const PASSWORD: &str = "hunter2-s3cr3t";
+        let (up, realm, thief) = (
+            Hostile::start().await,
+            Hostile::start().await,
+            Hostile::start().await,
+        );
+        // The realm is on the upstream's own host (so trusted), another port.
+        let challenge = format!(
+            r#"Bearer realm="http://127.0.0.1:{}/token",service="hostile""#,
+            realm.port
+        );
+        up.answer_ping(Duration::ZERO, Some(challenge.clone()));
+        let image = Image::single("redirect", DOCKER_MANIFEST, 1000);
+        let served = image.clone();
+        up.on(Method::GET, "/v2/acme/app/manifests/", move |r, _| {
+            if r.header("authorization") == "Bearer good" {
+                manifest_response(&served)
+            } else {
+                unauthorized(&format!(r#"{challenge},scope="repository:acme/app:pull""#))
+            }
+        });
+        // "localhost" is another host than "127.0.0.1" as far as credentials go.
+        let steal = format!("http://localhost:{}/steal", thief.port);
+        realm.on(Method::POST, "/token", move |_, _| {
+            respond(307, &[("location", steal.as_str())], "")
+        });
+        realm.on(Method::GET, "/token", |_, _| {
+            respond(
+                200,
+                &[("content-type", "application/json")],
+                r#"{"token":"good","expires_in":300}"#,
+            )
+        });
+        let proxy = proxy_for(&up.url, |c| {
+            c.upstream_username = Some("alice".into());
+            c.upstream_password = Some(Secret(PASSWORD.into()));
+        })
+        .await;
+
+        let status = proxy.get("/v2/acme/app/manifests/1").await.status();
+        assert!(
+            realm.count(Method::POST, "/token") >= 1,
+            "the OAuth2 POST was tried (client got {status})"
+        );
+        let stolen: Vec<Recorded> = thief
+            .requests()
+            .into_iter()
+            .filter(|r| carries(r, PASSWORD))
+            .collect();
+        assert!(
+            stolen.is_empty(),
+            "the password reached another host ({} request(s) there in all): {stolen:?}",
+            thief.requests().len()
+        );
+    })
+    .await
+    .expect("test hung");
+}
+
+/// Whether `secret` appears anywhere in a request: path, query, headers (Basic decoded), body.
+fn carries(r: &Recorded, secret: &str) -> bool {
+    use base64::Engine as _;
+    let encoded: String = url::form_urlencoded::byte_serialize(secret.as_bytes()).collect();
+    let text = |b: &[u8]| {
+        let s = String::from_utf8_lossy(b);
+        s.contains(secret) || s.contains(&encoded)
+    };
+    text(r.path.as_bytes())
+        || text(&r.body)
+        || r.headers.values().any(|v| {
+            let v = v.as_bytes();
+            text(v)
+                || v.strip_prefix(b"Basic ").is_some_and(|b| {
+                    base64::engine::general_purpose::STANDARD
+                        .decode(b)
+                        .is_ok_and(|d| text(&d))
+                })
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_blob_being_downloaded_is_not_served_for_another_repository() {
+    tokio::time::timeout(TEST_LIMIT, async {
+        let hub = FakeHub::start().await;
+        let secret = Bytes::from(pattern("private-layer", 2 * 1024 * 1024));
+        let digest = hub.push_blob("private/secret", secret.clone());
+        hub.make_private("private/secret");
+        hub.push(
+            "public/y",
+            "1",
+            &Image::single("public", DOCKER_MANIFEST, 1000),
+        );
+        hub.add_user("alice", "s3cret");
+        // 32 chunks of 64 KiB, 40 ms apart: the download takes over a second.
+        hub.fault(Fault::SlowBlob(Duration::from_millis(40)));
+        let proxy = TestProxy::start_with(&hub, |c| {
+            c.upstream_username = Some("alice".into());
+            c.upstream_password = Some(Secret("s3cret".into()));
+        })
+        .await;
+
+        let private = proxy
+            .get(&format!("/v2/private/secret/blobs/{digest}"))
+            .await;
+        assert_eq!(private.status(), 200);
+        let mut private = private.bytes_stream();
+        let mut got = private.next().await.unwrap().unwrap().to_vec();
+
+        let public_path = format!("/v2/public/y/blobs/{digest}");
+        let r = proxy.get(&public_path).await;
+        let status = r.status();
+        let body = r.bytes().await.unwrap_or_default();
+        assert_eq!(
+            status,
+            404,
+            "public/y was answered from the private download ({} bytes)",
+            body.len()
+        );
+        let error: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(error["errors"][0]["code"], "BLOB_UNKNOWN");
+
+        while let Some(chunk) = private.next().await {
+            got.extend_from_slice(&chunk.unwrap());
+        }
+        assert_eq!(got, secret, "the private client got its blob");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+
+        // Stored now: public/y is still refused, after asking upstream again.
+        let asked = hub.count("blob_head") + hub.count("blob_get");
+        let r = proxy.get(&public_path).await;
+        assert_eq!(r.status(), 404, "public/y served from the store");
+        assert_eq!(error_code(r).await, "BLOB_UNKNOWN");
+        assert!(
+            hub.count("blob_head") + hub.count("blob_get") > asked,
+            "upstream was asked about public/y"
+        );
+    })
+    .await
+    .expect("test hung");
+}

@@ -170,17 +170,18 @@ impl ManifestCache {
     pub async fn put(&self, manifest: Manifest) -> Arc<Manifest> {
         let m = Arc::new(manifest);
         let path = self.manifest_path(&m.digest);
-        if !path.exists() {
-            // fsync takes milliseconds: keep it off the async workers.
-            let (layout, stored) = (self.layout.clone(), Arc::clone(&m));
-            let written = tokio::task::spawn_blocking(move || {
-                let header = format!("{}\n", stored.media_type);
-                layout.write_atomic(&path, &[header.as_bytes(), &stored.bytes], true)
-            })
-            .await;
-            if let Err(e) = written.map_err(std::io::Error::other).and_then(|r| r) {
-                tracing::error!(error = %e, digest = %m.digest, "could not store manifest on disk");
+        // stat and fsync are blocking: keep them off the async workers.
+        let (layout, stored) = (self.layout.clone(), Arc::clone(&m));
+        let written = tokio::task::spawn_blocking(move || {
+            if path.exists() {
+                return Ok(());
             }
+            let header = format!("{}\n", stored.media_type);
+            layout.write_atomic(&path, &[header.as_bytes(), &stored.bytes], true)
+        })
+        .await;
+        if let Err(e) = written.map_err(std::io::Error::other).and_then(|r| r) {
+            tracing::error!(error = %e, digest = %m.digest, "could not store manifest on disk");
         }
         self.by_digest.insert(m.digest.clone(), Arc::clone(&m));
         m

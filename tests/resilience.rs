@@ -384,3 +384,29 @@ async fn a_spent_budget_still_allows_heads_and_cached_pulls() {
         new.bytes
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_concurrency_cap_covers_a_whole_blob_download() {
+    let hub = FakeHub::start().await;
+    hub.push("library/cap", "1", &image("cap"));
+    let blob = bytes::Bytes::from(support::hub::pattern("cap", 1024 * 1024));
+    let digest = hub.push_blob("library/cap", blob.clone());
+    // 16 chunks of 64 KiB, one every 60 ms: the download takes about a second.
+    hub.fault(Fault::SlowBlob(Duration::from_millis(60)));
+    let proxy = TestProxy::start_with(&hub, |c| c.upstream_max_concurrency = 1).await;
+    let (client, url) = (
+        proxy.client.clone(),
+        format!("{}/v2/library/cap/blobs/{digest}", proxy.url),
+    );
+    let download = tokio::spawn(async move { client.get(url).send().await.unwrap().bytes().await });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let started = Instant::now();
+    assert_eq!(proxy.get("/v2/library/cap/manifests/1").await.status(), 200);
+    // The manifest GET waited for the blob exchange to end, not just for its headers.
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "the manifest went out while the blob body was still being read ({:?})",
+        started.elapsed()
+    );
+    assert_eq!(download.await.unwrap().unwrap(), blob);
+}

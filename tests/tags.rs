@@ -74,3 +74,33 @@ async fn tags_list_is_served_stale_when_upstream_fails() {
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["tags"], serde_json::json!(["a"]));
 }
+
+#[tokio::test]
+async fn the_tags_list_cache_is_bounded_in_bytes() {
+    let hub = FakeHub::start().await;
+    let image = Image::single("many-tags", DOCKER_MANIFEST, 10);
+    for i in 0..3000 {
+        hub.push("library/tagged", &format!("tag-{i:05}"), &image);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = TestProxy::config(&hub.url, dir.path());
+    config.tags_list_cache_bytes = bytesize::ByteSize::kib(64);
+    config.tags_list_ttl = Duration::from_secs(600);
+    let state = pullthrough::state::AppState::new(&config).unwrap();
+    let proxy = std::sync::Arc::clone(&state.proxy);
+    let name = pullthrough::registry::RepoName::parse("library/tagged", true).unwrap();
+    // 300 distinct pages of 1,000 tags (about 15 KB each): 4.5 MB if nothing were evicted.
+    for i in 0..300 {
+        let query = pullthrough::proxy::TagsQuery {
+            n: Some(1000),
+            last: Some(pullthrough::registry::Tag::parse(&format!("tag-{i:05}")).unwrap()),
+        };
+        let page = proxy.tags_list(&name, query).await.unwrap();
+        assert!(page.body.len() > 10_000);
+    }
+    let held = proxy.tags_cache_bytes();
+    assert!(
+        held > 0 && held <= 64 * 1024,
+        "tags-list cache holds {held} bytes"
+    );
+}

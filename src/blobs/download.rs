@@ -387,7 +387,7 @@ impl BlobStore {
         if previous.is_none() {
             self.total.fetch_add(written, Ordering::Relaxed);
         }
-        if self.over_high_watermark() {
+        if self.needs_eviction() {
             self.evict.notify_one();
         }
         Ok(())

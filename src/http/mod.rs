@@ -140,15 +140,21 @@ async fn access_log(request: Request, next: Next) -> Response {
     let upstream_ms = response
         .extensions()
         .get::<UpstreamWait>()
-        .map(|w| w.0.as_secs_f64() * 1000.0);
+        .map(|w| millis(w.0));
     tracing::info!(
         %method,
         path,
         status = response.status().as_u16(),
         cache,
         upstream_ms,
-        elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+        elapsed_ms = millis(started.elapsed()),
         "request"
     );
     response
+}
+
+/// Milliseconds with microsecond precision, printed without float noise (`0.068`, not
+/// `0.06760100000000001`): whole microseconds divided once.
+fn millis(d: Duration) -> f64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX) as f64 / 1000.0
 }

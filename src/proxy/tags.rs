@@ -66,6 +66,12 @@ impl TagsQuery {
 }
 
 impl Proxy {
+    /// Bytes held by the tags-list cache (bounded by `tags_list_cache_bytes`).
+    pub fn tags_cache_bytes(&self) -> u64 {
+        self.tag_pages.run_pending_tasks();
+        self.tag_pages.weighted_size()
+    }
+
     /// A tags-list page: fresh from cache, else from upstream (one request per page at a
     /// time), else the last good copy while upstream fails.
     pub async fn tags_list(

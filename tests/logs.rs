@@ -1,0 +1,154 @@
+//! What the binary writes to its log: the port it really listens on, plain text when the
+//! output is not a terminal, durations without float noise, and a refused upstream credential
+//! as a loud error that never shows the password.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+use support::{FakeHub, Image};
+
+/// The binary, its log lines (stdout and stderr) arriving on a channel.
+struct Running {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl Running {
+    fn start(env: &[(&str, &str)]) -> Running {
+        let dir = tempfile::tempdir().unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_pullthrough"));
+        command
+            .env("PULLTHROUGH_LISTEN", "127.0.0.1:0")
+            .env("PULLTHROUGH_DATA_DIR", dir.path().join("cache"))
+            .env("PULLTHROUGH_CACHE_MIN_FREE_DISK", "0 B")
+            .env("RUST_LOG", "pullthrough=info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().unwrap();
+        let (tx, lines) = mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        let err = child.stderr.take().unwrap();
+        let tx2 = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = tx2.send(line);
+            }
+        });
+        Running {
+            child,
+            lines,
+            seen: Vec::new(),
+            _dir: dir,
+        }
+    }
+
+    /// The first line (from now on) containing `needle`, within 10 s.
+    fn wait_for(&mut self, needle: &str) -> String {
+        loop {
+            let line = self
+                .lines
+                .recv_timeout(Duration::from_secs(10))
+                .unwrap_or_else(|_| panic!("no log line with {needle:?}; saw {:#?}", self.seen));
+            self.seen.push(line.clone());
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    }
+
+    /// Every line received so far, and whatever arrives within `wait`.
+    fn all(&mut self, wait: Duration) -> String {
+        while let Ok(line) = self.lines.recv_timeout(wait) {
+            self.seen.push(line);
+        }
+        self.seen.join("\n")
+    }
+
+    /// The `http://host:port` from the "listening" line.
+    fn url(&mut self) -> String {
+        let line = self.wait_for("listening");
+        let addr = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("addr="))
+            .unwrap_or_else(|| panic!("no addr in {line}"));
+        assert!(!addr.ends_with(":0"), "logged port 0: {line}");
+        format!("http://{addr}")
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn the_log_names_the_bound_port_in_plain_text_with_clean_durations() {
+    let mut running = Running::start(&[]);
+    let url = running.url();
+    let r = support::client()
+        .get(format!("{url}/v2/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let line = running.wait_for("request");
+    let elapsed = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("elapsed_ms="))
+        .unwrap_or_else(|| panic!("no elapsed_ms in {line}"));
+    let decimals = elapsed.split_once('.').map_or(0, |(_, d)| d.len());
+    assert!(decimals <= 3, "float noise in {line}");
+    let all = running.all(Duration::from_millis(100));
+    assert!(
+        !all.contains('\u{1b}'),
+        "ANSI escapes in a non-terminal log:\n{all}"
+    );
+}
+
+#[tokio::test]
+async fn refused_upstream_credentials_are_a_loud_error_without_the_password() {
+    let hub = FakeHub::start().await;
+    hub.add_user("bob", "the-right-one");
+    let image = Image::single(
+        "creds",
+        "application/vnd.docker.distribution.manifest.v2+json",
+        10,
+    );
+    hub.push("library/public", "1", &image);
+    let mut running = Running::start(&[
+        ("PULLTHROUGH_UPSTREAM", &hub.url),
+        ("PULLTHROUGH_UPSTREAM_USERNAME", "bob"),
+        ("PULLTHROUGH_UPSTREAM_PASSWORD", "pw-s3cr3t-typo"),
+    ]);
+    let url = running.url();
+    let r = support::client()
+        .get(format!("{url}/v2/library/public/manifests/1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "public content is still served");
+    assert_eq!(r.bytes().await.unwrap(), image.bytes);
+    let line = running.wait_for("refused the configured upstream credentials");
+    assert!(line.contains("ERROR"), "{line}");
+    assert!(line.contains("bob"), "{line}");
+    let all = running.all(Duration::from_millis(200));
+    assert!(
+        !all.contains("pw-s3cr3t-typo"),
+        "the password was logged:\n{all}"
+    );
+}

@@ -1,6 +1,6 @@
 //! Slow and idle clients, against the settings `client_header_timeout`, `client_idle_timeout`
-//! and `max_client_connections` (added after this file was written: it compiles only once
-//! `pullthrough::Config` has them). Raw TCP connections stand in for slowloris clients.
+//! and `max_client_connections`, and against the process's file-descriptor limit. Raw TCP
+//! connections stand in for slowloris clients.
 
 mod support;
 
@@ -130,4 +130,63 @@ async fn idle_connections_over_the_limit_do_not_lock_out_a_new_client() {
     })
     .await
     .expect("test hung");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_file_descriptor_limit_new_clients_are_still_answered() {
+    // The binary under a 64-descriptor limit, with the connection cap far above it.
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new("bash")
+        .args([
+            "-c",
+            "ulimit -n 64 && exec \"$0\"",
+            env!("CARGO_BIN_EXE_pullthrough"),
+        ])
+        .env("PULLTHROUGH_LISTEN", "127.0.0.1:0")
+        .env("PULLTHROUGH_DATA_DIR", dir.path().join("cache"))
+        .env("PULLTHROUGH_CACHE_MIN_FREE_DISK", "0 B")
+        .env("PULLTHROUGH_CLIENT_HEADER_TIMEOUT", "30s")
+        .env("PULLTHROUGH_CLIENT_IDLE_TIMEOUT", "30s")
+        .env("RUST_LOG", "pullthrough=info")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let addr = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let line = lines
+            .find(|l| l.as_ref().is_ok_and(|l| l.contains("listening")))
+            .unwrap()
+            .unwrap();
+        std::thread::spawn(move || lines.for_each(drop));
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix("addr="))
+            .unwrap()
+            .to_owned()
+    })
+    .await
+    .unwrap();
+    let outcome = tokio::time::timeout(LONG, async {
+        // 100 idle connections: more than the process has descriptors for.
+        let mut idle = Vec::new();
+        for _ in 0..100 {
+            idle.push(TcpStream::connect(&addr).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let started = Instant::now();
+        let r = support::client()
+            .get(format!("http://{addr}/v2/"))
+            .timeout(Duration::from_secs(3))
+            .send()
+            .await;
+        let r = r.unwrap_or_else(|e| panic!("no answer after {:?}: {e}", started.elapsed()));
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.text().await.unwrap(), "{}");
+        drop(idle);
+    })
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    outcome.expect("test hung");
 }

@@ -132,6 +132,7 @@ pub async fn serve(
     });
     let (stopping, stop) = watch::channel(Stop::No);
     tokio::pin!(shutdown);
+    let mut warned_fds: Option<Instant> = None;
     loop {
         let accepted = tokio::select! {
             () = &mut shutdown => break,
@@ -145,7 +146,10 @@ pub async fn serve(
                     rustix::io::Errno::from_io_error(&e),
                     Some(rustix::io::Errno::MFILE | rustix::io::Errno::NFILE)
                 ) {
-                    tracing::warn!(error = %e, "out of file descriptors; closing quiet client connections");
+                    if warned_fds.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+                        warned_fds = Some(Instant::now());
+                        tracing::warn!(error = %e, "out of file descriptors; closing quiet client connections");
+                    }
                     registry.shed(8);
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;

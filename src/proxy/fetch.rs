@@ -1,7 +1,7 @@
 //! The upstream operations behind manifest requests, each single-flight per key and run as its
 //! own task: GET by tag, HEAD by tag, GET by digest, and tag revalidation.
 
-use super::{Proxy, TagKey};
+use super::{Proxy, TagKey, plausible};
 use crate::error::Error;
 use crate::manifests::{TagEntry, now_ms};
 use crate::metrics::Counters;
@@ -49,7 +49,7 @@ impl Proxy {
                 .await
                 .map_err(Error::manifest)?;
             match (head.digest, head.media_type, head.size) {
-                (Some(digest), Some(media_type), Some(size)) if size > 0 => {
+                (Some(digest), Some(media_type), Some(size)) if plausible(size) => {
                     let entry = TagEntry::new(&digest, &media_type, size);
                     this.manifests.set_tag(&name, &tag, entry.clone()).await;
                     Ok(entry)
@@ -139,7 +139,7 @@ impl Proxy {
         }
         let had_bytes = self.manifests.get(&entry.digest).await.is_some();
         let new_entry = match (head.media_type, head.size) {
-            (Some(media_type), Some(size)) if !had_bytes && size > 0 => {
+            (Some(media_type), Some(size)) if !had_bytes && plausible(size) => {
                 TagEntry::new(&new_digest, &media_type, size)
             }
             _ => {

@@ -1,7 +1,7 @@
 //! Answering a manifest request from the caches: tag freshness, Accept negotiation, and when
 //! to wait for (or only start) an upstream operation.
 
-use super::{CacheStatus, ManifestBody, ManifestRequest, Proxy, Served};
+use super::{CacheStatus, ManifestBody, ManifestRequest, Proxy, Served, plausible};
 use crate::error::Error;
 use crate::manifests::{Freshness, TagEntry, now_ms};
 use crate::metrics::Counters;
@@ -201,7 +201,7 @@ impl Proxy {
             .map_err(Error::manifest)?;
         match (head.media_type, head.size) {
             (Some(media_type), Some(size))
-                if head.digest.as_ref().is_none_or(|d| d == digest) && size > 0 =>
+                if head.digest.as_ref().is_none_or(|d| d == digest) && plausible(size) =>
             {
                 Ok(ManifestBody::Described {
                     digest: digest.clone(),

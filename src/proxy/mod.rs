@@ -47,6 +47,12 @@ impl CacheStatus {
     }
 }
 
+/// Whether a manifest size from an upstream HEAD can be believed: a lie (0, or more than any
+/// manifest may be) means the bytes are fetched instead of the HEAD's word taken.
+pub(crate) fn plausible(size: u64) -> bool {
+    size > 0 && size <= crate::upstream::MAX_MANIFEST_BYTES as u64
+}
+
 /// A manifest answer: the bytes, or for HEAD possibly only what describes them.
 #[derive(Debug, Clone)]
 pub enum ManifestBody {

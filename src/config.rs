@@ -226,9 +226,32 @@ impl Config {
                 (key != "config").then_some((key.replace("__", "."), v))
             })
             .collect();
+        if let Some((key, _)) = vars.iter().find(|(k, _)| k.split('.').any(str::is_empty)) {
+            return Err(ConfigError(format!(
+                "unknown setting: environment variable PULLTHROUGH_{}; known keys are {}",
+                key.replace('.', "__").to_ascii_uppercase(),
+                Config::keys().join(", ")
+            )));
+        }
         figment = figment.merge(EnvVars(vars));
         figment = figment.merge(Serialized::defaults(overrides));
         let config: Config = figment.extract_lossy().map_err(|e| describe(&figment, e))?;
+        // Of a pair that contradicts itself, blame the key that was set, not the default.
+        let set = |key: &str| {
+            figment
+                .find_metadata(key)
+                .is_some_and(|m| !m.name.ends_with("Config"))
+        };
+        if config.cache_low_watermark >= config.cache_high_watermark
+            && set("cache_high_watermark")
+            && !set("cache_low_watermark")
+        {
+            return Err(ConfigError(format!(
+                "invalid value for {}: must be above cache_low_watermark ({})",
+                source_of(&figment, "cache_high_watermark"),
+                config.cache_low_watermark
+            )));
+        }
         config.validate().map_err(|(key, why)| {
             ConfigError(format!(
                 "invalid value for {}: {why}",
@@ -308,21 +331,40 @@ impl Config {
             return bad("max_client_connections", "must be from 1 to 1000000");
         }
         let sizes = [
-            ("cache_max_disk", self.cache_max_disk, ByteSize::mib(1)),
+            (
+                "cache_max_disk",
+                self.cache_max_disk,
+                ByteSize::mib(1),
+                ByteSize::pib(1),
+            ),
             (
                 "manifest_cache_bytes",
                 self.manifest_cache_bytes,
                 ByteSize::kib(64),
+                ByteSize::gib(64),
             ),
             (
                 "tags_list_cache_bytes",
                 self.tags_list_cache_bytes,
                 ByteSize::kib(64),
+                ByteSize::gib(64),
+            ),
+            (
+                "cache_min_free_disk",
+                self.cache_min_free_disk,
+                ByteSize::b(0),
+                ByteSize::pib(1),
+            ),
+            (
+                "scrub_rate",
+                self.scrub_rate,
+                ByteSize::b(0),
+                ByteSize::pib(1),
             ),
         ];
-        for (key, value, min) in sizes {
-            if value < min {
-                return bad(key, &format!("must be at least {}", min));
+        for (key, value, min, max) in sizes {
+            if value < min || value > max {
+                return bad(key, &format!("must be from {min} to {max}"));
             }
         }
         if !(self.cache_high_watermark > 0.0 && self.cache_high_watermark <= 1.0) {
@@ -468,6 +510,8 @@ fn describe(figment: &Figment, e: figment::Error) -> ConfigError {
                 Config::keys().join(", ")
             ));
         }
+        // Never echo a secret's value, even a mistyped one.
+        _ if key.contains("password") => "must be a string (quote it in the file)".to_owned(),
         kind => kind.to_string(),
     };
     let place = if key.is_empty() {
@@ -737,6 +781,22 @@ mod tests {
                 "{key} is not in config/pullthrough.toml"
             );
         }
+    }
+
+    #[test]
+    fn a_mistyped_password_is_never_echoed() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.toml");
+        std::fs::write(
+            &file,
+            "upstream_username = \"u\"\nupstream_password = 123456789\n",
+        )
+        .unwrap();
+        let err = Config::load(Some(&file), env(&[]), &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("upstream_password"), "{err}");
+        assert!(!err.contains("123456789"), "{err}");
     }
 
     #[test]

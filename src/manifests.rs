@@ -102,6 +102,9 @@ pub struct ManifestCache {
     /// repositories only where access is known.
     access: Cache<(RepoName, Digest), ()>,
     layout: Layout,
+    /// Orders tag updates: the memory entry and the file change together, one at a time, so
+    /// racing updates leave the newest on disk too.
+    tag_writes: tokio::sync::Mutex<()>,
 }
 
 impl ManifestCache {
@@ -118,6 +121,7 @@ impl ManifestCache {
             tags: Cache::builder().max_capacity(1_000_000).build(),
             access: Cache::new(1_000_000),
             layout,
+            tag_writes: tokio::sync::Mutex::new(()),
         };
         cache.load_tags()?;
         Ok(cache)
@@ -195,6 +199,7 @@ impl ManifestCache {
     /// Records a tag entry in memory and on disk (written off the async workers, not fsynced:
     /// losing one only costs a HEAD).
     pub async fn set_tag(&self, name: &RepoName, tag: &Tag, entry: TagEntry) {
+        let _ordered = self.tag_writes.lock().await;
         self.grant(name, &entry.digest);
         self.tags.insert((name.clone(), tag.clone()), entry.clone());
         let (path, layout) = (self.tag_path(name, tag), self.layout.clone());
@@ -212,6 +217,7 @@ impl ManifestCache {
 
     /// Forgets a tag upstream no longer has.
     pub async fn remove_tag(&self, name: &RepoName, tag: &Tag) {
+        let _ordered = self.tag_writes.lock().await;
         self.tags.invalidate(&(name.clone(), tag.clone()));
         let path = self.tag_path(name, tag);
         let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await;

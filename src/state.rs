@@ -58,6 +58,7 @@ impl AppState {
             verify_on_serve: config.verify_on_serve,
         };
         let blobs = BlobStore::open(layout.clone(), limits)?;
+        blobs.warn_if_short_of_space();
         blobs.spawn_maintenance();
         spawn_summary(Arc::downgrade(&upstream));
         let proxy = Arc::new(Proxy::new(config, Arc::clone(&upstream), manifests, blobs)?);

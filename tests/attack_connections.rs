@@ -190,3 +190,37 @@ async fn at_the_file_descriptor_limit_new_clients_are_still_answered() {
     let _ = child.wait();
     outcome.expect("test hung");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_idle_timeout_never_cuts_a_slow_download_or_a_wait_for_upstream() {
+    let hub = FakeHub::start().await;
+    let blob = bytes::Bytes::from(support::hub::pattern("slow-but-alive", 1024 * 1024));
+    let digest = hub.push_blob("library/alive", blob.clone());
+    let image = support::Image::single(
+        "alive",
+        "application/vnd.docker.distribution.manifest.v2+json",
+        10,
+    );
+    hub.push("library/alive", "1", &image);
+    let proxy = TestProxy::start_with(&hub, |c| {
+        c.client_idle_timeout = Duration::from_millis(500);
+        c.upstream_deadline = Duration::from_secs(5);
+    })
+    .await;
+    // Bytes keep moving (a 64 KiB chunk every 100 ms, 1.6 s in all): never idle.
+    hub.fault(support::Fault::SlowBlob(Duration::from_millis(100)));
+    let body = proxy
+        .get(&format!("/v2/library/alive/blobs/{digest}"))
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(body, blob);
+    // No byte moves while upstream takes 1.5 s to answer, yet the answer arrives.
+    hub.clear_faults();
+    hub.fault(support::Fault::Delay(Duration::from_millis(1500)));
+    assert_eq!(
+        proxy.get_ok("/v2/library/alive/manifests/1").await,
+        image.bytes
+    );
+}

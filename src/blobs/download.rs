@@ -110,27 +110,24 @@ impl BlobStore {
         if let Some(Err(e)) = progress.outcome {
             return Err(e);
         }
+        if progress.size == Some(0) {
+            // Nothing to hold back in an empty body: answer only once it verified.
+            return self.when_stored(&mut rx, digest, range).await;
+        }
         let bounds = match (range, progress.size) {
             (Some(range), Some(size)) => Some(range.resolve(size)?),
-            (Some(range), None) => {
-                // No size yet to resolve the range against: serve it from the stored file.
-                let done = rx
-                    .wait_for(|p| p.outcome.is_some())
-                    .await
-                    .map_err(|_| Error::Storage("download vanished".into()))?
-                    .clone();
-                done.outcome.unwrap_or(Ok(()))?;
-                return self
-                    .open_downloaded(digest, Some(range))
-                    .await
-                    .map(Joined::Body);
-            }
+            // No size to resolve the range against: serve it from the stored file.
+            (Some(_), None) => return self.when_stored(&mut rx, digest, range).await,
             (None, _) => None,
         };
         let file = match tokio::fs::File::open(&download.temp).await {
             Ok(f) => f,
-            // Already renamed into the store: serve it from there.
-            Err(_) => return self.open_downloaded(digest, range).await.map(Joined::Body),
+            // Already renamed into the store (the index may not know it yet): serve it from
+            // there once the download has ended.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return self.when_stored(&mut rx, digest, range).await;
+            }
+            Err(e) => return Err(e.into()),
         };
         let (start, end) = match bounds {
             Some((start, end)) => (start, Some(end + 1)),
@@ -142,6 +139,22 @@ impl BlobStore {
             source: Source::Miss,
             stream: Box::pin(follow(file, rx, start, end).await?),
         }))
+    }
+
+    /// Waits for the download to end, then serves the stored blob (or the download's error).
+    async fn when_stored(
+        self: &Arc<Self>,
+        rx: &mut watch::Receiver<Progress>,
+        digest: &Digest,
+        range: Option<ByteRange>,
+    ) -> Result<Joined, Error> {
+        let done = rx
+            .wait_for(|p| p.outcome.is_some())
+            .await
+            .map_err(|_| Error::Storage("download vanished".into()))?
+            .clone();
+        done.outcome.unwrap_or(Ok(()))?;
+        self.open_downloaded(digest, range).await.map(Joined::Body)
     }
 
     /// A blob this request's download just stored, still reported as a miss.

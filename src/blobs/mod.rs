@@ -384,8 +384,11 @@ impl BlobStore {
         }
         let low = (self.limits.max as f64 * self.limits.low) as u64;
         let want_free = self.limits.min_free.saturating_add(extra);
+        // The watermarks apply only when the store is above the high one; room for a download
+        // (`extra`) or the free minimum alone stops as soon as there is enough.
+        let over_high = self.over_high_watermark();
         let done = |store: &Self| {
-            store.total_bytes() <= low
+            (!over_high || store.total_bytes() <= low)
                 && (want_free == 0 || store.free_space().is_none_or(|f| f >= want_free))
         };
         let mut candidates: Vec<(u64, Digest, u64)> = self
@@ -420,6 +423,23 @@ impl BlobStore {
                 total = self.total_bytes(),
                 free = self.free_space(),
                 "evicted least recently used blobs"
+            );
+        }
+    }
+
+    /// Warns when the filesystem has less free space than `cache_min_free_disk`: every blob
+    /// would be evicted right after its download.
+    pub fn warn_if_short_of_space(&self) {
+        let min_free = self.limits.min_free;
+        if let Some(free) = self.free_space()
+            && min_free > 0
+            && free < min_free
+        {
+            tracing::warn!(
+                free,
+                cache_min_free_disk = min_free,
+                data_dir = %self.layout.root().display(),
+                "the data directory's filesystem has less free space than cache_min_free_disk; blobs will be evicted as soon as they are stored"
             );
         }
     }

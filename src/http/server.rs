@@ -1,10 +1,17 @@
-//! The accept loop and client connections, with the limits a public-facing server needs:
-//! a request head must arrive within `client_header_timeout` (hyper's header timer, which also
-//! runs while a kept-alive connection waits for its next request), a connection on which no
-//! byte moves for `client_idle_timeout` is closed after its response in progress, and above
-//! `max_client_connections` (or when the process runs out of file descriptors) the quietest
-//! connections are closed so that new clients are still answered. On shutdown every connection
-//! finishes its response in progress, for up to `shutdown_grace`.
+//! The accept loop and client connections, with the limits a public-facing server needs. Each
+//! connection has a watchdog that sees when a byte last moved, how many responses are in
+//! progress (from the request head until the body is sent or dropped), and whether a write is
+//! waiting for the client to read:
+//! - with no response in progress, a request head must complete within
+//!   `client_header_timeout` of the connection's start or its previous response (any protocol,
+//!   HTTP/2 included), and a connection quiet for `client_idle_timeout` is closed;
+//! - with a response in progress, a client that has not read for `client_idle_timeout` is cut
+//!   off, while a response waiting on the server (upstream, a download) is never timed out here;
+//! - above `max_client_connections`, or when the process runs out of file descriptors, the
+//!   quietest connections are closed (after their response in progress) so that new clients
+//!   are still answered.
+//!
+//! On shutdown every connection finishes its response in progress, for up to `shutdown_grace`.
 
 use crate::config::Config;
 use axum::Router;
@@ -16,7 +23,7 @@ use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -60,11 +67,23 @@ enum Stop {
     Now,
 }
 
+/// What a connection's watchdog sees; times are milliseconds on the registry's clock.
+#[derive(Debug)]
+struct Activity {
+    /// The last byte read or written.
+    last_byte: AtomicU64,
+    /// The connection's start, or the end of its last response.
+    last_boundary: AtomicU64,
+    /// Responses in progress.
+    in_flight: AtomicUsize,
+    /// A write is waiting for the client to read.
+    write_blocked: AtomicBool,
+}
+
 /// What the server knows of one open connection.
 #[derive(Debug)]
 struct Entry {
-    /// Milliseconds (on the registry's clock) of the last byte read or written.
-    activity: Arc<AtomicU64>,
+    activity: Arc<Activity>,
     /// Asks the connection to close after its response in progress.
     close: Arc<Notify>,
     /// Already asked to close: not counted against the limit, not picked again.
@@ -93,7 +112,13 @@ impl Registry {
             .iter()
             .filter(|(_, e)| !e.closing.load(Ordering::Relaxed))
             .collect();
-        quiet.sort_by_key(|(_, e)| e.activity.load(Ordering::Relaxed));
+        // Connections without a response in progress first, then the longest quiet.
+        quiet.sort_by_key(|(_, e)| {
+            (
+                e.activity.in_flight.load(Ordering::Relaxed) > 0,
+                e.activity.last_byte.load(Ordering::Relaxed),
+            )
+        });
         for (_, entry) in quiet.into_iter().take(n) {
             entry.closing.store(true, Ordering::Relaxed);
             entry.close.notify_one();
@@ -166,7 +191,7 @@ pub async fn serve(
             builder.clone(),
             Arc::clone(&registry),
             stop.clone(),
-            limits.idle_timeout,
+            limits,
         ));
     }
     drop(listener);
@@ -188,17 +213,23 @@ pub async fn serve(
     Ok(())
 }
 
-/// Serves one connection until it ends, is idle too long, is shed, or the server stops.
+/// Serves one connection until it ends, times out, is shed, or the server stops.
 async fn connection(
     stream: TcpStream,
     app: Router,
     builder: auto::Builder<TokioExecutor>,
     registry: Arc<Registry>,
     mut stop: watch::Receiver<Stop>,
-    idle_timeout: Duration,
+    limits: Limits,
 ) {
     let id = registry.next_id.fetch_add(1, Ordering::Relaxed);
-    let activity = Arc::new(AtomicU64::new(registry.now_ms()));
+    let now = registry.now_ms();
+    let activity = Arc::new(Activity {
+        last_byte: AtomicU64::new(now),
+        last_boundary: AtomicU64::new(now),
+        in_flight: AtomicUsize::new(0),
+        write_blocked: AtomicBool::new(false),
+    });
     let close = Arc::new(Notify::new());
     let closing = Arc::new(AtomicBool::new(false));
     registry.open.lock().insert(
@@ -214,44 +245,61 @@ async fn connection(
         activity: Arc::clone(&activity),
         registry: Arc::clone(&registry),
     });
+    let (watched, clock) = (Arc::clone(&activity), Arc::clone(&registry));
     let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
-        app.clone().oneshot(request.map(axum::body::Body::new))
+        let guard = InFlight::start(Arc::clone(&watched), Arc::clone(&clock));
+        let response = app.clone().oneshot(request.map(axum::body::Body::new));
+        async move {
+            let response = response.await?;
+            Ok::<_, std::convert::Infallible>(response.map(|body| {
+                axum::body::Body::new(Watched {
+                    body,
+                    _guard: guard,
+                })
+            }))
+        }
     });
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
-    let idle_ms = u64::try_from(idle_timeout.as_millis()).unwrap_or(u64::MAX);
-    let tick = (idle_timeout / 4).max(Duration::from_millis(50));
-    // When the connection was asked to close; it is dropped if it is still quiet an idle
-    // timeout later (a client that stopped reading its response).
-    let mut closing_since: Option<u64> = None;
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let (header_ms, idle_ms) = (ms(limits.header_timeout), ms(limits.idle_timeout));
+    let tick = (limits.header_timeout.min(limits.idle_timeout) / 4).max(Duration::from_millis(50));
+    let mut asked_to_close = false;
     loop {
         tokio::select! {
             _ = conn.as_mut() => break,
-            () = close.notified(), if closing_since.is_none() => {
+            () = close.notified(), if !asked_to_close => {
+                if activity.in_flight.load(Ordering::Relaxed) == 0 {
+                    break;
+                }
                 conn.as_mut().graceful_shutdown();
-                closing_since = Some(registry.now_ms());
+                asked_to_close = true;
             }
             changed = stop.changed() => {
                 if changed.is_err() || *stop.borrow() == Stop::Now {
                     break;
                 }
-                if closing_since.is_none() {
-                    conn.as_mut().graceful_shutdown();
+                if activity.in_flight.load(Ordering::Relaxed) == 0 {
+                    break;
                 }
-                closing_since = Some(u64::MAX);
+                if !asked_to_close {
+                    conn.as_mut().graceful_shutdown();
+                    asked_to_close = true;
+                }
             }
             () = tokio::time::sleep(tick) => {
                 let now = registry.now_ms();
-                let quiet_for = now.saturating_sub(activity.load(Ordering::Relaxed));
-                match closing_since {
-                    None if quiet_for >= idle_ms => {
-                        closing.store(true, Ordering::Relaxed);
-                        conn.as_mut().graceful_shutdown();
-                        closing_since = Some(now);
-                    }
-                    Some(since) if since != u64::MAX && quiet_for >= idle_ms
-                        && now.saturating_sub(since) >= idle_ms => break,
-                    _ => {}
+                let quiet = now.saturating_sub(activity.last_byte.load(Ordering::Relaxed));
+                let waiting = now.saturating_sub(activity.last_boundary.load(Ordering::Relaxed));
+                let idle = activity.in_flight.load(Ordering::Relaxed) == 0;
+                // No response to finish: a missing request head, an idle keep-alive connection,
+                // or one asked to close, is dropped at once.
+                if idle && (waiting >= header_ms || quiet >= idle_ms || asked_to_close) {
+                    break;
+                }
+                // A client that stopped reading its response.
+                if !idle && activity.write_blocked.load(Ordering::Relaxed) && quiet >= idle_ms {
+                    break;
                 }
             }
         }
@@ -260,17 +308,78 @@ async fn connection(
     registry.ended.notify_waiters();
 }
 
-/// A TCP stream that records when a byte last moved.
+/// One response in progress on a connection, from its request head until its body is sent
+/// or dropped.
+struct InFlight {
+    activity: Arc<Activity>,
+    registry: Arc<Registry>,
+}
+
+impl InFlight {
+    fn start(activity: Arc<Activity>, registry: Arc<Registry>) -> InFlight {
+        activity.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight { activity, registry }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.activity.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.activity
+                .last_boundary
+                .store(self.registry.now_ms(), Ordering::Relaxed);
+        }
+    }
+}
+
+/// A response body that ends its [`InFlight`] when it is done or dropped.
+struct Watched {
+    body: axum::body::Body,
+    _guard: InFlight,
+}
+
+impl http_body::Body for Watched {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// A TCP stream that records when a byte last moved and whether a write waits for the client.
 struct Tracked {
     inner: TcpStream,
-    activity: Arc<AtomicU64>,
+    activity: Arc<Activity>,
     registry: Arc<Registry>,
 }
 
 impl Tracked {
     fn touch(&self) {
         self.activity
+            .last_byte
             .store(self.registry.now_ms(), Ordering::Relaxed);
+    }
+
+    fn wrote(&self, polled: &Poll<io::Result<usize>>) {
+        let blocked = polled.is_pending();
+        self.activity
+            .write_blocked
+            .store(blocked, Ordering::Relaxed);
+        if matches!(polled, Poll::Ready(Ok(n)) if *n > 0) {
+            self.touch();
+        }
     }
 }
 
@@ -296,9 +405,7 @@ impl AsyncWrite for Tracked {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.touch();
-        }
+        self.wrote(&polled);
         polled
     }
 
@@ -308,9 +415,7 @@ impl AsyncWrite for Tracked {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.touch();
-        }
+        self.wrote(&polled);
         polled
     }
 

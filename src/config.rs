@@ -559,10 +559,19 @@ fn list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
     match Raw::deserialize(d)? {
         Raw::List(items) => Ok(items),
         Raw::One(s) if s.trim_start().starts_with('[') => {
-            let value: Value = s.parse().map_err(serde::de::Error::custom)?;
-            value.deserialize::<Vec<String>>().map_err(|_| {
-                serde::de::Error::custom("expected a list of strings, such as [\"a\", \"b\"]")
-            })
+            // A TOML array, read by the toml crate (figment's own value parser panics on some
+            // escapes after non-ASCII text).
+            #[derive(Deserialize)]
+            struct Wrapped {
+                v: Vec<String>,
+            }
+            toml::from_str::<Wrapped>(&format!("v = {s}"))
+                .map(|w| w.v)
+                .map_err(|_| {
+                    serde::de::Error::custom(
+                        "expected a TOML list of strings, such as [\"a\", 'b']",
+                    )
+                })
         }
         Raw::One(s) if s.is_empty() => Ok(Vec::new()),
         Raw::One(s) => Ok(vec![s]),

@@ -22,19 +22,21 @@ impl ByteRange {
         let (a, b) = spec.split_once('-')?;
         let (a, b) = (a.trim(), b.trim());
         if a.is_empty() {
-            return b.parse().ok().filter(|n| *n > 0).map(ByteRange::Suffix);
+            return number(b).filter(|n| *n > 0).map(ByteRange::Suffix);
         }
-        let start = a.parse().ok()?;
+        let start = number(a)?;
         if b.is_empty() {
             return Some(ByteRange::From(start, None));
         }
-        let end = b.parse().ok()?;
+        let end = number(b)?;
         (end >= start).then_some(ByteRange::From(start, Some(end)))
     }
 
     /// Inclusive bounds within a blob of `size`, or 416 if unsatisfiable.
     pub fn resolve(self, size: u64) -> Result<(u64, u64), Error> {
         match self {
+            ByteRange::From(start, Some(end)) if end < start => Err(Error::RangeInvalid { size }),
+            ByteRange::Suffix(0) => Err(Error::RangeInvalid { size }),
             ByteRange::From(start, _) if start >= size => Err(Error::RangeInvalid { size }),
             ByteRange::From(start, end) => Ok((start, end.unwrap_or(u64::MAX).min(size - 1))),
             ByteRange::Suffix(_) if size == 0 => Err(Error::RangeInvalid { size }),
@@ -81,7 +83,7 @@ impl ContentRange {
 }
 
 /// A decimal number of digits only (no sign, no spaces inside), without overflow.
-fn number(s: &str) -> Option<u64> {
+pub(crate) fn number(s: &str) -> Option<u64> {
     let s = s.trim();
     if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
         return None;
@@ -136,6 +138,8 @@ mod tests {
             ("items=0-1", None),
             ("bytes=-0", None),
             ("bytes=a-b", None),
+            ("bytes=+0-+9", None),
+            ("bytes=-+3", None),
         ];
         for (input, want) in cases {
             assert_eq!(ByteRange::parse(input), want, "{input}");

@@ -169,6 +169,16 @@ pub struct TokenKey {
 
 /// Shortest lifetime assumed for a token (`token.md`: defaults and minimum are 60 s).
 const MIN_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
+/// Longest lifetime believed, in seconds: a day.
+const MAX_TOKEN_LIFETIME_SECS: u64 = 24 * 3600;
+
+/// Parses a token response body (both the GET and the OAuth2 POST forms) into a token
+/// received now; `None` when it is not JSON or carries no token.
+pub fn parse_token_response(body: &[u8]) -> Option<Token> {
+    serde_json::from_slice::<TokenResponse>(body)
+        .ok()?
+        .into_token(Instant::now())
+}
 
 /// The token fields of both the GET and the OAuth2 POST responses.
 #[derive(Deserialize)]
@@ -186,7 +196,10 @@ impl TokenResponse {
             .token
             .filter(|t| !t.is_empty())
             .or(self.access_token.filter(|t| !t.is_empty()))?;
-        let lifetime = Duration::from_secs(self.expires_in.unwrap_or(0)).max(MIN_TOKEN_LIFETIME);
+        // At most a day: a lifetime from outside must not overflow the clock.
+        let lifetime =
+            Duration::from_secs(self.expires_in.unwrap_or(0).min(MAX_TOKEN_LIFETIME_SECS))
+                .max(MIN_TOKEN_LIFETIME);
         // Renew early: a tenth of the lifetime, at most 30 s, so in-flight requests never carry
         // a token that expires on the way.
         let margin = (lifetime / 10).min(Duration::from_secs(30));
@@ -397,6 +410,14 @@ mod tests {
         .into_token(now)
         .unwrap();
         assert_eq!(t.expires_at - now, Duration::from_secs(270));
+        let t = TokenResponse {
+            token: Some("t".into()),
+            access_token: None,
+            expires_in: Some(u64::MAX),
+        }
+        .into_token(now)
+        .unwrap();
+        assert_eq!(t.expires_at - now, Duration::from_secs(24 * 3600 - 30));
         assert!(
             TokenResponse {
                 token: Some(String::new()),

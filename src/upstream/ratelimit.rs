@@ -25,13 +25,17 @@ pub struct RateLimit {
 pub fn parse_quota(value: &str) -> Option<(u64, Option<u64>)> {
     let first = value.split(',').next()?;
     let mut parts = first.split(';');
-    let count = parts.next()?.trim().parse().ok()?;
-    let window = parts.find_map(|p| {
-        p.trim()
-            .strip_prefix("w=")
-            .and_then(|w| w.trim().parse().ok())
-    });
+    let count = digits(parts.next()?)?;
+    let window = parts.find_map(|p| p.trim().strip_prefix("w=").and_then(digits));
     Some((count, window))
+}
+
+/// A plain decimal number (digits only, surrounding spaces allowed), without overflow.
+fn digits(s: &str) -> Option<u64> {
+    let s = s.trim();
+    (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| s.parse().ok())
+        .flatten()
 }
 
 /// Rate-limit state and the 429 pause for one upstream credential. The lock never poisons
@@ -152,8 +156,9 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         .to_str()
         .ok()?
         .trim();
-    if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        // More seconds than a u64 holds is still "very long": clamped later, not ignored.
+        return Some(Duration::from_secs(value.parse().unwrap_or(u64::MAX)));
     }
     let when = httpdate(value)?;
     Some(when.duration_since(SystemTime::now()).unwrap_or_default())
@@ -188,6 +193,7 @@ mod tests {
             Some((100, Some(21600)))
         );
         assert_eq!(parse_quota("lots"), None);
+        assert_eq!(parse_quota("+5;w=+1"), None);
     }
 
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {

@@ -224,3 +224,57 @@ async fn the_idle_timeout_never_cuts_a_slow_download_or_a_wait_for_upstream() {
         image.bytes
     );
 }
+
+#[tokio::test]
+async fn the_header_timeout_holds_for_silent_clients_http2_and_kept_alive_connections() {
+    let hub = FakeHub::start().await;
+    let proxy = TestProxy::start_with(&hub, |c| {
+        c.client_header_timeout = Duration::from_secs(1);
+        c.client_idle_timeout = LONG;
+    })
+    .await;
+    let preface: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    for (what, send) in [
+        ("nothing", &b""[..]),
+        ("the HTTP/2 preface line", &b"PRI * HTTP/2.0\r\n"[..]),
+        ("the whole HTTP/2 preface", preface),
+    ] {
+        let mut stream = TcpStream::connect(addr(&proxy)).await.unwrap();
+        stream.write_all(send).await.unwrap();
+        let started = Instant::now();
+        read_until_closed(&mut stream, Duration::from_secs(2))
+            .await
+            .unwrap_or_else(|| panic!("sending {what}: still open after {:?}", started.elapsed()));
+    }
+    // A kept-alive connection waiting for its next request head: the same timeout.
+    let mut stream = TcpStream::connect(addr(&proxy)).await.unwrap();
+    one_request(&mut stream).await;
+    read_until_closed(&mut stream, Duration::from_secs(2))
+        .await
+        .expect("a kept-alive connection outlived the header timeout");
+}
+
+#[tokio::test]
+async fn http2_with_prior_knowledge_is_served() {
+    let hub = FakeHub::start().await;
+    let image = support::Image::single(
+        "h2",
+        "application/vnd.docker.distribution.manifest.v2+json",
+        10,
+    );
+    hub.push("library/h2", "1", &image);
+    let proxy = TestProxy::start(&hub).await;
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let r = client
+        .get(format!("{}/v2/library/h2/manifests/1", proxy.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap(), image.bytes);
+}

@@ -526,3 +526,79 @@ async fn a_private_blob_being_downloaded_is_not_served_for_another_repository() 
     .await
     .expect("test hung");
 }
+
+#[tokio::test]
+async fn a_blob_announced_empty_is_never_answered_before_it_verified() {
+    tokio::time::timeout(TEST_LIMIT, async {
+        let blob = Bytes::from(pattern("announced-empty", 100_000));
+        let digest = sha256(&blob);
+        let up = Hostile::start().await;
+        up.answer_ping(Duration::ZERO, None);
+        // A Content-Length of 0 for a digest whose content is not empty.
+        up.on_async(Method::GET, BLOB_PATH, |_, _| async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            respond(
+                200,
+                &[
+                    ("content-type", "application/octet-stream"),
+                    ("content-length", "0"),
+                ],
+                "",
+            )
+        });
+        let proxy = proxy_for(&up.url, |_| {}).await;
+        let r = proxy.get(&format!("{BLOB_PATH}{digest}")).await;
+        assert_eq!(r.status(), 502, "an empty body cannot be the blob");
+        assert_eq!(error_code(r).await, "UNAVAILABLE");
+    })
+    .await
+    .expect("test hung");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_arriving_as_a_download_is_stored_never_get_404() {
+    tokio::time::timeout(TEST_LIMIT, async {
+        for round in 0..8 {
+            const SIZE: usize = 256 * 1024;
+            let blob = Bytes::from(pattern(&format!("store-gap-{round}"), SIZE));
+            let digest = sha256(&blob);
+            let up = Hostile::start().await;
+            up.answer_ping(Duration::ZERO, None);
+            let data = blob.clone();
+            // Four chunks 5 ms apart, and the hostile stream's 200 ms pause before its end: the
+            // download is stored about 220 ms after it starts.
+            up.on(Method::GET, BLOB_PATH, move |_, _| {
+                respond(
+                    200,
+                    &[
+                        ("content-type", "application/octet-stream"),
+                        ("content-length", &SIZE.to_string()),
+                    ],
+                    stream(data.clone(), 64 * 1024, Duration::from_millis(5), None),
+                )
+            });
+            let proxy = Arc::new(proxy_for(&up.url, |_| {}).await);
+            let path = format!("{BLOB_PATH}{digest}");
+            let mut tasks = Vec::new();
+            // Requests spread over the end of the download and the rename into the store.
+            for i in 0..300u64 {
+                let (proxy, path, blob) = (proxy.clone(), path.clone(), blob.clone());
+                tasks.push(tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_micros(190_000 + 150 * i)).await;
+                    let r = proxy.get(&path).await;
+                    let status = r.status().as_u16();
+                    if status == 200 {
+                        assert_eq!(r.bytes().await.unwrap(), blob);
+                    }
+                    status
+                }));
+            }
+            for t in tasks {
+                assert_eq!(t.await.unwrap(), 200, "round {round}");
+            }
+            assert_eq!(up.count(Method::GET, BLOB_PATH), 1, "round {round}");
+        }
+    })
+    .await
+    .expect("test hung");
+}

@@ -410,3 +410,47 @@ async fn the_concurrency_cap_covers_a_whole_blob_download() {
     );
     assert_eq!(download.await.unwrap().unwrap(), blob);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_blob_downloads_leave_room_under_the_cap_for_manifests() {
+    let hub = FakeHub::start().await;
+    hub.push("library/room", "1", &image("room"));
+    let blobs: Vec<(bytes::Bytes, String)> = (0..4)
+        .map(|i| {
+            let blob = bytes::Bytes::from(support::hub::pattern(&format!("room{i}"), 1024 * 1024));
+            let digest = hub.push_blob("library/room", blob.clone());
+            (blob, digest)
+        })
+        .collect();
+    // Each download takes about 1.6 s (16 chunks of 64 KiB, one every 100 ms).
+    hub.fault(Fault::SlowBlob(Duration::from_millis(100)));
+    let proxy = TestProxy::start_with(&hub, |c| c.upstream_max_concurrency = 4).await;
+    let mut downloads = Vec::new();
+    for (blob, digest) in &blobs {
+        let (client, url, blob) = (
+            proxy.client.clone(),
+            format!("{}/v2/library/room/blobs/{digest}", proxy.url),
+            blob.clone(),
+        );
+        downloads.push(tokio::spawn(async move {
+            let body = client.get(url).send().await.unwrap().bytes().await.unwrap();
+            assert_eq!(body, blob);
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    assert_eq!(
+        proxy.get("/v2/library/room/manifests/1").await.status(),
+        200
+    );
+    // Three of the four slots at most go to blob bodies: the manifest did not wait for one.
+    assert!(
+        started.elapsed() < Duration::from_millis(1000),
+        "the manifest waited {:?} behind blob downloads",
+        started.elapsed()
+    );
+    for d in downloads {
+        d.await.unwrap();
+    }
+    assert!(hub.peak_in_flight() <= 4);
+}

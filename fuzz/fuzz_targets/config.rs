@@ -8,7 +8,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use pullthrough::Config;
-use pullthrough::config::Overrides;
+use pullthrough::config::{LogFormat, Overrides};
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
@@ -42,18 +42,21 @@ fuzz_target!(|data: &[u8]| {
     let mut env = Vec::new();
     for part in parts {
         let (key, value) = part.split_once('=').unwrap_or((part, ""));
-        let slot = match key {
-            "--listen" => &mut overrides.listen,
-            "--upstream" => &mut overrides.upstream,
-            "--tag-ttl" => &mut overrides.tag_ttl,
-            "--data-dir" => &mut overrides.data_dir,
-            "--log-format" => &mut overrides.log_format,
-            _ => {
-                env.push((format!("PULLTHROUGH_{key}"), value.to_owned()));
-                continue;
+        // Flags reach `load` typed, as clap parses them in the binary.
+        match key {
+            "--listen" => overrides.listen = value.parse().ok(),
+            "--upstream" => overrides.upstream = value.parse().ok(),
+            "--tag-ttl" => overrides.tag_ttl = humantime::parse_duration(value).ok(),
+            "--data-dir" => overrides.data_dir = Some(value.into()),
+            "--log-format" => {
+                overrides.log_format = match value {
+                    "text" => Some(LogFormat::Text),
+                    "json" => Some(LogFormat::Json),
+                    _ => None,
+                }
             }
-        };
-        *slot = Some(value.to_owned());
+            _ => env.push((format!("PULLTHROUGH_{key}"), value.to_owned())),
+        }
     }
     let file = (flags & 1 == 1).then(|| {
         let path = file_path();

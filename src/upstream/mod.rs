@@ -161,6 +161,9 @@ pub struct Upstream {
     /// password form is never re-sent to another host or over plain http.
     token_http: reqwest::Client,
     permits: Arc<Semaphore>,
+    /// Blob downloads hold their permit for minutes: they may take at most three quarters of
+    /// `upstream_max_concurrency`, so manifest and token traffic always has room.
+    blob_permits: Arc<Semaphore>,
     request_timeout: Duration,
     /// What the first `GET /v2/` taught us; retried until it succeeds once.
     ping: tokio::sync::OnceCell<Ping>,
@@ -207,6 +210,9 @@ impl Upstream {
             started: Instant::now(),
             token_http,
             permits: Arc::new(Semaphore::new(config.upstream_max_concurrency)),
+            blob_permits: Arc::new(Semaphore::new(
+                (config.upstream_max_concurrency - config.upstream_max_concurrency / 4).max(1),
+            )),
             request_timeout: config.request_timeout,
             ping: tokio::sync::OnceCell::new(),
             limits: RateLimits::new(config.max_upstream_pause),
@@ -356,10 +362,20 @@ impl Upstream {
                 retry_after: Some(left),
             });
         }
+        let closed = |_| Error::Unreachable("client shutting down".into());
+        let blob_permit = match kind {
+            Kind::BlobGet => Some(
+                Arc::clone(&self.blob_permits)
+                    .acquire_owned()
+                    .await
+                    .map_err(closed)?,
+            ),
+            _ => None,
+        };
         let permit = Arc::clone(&self.permits)
             .acquire_owned()
             .await
-            .map_err(|_| Error::Unreachable("client shutting down".into()))?;
+            .map_err(closed)?;
         let url = self
             .base
             .join(path)
@@ -396,7 +412,7 @@ impl Upstream {
                 let response = self.check_status(response).await?;
                 return Ok(Exchange {
                     response,
-                    _permit: permit,
+                    _permits: (permit, blob_permit),
                 });
             }
             auth = self
@@ -453,7 +469,7 @@ impl Upstream {
 pub struct Exchange {
     /// The response.
     pub response: reqwest::Response,
-    _permit: OwnedSemaphorePermit,
+    _permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
 }
 
 /// Redirect policy for token requests: only within the first URL's origin (scheme, host and

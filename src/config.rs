@@ -98,6 +98,9 @@ pub struct Config {
     pub client_idle_timeout: Duration,
     /// Open client connections above which the quietest ones are closed to make room.
     pub max_client_connections: usize,
+    /// Bearer token for the cache API under `/_pullthrough/` (then every endpoint needs it;
+    /// without it, reading is open and purging is accepted from loopback clients only).
+    pub admin_token: Option<Secret>,
     /// How long in-flight responses may finish after a shutdown signal.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -147,6 +150,7 @@ impl Default for Config {
             client_header_timeout: Duration::from_secs(20),
             client_idle_timeout: Duration::from_secs(60),
             max_client_connections: 1024,
+            admin_token: None,
             shutdown_grace: Duration::from_secs(30),
             log_format: LogFormat::Text,
         }
@@ -285,6 +289,13 @@ impl Config {
         }
         if self.upstream_username.as_deref() == Some("") {
             return bad("upstream_username", "must not be empty");
+        }
+        if self
+            .admin_token
+            .as_ref()
+            .is_some_and(|t| t.0.trim().len() < 16)
+        {
+            return bad("admin_token", "must be at least 16 characters");
         }
         if self.upstream_password.is_some() && self.upstream_password_file.is_some() {
             return bad(
@@ -511,7 +522,9 @@ fn describe(figment: &Figment, e: figment::Error) -> ConfigError {
             ));
         }
         // Never echo a secret's value, even a mistyped one.
-        _ if key.contains("password") => "must be a string (quote it in the file)".to_owned(),
+        _ if key.contains("password") || key.contains("token") => {
+            "must be a string (quote it in the file)".to_owned()
+        }
         kind => kind.to_string(),
     };
     let place = if key.is_empty() {

@@ -10,6 +10,7 @@ use regex::RegexSet;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 /// What the index knows about a tag.
@@ -93,6 +94,15 @@ impl TagPolicy {
     }
 }
 
+/// How often a tag was served, and when last (since this process started).
+#[derive(Debug, Default)]
+pub struct TagUsage {
+    /// Client requests answered for the tag.
+    pub hits: AtomicU64,
+    /// The last one (ms since the Unix epoch).
+    pub last_access: AtomicU64,
+}
+
 /// Manifests by digest and tags by name, in memory and on disk.
 #[derive(Debug)]
 pub struct ManifestCache {
@@ -102,6 +112,8 @@ pub struct ManifestCache {
     /// repositories only where access is known.
     access: Cache<(RepoName, Digest), ()>,
     layout: Layout,
+    /// Hits and last access of each tag (memory only).
+    usage: Cache<(RepoName, Tag), Arc<TagUsage>>,
     /// Orders tag updates: the memory entry and the file change together, one at a time, so
     /// racing updates leave the newest on disk too.
     tag_writes: tokio::sync::Mutex<()>,
@@ -122,6 +134,7 @@ impl ManifestCache {
             access: Cache::new(1_000_000),
             layout,
             tag_writes: tokio::sync::Mutex::new(()),
+            usage: Cache::builder().max_capacity(1_000_000).build(),
         };
         cache.load_tags()?;
         Ok(cache)
@@ -189,6 +202,69 @@ impl ManifestCache {
         }
         self.by_digest.insert(m.digest.clone(), Arc::clone(&m));
         m
+    }
+
+    /// Counts a client request answered for a tag.
+    pub fn touch(&self, name: &RepoName, tag: &Tag) {
+        let usage =
+            self.usage.get_with(
+                (name.clone(), tag.clone()),
+                || Arc::new(TagUsage::default()),
+            );
+        usage.hits.fetch_add(1, Ordering::Relaxed);
+        usage.last_access.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Hits and last access of a tag (zero and none when never served by this process).
+    pub fn usage(&self, name: &RepoName, tag: &Tag) -> (u64, Option<u64>) {
+        self.usage
+            .get(&(name.clone(), tag.clone()))
+            .map_or((0, None), |u| {
+                (
+                    u.hits.load(Ordering::Relaxed),
+                    Some(u.last_access.load(Ordering::Relaxed)),
+                )
+            })
+    }
+
+    /// Every tag in the index, sorted by repository and tag.
+    pub fn all_tags(&self) -> Vec<(RepoName, Tag, TagEntry)> {
+        let mut all: Vec<_> = self
+            .tags
+            .iter()
+            .map(|(key, entry)| (key.0.clone(), key.1.clone(), entry))
+            .collect();
+        all.sort_by(|a, b| (&a.0, a.1.as_str()).cmp(&(&b.0, b.1.as_str())));
+        all
+    }
+
+    /// Whether a manifest's bytes are cached (memory or disk), off the async workers.
+    pub async fn has_manifest(&self, digest: &Digest) -> bool {
+        if self.by_digest.contains_key(digest) {
+            return true;
+        }
+        let path = self.manifest_path(digest);
+        tokio::task::spawn_blocking(move || path.is_file())
+            .await
+            .unwrap_or(false)
+    }
+
+    /// Forgets a manifest's bytes (memory and disk). Clients that already have them keep them.
+    pub async fn remove_manifest(&self, digest: &Digest) {
+        self.by_digest.invalidate(digest);
+        let path = self.manifest_path(digest);
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await;
+    }
+
+    /// Manifests in memory, their bytes, and tags in the index.
+    pub fn sizes(&self) -> (u64, u64, u64) {
+        self.by_digest.run_pending_tasks();
+        self.tags.run_pending_tasks();
+        (
+            self.by_digest.entry_count(),
+            self.by_digest.weighted_size(),
+            self.tags.entry_count(),
+        )
     }
 
     /// The index entry of a tag.

@@ -5,6 +5,7 @@ use crate::config::Config;
 use crate::disk::Layout;
 use crate::error::Error;
 use crate::manifests::ManifestCache;
+use crate::metrics::{Gauges, Metrics};
 use crate::proxy::Proxy;
 use crate::upstream::Upstream;
 use anyhow::Context;
@@ -23,11 +24,70 @@ struct UpstreamState {
     docker_hub: bool,
 }
 
+/// What the stats endpoint answers.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Stats {
+    /// The upstream registry.
+    pub upstream: String,
+    /// Requests, outcomes, upstream requests, bytes, stale answers, recent upstream errors.
+    pub counters: crate::metrics::Counts,
+    /// The last rate-limit state upstream reported.
+    pub rate_limit: crate::upstream::ratelimit::RateLimit,
+    /// The manifest cache.
+    pub manifest_cache: CacheSizes,
+    /// The blob store.
+    pub blob_store: StoreSizes,
+    /// Upstream exchanges in flight.
+    pub upstream_in_flight: u64,
+}
+
+/// Sizes of the manifest cache.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CacheSizes {
+    /// Manifests in memory.
+    pub entries: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Tags in the index.
+    pub tags: u64,
+}
+
+/// Sizes of the blob store.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StoreSizes {
+    /// Blobs stored.
+    pub blobs: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Downloads under way.
+    pub downloads: u64,
+}
+
+/// What `/readyz` answers.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Readiness {
+    /// Ready to serve.
+    pub ready: bool,
+    /// A file could be created under the data directory.
+    pub data_dir_writable: bool,
+    /// The tag index and the blob store index are loaded.
+    pub cache_index_loaded: bool,
+    /// Why not, if not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
 /// Shared state of a running pullthrough.
 #[derive(Debug)]
 pub struct AppState {
     /// Cache-or-fetch for everything served; holds the upstream client.
     pub proxy: Arc<Proxy>,
+    /// Every counter.
+    pub metrics: Arc<Metrics>,
+    /// `cache_max_disk`, for the status page.
+    pub disk_limit: u64,
+    /// The cache API's bearer token, if set.
+    pub admin_token: Option<crate::config::Secret>,
     /// `ns` values accepted (empty: all).
     namespaces: Vec<String>,
     /// Whether the upstream is Docker Hub: 0 not known yet, 1 no, 2 yes.
@@ -43,7 +103,8 @@ impl AppState {
     pub fn new(config: &Config) -> anyhow::Result<AppState> {
         let layout =
             Layout::open(&config.data_dir).context("invalid value for key \"data_dir\"")?;
-        let upstream = Arc::new(Upstream::new(config)?);
+        let metrics = Arc::new(Metrics::default());
+        let upstream = Arc::new(Upstream::new(config, Arc::clone(&metrics))?);
         let manifests = Arc::new(ManifestCache::open(
             layout.clone(),
             config.manifest_cache_bytes.as_u64(),
@@ -57,10 +118,9 @@ impl AppState {
             scrub_interval: config.scrub_interval,
             verify_on_serve: config.verify_on_serve,
         };
-        let blobs = BlobStore::open(layout.clone(), limits)?;
+        let blobs = BlobStore::open(layout.clone(), limits, Arc::clone(&metrics))?;
         blobs.warn_if_short_of_space();
         blobs.spawn_maintenance();
-        spawn_summary(Arc::downgrade(&upstream));
         let proxy = Arc::new(Proxy::new(config, Arc::clone(&upstream), manifests, blobs)?);
         let known = layout
             .read_state(UPSTREAM_STATE)
@@ -69,6 +129,9 @@ impl AppState {
             .map_or(0, |s| if s.docker_hub { 2 } else { 1 });
         Ok(AppState {
             proxy,
+            metrics,
+            admin_token: config.admin_token.clone(),
+            disk_limit: config.cache_max_disk.as_u64(),
             namespaces: config.namespaces.clone(),
             docker_hub: AtomicU8::new(known),
             layout,
@@ -110,6 +173,65 @@ impl AppState {
         Ok(docker_hub)
     }
 
+    /// Whether the upstream is known to be Docker Hub, without asking it (for the cache API).
+    pub fn docker_hub_known(&self) -> bool {
+        self.docker_hub.load(Ordering::Relaxed) == 2 || self.proxy.upstream.is_docker_hub_host()
+    }
+
+    /// Everything the stats endpoint and the status page show.
+    pub fn stats(&self) -> Stats {
+        let gauges = self.gauges();
+        Stats {
+            upstream: self.upstream_url.to_string(),
+            counters: self.metrics.snapshot(),
+            rate_limit: self.proxy.upstream.limits.snapshot(),
+            manifest_cache: CacheSizes {
+                entries: gauges.manifest_entries,
+                bytes: gauges.manifest_bytes,
+                tags: gauges.tags,
+            },
+            blob_store: StoreSizes {
+                blobs: gauges.blobs,
+                bytes: gauges.blob_bytes,
+                downloads: gauges.downloads,
+            },
+            upstream_in_flight: gauges.upstream_in_flight,
+        }
+    }
+
+    /// Whether this instance can serve: its data directory takes new files (the cache index is
+    /// loaded before serving starts). Upstream is not asked: cached content is served without it.
+    pub async fn readiness(&self) -> Readiness {
+        let layout = self.layout.clone();
+        let writable = tokio::task::spawn_blocking(move || layout.temp_file().map(drop))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r);
+        Readiness {
+            ready: writable.is_ok(),
+            data_dir_writable: writable.is_ok(),
+            cache_index_loaded: true,
+            error: writable.err().map(|e| e.to_string()),
+        }
+    }
+
+    /// The gauges `/metrics` and the stats read from the caches and the upstream client.
+    pub fn gauges(&self) -> Gauges {
+        let limit = self.proxy.upstream.limits.snapshot();
+        let (manifest_entries, manifest_bytes, tags) = self.proxy.manifests.sizes();
+        Gauges {
+            ratelimit_limit: limit.limit,
+            ratelimit_remaining: limit.remaining,
+            manifest_entries,
+            manifest_bytes,
+            tags,
+            blobs: self.proxy.blobs.count(),
+            blob_bytes: self.proxy.blobs.total_bytes(),
+            upstream_in_flight: self.proxy.upstream.in_flight(),
+            downloads: self.proxy.blobs.downloads(),
+        }
+    }
+
     /// containerd names the registry it wants in `?ns=`. With `namespaces` configured, a
     /// request meant for another registry gets 404, so containerd falls back to its next host
     /// instead of receiving our upstream's content under a foreign name.
@@ -130,26 +252,4 @@ impl AppState {
         }
         Ok(())
     }
-}
-
-/// Logs the upstream counters and rate-limit state once a minute, at debug level.
-fn spawn_summary(upstream: std::sync::Weak<Upstream>) {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
-        tick.tick().await;
-        loop {
-            tick.tick().await;
-            let Some(upstream) = upstream.upgrade() else {
-                return;
-            };
-            let counters: Vec<String> = upstream
-                .counters
-                .snapshot()
-                .into_iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect();
-            let limit = upstream.limits.snapshot();
-            tracing::debug!(counters = %counters.join(" "), ratelimit_limit = limit.limit, ratelimit_remaining = limit.remaining, ratelimit_source = limit.source.as_deref(), "upstream summary");
-        }
-    });
 }

@@ -4,9 +4,9 @@
 //! a resume's `Content-Range`), a resume must continue exactly where the body broke off, and a
 //! follower never receives the blob's last byte before the digest verified.
 
-use super::{BlobBody, BlobMeta, BlobStore, ByteRange, CHUNK, ContentRange, Source};
+use super::{BlobBody, BlobMeta, BlobStore, ByteRange, CHUNK, ContentRange};
 use crate::error::Error;
-use crate::metrics::Counters;
+use crate::metrics::Outcome;
 use crate::registry::{Digest, RepoName, Verifier};
 use crate::upstream::{Exchange, Upstream};
 use bytes::Bytes;
@@ -136,7 +136,7 @@ impl BlobStore {
         Ok(Joined::Body(BlobBody {
             size: progress.size,
             range: bounds,
-            source: Source::Miss,
+            source: Outcome::Miss,
             stream: Box::pin(follow(file, rx, start, end).await?),
         }))
     }
@@ -167,7 +167,7 @@ impl BlobStore {
             .open_stored(digest, range)
             .await?
             .ok_or(Error::BlobUnknown)?;
-        body.source = Source::Miss;
+        body.source = Outcome::Miss;
         Ok(body)
     }
 
@@ -318,7 +318,7 @@ impl BlobStore {
                 ));
             }
             self.write_chunk(writer, &chunk).await?;
-            Counters::add(&upstream.counters.blob_bytes_fetched, chunk.len() as u64);
+            upstream.metrics.fetched(chunk.len() as u64);
             let written = writer.written;
             download.progress.send_modify(|p| p.written = written);
         }

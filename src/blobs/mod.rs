@@ -18,6 +18,7 @@ pub use range::{ByteRange, ContentRange};
 use crate::disk::Layout;
 use crate::error::Error;
 use crate::manifests::now_ms;
+use crate::metrics::{Metrics, Outcome};
 use crate::registry::{Algorithm, Digest, Verifier};
 use bytes::Bytes;
 use download::Download;
@@ -83,15 +84,7 @@ pub struct BlobStore {
     downloads: Mutex<HashMap<Digest, Arc<Download>>>,
     limits: DiskLimits,
     evict: Notify,
-}
-
-/// Where a blob answer comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
-    /// The store.
-    Hit,
-    /// A download (this request's own, or one it joined).
-    Miss,
+    metrics: Arc<Metrics>,
 }
 
 /// A blob body about to be sent.
@@ -100,8 +93,8 @@ pub struct BlobBody {
     pub size: Option<u64>,
     /// The bytes sent: `(start, end inclusive)` of a 206, or the whole blob.
     pub range: Option<(u64, u64)>,
-    /// Hit or miss.
-    pub source: Source,
+    /// Hit (the store) or miss (a download).
+    pub source: Outcome,
     /// The bytes.
     pub stream: std::pin::Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>>,
 }
@@ -118,7 +111,11 @@ impl std::fmt::Debug for BlobBody {
 
 impl BlobStore {
     /// Opens the store: indexes the files present (verifying them in the background).
-    pub fn open(layout: Layout, limits: DiskLimits) -> std::io::Result<Arc<BlobStore>> {
+    pub fn open(
+        layout: Layout,
+        limits: DiskLimits,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Arc<BlobStore>> {
         let store = Arc::new(BlobStore {
             layout,
             index: Mutex::default(),
@@ -126,6 +123,7 @@ impl BlobStore {
             downloads: Mutex::default(),
             limits,
             evict: Notify::new(),
+            metrics,
         });
         store.scan()?;
         Ok(store)
@@ -161,6 +159,27 @@ impl BlobStore {
             .join(digest.algorithm().as_str())
             .join(&hex[..2])
             .join(hex)
+    }
+
+    /// Whether the store holds `digest` (not checked against its digest here).
+    pub fn contains(&self, digest: &Digest) -> bool {
+        self.index.lock().contains_key(digest)
+    }
+
+    /// Drops a blob from the store. Readers of its file keep reading; a download under way
+    /// stores it again when it ends.
+    pub async fn purge(self: &Arc<Self>, digest: &Digest) {
+        self.remove_async(digest).await;
+    }
+
+    /// Blobs held by the store.
+    pub fn count(&self) -> u64 {
+        self.index.lock().len() as u64
+    }
+
+    /// Downloads under way.
+    pub fn downloads(&self) -> u64 {
+        self.downloads.lock().len() as u64
     }
 
     /// Bytes held by the store.
@@ -353,7 +372,7 @@ impl BlobStore {
         Ok(Some(BlobBody {
             size: Some(meta.size),
             range: bounds,
-            source: Source::Hit,
+            source: Outcome::Hit,
             stream,
         }))
     }
@@ -413,6 +432,7 @@ impl BlobStore {
                 continue;
             }
             self.remove(&digest);
+            self.metrics.evicted(size);
             freed += size;
             count += 1;
         }

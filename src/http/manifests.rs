@@ -9,7 +9,6 @@ use axum::response::Response;
 use bytes::Bytes;
 
 const DOCKER_CONTENT_DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
-const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 
 /// A header value from a string we built (digests and media types are visible ASCII).
 fn value(text: String) -> HeaderValue {
@@ -46,7 +45,7 @@ pub fn respond(served: Served, request_headers: &HeaderMap, with_body: bool) -> 
     let headers = response.headers_mut();
     headers.insert(header::ETAG, value(format!("\"{digest}\"")));
     headers.insert(DOCKER_CONTENT_DIGEST, value(digest));
-    headers.insert(X_CACHE, HeaderValue::from_static(served.status.as_str()));
+    headers.insert(super::X_CACHE, super::x_cache(served.status));
     if not_modified {
         *response.status_mut() = StatusCode::NOT_MODIFIED;
         return response;

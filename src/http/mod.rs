@@ -1,26 +1,39 @@
 //! The HTTP boundary: routing, parsing, rendering. Handlers parse the request into registry
 //! types, make one call into the core, and render. No caching decisions here.
 
+mod api;
 mod blobs;
 mod error;
 mod manifests;
+mod observe;
+mod ops;
 pub mod path;
 pub mod server;
+mod status;
 mod tags;
 
 use crate::blobs::ByteRange;
 use crate::error::Error;
+use crate::metrics::Outcome;
 use crate::proxy::{ManifestRequest, TagsQuery};
 use crate::registry::Accept;
 use crate::state::AppState;
 use axum::Router;
 use axum::extract::{Request, State};
-use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
-use axum::middleware::{self, Next};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, Uri, header};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use path::RegistryPath;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+/// The header that says how an answer was obtained.
+pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+
+/// The one rendering of a cache outcome: its `X-Cache` value.
+pub fn x_cache(outcome: Outcome) -> HeaderValue {
+    HeaderValue::from_static(outcome.as_str())
+}
 
 /// Time a request spent waiting for upstream, attached to responses for the access log.
 #[derive(Debug, Clone, Copy)]
@@ -33,8 +46,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v2", axum::routing::any(api_version))
         .route("/v2/{*path}", axum::routing::any(dispatch))
         .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+        .route("/readyz", axum::routing::get(ops::readyz))
+        .route("/metrics", axum::routing::get(ops::metrics))
+        .route("/", axum::routing::get(status::page))
+        .nest("/_pullthrough", api::router(Arc::clone(&state)))
         .fallback(|uri: Uri| async move { Error::NotFound(uri.path().to_owned()) })
-        .layer(middleware::from_fn(access_log))
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            observe::observe,
+        ))
         .with_state(state)
 }
 
@@ -105,7 +125,7 @@ async fn pull(state: Arc<AppState>, request: Request) -> Result<Response, Error>
                     .and_then(|v| v.to_str().ok())
                     .and_then(ByteRange::parse);
                 let body = state.proxy.blob(&name, &digest, range).await?;
-                Ok(blobs::respond(&digest, body))
+                Ok(blobs::respond(&digest, body, &state.metrics))
             } else {
                 let head = state.proxy.blob_head(&name, &digest).await?;
                 Ok(blobs::respond_head(&digest, head))
@@ -118,43 +138,8 @@ async fn pull(state: Arc<AppState>, request: Request) -> Result<Response, Error>
     }
 }
 
-/// One event per request, and the API version header on every response.
-async fn access_log(request: Request, next: Next) -> Response {
-    let started = Instant::now();
-    // Skip copying the request line when nobody will see the event (benchmarks, RUST_LOG=warn).
-    let line = tracing::enabled!(tracing::Level::INFO)
-        .then(|| (request.method().clone(), request.uri().path().to_owned()));
-    let mut response = next.run(request).await;
-    response.headers_mut().insert(
-        "docker-distribution-api-version",
-        HeaderValue::from_static("registry/2.0"),
-    );
-    let Some((method, path)) = line else {
-        return response;
-    };
-    let cache = response
-        .headers()
-        .get("x-cache")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("-");
-    let upstream_ms = response
-        .extensions()
-        .get::<UpstreamWait>()
-        .map(|w| millis(w.0));
-    tracing::info!(
-        %method,
-        path,
-        status = response.status().as_u16(),
-        cache,
-        upstream_ms,
-        elapsed_ms = millis(started.elapsed()),
-        "request"
-    );
-    response
-}
-
 /// Milliseconds with microsecond precision, printed without float noise (`0.068`, not
 /// `0.06760100000000001`): whole microseconds divided once.
-fn millis(d: Duration) -> f64 {
+pub(crate) fn millis(d: Duration) -> f64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX) as f64 / 1000.0
 }

@@ -163,8 +163,8 @@ pub async fn serve(
             () = &mut shutdown => break,
             accepted = listener.accept() => accepted,
         };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(e) => {
                 // Out of file descriptors: make room by closing the quietest connections.
                 if matches!(
@@ -187,6 +187,7 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         tokio::spawn(connection(
             stream,
+            peer,
             app.clone(),
             builder.clone(),
             Arc::clone(&registry),
@@ -216,6 +217,7 @@ pub async fn serve(
 /// Serves one connection until it ends, times out, is shed, or the server stops.
 async fn connection(
     stream: TcpStream,
+    peer: std::net::SocketAddr,
     app: Router,
     builder: auto::Builder<TokioExecutor>,
     registry: Arc<Registry>,
@@ -248,7 +250,12 @@ async fn connection(
     let (watched, clock) = (Arc::clone(&activity), Arc::clone(&registry));
     let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
         let guard = InFlight::start(Arc::clone(&watched), Arc::clone(&clock));
-        let response = app.clone().oneshot(request.map(axum::body::Body::new));
+        let mut request = request.map(axum::body::Body::new);
+        // The client's address, for rules that depend on it (loopback-only purges).
+        request
+            .extensions_mut()
+            .insert(axum::extract::ConnectInfo(peer));
+        let response = app.clone().oneshot(request);
         async move {
             let response = response.await?;
             Ok::<_, std::convert::Infallible>(response.map(|body| {

@@ -8,16 +8,9 @@ use axum::response::Response;
 
 /// Renders a tags-list page for GET (`with_body`) or HEAD.
 pub fn respond(page: TagsPage, with_body: bool) -> Response {
-    let cache = if page.stale {
-        "STALE"
-    } else if page.fetched {
-        "MISS"
-    } else {
-        "HIT"
-    };
     let mut response = Response::builder()
         .header(header::CONTENT_TYPE, "application/json")
-        .header("x-cache", cache)
+        .header(super::X_CACHE, super::x_cache(page.outcome))
         .header(header::CONTENT_LENGTH, page.body.len());
     if let Some(link) = &page.link {
         response = response.header(header::LINK, link);

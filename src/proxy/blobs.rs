@@ -2,8 +2,9 @@
 //! known), else one shared download. HEAD never becomes an upstream GET.
 
 use super::Proxy;
-use crate::blobs::{BlobBody, ByteRange, Joined, Source};
+use crate::blobs::{BlobBody, ByteRange, Joined};
 use crate::error::Error;
+use crate::metrics::Outcome;
 use crate::registry::{Digest, RepoName};
 use std::sync::Arc;
 
@@ -13,7 +14,7 @@ pub struct BlobHead {
     /// Size in bytes.
     pub size: u64,
     /// Hit or miss.
-    pub source: Source,
+    pub source: Outcome,
 }
 
 impl Proxy {
@@ -72,7 +73,7 @@ impl Proxy {
                 .map_err(Error::blob)?;
             return Ok(BlobHead {
                 size,
-                source: Source::Hit,
+                source: Outcome::Hit,
             });
         }
         if let Some(size) = self.blobs.downloading_size(digest)
@@ -80,7 +81,7 @@ impl Proxy {
         {
             return Ok(BlobHead {
                 size,
-                source: Source::Miss,
+                source: Outcome::Miss,
             });
         }
         let head = self
@@ -99,7 +100,7 @@ impl Proxy {
             .ok_or_else(|| Error::upstream_invalid("blob HEAD without Content-Length"))?;
         Ok(BlobHead {
             size,
-            source: Source::Miss,
+            source: Outcome::Miss,
         })
     }
 }

@@ -4,7 +4,7 @@
 use super::{Proxy, TagKey, plausible};
 use crate::error::Error;
 use crate::manifests::{TagEntry, now_ms};
-use crate::metrics::Counters;
+use crate::metrics::StaleCause;
 use crate::registry::{Digest, Manifest, Reference, RepoName};
 use crate::upstream;
 use std::sync::Arc;
@@ -131,7 +131,7 @@ impl Proxy {
                 self.held_logged.insert(key.clone(), ());
                 tracing::warn!(repo = %name, %tag, cached = %entry.digest, upstream = %new_digest, "tag moved upstream but the rate-limit budget is below the reserve; serving the cached digest");
             }
-            Counters::inc(&self.upstream.counters.stale_budget);
+            self.upstream.metrics.stale(StaleCause::Budget);
             entry.validated_at = now_ms();
             entry.held_back = Some(new_digest.clone());
             self.manifests.set_tag(name, tag, entry.clone()).await;

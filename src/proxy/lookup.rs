@@ -1,10 +1,10 @@
 //! Answering a manifest request from the caches: tag freshness, Accept negotiation, and when
 //! to wait for (or only start) an upstream operation.
 
-use super::{CacheStatus, ManifestBody, ManifestRequest, Proxy, Served, plausible};
+use super::{ManifestBody, ManifestRequest, Proxy, Served, plausible};
 use crate::error::Error;
 use crate::manifests::{Freshness, TagEntry, now_ms};
-use crate::metrics::Counters;
+use crate::metrics::{Outcome, StaleCause};
 use crate::registry::{
     Accept, Digest, Manifest, Negotiation, Reference, RepoName, Tag, platform_child,
 };
@@ -26,8 +26,8 @@ impl Proxy {
                     .await?
             }
         };
-        if req.want_body && served.status != CacheStatus::Miss {
-            Counters::inc(&self.upstream.counters.pulls_saved);
+        if req.want_body && served.status != Outcome::Miss {
+            self.upstream.metrics.pull_saved();
         }
         Ok(served)
     }
@@ -40,6 +40,7 @@ impl Proxy {
         want_body: bool,
     ) -> Result<Served, Error> {
         let key = (name.clone(), tag.clone());
+        self.manifests.touch(name, tag);
         let cached = self.manifests.tag(name, tag);
         let started = Instant::now();
         let (entry, mut status) = match cached {
@@ -49,32 +50,32 @@ impl Proxy {
                 } else {
                     Either::Right(self.head_tag(key))
                 };
-                (flight.await?, CacheStatus::Miss)
+                (flight.await?, Outcome::Miss)
             }
             Some(entry) => match self.policy.freshness(tag, entry.validated_at, now_ms()) {
-                Freshness::Fresh => (entry, CacheStatus::Hit),
+                Freshness::Fresh => (entry, Outcome::Hit),
                 Freshness::Stale => {
                     // After a failed revalidation the tag rests in `backoff`: stale because
                     // upstream failed, not because a revalidation is under way.
                     if self.backoff.contains_key(&key) {
-                        Counters::inc(&self.upstream.counters.stale_upstream_error);
+                        self.upstream.metrics.stale(StaleCause::UpstreamError);
                     } else {
                         drop(self.revalidate(key));
-                        Counters::inc(&self.upstream.counters.stale_revalidating);
+                        self.upstream.metrics.stale(StaleCause::Revalidating);
                     }
-                    (entry, CacheStatus::Stale)
+                    (entry, Outcome::Stale)
                 }
-                Freshness::Expired => (self.revalidate(key).await?, CacheStatus::Revalidated),
+                Freshness::Expired => (self.revalidate(key).await?, Outcome::Revalidated),
             },
         };
         if entry.held_back.is_some() {
-            status = CacheStatus::Stale;
+            status = Outcome::Stale;
         }
         let mut served = self
             .serve_entry(name, &entry, status, accept, want_body)
             .await?;
         // Measured after negotiation too: a fresh tag whose bytes had to be fetched waited.
-        if matches!(served.status, CacheStatus::Miss | CacheStatus::Revalidated) {
+        if matches!(served.status, Outcome::Miss | Outcome::Revalidated) {
             served.upstream_wait.get_or_insert(started.elapsed());
         }
         Ok(served)
@@ -85,7 +86,7 @@ impl Proxy {
         self: &Arc<Self>,
         name: &RepoName,
         entry: &TagEntry,
-        status: CacheStatus,
+        status: Outcome,
         accept: &Accept<'_>,
         want_body: bool,
     ) -> Result<Served, Error> {
@@ -104,7 +105,7 @@ impl Proxy {
             }),
             Negotiation::Serve => {
                 let (manifest, fetched) = self.bytes_of(name, &digest).await?;
-                let status = if fetched { CacheStatus::Miss } else { status };
+                let status = if fetched { Outcome::Miss } else { status };
                 Ok(Served {
                     body: ManifestBody::Full(manifest),
                     status,
@@ -138,11 +139,11 @@ impl Proxy {
                 .map_err(Error::manifest)?;
         }
         let (body, status) = match cached {
-            Some(m) => (ManifestBody::Full(m), CacheStatus::Hit),
-            None if !want_body => (self.describe(name, digest).await?, CacheStatus::Miss),
+            Some(m) => (ManifestBody::Full(m), Outcome::Hit),
+            None if !want_body => (self.describe(name, digest).await?, Outcome::Miss),
             None => (
                 ManifestBody::Full(self.fetch_digest(name, digest).await?),
-                CacheStatus::Miss,
+                Outcome::Miss,
             ),
         };
         let media_type = match &body {
@@ -152,7 +153,7 @@ impl Proxy {
         if let Negotiation::Unacceptable(message) = accept.negotiate(media_type, false) {
             return Err(Error::ManifestUnknown(message.into()));
         }
-        let upstream_wait = (status == CacheStatus::Miss).then(|| started.elapsed());
+        let upstream_wait = (status == Outcome::Miss).then(|| started.elapsed());
         Ok(Served {
             body,
             status,

@@ -6,46 +6,24 @@
 
 mod blobs;
 mod fetch;
+mod inspect;
 mod lookup;
 mod tags;
 
 pub use blobs::BlobHead;
+pub use inspect::{EntryView, Explain, ListQuery, Listing, Purge, TagView};
 pub use tags::{TagsPage, TagsQuery};
 
 use crate::blobs::BlobStore;
 use crate::config::Config;
 use crate::flight::Flights;
 use crate::manifests::{ManifestCache, TagEntry, TagPolicy};
+pub use crate::metrics::Outcome;
 use crate::registry::{Accept, Digest, Manifest, MediaType, Reference, RepoName, Tag};
 use crate::upstream::Upstream;
 use moka::sync::Cache;
 use std::sync::Arc;
 use std::time::Duration;
-
-/// Where an answer came from, sent to clients as `X-Cache`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CacheStatus {
-    /// Served from cache, within freshness.
-    Hit,
-    /// Fetched from upstream.
-    Miss,
-    /// Upstream confirmed (or changed) an expired tag before the answer.
-    Revalidated,
-    /// Served from cache past freshness (revalidating, upstream failing, or budget held).
-    Stale,
-}
-
-impl CacheStatus {
-    /// The `X-Cache` value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CacheStatus::Hit => "HIT",
-            CacheStatus::Miss => "MISS",
-            CacheStatus::Revalidated => "REVALIDATED",
-            CacheStatus::Stale => "STALE",
-        }
-    }
-}
 
 /// Whether a manifest size from an upstream HEAD can be believed: a lie (0, or more than any
 /// manifest may be) means the bytes are fetched instead of the HEAD's word taken.
@@ -85,7 +63,7 @@ pub struct Served {
     /// What to send.
     pub body: ManifestBody,
     /// How it was obtained.
-    pub status: CacheStatus,
+    pub status: Outcome,
     /// Time spent waiting for upstream, if any.
     pub upstream_wait: Option<Duration>,
 }
@@ -102,6 +80,8 @@ pub struct Proxy {
     /// The blob store.
     pub blobs: Arc<BlobStore>,
     policy: TagPolicy,
+    /// The upstream's host, as the cache API names it.
+    upstream_name: String,
     /// The tags-list copy is served stale a little before this request-wide deadline.
     deadline: Duration,
     reserve: f64,
@@ -149,6 +129,7 @@ impl Proxy {
             manifests,
             blobs,
             policy,
+            upstream_name: config.upstream.host_str().unwrap_or_default().to_owned(),
             deadline: config.upstream_deadline,
             reserve: config.ratelimit_reserve,
             tag_gets: Flights::default(),

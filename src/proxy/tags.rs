@@ -4,6 +4,7 @@
 
 use super::Proxy;
 use crate::error::Error;
+use crate::metrics::Outcome;
 use crate::registry::{RepoName, Tag};
 use bytes::Bytes;
 use std::sync::Arc;
@@ -18,10 +19,8 @@ pub struct TagsPage {
     pub link: Option<String>,
     /// When upstream sent it.
     pub fetched_at: Instant,
-    /// Served from cache past its freshness because upstream failed.
-    pub stale: bool,
-    /// Fetched from upstream for this request.
-    pub fetched: bool,
+    /// Hit (fresh copy), miss (fetched for this request) or stale (upstream failed).
+    pub outcome: Outcome,
 }
 
 /// Which page is asked for.
@@ -86,8 +85,7 @@ impl Proxy {
                 body: body.into(),
                 link: None,
                 fetched_at: Instant::now(),
-                stale: false,
-                fetched: false,
+                outcome: Outcome::Hit,
             });
         }
         let key = (name.clone(), query.clone());
@@ -110,8 +108,7 @@ impl Proxy {
                 body,
                 link,
                 fetched_at: Instant::now(),
-                stale: false,
-                fetched: false,
+                outcome: Outcome::Hit,
             });
             this.tag_pages.insert((name, query), Arc::clone(&page));
             Ok(page)
@@ -119,19 +116,19 @@ impl Proxy {
         // A little under the deadline, so the stale copy beats the request-wide deadline.
         match tokio::time::timeout(self.deadline.mul_f64(0.9), flight).await {
             Ok(Ok(page)) => Ok(TagsPage {
-                fetched: true,
+                outcome: Outcome::Miss,
                 ..(*page).clone()
             }),
             Ok(Err(e @ Error::NameUnknown)) => Err(e),
             Ok(Err(e)) => cached
                 .map(|p| TagsPage {
-                    stale: true,
+                    outcome: Outcome::Stale,
                     ..(*p).clone()
                 })
                 .ok_or(e),
             Err(_) => cached
                 .map(|p| TagsPage {
-                    stale: true,
+                    outcome: Outcome::Stale,
                     ..(*p).clone()
                 })
                 .ok_or(Error::GatewayTimeout),

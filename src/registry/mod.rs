@@ -1,11 +1,13 @@
 //! The registry vocabulary: repository names, references, digests and manifest media
 //! types, parsed once at the edge and trusted everywhere else. Pure code, no I/O.
 
+mod contents;
 mod digest;
 mod manifest;
 mod name;
 mod reference;
 
+pub use contents::{Contents, Descriptor, platform_matches};
 pub use digest::{Algorithm, Digest, DigestError, Verifier};
 pub use manifest::{Accept, Manifest, MediaType, Negotiation, UPSTREAM_ACCEPT, platform_child};
 pub use name::{NameError, RepoName};

@@ -10,14 +10,17 @@ impl Upstream {
     /// Whether the upstream is Docker Hub: by host name, or by the token service its challenge
     /// names (`registry.docker.io`), which also covers emulators and Hub-compatible mirrors.
     pub async fn is_docker_hub(&self) -> Result<bool, Error> {
-        if self
-            .base
-            .host_str()
-            .is_some_and(|h| DOCKER_HUB_HOSTS.contains(&h))
-        {
+        if self.is_docker_hub_host() {
             return Ok(true);
         }
         self.pinged().await.map(|p| p.docker_hub)
+    }
+
+    /// Whether the upstream's host name is one of Docker Hub's.
+    pub fn is_docker_hub_host(&self) -> bool {
+        self.base
+            .host_str()
+            .is_some_and(|h| DOCKER_HUB_HOSTS.contains(&h))
     }
 
     /// Pings `/v2/` once (like distribution's proxy) to learn the auth scheme and realm, so
@@ -34,13 +37,20 @@ impl Upstream {
             .base
             .join("/v2/")
             .map_err(|e| Error::BadResponse(e.to_string()))?;
-        let response = self
+        let started = std::time::Instant::now();
+        let sent = self
             .http
             .get(url)
             .timeout(self.request_timeout)
             .send()
-            .await
-            .map_err(|e| Error::from_reqwest(&e))?;
+            .await;
+        let status = sent.as_ref().ok().map(|r| r.status().as_u16());
+        self.metrics.upstream(
+            crate::metrics::UpstreamKind::Ping,
+            status,
+            started.elapsed(),
+        );
+        let response = sent.map_err(|e| Error::from_reqwest(&e))?;
         self.limits.observe(response.headers());
         // Only 200 and 401 say something lasting; anything else is asked again next time.
         let status = response.status().as_u16();

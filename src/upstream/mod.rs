@@ -9,7 +9,7 @@ mod token;
 
 use crate::blobs::ContentRange;
 use crate::config::Config;
-use crate::metrics::Counters;
+use crate::metrics::{Metrics, UpstreamKind as Kind};
 use crate::registry::{Digest, Manifest, MediaType, Reference, RepoName, UPSTREAM_ACCEPT};
 use auth::{Credentials, TokenCache};
 use bytes::{Bytes, BytesMut};
@@ -114,15 +114,6 @@ impl Head {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-enum Kind {
-    ManifestGet,
-    ManifestHead,
-    BlobGet,
-    BlobHead,
-    Tags,
-}
-
 /// What the upstream's `/v2/` answered.
 #[derive(Debug, Clone, Copy)]
 struct Ping {
@@ -161,6 +152,8 @@ pub struct Upstream {
     /// password form is never re-sent to another host or over plain http.
     token_http: reqwest::Client,
     permits: Arc<Semaphore>,
+    /// `upstream_max_concurrency`.
+    cap: usize,
     /// Blob downloads hold their permit for minutes: they may take at most three quarters of
     /// `upstream_max_concurrency`, so manifest and token traffic always has room.
     blob_permits: Arc<Semaphore>,
@@ -169,13 +162,13 @@ pub struct Upstream {
     ping: tokio::sync::OnceCell<Ping>,
     /// Rate-limit state for this upstream's credential.
     pub limits: RateLimits,
-    /// Request counters.
-    pub counters: Counters,
+    /// Where requests are counted.
+    pub metrics: Arc<Metrics>,
 }
 
 impl Upstream {
     /// Builds the client. Fails only on an unreadable password file or a TLS set-up problem.
-    pub fn new(config: &Config) -> anyhow::Result<Upstream> {
+    pub fn new(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Upstream> {
         let password = config.password()?;
         let credentials = match (&config.upstream_username, password) {
             (Some(username), Some(password)) => Some(Credentials {
@@ -210,14 +203,20 @@ impl Upstream {
             started: Instant::now(),
             token_http,
             permits: Arc::new(Semaphore::new(config.upstream_max_concurrency)),
+            cap: config.upstream_max_concurrency,
             blob_permits: Arc::new(Semaphore::new(
                 (config.upstream_max_concurrency - config.upstream_max_concurrency / 4).max(1),
             )),
             request_timeout: config.request_timeout,
             ping: tokio::sync::OnceCell::new(),
             limits: RateLimits::new(config.max_upstream_pause),
-            counters: Counters::default(),
+            metrics,
         })
+    }
+
+    /// Upstream exchanges in flight now.
+    pub fn in_flight(&self) -> u64 {
+        (self.cap - self.permits.available_permits()) as u64
     }
 
     /// True when a credential is configured (then cached content is shared across
@@ -396,17 +395,26 @@ impl Upstream {
             if let Some((value, _)) = &auth {
                 request = request.header(header::AUTHORIZATION, value.clone());
             }
-            let counter = match kind {
-                Kind::ManifestGet => &self.counters.manifest_gets,
-                Kind::ManifestHead => &self.counters.manifest_heads,
-                Kind::BlobGet => &self.counters.blob_gets,
-                Kind::BlobHead => &self.counters.blob_heads,
-                Kind::Tags => &self.counters.tag_lists,
-            };
-            Counters::inc(counter);
             let started = Instant::now();
-            let response = request.send().await.map_err(|e| Error::from_reqwest(&e))?;
-            tracing::debug!(%method, path, status = response.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "upstream request");
+            let response = match request.send().await {
+                Ok(response) => response,
+                Err(e) => {
+                    let e = Error::from_reqwest(&e);
+                    self.metrics.upstream(kind, None, started.elapsed());
+                    self.metrics.upstream_failed(kind, None, e.to_string());
+                    return Err(e);
+                }
+            };
+            let status = response.status().as_u16();
+            self.metrics.upstream(kind, Some(status), started.elapsed());
+            if status >= 500 || status == 429 {
+                self.metrics.upstream_failed(
+                    kind,
+                    Some(status),
+                    format!("upstream answered HTTP {status}"),
+                );
+            }
+            tracing::debug!(%method, path, status, elapsed_ms = started.elapsed().as_millis() as u64, "upstream request");
             self.limits.observe(response.headers());
             if response.status() != StatusCode::UNAUTHORIZED || attempt == 1 {
                 let response = self.check_status(response).await?;

@@ -2,7 +2,7 @@
 //! `token.md`), cached per realm, service, scope and identity.
 
 use super::{Error, MAX_SMALL_BODY, Upstream, auth, read_limited};
-use crate::metrics::Counters;
+use crate::metrics::UpstreamKind;
 use auth::{Credentials, TokenKey, realm_trusted};
 use reqwest::StatusCode;
 use reqwest::header::{self, HeaderValue};
@@ -91,7 +91,7 @@ impl Upstream {
                     }
                     form.finish()
                 };
-                Counters::inc(&self.counters.token_requests);
+                let started = Instant::now();
                 let response = self
                     .token_http
                     .post(realm.clone())
@@ -102,8 +102,8 @@ impl Upstream {
                     .body(body)
                     .timeout(self.request_timeout)
                     .send()
-                    .await
-                    .map_err(|e| Error::Token(Error::from_reqwest(&e.without_url()).to_string()))?;
+                    .await;
+                let response = self.counted(response, started)?;
                 match response.status() {
                     s if s.is_success() => return parse_token(response).await,
                     s if s.is_redirection() => {
@@ -141,11 +141,8 @@ impl Upstream {
         if let Some(c) = credentials {
             request = request.basic_auth(&c.username, Some(&c.password.0));
         }
-        Counters::inc(&self.counters.token_requests);
-        let response = request
-            .send()
-            .await
-            .map_err(|e| Error::Token(Error::from_reqwest(&e.without_url()).to_string()))?;
+        let started = Instant::now();
+        let response = self.counted(request.send().await, started)?;
         match response.status() {
             s if s.is_success() => parse_token(response).await,
             StatusCode::UNAUTHORIZED if credentials.is_some() => Err(Error::CredentialsRefused),
@@ -158,6 +155,34 @@ impl Upstream {
 }
 
 impl Upstream {
+    /// Counts a token request and turns a transport failure into a token error.
+    fn counted(
+        &self,
+        sent: reqwest::Result<reqwest::Response>,
+        started: Instant,
+    ) -> Result<reqwest::Response, Error> {
+        let status = sent.as_ref().ok().map(|r| r.status().as_u16());
+        self.metrics
+            .upstream(UpstreamKind::Token, status, started.elapsed());
+        let response = sent.map_err(|e| {
+            let e = Error::Token(Error::from_reqwest(&e.without_url()).to_string());
+            self.metrics
+                .upstream_failed(UpstreamKind::Token, None, e.to_string());
+            e
+        })?;
+        if response.status().is_server_error() {
+            self.metrics.upstream_failed(
+                UpstreamKind::Token,
+                status,
+                format!(
+                    "token endpoint answered HTTP {}",
+                    response.status().as_u16()
+                ),
+            );
+        }
+        Ok(response)
+    }
+
     /// Logs that the realm refused the configured credentials: at once, then at most once a
     /// minute while it goes on.
     fn log_refused_credentials(&self, realm: &Url) {

@@ -1,0 +1,242 @@
+//! The cache API under `/_pullthrough/`, pretty-printed JSON for curl: the cached tags
+//! (filtered, paged), one entry with its platforms and blobs and what a pull would cost
+//! (`?explain=pull`), the stats, and purges (`?dry_run=true` lists what would go).
+//!
+//! Access: with `admin_token` set, every endpoint needs `Authorization: Bearer <admin_token>`;
+//! without it, reading is open and a purge is accepted only from a loopback client.
+
+use crate::error::Error;
+use crate::proxy::{ListQuery, Purge};
+use crate::registry::{Digest, Reference, RepoName};
+use crate::state::AppState;
+use axum::Router;
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// The `/_pullthrough` routes.
+pub fn router(state: Arc<AppState>) -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/cache", axum::routing::get(list))
+        .route("/cache/", axum::routing::get(list))
+        .route("/cache/{*rest}", axum::routing::get(show).delete(purge))
+        .route("/stats", axum::routing::get(stats))
+        .layer(middleware::from_fn_with_state(state, guard))
+}
+
+/// Pretty JSON.
+fn json(status: StatusCode, value: &impl Serialize) -> Response {
+    match serde_json::to_string_pretty(value) {
+        Ok(mut text) => {
+            text.push('\n');
+            (status, [(header::CONTENT_TYPE, "application/json")], text).into_response()
+        }
+        Err(e) => Error::Storage(e.to_string()).into_response(),
+    }
+}
+
+/// 401 with a message that says what is expected.
+fn unauthorized(message: &str) -> Response {
+    let body = serde_json::json!({ "errors": [{ "code": "UNAUTHORIZED", "message": message, "detail": null }] });
+    let mut response = json(StatusCode::UNAUTHORIZED, &body);
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"pullthrough-admin\""),
+    );
+    response
+}
+
+/// Compares without stopping at the first difference.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The access rule of every `/_pullthrough/` endpoint.
+async fn guard(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    match &state.admin_token {
+        Some(token) => {
+            let given = request
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
+            match given {
+                Some(given) if same(given.trim().as_bytes(), token.0.as_bytes()) => {}
+                Some(_) => return unauthorized("wrong admin token"),
+                None => {
+                    return unauthorized("this endpoint needs Authorization: Bearer <admin_token>");
+                }
+            }
+        }
+        None if request.method() == Method::DELETE => {
+            let loopback = request
+                .extensions()
+                .get::<ConnectInfo<SocketAddr>>()
+                .is_some_and(|c| c.0.ip().is_loopback());
+            if !loopback {
+                return unauthorized(
+                    "purging is accepted only from a loopback client unless admin_token is set",
+                );
+            }
+        }
+        None => {}
+    }
+    next.run(request).await
+}
+
+/// Query parameters of the listing.
+#[derive(Debug, Default, Deserialize)]
+struct ListParams {
+    prefix: Option<String>,
+    stale: Option<bool>,
+    limit: Option<usize>,
+    after: Option<String>,
+}
+
+async fn list(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(Query(p)) = query else {
+        return bad_request(
+            "query: prefix=<repository prefix>, stale=true|false, limit=1..1000, after=<repository:tag>",
+        );
+    };
+    let listing = state
+        .proxy
+        .list(&ListQuery {
+            prefix: p.prefix,
+            stale: p.stale,
+            limit: p.limit,
+            after: p.after,
+        })
+        .await;
+    json(StatusCode::OK, &listing)
+}
+
+fn bad_request(message: &str) -> Response {
+    let body = serde_json::json!({ "errors": [{ "code": "UNSUPPORTED", "message": message, "detail": null }] });
+    json(StatusCode::BAD_REQUEST, &body)
+}
+
+/// What a path under `/cache/` names.
+enum Target {
+    Repository(RepoName),
+    Manifest(RepoName, Reference),
+    Blob(Digest),
+}
+
+async fn target(state: &AppState, rest: &str) -> Result<Target, Error> {
+    if let Some(d) = rest.strip_prefix("blobs/")
+        && let Ok(digest) = d.parse::<Digest>()
+    {
+        return Ok(Target::Blob(digest));
+    }
+    let hub = state.docker_hub_known();
+    let name = |raw: &str| RepoName::parse(raw, hub).map_err(|e| Error::NameInvalid(e.to_string()));
+    match rest.rsplit_once("/manifests/") {
+        Some((repo, reference)) => {
+            let reference =
+                Reference::parse(reference).map_err(|e| Error::ManifestUnknown(e.to_string()))?;
+            Ok(Target::Manifest(name(repo)?, reference))
+        }
+        None => Ok(Target::Repository(name(rest.trim_end_matches('/'))?)),
+    }
+}
+
+/// Query parameters of one entry.
+#[derive(Debug, Default, Deserialize)]
+struct ShowParams {
+    explain: Option<String>,
+    platform: Option<String>,
+}
+
+async fn show(
+    State(state): State<Arc<AppState>>,
+    Path(rest): Path<String>,
+    Query(p): Query<ShowParams>,
+) -> Result<Response, Error> {
+    match target(&state, &rest).await? {
+        Target::Manifest(name, reference) => {
+            let mut entry = serde_json::to_value(state.proxy.entry(&name, &reference).await)
+                .map_err(|e| Error::Storage(e.to_string()))?;
+            if p.explain.as_deref() == Some("pull") {
+                let platform = p.platform.as_deref().unwrap_or("linux/amd64");
+                let explain = state.proxy.explain(&name, &reference, platform).await;
+                entry["explain"] =
+                    serde_json::to_value(explain).map_err(|e| Error::Storage(e.to_string()))?;
+            }
+            Ok(json(StatusCode::OK, &entry))
+        }
+        Target::Repository(name) => {
+            let listing = state
+                .proxy
+                .list(&ListQuery {
+                    prefix: Some(name.as_str().to_owned()),
+                    limit: Some(1000),
+                    ..ListQuery::default()
+                })
+                .await;
+            let entries: Vec<_> = listing
+                .entries
+                .into_iter()
+                .filter(|e| e.repository == name.as_str())
+                .collect();
+            Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({ "repository": name.as_str(), "tags": entries }),
+            ))
+        }
+        Target::Blob(digest) => Ok(json(
+            StatusCode::OK,
+            &serde_json::json!({ "digest": digest, "cached": state.proxy.blobs.contains(&digest) }),
+        )),
+    }
+}
+
+/// Query parameters of a purge.
+#[derive(Debug, Default, Deserialize)]
+struct PurgeParams {
+    dry_run: Option<bool>,
+}
+
+/// What a purge answers.
+#[derive(Debug, Serialize)]
+struct PurgeAnswer {
+    dry_run: bool,
+    #[serde(flatten)]
+    purge: Purge,
+}
+
+async fn purge(
+    State(state): State<Arc<AppState>>,
+    Path(rest): Path<String>,
+    Query(p): Query<PurgeParams>,
+) -> Result<Response, Error> {
+    let dry_run = p.dry_run.unwrap_or(false);
+    let purge = match target(&state, &rest).await? {
+        Target::Repository(name) => state.proxy.purge_repository(&name, dry_run).await,
+        Target::Manifest(name, reference) => {
+            state.proxy.purge_manifest(&name, &reference, dry_run).await
+        }
+        Target::Blob(digest) => state.proxy.purge_blob(&digest, dry_run).await,
+    };
+    let removed = purge.tags.len() + purge.manifests.len() + purge.blobs.len();
+    if !dry_run && removed > 0 {
+        tracing::info!(
+            tags = purge.tags.len(),
+            manifests = purge.manifests.len(),
+            blobs = purge.blobs.len(),
+            "purged from the cache"
+        );
+    }
+    Ok(json(StatusCode::OK, &PurgeAnswer { dry_run, purge }))
+}
+
+async fn stats(State(state): State<Arc<AppState>>) -> Response {
+    json(StatusCode::OK, &state.stats())
+}

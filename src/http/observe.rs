@@ -1,0 +1,78 @@
+//! Every request is observed once, here: it gets an id (`x-request-id` taken from the client
+//! when it is sane, else generated; echoed back), every log event of the request carries it
+//! (a span), it is counted and timed in the metrics by kind, method, status and cache outcome,
+//! and it ends in one access-log event. The API version header is added to every response.
+
+use super::{UpstreamWait, X_CACHE, millis};
+use crate::metrics::{Outcome, RequestKind};
+use crate::state::AppState;
+use axum::extract::{Request, State};
+use axum::http::{HeaderName, HeaderValue};
+use axum::middleware::Next;
+use axum::response::Response;
+use std::sync::Arc;
+use std::time::Instant;
+use tracing::Instrument;
+
+/// The request id header.
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// A client's request id is kept when it is 1 to 128 visible ASCII characters.
+fn client_id(value: &HeaderValue) -> Option<HeaderValue> {
+    let bytes = value.as_bytes();
+    let sane = !bytes.is_empty() && bytes.len() <= 128 && bytes.iter().all(u8::is_ascii_graphic);
+    sane.then(|| value.clone())
+}
+
+/// The middleware: id, span, metrics, access log.
+pub async fn observe(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let id = request
+        .headers()
+        .get(X_REQUEST_ID)
+        .and_then(client_id)
+        .unwrap_or_else(|| {
+            HeaderValue::from_str(&uuid::Uuid::new_v4().simple().to_string())
+                .unwrap_or(HeaderValue::from_static("-"))
+        });
+    let kind = RequestKind::of_path(request.uri().path());
+    let method = request.method().clone();
+    // Copy the path only when someone will see the event (benchmarks run at RUST_LOG=warn).
+    let path = tracing::enabled!(tracing::Level::INFO).then(|| request.uri().path().to_owned());
+    let span = tracing::info_span!("request", request_id = id.to_str().unwrap_or("-"));
+    let mut response = next.run(request).instrument(span.clone()).await;
+    let elapsed = started.elapsed();
+    let headers = response.headers_mut();
+    headers.insert(
+        "docker-distribution-api-version",
+        HeaderValue::from_static("registry/2.0"),
+    );
+    headers.insert(X_REQUEST_ID, id);
+    let outcome = response
+        .headers()
+        .get(X_CACHE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(Outcome::parse);
+    let status = response.status().as_u16();
+    state
+        .metrics
+        .request(kind, method.as_str(), status, outcome, elapsed);
+    if let Some(path) = path {
+        let upstream_ms = response
+            .extensions()
+            .get::<UpstreamWait>()
+            .map(|w| millis(w.0));
+        span.in_scope(|| {
+            tracing::info!(
+                %method,
+                path,
+                status,
+                cache = outcome.map_or("-", Outcome::as_str),
+                upstream_ms,
+                elapsed_ms = millis(elapsed),
+                "request"
+            );
+        });
+    }
+    response
+}

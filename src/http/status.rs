@@ -1,0 +1,128 @@
+//! The status page at `/`: one small server-rendered HTML page, no script, that shows at a
+//! glance what the stats endpoint reports: hit ratio, pulls saved, rate-limit budget, the most
+//! pulled images with their freshness, disk use, and the last upstream errors.
+
+use crate::proxy::ListQuery;
+use crate::state::AppState;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use std::fmt::Write;
+use std::sync::Arc;
+
+/// Escapes text for HTML.
+fn esc(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+fn percent(ratio: Option<f64>) -> String {
+    ratio.map_or("–".to_owned(), |r| format!("{:.1}%", r * 100.0))
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+/// `GET /`.
+pub async fn page(State(state): State<Arc<AppState>>) -> Response {
+    let stats = state.stats();
+    let c = &stats.counters;
+    let manifests = c.requests.get("manifest").cloned().unwrap_or_default();
+    let blobs = c.requests.get("blob").cloned().unwrap_or_default();
+    let budget = match (stats.rate_limit.remaining, stats.rate_limit.limit) {
+        (Some(r), Some(l)) => format!("{r} of {l}"),
+        _ => "not reported yet".to_owned(),
+    };
+    let mut listing = state
+        .proxy
+        .list(&ListQuery {
+            limit: Some(1000),
+            ..ListQuery::default()
+        })
+        .await
+        .entries;
+    listing.sort_by(|a, b| b.hits.cmp(&a.hits).then(a.repository.cmp(&b.repository)));
+    let mut rows = String::new();
+    for e in listing.iter().take(15) {
+        let _ = write!(
+            rows,
+            "<tr><td>{}:{}</td><td class=\"num\">{}</td><td class=\"{}\">{}</td><td><code>{}</code></td><td>{}</td></tr>",
+            esc(&e.repository),
+            esc(&e.tag),
+            e.hits,
+            e.freshness,
+            e.freshness,
+            esc(&e.digest.to_string()[..19.min(e.digest.to_string().len())]),
+            esc(&e.validated_at)
+        );
+    }
+    if rows.is_empty() {
+        rows.push_str("<tr><td colspan=\"5\">nothing cached yet</td></tr>");
+    }
+    let mut errors = String::new();
+    for e in &c.recent_upstream_errors {
+        let when = humantime::format_rfc3339_seconds(
+            std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(e.at),
+        );
+        let _ = write!(
+            errors,
+            "<tr><td>{when}</td><td>{:?}</td><td>{}</td><td>{}</td></tr>",
+            e.kind,
+            e.status.map_or("–".to_owned(), |s| s.to_string()),
+            esc(&e.error)
+        );
+    }
+    if errors.is_empty() {
+        errors.push_str("<tr><td colspan=\"4\">none</td></tr>");
+    }
+    let disk = format!(
+        "{} of {} ({} blobs)",
+        mib(stats.blob_store.bytes),
+        mib(state.disk_limit),
+        stats.blob_store.blobs
+    );
+    let html = format!(
+        r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
+<title>pullthrough</title>
+<style>
+body{{font:15px/1.4 system-ui,sans-serif;margin:2em auto;max-width:60em;padding:0 1em;color:#222}}
+h1{{font-size:1.4em}} h2{{font-size:1.1em;margin-top:2em}}
+.cards{{display:flex;flex-wrap:wrap;gap:1em}}
+.card{{border:1px solid #ddd;border-radius:6px;padding:.8em 1.2em;min-width:10em}}
+.card b{{display:block;font-size:1.6em}}
+table{{border-collapse:collapse;width:100%}} td,th{{border-bottom:1px solid #eee;padding:.3em .5em;text-align:left}}
+.num{{text-align:right}} .fresh{{color:#2a7}} .stale{{color:#c80}} .expired{{color:#c33}}
+</style></head><body>
+<h1>pullthrough <small>→ {upstream}</small></h1>
+<div class="cards">
+<div class="card">manifest hit ratio<b id="hit-ratio">{hit_ratio}</b></div>
+<div class="card">blob hit ratio<b id="blob-hit-ratio">{blob_ratio}</b></div>
+<div class="card">pulls saved<b id="pulls-saved">{pulls_saved}</b></div>
+<div class="card">rate-limit budget left<b id="budget">{budget}</b></div>
+<div class="card">disk<b id="disk">{disk}</b></div>
+</div>
+<h2>Most pulled</h2>
+<table id="top"><tr><th>image</th><th class="num">hits</th><th>freshness</th><th>digest</th><th>validated</th></tr>{rows}</table>
+<h2>Recent upstream errors</h2>
+<table id="errors"><tr><th>when</th><th>what</th><th>status</th><th>error</th></tr>{errors}</table>
+<p><a href="/_pullthrough/stats">stats</a> · <a href="/_pullthrough/cache">cache</a> · <a href="/metrics">metrics</a></p>
+</body></html>
+"#,
+        upstream = esc(&stats.upstream),
+        hit_ratio = percent(manifests.hit_ratio),
+        blob_ratio = percent(blobs.hit_ratio),
+        pulls_saved = c.pulls_saved,
+    );
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        html,
+    )
+        .into_response()
+}

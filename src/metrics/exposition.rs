@@ -1,0 +1,263 @@
+//! `/metrics` in the Prometheus text format, encoded by `prometheus-client` from the counters
+//! (read at scrape time, so the hot path touches only atomics) and the gauges the caller reads
+//! from the caches and the upstream client.
+
+use super::{
+    BUCKETS, METHODS, Metrics, Outcome, RequestKind, STATUSES, StaleCause, UpstreamKind, cell,
+};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::{Registry, Unit};
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+/// Values read from other components at scrape time.
+#[derive(Debug, Clone, Default)]
+pub struct Gauges {
+    /// Docker Hub's `ratelimit-limit`, when seen.
+    pub ratelimit_limit: Option<u64>,
+    /// Docker Hub's `ratelimit-remaining`, when seen.
+    pub ratelimit_remaining: Option<u64>,
+    /// Manifests held in memory.
+    pub manifest_entries: u64,
+    /// Bytes of manifests held in memory.
+    pub manifest_bytes: u64,
+    /// Tags in the index.
+    pub tags: u64,
+    /// Blobs in the store.
+    pub blobs: u64,
+    /// Bytes in the blob store.
+    pub blob_bytes: u64,
+    /// Upstream exchanges in flight.
+    pub upstream_in_flight: u64,
+    /// Blob downloads under way.
+    pub downloads: u64,
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+#[derive(Debug)]
+struct Scrape {
+    metrics: Arc<Metrics>,
+    gauges: Gauges,
+}
+
+/// The Prometheus text exposition of `metrics` and `gauges`, names prefixed `pullthrough_`.
+pub fn render_prometheus(metrics: Arc<Metrics>, gauges: Gauges) -> String {
+    let mut registry = Registry::with_prefix("pullthrough");
+    registry.register_collector(Box::new(Scrape { metrics, gauges }));
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &registry);
+    out
+}
+
+fn counter(e: MetricEncoder<'_>, value: u64) -> fmt::Result {
+    ConstCounter::new(value).encode(e)
+}
+
+fn gauge(e: MetricEncoder<'_>, value: u64) -> fmt::Result {
+    ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX)).encode(e)
+}
+
+fn histogram(mut e: MetricEncoder<'_>, h: &super::Histogram) -> fmt::Result {
+    let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    let mut buckets: Vec<(f64, u64)> = BUCKETS
+        .iter()
+        .zip(&h.buckets)
+        .map(|(b, n)| (*b, get(n)))
+        .collect();
+    buckets.push((f64::MAX, get(&h.buckets[BUCKETS.len()])));
+    let sum = get(&h.sum_micros) as f64 / 1e6;
+    e.encode_histogram::<Labels>(sum, get(&h.count), &buckets, None)
+}
+
+impl Collector for Scrape {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let m = &self.metrics;
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+
+        let mut family = encoder.encode_descriptor(
+            "requests",
+            "Client requests by kind, method, status and cache outcome.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (k, kind) in RequestKind::ALL.iter().enumerate() {
+            for (mi, method) in METHODS.iter().enumerate() {
+                for o in 0..=Outcome::ALL.len() {
+                    let cache = Outcome::ALL.get(o).map_or("none", |o| o.label());
+                    for s in 0..=STATUSES.len() {
+                        let n = get(&m.requests[cell(k, mi, o, s)]);
+                        if n == 0 {
+                            continue;
+                        }
+                        let status = STATUSES.get(s).map_or("other".to_owned(), u16::to_string);
+                        let labels: Labels = vec![
+                            ("kind", kind.label().to_owned()),
+                            ("method", (*method).to_owned()),
+                            ("status", status),
+                            ("cache", cache.to_owned()),
+                        ];
+                        counter(family.encode_family(&labels)?, n)?;
+                    }
+                }
+            }
+        }
+
+        let mut family = encoder.encode_descriptor(
+            "request_duration",
+            "Client request latency until the response headers, by kind.",
+            Some(&Unit::Seconds),
+            MetricType::Histogram,
+        )?;
+        for (kind, h) in RequestKind::ALL.iter().zip(&m.latency) {
+            histogram(
+                family.encode_family(&vec![("kind", kind.label().to_owned())])?,
+                h,
+            )?;
+        }
+
+        let mut family = encoder.encode_descriptor(
+            "upstream_requests",
+            "Requests sent upstream by kind and status (status \"error\": no answer).",
+            None,
+            MetricType::Counter,
+        )?;
+        for ((kind, status), n) in m.upstream.lock().iter() {
+            let status = if *status == 0 {
+                "error".to_owned()
+            } else {
+                status.to_string()
+            };
+            let labels: Labels = vec![("kind", kind.label().to_owned()), ("status", status)];
+            counter(family.encode_family(&labels)?, *n)?;
+        }
+
+        let mut family = encoder.encode_descriptor(
+            "upstream_request_duration",
+            "Upstream latency until the response headers, by kind.",
+            Some(&Unit::Seconds),
+            MetricType::Histogram,
+        )?;
+        for (kind, h) in UpstreamKind::ALL.iter().zip(&m.upstream_latency) {
+            histogram(
+                family.encode_family(&vec![("kind", kind.label().to_owned())])?,
+                h,
+            )?;
+        }
+
+        let mut family = encoder.encode_descriptor(
+            "blob_served",
+            "Blob bytes sent to clients, by cache outcome (hit: from the store; miss: while fetching).",
+            Some(&Unit::Bytes),
+            MetricType::Counter,
+        )?;
+        for (cache, n) in [("hit", &m.bytes_served_hit), ("miss", &m.bytes_served_miss)] {
+            counter(
+                family.encode_family(&vec![("cache", cache.to_owned())])?,
+                get(n),
+            )?;
+        }
+
+        let mut family = encoder.encode_descriptor(
+            "stale_served",
+            "Answers served stale, by cause.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (cause, n) in StaleCause::ALL.iter().zip(&m.stale) {
+            counter(
+                family.encode_family(&vec![("cause", cause.label().to_owned())])?,
+                get(n),
+            )?;
+        }
+
+        let counters = [
+            (
+                "blob_fetched",
+                "Blob bytes received from upstream.",
+                Some(Unit::Bytes),
+                get(&m.bytes_fetched),
+            ),
+            (
+                "pulls_saved",
+                "Client manifest GETs answered without an upstream GET (Docker Hub pulls saved).",
+                None,
+                get(&m.pulls_saved),
+            ),
+            (
+                "blob_evictions",
+                "Blobs evicted from the store.",
+                None,
+                get(&m.evictions),
+            ),
+            (
+                "blob_evicted",
+                "Bytes evicted from the store.",
+                Some(Unit::Bytes),
+                get(&m.evicted_bytes),
+            ),
+        ];
+        for (name, help, unit, value) in counters {
+            counter(
+                encoder.encode_descriptor(name, help, unit.as_ref(), MetricType::Counter)?,
+                value,
+            )?;
+        }
+
+        let g = &self.gauges;
+        let gauges = [
+            (
+                "ratelimit_limit",
+                "Upstream pulls allowed per window (ratelimit-limit), when seen.",
+                g.ratelimit_limit,
+            ),
+            (
+                "ratelimit_remaining",
+                "Upstream pulls left in the window (ratelimit-remaining), when seen.",
+                g.ratelimit_remaining,
+            ),
+            (
+                "manifest_cache_entries",
+                "Manifests held in memory.",
+                Some(g.manifest_entries),
+            ),
+            (
+                "manifest_cache_bytes",
+                "Bytes of manifests held in memory.",
+                Some(g.manifest_bytes),
+            ),
+            ("tags", "Tags in the index.", Some(g.tags)),
+            ("blob_store_blobs", "Blobs in the store.", Some(g.blobs)),
+            (
+                "blob_store_bytes",
+                "Bytes in the blob store.",
+                Some(g.blob_bytes),
+            ),
+            (
+                "upstream_in_flight",
+                "Upstream exchanges in flight.",
+                Some(g.upstream_in_flight),
+            ),
+            (
+                "blob_downloads",
+                "Blob downloads under way.",
+                Some(g.downloads),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            if let Some(value) = value {
+                gauge(
+                    encoder.encode_descriptor(name, help, None, MetricType::Gauge)?,
+                    value,
+                )?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -175,7 +175,7 @@ impl AppState {
 
     /// Whether the upstream is known to be Docker Hub, without asking it (for the cache API).
     pub fn docker_hub_known(&self) -> bool {
-        self.docker_hub.load(Ordering::Relaxed) == 2 || self.proxy.upstream.is_docker_hub_host()
+        self.docker_hub.load(Ordering::Relaxed) == 2 || self.proxy.upstream.known_docker_hub()
     }
 
     /// Everything the stats endpoint and the status page show.

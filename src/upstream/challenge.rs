@@ -10,17 +10,19 @@ impl Upstream {
     /// Whether the upstream is Docker Hub: by host name, or by the token service its challenge
     /// names (`registry.docker.io`), which also covers emulators and Hub-compatible mirrors.
     pub async fn is_docker_hub(&self) -> Result<bool, Error> {
-        if self.is_docker_hub_host() {
+        if self.known_docker_hub() {
             return Ok(true);
         }
         self.pinged().await.map(|p| p.docker_hub)
     }
 
-    /// Whether the upstream's host name is one of Docker Hub's.
-    pub fn is_docker_hub_host(&self) -> bool {
+    /// Whether the upstream is Docker Hub, as far as is known without asking it: by host
+    /// name, or from a ping already answered.
+    pub fn known_docker_hub(&self) -> bool {
         self.base
             .host_str()
             .is_some_and(|h| DOCKER_HUB_HOSTS.contains(&h))
+            || self.ping.get().is_some_and(|p| p.docker_hub)
     }
 
     /// Pings `/v2/` once (like distribution's proxy) to learn the auth scheme and realm, so

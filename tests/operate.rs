@@ -1,0 +1,474 @@
+//! Operating pullthrough: the cache API (listing, filters, paging, one entry, explain, stats,
+//! purges and their access rules), `/metrics` read with a Prometheus text parser, `/readyz`,
+//! request ids, and the status page's values.
+
+mod support;
+
+use serde_json::Value;
+use std::time::Duration;
+use support::{FULL_ACCEPT, FakeHub, Image, TestProxy};
+
+const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+fn multi_arch(seed: &str) -> Image {
+    Image::index(
+        OCI_INDEX,
+        vec![
+            (
+                "amd64",
+                Image::single(&format!("{seed}-amd64"), OCI_MANIFEST, 2000),
+            ),
+            (
+                "arm64",
+                Image::single(&format!("{seed}-arm64"), OCI_MANIFEST, 3000),
+            ),
+        ],
+    )
+}
+
+async fn json(proxy: &TestProxy, path: &str) -> Value {
+    let r = proxy.get(path).await;
+    assert_eq!(r.status(), 200, "GET {path}");
+    assert_eq!(r.headers()["content-type"], "application/json");
+    r.json().await.unwrap()
+}
+
+async fn pull_manifest(proxy: &TestProxy, path: &str) {
+    let r = proxy
+        .request(reqwest::Method::GET, path, &[("accept", FULL_ACCEPT)])
+        .await;
+    assert_eq!(r.status(), 200, "{path}");
+    r.bytes().await.unwrap();
+}
+
+/// Pulls an image as a client would: index, the amd64 manifest, its blobs.
+async fn pull_image(proxy: &TestProxy, repo: &str, tag: &str, image: &Image) {
+    pull_manifest(proxy, &format!("/v2/{repo}/manifests/{tag}")).await;
+    let child = &image.children[0];
+    pull_manifest(proxy, &format!("/v2/{repo}/manifests/{}", child.digest)).await;
+    for blob in &child.blobs {
+        let digest = support::hub::sha256(blob);
+        assert_eq!(
+            proxy.get_ok(&format!("/v2/{repo}/blobs/{digest}")).await,
+            *blob
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_cache_api_lists_explains_and_purges() {
+    let hub = FakeHub::start().await;
+    let app = multi_arch("app");
+    hub.push("library/app", "1", &app);
+    hub.push(
+        "library/app",
+        "2",
+        &Image::single("app2", DOCKER_MANIFEST, 100),
+    );
+    hub.push(
+        "team/tool",
+        "latest",
+        &Image::single("tool", DOCKER_MANIFEST, 100),
+    );
+    let proxy = TestProxy::start_with(&hub, |c| c.tag_ttl = Duration::from_secs(600)).await;
+
+    // Before any pull: nothing listed, and a pull would cost a manifest GET.
+    let listing = json(&proxy, "/_pullthrough/cache").await;
+    assert_eq!(listing["total"], 0);
+    let explain = json(
+        &proxy,
+        "/_pullthrough/cache/library/app/manifests/1?explain=pull",
+    )
+    .await;
+    assert_eq!(explain["explain"]["manifest_gets"], 1);
+    assert_eq!(explain["explain"]["more_unknown"], true);
+    assert_eq!(hub.total(), 0, "the cache API never asks upstream");
+
+    pull_image(&proxy, "library/app", "1", &app).await;
+    pull_manifest(&proxy, "/v2/library/app/manifests/2").await;
+    pull_manifest(&proxy, "/v2/library/app/manifests/2").await;
+    pull_manifest(&proxy, "/v2/team/tool/manifests/latest").await;
+    let upstream_before = hub.total();
+
+    // Listing, filters, paging.
+    let listing = json(&proxy, "/_pullthrough/cache").await;
+    assert_eq!(listing["total"], 3);
+    let first = &listing["entries"][0];
+    assert_eq!(
+        (first["repository"].as_str(), first["tag"].as_str()),
+        (Some("library/app"), Some("1"))
+    );
+    assert_eq!(first["digest"], app.digest.as_str());
+    assert_eq!(first["media_type"], OCI_INDEX);
+    assert_eq!(first["size"], app.bytes.len());
+    assert_eq!(first["freshness"], "fresh");
+    assert_eq!(first["manifest_cached"], true);
+    assert_eq!(first["hits"], 1);
+    assert_eq!(listing["entries"][1]["hits"], 2);
+    assert!(first["fetched_at"].as_str().unwrap().ends_with('Z'));
+    let team = json(&proxy, "/_pullthrough/cache?prefix=team/").await;
+    assert_eq!(team["total"], 1);
+    assert_eq!(team["entries"][0]["repository"], "team/tool");
+    assert_eq!(
+        json(&proxy, "/_pullthrough/cache?stale=true").await["total"],
+        0
+    );
+    let page = json(&proxy, "/_pullthrough/cache?limit=2").await;
+    assert_eq!(page["entries"].as_array().unwrap().len(), 2);
+    let next = page["next"].as_str().unwrap().to_owned();
+    let rest = json(&proxy, &format!("/_pullthrough/cache?limit=2&after={next}")).await;
+    assert_eq!(rest["entries"].as_array().unwrap().len(), 1);
+    assert_eq!(rest["next"], Value::Null);
+    let r = proxy.get("/_pullthrough/cache?limit=many").await;
+    assert_eq!(r.status(), 400);
+
+    // One entry: the index's platforms, and which of their blobs are cached.
+    let entry = json(&proxy, "/_pullthrough/cache/library/app/manifests/1").await;
+    let platforms = entry["platforms"].as_array().unwrap();
+    assert_eq!(platforms.len(), 2);
+    assert_eq!(platforms[0]["platform"], "linux/amd64");
+    assert_eq!(platforms[0]["manifest_cached"], true);
+    assert!(
+        platforms[0]["blobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|b| b["cached"] == true)
+    );
+    assert_eq!(platforms[1]["manifest_cached"], false);
+    assert_eq!(platforms[1]["blobs"], Value::Null);
+    // One-component names mean library/ here too.
+    assert_eq!(
+        json(&proxy, "/_pullthrough/cache/app/manifests/1").await["digest"],
+        app.digest.as_str()
+    );
+
+    // Explain: amd64 costs nothing now; arm64 costs its manifest (its blobs are unknown yet).
+    let explain = json(
+        &proxy,
+        "/_pullthrough/cache/library/app/manifests/1?explain=pull",
+    )
+    .await;
+    assert_eq!(
+        explain["explain"]["upstream_requests"],
+        serde_json::json!([])
+    );
+    let arm = json(
+        &proxy,
+        "/_pullthrough/cache/library/app/manifests/1?explain=pull&platform=linux/arm64",
+    )
+    .await;
+    assert_eq!(arm["explain"]["manifest_gets"], 1);
+    assert_eq!(
+        arm["explain"]["upstream_requests"][0]["reference"],
+        app.children[1].digest.as_str()
+    );
+    assert_eq!(
+        hub.total(),
+        upstream_before,
+        "the cache API never asks upstream"
+    );
+
+    // Purges: a dry run lists, a purge removes, and the next pull fetches again.
+    let blob = support::hub::sha256(&app.children[0].blobs[1]);
+    let dry = proxy
+        .request(
+            reqwest::Method::DELETE,
+            &format!("/_pullthrough/cache/blobs/{blob}?dry_run=true"),
+            &[],
+        )
+        .await;
+    assert_eq!(dry.status(), 200);
+    let dry: Value = dry.json().await.unwrap();
+    assert_eq!(
+        (dry["dry_run"].clone(), dry["blobs"][0].clone()),
+        (Value::Bool(true), Value::from(blob.as_str()))
+    );
+    let entry = json(
+        &proxy,
+        "/_pullthrough/cache/library/app/manifests/1?explain=pull",
+    )
+    .await;
+    assert_eq!(
+        entry["explain"]["blob_gets"], 0,
+        "a dry run removes nothing"
+    );
+    let r = proxy
+        .request(
+            reqwest::Method::DELETE,
+            &format!("/_pullthrough/cache/blobs/{blob}"),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let entry = json(
+        &proxy,
+        "/_pullthrough/cache/library/app/manifests/1?explain=pull",
+    )
+    .await;
+    assert_eq!(entry["explain"]["blob_gets"], 1);
+    assert_eq!(
+        entry["explain"]["upstream_requests"][0]["reference"],
+        blob.as_str()
+    );
+
+    let r = proxy
+        .request(
+            reqwest::Method::DELETE,
+            "/_pullthrough/cache/library/app/manifests/2",
+            &[],
+        )
+        .await;
+    let purged: Value = r.json().await.unwrap();
+    assert_eq!(purged["tags"], serde_json::json!(["library/app:2"]));
+    assert_eq!(json(&proxy, "/_pullthrough/cache").await["total"], 2);
+    let gets = hub.count("manifest_get");
+    pull_manifest(&proxy, "/v2/library/app/manifests/2").await;
+    assert_eq!(
+        hub.count("manifest_get"),
+        gets + 1,
+        "a purged tag is fetched again"
+    );
+
+    let r = proxy
+        .request(
+            reqwest::Method::DELETE,
+            "/_pullthrough/cache/team/tool",
+            &[],
+        )
+        .await;
+    let purged: Value = r.json().await.unwrap();
+    assert_eq!(purged["tags"], serde_json::json!(["team/tool:latest"]));
+    assert_eq!(purged["manifests"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        json(&proxy, "/_pullthrough/cache?prefix=team").await["total"],
+        0
+    );
+}
+
+#[tokio::test]
+async fn stats_and_metrics_count_what_happens() {
+    let hub = FakeHub::start().await;
+    let image = Image::single("counted", DOCKER_MANIFEST, 5000);
+    hub.push("library/counted", "1", &image);
+    let proxy = TestProxy::start(&hub).await;
+    let path = "/v2/library/counted/manifests/1";
+    for _ in 0..3 {
+        pull_manifest(&proxy, path).await;
+    }
+    let blob = support::hub::sha256(&image.blobs[1]);
+    for _ in 0..2 {
+        proxy
+            .get_ok(&format!("/v2/library/counted/blobs/{blob}"))
+            .await;
+    }
+
+    let stats = json(&proxy, "/_pullthrough/stats").await;
+    let c = &stats["counters"];
+    assert_eq!(c["requests"]["manifest"]["miss"], 1);
+    assert_eq!(c["requests"]["manifest"]["hit"], 2);
+    assert!((c["requests"]["manifest"]["hit_ratio"].as_f64().unwrap() - 2.0 / 3.0).abs() < 1e-9);
+    assert_eq!(c["requests"]["blob"]["hit"], 1);
+    assert_eq!(c["pulls_saved"], 2);
+    assert_eq!(c["upstream_requests"]["manifest_get"]["200"], 1);
+    assert_eq!(c["blob_bytes_fetched"], image.blobs[1].len());
+    assert_eq!(c["blob_bytes_served_from_cache"], image.blobs[1].len());
+    assert_eq!(stats["rate_limit"]["limit"], 100);
+    assert_eq!(stats["rate_limit"]["remaining"], 99);
+    assert_eq!(stats["blob_store"]["blobs"], 1);
+    assert_eq!(stats["manifest_cache"]["tags"], 1);
+
+    let scrape = |proxy: &TestProxy| {
+        let url = format!("{}/metrics", proxy.url);
+        let client = proxy.client.clone();
+        async move {
+            let r = client.get(url).send().await.unwrap();
+            assert!(
+                r.headers()["content-type"]
+                    .to_str()
+                    .unwrap()
+                    .starts_with("text/plain")
+            );
+            let text = r.text().await.unwrap();
+            prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap()
+        }
+    };
+    let value = |scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]| -> f64 {
+        scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == name)
+            .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => 0.0,
+            })
+            .sum()
+    };
+    let before = scrape(&proxy).await;
+    assert!(
+        before
+            .samples
+            .iter()
+            .all(|s| s.metric.starts_with("pullthrough_"))
+    );
+    let hits = [
+        ("kind", "manifest"),
+        ("method", "GET"),
+        ("status", "200"),
+        ("cache", "hit"),
+    ];
+    assert_eq!(value(&before, "pullthrough_requests_total", &hits), 2.0);
+    assert_eq!(value(&before, "pullthrough_pulls_saved_total", &[]), 2.0);
+    assert_eq!(
+        value(
+            &before,
+            "pullthrough_upstream_requests_total",
+            &[("kind", "manifest_get"), ("status", "200")]
+        ),
+        1.0
+    );
+    assert_eq!(value(&before, "pullthrough_ratelimit_remaining", &[]), 99.0);
+    assert_eq!(
+        value(&before, "pullthrough_blob_store_bytes", &[]),
+        image.blobs[1].len() as f64
+    );
+    assert!(
+        before
+            .samples
+            .iter()
+            .any(|s| s.metric == "pullthrough_request_duration_seconds"
+                || s.metric.starts_with("pullthrough_request_duration_seconds"))
+    );
+
+    pull_manifest(&proxy, path).await;
+    let after = scrape(&proxy).await;
+    assert_eq!(value(&after, "pullthrough_requests_total", &hits), 3.0);
+    assert_eq!(value(&after, "pullthrough_pulls_saved_total", &[]), 3.0);
+}
+
+#[tokio::test]
+async fn the_admin_token_guards_every_cache_endpoint() {
+    let hub = FakeHub::start().await;
+    let token = "0123456789abcdef-admin";
+    let proxy = TestProxy::start_with(&hub, |c| {
+        c.admin_token = Some(pullthrough::config::Secret(token.into()));
+    })
+    .await;
+    for (method, path) in [
+        (reqwest::Method::GET, "/_pullthrough/cache"),
+        (reqwest::Method::GET, "/_pullthrough/stats"),
+        (reqwest::Method::DELETE, "/_pullthrough/cache/library/x"),
+    ] {
+        let r = proxy.request(method.clone(), path, &[]).await;
+        assert_eq!(r.status(), 401, "{method} {path} without a token");
+        assert!(r.headers().contains_key("www-authenticate"));
+        let body: Value = r.json().await.unwrap();
+        assert!(
+            body["errors"][0]["message"]
+                .as_str()
+                .unwrap()
+                .contains("admin_token")
+        );
+        let r = proxy
+            .request(
+                method.clone(),
+                path,
+                &[("authorization", "Bearer wrong-token-wrong")],
+            )
+            .await;
+        assert_eq!(r.status(), 401, "{method} {path} with a wrong token");
+        let bearer = format!("Bearer {token}");
+        let r = proxy
+            .request(method.clone(), path, &[("authorization", &bearer)])
+            .await;
+        assert_eq!(r.status(), 200, "{method} {path} with the token");
+    }
+    // Registry endpoints stay open.
+    assert_eq!(proxy.get("/v2/").await.status(), 200);
+}
+
+#[tokio::test]
+async fn readiness_follows_the_data_directory_and_request_ids_are_echoed() {
+    let hub = FakeHub::start().await;
+    let proxy = TestProxy::start(&hub).await;
+    let r = proxy.get("/readyz").await;
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["ready"], true);
+
+    // Requests carry an id: the client's, or a new one.
+    let r = proxy
+        .request(
+            reqwest::Method::GET,
+            "/v2/",
+            &[("x-request-id", "build-42")],
+        )
+        .await;
+    assert_eq!(r.headers()["x-request-id"], "build-42");
+    let a = proxy.get("/v2/").await.headers()["x-request-id"].clone();
+    let b = proxy.get("/v2/").await.headers()["x-request-id"].clone();
+    assert!(!a.is_empty() && a != b);
+    let r = proxy
+        .request(
+            reqwest::Method::GET,
+            "/v2/",
+            &[("x-request-id", &"x".repeat(300))],
+        )
+        .await;
+    assert_ne!(r.headers()["x-request-id"], "x".repeat(300).as_str());
+
+    // A data directory that takes no new files: not ready (upstream is not asked).
+    let tmp = proxy.config.data_dir.join("tmp");
+    std::fs::remove_dir_all(&tmp).unwrap();
+    std::fs::write(&tmp, "not a directory").unwrap();
+    let before = hub.total();
+    let r = proxy.get("/readyz").await;
+    assert_eq!(r.status(), 503);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["data_dir_writable"], false);
+    assert_eq!(hub.total(), before);
+    assert_eq!(
+        proxy.get("/healthz").await.status(),
+        200,
+        "alive all the same"
+    );
+}
+
+#[tokio::test]
+async fn the_status_page_shows_what_the_stats_report() {
+    let hub = FakeHub::start().await;
+    hub.push(
+        "library/page",
+        "1",
+        &Image::single("page", DOCKER_MANIFEST, 100),
+    );
+    let proxy = TestProxy::start(&hub).await;
+    for _ in 0..4 {
+        pull_manifest(&proxy, "/v2/library/page/manifests/1").await;
+    }
+    let stats = json(&proxy, "/_pullthrough/stats").await;
+    let r = proxy.get("/").await;
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    let html = r.text().await.unwrap();
+    assert!(!html.contains("<script"), "no JavaScript");
+    let pulls = stats["counters"]["pulls_saved"].as_u64().unwrap();
+    assert_eq!(pulls, 3);
+    assert!(
+        html.contains(&format!("<b id=\"pulls-saved\">{pulls}</b>")),
+        "{html}"
+    );
+    assert!(html.contains("<b id=\"hit-ratio\">75.0%</b>"), "{html}");
+    assert!(html.contains("<b id=\"budget\">99 of 100</b>"), "{html}");
+    assert!(html.contains("library/page:1"), "{html}");
+}

@@ -19,6 +19,7 @@ pub mod proxy;
 pub mod registry;
 pub mod state;
 pub mod upstream;
+pub mod warm;
 
 use std::sync::Arc;
 use tokio::net::TcpListener;

@@ -36,6 +36,34 @@ struct Cli {
     /// Log format [default: text].
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Exit 0 when the pullthrough at --url (default: the configured listen address) is ready
+    /// to serve, 1 otherwise. For container health checks without curl.
+    Healthcheck {
+        /// Base URL of the pullthrough to check.
+        #[arg(long)]
+        url: Option<String>,
+    },
+    /// Ask a running pullthrough to fetch images (every platform, or --platform), and report
+    /// what was already cached and what it cost upstream.
+    Warm {
+        /// Images: alpine, library/alpine:3.20, org/app@sha256:...
+        images: Vec<String>,
+        /// A file with one image per line (# starts a comment).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Only this platform of multi-platform images, e.g. linux/arm64.
+        #[arg(long)]
+        platform: Option<String>,
+        /// Base URL of the pullthrough (default: the configured listen address).
+        #[arg(long)]
+        url: Option<String>,
+    },
 }
 
 #[tokio::main]
@@ -54,6 +82,7 @@ async fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
+    let command = cli.command;
     let overrides = Overrides {
         listen: cli.listen,
         upstream: cli.upstream,
@@ -68,6 +97,16 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    match command {
+        Some(Command::Healthcheck { url }) => return healthcheck(url, &config).await,
+        Some(Command::Warm {
+            images,
+            file,
+            platform,
+            url,
+        }) => return warm(images, file, platform, url, &config).await,
+        None => {}
+    }
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("pullthrough=info"));
     // Colour only for a person at a terminal; files and log collectors get plain text.
@@ -110,6 +149,139 @@ async fn main() -> ExitCode {
             eprintln!("pullthrough: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Where a client on this machine reaches the configured listener.
+fn local_url(config: &Config) -> String {
+    let mut addr = config.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr.ip() {
+            std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    format!("http://{addr}")
+}
+
+/// `pullthrough healthcheck`.
+async fn healthcheck(url: Option<String>, config: &Config) -> ExitCode {
+    let url = url.unwrap_or_else(|| local_url(config));
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .build()
+        .unwrap_or_default();
+    match client
+        .get(format!("{}/readyz", url.trim_end_matches('/')))
+        .send()
+        .await
+    {
+        Ok(r) if r.status().is_success() => ExitCode::SUCCESS,
+        Ok(r) => {
+            eprintln!("pullthrough: not ready: HTTP {}", r.status().as_u16());
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("pullthrough: not reachable at {url}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `pullthrough warm`.
+async fn warm(
+    mut images: Vec<String>,
+    file: Option<PathBuf>,
+    platform: Option<String>,
+    url: Option<String>,
+    config: &Config,
+) -> ExitCode {
+    if let Some(path) = file {
+        match std::fs::read_to_string(&path) {
+            Ok(text) => images.extend(
+                text.lines()
+                    .map(|l| l.split('#').next().unwrap_or_default().trim())
+                    .filter(|l| !l.is_empty())
+                    .map(str::to_owned),
+            ),
+            Err(e) => {
+                eprintln!("pullthrough: cannot read {}: {e}", path.display());
+                return ExitCode::from(2);
+            }
+        }
+    }
+    if images.is_empty() {
+        eprintln!("pullthrough: warm needs at least one image (or --file)");
+        return ExitCode::from(2);
+    }
+    let request = pullthrough::warm::Request {
+        url: url.unwrap_or_else(|| local_url(config)),
+        images,
+        platform,
+        admin_token: config.admin_token.as_ref().map(|t| t.0.clone()),
+    };
+    let summary = if std::io::stderr().is_terminal() {
+        pullthrough::warm::warm(&request, &Bar::new()).await
+    } else {
+        pullthrough::warm::warm(&request, &Lines).await
+    };
+    println!("{}", summary.line());
+    if summary.failed > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// Warm-up progress as plain lines (not a terminal: CI logs).
+struct Lines;
+
+impl pullthrough::warm::Report for Lines {
+    fn image(&self, image: &str) {
+        println!("{image}");
+    }
+    fn item(&self, what: &str, bytes: u64, cached: bool) {
+        let source = if cached { "cached" } else { "fetched" };
+        println!("  {what}: {bytes} bytes, {source}");
+    }
+    fn failed(&self, image: &str, error: &str) {
+        println!("  {image} FAILED: {error}");
+    }
+}
+
+/// Warm-up progress as a spinner with counts (a terminal).
+struct Bar(indicatif::ProgressBar);
+
+impl Bar {
+    fn new() -> Bar {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {prefix} {pos} items, {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        bar.enable_steady_tick(Duration::from_millis(120));
+        Bar(bar)
+    }
+}
+
+impl pullthrough::warm::Report for Bar {
+    fn image(&self, image: &str) {
+        self.0.set_prefix(image.to_owned());
+    }
+    fn item(&self, what: &str, bytes: u64, cached: bool) {
+        self.0.inc(1);
+        let source = if cached { "cached" } else { "fetched" };
+        self.0
+            .set_message(format!("{what} ({bytes} bytes, {source})"));
+    }
+    fn failed(&self, image: &str, error: &str) {
+        self.0.println(format!("{image} FAILED: {error}"));
+    }
+}
+
+impl Drop for Bar {
+    fn drop(&mut self) {
+        self.0.finish_and_clear();
     }
 }
 

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::hash::Hash;
 use std::sync::Arc;
+use tracing::Instrument;
 
 type Outcome<V> = Result<V, Error>;
 type Flight<V> = Shared<BoxFuture<'static, Outcome<V>>>;
@@ -52,11 +53,15 @@ where
         let map = Arc::clone(&self.running);
         let done_key = key.clone();
         // The lock is held until the entry is inserted, so the task cannot remove it first.
-        let task = tokio::spawn(async move {
-            let outcome = operation.await;
-            map.lock().remove(&done_key);
-            outcome
-        });
+        // The operation logs inside the span of the request that started it (its request id).
+        let task = tokio::spawn(
+            async move {
+                let outcome = operation.await;
+                map.lock().remove(&done_key);
+                outcome
+            }
+            .in_current_span(),
+        );
         let flight = async move {
             task.await
                 .unwrap_or_else(|e| Err(Error::Storage(format!("background task failed: {e}"))))

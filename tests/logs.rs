@@ -152,3 +152,131 @@ async fn refused_upstream_credentials_are_a_loud_error_without_the_password() {
         "the password was logged:\n{all}"
     );
 }
+
+#[tokio::test]
+async fn json_logs_carry_the_request_id_in_every_event_of_the_request() {
+    let hub = FakeHub::start().await;
+    let image = Image::single(
+        "json-logs",
+        "application/vnd.docker.distribution.manifest.v2+json",
+        10,
+    );
+    hub.push("library/logged", "1", &image);
+    let mut running = Running::start(&[
+        ("PULLTHROUGH_UPSTREAM", &hub.url),
+        ("PULLTHROUGH_LOG_FORMAT", "json"),
+        ("RUST_LOG", "pullthrough=debug"),
+    ]);
+    let line = running.wait_for("listening");
+    let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let url = format!("http://{}", event["addr"].as_str().unwrap());
+    let r = support::client()
+        .get(format!("{url}/v2/library/logged/manifests/1"))
+        .header("x-request-id", "trace-me-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-request-id"], "trace-me-1");
+    running.wait_for("\"message\":\"request\"");
+    let all = running.all(Duration::from_millis(200));
+    let events: Vec<serde_json::Value> = all
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let request = events
+        .iter()
+        .find(|e| e["message"] == "request")
+        .expect("an access-log event");
+    for field in [
+        "timestamp",
+        "level",
+        "target",
+        "method",
+        "path",
+        "status",
+        "cache",
+        "elapsed_ms",
+    ] {
+        assert!(!request[field].is_null(), "{field} missing in {request}");
+    }
+    assert_eq!(request["span"]["request_id"], "trace-me-1");
+    // The upstream fetch the request started logs inside its span too.
+    let upstream: Vec<_> = events
+        .iter()
+        .filter(|e| e["message"] == "upstream request")
+        .collect();
+    assert!(!upstream.is_empty(), "{all}");
+    for e in upstream {
+        assert_eq!(e["span"]["request_id"], "trace-me-1", "{e}");
+    }
+}
+
+#[tokio::test]
+async fn no_secret_appears_in_any_log_or_cache_api_output() {
+    let hub = FakeHub::start().await;
+    hub.add_user("carol", "pw-s3cr3t-right");
+    let image = Image::single(
+        "secret",
+        "application/vnd.docker.distribution.manifest.v2+json",
+        1000,
+    );
+    hub.push("carol/private", "1", &image);
+    hub.make_private("carol/private");
+    let mut running = Running::start(&[
+        ("PULLTHROUGH_UPSTREAM", &hub.url),
+        ("PULLTHROUGH_UPSTREAM_USERNAME", "carol"),
+        ("PULLTHROUGH_UPSTREAM_PASSWORD", "pw-s3cr3t-right"),
+        ("PULLTHROUGH_ADMIN_TOKEN", "admin-s3cr3t-token-42"),
+        ("RUST_LOG", "trace"),
+    ]);
+    let url = running.url();
+    let client = support::client();
+    let r = client
+        .get(format!("{url}/v2/carol/private/manifests/1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let blob = support::hub::sha256(&image.blobs[1]);
+    let r = client
+        .get(format!("{url}/v2/carol/private/blobs/{blob}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.bytes().await.unwrap(), image.blobs[1]);
+    let mut api = String::new();
+    for path in [
+        "/_pullthrough/cache",
+        "/_pullthrough/stats",
+        "/_pullthrough/cache/carol/private/manifests/1?explain=pull",
+        "/metrics",
+        "/",
+    ] {
+        let r = client
+            .get(format!("{url}{path}"))
+            .bearer_auth("admin-s3cr3t-token-42")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        api.push_str(&r.text().await.unwrap());
+    }
+    assert!(api.contains("carol/private"), "the API shows the entry");
+    assert!(
+        hub.count("token_with_credentials") > 0,
+        "tokens were requested with the password"
+    );
+    let all = format!("{}\n{api}", running.all(Duration::from_millis(300)));
+    for secret in ["pw-s3cr3t-right", "admin-s3cr3t-token-42", "Y2Fyb2w6"] {
+        assert!(!all.contains(secret), "{secret} appeared in the output");
+    }
+    // The emulator's tokens are tok<n>.
+    let issued = all
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|w| {
+            w.len() > 3 && w.starts_with("tok") && w[3..].bytes().all(|b| b.is_ascii_digit())
+        })
+        .count();
+    assert_eq!(issued, 0, "a bearer token appeared in the output");
+}

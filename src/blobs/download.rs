@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio::sync::watch;
+use tracing::Instrument;
 
 /// How often one download may resume after its upstream body broke off.
 const MAX_RESUMES: u32 = 3;
@@ -214,7 +215,8 @@ impl BlobStore {
             digest.clone(),
             Arc::clone(&download),
         );
-        tokio::spawn(async move {
+        // Logged inside the span of the request that started it (its request id).
+        let task = async move {
             let file = tokio::fs::File::from_std(file);
             let outcome = store
                 .run_download(&upstream, &name, &digest, &d, file, temp_path)
@@ -224,7 +226,8 @@ impl BlobStore {
             }
             store.downloads.lock().remove(&digest);
             d.progress.send_modify(|p| p.outcome = Some(outcome));
-        });
+        };
+        tokio::spawn(task.in_current_span());
         Ok(Some(download))
     }
 

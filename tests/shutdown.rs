@@ -1,0 +1,94 @@
+//! SIGTERM: pullthrough stops accepting, lets responses in progress finish (within
+//! `shutdown_grace`), and exits 0; nothing partial is left in the store.
+
+mod support;
+
+use bytes::Bytes;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use support::hub::pattern;
+use support::{FakeHub, Fault};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_blob_pull_lets_it_finish_and_exits_0() {
+    let hub = FakeHub::start().await;
+    let blob = Bytes::from(pattern("drain", 1024 * 1024));
+    let digest = hub.push_blob("library/drain", blob.clone());
+    // 16 chunks of 64 KiB, one every 60 ms: about a second.
+    hub.fault(Fault::SlowBlob(Duration::from_millis(60)));
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("cache");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pullthrough"))
+        .env("PULLTHROUGH_LISTEN", "127.0.0.1:0")
+        .env("PULLTHROUGH_UPSTREAM", &hub.url)
+        .env("PULLTHROUGH_DATA_DIR", &data)
+        .env("PULLTHROUGH_CACHE_MIN_FREE_DISK", "0 B")
+        .env("PULLTHROUGH_SHUTDOWN_GRACE", "10s")
+        .env("RUST_LOG", "pullthrough=info")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let addr = tokio::task::spawn_blocking(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        let line = lines
+            .find(|l| l.as_ref().is_ok_and(|l| l.contains("listening")))
+            .unwrap()
+            .unwrap();
+        std::thread::spawn(move || lines.for_each(drop));
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix("addr="))
+            .unwrap()
+            .to_owned()
+    })
+    .await
+    .unwrap();
+    let url = format!("http://{addr}/v2/library/drain/blobs/{digest}");
+    let pull = tokio::spawn(async move {
+        let r = support::client().get(url).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await
+    });
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let signalled = Instant::now();
+    let body = pull
+        .await
+        .unwrap()
+        .expect("the response in progress finished");
+    assert_eq!(body, blob);
+
+    // New connections are no longer accepted.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let refused = support::client()
+        .get(format!("http://{addr}/v2/"))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await;
+    assert!(refused.is_err(), "still accepting after SIGTERM");
+
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        signalled.elapsed() < Duration::from_secs(10),
+        "exited within the grace period"
+    );
+    // The store holds the whole verified blob or nothing; tmp/ holds no part-file of it.
+    let hex = digest.trim_start_matches("sha256:");
+    let stored = data.join("blobs/sha256").join(&hex[..2]).join(hex);
+    if stored.exists() {
+        assert_eq!(std::fs::read(&stored).unwrap(), blob);
+    }
+    let leftovers = std::fs::read_dir(data.join("tmp")).map_or(0, |d| d.count());
+    assert_eq!(leftovers, 0, "partial files left in tmp/");
+}

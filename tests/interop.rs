@@ -287,3 +287,112 @@ async fn containerd_pulls_and_unpacks_through_pullthrough_as_the_docker_io_mirro
     let listed = ctr(&socket, &["images", "ls", "-q"]);
     assert!(listed.contains("docker.io/library/ctrtest:1"), "{listed}");
 }
+
+/// dockerd (Debian's `docker.io`) with its own data root, exec root and socket under `dir`, vfs
+/// storage, no network set-up, and `mirror` as its `registry-mirrors`.
+async fn dockerd(dir: &Path, mirror: &str) -> (Process, PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
+    let socket = dir.join("docker.sock");
+    let log = std::fs::File::create(dir.join("dockerd.log")).unwrap();
+    let child = Command::new("dockerd")
+        .arg("--data-root")
+        .arg(dir.join("root"))
+        .arg("--exec-root")
+        .arg(dir.join("exec"))
+        .arg("--pidfile")
+        .arg(dir.join("dockerd.pid"))
+        .arg("--host")
+        .arg(format!("unix://{}", socket.display()))
+        .args([
+            "--storage-driver",
+            "vfs",
+            "--iptables=false",
+            "--ip-masq=false",
+            "--bridge=none",
+            "--registry-mirror",
+            mirror,
+        ])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("dockerd is installed (apt-get install docker.io)");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let up = Command::new("docker")
+            .arg("--host")
+            .arg(format!("unix://{}", socket.display()))
+            .arg("version")
+            .env("DOCKER_CONFIG", dir)
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if up {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "dockerd did not start: {}",
+            std::fs::read_to_string(dir.join("dockerd.log")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    (Process(child), socket)
+}
+
+fn docker(dir: &Path, socket: &Path, args: &[&str]) -> String {
+    String::from_utf8(run(Command::new("docker")
+        .arg("--host")
+        .arg(format!("unix://{}", socket.display()))
+        .env("DOCKER_CONFIG", dir)
+        .args(args)))
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs docker-registry, skopeo and docker.io (run by .ci/run)"]
+async fn docker_engine_pulls_through_pullthrough_as_its_registry_mirror() {
+    let dir = tempfile::tempdir().unwrap();
+    let (registry, upstream) = reference_registry(dir.path()).await;
+    push(dir.path(), &upstream, "library/dockertest", "1");
+    let proxy = TestProxy::start_with_upstream(&upstream).await;
+
+    // The mirror is pullthrough; Docker Hub itself is unreachable here, so the pull can only
+    // succeed through it.
+    let first_dir = dir.path().join("dockerd1");
+    let (first, socket) = dockerd(&first_dir, &proxy.url).await;
+    docker(&first_dir, &socket, &["pull", "dockertest:1"]);
+    let inspected = docker(
+        &first_dir,
+        &socket,
+        &[
+            "image",
+            "inspect",
+            "--format",
+            "{{.Os}}/{{.Architecture}} {{len .RootFS.Layers}}",
+            "dockertest:1",
+        ],
+    );
+    assert_eq!(inspected.trim(), "linux/amd64 1", "the image was unpacked");
+    let listing: serde_json::Value = proxy
+        .get("/_pullthrough/cache/library/dockertest/manifests/1")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        listing["tag"]["hits"], 1,
+        "dockerd asked pullthrough for the tag"
+    );
+    drop(first);
+
+    // A fresh Docker Engine pulls again with the upstream gone: all from pullthrough's cache.
+    drop(registry);
+    let second_dir = dir.path().join("dockerd2");
+    let (_second, socket) = dockerd(&second_dir, &proxy.url).await;
+    docker(&second_dir, &socket, &["pull", "dockertest:1"]);
+    let inspected = docker(
+        &second_dir,
+        &socket,
+        &["image", "inspect", "--format", "{{.Id}}", "dockertest:1"],
+    );
+    assert!(inspected.trim().starts_with("sha256:"), "{inspected}");
+}

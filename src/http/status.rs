@@ -22,8 +22,8 @@ fn percent(ratio: Option<f64>) -> String {
     ratio.map_or("–".to_owned(), |r| format!("{:.1}%", r * 100.0))
 }
 
-fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+fn size(bytes: u64) -> String {
+    bytesize::ByteSize::b(bytes).to_string()
 }
 
 /// `GET /`.
@@ -69,8 +69,8 @@ pub async fn page(State(state): State<Arc<AppState>>) -> Response {
         );
         let _ = write!(
             errors,
-            "<tr><td>{when}</td><td>{:?}</td><td>{}</td><td>{}</td></tr>",
-            e.kind,
+            "<tr><td>{when}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            e.kind.as_str(),
             e.status.map_or("–".to_owned(), |s| s.to_string()),
             esc(&e.error)
         );
@@ -80,8 +80,8 @@ pub async fn page(State(state): State<Arc<AppState>>) -> Response {
     }
     let disk = format!(
         "{} of {} ({} blobs)",
-        mib(stats.blob_store.bytes),
-        mib(state.disk_limit),
+        size(stats.blob_store.bytes),
+        size(state.disk_limit),
         stats.blob_store.blobs
     );
     let html = format!(

@@ -130,6 +130,11 @@ pub enum UpstreamKind {
 }
 
 impl UpstreamKind {
+    /// The name used in metrics labels and on the status page.
+    pub fn as_str(self) -> &'static str {
+        self.label()
+    }
+
     const ALL: [UpstreamKind; 7] = [
         UpstreamKind::ManifestGet,
         UpstreamKind::ManifestHead,

@@ -401,7 +401,11 @@ impl Upstream {
                 Err(e) => {
                     let e = Error::from_reqwest(&e);
                     self.metrics.upstream(kind, None, started.elapsed());
-                    self.metrics.upstream_failed(kind, None, e.to_string());
+                    let detail = match &e {
+                        Error::Unreachable(cause) => format!("{e}: {cause}"),
+                        other => other.to_string(),
+                    };
+                    self.metrics.upstream_failed(kind, None, detail);
                     return Err(e);
                 }
             };

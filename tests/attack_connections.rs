@@ -151,22 +151,7 @@ async fn at_the_file_descriptor_limit_new_clients_are_still_answered() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let addr = tokio::task::spawn_blocking(move || {
-        use std::io::BufRead;
-        let mut lines = std::io::BufReader::new(stdout).lines();
-        let line = lines
-            .find(|l| l.as_ref().is_ok_and(|l| l.contains("listening")))
-            .unwrap()
-            .unwrap();
-        std::thread::spawn(move || lines.for_each(drop));
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix("addr="))
-            .unwrap()
-            .to_owned()
-    })
-    .await
-    .unwrap();
+    let addr = support::listening_addr(child.stdout.take().unwrap()).await;
     let outcome = tokio::time::timeout(LONG, async {
         // 100 idle connections: more than the process has descriptors for.
         let mut idle = Vec::new();

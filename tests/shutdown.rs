@@ -4,7 +4,6 @@
 mod support;
 
 use bytes::Bytes;
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use support::hub::pattern;
@@ -29,21 +28,7 @@ async fn sigterm_during_a_blob_pull_lets_it_finish_and_exits_0() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let addr = tokio::task::spawn_blocking(move || {
-        let mut lines = BufReader::new(stdout).lines();
-        let line = lines
-            .find(|l| l.as_ref().is_ok_and(|l| l.contains("listening")))
-            .unwrap()
-            .unwrap();
-        std::thread::spawn(move || lines.for_each(drop));
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix("addr="))
-            .unwrap()
-            .to_owned()
-    })
-    .await
-    .unwrap();
+    let addr = support::listening_addr(child.stdout.take().unwrap()).await;
     let url = format!("http://{addr}/v2/library/drain/blobs/{digest}");
     let pull = tokio::spawn(async move {
         let r = support::client().get(url).send().await.unwrap();

@@ -153,3 +153,23 @@ pub async fn error_code(response: reqwest::Response) -> String {
         .unwrap_or_default()
         .to_owned()
 }
+
+/// The address a pullthrough binary logged in its "listening" line on `stdout` (text logs);
+/// the rest of its output is drained in the background.
+pub async fn listening_addr(stdout: std::process::ChildStdout) -> String {
+    tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let line = lines
+            .find(|l| l.as_ref().is_ok_and(|l| l.contains("listening")))
+            .expect("the binary logs a listening line")
+            .unwrap();
+        std::thread::spawn(move || lines.for_each(drop));
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix("addr="))
+            .expect("the listening line names addr=")
+            .to_owned()
+    })
+    .await
+    .unwrap()
+}

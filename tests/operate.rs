@@ -472,3 +472,44 @@ async fn the_status_page_shows_what_the_stats_report() {
     assert!(html.contains("<b id=\"budget\">99 of 100</b>"), "{html}");
     assert!(html.contains("library/page:1"), "{html}");
 }
+
+#[tokio::test]
+async fn without_an_admin_token_purges_are_for_loopback_clients_only() {
+    use tower::ServiceExt;
+    let hub = FakeHub::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = TestProxy::config(&hub.url, dir.path());
+    let app = pullthrough::app(&config).unwrap();
+    let request = |peer: &str, method: &str| {
+        let mut request = axum::http::Request::builder()
+            .method(method)
+            .uri("/_pullthrough/cache/library/x?dry_run=true")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let peer: std::net::SocketAddr = peer.parse().unwrap();
+        request
+            .extensions_mut()
+            .insert(axum::extract::ConnectInfo(peer));
+        request
+    };
+    // A client on the network (here: a documentation address, handed in as the peer; no packet
+    // is sent anywhere) may read but not purge.
+    let r = app
+        .clone()
+        .oneshot(request("192.0.2.7:40000", "GET"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = app
+        .clone()
+        .oneshot(request("192.0.2.7:40000", "DELETE"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let body = axum::body::to_bytes(r.into_body(), 1 << 16).await.unwrap();
+    assert!(String::from_utf8_lossy(&body).contains("loopback"));
+    for peer in ["127.0.0.1:40000", "[::1]:40000", "[::ffff:127.0.0.1]:40000"] {
+        let r = app.clone().oneshot(request(peer, "DELETE")).await.unwrap();
+        assert_eq!(r.status(), 200, "{peer}");
+    }
+}

@@ -76,7 +76,7 @@ async fn guard(State(state): State<Arc<AppState>>, request: Request, next: Next)
             let loopback = request
                 .extensions()
                 .get::<ConnectInfo<SocketAddr>>()
-                .is_some_and(|c| c.0.ip().is_loopback());
+                .is_some_and(|c| c.0.ip().to_canonical().is_loopback());
             if !loopback {
                 return unauthorized(
                     "purging is accepted only from a loopback client unless admin_token is set",

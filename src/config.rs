@@ -290,12 +290,19 @@ impl Config {
         if self.upstream_username.as_deref() == Some("") {
             return bad("upstream_username", "must not be empty");
         }
-        if self
-            .admin_token
-            .as_ref()
-            .is_some_and(|t| t.0.trim().len() < 16)
-        {
-            return bad("admin_token", "must be at least 16 characters");
+        if let Some(token) = &self.admin_token {
+            if token.0.trim() != token.0 {
+                return bad(
+                    "admin_token",
+                    "must not start or end with white space (a newline from a file?)",
+                );
+            }
+            if token.0.len() < 16 || !token.0.bytes().all(|b| b.is_ascii_graphic()) {
+                return bad(
+                    "admin_token",
+                    "must be at least 16 visible ASCII characters",
+                );
+            }
         }
         if self.upstream_password.is_some() && self.upstream_password_file.is_some() {
             return bad(

@@ -94,7 +94,13 @@ async fn main() -> ExitCode {
         Ok(config) => config,
         Err(e) => {
             eprintln!("pullthrough: {e}");
-            return ExitCode::from(2);
+            // A health check reports unhealthy (1); Docker reserves 2.
+            let code = if matches!(command, Some(Command::Healthcheck { .. })) {
+                1
+            } else {
+                2
+            };
+            return ExitCode::from(code);
         }
     };
     match command {

@@ -238,6 +238,11 @@ impl ManifestCache {
         all
     }
 
+    /// Whether a manifest's bytes are in memory.
+    pub fn has_manifest_in_memory(&self, digest: &Digest) -> bool {
+        self.by_digest.contains_key(digest)
+    }
+
     /// Whether a manifest's bytes are cached (memory or disk), off the async workers.
     pub async fn has_manifest(&self, digest: &Digest) -> bool {
         if self.by_digest.contains_key(digest) {

@@ -513,3 +513,163 @@ async fn without_an_admin_token_purges_are_for_loopback_clients_only() {
         assert_eq!(r.status(), 200, "{peer}");
     }
 }
+
+#[tokio::test]
+async fn paging_walks_every_entry_and_hits_count_only_answers() {
+    let hub = FakeHub::start().await;
+    let image = Image::single("paged", DOCKER_MANIFEST, 10);
+    // Names whose order as `repository:tag` text differs from their order as (repository, tag).
+    for repo in [
+        "library/node",
+        "library/node-red",
+        "library/node2",
+        "library/node/sub",
+    ] {
+        hub.push(repo, "latest", &image);
+    }
+    let proxy = TestProxy::start(&hub).await;
+    for repo in [
+        "library/node",
+        "library/node-red",
+        "library/node2",
+        "library/node/sub",
+    ] {
+        pull_manifest(&proxy, &format!("/v2/{repo}/manifests/latest")).await;
+    }
+    let mut seen = Vec::new();
+    let mut after = String::new();
+    loop {
+        let page = json(
+            &proxy,
+            &format!("/_pullthrough/cache?limit=1&after={after}"),
+        )
+        .await;
+        for e in page["entries"].as_array().unwrap() {
+            seen.push(format!(
+                "{}:{}",
+                e["repository"].as_str().unwrap(),
+                e["tag"].as_str().unwrap()
+            ));
+        }
+        match page["next"].as_str() {
+            Some(next) => after = next.to_owned(),
+            None => break,
+        }
+    }
+    seen.sort();
+    assert_eq!(seen.len(), 4, "{seen:?}");
+
+    // Hits count answers the tag's entry gave: not 404s, not invented names.
+    for _ in 0..3 {
+        assert_eq!(
+            proxy.get("/v2/library/node/manifests/nope").await.status(),
+            404
+        );
+    }
+    assert_eq!(
+        proxy
+            .head("/v2/library/node/manifests/latest")
+            .await
+            .status(),
+        200
+    );
+    let entry = json(&proxy, "/_pullthrough/cache/library/node/manifests/latest").await;
+    assert_eq!(entry["tag"]["hits"], 2, "one GET and one HEAD");
+    let entry = json(&proxy, "/_pullthrough/cache/library/node/manifests/nope").await;
+    assert_eq!(entry["tag"], Value::Null);
+
+    // A platform the index lacks: explain says the pull fails. A bad blob digest is 400.
+    let multi = multi_arch("paged-multi");
+    hub.push("library/multi", "1", &multi);
+    pull_manifest(&proxy, "/v2/library/multi/manifests/1").await;
+    let explain = json(
+        &proxy,
+        "/_pullthrough/cache/library/multi/manifests/1?explain=pull&platform=linux/s390x",
+    )
+    .await;
+    assert!(
+        explain["explain"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("linux/s390x"),
+        "{explain}"
+    );
+    let r = proxy.get("/_pullthrough/cache/blobs/notadigest").await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(support::error_code(r).await, "DIGEST_INVALID");
+}
+
+#[tokio::test]
+async fn a_moved_tag_is_not_a_pull_saved() {
+    let hub = FakeHub::start().await;
+    hub.push(
+        "library/moving",
+        "1",
+        &Image::single("moving-a", DOCKER_MANIFEST, 10),
+    );
+    let proxy = TestProxy::start_with(&hub, |c| {
+        c.tag_ttl = Duration::from_millis(1);
+        c.max_stale = Duration::ZERO;
+    })
+    .await;
+    let path = "/v2/library/moving/manifests/1";
+    pull_manifest(&proxy, path).await;
+    hub.push(
+        "library/moving",
+        "1",
+        &Image::single("moving-b", DOCKER_MANIFEST, 10),
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    pull_manifest(&proxy, path).await;
+    assert_eq!(hub.count("manifest_get"), 2);
+    let stats = json(&proxy, "/_pullthrough/stats").await;
+    assert_eq!(
+        stats["counters"]["pulls_saved"], 0,
+        "every answer cost a GET"
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    pull_manifest(&proxy, path).await;
+    assert_eq!(hub.count("manifest_get"), 2, "unchanged: a HEAD only");
+    let stats = json(&proxy, "/_pullthrough/stats").await;
+    assert_eq!(stats["counters"]["pulls_saved"], 1);
+}
+
+#[tokio::test]
+async fn with_an_admin_token_metrics_and_the_status_page_keep_names_private() {
+    let hub = FakeHub::start().await;
+    hub.push(
+        "secretteam/app",
+        "1",
+        &Image::single("private-page", DOCKER_MANIFEST, 10),
+    );
+    let token = "0123456789abcdef-admin";
+    let proxy = TestProxy::start_with(&hub, |c| {
+        c.admin_token = Some(pullthrough::config::Secret(token.into()));
+    })
+    .await;
+    pull_manifest(&proxy, "/v2/secretteam/app/manifests/1").await;
+    assert_eq!(proxy.get("/metrics").await.status(), 401);
+    let r = proxy
+        .request(
+            reqwest::Method::GET,
+            "/metrics",
+            &[("authorization", &format!("bearer {token}"))],
+        )
+        .await;
+    assert_eq!(r.status(), 200, "the scheme is case-insensitive");
+    let text = r.text().await.unwrap();
+    assert!(
+        !text.contains("e+308") && text.contains("le=\"+Inf\""),
+        "{text}"
+    );
+    let page = proxy.get("/").await.text().await.unwrap();
+    assert!(!page.contains("secretteam"), "{page}");
+    let r = proxy
+        .request(
+            reqwest::Method::GET,
+            "/",
+            &[("authorization", &format!("Bearer {token}"))],
+        )
+        .await;
+    assert!(r.text().await.unwrap().contains("secretteam/app:1"));
+}

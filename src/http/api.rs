@@ -40,7 +40,7 @@ fn json(status: StatusCode, value: &impl Serialize) -> Response {
 }
 
 /// 401 with a message that says what is expected.
-fn unauthorized(message: &str) -> Response {
+pub fn unauthorized(message: &str) -> Response {
     let body = serde_json::json!({ "errors": [{ "code": "UNAUTHORIZED", "message": message, "detail": null }] });
     let mut response = json(StatusCode::UNAUTHORIZED, &body);
     response.headers_mut().insert(
@@ -50,28 +50,42 @@ fn unauthorized(message: &str) -> Response {
     response
 }
 
-/// Compares without stopping at the first difference.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Whether `request` carries `Authorization: Bearer <token>` (scheme in any case). The hashes
+/// are compared, without stopping at the first difference, so neither content nor length shows
+/// in the time taken.
+pub fn authorized(request: &Request, token: &crate::config::Secret) -> Option<bool> {
+    use sha2::Digest as _;
+    let value = request
+        .headers()
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, given) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Some(false);
+    }
+    let (a, b) = (
+        sha2::Sha256::digest(given.trim().as_bytes()),
+        sha2::Sha256::digest(token.0.as_bytes()),
+    );
+    Some(
+        a.iter()
+            .zip(b.iter())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0,
+    )
 }
 
 /// The access rule of every `/_pullthrough/` endpoint.
 async fn guard(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     match &state.admin_token {
-        Some(token) => {
-            let given = request
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "));
-            match given {
-                Some(given) if same(given.trim().as_bytes(), token.0.as_bytes()) => {}
-                Some(_) => return unauthorized("wrong admin token"),
-                None => {
-                    return unauthorized("this endpoint needs Authorization: Bearer <admin_token>");
-                }
+        Some(token) => match authorized(&request, token) {
+            Some(true) => {}
+            Some(false) => return unauthorized("wrong admin token"),
+            None => {
+                return unauthorized("this endpoint needs Authorization: Bearer <admin_token>");
             }
-        }
+        },
         None if request.method() == Method::DELETE => {
             let loopback = request
                 .extensions()
@@ -131,10 +145,12 @@ enum Target {
 }
 
 async fn target(state: &AppState, rest: &str) -> Result<Target, Error> {
-    if let Some(d) = rest.strip_prefix("blobs/")
-        && let Ok(digest) = d.parse::<Digest>()
-    {
-        return Ok(Target::Blob(digest));
+    // `blobs/` is reserved for blobs: a repository of that name is not addressable here.
+    if let Some(d) = rest.strip_prefix("blobs/") {
+        return d
+            .parse::<Digest>()
+            .map(Target::Blob)
+            .map_err(|e| Error::DigestInvalid(e.to_string()));
     }
     let hub = state.docker_hub_known();
     let name = |raw: &str| RepoName::parse(raw, hub).map_err(|e| Error::NameInvalid(e.to_string()));

@@ -20,8 +20,17 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     (status, Json(readiness)).into_response()
 }
 
-/// `GET /metrics`.
-pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+/// `GET /metrics`; with `admin_token` set it needs the token too (Prometheus sends it with
+/// `authorization: {credentials: ...}` in the scrape config).
+pub async fn metrics(
+    State(state): State<Arc<AppState>>,
+    request: axum::extract::Request,
+) -> Response {
+    if let Some(token) = &state.admin_token
+        && super::api::authorized(&request, token) != Some(true)
+    {
+        return super::api::unauthorized("/metrics needs Authorization: Bearer <admin_token>");
+    }
     let text = render_prometheus(Arc::clone(&state.metrics), state.gauges());
     (
         [(

@@ -2,7 +2,6 @@
 //! glance what the stats endpoint reports: hit ratio, pulls saved, rate-limit budget, the most
 //! pulled images with their freshness, disk use, and the last upstream errors.
 
-use crate::proxy::ListQuery;
 use crate::state::AppState;
 use axum::extract::State;
 use axum::http::header;
@@ -27,7 +26,7 @@ fn size(bytes: u64) -> String {
 }
 
 /// `GET /`.
-pub async fn page(State(state): State<Arc<AppState>>) -> Response {
+pub async fn page(State(state): State<Arc<AppState>>, request: axum::extract::Request) -> Response {
     let stats = state.stats();
     let c = &stats.counters;
     let manifests = c.requests.get("manifest").cloned().unwrap_or_default();
@@ -36,17 +35,18 @@ pub async fn page(State(state): State<Arc<AppState>>) -> Response {
         (Some(r), Some(l)) => format!("{r} of {l}"),
         _ => "not reported yet".to_owned(),
     };
-    let mut listing = state
-        .proxy
-        .list(&ListQuery {
-            limit: Some(1000),
-            ..ListQuery::default()
-        })
-        .await
-        .entries;
-    listing.sort_by(|a, b| b.hits.cmp(&a.hits).then(a.repository.cmp(&b.repository)));
+    // With admin_token set, image names and errors are shown only to requests that carry it.
+    let private = state
+        .admin_token
+        .as_ref()
+        .is_some_and(|t| super::api::authorized(&request, t) != Some(true));
+    let listing = if private {
+        Vec::new()
+    } else {
+        state.proxy.most_pulled(15)
+    };
     let mut rows = String::new();
-    for e in listing.iter().take(15) {
+    for e in &listing {
         let _ = write!(
             rows,
             "<tr><td>{}:{}</td><td class=\"num\">{}</td><td class=\"{}\">{}</td><td><code>{}</code></td><td>{}</td></tr>",
@@ -59,11 +59,13 @@ pub async fn page(State(state): State<Arc<AppState>>) -> Response {
             esc(&e.validated_at)
         );
     }
-    if rows.is_empty() {
-        rows.push_str("<tr><td colspan=\"5\">nothing cached yet</td></tr>");
+    if private {
+        rows.push_str("<tr><td colspan=\"5\">shown with the admin token only</td></tr>");
+    } else if rows.is_empty() {
+        rows.push_str("<tr><td colspan=\"5\">nothing pulled yet</td></tr>");
     }
     let mut errors = String::new();
-    for e in &c.recent_upstream_errors {
+    for e in c.recent_upstream_errors.iter().filter(|_| !private) {
         let when = humantime::format_rfc3339_seconds(
             std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(e.at),
         );

@@ -71,7 +71,7 @@ fn histogram(mut e: MetricEncoder<'_>, h: &super::Histogram) -> fmt::Result {
         .zip(&h.buckets)
         .map(|(b, n)| (*b, get(n)))
         .collect();
-    buckets.push((f64::MAX, get(&h.buckets[BUCKETS.len()])));
+    buckets.push((f64::INFINITY, get(&h.buckets[BUCKETS.len()])));
     let sum = get(&h.sum_micros) as f64 / 1e6;
     e.encode_histogram::<Labels>(sum, get(&h.count), &buckets, None)
 }

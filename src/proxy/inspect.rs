@@ -124,6 +124,9 @@ pub struct Step {
 pub struct Explain {
     /// The platform a pull resolves an index to.
     pub platform: String,
+    /// Why the pull would fail, from the cache alone (the index lacks the platform).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
     /// The upstream requests, in order.
     pub upstream_requests: Vec<Step>,
     /// Manifest GETs among them (what Docker Hub counts as pulls).
@@ -199,22 +202,25 @@ impl Proxy {
                 query.stale.is_none_or(|stale| stale != fresh)
             })
             .collect();
+        // Paged by the `repository:tag` text, so the order and `after` agree.
+        let mut matching: Vec<(String, RepoName, Tag, TagEntry)> = matching
+            .into_iter()
+            .map(|(n, t, e)| (format!("{}:{}", n.as_str(), t.as_str()), n, t, e))
+            .collect();
+        matching.sort_by(|a, b| a.0.cmp(&b.0));
         let total = matching.len();
         let start = query.after.as_deref().map_or(0, |after| {
             matching
                 .iter()
-                .position(|(n, t, _)| format!("{}:{}", n.as_str(), t.as_str()).as_str() > after)
+                .position(|(key, ..)| key.as_str() > after)
                 .unwrap_or(total)
         });
         let page: Vec<_> = matching.into_iter().skip(start).take(limit).collect();
         let next = (start + page.len() < total)
-            .then(|| {
-                page.last()
-                    .map(|(n, t, _)| format!("{}:{}", n.as_str(), t.as_str()))
-            })
+            .then(|| page.last().map(|(key, ..)| key.clone()))
             .flatten();
         let mut entries = Vec::with_capacity(page.len());
-        for (name, tag, entry) in &page {
+        for (_, name, tag, entry) in &page {
             let cached = self.manifests.has_manifest(&entry.digest).await;
             entries.push(self.tag_view(name, tag, entry, cached));
         }
@@ -223,6 +229,25 @@ impl Proxy {
             total,
             next,
         }
+    }
+
+    /// The `n` tags served most since start, most first (no disk access).
+    pub fn most_pulled(&self, n: usize) -> Vec<TagView> {
+        let mut all: Vec<(u64, RepoName, Tag, TagEntry)> = self
+            .manifests
+            .all_tags()
+            .into_iter()
+            .map(|(name, tag, entry)| (self.manifests.usage(&name, &tag).0, name, tag, entry))
+            .filter(|(hits, ..)| *hits > 0)
+            .collect();
+        all.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| (&a.1, &a.2).cmp(&(&b.1, &b.2))));
+        all.into_iter()
+            .take(n)
+            .map(|(_, name, tag, entry)| {
+                let cached = self.manifests.has_manifest_in_memory(&entry.digest);
+                self.tag_view(&name, &tag, &entry, cached)
+            })
+            .collect()
     }
 
     /// One entry: a tag or a digest, with its platforms or blobs.
@@ -311,6 +336,9 @@ impl Proxy {
                 Some(entry) => {
                     match self.policy.freshness(t, entry.validated_at, now_ms()) {
                         Freshness::Fresh => {}
+                        // A revalidation that failed lately is not retried before its backoff ends.
+                        Freshness::Stale
+                            if self.backoff.contains_key(&(name.clone(), t.clone())) => {}
                         Freshness::Stale => step(
                             "HEAD",
                             "manifest",
@@ -329,6 +357,7 @@ impl Proxy {
             },
         };
         let mut blob_bytes = 0;
+        let mut error: Option<String> = None;
         if let Some(digest) = digest {
             let mut current = Some(digest);
             // An index resolves to one platform's manifest, whose blobs are then pulled.
@@ -348,6 +377,11 @@ impl Proxy {
                                     .is_some_and(|p| platform_matches(p, platform))
                             })
                             .map(|c| c.digest);
+                        if current.is_none() {
+                            error = Some(format!(
+                                "the index has no manifest for {platform}: a pull for it fails"
+                            ));
+                        }
                     }
                     Some(Contents::Image(descriptors)) => {
                         for blob in descriptors {
@@ -367,7 +401,9 @@ impl Proxy {
             .count();
         let blob_gets = steps.iter().filter(|s| s.kind == "blob").count();
         let heads = steps.len() - manifest_gets - blob_gets;
-        let summary = if steps.is_empty() {
+        let summary = if let Some(error) = &error {
+            error.clone()
+        } else if steps.is_empty() {
             "no upstream request: everything is cached and fresh".to_owned()
         } else {
             format!(
@@ -381,6 +417,7 @@ impl Proxy {
         };
         Explain {
             platform: platform.to_owned(),
+            error,
             upstream_requests: steps,
             manifest_gets,
             blob_gets,

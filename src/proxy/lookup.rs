@@ -40,7 +40,6 @@ impl Proxy {
         want_body: bool,
     ) -> Result<Served, Error> {
         let key = (name.clone(), tag.clone());
-        self.manifests.touch(name, tag);
         let cached = self.manifests.tag(name, tag);
         let started = Instant::now();
         let (entry, mut status) = match cached {
@@ -65,7 +64,16 @@ impl Proxy {
                     }
                     (entry, Outcome::Stale)
                 }
-                Freshness::Expired => (self.revalidate(key).await?, Outcome::Revalidated),
+                Freshness::Expired => {
+                    let revalidated = self.revalidate(key).await?;
+                    // A tag that moved brought new content: that is a fetch, not a pull saved.
+                    let outcome = if revalidated.digest == entry.digest {
+                        Outcome::Revalidated
+                    } else {
+                        Outcome::Miss
+                    };
+                    (revalidated, outcome)
+                }
             },
         };
         if entry.held_back.is_some() {
@@ -78,6 +86,8 @@ impl Proxy {
         if matches!(served.status, Outcome::Miss | Outcome::Revalidated) {
             served.upstream_wait.get_or_insert(started.elapsed());
         }
+        // Counted only for answers the tag's entry gave (so invented tag names cost nothing).
+        self.manifests.touch(name, tag);
         Ok(served)
     }
 

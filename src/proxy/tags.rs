@@ -4,7 +4,7 @@
 
 use super::Proxy;
 use crate::error::Error;
-use crate::metrics::Outcome;
+use crate::metrics::{Outcome, StaleCause};
 use crate::registry::{RepoName, Tag};
 use bytes::Bytes;
 use std::sync::Arc;
@@ -121,12 +121,14 @@ impl Proxy {
             }),
             Ok(Err(e @ Error::NameUnknown)) => Err(e),
             Ok(Err(e)) => cached
+                .inspect(|_| self.upstream.metrics.stale(StaleCause::UpstreamError))
                 .map(|p| TagsPage {
                     outcome: Outcome::Stale,
                     ..(*p).clone()
                 })
                 .ok_or(e),
             Err(_) => cached
+                .inspect(|_| self.upstream.metrics.stale(StaleCause::UpstreamError))
                 .map(|p| TagsPage {
                     outcome: Outcome::Stale,
                     ..(*p).clone()

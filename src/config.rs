@@ -98,6 +98,9 @@ pub struct Config {
     pub client_idle_timeout: Duration,
     /// Open client connections above which the quietest ones are closed to make room.
     pub max_client_connections: usize,
+    /// More registries, chosen by containerd's `?ns=<host>` or a `/v2/<host>/...` path prefix.
+    /// File only (`[[upstreams]]` tables); the top-level `upstream` stays the default.
+    pub upstreams: Vec<UpstreamConfig>,
     /// Bearer token for the cache API under `/_pullthrough/` (then every endpoint needs it;
     /// without it, reading is open and purging is accepted from loopback clients only).
     pub admin_token: Option<Secret>,
@@ -106,6 +109,68 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Log format.
     pub log_format: LogFormat,
+}
+
+/// One more registry: the name it stands for, where it is, its credential, and its own tag
+/// policy and concurrency (each falling back to the top-level setting).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// The registry name clients use: `ghcr.io`, `quay.io`, `registry.example:5000`.
+    pub host: String,
+    /// Where to reach it.
+    pub url: Url,
+    /// Account name.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Password or access token.
+    #[serde(default)]
+    pub password: Option<Secret>,
+    /// File holding the password.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// `tag_ttl` for this registry.
+    #[serde(default, with = "humantime_serde::option")]
+    pub tag_ttl: Option<Duration>,
+    /// `max_stale` for this registry.
+    #[serde(default, with = "humantime_serde::option")]
+    pub max_stale: Option<Duration>,
+    /// `immutable_tags` for this registry.
+    #[serde(default)]
+    pub immutable_tags: Option<Vec<String>>,
+    /// `upstream_max_concurrency` for this registry.
+    #[serde(default)]
+    pub max_concurrency: Option<usize>,
+}
+
+/// Hosts that mean Docker Hub, as clients name it.
+pub const DOCKER_HUB_NAMES: &[&str] = &[
+    "docker.io",
+    "index.docker.io",
+    "registry-1.docker.io",
+    "registry.hub.docker.com",
+];
+
+impl UpstreamConfig {
+    /// Whether `host` is a registry host name (`name[.name...][:port]`, lower case).
+    fn valid_host(host: &str) -> bool {
+        let (name, port) = match host.rsplit_once(':') {
+            Some((name, port)) => (name, Some(port)),
+            None => (host, None),
+        };
+        !name.is_empty()
+            && name.len() <= 253
+            && name.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+            })
+            && port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p > 0))
+    }
 }
 
 /// How log events are written.
@@ -150,6 +215,7 @@ impl Default for Config {
             client_header_timeout: Duration::from_secs(20),
             client_idle_timeout: Duration::from_secs(60),
             max_client_connections: 1024,
+            upstreams: Vec::new(),
             admin_token: None,
             shutdown_grace: Duration::from_secs(30),
             log_format: LogFormat::Text,
@@ -400,6 +466,7 @@ impl Config {
         }
         self.password()
             .map_err(|e| ("upstream_password_file", e.0))?;
+        self.validate_upstreams()?;
         for pattern in &self.immutable_tags {
             if let Err(e) = regex::Regex::new(pattern) {
                 return bad(
@@ -414,6 +481,38 @@ impl Config {
         Ok(())
     }
 
+    /// Checks `[[upstreams]]`: host names, unique and not Docker Hub's (the default upstream
+    /// stands for Docker Hub), and each as valid as a whole configuration.
+    fn validate_upstreams(&self) -> Result<(), (&'static str, String)> {
+        let mut seen: Vec<&str> = Vec::new();
+        for u in &self.upstreams {
+            let bad = |why: String| Err(("upstreams", format!("host {:?}: {why}", u.host)));
+            if !UpstreamConfig::valid_host(&u.host) {
+                return bad(
+                    "must be a registry host name such as ghcr.io or registry.example:5000".into(),
+                );
+            }
+            if DOCKER_HUB_NAMES.contains(&u.host.as_str()) {
+                return bad("is Docker Hub, which the top-level upstream stands for".into());
+            }
+            if seen.contains(&u.host.as_str()) {
+                return bad("is configured twice".into());
+            }
+            seen.push(&u.host);
+            if let Err((key, why)) = self.for_upstream(u).validate() {
+                let key = match key {
+                    "upstream" => "url",
+                    "upstream_username" => "username",
+                    "upstream_password_file" => "password_file",
+                    "upstream_max_concurrency" => "max_concurrency",
+                    other => other,
+                };
+                return bad(format!("{key}: {why}"));
+            }
+        }
+        Ok(())
+    }
+
     /// The upstream password, read from `upstream_password_file` if that is set.
     pub fn password(&self) -> Result<Option<Secret>, ConfigError> {
         match (&self.upstream_password, &self.upstream_password_file) {
@@ -422,6 +521,26 @@ impl Config {
                 .map(|s| Some(Secret(s.trim_end_matches(['\r', '\n']).to_owned())))
                 .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display()))),
             (None, None) => Ok(None),
+        }
+    }
+
+    /// The settings of one of `upstreams`, as a whole configuration: its URL and credential,
+    /// and its tag policy and concurrency where set, the top-level values elsewhere.
+    pub fn for_upstream(&self, u: &UpstreamConfig) -> Config {
+        Config {
+            upstream: u.url.clone(),
+            upstream_username: u.username.clone(),
+            upstream_password: u.password.clone(),
+            upstream_password_file: u.password_file.clone(),
+            tag_ttl: u.tag_ttl.unwrap_or(self.tag_ttl),
+            max_stale: u.max_stale.unwrap_or(self.max_stale),
+            immutable_tags: u
+                .immutable_tags
+                .clone()
+                .unwrap_or_else(|| self.immutable_tags.clone()),
+            upstream_max_concurrency: u.max_concurrency.unwrap_or(self.upstream_max_concurrency),
+            upstreams: Vec::new(),
+            ..self.clone()
         }
     }
 
@@ -779,6 +898,11 @@ mod tests {
         let documented = include_str!("../config/pullthrough.toml");
         let mut seen = Vec::new();
         for line in documented.lines() {
+            if line.contains("[[upstreams]]") {
+                // Tables, file only: documented, not settable through the environment.
+                seen.push("upstreams".to_owned());
+                break;
+            }
             let line = line.trim_start_matches("# ").trim();
             let Some((key, value)) = line.split_once(" = ") else {
                 continue;

@@ -12,10 +12,13 @@ pub const MARKER: &str = ".pullthrough-cache";
 /// The directories of the layout.
 const DIRS: [&str; 4] = ["tmp", "manifests", "tags", "blobs"];
 
-/// The on-disk layout under the data directory.
+/// The on-disk layout under the data directory (or, for a further upstream, under
+/// `upstreams/<host>/` with the data directory's `tmp/`).
 #[derive(Debug, Clone)]
 pub struct Layout {
     root: PathBuf,
+    /// The data directory itself.
+    base: PathBuf,
 }
 
 /// Why a directory cannot be used as the cache.
@@ -46,6 +49,7 @@ impl Layout {
         };
         let layout = Layout {
             root: root.to_path_buf(),
+            base: root.to_path_buf(),
         };
         std::fs::create_dir_all(root).map_err(io)?;
         if !root.join(MARKER).is_file() {
@@ -55,6 +59,7 @@ impl Layout {
                 .map_err(io)?
                 .filter_map(Result::ok)
                 .all(|e| DIRS.contains(&e.file_name().to_string_lossy().as_ref()))
+                // (an old layout has no upstreams/ or upstream.json)
                 && ["manifests", "tags", "blobs"]
                     .iter()
                     .all(|d| root.join(d).is_dir());
@@ -70,12 +75,25 @@ impl Layout {
         Ok(layout)
     }
 
+    /// The layout of a further upstream's manifests and tags, under `upstreams/<name>/`.
+    pub fn upstream(&self, name: &str) -> std::io::Result<Layout> {
+        let child = Layout {
+            root: self.base.join("upstreams").join(name),
+            base: self.base.clone(),
+        };
+        child.create()?;
+        Ok(child)
+    }
+
     /// Creates the marker and the layout's directories (again, if they were removed).
     fn create(&self) -> std::io::Result<()> {
         for dir in DIRS {
+            std::fs::create_dir_all(self.base.join(dir))?;
+        }
+        for dir in ["manifests", "tags"] {
             std::fs::create_dir_all(self.root.join(dir))?;
         }
-        let marker = self.root.join(MARKER);
+        let marker = self.base.join(MARKER);
         if !marker.is_file() {
             std::fs::write(
                 marker,
@@ -92,7 +110,7 @@ impl Layout {
 
     /// Where partial files live until they are complete.
     pub fn tmp(&self) -> PathBuf {
-        self.root.join("tmp")
+        self.base.join("tmp")
     }
 
     /// A fresh temp file; the layout is recreated if it has gone.

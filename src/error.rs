@@ -31,6 +31,9 @@ pub enum Error {
     /// The blob does not exist.
     #[error("blob unknown to registry")]
     BlobUnknown,
+    /// A registry host (`?ns=` or path prefix) this pullthrough does not mirror.
+    #[error("registry {0} is not mirrored here (not a configured upstream)")]
+    UpstreamUnknown(String),
     /// The repository does not exist or upstream refused access to it.
     #[error("repository name not known to registry")]
     NameUnknown,

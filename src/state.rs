@@ -88,12 +88,14 @@ pub struct AppState {
     pub disk_limit: u64,
     /// The cache API's bearer token, if set.
     pub admin_token: Option<crate::config::Secret>,
-    /// `ns` values accepted (empty: all).
-    namespaces: Vec<String>,
     /// Whether the upstream is Docker Hub: 0 not known yet, 1 no, 2 yes.
     docker_hub: AtomicU8,
     layout: Layout,
     upstream_url: url::Url,
+    /// The `[[upstreams]]`, by the host name clients use.
+    pub others: Vec<Arc<Proxy>>,
+    /// `ns` values that mean the default upstream.
+    default_names: Vec<String>,
     /// `upstream_deadline`: the longest any request waits for its response headers.
     pub deadline: std::time::Duration,
 }
@@ -121,7 +123,51 @@ impl AppState {
         let blobs = BlobStore::open(layout.clone(), limits, Arc::clone(&metrics))?;
         blobs.warn_if_short_of_space();
         blobs.spawn_maintenance();
-        let proxy = Arc::new(Proxy::new(config, Arc::clone(&upstream), manifests, blobs)?);
+        let private_blobs = config.upstream_username.is_some()
+            || config.upstreams.iter().any(|u| u.username.is_some());
+        let default_name = config
+            .upstream
+            .host_str()
+            .map(|h| match config.upstream.port() {
+                Some(port) => format!("{h}:{port}"),
+                None => h.to_owned(),
+            })
+            .unwrap_or_default();
+        let mut others = Vec::new();
+        for u in &config.upstreams {
+            let derived = config.for_upstream(u);
+            let upstream = Arc::new(Upstream::new(&derived, Arc::clone(&metrics))?);
+            let dir = u.host.replace(':', "_");
+            let manifests = Arc::new(ManifestCache::open(
+                layout.upstream(&dir)?,
+                config.manifest_cache_bytes.as_u64(),
+            )?);
+            let proxy = Proxy::new(&derived, upstream, manifests, Arc::clone(&blobs))?.named(
+                &u.host,
+                private_blobs,
+                false,
+            );
+            others.push(Arc::new(proxy));
+        }
+        let proxy = Arc::new(
+            Proxy::new(config, Arc::clone(&upstream), manifests, blobs)?.named(
+                &default_name,
+                private_blobs,
+                true,
+            ),
+        );
+        let mut default_names: Vec<String> = if config.namespaces.is_empty() {
+            crate::config::DOCKER_HUB_NAMES
+                .iter()
+                .map(|n| (*n).to_owned())
+                .chain([default_name])
+                .collect()
+        } else {
+            config.namespaces.clone()
+        };
+        default_names
+            .iter_mut()
+            .for_each(|n| n.make_ascii_lowercase());
         let known = layout
             .read_state(UPSTREAM_STATE)
             .and_then(|raw| serde_json::from_slice::<UpstreamState>(&raw).ok())
@@ -132,10 +178,11 @@ impl AppState {
             metrics,
             admin_token: config.admin_token.clone(),
             disk_limit: config.cache_max_disk.as_u64(),
-            namespaces: config.namespaces.clone(),
             docker_hub: AtomicU8::new(known),
             layout,
             upstream_url: config.upstream.clone(),
+            others,
+            default_names,
             deadline: config.upstream_deadline,
         })
     }
@@ -232,24 +279,41 @@ impl AppState {
         }
     }
 
-    /// containerd names the registry it wants in `?ns=`. With `namespaces` configured, a
-    /// request meant for another registry gets 404, so containerd falls back to its next host
-    /// instead of receiving our upstream's content under a foreign name.
-    pub fn check_namespace(&self, query: Option<&str>) -> Result<(), Error> {
-        let Some(query) = query else { return Ok(()) };
-        if self.namespaces.is_empty() {
-            return Ok(());
-        }
-        for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
-            if key == "ns"
-                && !self
-                    .namespaces
-                    .iter()
-                    .any(|n| n.eq_ignore_ascii_case(&value))
-            {
-                return Err(Error::NameUnknown);
+    /// Which upstream a `/v2/` request is for: containerd's `?ns=<host>`, else a path prefix
+    /// `<host>/` naming a configured upstream, else the default. Returns the proxy, the path
+    /// tail without the prefix, and whether it is the default upstream. A host that is not
+    /// configured is 404 `NAME_UNKNOWN`, with no outbound request: pullthrough never fetches
+    /// from an address a client chose.
+    pub fn route<'a>(
+        &self,
+        tail: &'a str,
+        query: Option<&str>,
+    ) -> Result<(Arc<Proxy>, &'a str, bool), Error> {
+        let ns = query.and_then(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .find(|(k, _)| k == "ns")
+                .map(|(_, v)| v.to_ascii_lowercase())
+        });
+        let by_host = |host: &str| self.others.iter().find(|p| p.name() == host).cloned();
+        if let Some(ns) = ns {
+            if self.default_names.contains(&ns) {
+                return Ok((Arc::clone(&self.proxy), tail, true));
             }
+            return match by_host(&ns) {
+                Some(proxy) => Ok((proxy, tail, false)),
+                None => Err(Error::UpstreamUnknown(ns)),
+            };
         }
-        Ok(())
+        if let Some((first, rest)) = tail.split_once('/')
+            && let Some(proxy) = by_host(first)
+        {
+            return Ok((proxy, rest, false));
+        }
+        Ok((Arc::clone(&self.proxy), tail, true))
+    }
+
+    /// Every proxy: the default first.
+    pub fn proxies(&self) -> impl Iterator<Item = &Arc<Proxy>> {
+        std::iter::once(&self.proxy).chain(self.others.iter())
     }
 }

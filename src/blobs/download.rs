@@ -50,9 +50,9 @@ impl Progress {
 #[derive(Debug)]
 pub(super) struct Download {
     temp: PathBuf,
-    /// The repository the blob is fetched from: another repository may read the download only
-    /// under the rule for stored blobs.
-    repo: RepoName,
+    /// The upstream and repository the blob is fetched from: another may read the download
+    /// only under the rule for stored blobs.
+    origin: (String, RepoName),
     progress: watch::Sender<Progress>,
 }
 
@@ -90,15 +90,18 @@ impl BlobStore {
     /// under way for another repository is joined only when `shared_ok`. Returns once
     /// upstream's headers arrived, with the body following the download; a range is served
     /// as soon as its bytes are on disk.
+    #[allow(clippy::too_many_arguments)]
     pub async fn fetch(
         self: &Arc<Self>,
         upstream: &Arc<Upstream>,
+        upstream_name: &str,
         name: &RepoName,
         digest: &Digest,
         range: Option<ByteRange>,
         shared_ok: bool,
     ) -> Result<Joined, Error> {
-        let Some(download) = self.download(upstream, name, digest, shared_ok).await? else {
+        let origin = (upstream_name.to_owned(), name.clone());
+        let Some(download) = self.download(upstream, origin, digest, shared_ok).await? else {
             return Ok(Joined::OtherRepository);
         };
         let mut rx = download.progress.subscribe();
@@ -177,11 +180,11 @@ impl BlobStore {
     async fn download(
         self: &Arc<Self>,
         upstream: &Arc<Upstream>,
-        name: &RepoName,
+        origin: (String, RepoName),
         digest: &Digest,
         shared_ok: bool,
     ) -> Result<Option<Arc<Download>>, Error> {
-        let joinable = |d: &Arc<Download>| (shared_ok || d.repo == *name).then(|| Arc::clone(d));
+        let joinable = |d: &Arc<Download>| (shared_ok || d.origin == origin).then(|| Arc::clone(d));
         if let Some(d) = self.downloads.lock().get(digest) {
             return Ok(joinable(d));
         }
@@ -202,7 +205,7 @@ impl BlobStore {
             let (progress, _) = watch::channel(Progress::default());
             let download = Arc::new(Download {
                 temp: temp_path.to_path_buf(),
-                repo: name.clone(),
+                origin: origin.clone(),
                 progress,
             });
             downloads.insert(digest.clone(), Arc::clone(&download));
@@ -211,7 +214,7 @@ impl BlobStore {
         let (store, upstream, name, digest, d) = (
             Arc::clone(self),
             Arc::clone(upstream),
-            name.clone(),
+            origin.1.clone(),
             digest.clone(),
             Arc::clone(&download),
         );

@@ -6,7 +6,7 @@
 //! without it, reading is open and a purge is accepted only from a loopback client.
 
 use crate::error::Error;
-use crate::proxy::{ListQuery, Purge};
+use crate::proxy::{ListQuery, Proxy, Purge};
 use crate::registry::{Digest, Reference, RepoName};
 use crate::state::AppState;
 use axum::Router;
@@ -120,16 +120,14 @@ async fn list(
             "query: prefix=<repository prefix>, stale=true|false, limit=1..1000, after=<repository:tag>",
         );
     };
-    let listing = state
-        .proxy
-        .list(&ListQuery {
-            prefix: p.prefix,
-            stale: p.stale,
-            limit: p.limit,
-            after: p.after,
-        })
-        .await;
-    json(StatusCode::OK, &listing)
+    let proxies: Vec<_> = state.proxies().cloned().collect();
+    let query = ListQuery {
+        prefix: p.prefix,
+        stale: p.stale,
+        limit: p.limit,
+        after: p.after,
+    };
+    json(StatusCode::OK, &crate::proxy::list(&proxies, &query).await)
 }
 
 fn bad_request(message: &str) -> Response {
@@ -137,10 +135,10 @@ fn bad_request(message: &str) -> Response {
     json(StatusCode::BAD_REQUEST, &body)
 }
 
-/// What a path under `/cache/` names.
+/// What a path under `/cache/` names (a `<host>/` prefix picks a further upstream).
 enum Target {
-    Repository(RepoName),
-    Manifest(RepoName, Reference),
+    Repository(Arc<Proxy>, RepoName),
+    Manifest(Arc<Proxy>, RepoName, Reference),
     Blob(Digest),
 }
 
@@ -152,15 +150,16 @@ async fn target(state: &AppState, rest: &str) -> Result<Target, Error> {
             .map(Target::Blob)
             .map_err(|e| Error::DigestInvalid(e.to_string()));
     }
-    let hub = state.docker_hub_known();
+    let (proxy, rest, default) = state.route(rest, None)?;
+    let hub = default && state.docker_hub_known();
     let name = |raw: &str| RepoName::parse(raw, hub).map_err(|e| Error::NameInvalid(e.to_string()));
     match rest.rsplit_once("/manifests/") {
         Some((repo, reference)) => {
             let reference =
                 Reference::parse(reference).map_err(|e| Error::ManifestUnknown(e.to_string()))?;
-            Ok(Target::Manifest(name(repo)?, reference))
+            Ok(Target::Manifest(proxy, name(repo)?, reference))
         }
-        None => Ok(Target::Repository(name(rest.trim_end_matches('/'))?)),
+        None => Ok(Target::Repository(proxy, name(rest.trim_end_matches('/'))?)),
     }
 }
 
@@ -177,20 +176,19 @@ async fn show(
     Query(p): Query<ShowParams>,
 ) -> Result<Response, Error> {
     match target(&state, &rest).await? {
-        Target::Manifest(name, reference) => {
-            let mut entry = serde_json::to_value(state.proxy.entry(&name, &reference).await)
+        Target::Manifest(proxy, name, reference) => {
+            let mut entry = serde_json::to_value(proxy.entry(&name, &reference).await)
                 .map_err(|e| Error::Storage(e.to_string()))?;
             if p.explain.as_deref() == Some("pull") {
                 let platform = p.platform.as_deref().unwrap_or("linux/amd64");
-                let explain = state.proxy.explain(&name, &reference, platform).await;
+                let explain = proxy.explain(&name, &reference, platform).await;
                 entry["explain"] =
                     serde_json::to_value(explain).map_err(|e| Error::Storage(e.to_string()))?;
             }
             Ok(json(StatusCode::OK, &entry))
         }
-        Target::Repository(name) => {
-            let listing = state
-                .proxy
+        Target::Repository(proxy, name) => {
+            let listing = proxy
                 .list(&ListQuery {
                     prefix: Some(name.as_str().to_owned()),
                     limit: Some(1000),
@@ -235,9 +233,9 @@ async fn purge(
 ) -> Result<Response, Error> {
     let dry_run = p.dry_run.unwrap_or(false);
     let purge = match target(&state, &rest).await? {
-        Target::Repository(name) => state.proxy.purge_repository(&name, dry_run).await,
-        Target::Manifest(name, reference) => {
-            state.proxy.purge_manifest(&name, &reference, dry_run).await
+        Target::Repository(proxy, name) => proxy.purge_repository(&name, dry_run).await,
+        Target::Manifest(proxy, name, reference) => {
+            proxy.purge_manifest(&name, &reference, dry_run).await
         }
         Target::Blob(digest) => state.proxy.purge_blob(&digest, dry_run).await,
     };

@@ -24,7 +24,9 @@ impl Error {
             Error::Unsupported(_) => (StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED"),
             Error::ManifestUnknown(_) => (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN"),
             Error::BlobUnknown => (StatusCode::NOT_FOUND, "BLOB_UNKNOWN"),
-            Error::NameUnknown => (StatusCode::NOT_FOUND, "NAME_UNKNOWN"),
+            Error::NameUnknown | Error::UpstreamUnknown(_) => {
+                (StatusCode::NOT_FOUND, "NAME_UNKNOWN")
+            }
             Error::RangeInvalid { .. } => (StatusCode::RANGE_NOT_SATISFIABLE, "RANGE_INVALID"),
             Error::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS"),
             Error::GatewayTimeout => (StatusCode::GATEWAY_TIMEOUT, "UNAVAILABLE"),

@@ -90,16 +90,16 @@ async fn pull(state: Arc<AppState>, request: Request) -> Result<Response, Error>
         return Err(Error::Unsupported(method.to_string()));
     }
     let tail = uri.path().strip_prefix("/v2/").unwrap_or_default();
+    let (proxy, tail, default) = state.route(tail, uri.query())?;
     // Validate before anything can reach upstream; learn Hub-ness only for names that need it.
     let mut target = RegistryPath::parse(tail, false)?;
     let tags_query = match target {
         RegistryPath::TagsList { .. } => TagsQuery::parse(uri.query())?,
         _ => TagsQuery::default(),
     };
-    if !target.name().as_str().contains('/') && state.docker_hub().await? {
+    if default && !target.name().as_str().contains('/') && state.docker_hub().await? {
         target = RegistryPath::parse(tail, true)?;
     }
-    state.check_namespace(uri.query())?;
     let with_body = method == Method::GET;
     match target {
         RegistryPath::Manifest { name, reference } => {
@@ -115,7 +115,7 @@ async fn pull(state: Arc<AppState>, request: Request) -> Result<Response, Error>
                 accept,
                 want_body: with_body,
             };
-            let served = state.proxy.manifest(&request).await?;
+            let served = proxy.manifest(&request).await?;
             Ok(manifests::respond(served, headers, with_body))
         }
         RegistryPath::Blob { name, digest } => {
@@ -124,15 +124,22 @@ async fn pull(state: Arc<AppState>, request: Request) -> Result<Response, Error>
                     .get(header::RANGE)
                     .and_then(|v| v.to_str().ok())
                     .and_then(ByteRange::parse);
-                let body = state.proxy.blob(&name, &digest, range).await?;
+                let body = proxy.blob(&name, &digest, range).await?;
                 Ok(blobs::respond(&digest, body, &state.metrics))
             } else {
-                let head = state.proxy.blob_head(&name, &digest).await?;
+                let head = proxy.blob_head(&name, &digest).await?;
                 Ok(blobs::respond_head(&digest, head))
             }
         }
         RegistryPath::TagsList { name } => {
-            let page = state.proxy.tags_list(&name, tags_query).await?;
+            let mut page = proxy.tags_list(&name, tags_query).await?;
+            // Reached by a host prefix: the next page is reached the same way.
+            let prefix = format!("/v2/{}/", proxy.name());
+            if !default && uri.path().starts_with(&prefix) {
+                page.link = page
+                    .link
+                    .map(|l| l.replacen("</v2/", &format!("<{prefix}"), 1));
+            }
             Ok(tags::respond(page, with_body))
         }
     }

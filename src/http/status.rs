@@ -43,7 +43,10 @@ pub async fn page(State(state): State<Arc<AppState>>, request: axum::extract::Re
     let listing = if private {
         Vec::new()
     } else {
-        state.proxy.most_pulled(15)
+        let mut all: Vec<_> = state.proxies().flat_map(|p| p.most_pulled(15)).collect();
+        all.sort_by(|a, b| b.hits.cmp(&a.hits));
+        all.truncate(15);
+        all
     };
     let mut rows = String::new();
     for e in &listing {

@@ -26,29 +26,53 @@ impl Proxy {
         range: Option<ByteRange>,
     ) -> Result<BlobBody, Error> {
         if self.blobs.verified_size(digest).await.is_some() {
-            self.may_share(name, digest, self.upstream.head_blob(name, digest))
-                .await
-                .map_err(Error::blob)?;
+            self.may_share(
+                name,
+                digest,
+                self.private_blobs,
+                self.upstream.head_blob(name, digest),
+            )
+            .await
+            .map_err(Error::blob)?;
             if let Some(body) = self.blobs.open_stored(digest, range).await? {
                 return Ok(body);
             }
         }
         // A download started for another repository is joined under the same rule as a
         // stored blob: only where access from `name` is known or confirmed by upstream.
-        let shared_ok = !self.upstream.has_credentials() || self.manifests.granted(name, digest);
+        let shared_ok = !self.private_blobs || self.manifests.granted(name, digest);
         let joined = self
             .blobs
-            .fetch(&self.upstream, name, digest, range, shared_ok)
+            .fetch(
+                &self.upstream,
+                &self.upstream_name,
+                name,
+                digest,
+                range,
+                shared_ok,
+            )
             .await?;
         let body = match joined {
             Joined::Body(body) => body,
             Joined::OtherRepository => {
-                self.may_share(name, digest, self.upstream.head_blob(name, digest))
-                    .await
-                    .map_err(Error::blob)?;
+                self.may_share(
+                    name,
+                    digest,
+                    self.private_blobs,
+                    self.upstream.head_blob(name, digest),
+                )
+                .await
+                .map_err(Error::blob)?;
                 match self
                     .blobs
-                    .fetch(&self.upstream, name, digest, range, true)
+                    .fetch(
+                        &self.upstream,
+                        &self.upstream_name,
+                        name,
+                        digest,
+                        range,
+                        true,
+                    )
                     .await?
                 {
                     Joined::Body(body) => body,
@@ -68,9 +92,14 @@ impl Proxy {
         digest: &Digest,
     ) -> Result<BlobHead, Error> {
         if let Some(size) = self.blobs.verified_size(digest).await {
-            self.may_share(name, digest, self.upstream.head_blob(name, digest))
-                .await
-                .map_err(Error::blob)?;
+            self.may_share(
+                name,
+                digest,
+                self.private_blobs,
+                self.upstream.head_blob(name, digest),
+            )
+            .await
+            .map_err(Error::blob)?;
             return Ok(BlobHead {
                 size,
                 source: Outcome::Hit,

@@ -7,6 +7,7 @@ use super::Proxy;
 use crate::manifests::{Freshness, TagEntry, now_ms};
 use crate::registry::{Contents, Descriptor, Digest, Reference, RepoName, Tag, platform_matches};
 use serde::Serialize;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 /// A tag as the cache API shows it.
@@ -153,6 +154,44 @@ pub struct Purge {
     pub blobs: Vec<Digest>,
 }
 
+/// A page of the tags of every proxy in `proxies`, ordered by `[host/]repository:tag`.
+pub async fn list(proxies: &[Arc<Proxy>], query: &ListQuery) -> Listing {
+    let limit = query.limit.unwrap_or(100).clamp(1, 1000);
+    let mut matching: Vec<(String, usize, RepoName, Tag, TagEntry)> = proxies
+        .iter()
+        .enumerate()
+        .flat_map(|(i, p)| {
+            p.matching(query)
+                .into_iter()
+                .map(move |(key, n, t, e)| (key, i, n, t, e))
+        })
+        .collect();
+    // Paged by the key text, so the order and `after` agree.
+    matching.sort_by(|a, b| a.0.cmp(&b.0));
+    let total = matching.len();
+    let start = query.after.as_deref().map_or(0, |after| {
+        matching
+            .iter()
+            .position(|(key, ..)| key.as_str() > after)
+            .unwrap_or(total)
+    });
+    let page: Vec<_> = matching.into_iter().skip(start).take(limit).collect();
+    let next = (start + page.len() < total)
+        .then(|| page.last().map(|(key, ..)| key.clone()))
+        .flatten();
+    let mut entries = Vec::with_capacity(page.len());
+    for (_, i, name, tag, entry) in &page {
+        let proxy = &proxies[*i];
+        let cached = proxy.manifests.has_manifest(&entry.digest).await;
+        entries.push(proxy.tag_view(name, tag, entry, cached));
+    }
+    Listing {
+        entries,
+        total,
+        next,
+    }
+}
+
 fn rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_seconds(SystemTime::UNIX_EPOCH + Duration::from_millis(ms))
         .to_string()
@@ -184,11 +223,15 @@ impl Proxy {
     }
 
     /// A page of cached tags.
-    pub async fn list(&self, query: &ListQuery) -> Listing {
-        let limit = query.limit.unwrap_or(100).clamp(1, 1000);
+    pub async fn list(self: &Arc<Self>, query: &ListQuery) -> Listing {
+        list(std::slice::from_ref(self), query).await
+    }
+
+    /// The tags matching `query`, keyed by the text listings are ordered and resumed by:
+    /// `[host/]repository:tag` (the host prefix for upstreams other than the default).
+    fn matching(&self, query: &ListQuery) -> Vec<(String, RepoName, Tag, TagEntry)> {
         let now = now_ms();
-        let matching: Vec<(RepoName, Tag, TagEntry)> = self
-            .manifests
+        self.manifests
             .all_tags()
             .into_iter()
             .filter(|(name, _, _)| {
@@ -201,34 +244,11 @@ impl Proxy {
                 let fresh = self.policy.freshness(tag, entry.validated_at, now) == Freshness::Fresh;
                 query.stale.is_none_or(|stale| stale != fresh)
             })
-            .collect();
-        // Paged by the `repository:tag` text, so the order and `after` agree.
-        let mut matching: Vec<(String, RepoName, Tag, TagEntry)> = matching
-            .into_iter()
-            .map(|(n, t, e)| (format!("{}:{}", n.as_str(), t.as_str()), n, t, e))
-            .collect();
-        matching.sort_by(|a, b| a.0.cmp(&b.0));
-        let total = matching.len();
-        let start = query.after.as_deref().map_or(0, |after| {
-            matching
-                .iter()
-                .position(|(key, ..)| key.as_str() > after)
-                .unwrap_or(total)
-        });
-        let page: Vec<_> = matching.into_iter().skip(start).take(limit).collect();
-        let next = (start + page.len() < total)
-            .then(|| page.last().map(|(key, ..)| key.clone()))
-            .flatten();
-        let mut entries = Vec::with_capacity(page.len());
-        for (_, name, tag, entry) in &page {
-            let cached = self.manifests.has_manifest(&entry.digest).await;
-            entries.push(self.tag_view(name, tag, entry, cached));
-        }
-        Listing {
-            entries,
-            total,
-            next,
-        }
+            .map(|(n, t, e)| {
+                let key = format!("{}{}:{}", self.list_prefix, n.as_str(), t.as_str());
+                (key, n, t, e)
+            })
+            .collect()
     }
 
     /// The `n` tags served most since start, most first (no disk access).

@@ -26,7 +26,8 @@ impl Proxy {
                     .await?
             }
         };
-        if req.want_body && served.status != Outcome::Miss {
+        // A tag that moved brought new content: that is a fetch, not a pull saved.
+        if req.want_body && served.status != Outcome::Miss && !served.moved {
             self.upstream.metrics.pull_saved();
         }
         Ok(served)
@@ -42,6 +43,7 @@ impl Proxy {
         let key = (name.clone(), tag.clone());
         let cached = self.manifests.tag(name, tag);
         let started = Instant::now();
+        let mut moved = false;
         let (entry, mut status) = match cached {
             None => {
                 let flight = if want_body {
@@ -66,13 +68,8 @@ impl Proxy {
                 }
                 Freshness::Expired => {
                     let revalidated = self.revalidate(key).await?;
-                    // A tag that moved brought new content: that is a fetch, not a pull saved.
-                    let outcome = if revalidated.digest == entry.digest {
-                        Outcome::Revalidated
-                    } else {
-                        Outcome::Miss
-                    };
-                    (revalidated, outcome)
+                    moved = revalidated.digest != entry.digest;
+                    (revalidated, Outcome::Revalidated)
                 }
             },
         };
@@ -86,6 +83,7 @@ impl Proxy {
         if matches!(served.status, Outcome::Miss | Outcome::Revalidated) {
             served.upstream_wait.get_or_insert(started.elapsed());
         }
+        served.moved = moved;
         // Counted only for answers the tag's entry gave (so invented tag names cost nothing).
         self.manifests.touch(name, tag);
         Ok(served)
@@ -112,6 +110,7 @@ impl Proxy {
                 },
                 status,
                 upstream_wait: None,
+                moved: false,
             }),
             Negotiation::Serve => {
                 let (manifest, fetched) = self.bytes_of(name, &digest).await?;
@@ -120,6 +119,7 @@ impl Proxy {
                     body: ManifestBody::Full(manifest),
                     status,
                     upstream_wait: None,
+                    moved: false,
                 })
             }
             Negotiation::PlatformChild => {
@@ -144,7 +144,7 @@ impl Proxy {
         if cached.is_some() {
             let reference = Reference::Digest(digest.clone());
             let confirm = self.upstream.head_manifest(name, &reference);
-            self.may_share(name, digest, confirm)
+            self.may_share(name, digest, self.upstream.has_credentials(), confirm)
                 .await
                 .map_err(Error::manifest)?;
         }
@@ -168,19 +168,22 @@ impl Proxy {
             body,
             status,
             upstream_wait,
+            moved: false,
         })
     }
 
-    /// Content cached from one repository is served for another only when no credentials are
-    /// configured (everything cached is public), or after upstream confirms access with the
-    /// HEAD `confirm` (polled only then). Manifests and blobs share this rule and its grants.
+    /// Content cached from one repository is served for another only when it cannot be private
+    /// (`private_possible` false: no credentials anywhere it could have come from), or after
+    /// upstream confirms access with the HEAD `confirm` (polled only then). Manifests and blobs
+    /// share this rule and its grants.
     pub(super) async fn may_share(
         &self,
         name: &RepoName,
         digest: &Digest,
+        private_possible: bool,
         confirm: impl Future<Output = Result<upstream::Head, upstream::Error>>,
     ) -> Result<(), upstream::Error> {
-        if self.upstream.has_credentials() && !self.manifests.granted(name, digest) {
+        if private_possible && !self.manifests.granted(name, digest) {
             confirm.await?;
             self.manifests.grant(name, digest);
         }

@@ -11,7 +11,7 @@ mod lookup;
 mod tags;
 
 pub use blobs::BlobHead;
-pub use inspect::{EntryView, Explain, ListQuery, Listing, Purge, TagView};
+pub use inspect::{EntryView, Explain, ListQuery, Listing, Purge, TagView, list};
 pub use tags::{TagsPage, TagsQuery};
 
 use crate::blobs::BlobStore;
@@ -66,6 +66,8 @@ pub struct Served {
     pub status: Outcome,
     /// Time spent waiting for upstream, if any.
     pub upstream_wait: Option<Duration>,
+    /// A tag had moved upstream: its new content cost a fetch, so this is no pull saved.
+    pub moved: bool,
 }
 
 type TagKey = (RepoName, Tag);
@@ -82,6 +84,11 @@ pub struct Proxy {
     policy: TagPolicy,
     /// The upstream's host, as the cache API names it.
     upstream_name: String,
+    /// What listings put before `repository:tag` (`ghcr.io/`; nothing for the default).
+    list_prefix: String,
+    /// The shared blob store may hold private content (some upstream has credentials): a blob
+    /// is served for a repository only where upstream showed it.
+    private_blobs: bool,
     /// The tags-list copy is served stale a little before this request-wide deadline.
     deadline: Duration,
     reserve: f64,
@@ -111,6 +118,22 @@ pub struct ManifestRequest<'a> {
 }
 
 impl Proxy {
+    /// Names this proxy's upstream as clients do (`ghcr.io`), and says whether any upstream
+    /// sharing the blob store has credentials.
+    pub fn named(mut self, name: &str, private_blobs: bool, default: bool) -> Proxy {
+        self.upstream_name = name.to_owned();
+        if !default {
+            self.list_prefix = format!("{name}/");
+        }
+        self.private_blobs = private_blobs;
+        self
+    }
+
+    /// The registry name this proxy stands for.
+    pub fn name(&self) -> &str {
+        &self.upstream_name
+    }
+
     /// Builds the proxy from configuration and the shared pieces.
     pub fn new(
         config: &Config,
@@ -130,6 +153,9 @@ impl Proxy {
             blobs,
             policy,
             upstream_name: config.upstream.host_str().unwrap_or_default().to_owned(),
+            list_prefix: String::new(),
+            private_blobs: config.upstream_username.is_some()
+                || config.upstreams.iter().any(|u| u.username.is_some()),
             deadline: config.upstream_deadline,
             reserve: config.ratelimit_reserve,
             tag_gets: Flights::default(),

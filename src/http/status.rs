@@ -44,7 +44,7 @@ pub async fn page(State(state): State<Arc<AppState>>, request: axum::extract::Re
         Vec::new()
     } else {
         let mut all: Vec<_> = state.proxies().flat_map(|p| p.most_pulled(15)).collect();
-        all.sort_by(|a, b| b.hits.cmp(&a.hits));
+        all.sort_by_key(|v| std::cmp::Reverse(v.hits));
         all.truncate(15);
         all
     };

@@ -1,0 +1,166 @@
+//! Several registries behind one pullthrough: `?ns=<host>` (containerd) and a `/v2/<host>/`
+//! path prefix reach the configured upstream and share its cache; an unknown host is 404 with
+//! no outbound request; one upstream's credentials never reach another; content fetched with
+//! credentials is not served for another registry's repository.
+
+mod support;
+
+use pullthrough::config::{Secret, UpstreamConfig};
+use support::{FakeHub, Image, TestProxy, error_code};
+
+const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+
+fn upstream(host: &str, hub: &FakeHub) -> UpstreamConfig {
+    UpstreamConfig {
+        host: host.into(),
+        url: hub.url.parse().unwrap(),
+        username: None,
+        password: None,
+        password_file: None,
+        tag_ttl: None,
+        max_stale: None,
+        immutable_tags: None,
+        max_concurrency: None,
+    }
+}
+
+#[tokio::test]
+async fn ns_and_path_prefix_pick_the_upstream_and_share_its_cache() {
+    let hub = FakeHub::start().await;
+    let ghcr = FakeHub::start().await;
+    let default_image = Image::single("from-hub", DOCKER_MANIFEST, 100);
+    let ghcr_image = Image::single("from-ghcr", DOCKER_MANIFEST, 100);
+    hub.push("org/app", "1", &default_image);
+    ghcr.push("org/app", "1", &ghcr_image);
+    ghcr.push("alpine", "1", &ghcr_image);
+    let proxy =
+        TestProxy::start_with(&hub, |c| c.upstreams = vec![upstream("ghcr.io", &ghcr)]).await;
+
+    // Default, by no ns or ns=docker.io.
+    assert_eq!(
+        proxy.get_ok("/v2/org/app/manifests/1").await,
+        default_image.bytes
+    );
+    assert_eq!(
+        proxy.get_ok("/v2/org/app/manifests/1?ns=docker.io").await,
+        default_image.bytes
+    );
+    // ghcr.io by ns, then by path prefix: one upstream GET, the second a HIT of the same entry.
+    assert_eq!(
+        proxy.get_ok("/v2/org/app/manifests/1?ns=ghcr.io").await,
+        ghcr_image.bytes
+    );
+    let r = proxy.get("/v2/ghcr.io/org/app/manifests/1").await;
+    assert_eq!(r.headers()["x-cache"], "HIT");
+    assert_eq!(r.bytes().await.unwrap(), ghcr_image.bytes);
+    assert_eq!(ghcr.count("manifest_get"), 1);
+    assert_eq!(hub.count("manifest_get"), 1);
+    // Blobs and tags lists the same way; a tags list reached by prefix pages by prefix.
+    let blob = support::hub::sha256(&ghcr_image.blobs[1]);
+    assert_eq!(
+        proxy
+            .get_ok(&format!("/v2/ghcr.io/org/app/blobs/{blob}"))
+            .await,
+        ghcr_image.blobs[1]
+    );
+    let r = proxy
+        .get(&format!("/v2/org/app/blobs/{blob}?ns=ghcr.io"))
+        .await;
+    assert_eq!(r.headers()["x-cache"], "HIT");
+    let tags: serde_json::Value = proxy
+        .get("/v2/ghcr.io/org/app/tags/list")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(tags["tags"], serde_json::json!(["1"]));
+
+    // library/ is Docker Hub's alone.
+    assert_eq!(
+        proxy.get_ok("/v2/ghcr.io/alpine/manifests/1").await,
+        ghcr_image.bytes
+    );
+    assert_eq!(ghcr.count("GET /v2/alpine/manifests/1"), 1);
+
+    // An unknown registry: 404 naming it, and nothing asked anywhere.
+    let (before_hub, before_ghcr) = (hub.total(), ghcr.total());
+    let r = proxy.get("/v2/org/app/manifests/1?ns=quay.io").await;
+    assert_eq!(r.status(), 404);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["errors"][0]["code"], "NAME_UNKNOWN");
+    assert!(
+        body["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("quay.io")
+    );
+    assert_eq!((hub.total(), ghcr.total()), (before_hub, before_ghcr));
+
+    // The cache API lists every upstream's tags and addresses them by host prefix.
+    let listing: serde_json::Value = proxy.get("/_pullthrough/cache").await.json().await.unwrap();
+    let upstreams: Vec<&str> = listing["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["upstream"].as_str().unwrap())
+        .collect();
+    assert!(upstreams.contains(&"ghcr.io"), "{listing}");
+    let entry: serde_json::Value = proxy
+        .get("/_pullthrough/cache/ghcr.io/org/app/manifests/1")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(entry["digest"], ghcr_image.digest.as_str());
+}
+
+#[tokio::test]
+async fn credentials_stay_with_their_upstream_and_private_blobs_stay_private() {
+    let hub = FakeHub::start().await;
+    let corp = FakeHub::start().await;
+    corp.add_user("bot", "corp-s3cret");
+    let private = Image::single("corp-private", DOCKER_MANIFEST, 50_000);
+    corp.push("team/secret", "1", &private);
+    corp.make_private("team/secret");
+    // The default upstream has a public repository without that blob.
+    hub.push(
+        "public/app",
+        "1",
+        &Image::single("public", DOCKER_MANIFEST, 100),
+    );
+    let proxy = TestProxy::start_with(&hub, |c| {
+        let mut u = upstream("registry.corp.example:5000", &corp);
+        u.username = Some("bot".into());
+        u.password = Some(Secret("corp-s3cret".into()));
+        c.upstreams = vec![u];
+    })
+    .await;
+    let prefix = "/v2/registry.corp.example:5000/team/secret";
+    assert_eq!(
+        proxy.get_ok(&format!("{prefix}/manifests/1")).await,
+        private.bytes
+    );
+    let blob = support::hub::sha256(&private.blobs[1]);
+    assert_eq!(
+        proxy.get_ok(&format!("{prefix}/blobs/{blob}")).await,
+        private.blobs[1]
+    );
+    assert!(corp.count("token_with_credentials") > 0);
+    assert!(!proxy.get_ok("/v2/public/app/manifests/1").await.is_empty());
+    assert_eq!(
+        hub.count("token_with_credentials"),
+        0,
+        "corp's password never went to Docker Hub"
+    );
+
+    // The private blob asked for under the default upstream's public repository: upstream is
+    // asked (and says no), the stored bytes are not served.
+    let heads = hub.count("blob_head") + hub.count("blob_get");
+    let r = proxy.get(&format!("/v2/public/app/blobs/{blob}")).await;
+    assert_eq!(r.status(), 404);
+    assert_eq!(error_code(r).await, "BLOB_UNKNOWN");
+    assert!(
+        hub.count("blob_head") + hub.count("blob_get") > heads,
+        "upstream was asked"
+    );
+}

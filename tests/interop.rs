@@ -396,3 +396,85 @@ async fn docker_engine_pulls_through_pullthrough_as_its_registry_mirror() {
     );
     assert!(inspected.trim().starts_with("sha256:"), "{inspected}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs docker-registry, skopeo and containerd (run by .ci/run)"]
+async fn containerd_pulls_two_registries_through_one_pullthrough_by_ns() {
+    let dir = tempfile::tempdir().unwrap();
+    for sub in ["hub", "ghcr"] {
+        std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+    }
+    let (_hub_registry, hub_url) = reference_registry(&dir.path().join("hub")).await;
+    let (_ghcr_registry, ghcr_url) = reference_registry(&dir.path().join("ghcr")).await;
+    push(dir.path(), &hub_url, "library/fromhub", "1");
+    push(dir.path(), &ghcr_url, "org/fromghcr", "1");
+    let proxy_dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let mut config = TestProxy::config(&hub_url, proxy_dir.path());
+    config.upstreams = vec![pullthrough::config::UpstreamConfig {
+        host: "ghcr.io".into(),
+        url: ghcr_url.parse().unwrap(),
+        username: None,
+        password: None,
+        password_file: None,
+        tag_ttl: None,
+        max_stale: None,
+        immutable_tags: None,
+        max_concurrency: None,
+    }];
+    let proxy = TestProxy::start_config(config, Some(proxy_dir)).await;
+
+    // One hosts.toml per registry, both naming pullthrough; containerd adds ?ns=<registry>.
+    let hosts_dir = dir.path().join("certs.d");
+    for registry in ["docker.io", "ghcr.io"] {
+        let hosts = hosts_dir.join(registry);
+        std::fs::create_dir_all(&hosts).unwrap();
+        std::fs::write(
+            hosts.join("hosts.toml"),
+            format!(
+                "server = \"http://127.0.0.1:{}\"\n\n[host.\"{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+                free_port(),
+                proxy.url
+            ),
+        )
+        .unwrap();
+    }
+    let (_containerd, socket) = containerd(&dir.path().join("ctr")).await;
+    for image in ["docker.io/library/fromhub:1", "ghcr.io/org/fromghcr:1"] {
+        run(Command::new("ctr").arg("--address").arg(&socket).args([
+            "images",
+            "pull",
+            "--hosts-dir",
+            hosts_dir.to_str().unwrap(),
+            "--snapshotter",
+            "native",
+            "--platform",
+            "linux/amd64",
+            image,
+        ]));
+    }
+    let listed = String::from_utf8(run(Command::new("ctr")
+        .arg("--address")
+        .arg(&socket)
+        .args(["images", "ls", "-q"])))
+    .unwrap();
+    assert!(listed.contains("docker.io/library/fromhub:1"), "{listed}");
+    assert!(listed.contains("ghcr.io/org/fromghcr:1"), "{listed}");
+    let cache: serde_json::Value = proxy.get("/_pullthrough/cache").await.json().await.unwrap();
+    let keys: Vec<String> = cache["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {}",
+                e["upstream"].as_str().unwrap(),
+                e["repository"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert!(keys.iter().any(|k| k == "ghcr.io org/fromghcr"), "{keys:?}");
+    assert!(
+        keys.iter().any(|k| k.ends_with(" library/fromhub")),
+        "{keys:?}"
+    );
+}

@@ -101,6 +101,9 @@ pub struct Config {
     /// More registries, chosen by containerd's `?ns=<host>` or a `/v2/<host>/...` path prefix.
     /// File only (`[[upstreams]]` tables); the top-level `upstream` stays the default.
     pub upstreams: Vec<UpstreamConfig>,
+    /// Accept upstream credentials on a listener that is not loopback although there is no
+    /// client access control (every client that reaches it can read the private images).
+    pub allow_open_credentials: bool,
     /// Bearer token for the cache API under `/_pullthrough/` (then every endpoint needs it;
     /// without it, reading is open and purging is accepted from loopback clients only).
     pub admin_token: Option<Secret>,
@@ -216,6 +219,7 @@ impl Default for Config {
             client_idle_timeout: Duration::from_secs(60),
             max_client_connections: 1024,
             upstreams: Vec::new(),
+            allow_open_credentials: false,
             admin_token: None,
             shutdown_grace: Duration::from_secs(30),
             log_format: LogFormat::Text,
@@ -320,6 +324,16 @@ impl Config {
                 "invalid value for {}: must be above cache_low_watermark ({})",
                 source_of(&figment, "cache_high_watermark"),
                 config.cache_low_watermark
+            )));
+        }
+        if config.has_credentials()
+            && !config.listen.ip().to_canonical().is_loopback()
+            && !config.allow_open_credentials
+        {
+            return Err(ConfigError(format!(
+                "invalid value for {}: upstream credentials are configured and pullthrough has no client access control, so every client that reaches {} could read the account's private images; listen on loopback, or set allow_open_credentials = true to accept that",
+                source_of(&figment, "listen"),
+                config.listen
             )));
         }
         config.validate().map_err(|(key, why)| {
@@ -542,6 +556,11 @@ impl Config {
             upstreams: Vec::new(),
             ..self.clone()
         }
+    }
+
+    /// Whether any upstream has credentials (then cached content may be private).
+    pub fn has_credentials(&self) -> bool {
+        self.upstream_username.is_some() || self.upstreams.iter().any(|u| u.username.is_some())
     }
 
     /// Every key the file and the environment accept, read from the type itself.
@@ -898,7 +917,7 @@ mod tests {
         let documented = include_str!("../config/pullthrough.toml");
         let mut seen = Vec::new();
         for line in documented.lines() {
-            if line.contains("[[upstreams]]") {
+            if line.trim() == "# [[upstreams]]" {
                 // Tables, file only: documented, not settable through the environment.
                 seen.push("upstreams".to_owned());
                 break;
@@ -950,6 +969,35 @@ mod tests {
             .to_string();
         assert!(err.contains("upstream_password"), "{err}");
         assert!(!err.contains("123456789"), "{err}");
+    }
+
+    #[test]
+    fn credentials_on_an_open_listener_need_consent() {
+        let creds = [
+            ("PULLTHROUGH_UPSTREAM_USERNAME", "u"),
+            ("PULLTHROUGH_UPSTREAM_PASSWORD", "p"),
+        ];
+        let open = [creds[0], creds[1], ("PULLTHROUGH_LISTEN", "0.0.0.0:5000")];
+        let err = Config::load(None, env(&open), &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("allow_open_credentials") && err.contains("listen"),
+            "{err}"
+        );
+        let consented = [
+            open[0],
+            open[1],
+            open[2],
+            ("PULLTHROUGH_ALLOW_OPEN_CREDENTIALS", "true"),
+        ];
+        assert!(Config::load(None, env(&consented), &Overrides::default()).is_ok());
+        assert!(
+            Config::load(None, env(&creds), &Overrides::default()).is_ok(),
+            "loopback"
+        );
+        let anonymous = [("PULLTHROUGH_LISTEN", "0.0.0.0:5000")];
+        assert!(Config::load(None, env(&anonymous), &Overrides::default()).is_ok());
     }
 
     #[test]

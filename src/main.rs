@@ -149,6 +149,9 @@ async fn main() -> ExitCode {
     };
     let bound = listener.local_addr().unwrap_or(config.listen);
     tracing::info!(addr = %bound, upstream = %config.upstream, data_dir = %config.data_dir.display(), "listening");
+    if config.has_credentials() {
+        tracing::warn!(addr = %bound, "upstream credentials are configured and pullthrough has no client access control: every client that can reach this address can read the private images those credentials can");
+    }
     match pullthrough::serve(app, listener, &config, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -101,6 +101,10 @@ pub struct Config {
     /// More registries, chosen by containerd's `?ns=<host>` or a `/v2/<host>/...` path prefix.
     /// File only (`[[upstreams]]` tables); the top-level `upstream` stays the default.
     pub upstreams: Vec<UpstreamConfig>,
+    /// PEM certificate chain for TLS on the listener (with `tls_key`); re-read when it changes.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`.
+    pub tls_key: Option<PathBuf>,
     /// Accept upstream credentials on a listener that is not loopback although there is no
     /// client access control (every client that reaches it can read the private images).
     pub allow_open_credentials: bool,
@@ -219,6 +223,8 @@ impl Default for Config {
             client_idle_timeout: Duration::from_secs(60),
             max_client_connections: 1024,
             upstreams: Vec::new(),
+            tls_cert: None,
+            tls_key: None,
             allow_open_credentials: false,
             admin_token: None,
             shutdown_grace: Duration::from_secs(30),
@@ -481,6 +487,9 @@ impl Config {
         self.password()
             .map_err(|e| ("upstream_password_file", e.0))?;
         self.validate_upstreams()?;
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return bad("tls_key", "set both tls_cert and tls_key, or neither");
+        }
         for pattern in &self.immutable_tags {
             if let Err(e) = regex::Regex::new(pattern) {
                 return bad(

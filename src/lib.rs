@@ -36,18 +36,23 @@ pub async fn run(
     serve(app(&config)?, listener, &config, shutdown).await
 }
 
-/// Serves a built router (see [`app`]) with the connection limits of `config` until `shutdown`
-/// resolves.
+/// Serves a built router (see [`app`]) with the connection limits (and the TLS certificate, if
+/// any) of `config` until `shutdown` resolves.
 pub async fn serve(
     app: axum::Router,
     listener: TcpListener,
     config: &Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(http::tls::acceptor(cert, key)?.0),
+        _ => None,
+    };
     http::server::serve(
         app,
         listener,
         http::server::Limits::from_config(config),
+        tls,
         shutdown,
     )
     .await?;

@@ -137,6 +137,12 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key)
+        && let Err(e) = pullthrough::http::tls::acceptor(cert, key)
+    {
+        eprintln!("pullthrough: invalid value for key \"tls_cert\": {e:#}");
+        return ExitCode::from(2);
+    }
     let listener = match TcpListener::bind(config.listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -148,7 +154,12 @@ async fn main() -> ExitCode {
         }
     };
     let bound = listener.local_addr().unwrap_or(config.listen);
-    tracing::info!(addr = %bound, upstream = %config.upstream, data_dir = %config.data_dir.display(), "listening");
+    let scheme = if config.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    tracing::info!(addr = %bound, scheme, upstream = %config.upstream, data_dir = %config.data_dir.display(), "listening");
     if config.has_credentials() {
         tracing::warn!(addr = %bound, "upstream credentials are configured and pullthrough has no client access control: every client that can reach this address can read the private images those credentials can");
     }

@@ -11,6 +11,7 @@ pub mod path;
 pub mod server;
 mod status;
 mod tags;
+pub mod tls;
 
 use crate::blobs::ByteRange;
 use crate::error::Error;

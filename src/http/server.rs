@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
+use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
 /// The connection limits, from [`Config`].
@@ -141,6 +142,7 @@ pub async fn serve(
     app: Router,
     listener: TcpListener,
     limits: Limits,
+    tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -187,6 +189,7 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         tokio::spawn(connection(
             stream,
+            tls.clone(),
             peer,
             app.clone(),
             builder.clone(),
@@ -217,11 +220,12 @@ pub async fn serve(
 /// Serves one connection until it ends, times out, is shed, or the server stops.
 async fn connection(
     stream: TcpStream,
+    tls: Option<TlsAcceptor>,
     peer: std::net::SocketAddr,
     app: Router,
     builder: auto::Builder<TokioExecutor>,
     registry: Arc<Registry>,
-    mut stop: watch::Receiver<Stop>,
+    stop: watch::Receiver<Stop>,
     limits: Limits,
 ) {
     let id = registry.next_id.fetch_add(1, Ordering::Relaxed);
@@ -242,77 +246,132 @@ async fn connection(
             closing: Arc::clone(&closing),
         },
     );
-    let io = TokioIo::new(Tracked {
+    let tracked = Tracked {
         inner: stream,
         activity: Arc::clone(&activity),
         registry: Arc::clone(&registry),
-    });
-    let (watched, clock) = (Arc::clone(&activity), Arc::clone(&registry));
-    let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
-        let guard = InFlight::start(Arc::clone(&watched), Arc::clone(&clock));
-        let mut request = request.map(axum::body::Body::new);
-        // The client's address, for rules that depend on it (loopback-only purges).
-        request
-            .extensions_mut()
-            .insert(axum::extract::ConnectInfo(peer));
-        let response = app.clone().oneshot(request);
-        async move {
-            let response = response.await?;
-            Ok::<_, std::convert::Infallible>(response.map(|body| {
-                axum::body::Body::new(Watched {
-                    body,
-                    _guard: guard,
-                })
-            }))
-        }
-    });
-    let conn = builder.serve_connection_with_upgrades(io, service);
-    tokio::pin!(conn);
-    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-    let (header_ms, idle_ms) = (ms(limits.header_timeout), ms(limits.idle_timeout));
-    let tick = (limits.header_timeout.min(limits.idle_timeout) / 4).max(Duration::from_millis(50));
-    let mut asked_to_close = false;
-    loop {
-        tokio::select! {
-            _ = conn.as_mut() => break,
-            () = close.notified(), if !asked_to_close => {
-                if activity.in_flight.load(Ordering::Relaxed) == 0 {
-                    break;
-                }
-                conn.as_mut().graceful_shutdown();
-                asked_to_close = true;
-            }
-            changed = stop.changed() => {
-                if changed.is_err() || *stop.borrow() == Stop::Now {
-                    break;
-                }
-                if activity.in_flight.load(Ordering::Relaxed) == 0 {
-                    break;
-                }
-                if !asked_to_close {
-                    conn.as_mut().graceful_shutdown();
-                    asked_to_close = true;
-                }
-            }
-            () = tokio::time::sleep(tick) => {
-                let now = registry.now_ms();
-                let quiet = now.saturating_sub(activity.last_byte.load(Ordering::Relaxed));
-                let waiting = now.saturating_sub(activity.last_boundary.load(Ordering::Relaxed));
-                let idle = activity.in_flight.load(Ordering::Relaxed) == 0;
-                // No response to finish: a missing request head, an idle keep-alive connection,
-                // or one asked to close, is dropped at once.
-                if idle && (waiting >= header_ms || quiet >= idle_ms || asked_to_close) {
-                    break;
-                }
-                // A client that stopped reading its response.
-                if !idle && activity.write_blocked.load(Ordering::Relaxed) && quiet >= idle_ms {
-                    break;
-                }
+    };
+    let conn = Conn {
+        app,
+        builder,
+        registry: Arc::clone(&registry),
+        activity,
+        close,
+        stop,
+        limits,
+        peer,
+    };
+    match tls {
+        None => conn.drive(tracked).await,
+        // The handshake is part of the request head: bounded by the header timeout.
+        Some(acceptor) => {
+            match tokio::time::timeout(limits.header_timeout, acceptor.accept(tracked)).await {
+                Ok(Ok(stream)) => conn.drive(stream).await,
+                Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!("TLS handshake timed out"),
             }
         }
     }
     registry.open.lock().remove(&id);
     registry.ended.notify_waiters();
+}
+
+/// One accepted connection's parts, for [`Conn::drive`] over plain TCP or TLS.
+struct Conn {
+    app: Router,
+    builder: auto::Builder<TokioExecutor>,
+    registry: Arc<Registry>,
+    activity: Arc<Activity>,
+    close: Arc<Notify>,
+    stop: watch::Receiver<Stop>,
+    limits: Limits,
+    peer: std::net::SocketAddr,
+}
+
+impl Conn {
+    /// Serves requests on `io` until the connection ends, times out, is shed or the server
+    /// stops.
+    async fn drive<I>(self, io: I)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Conn {
+            app,
+            builder,
+            registry,
+            activity,
+            close,
+            mut stop,
+            limits,
+            peer,
+        } = self;
+        let io = TokioIo::new(io);
+        let (watched, clock) = (Arc::clone(&activity), Arc::clone(&registry));
+        let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+            let guard = InFlight::start(Arc::clone(&watched), Arc::clone(&clock));
+            let mut request = request.map(axum::body::Body::new);
+            // The client's address, for rules that depend on it (loopback-only purges).
+            request
+                .extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
+            let response = app.clone().oneshot(request);
+            async move {
+                let response = response.await?;
+                Ok::<_, std::convert::Infallible>(response.map(|body| {
+                    axum::body::Body::new(Watched {
+                        body,
+                        _guard: guard,
+                    })
+                }))
+            }
+        });
+        let conn = builder.serve_connection_with_upgrades(io, service);
+        tokio::pin!(conn);
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let (header_ms, idle_ms) = (ms(limits.header_timeout), ms(limits.idle_timeout));
+        let tick =
+            (limits.header_timeout.min(limits.idle_timeout) / 4).max(Duration::from_millis(50));
+        let mut asked_to_close = false;
+        loop {
+            tokio::select! {
+                _ = conn.as_mut() => break,
+                () = close.notified(), if !asked_to_close => {
+                    if activity.in_flight.load(Ordering::Relaxed) == 0 {
+                        break;
+                    }
+                    conn.as_mut().graceful_shutdown();
+                    asked_to_close = true;
+                }
+                changed = stop.changed() => {
+                    if changed.is_err() || *stop.borrow() == Stop::Now {
+                        break;
+                    }
+                    if activity.in_flight.load(Ordering::Relaxed) == 0 {
+                        break;
+                    }
+                    if !asked_to_close {
+                        conn.as_mut().graceful_shutdown();
+                        asked_to_close = true;
+                    }
+                }
+                () = tokio::time::sleep(tick) => {
+                    let now = registry.now_ms();
+                    let quiet = now.saturating_sub(activity.last_byte.load(Ordering::Relaxed));
+                    let waiting = now.saturating_sub(activity.last_boundary.load(Ordering::Relaxed));
+                    let idle = activity.in_flight.load(Ordering::Relaxed) == 0;
+                    // No response to finish: a missing request head, an idle keep-alive connection,
+                    // or one asked to close, is dropped at once.
+                    if idle && (waiting >= header_ms || quiet >= idle_ms || asked_to_close) {
+                        break;
+                    }
+                    // A client that stopped reading its response.
+                    if !idle && activity.write_blocked.load(Ordering::Relaxed) && quiet >= idle_ms {
+                        break;
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// One response in progress on a connection, from its request head until its body is sent

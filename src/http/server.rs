@@ -187,16 +187,15 @@ pub async fn serve(
             registry.shed(1);
         }
         let _ = stream.set_nodelay(true);
-        tokio::spawn(connection(
-            stream,
-            tls.clone(),
-            peer,
-            app.clone(),
-            builder.clone(),
-            Arc::clone(&registry),
-            stop.clone(),
+        let serving = Serving {
+            app: app.clone(),
+            builder: builder.clone(),
+            tls: tls.clone(),
+            registry: Arc::clone(&registry),
+            stop: stop.clone(),
             limits,
-        ));
+        };
+        tokio::spawn(connection(stream, peer, serving));
     }
     drop(listener);
     let _ = stopping.send(Stop::AfterResponse);
@@ -217,17 +216,27 @@ pub async fn serve(
     Ok(())
 }
 
-/// Serves one connection until it ends, times out, is shed, or the server stops.
-async fn connection(
-    stream: TcpStream,
-    tls: Option<TlsAcceptor>,
-    peer: std::net::SocketAddr,
+/// What every connection shares: the router, the protocol settings, TLS, the registry of
+/// connections, the server's state and the limits.
+struct Serving {
     app: Router,
     builder: auto::Builder<TokioExecutor>,
+    tls: Option<TlsAcceptor>,
     registry: Arc<Registry>,
     stop: watch::Receiver<Stop>,
     limits: Limits,
-) {
+}
+
+/// Serves one connection until it ends, times out, is shed, or the server stops.
+async fn connection(stream: TcpStream, peer: std::net::SocketAddr, serving: Serving) {
+    let Serving {
+        app,
+        builder,
+        tls,
+        registry,
+        stop,
+        limits,
+    } = serving;
     let id = registry.next_id.fetch_add(1, Ordering::Relaxed);
     let now = registry.now_ms();
     let activity = Arc::new(Activity {

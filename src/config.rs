@@ -31,8 +31,8 @@ pub struct Config {
     /// background) or while upstream fails. Zero makes every expired tag wait for upstream.
     #[serde(with = "humantime_serde")]
     pub max_stale: Duration,
-    /// Registries (containerd's `?ns=` values) this pullthrough mirrors; requests naming another
-    /// get 404 so containerd moves on to its next host. Empty accepts every `ns`.
+    /// The `ns` values (containerd's `?ns=`) that mean the default upstream. Empty: Docker Hub's
+    /// names and the upstream's own host. Any other `ns` that is no `[[upstreams]]` host is 404.
     #[serde(deserialize_with = "list")]
     pub namespaces: Vec<String>,
     /// Regular expressions for tags that never change once seen, and so are never revalidated.
@@ -176,7 +176,12 @@ impl UpstreamConfig {
                     && !label.starts_with('-')
                     && !label.ends_with('-')
             })
-            && port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p > 0))
+            && port.is_none_or(|p| {
+                !p.is_empty()
+                    && !p.starts_with('0')
+                    && p.bytes().all(|b| b.is_ascii_digit())
+                    && p.parse::<u16>().is_ok()
+            })
     }
 }
 
@@ -515,8 +520,19 @@ impl Config {
                     "must be a registry host name such as ghcr.io or registry.example:5000".into(),
                 );
             }
-            if DOCKER_HUB_NAMES.contains(&u.host.as_str()) {
+            let without_port = u.host.split(':').next().unwrap_or_default();
+            if DOCKER_HUB_NAMES.contains(&without_port) {
                 return bad("is Docker Hub, which the top-level upstream stands for".into());
+            }
+            if self.default_host().as_deref() == Some(u.host.as_str()) {
+                return bad("is the top-level upstream's own host".into());
+            }
+            if self
+                .namespaces
+                .iter()
+                .any(|n| n.eq_ignore_ascii_case(&u.host))
+            {
+                return bad("is also in namespaces, which name the top-level upstream".into());
             }
             if seen.contains(&u.host.as_str()) {
                 return bad("is configured twice".into());
@@ -565,6 +581,15 @@ impl Config {
             upstreams: Vec::new(),
             ..self.clone()
         }
+    }
+
+    /// The top-level upstream's `host[:port]`, as clients name a registry.
+    pub fn default_host(&self) -> Option<String> {
+        let host = self.upstream.host_str()?;
+        Some(match self.upstream.port() {
+            Some(port) => format!("{host}:{port}"),
+            None => host.to_owned(),
+        })
     }
 
     /// Whether any upstream has credentials (then cached content may be private).

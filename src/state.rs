@@ -123,8 +123,6 @@ impl AppState {
         let blobs = BlobStore::open(layout.clone(), limits, Arc::clone(&metrics))?;
         blobs.warn_if_short_of_space();
         blobs.spawn_maintenance();
-        let private_blobs = config.upstream_username.is_some()
-            || config.upstreams.iter().any(|u| u.username.is_some());
         let default_name = config
             .upstream
             .host_str()
@@ -142,19 +140,12 @@ impl AppState {
                 layout.upstream(&dir)?,
                 config.manifest_cache_bytes.as_u64(),
             )?);
-            let proxy = Proxy::new(&derived, upstream, manifests, Arc::clone(&blobs))?.named(
-                &u.host,
-                private_blobs,
-                false,
-            );
+            let proxy = Proxy::new(&derived, upstream, manifests, Arc::clone(&blobs))?
+                .named(&u.host, false);
             others.push(Arc::new(proxy));
         }
         let proxy = Arc::new(
-            Proxy::new(config, Arc::clone(&upstream), manifests, blobs)?.named(
-                &default_name,
-                private_blobs,
-                true,
-            ),
+            Proxy::new(config, Arc::clone(&upstream), manifests, blobs)?.named(&default_name, true),
         );
         let mut default_names: Vec<String> = if config.namespaces.is_empty() {
             crate::config::DOCKER_HUB_NAMES
@@ -284,7 +275,7 @@ impl AppState {
     /// tail without the prefix, and whether it is the default upstream. A host that is not
     /// configured is 404 `NAME_UNKNOWN`, with no outbound request: pullthrough never fetches
     /// from an address a client chose.
-    pub fn route<'a>(
+    pub async fn route<'a>(
         &self,
         tail: &'a str,
         query: Option<&str>,
@@ -304,10 +295,19 @@ impl AppState {
                 None => Err(Error::UpstreamUnknown(ns)),
             };
         }
-        if let Some((first, rest)) = tail.split_once('/')
-            && let Some(proxy) = by_host(first)
-        {
-            return Ok((proxy, rest, false));
+        if let Some((first, rest)) = tail.split_once('/') {
+            if let Some(proxy) = by_host(first) {
+                return Ok((proxy, rest, false));
+            }
+            // Docker Hub's namespaces have neither dots nor ports: a first component that looks
+            // like a host names a registry. Docker Hub's own names mean the default upstream
+            // (`docker.io/library/alpine`); any other is not mirrored here.
+            if first.contains(['.', ':']) && self.docker_hub().await.unwrap_or(false) {
+                if self.default_names.iter().any(|n| n == first) {
+                    return Ok((Arc::clone(&self.proxy), rest, true));
+                }
+                return Err(Error::UpstreamUnknown(first.to_owned()));
+            }
         }
         Ok((Arc::clone(&self.proxy), tail, true))
     }

@@ -50,9 +50,11 @@ impl Progress {
 #[derive(Debug)]
 pub(super) struct Download {
     temp: PathBuf,
-    /// The upstream and repository the blob is fetched from: another may read the download
-    /// only under the rule for stored blobs.
-    origin: (String, RepoName),
+    /// The upstream (by identity) and repository the blob is fetched from: another may read
+    /// the download only under the rule for stored blobs.
+    origin: (usize, RepoName),
+    /// Fetched with credentials.
+    private: bool,
     progress: watch::Sender<Progress>,
 }
 
@@ -90,17 +92,16 @@ impl BlobStore {
     /// under way for another repository is joined only when `shared_ok`. Returns once
     /// upstream's headers arrived, with the body following the download; a range is served
     /// as soon as its bytes are on disk.
-    #[allow(clippy::too_many_arguments)]
     pub async fn fetch(
         self: &Arc<Self>,
         upstream: &Arc<Upstream>,
-        upstream_name: &str,
         name: &RepoName,
         digest: &Digest,
         range: Option<ByteRange>,
         shared_ok: bool,
     ) -> Result<Joined, Error> {
-        let origin = (upstream_name.to_owned(), name.clone());
+        // The upstream client's address identifies the upstream: names could be configured alike.
+        let origin = (Arc::as_ptr(upstream) as usize, name.clone());
         let Some(download) = self.download(upstream, origin, digest, shared_ok).await? else {
             return Ok(Joined::OtherRepository);
         };
@@ -175,16 +176,18 @@ impl BlobStore {
         Ok(body)
     }
 
-    /// The running download of `digest`, or a new one. `None` when the running one is for
-    /// another repository and `shared_ok` is not set.
+    /// The running download of `digest`, or a new one. `None` when the running one was started
+    /// with credentials for another upstream or repository and `shared_ok` is not set.
     async fn download(
         self: &Arc<Self>,
         upstream: &Arc<Upstream>,
-        origin: (String, RepoName),
+        origin: (usize, RepoName),
         digest: &Digest,
         shared_ok: bool,
     ) -> Result<Option<Arc<Download>>, Error> {
-        let joinable = |d: &Arc<Download>| (shared_ok || d.origin == origin).then(|| Arc::clone(d));
+        let joinable = |d: &Arc<Download>| {
+            (shared_ok || !d.private || d.origin == origin).then(|| Arc::clone(d))
+        };
         if let Some(d) = self.downloads.lock().get(digest) {
             return Ok(joinable(d));
         }
@@ -206,6 +209,7 @@ impl BlobStore {
             let download = Arc::new(Download {
                 temp: temp_path.to_path_buf(),
                 origin: origin.clone(),
+                private: upstream.has_credentials(),
                 progress,
             });
             downloads.insert(digest.clone(), Arc::clone(&download));
@@ -291,7 +295,7 @@ impl BlobStore {
                 download.progress.send_modify(|p| p.size = Some(size));
             }
         }
-        self.commit(digest, writer, temp).await
+        self.commit(digest, writer, temp, download.private).await
     }
 
     /// Copies one response body into the temp file. `Some(error)` when the body broke off.
@@ -365,6 +369,7 @@ impl BlobStore {
         digest: &Digest,
         writer: Writer,
         temp: tempfile::TempPath,
+        private: bool,
     ) -> Result<(), Error> {
         let Writer {
             mut file,
@@ -389,20 +394,29 @@ impl BlobStore {
         }
         file.sync_all().await?;
         drop(file);
+        // Content also fetched without credentials is public, whoever fetches it again.
+        let private = private && self.index.lock().get(digest).is_none_or(|m| m.private);
         let path = self.path(digest);
+        let marker = self.private_marker(digest);
         let parent = path.parent().map(Path::to_path_buf);
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             if let Some(parent) = parent {
                 std::fs::create_dir_all(parent)?;
             }
+            // The marker goes first: a crash between the two leaves a private blob marked.
+            if private {
+                std::fs::write(&marker, b"")?;
+            } else {
+                let _ = std::fs::remove_file(&marker);
+            }
             temp.persist(&path).map_err(|e| e.error)
         })
         .await
         .map_err(|e| Error::Storage(e.to_string()))??;
-        let previous = self
-            .index
-            .lock()
-            .insert(digest.clone(), Arc::new(BlobMeta::new(written, true)));
+        let previous = self.index.lock().insert(
+            digest.clone(),
+            Arc::new(BlobMeta::new(written, true, private)),
+        );
         if previous.is_none() {
             self.total.fetch_add(written, Ordering::Relaxed);
         }

@@ -34,6 +34,8 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::Notify;
 
 const CHUNK: usize = 256 * 1024;
+/// The suffix of a stored blob's "fetched with credentials" marker.
+const PRIVATE_SUFFIX: &str = ".private";
 
 /// What the store knows about a stored blob.
 #[derive(Debug)]
@@ -43,15 +45,19 @@ struct BlobMeta {
     readers: AtomicUsize,
     /// Hashed since this process started (files found at startup are re-verified).
     verified: AtomicBool,
+    /// Fetched with credentials: served for a repository only where upstream showed it. Kept
+    /// across restarts as an empty `<hex>.private` file beside the blob.
+    private: bool,
 }
 
 impl BlobMeta {
-    fn new(size: u64, verified: bool) -> BlobMeta {
+    fn new(size: u64, verified: bool, private: bool) -> BlobMeta {
         BlobMeta {
             size,
             last_access: AtomicU64::new(now_ms()),
             readers: AtomicUsize::new(0),
             verified: AtomicBool::new(verified),
+            private,
         }
     }
 }
@@ -188,6 +194,9 @@ impl BlobStore {
     }
 
     fn scan(&self) -> std::io::Result<()> {
+        // A store from before private markers existed: every blob it holds may be private.
+        let markers = self.layout.root().join("blobs").join(".private-markers");
+        let legacy = !markers.exists();
         for (alg, algorithm) in [("sha256", Algorithm::Sha256), ("sha512", Algorithm::Sha512)] {
             let dir = self.layout.root().join("blobs").join(alg);
             let Ok(fans) = std::fs::read_dir(&dir) else {
@@ -201,6 +210,13 @@ impl BlobStore {
                 for file in files {
                     let file = file?;
                     let name = file.file_name().to_string_lossy().into_owned();
+                    if let Some(blob) = name.strip_suffix(PRIVATE_SUFFIX) {
+                        // A marker: read with its blob; one without a blob goes.
+                        if !fan.join(blob).is_file() {
+                            let _ = std::fs::remove_file(file.path());
+                        }
+                        continue;
+                    }
                     let parsed = format!("{}:{name}", algorithm.as_str())
                         .parse::<Digest>()
                         .ok()
@@ -208,9 +224,15 @@ impl BlobStore {
                     match (parsed, file.metadata()) {
                         (Some(digest), Ok(meta)) if meta.is_file() => {
                             self.total.fetch_add(meta.len(), Ordering::Relaxed);
-                            self.index
-                                .lock()
-                                .insert(digest, Arc::new(BlobMeta::new(meta.len(), false)));
+                            let marker = self.private_marker(&digest);
+                            if legacy {
+                                std::fs::write(&marker, b"")?;
+                            }
+                            let private = marker.is_file();
+                            self.index.lock().insert(
+                                digest,
+                                Arc::new(BlobMeta::new(meta.len(), false, private)),
+                            );
                         }
                         _ => {
                             tracing::warn!(path = %file.path().display(), "removing a stray file from the blob store");
@@ -219,6 +241,13 @@ impl BlobStore {
                     }
                 }
             }
+        }
+        if legacy {
+            std::fs::create_dir_all(self.layout.root().join("blobs"))?;
+            std::fs::write(
+                &markers,
+                b"blobs fetched with credentials have a .private marker\n",
+            )?;
         }
         tracing::info!(
             blobs = self.index.lock().len(),
@@ -285,6 +314,19 @@ impl BlobStore {
             self.total.fetch_sub(meta.size, Ordering::Relaxed);
         }
         let _ = std::fs::remove_file(self.path(digest));
+        let _ = std::fs::remove_file(self.private_marker(digest));
+    }
+
+    /// The marker that says a stored blob was fetched with credentials.
+    fn private_marker(&self, digest: &Digest) -> PathBuf {
+        let mut path = self.path(digest).into_os_string();
+        path.push(PRIVATE_SUFFIX);
+        PathBuf::from(path)
+    }
+
+    /// Whether a stored blob was fetched with credentials (and so may be private).
+    pub fn is_private(&self, digest: &Digest) -> bool {
+        self.index.lock().get(digest).is_some_and(|m| m.private)
     }
 
     /// [`Self::remove`] off the async workers.

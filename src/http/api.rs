@@ -150,7 +150,7 @@ async fn target(state: &AppState, rest: &str) -> Result<Target, Error> {
             .map(Target::Blob)
             .map_err(|e| Error::DigestInvalid(e.to_string()));
     }
-    let (proxy, rest, default) = state.route(rest, None)?;
+    let (proxy, rest, default) = state.route(rest, None).await?;
     let hub = default && state.docker_hub_known();
     let name = |raw: &str| RepoName::parse(raw, hub).map_err(|e| Error::NameInvalid(e.to_string()));
     match rest.rsplit_once("/manifests/") {

@@ -59,10 +59,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// `GET /v2/`: 200 `{}` tells clients this is a registry that needs no auth (protocol §1.2).
-async fn api_version(method: Method) -> Response {
+/// `GET /v2/`: 200 `{}` tells clients this is a registry that needs no auth (protocol §1.2);
+/// an `ns` naming a registry not mirrored here is 404, so containerd moves on.
+async fn api_version(State(state): State<Arc<AppState>>, method: Method, uri: Uri) -> Response {
     if method != Method::GET && method != Method::HEAD {
         return Error::Unsupported(method.to_string()).into_response();
+    }
+    if let Err(e) = state.route("", uri.query()).await {
+        return e.into_response();
     }
     let mut response = (
         StatusCode::OK,
@@ -91,7 +95,7 @@ async fn pull(state: Arc<AppState>, request: Request) -> Result<Response, Error>
         return Err(Error::Unsupported(method.to_string()));
     }
     let tail = uri.path().strip_prefix("/v2/").unwrap_or_default();
-    let (proxy, tail, default) = state.route(tail, uri.query())?;
+    let (proxy, tail, default) = state.route(tail, uri.query()).await?;
     // Validate before anything can reach upstream; learn Hub-ness only for names that need it.
     let mut target = RegistryPath::parse(tail, false)?;
     let tags_query = match target {
@@ -134,12 +138,21 @@ async fn pull(state: Arc<AppState>, request: Request) -> Result<Response, Error>
         }
         RegistryPath::TagsList { name } => {
             let mut page = proxy.tags_list(&name, tags_query).await?;
-            // Reached by a host prefix: the next page is reached the same way.
+            // The next page is reached the way this one was: by host prefix, or with `ns`.
             let prefix = format!("/v2/{}/", proxy.name());
             if !default && uri.path().starts_with(&prefix) {
                 page.link = page
                     .link
                     .map(|l| l.replacen("</v2/", &format!("<{prefix}"), 1));
+            } else if !default {
+                let ns = format!("ns={}", proxy.name());
+                page.link = page.link.map(|l| match l.split_once('>') {
+                    Some((target, rest)) if target.contains('?') => {
+                        format!("{target}&{ns}>{rest}")
+                    }
+                    Some((target, rest)) => format!("{target}?{ns}>{rest}"),
+                    None => l,
+                });
             }
             Ok(tags::respond(page, with_body))
         }

@@ -29,7 +29,7 @@ impl Proxy {
             self.may_share(
                 name,
                 digest,
-                self.private_blobs,
+                self.blobs.is_private(digest),
                 self.upstream.head_blob(name, digest),
             )
             .await
@@ -40,39 +40,22 @@ impl Proxy {
         }
         // A download started for another repository is joined under the same rule as a
         // stored blob: only where access from `name` is known or confirmed by upstream.
-        let shared_ok = !self.private_blobs || self.manifests.granted(name, digest);
+        let shared_ok = self.manifests.granted(name, digest);
         let joined = self
             .blobs
-            .fetch(
-                &self.upstream,
-                &self.upstream_name,
-                name,
-                digest,
-                range,
-                shared_ok,
-            )
+            .fetch(&self.upstream, name, digest, range, shared_ok)
             .await?;
         let body = match joined {
             Joined::Body(body) => body,
+            // A download started with credentials for another upstream or repository: this
+            // repository's upstream must show the blob first.
             Joined::OtherRepository => {
-                self.may_share(
-                    name,
-                    digest,
-                    self.private_blobs,
-                    self.upstream.head_blob(name, digest),
-                )
-                .await
-                .map_err(Error::blob)?;
+                self.may_share(name, digest, true, self.upstream.head_blob(name, digest))
+                    .await
+                    .map_err(Error::blob)?;
                 match self
                     .blobs
-                    .fetch(
-                        &self.upstream,
-                        &self.upstream_name,
-                        name,
-                        digest,
-                        range,
-                        true,
-                    )
+                    .fetch(&self.upstream, name, digest, range, true)
                     .await?
                 {
                     Joined::Body(body) => body,
@@ -95,7 +78,7 @@ impl Proxy {
             self.may_share(
                 name,
                 digest,
-                self.private_blobs,
+                self.blobs.is_private(digest),
                 self.upstream.head_blob(name, digest),
             )
             .await

@@ -235,10 +235,11 @@ impl Proxy {
             .all_tags()
             .into_iter()
             .filter(|(name, _, _)| {
+                // The prefix applies to `[host/]repository`, as the listing shows it.
                 query
                     .prefix
                     .as_deref()
-                    .is_none_or(|p| name.as_str().starts_with(p))
+                    .is_none_or(|p| format!("{}{}", self.list_prefix, name.as_str()).starts_with(p))
             })
             .filter(|(_, tag, entry)| {
                 let fresh = self.policy.freshness(tag, entry.validated_at, now) == Freshness::Fresh;

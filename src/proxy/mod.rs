@@ -86,9 +86,6 @@ pub struct Proxy {
     upstream_name: String,
     /// What listings put before `repository:tag` (`ghcr.io/`; nothing for the default).
     list_prefix: String,
-    /// The shared blob store may hold private content (some upstream has credentials): a blob
-    /// is served for a repository only where upstream showed it.
-    private_blobs: bool,
     /// The tags-list copy is served stale a little before this request-wide deadline.
     deadline: Duration,
     reserve: f64,
@@ -118,14 +115,12 @@ pub struct ManifestRequest<'a> {
 }
 
 impl Proxy {
-    /// Names this proxy's upstream as clients do (`ghcr.io`), and says whether any upstream
-    /// sharing the blob store has credentials.
-    pub fn named(mut self, name: &str, private_blobs: bool, default: bool) -> Proxy {
+    /// Names this proxy's upstream as clients do (`ghcr.io`); `default` for the top-level one.
+    pub fn named(mut self, name: &str, default: bool) -> Proxy {
         self.upstream_name = name.to_owned();
         if !default {
             self.list_prefix = format!("{name}/");
         }
-        self.private_blobs = private_blobs;
         self
     }
 
@@ -154,8 +149,6 @@ impl Proxy {
             policy,
             upstream_name: config.upstream.host_str().unwrap_or_default().to_owned(),
             list_prefix: String::new(),
-            private_blobs: config.upstream_username.is_some()
-                || config.upstreams.iter().any(|u| u.username.is_some()),
             deadline: config.upstream_deadline,
             reserve: config.ratelimit_reserve,
             tag_gets: Flights::default(),

@@ -974,6 +974,12 @@ mod tests {
             if key.starts_with("upstream_password") {
                 vars.push(("PULLTHROUGH_UPSTREAM_USERNAME".into(), "u".into()));
             }
+            if key == "tls_cert" {
+                vars.push(("PULLTHROUGH_TLS_KEY".into(), "/k.pem".into()));
+            }
+            if key == "tls_key" {
+                vars.push(("PULLTHROUGH_TLS_CERT".into(), "/c.pem".into()));
+            }
             if key == "upstream_password_file" {
                 vars[0].1 = "/dev/null".into();
             }

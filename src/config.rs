@@ -159,6 +159,21 @@ pub const DOCKER_HUB_NAMES: &[&str] = &[
 ];
 
 impl UpstreamConfig {
+    /// A further upstream `host` at `url`, anonymous, with the top-level policy.
+    pub fn new(host: &str, url: Url) -> UpstreamConfig {
+        UpstreamConfig {
+            host: host.to_owned(),
+            url,
+            username: None,
+            password: None,
+            password_file: None,
+            tag_ttl: None,
+            max_stale: None,
+            immutable_tags: None,
+            max_concurrency: None,
+        }
+    }
+
     /// Whether `host` is a registry host name (`name[.name...][:port]`, lower case).
     fn valid_host(host: &str) -> bool {
         let (name, port) = match host.rsplit_once(':') {

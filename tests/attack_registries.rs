@@ -14,17 +14,7 @@ use support::{FakeHub, Fault, Image, TestProxy};
 const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 
 fn upstream(host: &str, hub: &FakeHub) -> UpstreamConfig {
-    UpstreamConfig {
-        host: host.into(),
-        url: hub.url.parse().unwrap(),
-        username: None,
-        password: None,
-        password_file: None,
-        tag_ttl: None,
-        max_stale: None,
-        immutable_tags: None,
-        max_concurrency: None,
-    }
+    UpstreamConfig::new(host, hub.url.parse().unwrap())
 }
 
 fn hostport(url: &str) -> String {

@@ -410,17 +410,10 @@ async fn containerd_pulls_two_registries_through_one_pullthrough_by_ns() {
     push(dir.path(), &ghcr_url, "org/fromghcr", "1");
     let proxy_dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
     let mut config = TestProxy::config(&hub_url, proxy_dir.path());
-    config.upstreams = vec![pullthrough::config::UpstreamConfig {
-        host: "ghcr.io".into(),
-        url: ghcr_url.parse().unwrap(),
-        username: None,
-        password: None,
-        password_file: None,
-        tag_ttl: None,
-        max_stale: None,
-        immutable_tags: None,
-        max_concurrency: None,
-    }];
+    config.upstreams = vec![pullthrough::config::UpstreamConfig::new(
+        "ghcr.io",
+        ghcr_url.parse().unwrap(),
+    )];
     let proxy = TestProxy::start_config(config, Some(proxy_dir)).await;
 
     // One hosts.toml per registry, both naming pullthrough; containerd adds ?ns=<registry>.

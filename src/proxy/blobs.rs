@@ -18,6 +18,15 @@ pub struct BlobHead {
 }
 
 impl Proxy {
+    /// The rule for serving a stored blob for `name`: one fetched with credentials only where
+    /// upstream shows it (an upstream HEAD, once per repository).
+    async fn may_share_stored(&self, name: &RepoName, digest: &Digest) -> Result<(), Error> {
+        let private = self.blobs.is_private(digest);
+        self.may_share(name, digest, private, self.upstream.head_blob(name, digest))
+            .await
+            .map_err(Error::blob)
+    }
+
     /// GET of a blob, possibly a single range.
     pub async fn blob(
         self: &Arc<Self>,
@@ -26,14 +35,7 @@ impl Proxy {
         range: Option<ByteRange>,
     ) -> Result<BlobBody, Error> {
         if self.blobs.verified_size(digest).await.is_some() {
-            self.may_share(
-                name,
-                digest,
-                self.blobs.is_private(digest),
-                self.upstream.head_blob(name, digest),
-            )
-            .await
-            .map_err(Error::blob)?;
+            self.may_share_stored(name, digest).await?;
             if let Some(body) = self.blobs.open_stored(digest, range).await? {
                 return Ok(body);
             }
@@ -75,14 +77,7 @@ impl Proxy {
         digest: &Digest,
     ) -> Result<BlobHead, Error> {
         if let Some(size) = self.blobs.verified_size(digest).await {
-            self.may_share(
-                name,
-                digest,
-                self.blobs.is_private(digest),
-                self.upstream.head_blob(name, digest),
-            )
-            .await
-            .map_err(Error::blob)?;
+            self.may_share_stored(name, digest).await?;
             return Ok(BlobHead {
                 size,
                 source: Outcome::Hit,

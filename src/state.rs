@@ -292,7 +292,7 @@ impl AppState {
             }
             return match by_host(&ns) {
                 Some(proxy) => Ok((proxy, tail, false)),
-                None => Err(Error::UpstreamUnknown(ns)),
+                None => Err(Error::UpstreamUnknown(ns.chars().take(255).collect())),
             };
         }
         if let Some((first, rest)) = tail.split_once('/') {
@@ -306,7 +306,7 @@ impl AppState {
                 if self.default_names.iter().any(|n| n == first) {
                     return Ok((Arc::clone(&self.proxy), rest, true));
                 }
-                return Err(Error::UpstreamUnknown(first.to_owned()));
+                return Err(Error::UpstreamUnknown(first.chars().take(255).collect()));
             }
         }
         Ok((Arc::clone(&self.proxy), tail, true))

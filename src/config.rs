@@ -105,6 +105,13 @@ pub struct Config {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for `tls_cert`.
     pub tls_key: Option<PathBuf>,
+    /// Client users: an htpasswd file of bcrypt entries (`htpasswd -B`). With this or
+    /// `client_tokens_file`, clients authenticate and `[[access]]` rules decide who may pull.
+    pub htpasswd: Option<PathBuf>,
+    /// Client bearer tokens: a file of `name:token` lines.
+    pub client_tokens_file: Option<PathBuf>,
+    /// Who may pull what, by upstream and repository prefix (file only, `[[access]]` tables).
+    pub access: Vec<AccessRule>,
     /// Accept upstream credentials on a listener that is not loopback although there is no
     /// client access control (every client that reaches it can read the private images).
     pub allow_open_credentials: bool,
@@ -148,6 +155,30 @@ pub struct UpstreamConfig {
     /// `upstream_max_concurrency` for this registry.
     #[serde(default)]
     pub max_concurrency: Option<usize>,
+}
+
+/// Who may pull what: the rule with the longest matching `prefix` (for the request's upstream,
+/// or `*`) decides. Without a matching rule, authenticated clients may pull and anonymous ones
+/// may not.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessRule {
+    /// The registry: `docker.io` (the default upstream), an `[[upstreams]]` host, or `*`.
+    #[serde(default = "any_upstream")]
+    pub upstream: String,
+    /// Repository prefix, e.g. `team/` (empty: every repository).
+    #[serde(default)]
+    pub prefix: String,
+    /// Users (or token names) allowed; `*` for any authenticated client.
+    #[serde(default)]
+    pub users: Vec<String>,
+    /// Clients without credentials are allowed too.
+    #[serde(default)]
+    pub anonymous: bool,
+}
+
+fn any_upstream() -> String {
+    "*".to_owned()
 }
 
 /// Hosts that mean Docker Hub, as clients name it.
@@ -243,6 +274,9 @@ impl Default for Config {
             client_idle_timeout: Duration::from_secs(60),
             max_client_connections: 1024,
             upstreams: Vec::new(),
+            htpasswd: None,
+            client_tokens_file: None,
+            access: Vec::new(),
             tls_cert: None,
             tls_key: None,
             allow_open_credentials: false,
@@ -353,6 +387,8 @@ impl Config {
             )));
         }
         if config.has_credentials()
+            && config.htpasswd.is_none()
+            && config.client_tokens_file.is_none()
             && !config.listen.ip().to_canonical().is_loopback()
             && !config.allow_open_credentials
         {
@@ -969,6 +1005,8 @@ mod tests {
             if line.trim() == "# [[upstreams]]" {
                 // Tables, file only: documented, not settable through the environment.
                 seen.push("upstreams".to_owned());
+                seen.push("access".to_owned());
+                assert!(documented.contains("# [[access]]"));
                 break;
             }
             let line = line.trim_start_matches("# ").trim();

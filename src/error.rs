@@ -31,6 +31,12 @@ pub enum Error {
     /// The blob does not exist.
     #[error("blob unknown to registry")]
     BlobUnknown,
+    /// The client must authenticate (access control): 401 with a Basic challenge.
+    #[error("{0}")]
+    Unauthenticated(&'static str),
+    /// The client may not pull this repository (access control).
+    #[error("requested access to the resource is denied")]
+    AccessDenied,
     /// A registry host (`?ns=` or path prefix) this pullthrough does not mirror.
     #[error("registry {0} is not mirrored here (not a configured upstream)")]
     UpstreamUnknown(String),

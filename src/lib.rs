@@ -7,6 +7,7 @@
 //! `registry` holds the spec vocabulary shared by all of them; `config` and `error` are
 //! leaves. Nothing below `http` imports axum.
 
+pub mod access;
 pub mod blobs;
 pub mod config;
 pub mod disk;

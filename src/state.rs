@@ -92,6 +92,8 @@ pub struct AppState {
     docker_hub: AtomicU8,
     layout: Layout,
     upstream_url: url::Url,
+    /// Client access control, when configured.
+    pub access: Option<crate::access::Access>,
     /// The `[[upstreams]]`, by the host name clients use.
     pub others: Vec<Arc<Proxy>>,
     /// `ns` values that mean the default upstream.
@@ -174,6 +176,7 @@ impl AppState {
             upstream_url: config.upstream.clone(),
             others,
             default_names,
+            access: crate::access::Access::from_config(config)?,
             deadline: config.upstream_deadline,
         })
     }
@@ -310,6 +313,59 @@ impl AppState {
             }
         }
         Ok((Arc::clone(&self.proxy), tail, true))
+    }
+
+    /// Whether the client may pull `repository` from `proxy`'s upstream (always, without access
+    /// control). Credentials are checked before anything is looked up or fetched, so private
+    /// content, cached or downloading, is never served to a client that may not see it.
+    pub async fn authorize(
+        &self,
+        authorization: Option<&str>,
+        peer: Option<std::net::IpAddr>,
+        proxy: &Proxy,
+        default: bool,
+        repository: &str,
+    ) -> Result<(), Error> {
+        use crate::access::Refusal;
+        let Some(access) = &self.access else {
+            return Ok(());
+        };
+        let upstream = if default { "docker.io" } else { proxy.name() };
+        let refused = |r: Refusal| match r {
+            Refusal::Unauthenticated(why) => Error::Unauthenticated(why),
+            Refusal::Denied => Error::AccessDenied,
+            Refusal::TooManyFailures => Error::TooManyRequests {
+                retry_after: Some(std::time::Duration::from_secs(60)),
+            },
+        };
+        let identity = access
+            .identify(authorization, peer)
+            .await
+            .map_err(refused)?;
+        access
+            .allows(&identity, upstream, repository)
+            .map_err(refused)
+    }
+
+    /// `GET /v2/` with access control: 200 for valid credentials, else 401 with the Basic
+    /// challenge, so clients send the credentials they have.
+    pub async fn check_login(
+        &self,
+        authorization: Option<&str>,
+        peer: Option<std::net::IpAddr>,
+    ) -> Result<(), Error> {
+        use crate::access::{Identity, Refusal};
+        let Some(access) = &self.access else {
+            return Ok(());
+        };
+        match access.identify(authorization, peer).await {
+            Ok(Identity::User(_)) => Ok(()),
+            Ok(Identity::Anonymous) => Err(Error::Unauthenticated("authentication required")),
+            Err(Refusal::TooManyFailures) => Err(Error::TooManyRequests {
+                retry_after: Some(std::time::Duration::from_secs(60)),
+            }),
+            Err(_) => Err(Error::Unauthenticated("wrong user name, password or token")),
+        }
     }
 
     /// Every proxy: the default first.

@@ -471,3 +471,49 @@ async fn containerd_pulls_two_registries_through_one_pullthrough_by_ns() {
         "{keys:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs docker-registry and skopeo (run by .ci/run)"]
+async fn skopeo_with_creds_pulls_through_access_control() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_registry, upstream) = reference_registry(dir.path()).await;
+    let digest = push(dir.path(), &upstream, "team/app", "1");
+    let htpasswd = dir.path().join("htpasswd");
+    std::fs::write(
+        &htpasswd,
+        format!("dev:{}\n", bcrypt::hash("dev-pw", 4).unwrap()),
+    )
+    .unwrap();
+    let proxy_dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let mut config = TestProxy::config(&upstream, proxy_dir.path());
+    config.htpasswd = Some(htpasswd);
+    let proxy = TestProxy::start_config(config, Some(proxy_dir)).await;
+    let host = proxy.url.trim_start_matches("http://").to_owned();
+    let image = format!("docker://{host}/team/app:1");
+
+    let refused = skopeo()
+        .args(["inspect", "--raw", "--tls-verify=false", &image])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success(), "anonymous skopeo was let in");
+    let raw = run(skopeo().args([
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        "--creds",
+        "dev:dev-pw",
+        &image,
+    ]));
+    assert_eq!(sha256(&raw), digest);
+    let out = dir.path().join("copied");
+    run(skopeo()
+        .args([
+            "copy",
+            "--all",
+            "--src-tls-verify=false",
+            "--src-creds",
+            "dev:dev-pw",
+            &image,
+        ])
+        .arg(format!("oci:{}:1", out.display())));
+}

@@ -24,6 +24,8 @@ impl Error {
             Error::Unsupported(_) => (StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED"),
             Error::ManifestUnknown(_) => (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN"),
             Error::BlobUnknown => (StatusCode::NOT_FOUND, "BLOB_UNKNOWN"),
+            Error::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "UNAUTHORIZED"),
+            Error::AccessDenied => (StatusCode::FORBIDDEN, "DENIED"),
             Error::NameUnknown | Error::UpstreamUnknown(_) => {
                 (StatusCode::NOT_FOUND, "NAME_UNKNOWN")
             }
@@ -64,6 +66,12 @@ impl IntoResponse for Error {
             }
             Error::Unsupported(_) => {
                 headers.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            }
+            Error::Unauthenticated(_) => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Basic realm=\"pullthrough\""),
+                );
             }
             _ => {}
         }

@@ -61,11 +61,18 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 /// `GET /v2/`: 200 `{}` tells clients this is a registry that needs no auth (protocol §1.2);
 /// an `ns` naming a registry not mirrored here is 404, so containerd moves on.
-async fn api_version(State(state): State<Arc<AppState>>, method: Method, uri: Uri) -> Response {
+async fn api_version(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    let (method, uri) = (request.method(), request.uri());
     if method != Method::GET && method != Method::HEAD {
         return Error::Unsupported(method.to_string()).into_response();
     }
     if let Err(e) = state.route("", uri.query()).await {
+        return e.into_response();
+    }
+    if let Err(e) = state
+        .check_login(authorization(&request), peer_ip(&request))
+        .await
+    {
         return e.into_response();
     }
     let mut response = (
@@ -105,6 +112,15 @@ async fn pull(state: Arc<AppState>, request: Request) -> Result<Response, Error>
     if default && !target.name().as_str().contains('/') && state.docker_hub().await? {
         target = RegistryPath::parse(tail, true)?;
     }
+    state
+        .authorize(
+            authorization(&request),
+            peer_ip(&request),
+            &proxy,
+            default,
+            target.name().as_str(),
+        )
+        .await?;
     let with_body = method == Method::GET;
     match target {
         RegistryPath::Manifest { name, reference } => {
@@ -157,6 +173,22 @@ async fn pull(state: Arc<AppState>, request: Request) -> Result<Response, Error>
             Ok(tags::respond(page, with_body))
         }
     }
+}
+
+/// The `Authorization` header, as text.
+fn authorization(request: &Request) -> Option<&str> {
+    request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+}
+
+/// The client's address.
+fn peer_ip(request: &Request) -> Option<std::net::IpAddr> {
+    request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip().to_canonical())
 }
 
 /// Milliseconds with microsecond precision, printed without float noise (`0.068`, not

@@ -60,6 +60,36 @@ impl std::fmt::Debug for Access {
     }
 }
 
+/// Calls `entry(name, value)` for each `name:value` line of the file `path` (blank lines and
+/// `#` comments skipped); any problem is one line naming `key`.
+fn for_entries(
+    path: &std::path::Path,
+    key: &str,
+    mut entry: impl FnMut(&str, &str) -> Result<(), String>,
+) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        anyhow::anyhow!(
+            "invalid value for key {key:?}: cannot read {}: {e}",
+            path.display()
+        )
+    })?;
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let why = match line.split_once(':') {
+            Some((name, value)) if !name.is_empty() => match entry(name, value) {
+                Ok(()) => continue,
+                Err(why) => why,
+            },
+            _ => format!("line {} is not name:value", n + 1),
+        };
+        anyhow::bail!("invalid value for key {key:?}: {why}");
+    }
+    Ok(())
+}
+
 fn hash(bytes: &[u8]) -> [u8; 32] {
     sha2::Sha256::digest(bytes).into()
 }
@@ -73,57 +103,30 @@ impl Access {
         }
         let mut users = HashMap::new();
         if let Some(path) = &config.htpasswd {
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                anyhow::anyhow!(
-                    "invalid value for key \"htpasswd\": cannot read {}: {e}",
-                    path.display()
-                )
-            })?;
-            for (n, line) in text.lines().enumerate() {
-                let line = line.trim();
-                if line.is_empty() || line.starts_with('#') {
-                    continue;
-                }
-                let Some((user, hash)) = line.split_once(':') else {
-                    anyhow::bail!(
-                        "invalid value for key \"htpasswd\": line {} is not user:hash",
-                        n + 1
-                    );
-                };
+            for_entries(path, "htpasswd", |user, hash| {
                 if !(hash.starts_with("$2y$")
                     || hash.starts_with("$2b$")
                     || hash.starts_with("$2a$"))
                 {
-                    anyhow::bail!(
-                        "invalid value for key \"htpasswd\": the entry of {user:?} is not bcrypt (write it with htpasswd -B)"
-                    );
+                    return Err(format!(
+                        "the entry of {user:?} is not bcrypt (write it with htpasswd -B)"
+                    ));
                 }
                 users.insert(user.to_owned(), hash.to_owned());
-            }
+                Ok(())
+            })?;
         }
         let mut tokens = HashMap::new();
         if let Some(path) = &config.client_tokens_file {
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                anyhow::anyhow!(
-                    "invalid value for key \"client_tokens_file\": cannot read {}: {e}",
-                    path.display()
-                )
+            for_entries(path, "client_tokens_file", |name, token| {
+                if token.len() < 16 {
+                    return Err(format!(
+                        "the token of {name:?} is shorter than 16 characters"
+                    ));
+                }
+                tokens.insert(hash(token.as_bytes()), name.to_owned());
+                Ok(())
             })?;
-            for (n, line) in text.lines().enumerate() {
-                let line = line.trim();
-                if line.is_empty() || line.starts_with('#') {
-                    continue;
-                }
-                match line.split_once(':') {
-                    Some((name, token)) if !name.is_empty() && token.len() >= 16 => {
-                        tokens.insert(hash(token.as_bytes()), name.to_owned());
-                    }
-                    _ => anyhow::bail!(
-                        "invalid value for key \"client_tokens_file\": line {} is not name:token (a token of at least 16 characters)",
-                        n + 1
-                    ),
-                }
-            }
         }
         Ok(Some(Access {
             users,

@@ -125,14 +125,7 @@ impl AppState {
         let blobs = BlobStore::open(layout.clone(), limits, Arc::clone(&metrics))?;
         blobs.warn_if_short_of_space();
         blobs.spawn_maintenance();
-        let default_name = config
-            .upstream
-            .host_str()
-            .map(|h| match config.upstream.port() {
-                Some(port) => format!("{h}:{port}"),
-                None => h.to_owned(),
-            })
-            .unwrap_or_default();
+        let default_name = config.default_host().unwrap_or_default();
         let mut others = Vec::new();
         for u in &config.upstreams {
             let derived = config.for_upstream(u);

@@ -4,6 +4,7 @@
 //! those of `--platform`), and every blob; then it reports what came from the cache and what
 //! had to be fetched upstream. The blobs are read and dropped; pullthrough keeps them.
 
+use crate::metrics::Outcome;
 use crate::registry::{Contents, Descriptor, Digest, platform_matches};
 use futures_util::StreamExt;
 use std::time::Duration;
@@ -127,7 +128,9 @@ fn is_cached(response: &reqwest::Response) -> bool {
     response
         .headers()
         .get("x-cache")
-        .is_some_and(|v| v == "HIT" || v == "STALE")
+        .and_then(|v| v.to_str().ok())
+        .and_then(Outcome::parse)
+        .is_some_and(Outcome::from_cache)
 }
 
 /// Reads a blob to the end; returns its size and whether it came from the cache.

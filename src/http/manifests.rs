@@ -42,6 +42,7 @@ pub fn respond(served: Served, request_headers: &HeaderMap, with_body: bool) -> 
     if let Some(wait) = served.upstream_wait {
         response.extensions_mut().insert(UpstreamWait(wait));
     }
+    response.extensions_mut().insert(served.status);
     let headers = response.headers_mut();
     headers.insert(header::ETAG, value(format!("\"{digest}\"")));
     headers.insert(DOCKER_CONTENT_DIGEST, value(digest));

@@ -31,7 +31,8 @@ use std::time::Duration;
 /// The header that says how an answer was obtained.
 pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 
-/// The one rendering of a cache outcome: its `X-Cache` value.
+/// The one rendering of a cache outcome: its `X-Cache` value. Responses also carry the
+/// [`Outcome`] itself as an extension, for the metrics (no parsing the header back).
 pub fn x_cache(outcome: Outcome) -> HeaderValue {
     HeaderValue::from_static(outcome.as_str())
 }

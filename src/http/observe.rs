@@ -3,7 +3,7 @@
 //! (a span), it is counted and timed in the metrics by kind, method, status and cache outcome,
 //! and it ends in one access-log event. The API version header is added to every response.
 
-use super::{UpstreamWait, X_CACHE, millis};
+use super::{UpstreamWait, millis};
 use crate::metrics::{Outcome, RequestKind};
 use crate::state::AppState;
 use axum::extract::{Request, State};
@@ -48,11 +48,7 @@ pub async fn observe(State(state): State<Arc<AppState>>, request: Request, next:
         HeaderValue::from_static("registry/2.0"),
     );
     headers.insert(X_REQUEST_ID, id);
-    let outcome = response
-        .headers()
-        .get(X_CACHE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(Outcome::parse);
+    let outcome = response.extensions().get::<Outcome>().copied();
     let status = response.status().as_u16();
     state
         .metrics

@@ -102,7 +102,9 @@ async fn rules_decide_who_pulls_what() {
     assert_eq!(r.status(), 200);
     assert_eq!(r.bytes().await.unwrap(), private.bytes);
     let r = get(path, Some("Bearer ci-token-0123456789abcdef".into())).await;
+    assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-cache"], "HIT");
+    assert_eq!(r.bytes().await.unwrap(), private.bytes);
     assert_eq!(get(path, None).await.status(), 401, "cached, still refused");
     let r = get(path, Some(basic("bob", "bob-pw"))).await;
     assert_eq!(r.status(), 403);

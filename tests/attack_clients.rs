@@ -41,7 +41,8 @@ async fn a_small_range_of_a_blob_being_downloaded_is_answered_at_once() {
         );
         assert_eq!(headers["content-length"], "1024");
         assert_eq!(body, blob.slice(..1024));
-        assert!(elapsed < Duration::from_secs(2), "took {elapsed:?}");
+        // The whole blob takes 16 s: an answer within 6 s did not wait for it.
+        assert!(elapsed < Duration::from_secs(6), "took {elapsed:?}");
     })
     .await
     .expect("test hung");

@@ -67,9 +67,9 @@ async fn a_client_that_never_finishes_its_request_head_is_disconnected() {
         .await
         .unwrap();
     let started = Instant::now();
-    let got = read_until_closed(&mut stream, Duration::from_secs(2))
+    let got = read_until_closed(&mut stream, Duration::from_secs(5))
         .await
-        .expect("the connection was still open 2 s after a 1 s header timeout");
+        .expect("the connection was still open 5 s after a 1 s header timeout");
     assert!(
         got.is_empty() || got.starts_with(b"HTTP/1.1 408"),
         "after {:?}: {:?}",
@@ -88,9 +88,9 @@ async fn an_idle_keep_alive_connection_is_closed() {
     .await;
     let mut stream = TcpStream::connect(addr(&proxy)).await.unwrap();
     one_request(&mut stream).await;
-    let got = read_until_closed(&mut stream, Duration::from_secs(2))
+    let got = read_until_closed(&mut stream, Duration::from_secs(5))
         .await
-        .expect("the idle connection was still open 2 s after a 1 s idle timeout");
+        .expect("the idle connection was still open 5 s after a 1 s idle timeout");
     assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
 }
 
@@ -118,7 +118,7 @@ async fn idle_connections_over_the_limit_do_not_lock_out_a_new_client() {
 
         let started = Instant::now();
         let r = tokio::time::timeout(
-            Duration::from_secs(3),
+            Duration::from_secs(6),
             support::client().get(format!("{}/v2/", proxy.url)).send(),
         )
         .await
@@ -162,7 +162,7 @@ async fn at_the_file_descriptor_limit_new_clients_are_still_answered() {
         let started = Instant::now();
         let r = support::client()
             .get(format!("http://{addr}/v2/"))
-            .timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(6))
             .send()
             .await;
         let r = r.unwrap_or_else(|e| panic!("no answer after {:?}: {e}", started.elapsed()));
@@ -227,14 +227,14 @@ async fn the_header_timeout_holds_for_silent_clients_http2_and_kept_alive_connec
         let mut stream = TcpStream::connect(addr(&proxy)).await.unwrap();
         stream.write_all(send).await.unwrap();
         let started = Instant::now();
-        read_until_closed(&mut stream, Duration::from_secs(2))
+        read_until_closed(&mut stream, Duration::from_secs(5))
             .await
             .unwrap_or_else(|| panic!("sending {what}: still open after {:?}", started.elapsed()));
     }
     // A kept-alive connection waiting for its next request head: the same timeout.
     let mut stream = TcpStream::connect(addr(&proxy)).await.unwrap();
     one_request(&mut stream).await;
-    read_until_closed(&mut stream, Duration::from_secs(2))
+    read_until_closed(&mut stream, Duration::from_secs(5))
         .await
         .expect("a kept-alive connection outlived the header timeout");
 }

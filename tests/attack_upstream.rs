@@ -580,7 +580,9 @@ async fn requests_arriving_as_a_download_is_stored_never_get_404() {
             let proxy = Arc::new(proxy_for(&up.url, |_| {}).await);
             let path = format!("{BLOB_PATH}{digest}");
             let mut tasks = Vec::new();
-            // Requests spread over the end of the download and the rename into the store.
+            // 300 requests within 45 ms join one short download: on 2 cores some reach its temp
+            // file only after it was renamed into the store (this timing makes the old code
+            // answer 404; checked by reverting the fix).
             for i in 0..300u64 {
                 let (proxy, path, blob) = (proxy.clone(), path.clone(), blob.clone());
                 tasks.push(tokio::spawn(async move {

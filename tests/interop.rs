@@ -372,6 +372,11 @@ async fn docker_engine_pulls_through_pullthrough_as_its_registry_mirror() {
         ],
     );
     assert_eq!(inspected.trim(), "linux/amd64 1", "the image was unpacked");
+    let first_id = docker(
+        &first_dir,
+        &socket,
+        &["image", "inspect", "--format", "{{.Id}}", "dockertest:1"],
+    );
     let listing: serde_json::Value = proxy
         .get("/_pullthrough/cache/library/dockertest/manifests/1")
         .await
@@ -394,7 +399,11 @@ async fn docker_engine_pulls_through_pullthrough_as_its_registry_mirror() {
         &socket,
         &["image", "inspect", "--format", "{{.Id}}", "dockertest:1"],
     );
-    assert!(inspected.trim().starts_with("sha256:"), "{inspected}");
+    assert_eq!(
+        inspected.trim(),
+        first_id.trim(),
+        "the same image, from the cache"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -496,6 +505,11 @@ async fn skopeo_with_creds_pulls_through_access_control() {
         .output()
         .unwrap();
     assert!(!refused.status.success(), "anonymous skopeo was let in");
+    let stderr = String::from_utf8_lossy(&refused.stderr).to_lowercase();
+    assert!(
+        stderr.contains("unauthorized") || stderr.contains("authentication required"),
+        "{stderr}"
+    );
     let raw = run(skopeo().args([
         "inspect",
         "--raw",

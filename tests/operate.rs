@@ -35,12 +35,19 @@ async fn json(proxy: &TestProxy, path: &str) -> Value {
     r.json().await.unwrap()
 }
 
-async fn pull_manifest(proxy: &TestProxy, path: &str) {
+/// GETs a manifest as a modern client would; the body must hash to its Docker-Content-Digest.
+async fn pull_manifest(proxy: &TestProxy, path: &str) -> bytes::Bytes {
     let r = proxy
         .request(reqwest::Method::GET, path, &[("accept", FULL_ACCEPT)])
         .await;
     assert_eq!(r.status(), 200, "{path}");
-    r.bytes().await.unwrap();
+    let digest = r.headers()["docker-content-digest"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let body = r.bytes().await.unwrap();
+    assert_eq!(support::hub::sha256(&body), digest, "{path}");
+    body
 }
 
 /// Pulls an image as a client would: index, the amd64 manifest, its blobs.
@@ -557,7 +564,16 @@ async fn paging_walks_every_entry_and_hits_count_only_answers() {
         }
     }
     seen.sort();
-    assert_eq!(seen.len(), 4, "{seen:?}");
+    assert_eq!(
+        seen,
+        [
+            "library/node-red:latest",
+            "library/node/sub:latest",
+            "library/node2:latest",
+            "library/node:latest"
+        ],
+        "every entry once"
+    );
 
     // Hits count answers the tag's entry gave: not 404s, not invented names.
     for _ in 0..3 {

@@ -57,6 +57,7 @@ async fn ns_and_path_prefix_pick_the_upstream_and_share_its_cache() {
         .get(&format!("/v2/org/app/blobs/{blob}?ns=ghcr.io"))
         .await;
     assert_eq!(r.headers()["x-cache"], "HIT");
+    assert_eq!(r.bytes().await.unwrap(), ghcr_image.blobs[1]);
     let tags: serde_json::Value = proxy
         .get("/v2/ghcr.io/org/app/tags/list")
         .await
@@ -113,11 +114,8 @@ async fn credentials_stay_with_their_upstream_and_private_blobs_stay_private() {
     corp.push("team/secret", "1", &private);
     corp.make_private("team/secret");
     // The default upstream has a public repository without that blob.
-    hub.push(
-        "public/app",
-        "1",
-        &Image::single("public", DOCKER_MANIFEST, 100),
-    );
+    let public = Image::single("public", DOCKER_MANIFEST, 100);
+    hub.push("public/app", "1", &public);
     let proxy = TestProxy::start_with(&hub, |c| {
         let mut u = upstream("registry.corp.example:5000", &corp);
         u.username = Some("bot".into());
@@ -136,7 +134,10 @@ async fn credentials_stay_with_their_upstream_and_private_blobs_stay_private() {
         private.blobs[1]
     );
     assert!(corp.count("token_with_credentials") > 0);
-    assert!(!proxy.get_ok("/v2/public/app/manifests/1").await.is_empty());
+    assert_eq!(
+        proxy.get_ok("/v2/public/app/manifests/1").await,
+        public.bytes
+    );
     assert_eq!(
         hub.count("token_with_credentials"),
         0,

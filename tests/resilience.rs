@@ -3,6 +3,7 @@
 
 mod support;
 
+use futures_util::StreamExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use support::{FakeHub, Fault, Image, TestProxy, error_code};
@@ -398,8 +399,17 @@ async fn the_concurrency_cap_covers_a_whole_blob_download() {
         proxy.client.clone(),
         format!("{}/v2/library/cap/blobs/{digest}", proxy.url),
     );
-    let download = tokio::spawn(async move { client.get(url).send().await.unwrap().bytes().await });
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // The blob's first bytes arrived: its exchange holds the one place now.
+    let r = client.get(url).send().await.unwrap();
+    let mut stream = r.bytes_stream();
+    let first = stream.next().await.unwrap().unwrap();
+    let download = tokio::spawn(async move {
+        let mut body = first.to_vec();
+        while let Some(chunk) = stream.next().await {
+            body.extend_from_slice(&chunk?);
+        }
+        Ok::<_, reqwest::Error>(bytes::Bytes::from(body))
+    });
     let started = Instant::now();
     assert_eq!(proxy.get("/v2/library/cap/manifests/1").await.status(), 200);
     // The manifest GET waited for the blob exchange to end, not just for its headers.
@@ -417,12 +427,12 @@ async fn slow_blob_downloads_leave_room_under_the_cap_for_manifests() {
     hub.push("library/room", "1", &image("room"));
     let blobs: Vec<(bytes::Bytes, String)> = (0..4)
         .map(|i| {
-            let blob = bytes::Bytes::from(support::hub::pattern(&format!("room{i}"), 1024 * 1024));
+            let blob = bytes::Bytes::from(support::hub::pattern(&format!("room{i}"), 2 << 20));
             let digest = hub.push_blob("library/room", blob.clone());
             (blob, digest)
         })
         .collect();
-    // Each download takes about 1.6 s (16 chunks of 64 KiB, one every 100 ms).
+    // Each download takes about 3.2 s (32 chunks of 64 KiB, one every 100 ms).
     hub.fault(Fault::SlowBlob(Duration::from_millis(100)));
     let proxy = TestProxy::start_with(&hub, |c| c.upstream_max_concurrency = 4).await;
     let mut downloads = Vec::new();
@@ -445,7 +455,7 @@ async fn slow_blob_downloads_leave_room_under_the_cap_for_manifests() {
     );
     // Three of the four slots at most go to blob bodies: the manifest did not wait for one.
     assert!(
-        started.elapsed() < Duration::from_millis(1000),
+        started.elapsed() < Duration::from_millis(2000),
         "the manifest waited {:?} behind blob downloads",
         started.elapsed()
     );

@@ -58,7 +58,7 @@ pub async fn page(State(state): State<Arc<AppState>>, request: axum::extract::Re
             e.hits,
             e.freshness,
             e.freshness,
-            esc(&e.digest.to_string()[..19.min(e.digest.to_string().len())]),
+            esc(e.digest.to_string().get(..19).unwrap_or_default()),
             esc(&e.validated_at)
         );
     }

@@ -421,16 +421,6 @@ impl Metrics {
             recent_upstream_errors: self.recent_errors.lock().iter().rev().cloned().collect(),
         }
     }
-
-    /// Upstream requests of `kind` so far.
-    pub fn upstream_count(&self, kind: UpstreamKind) -> u64 {
-        self.upstream
-            .lock()
-            .iter()
-            .filter(|((k, _), _)| *k == kind)
-            .map(|(_, n)| n)
-            .sum()
-    }
 }
 
 /// Hits, misses, revalidations and stale answers of one kind of request.

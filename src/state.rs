@@ -5,7 +5,7 @@ use crate::config::Config;
 use crate::disk::Layout;
 use crate::error::Error;
 use crate::manifests::ManifestCache;
-use crate::metrics::{Gauges, Metrics};
+use crate::metrics::{Gauges, Metrics, UpstreamGauges};
 use crate::proxy::Proxy;
 use crate::upstream::Upstream;
 use anyhow::Context;
@@ -38,6 +38,27 @@ pub struct Stats {
     /// The blob store.
     pub blob_store: StoreSizes,
     /// Upstream exchanges in flight.
+    pub upstream_in_flight: u64,
+    /// The same, per upstream: the default first, then the `[[upstreams]]` in order.
+    pub upstreams: Vec<UpstreamStats>,
+}
+
+/// What the stats endpoint answers for one upstream.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct UpstreamStats {
+    /// The registry host it stands for (the `ns` value and path prefix clients use).
+    pub host: String,
+    /// Where it is fetched from.
+    pub url: String,
+    /// Whether it is the default upstream.
+    pub default: bool,
+    /// Requests routed to it, its upstream requests, stale answers, pulls saved, bytes fetched.
+    pub counters: crate::metrics::UpstreamCounts,
+    /// The last rate-limit state it reported.
+    pub rate_limit: crate::upstream::ratelimit::RateLimit,
+    /// Its manifest cache.
+    pub manifest_cache: CacheSizes,
+    /// Its exchanges in flight.
     pub upstream_in_flight: u64,
 }
 
@@ -107,8 +128,13 @@ impl AppState {
     pub fn new(config: &Config) -> anyhow::Result<AppState> {
         let layout =
             Layout::open(&config.data_dir).context("invalid value for key \"data_dir\"")?;
-        let metrics = Arc::new(Metrics::default());
-        let upstream = Arc::new(Upstream::new(config, Arc::clone(&metrics))?);
+        let default_name = config.default_host().unwrap_or_default();
+        let metrics = Metrics::new(
+            std::iter::once(default_name.clone())
+                .chain(config.upstreams.iter().map(|u| u.host.clone()))
+                .collect(),
+        );
+        let upstream = Arc::new(Upstream::new(config, metrics.for_upstream(0))?);
         let manifests = Arc::new(ManifestCache::open(
             layout.clone(),
             config.manifest_cache_bytes.as_u64(),
@@ -125,11 +151,10 @@ impl AppState {
         let blobs = BlobStore::open(layout.clone(), limits, Arc::clone(&metrics))?;
         blobs.warn_if_short_of_space();
         blobs.spawn_maintenance();
-        let default_name = config.default_host().unwrap_or_default();
         let mut others = Vec::new();
-        for u in &config.upstreams {
+        for (i, u) in config.upstreams.iter().enumerate() {
             let derived = config.for_upstream(u);
-            let upstream = Arc::new(Upstream::new(&derived, Arc::clone(&metrics))?);
+            let upstream = Arc::new(Upstream::new(&derived, metrics.for_upstream(i + 1))?);
             let dir = u.host.replace(':', "_");
             let manifests = Arc::new(ManifestCache::open(
                 layout.upstream(&dir)?,
@@ -215,21 +240,41 @@ impl AppState {
     /// Everything the stats endpoint and the status page show.
     pub fn stats(&self) -> Stats {
         let gauges = self.gauges();
+        let upstreams: Vec<UpstreamStats> = self
+            .proxies()
+            .zip(&gauges.upstreams)
+            .enumerate()
+            .map(|(i, (proxy, g))| UpstreamStats {
+                host: proxy.name().to_owned(),
+                url: proxy.upstream.base().to_string(),
+                default: i == 0,
+                counters: self.metrics.snapshot_upstream(i),
+                rate_limit: proxy.upstream.limits.snapshot(),
+                manifest_cache: CacheSizes {
+                    entries: g.manifest_entries,
+                    bytes: g.manifest_bytes,
+                    tags: g.tags,
+                },
+                upstream_in_flight: g.in_flight,
+            })
+            .collect();
+        let sum = |f: fn(&UpstreamGauges) -> u64| gauges.upstreams.iter().map(f).sum::<u64>();
         Stats {
             upstream: self.upstream_url.to_string(),
             counters: self.metrics.snapshot(),
             rate_limit: self.proxy.upstream.limits.snapshot(),
             manifest_cache: CacheSizes {
-                entries: gauges.manifest_entries,
-                bytes: gauges.manifest_bytes,
-                tags: gauges.tags,
+                entries: sum(|g| g.manifest_entries),
+                bytes: sum(|g| g.manifest_bytes),
+                tags: sum(|g| g.tags),
             },
             blob_store: StoreSizes {
                 blobs: gauges.blobs,
                 bytes: gauges.blob_bytes,
                 downloads: gauges.downloads,
             },
-            upstream_in_flight: gauges.upstream_in_flight,
+            upstream_in_flight: sum(|g| g.in_flight),
+            upstreams,
         }
     }
 
@@ -249,19 +294,27 @@ impl AppState {
         }
     }
 
-    /// The gauges `/metrics` and the stats read from the caches and the upstream client.
+    /// The gauges `/metrics` and the stats read from the caches and the upstream clients.
     pub fn gauges(&self) -> Gauges {
-        let limit = self.proxy.upstream.limits.snapshot();
-        let (manifest_entries, manifest_bytes, tags) = self.proxy.manifests.sizes();
+        let upstreams = self
+            .proxies()
+            .map(|proxy| {
+                let limit = proxy.upstream.limits.snapshot();
+                let (manifest_entries, manifest_bytes, tags) = proxy.manifests.sizes();
+                UpstreamGauges {
+                    ratelimit_limit: limit.limit,
+                    ratelimit_remaining: limit.remaining,
+                    manifest_entries,
+                    manifest_bytes,
+                    tags,
+                    in_flight: proxy.upstream.in_flight(),
+                }
+            })
+            .collect();
         Gauges {
-            ratelimit_limit: limit.limit,
-            ratelimit_remaining: limit.remaining,
-            manifest_entries,
-            manifest_bytes,
-            tags,
+            upstreams,
             blobs: self.proxy.blobs.count(),
             blob_bytes: self.proxy.blobs.total_bytes(),
-            upstream_in_flight: self.proxy.upstream.in_flight(),
             downloads: self.proxy.blobs.downloads(),
         }
     }

@@ -155,3 +155,122 @@ async fn credentials_stay_with_their_upstream_and_private_blobs_stay_private() {
         "upstream was asked"
     );
 }
+
+#[tokio::test]
+async fn stats_metrics_and_the_status_page_count_each_upstream_apart() {
+    let hub = FakeHub::start().await;
+    let ghcr = FakeHub::start().await;
+    let image = Image::single("counted-per-upstream", DOCKER_MANIFEST, 100);
+    hub.push("org/app", "1", &image);
+    ghcr.push("org/app", "1", &image);
+    let proxy =
+        TestProxy::start_with(&hub, |c| c.upstreams = vec![upstream("ghcr.io", &ghcr)]).await;
+    for _ in 0..2 {
+        proxy.get_ok("/v2/org/app/manifests/1").await;
+    }
+    for path in [
+        "/v2/org/app/manifests/1?ns=ghcr.io",
+        "/v2/ghcr.io/org/app/manifests/1",
+        "/v2/ghcr.io/org/app/manifests/1",
+    ] {
+        proxy.get_ok(path).await;
+    }
+    assert_eq!(
+        proxy.get("/v2/ghcr.io/org/app/manifests/2").await.status(),
+        404
+    );
+
+    let stats: serde_json::Value = proxy.get("/_pullthrough/stats").await.json().await.unwrap();
+    let upstreams = stats["upstreams"].as_array().unwrap();
+    assert_eq!(upstreams.len(), 2, "{stats}");
+    let (default, other) = (&upstreams[0], &upstreams[1]);
+    assert_eq!(default["default"], true);
+    assert_eq!(other["host"], "ghcr.io");
+    assert_eq!(other["url"], format!("{}/", ghcr.url));
+    let manifest = |u: &serde_json::Value, outcome: &str| {
+        u["counters"]["requests"]["manifest"][outcome].clone()
+    };
+    assert_eq!(
+        (manifest(default, "miss"), manifest(default, "hit")),
+        (1.into(), 1.into())
+    );
+    assert_eq!(
+        (manifest(other, "miss"), manifest(other, "hit")),
+        (1.into(), 2.into())
+    );
+    assert_eq!(default["counters"]["pulls_saved"], 1);
+    assert_eq!(other["counters"]["pulls_saved"], 2);
+    assert_eq!(
+        other["counters"]["upstream_requests"]["manifest_get"]["200"],
+        1
+    );
+    assert_eq!(
+        other["counters"]["upstream_requests"]["manifest_get"]["404"],
+        1
+    );
+    assert!(default["counters"]["upstream_requests"]["manifest_get"]["404"].is_null());
+    assert_eq!(default["manifest_cache"]["tags"], 1);
+    assert_eq!(other["manifest_cache"]["tags"], 1);
+    assert_eq!(other["rate_limit"]["limit"], 100);
+    // The totals are the sums.
+    assert_eq!(stats["counters"]["pulls_saved"], 3);
+    assert_eq!(stats["counters"]["requests"]["manifest"]["hit"], 3);
+    assert_eq!(stats["manifest_cache"]["tags"], 2);
+
+    let text = proxy.get("/metrics").await.text().await.unwrap();
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
+    let value = |name: &str, labels: &[(&str, &str)]| -> f64 {
+        scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == name)
+            .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) => v,
+                _ => 0.0,
+            })
+            .sum()
+    };
+    let default_host = default["host"].as_str().unwrap();
+    let hits = |host| {
+        value(
+            "pullthrough_requests_total",
+            &[("upstream", host), ("kind", "manifest"), ("cache", "hit")],
+        )
+    };
+    assert_eq!((hits(default_host), hits("ghcr.io")), (1.0, 2.0));
+    assert_eq!(
+        value(
+            "pullthrough_requests_total",
+            &[("upstream", "ghcr.io"), ("status", "404")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            "pullthrough_upstream_requests_total",
+            &[("upstream", "ghcr.io"), ("kind", "manifest_get")]
+        ),
+        2.0
+    );
+    assert_eq!(
+        value("pullthrough_pulls_saved_total", &[("upstream", "ghcr.io")]),
+        2.0
+    );
+    assert_eq!(
+        value("pullthrough_tags", &[("upstream", default_host)]),
+        1.0
+    );
+    assert_eq!(
+        value(
+            "pullthrough_ratelimit_remaining",
+            &[("upstream", "ghcr.io")]
+        ),
+        99.0
+    );
+
+    let page = proxy.get("/").await.text().await.unwrap();
+    let table = page.split("id=\"upstreams\"").nth(1).unwrap();
+    assert!(table.contains("<td>ghcr.io</td>"), "{table}");
+    assert!(table.contains(" (default)"), "{table}");
+}

@@ -15,7 +15,7 @@ pub mod tls;
 
 use crate::blobs::ByteRange;
 use crate::error::Error;
-use crate::metrics::Outcome;
+use crate::metrics::{Outcome, Routed};
 use crate::proxy::{ManifestRequest, TagsQuery};
 use crate::registry::Accept;
 use crate::state::AppState;
@@ -98,12 +98,33 @@ async fn dispatch(State(state): State<Arc<AppState>>, request: Request) -> Resul
 }
 
 async fn pull(state: Arc<AppState>, request: Request) -> Result<Response, Error> {
-    let (method, uri, headers) = (request.method(), request.uri(), request.headers());
+    let (method, uri) = (request.method(), request.uri());
     if method != Method::GET && method != Method::HEAD {
         return Err(Error::Unsupported(method.to_string()));
     }
     let tail = uri.path().strip_prefix("/v2/").unwrap_or_default();
     let (proxy, tail, default) = state.route(tail, uri.query()).await?;
+    let routed = Routed(proxy.upstream.metrics.index());
+    // The request moves into `serve`; the tail is passed as where it starts in the path.
+    let tail_at = uri.path().len() - tail.len();
+    let mut response = match serve(&state, request, proxy, tail_at, default).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    };
+    response.extensions_mut().insert(routed);
+    Ok(response)
+}
+
+/// Serves a registry request routed to `proxy`'s upstream.
+async fn serve(
+    state: &AppState,
+    request: Request,
+    proxy: Arc<crate::proxy::Proxy>,
+    tail_at: usize,
+    default: bool,
+) -> Result<Response, Error> {
+    let (method, uri, headers) = (request.method(), request.uri(), request.headers());
+    let tail = uri.path().get(tail_at..).unwrap_or_default();
     // Validate before anything can reach upstream; learn Hub-ness only for names that need it.
     let mut target = RegistryPath::parse(tail, false)?;
     let tags_query = match target {

@@ -4,7 +4,7 @@
 //! and it ends in one access-log event. The API version header is added to every response.
 
 use super::{UpstreamWait, millis};
-use crate::metrics::{Outcome, RequestKind};
+use crate::metrics::{Outcome, RequestKind, Routed};
 use crate::state::AppState;
 use axum::extract::{Request, State};
 use axum::http::{HeaderName, HeaderValue};
@@ -50,9 +50,10 @@ pub async fn observe(State(state): State<Arc<AppState>>, request: Request, next:
     headers.insert(X_REQUEST_ID, id);
     let outcome = response.extensions().get::<Outcome>().copied();
     let status = response.status().as_u16();
+    let routed = response.extensions().get::<Routed>().copied();
     state
         .metrics
-        .request(kind, method.as_str(), status, outcome, elapsed);
+        .request(kind, method.as_str(), status, outcome, routed, elapsed);
     if let Some(path) = path {
         let upstream_ms = response
             .extensions()

@@ -1,6 +1,7 @@
 //! The status page at `/`: one small server-rendered HTML page, no script, that shows at a
 //! glance what the stats endpoint reports: hit ratio, pulls saved, rate-limit budget, the most
-//! pulled images with their freshness, disk use, and the last upstream errors.
+//! pulled images with their freshness, disk use, each upstream's share, and the last upstream
+//! errors.
 
 use crate::state::AppState;
 use axum::extract::State;
@@ -29,8 +30,13 @@ fn size(bytes: u64) -> String {
 pub async fn page(State(state): State<Arc<AppState>>, request: axum::extract::Request) -> Response {
     let stats = state.stats();
     let c = &stats.counters;
-    let manifests = c.requests.get("manifest").cloned().unwrap_or_default();
-    let blobs = c.requests.get("blob").cloned().unwrap_or_default();
+    let manifests = c
+        .totals
+        .requests
+        .get("manifest")
+        .cloned()
+        .unwrap_or_default();
+    let blobs = c.totals.requests.get("blob").cloned().unwrap_or_default();
     let budget = match (stats.rate_limit.remaining, stats.rate_limit.limit) {
         (Some(r), Some(l)) => format!("{r} of {l}"),
         _ => "not reported yet".to_owned(),
@@ -67,6 +73,36 @@ pub async fn page(State(state): State<Arc<AppState>>, request: axum::extract::Re
     } else if rows.is_empty() {
         rows.push_str("<tr><td colspan=\"5\">nothing pulled yet</td></tr>");
     }
+    let mut upstreams = String::new();
+    for u in &stats.upstreams {
+        let manifests = u
+            .counters
+            .requests
+            .get("manifest")
+            .cloned()
+            .unwrap_or_default();
+        let gets: u64 = u
+            .counters
+            .upstream_requests
+            .get("manifest_get")
+            .map_or(0, |by_status| by_status.values().sum());
+        let budget = match (u.rate_limit.remaining, u.rate_limit.limit) {
+            (Some(r), Some(l)) => format!("{r} of {l}"),
+            _ => "–".to_owned(),
+        };
+        let _ = write!(
+            upstreams,
+            "<tr><td>{}{}</td><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
+            esc(&u.host),
+            if u.default { " (default)" } else { "" },
+            esc(&u.url),
+            percent(manifests.hit_ratio),
+            u.counters.pulls_saved,
+            gets,
+            budget,
+            u.manifest_cache.tags,
+        );
+    }
     let mut errors = String::new();
     for e in c.recent_upstream_errors.iter().filter(|_| !private) {
         let when = humantime::format_rfc3339_seconds(
@@ -74,14 +110,15 @@ pub async fn page(State(state): State<Arc<AppState>>, request: axum::extract::Re
         );
         let _ = write!(
             errors,
-            "<tr><td>{when}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{when}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&e.upstream),
             e.kind.as_str(),
             e.status.map_or("–".to_owned(), |s| s.to_string()),
             esc(&e.error)
         );
     }
     if errors.is_empty() {
-        errors.push_str("<tr><td colspan=\"4\">none</td></tr>");
+        errors.push_str("<tr><td colspan=\"5\">none</td></tr>");
     }
     let disk = format!(
         "{} of {} ({} blobs)",
@@ -112,15 +149,17 @@ table{{border-collapse:collapse;width:100%}} td,th{{border-bottom:1px solid #eee
 </div>
 <h2>Most pulled</h2>
 <table id="top"><tr><th>image</th><th class="num">hits</th><th>freshness</th><th>digest</th><th>validated</th></tr>{rows}</table>
+<h2>Upstreams</h2>
+<table id="upstreams"><tr><th>registry</th><th>url</th><th class="num">manifest hit ratio</th><th class="num">pulls saved</th><th class="num">manifest GETs</th><th class="num">budget left</th><th class="num">tags</th></tr>{upstreams}</table>
 <h2>Recent upstream errors</h2>
-<table id="errors"><tr><th>when</th><th>what</th><th>status</th><th>error</th></tr>{errors}</table>
+<table id="errors"><tr><th>when</th><th>upstream</th><th>what</th><th>status</th><th>error</th></tr>{errors}</table>
 <p><a href="/_pullthrough/stats">stats</a> · <a href="/_pullthrough/cache">cache</a> · <a href="/metrics">metrics</a></p>
 </body></html>
 "#,
         upstream = esc(&stats.upstream),
         hit_ratio = percent(manifests.hit_ratio),
         blob_ratio = percent(blobs.hit_ratio),
-        pulls_saved = c.pulls_saved,
+        pulls_saved = c.totals.pulls_saved,
     );
     (
         [

@@ -3,7 +3,7 @@
 //! from the caches and the upstream client.
 
 use super::{
-    BUCKETS, METHODS, Metrics, Outcome, RequestKind, STATUSES, StaleCause, UpstreamKind, cell,
+    BUCKETS, METHODS, Metrics, Outcome, RequestKind, STATUSES, StaleCause, UpstreamKind, cell, get,
 };
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder};
@@ -13,14 +13,13 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::{Registry, Unit};
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
-/// Values read from other components at scrape time.
+/// Values read from one upstream's client and caches at scrape time.
 #[derive(Debug, Clone, Default)]
-pub struct Gauges {
-    /// Docker Hub's `ratelimit-limit`, when seen.
+pub struct UpstreamGauges {
+    /// `ratelimit-limit`, when seen.
     pub ratelimit_limit: Option<u64>,
-    /// Docker Hub's `ratelimit-remaining`, when seen.
+    /// `ratelimit-remaining`, when seen.
     pub ratelimit_remaining: Option<u64>,
     /// Manifests held in memory.
     pub manifest_entries: u64,
@@ -28,12 +27,19 @@ pub struct Gauges {
     pub manifest_bytes: u64,
     /// Tags in the index.
     pub tags: u64,
-    /// Blobs in the store.
+    /// Upstream exchanges in flight.
+    pub in_flight: u64,
+}
+
+/// Values read from other components at scrape time.
+#[derive(Debug, Clone, Default)]
+pub struct Gauges {
+    /// Per upstream, in the order of [`Metrics::hosts`].
+    pub upstreams: Vec<UpstreamGauges>,
+    /// Blobs in the store (shared by the upstreams).
     pub blobs: u64,
     /// Bytes in the blob store.
     pub blob_bytes: u64,
-    /// Upstream exchanges in flight.
-    pub upstream_in_flight: u64,
     /// Blob downloads under way.
     pub downloads: u64,
 }
@@ -65,7 +71,6 @@ fn gauge(e: MetricEncoder<'_>, value: u64) -> fmt::Result {
 }
 
 fn histogram(mut e: MetricEncoder<'_>, h: &super::Histogram) -> fmt::Result {
-    let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
     let mut buckets: Vec<(f64, u64)> = BUCKETS
         .iter()
         .zip(&h.buckets)
@@ -76,34 +81,48 @@ fn histogram(mut e: MetricEncoder<'_>, h: &super::Histogram) -> fmt::Result {
     e.encode_histogram::<Labels>(sum, get(&h.count), &buckets, None)
 }
 
+fn status_label(status: u16) -> String {
+    if status == 0 {
+        "error".to_owned()
+    } else {
+        status.to_string()
+    }
+}
+
 impl Collector for Scrape {
     fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
         let m = &self.metrics;
-        let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        let hosts = m.hosts();
+        // Requests not routed to an upstream (`/v2/`, the cache API, ...) have an empty label,
+        // which Prometheus treats as absent.
+        let host = |u: usize| hosts.get(u).cloned().unwrap_or_default();
 
         let mut family = encoder.encode_descriptor(
             "requests",
-            "Client requests by kind, method, status and cache outcome.",
+            "Client requests by upstream, kind, method, status and cache outcome.",
             None,
             MetricType::Counter,
         )?;
-        for (k, kind) in RequestKind::ALL.iter().enumerate() {
-            for (mi, method) in METHODS.iter().enumerate() {
-                for o in 0..=Outcome::ALL.len() {
-                    let cache = Outcome::ALL.get(o).map_or("none", |o| o.label());
-                    for s in 0..=STATUSES.len() {
-                        let n = get(&m.requests[cell(k, mi, o, s)]);
-                        if n == 0 {
-                            continue;
+        for u in 0..=hosts.len() {
+            for (k, kind) in RequestKind::ALL.iter().enumerate() {
+                for (mi, method) in METHODS.iter().enumerate() {
+                    for o in 0..=Outcome::ALL.len() {
+                        let cache = Outcome::ALL.get(o).map_or("none", |o| o.label());
+                        for s in 0..=STATUSES.len() {
+                            let n = get(&m.requests[cell(u, k, mi, o, s)]);
+                            if n == 0 {
+                                continue;
+                            }
+                            let status = STATUSES.get(s).map_or("other".to_owned(), u16::to_string);
+                            let labels: Labels = vec![
+                                ("upstream", host(u)),
+                                ("kind", kind.label().to_owned()),
+                                ("method", (*method).to_owned()),
+                                ("status", status),
+                                ("cache", cache.to_owned()),
+                            ];
+                            counter(family.encode_family(&labels)?, n)?;
                         }
-                        let status = STATUSES.get(s).map_or("other".to_owned(), u16::to_string);
-                        let labels: Labels = vec![
-                            ("kind", kind.label().to_owned()),
-                            ("method", (*method).to_owned()),
-                            ("status", status),
-                            ("cache", cache.to_owned()),
-                        ];
-                        counter(family.encode_family(&labels)?, n)?;
                     }
                 }
             }
@@ -124,31 +143,32 @@ impl Collector for Scrape {
 
         let mut family = encoder.encode_descriptor(
             "upstream_requests",
-            "Requests sent upstream by kind and status (status \"error\": no answer).",
+            "Requests sent upstream by upstream, kind and status (status \"error\": no answer).",
             None,
             MetricType::Counter,
         )?;
-        for ((kind, status), n) in m.upstream.lock().iter() {
-            let status = if *status == 0 {
-                "error".to_owned()
-            } else {
-                status.to_string()
-            };
-            let labels: Labels = vec![("kind", kind.label().to_owned()), ("status", status)];
-            counter(family.encode_family(&labels)?, *n)?;
+        for (u, own) in m.per_upstream.iter().enumerate() {
+            for ((kind, status), n) in own.requests.lock().iter() {
+                let labels: Labels = vec![
+                    ("upstream", host(u)),
+                    ("kind", kind.label().to_owned()),
+                    ("status", status_label(*status)),
+                ];
+                counter(family.encode_family(&labels)?, *n)?;
+            }
         }
 
         let mut family = encoder.encode_descriptor(
             "upstream_request_duration",
-            "Upstream latency until the response headers, by kind.",
+            "Upstream latency until the response headers, by upstream and kind.",
             Some(&Unit::Seconds),
             MetricType::Histogram,
         )?;
-        for (kind, h) in UpstreamKind::ALL.iter().zip(&m.upstream_latency) {
-            histogram(
-                family.encode_family(&vec![("kind", kind.label().to_owned())])?,
-                h,
-            )?;
+        for (u, own) in m.per_upstream.iter().enumerate() {
+            for (kind, h) in UpstreamKind::ALL.iter().zip(&own.latency) {
+                let labels: Labels = vec![("upstream", host(u)), ("kind", kind.label().to_owned())];
+                histogram(family.encode_family(&labels)?, h)?;
+            }
         }
 
         let mut family = encoder.encode_descriptor(
@@ -166,30 +186,45 @@ impl Collector for Scrape {
 
         let mut family = encoder.encode_descriptor(
             "stale_served",
-            "Answers served stale, by cause.",
+            "Answers served stale, by upstream and cause.",
             None,
             MetricType::Counter,
         )?;
-        for (cause, n) in StaleCause::ALL.iter().zip(&m.stale) {
-            counter(
-                family.encode_family(&vec![("cause", cause.label().to_owned())])?,
-                get(n),
-            )?;
+        for (u, own) in m.per_upstream.iter().enumerate() {
+            for (cause, n) in StaleCause::ALL.iter().zip(&own.stale) {
+                let labels: Labels =
+                    vec![("upstream", host(u)), ("cause", cause.label().to_owned())];
+                counter(family.encode_family(&labels)?, get(n))?;
+            }
         }
 
-        let counters = [
+        type PerUpstreamValue = fn(&super::PerUpstream) -> u64;
+        let per_upstream: [(&str, &str, Option<Unit>, PerUpstreamValue); 2] = [
             (
                 "blob_fetched",
-                "Blob bytes received from upstream.",
+                "Blob bytes received from upstream, by upstream.",
                 Some(Unit::Bytes),
-                get(&m.bytes_fetched),
+                |own| get(&own.bytes_fetched),
             ),
             (
                 "pulls_saved",
-                "Client manifest GETs answered without an upstream GET (Docker Hub pulls saved).",
+                "Client manifest GETs answered without an upstream GET (Docker Hub pulls saved), by upstream.",
                 None,
-                get(&m.pulls_saved),
+                |own| get(&own.pulls_saved),
             ),
+        ];
+        for (name, help, unit, value) in per_upstream {
+            let mut family =
+                encoder.encode_descriptor(name, help, unit.as_ref(), MetricType::Counter)?;
+            for (u, own) in m.per_upstream.iter().enumerate() {
+                counter(
+                    family.encode_family(&vec![("upstream", host(u))])?,
+                    value(own),
+                )?;
+            }
+        }
+
+        let counters = [
             (
                 "blob_evictions",
                 "Blobs evicted from the store.",
@@ -210,53 +245,53 @@ impl Collector for Scrape {
             )?;
         }
 
-        let g = &self.gauges;
-        let gauges = [
+        type UpstreamGauge = fn(&UpstreamGauges) -> Option<u64>;
+        let upstream_gauges: [(&str, &str, UpstreamGauge); 6] = [
             (
                 "ratelimit_limit",
                 "Upstream pulls allowed per window (ratelimit-limit), when seen.",
-                g.ratelimit_limit,
+                |g| g.ratelimit_limit,
             ),
             (
                 "ratelimit_remaining",
                 "Upstream pulls left in the window (ratelimit-remaining), when seen.",
-                g.ratelimit_remaining,
+                |g| g.ratelimit_remaining,
             ),
-            (
-                "manifest_cache_entries",
-                "Manifests held in memory.",
-                Some(g.manifest_entries),
-            ),
+            ("manifest_cache_entries", "Manifests held in memory.", |g| {
+                Some(g.manifest_entries)
+            }),
             (
                 "manifest_cache_bytes",
                 "Bytes of manifests held in memory.",
-                Some(g.manifest_bytes),
+                |g| Some(g.manifest_bytes),
             ),
-            ("tags", "Tags in the index.", Some(g.tags)),
-            ("blob_store_blobs", "Blobs in the store.", Some(g.blobs)),
-            (
-                "blob_store_bytes",
-                "Bytes in the blob store.",
-                Some(g.blob_bytes),
-            ),
-            (
-                "upstream_in_flight",
-                "Upstream exchanges in flight.",
-                Some(g.upstream_in_flight),
-            ),
-            (
-                "blob_downloads",
-                "Blob downloads under way.",
-                Some(g.downloads),
-            ),
+            ("tags", "Tags in the index.", |g| Some(g.tags)),
+            ("upstream_in_flight", "Upstream exchanges in flight.", |g| {
+                Some(g.in_flight)
+            }),
+        ];
+        let g = &self.gauges;
+        for (name, help, value) in upstream_gauges {
+            if g.upstreams.iter().all(|u| value(u).is_none()) {
+                continue;
+            }
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for (u, own) in g.upstreams.iter().enumerate() {
+                if let Some(v) = value(own) {
+                    gauge(family.encode_family(&vec![("upstream", host(u))])?, v)?;
+                }
+            }
+        }
+        let gauges = [
+            ("blob_store_blobs", "Blobs in the store.", g.blobs),
+            ("blob_store_bytes", "Bytes in the blob store.", g.blob_bytes),
+            ("blob_downloads", "Blob downloads under way.", g.downloads),
         ];
         for (name, help, value) in gauges {
-            if let Some(value) = value {
-                gauge(
-                    encoder.encode_descriptor(name, help, None, MetricType::Gauge)?,
-                    value,
-                )?;
-            }
+            gauge(
+                encoder.encode_descriptor(name, help, None, MetricType::Gauge)?,
+                value,
+            )?;
         }
         Ok(())
     }

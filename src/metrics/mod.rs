@@ -7,11 +7,12 @@
 
 mod exposition;
 
-pub use exposition::{Gauges, render_prometheus};
+pub use exposition::{Gauges, UpstreamGauges, render_prometheus};
 
 use parking_lot::Mutex;
 use serde::Serialize;
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
@@ -225,6 +226,8 @@ impl Histogram {
 pub struct UpstreamFailure {
     /// When (seconds since the Unix epoch).
     pub at: u64,
+    /// Which upstream (the registry host it stands for).
+    pub upstream: String,
     /// What was asked.
     pub kind: UpstreamKind,
     /// The status upstream answered (absent when it did not answer).
@@ -233,51 +236,43 @@ pub struct UpstreamFailure {
     pub error: String,
 }
 
-/// Every counter.
+/// The counters of one upstream.
+#[derive(Debug, Default)]
+struct PerUpstream {
+    requests: Mutex<BTreeMap<(UpstreamKind, u16), u64>>,
+    latency: [Histogram; UpstreamKind::ALL.len()],
+    stale: [AtomicU64; StaleCause::ALL.len()],
+    pulls_saved: AtomicU64,
+    bytes_fetched: AtomicU64,
+}
+
+/// Every counter. Client requests carry the upstream they were routed to (or none, for `/v2/`,
+/// the cache API and the like); upstream requests, stale answers, pulls saved and fetched bytes
+/// are kept per upstream; the blob store is shared, so its bytes and evictions are not.
 #[derive(Debug)]
 pub struct Metrics {
     started: SystemTime,
-    /// [kind][method][outcome or none][status or other], flattened.
+    /// The upstreams' names (the registry hosts), the default first.
+    hosts: Vec<String>,
+    /// [upstream or none][kind][method][outcome or none][status or other], flattened.
     requests: Box<[AtomicU64]>,
     latency: [Histogram; RequestKind::ALL.len()],
-    upstream: Mutex<BTreeMap<(UpstreamKind, u16), u64>>,
-    upstream_latency: [Histogram; UpstreamKind::ALL.len()],
-    stale: [AtomicU64; StaleCause::ALL.len()],
-    pulls_saved: AtomicU64,
+    per_upstream: Box<[PerUpstream]>,
     bytes_served_hit: AtomicU64,
     bytes_served_miss: AtomicU64,
-    bytes_fetched: AtomicU64,
     evictions: AtomicU64,
     evicted_bytes: AtomicU64,
     recent_errors: Mutex<VecDeque<UpstreamFailure>>,
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        let cells = RequestKind::ALL.len()
-            * METHODS.len()
-            * (Outcome::ALL.len() + 1)
-            * (STATUSES.len() + 1);
-        Metrics {
-            started: SystemTime::now(),
-            requests: (0..cells).map(|_| AtomicU64::new(0)).collect(),
-            latency: Default::default(),
-            upstream: Mutex::default(),
-            upstream_latency: Default::default(),
-            stale: Default::default(),
-            pulls_saved: AtomicU64::new(0),
-            bytes_served_hit: AtomicU64::new(0),
-            bytes_served_miss: AtomicU64::new(0),
-            bytes_fetched: AtomicU64::new(0),
-            evictions: AtomicU64::new(0),
-            evicted_bytes: AtomicU64::new(0),
-            recent_errors: Mutex::default(),
-        }
-    }
-}
+/// Cells of the request counters per upstream.
+const CELLS_PER_UPSTREAM: usize =
+    RequestKind::ALL.len() * METHODS.len() * (Outcome::ALL.len() + 1) * (STATUSES.len() + 1);
 
-fn cell(kind: usize, method: usize, outcome: usize, status: usize) -> usize {
-    ((kind * METHODS.len() + method) * (Outcome::ALL.len() + 1) + outcome) * (STATUSES.len() + 1)
+fn cell(upstream: usize, kind: usize, method: usize, outcome: usize, status: usize) -> usize {
+    upstream * CELLS_PER_UPSTREAM
+        + ((kind * METHODS.len() + method) * (Outcome::ALL.len() + 1) + outcome)
+            * (STATUSES.len() + 1)
         + status
 }
 
@@ -285,16 +280,130 @@ fn add(counter: &AtomicU64, n: u64) {
     counter.fetch_add(n, Ordering::Relaxed);
 }
 
+fn get(counter: &AtomicU64) -> u64 {
+    counter.load(Ordering::Relaxed)
+}
+
+/// Where an upstream client counts: the shared counters and its own index in them.
+#[derive(Debug, Clone)]
+pub struct UpstreamMetrics {
+    all: Arc<Metrics>,
+    index: usize,
+}
+
+/// The upstream a client request was routed to, attached to its response for the metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct Routed(pub usize);
+
+impl UpstreamMetrics {
+    /// This upstream's index in the counters, for [`Routed`].
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    fn own(&self) -> &PerUpstream {
+        &self.all.per_upstream[self.index]
+    }
+
+    /// Counts one upstream request: `status` is `None` when no response came.
+    pub fn upstream(&self, kind: UpstreamKind, status: Option<u16>, elapsed: Duration) {
+        let own = self.own();
+        *own.requests
+            .lock()
+            .entry((kind, status.unwrap_or(0)))
+            .or_default() += 1;
+        let k = UpstreamKind::ALL
+            .iter()
+            .position(|x| *x == kind)
+            .unwrap_or(0);
+        own.latency[k].observe(elapsed);
+    }
+
+    /// Remembers an upstream failure for the status page (the last 20 of all upstreams).
+    pub fn upstream_failed(&self, kind: UpstreamKind, status: Option<u16>, error: String) {
+        let at = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut recent = self.all.recent_errors.lock();
+        if recent.len() == RECENT_ERRORS {
+            recent.pop_front();
+        }
+        recent.push_back(UpstreamFailure {
+            at,
+            upstream: self.all.hosts[self.index].clone(),
+            kind,
+            status,
+            error,
+        });
+    }
+
+    /// A client manifest GET answered without an upstream GET.
+    pub fn pull_saved(&self) {
+        add(&self.own().pulls_saved, 1);
+    }
+
+    /// A stale answer.
+    pub fn stale(&self, cause: StaleCause) {
+        let i = StaleCause::ALL
+            .iter()
+            .position(|x| *x == cause)
+            .unwrap_or(0);
+        add(&self.own().stale[i], 1);
+    }
+
+    /// Blob bytes received from upstream.
+    pub fn fetched(&self, bytes: u64) {
+        add(&self.own().bytes_fetched, bytes);
+    }
+}
+
 impl Metrics {
-    /// Counts one client request.
+    /// Counters for the upstreams named `hosts` (the registry hosts, the default first).
+    pub fn new(hosts: Vec<String>) -> Arc<Metrics> {
+        let hosts = if hosts.is_empty() {
+            vec![String::new()]
+        } else {
+            hosts
+        };
+        let cells = CELLS_PER_UPSTREAM * (hosts.len() + 1);
+        Arc::new(Metrics {
+            started: SystemTime::now(),
+            requests: (0..cells).map(|_| AtomicU64::new(0)).collect(),
+            latency: Default::default(),
+            per_upstream: hosts.iter().map(|_| PerUpstream::default()).collect(),
+            hosts,
+            bytes_served_hit: AtomicU64::new(0),
+            bytes_served_miss: AtomicU64::new(0),
+            evictions: AtomicU64::new(0),
+            evicted_bytes: AtomicU64::new(0),
+            recent_errors: Mutex::default(),
+        })
+    }
+
+    /// The handle upstream `index` (in the order given to [`Metrics::new`]) counts through.
+    pub fn for_upstream(self: &Arc<Self>, index: usize) -> UpstreamMetrics {
+        UpstreamMetrics {
+            all: Arc::clone(self),
+            index: index.min(self.hosts.len() - 1),
+        }
+    }
+
+    /// The upstreams' names, the default first.
+    pub fn hosts(&self) -> &[String] {
+        &self.hosts
+    }
+
+    /// Counts one client request, routed to upstream `routed` (if it was).
     pub fn request(
         &self,
         kind: RequestKind,
         method: &str,
         status: u16,
         outcome: Option<Outcome>,
+        routed: Option<Routed>,
         elapsed: Duration,
     ) {
+        let u = routed.map_or(self.hosts.len(), |r| r.0.min(self.hosts.len()));
         let k = RequestKind::ALL
             .iter()
             .position(|x| *x == kind)
@@ -307,53 +416,8 @@ impl Metrics {
             .iter()
             .position(|x| *x == status)
             .unwrap_or(STATUSES.len());
-        add(&self.requests[cell(k, m, o, s)], 1);
+        add(&self.requests[cell(u, k, m, o, s)], 1);
         self.latency[k].observe(elapsed);
-    }
-
-    /// Counts one upstream request: `status` is `None` when no response came.
-    pub fn upstream(&self, kind: UpstreamKind, status: Option<u16>, elapsed: Duration) {
-        *self
-            .upstream
-            .lock()
-            .entry((kind, status.unwrap_or(0)))
-            .or_default() += 1;
-        let k = UpstreamKind::ALL
-            .iter()
-            .position(|x| *x == kind)
-            .unwrap_or(0);
-        self.upstream_latency[k].observe(elapsed);
-    }
-
-    /// Remembers an upstream failure for the status page (the last 20).
-    pub fn upstream_failed(&self, kind: UpstreamKind, status: Option<u16>, error: String) {
-        let at = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let mut recent = self.recent_errors.lock();
-        if recent.len() == RECENT_ERRORS {
-            recent.pop_front();
-        }
-        recent.push_back(UpstreamFailure {
-            at,
-            kind,
-            status,
-            error,
-        });
-    }
-
-    /// A client manifest GET answered without an upstream GET.
-    pub fn pull_saved(&self) {
-        add(&self.pulls_saved, 1);
-    }
-
-    /// A stale answer.
-    pub fn stale(&self, cause: StaleCause) {
-        let i = StaleCause::ALL
-            .iter()
-            .position(|x| *x == cause)
-            .unwrap_or(0);
-        add(&self.stale[i], 1);
     }
 
     /// Blob bytes sent to a client.
@@ -364,58 +428,81 @@ impl Metrics {
         }
     }
 
-    /// Blob bytes received from upstream.
-    pub fn fetched(&self, bytes: u64) {
-        add(&self.bytes_fetched, bytes);
-    }
-
     /// A blob evicted.
     pub fn evicted(&self, bytes: u64) {
         add(&self.evictions, 1);
         add(&self.evicted_bytes, bytes);
     }
 
-    /// The counters as the stats endpoint and the status page show them.
-    pub fn snapshot(&self) -> Counts {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    /// The counters of the upstreams `which` selects (by index), summed.
+    fn upstream_counts(&self, which: impl Fn(usize) -> bool) -> UpstreamCounts {
         let mut by_kind: BTreeMap<&'static str, OutcomeCounts> = BTreeMap::new();
-        for (k, kind) in RequestKind::ALL.iter().enumerate() {
-            let counts = by_kind.entry(kind.label()).or_default();
-            for m in 0..METHODS.len() {
-                for (o, outcome) in Outcome::ALL.iter().enumerate() {
-                    let n: u64 = (0..=STATUSES.len())
-                        .map(|s| get(&self.requests[cell(k, m, o, s)]))
-                        .sum();
-                    counts.add(*outcome, n);
+        let mut upstream: BTreeMap<&'static str, BTreeMap<String, u64>> = BTreeMap::new();
+        let mut stale: BTreeMap<&'static str, u64> =
+            StaleCause::ALL.iter().map(|c| (c.label(), 0)).collect();
+        let (mut pulls_saved, mut fetched) = (0, 0);
+        for (u, own) in self
+            .per_upstream
+            .iter()
+            .enumerate()
+            .filter(|(u, _)| which(*u))
+        {
+            for (k, kind) in RequestKind::ALL.iter().enumerate() {
+                let counts = by_kind.entry(kind.label()).or_default();
+                for m in 0..METHODS.len() {
+                    for (o, outcome) in Outcome::ALL.iter().enumerate() {
+                        let n: u64 = (0..=STATUSES.len())
+                            .map(|s| get(&self.requests[cell(u, k, m, o, s)]))
+                            .sum();
+                        counts.add(*outcome, n);
+                    }
                 }
             }
+            for ((kind, status), n) in own.requests.lock().iter() {
+                let status = if *status == 0 {
+                    "error".to_owned()
+                } else {
+                    status.to_string()
+                };
+                *upstream
+                    .entry(kind.label())
+                    .or_default()
+                    .entry(status)
+                    .or_default() += n;
+            }
+            for (cause, n) in StaleCause::ALL.iter().zip(&own.stale) {
+                *stale.entry(cause.label()).or_default() += get(n);
+            }
+            pulls_saved += get(&own.pulls_saved);
+            fetched += get(&own.bytes_fetched);
         }
-        let mut upstream: BTreeMap<&'static str, BTreeMap<String, u64>> = BTreeMap::new();
-        for ((kind, status), n) in self.upstream.lock().iter() {
-            let status = if *status == 0 {
-                "error".to_owned()
-            } else {
-                status.to_string()
-            };
-            *upstream
-                .entry(kind.label())
-                .or_default()
-                .entry(status)
-                .or_default() += n;
+        if by_kind.is_empty() {
+            by_kind = RequestKind::ALL
+                .iter()
+                .map(|k| (k.label(), OutcomeCounts::default()))
+                .collect();
         }
+        UpstreamCounts {
+            requests: by_kind,
+            pulls_saved,
+            upstream_requests: upstream,
+            stale,
+            blob_bytes_fetched: fetched,
+        }
+    }
+
+    /// The counters of upstream `index` alone.
+    pub fn snapshot_upstream(&self, index: usize) -> UpstreamCounts {
+        self.upstream_counts(|u| u == index)
+    }
+
+    /// The counters as the stats endpoint and the status page show them, summed over upstreams.
+    pub fn snapshot(&self) -> Counts {
         Counts {
             uptime_secs: self.started.elapsed().map_or(0, |d| d.as_secs()),
-            requests: by_kind,
-            pulls_saved: get(&self.pulls_saved),
-            upstream_requests: upstream,
-            stale: StaleCause::ALL
-                .iter()
-                .zip(&self.stale)
-                .map(|(c, n)| (c.label(), get(n)))
-                .collect(),
+            totals: self.upstream_counts(|_| true),
             blob_bytes_served_from_cache: get(&self.bytes_served_hit),
             blob_bytes_served_while_fetching: get(&self.bytes_served_miss),
-            blob_bytes_fetched: get(&self.bytes_fetched),
             evictions: get(&self.evictions),
             evicted_bytes: get(&self.evicted_bytes),
             recent_upstream_errors: self.recent_errors.lock().iter().rev().cloned().collect(),
@@ -451,11 +538,9 @@ impl OutcomeCounts {
     }
 }
 
-/// A snapshot of the counters.
+/// What was counted for one upstream (or summed over all).
 #[derive(Debug, Clone, Serialize)]
-pub struct Counts {
-    /// Seconds since start.
-    pub uptime_secs: u64,
+pub struct UpstreamCounts {
     /// Client requests with a cache outcome, by kind.
     pub requests: BTreeMap<&'static str, OutcomeCounts>,
     /// Client manifest GETs answered without an upstream GET (Docker Hub pulls saved).
@@ -464,12 +549,22 @@ pub struct Counts {
     pub upstream_requests: BTreeMap<&'static str, BTreeMap<String, u64>>,
     /// Stale answers by cause.
     pub stale: BTreeMap<&'static str, u64>,
+    /// Blob bytes received from upstream.
+    pub blob_bytes_fetched: u64,
+}
+
+/// A snapshot of the counters.
+#[derive(Debug, Clone, Serialize)]
+pub struct Counts {
+    /// Seconds since start.
+    pub uptime_secs: u64,
+    /// Summed over the upstreams.
+    #[serde(flatten)]
+    pub totals: UpstreamCounts,
     /// Blob bytes sent from the store.
     pub blob_bytes_served_from_cache: u64,
     /// Blob bytes sent while they were being fetched.
     pub blob_bytes_served_while_fetching: u64,
-    /// Blob bytes received from upstream.
-    pub blob_bytes_fetched: u64,
     /// Blobs evicted.
     pub evictions: u64,
     /// Bytes evicted.

@@ -9,7 +9,7 @@ mod token;
 
 use crate::blobs::ContentRange;
 use crate::config::Config;
-use crate::metrics::{Metrics, UpstreamKind as Kind};
+use crate::metrics::{UpstreamKind as Kind, UpstreamMetrics};
 use crate::registry::{Digest, Manifest, MediaType, Reference, RepoName, UPSTREAM_ACCEPT};
 use auth::{Credentials, TokenCache};
 use bytes::{Bytes, BytesMut};
@@ -163,12 +163,12 @@ pub struct Upstream {
     /// Rate-limit state for this upstream's credential.
     pub limits: RateLimits,
     /// Where requests are counted.
-    pub metrics: Arc<Metrics>,
+    pub metrics: UpstreamMetrics,
 }
 
 impl Upstream {
     /// Builds the client. Fails only on an unreadable password file or a TLS set-up problem.
-    pub fn new(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Upstream> {
+    pub fn new(config: &Config, metrics: UpstreamMetrics) -> anyhow::Result<Upstream> {
         let password = config.password()?;
         let credentials = match (&config.upstream_username, password) {
             (Some(username), Some(password)) => Some(Credentials {
@@ -212,6 +212,11 @@ impl Upstream {
             limits: RateLimits::new(config.max_upstream_pause),
             metrics,
         })
+    }
+
+    /// The upstream's URL.
+    pub fn base(&self) -> &Url {
+        &self.base
     }
 
     /// Upstream exchanges in flight now.

@@ -1,6 +1,7 @@
 //! Interop with software nobody here wrote: Debian's reference registry (`docker-registry`) as
-//! the upstream, and skopeo and containerd as clients. Ignored by a plain `cargo test` (they
-//! need those programs); `.ci/run` installs them and runs these with `--include-ignored`.
+//! the upstream, and skopeo, containerd and Docker Engine (plain and over TLS) as clients.
+//! Ignored by a plain `cargo test` (they need those programs); `.ci/run` installs them and runs
+//! these with `--include-ignored`.
 
 mod support;
 
@@ -289,12 +290,16 @@ async fn containerd_pulls_and_unpacks_through_pullthrough_as_the_docker_io_mirro
 }
 
 /// dockerd (Debian's `docker.io`) with its own data root, exec root and socket under `dir`, vfs
-/// storage, no network set-up, and `mirror` as its `registry-mirrors`.
-async fn dockerd(dir: &Path, mirror: &str) -> (Process, PathBuf) {
+/// storage, no network set-up, and `mirror` as its `registry-mirrors`; inside `netns` if given.
+async fn dockerd(dir: &Path, mirror: &str, netns: Option<&Netns>) -> (Process, PathBuf) {
     std::fs::create_dir_all(dir).unwrap();
     let socket = dir.join("docker.sock");
     let log = std::fs::File::create(dir.join("dockerd.log")).unwrap();
-    let child = Command::new("dockerd")
+    let mut command = match netns {
+        Some(netns) => netns.command("dockerd"),
+        None => Command::new("dockerd"),
+    };
+    let child = command
         .arg("--data-root")
         .arg(dir.join("root"))
         .arg("--exec-root")
@@ -358,7 +363,7 @@ async fn docker_engine_pulls_through_pullthrough_as_its_registry_mirror() {
     // The mirror is pullthrough; Docker Hub itself is unreachable here, so the pull can only
     // succeed through it.
     let first_dir = dir.path().join("dockerd1");
-    let (first, socket) = dockerd(&first_dir, &proxy.url).await;
+    let (first, socket) = dockerd(&first_dir, &proxy.url, None).await;
     docker(&first_dir, &socket, &["pull", "dockertest:1"]);
     let inspected = docker(
         &first_dir,
@@ -392,7 +397,7 @@ async fn docker_engine_pulls_through_pullthrough_as_its_registry_mirror() {
     // A fresh Docker Engine pulls again with the upstream gone: all from pullthrough's cache.
     drop(registry);
     let second_dir = dir.path().join("dockerd2");
-    let (_second, socket) = dockerd(&second_dir, &proxy.url).await;
+    let (_second, socket) = dockerd(&second_dir, &proxy.url, None).await;
     docker(&second_dir, &socket, &["pull", "dockertest:1"]);
     let inspected = docker(
         &second_dir,
@@ -404,6 +409,196 @@ async fn docker_engine_pulls_through_pullthrough_as_its_registry_mirror() {
         first_id.trim(),
         "the same image, from the cache"
     );
+}
+
+/// A network namespace of its own, with `lo` up and `addr` on it besides 127.0.0.1: an address
+/// that is not loopback by number yet reachable only inside the namespace. Docker Engine counts
+/// 127.0.0.0/8 mirrors as insecure and skips certificate checks for them, so a test of the TLS
+/// listener with Docker Engine needs such an address. Deleted when dropped.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new(addr: &str) -> Netns {
+        let name = format!("pullthrough-test-{}", std::process::id());
+        run(Command::new("ip").args(["netns", "add", &name]));
+        let netns = Netns { name };
+        run(Command::new("ip").args(["-n", &netns.name, "link", "set", "lo", "up"]));
+        run(Command::new("ip").args(["-n", &netns.name, "addr", "add", addr, "dev", "lo"]));
+        netns
+    }
+
+    /// `program`, to be run inside the namespace (nsenter switches the network namespace only;
+    /// `ip netns exec` would also remount /sys, hiding the cgroups dockerd needs).
+    fn command(&self, program: &str) -> Command {
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--net=/run/netns/{}", self.name))
+            .arg(program);
+        command
+    }
+
+    /// Runs `f` on a thread inside the namespace: sockets it opens (listeners included, which
+    /// keep their namespace when handed to another thread) belong to the namespace.
+    fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
+        use std::os::fd::AsFd;
+        let handle = std::fs::File::open(format!("/run/netns/{}", self.name)).unwrap();
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    move_into_link_name_space(handle.as_fd(), Some(LinkNameSpaceType::Network))
+                        .expect("setns into the test's network namespace");
+                    f()
+                })
+                .join()
+                .unwrap()
+        })
+    }
+
+    /// `GET url` from inside the namespace, trusting only `ca`: (status, body).
+    fn get(&self, ca: &str, url: &str) -> Result<(u16, String), String> {
+        self.enter(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let client = reqwest::Client::builder()
+                    .no_proxy()
+                    .tls_certs_only([reqwest::Certificate::from_pem(ca.as_bytes()).unwrap()])
+                    .build()
+                    .unwrap();
+                let response = client.get(url).send().await.map_err(|e| format!("{e:?}"))?;
+                let status = response.status().as_u16();
+                Ok((status, response.text().await.map_err(|e| e.to_string())?))
+            })
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// A CA and a certificate it signed for the IP address `ip`: (CA PEM, cert PEM, key PEM).
+fn ca_and_ip_certificate(ip: std::net::IpAddr) -> (String, String, String) {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.subject_alt_names = vec![rcgen::SanType::IpAddress(ip)];
+    let key = rcgen::KeyPair::generate().unwrap();
+    let leaf = params.signed_by(&key, &issuer).unwrap();
+    (ca.pem(), leaf.pem(), key.serialize_pem())
+}
+
+/// Removes a directory when dropped.
+struct RemoveDir(PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs docker-registry, skopeo, docker.io and root for a network namespace (run by .ci/run)"]
+async fn docker_engine_pulls_through_the_tls_listener_trusting_the_test_ca() {
+    const IP: &str = "10.77.0.1";
+    let dir = tempfile::tempdir().unwrap();
+    let (_registry, upstream) = reference_registry(dir.path()).await;
+    push(dir.path(), &upstream, "library/tlstest", "1");
+
+    // pullthrough listens with TLS on an address only the namespace reaches; it fetches from
+    // the reference registry outside it.
+    let netns = Netns::new(&format!("{IP}/32"));
+    let listener = netns.enter(|| std::net::TcpListener::bind((IP, 0)).unwrap());
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (ca, cert, key) = ca_and_ip_certificate(IP.parse().unwrap());
+    let certs = tempfile::tempdir().unwrap();
+    std::fs::write(certs.path().join("cert.pem"), &cert).unwrap();
+    std::fs::write(certs.path().join("key.pem"), &key).unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut config = TestProxy::config(&upstream, data.path());
+    config.tls_cert = Some(certs.path().join("cert.pem"));
+    config.tls_key = Some(certs.path().join("key.pem"));
+    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(pullthrough::run(config, listener, async {
+        let _ = stopped.await;
+    }));
+    let mirror = format!("https://{IP}:{port}");
+    let (status, body) = netns.get(&ca, &format!("{mirror}/v2/")).unwrap();
+    assert_eq!((status, body.as_str()), (200, "{}"));
+
+    // Docker Engine checks the mirror's certificate: without the CA the pull fails (and with
+    // Docker Hub unreachable there is nowhere else to go) ...
+    let engine_dir = dir.path().join("dockerd");
+    let (_engine, socket) = dockerd(&engine_dir, &mirror, Some(&netns)).await;
+    let untrusted = Command::new("docker")
+        .arg("--host")
+        .arg(format!("unix://{}", socket.display()))
+        .env("DOCKER_CONFIG", &engine_dir)
+        .args(["pull", "tlstest:1"])
+        .output()
+        .unwrap();
+    assert!(
+        !untrusted.status.success(),
+        "pulled without trusting the CA"
+    );
+    let (_, cached) = netns
+        .get(
+            &ca,
+            &format!("{mirror}/_pullthrough/cache/library/tlstest/manifests/1"),
+        )
+        .unwrap();
+    assert!(
+        !cached.contains("\"hits\""),
+        "the untrusted pull reached pullthrough: {cached}"
+    );
+
+    // ... and with the CA where Docker looks for a registry's CAs, it pulls through pullthrough.
+    let ca_dir = PathBuf::from(format!("/etc/docker/certs.d/{IP}:{port}"));
+    let _remove = RemoveDir(ca_dir.clone());
+    std::fs::create_dir_all(&ca_dir).unwrap();
+    std::fs::write(ca_dir.join("ca.crt"), &ca).unwrap();
+    docker(&engine_dir, &socket, &["pull", "tlstest:1"]);
+    let inspected = docker(
+        &engine_dir,
+        &socket,
+        &[
+            "image",
+            "inspect",
+            "--format",
+            "{{.Os}}/{{.Architecture}} {{len .RootFS.Layers}}",
+            "tlstest:1",
+        ],
+    );
+    assert_eq!(inspected.trim(), "linux/amd64 1", "the image was unpacked");
+    let (status, cached) = netns
+        .get(
+            &ca,
+            &format!("{mirror}/_pullthrough/cache/library/tlstest/manifests/1"),
+        )
+        .unwrap();
+    assert_eq!(status, 200, "{cached}");
+    let cached: serde_json::Value = serde_json::from_str(&cached).unwrap();
+    assert_eq!(
+        cached["tag"]["hits"], 1,
+        "dockerd asked pullthrough for the tag"
+    );
+
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -158,6 +158,11 @@ impl ManifestCache {
             .join(tag.as_str())
     }
 
+    /// A manifest by digest if it is in memory (no disk read).
+    pub fn in_memory(&self, digest: &Digest) -> Option<Arc<Manifest>> {
+        self.by_digest.get(digest)
+    }
+
     /// A manifest by digest, from memory or disk (read and hashed off the async workers). A
     /// file whose bytes do not hash to its name is deleted, never served.
     pub async fn get(&self, digest: &Digest) -> Option<Arc<Manifest>> {
@@ -206,11 +211,12 @@ impl ManifestCache {
 
     /// Counts a client request answered for a tag.
     pub fn touch(&self, name: &RepoName, tag: &Tag) {
-        let usage =
-            self.usage.get_with(
-                (name.clone(), tag.clone()),
-                || Arc::new(TagUsage::default()),
-            );
+        let key = (name.clone(), tag.clone());
+        // `get` first: `get_with` allocates even when the entry exists.
+        let usage = match self.usage.get(&key) {
+            Some(usage) => usage,
+            None => self.usage.get_with(key, || Arc::new(TagUsage::default())),
+        };
         usage.hits.fetch_add(1, Ordering::Relaxed);
         usage.last_access.store(now_ms(), Ordering::Relaxed);
     }
@@ -370,11 +376,8 @@ fn decode_manifest(raw: &[u8], digest: &Digest) -> Option<Manifest> {
     let split = raw.iter().position(|b| *b == b'\n')?;
     let media_type = MediaType::from_content_type(std::str::from_utf8(&raw[..split]).ok()?);
     let bytes = bytes::Bytes::copy_from_slice(&raw[split + 1..]);
-    (Digest::of(digest.algorithm(), &bytes) == *digest).then(|| Manifest {
-        bytes,
-        media_type,
-        digest: digest.clone(),
-    })
+    (Digest::of(digest.algorithm(), &bytes) == *digest)
+        .then(|| Manifest::new(bytes, media_type, digest.clone()))
 }
 
 #[cfg(test)]
@@ -429,11 +432,11 @@ mod tests {
         {
             let cache = ManifestCache::open(Layout::open(dir.path()).unwrap(), 1 << 20).unwrap();
             cache
-                .put(Manifest {
-                    bytes: bytes.clone(),
-                    media_type: media_type.clone(),
-                    digest: digest.clone(),
-                })
+                .put(Manifest::new(
+                    bytes.clone(),
+                    media_type.clone(),
+                    digest.clone(),
+                ))
                 .await;
             cache
                 .set_tag(

@@ -209,7 +209,7 @@ impl AppState {
             2 => return Ok(true),
             _ => {}
         }
-        let docker_hub = self.proxy.upstream.is_docker_hub().await?;
+        let docker_hub = Box::pin(self.proxy.upstream.is_docker_hub()).await?;
         if self
             .docker_hub
             .swap(1 + u8::from(docker_hub), Ordering::Relaxed)
@@ -384,8 +384,7 @@ impl AppState {
                 retry_after: Some(std::time::Duration::from_secs(60)),
             },
         };
-        let identity = access
-            .identify(authorization, peer)
+        let identity = Box::pin(access.identify(authorization, peer))
             .await
             .map_err(refused)?;
         access

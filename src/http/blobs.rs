@@ -20,7 +20,7 @@ fn base(digest: &Digest, source: Outcome) -> axum::http::response::Builder {
         .header(header::ACCEPT_RANGES, "bytes")
         .header(header::CACHE_CONTROL, "max-age=31536000, immutable")
         .header(super::X_CACHE, super::x_cache(source))
-        .extension(source)
+        .extension(super::Answer::of(source))
 }
 
 /// A GET answer; the bytes sent are counted as they go.

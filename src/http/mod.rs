@@ -21,7 +21,7 @@ use crate::registry::Accept;
 use crate::state::AppState;
 use axum::Router;
 use axum::extract::{Request, State};
-use axum::http::{HeaderName, HeaderValue, Method, StatusCode, Uri, header};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use path::RegistryPath;
@@ -37,22 +37,41 @@ pub fn x_cache(outcome: Outcome) -> HeaderValue {
     HeaderValue::from_static(outcome.as_str())
 }
 
-/// Time a request spent waiting for upstream, attached to responses for the access log.
-#[derive(Debug, Clone, Copy)]
-pub struct UpstreamWait(pub Duration);
+/// How a request was answered, attached to its response for the metrics and the access log
+/// (one extension, so one allocation).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Answer {
+    /// The cache outcome, for answers with content.
+    pub outcome: Option<Outcome>,
+    /// Time spent waiting for upstream.
+    pub upstream_wait: Option<Duration>,
+    /// The upstream the request was routed to.
+    pub routed: Option<Routed>,
+}
+
+impl Answer {
+    /// An answer with `outcome`.
+    pub fn of(outcome: Outcome) -> Answer {
+        Answer {
+            outcome: Some(outcome),
+            ..Answer::default()
+        }
+    }
+}
 
 /// The complete router.
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v2/", axum::routing::any(api_version))
         .route("/v2", axum::routing::any(api_version))
-        .route("/v2/{*path}", axum::routing::any(dispatch))
         .route("/healthz", axum::routing::get(|| async { "ok\n" }))
         .route("/readyz", axum::routing::get(ops::readyz))
         .route("/metrics", axum::routing::get(ops::metrics))
         .route("/", axum::routing::get(status::page))
         .nest("/_pullthrough", api::router(Arc::clone(&state)))
-        .fallback(|uri: Uri| async move { Error::NotFound(uri.path().to_owned()) })
+        // Registry requests are the fallback, not a `/v2/{*path}` route: a route would copy the
+        // path into parameters (several allocations per request) that nothing reads.
+        .fallback(registry_or_not_found)
         .layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             observe::observe,
@@ -88,6 +107,15 @@ async fn api_version(State(state): State<Arc<AppState>>, request: Request) -> Re
     response
 }
 
+/// `/v2/<anything>` is a registry request; anything else no route took is 404.
+async fn registry_or_not_found(state: State<Arc<AppState>>, request: Request) -> Response {
+    if request.uri().path().starts_with("/v2/") {
+        dispatch(state, request).await.into_response()
+    } else {
+        Error::NotFound(request.uri().path().to_owned()).into_response()
+    }
+}
+
 /// Every registry request gets its response headers within the upstream deadline, however its
 /// parts (learning the upstream's kind, fetching) add up; bodies stream on afterwards.
 async fn dispatch(State(state): State<Arc<AppState>>, request: Request) -> Result<Response, Error> {
@@ -111,7 +139,15 @@ async fn pull(state: Arc<AppState>, request: Request) -> Result<Response, Error>
         Ok(response) => response,
         Err(e) => e.into_response(),
     };
-    response.extensions_mut().insert(routed);
+    match response.extensions_mut().get_mut::<Answer>() {
+        Some(answer) => answer.routed = Some(routed),
+        None => {
+            response.extensions_mut().insert(Answer {
+                routed: Some(routed),
+                ..Answer::default()
+            });
+        }
+    }
     Ok(response)
 }
 
@@ -167,15 +203,15 @@ async fn serve(
                     .get(header::RANGE)
                     .and_then(|v| v.to_str().ok())
                     .and_then(ByteRange::parse);
-                let body = proxy.blob(&name, &digest, range).await?;
+                let body = Box::pin(proxy.blob(&name, &digest, range)).await?;
                 Ok(blobs::respond(&digest, body, &state.metrics))
             } else {
-                let head = proxy.blob_head(&name, &digest).await?;
+                let head = Box::pin(proxy.blob_head(&name, &digest)).await?;
                 Ok(blobs::respond_head(&digest, head))
             }
         }
         RegistryPath::TagsList { name } => {
-            let mut page = proxy.tags_list(&name, tags_query).await?;
+            let mut page = Box::pin(proxy.tags_list(&name, tags_query)).await?;
             // The next page is reached the way this one was: by host prefix, or with `ns`.
             let prefix = format!("/v2/{}/", proxy.name());
             if !default && uri.path().starts_with(&prefix) {

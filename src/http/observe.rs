@@ -3,8 +3,8 @@
 //! (a span), it is counted and timed in the metrics by kind, method, status and cache outcome,
 //! and it ends in one access-log event. The API version header is added to every response.
 
-use super::{UpstreamWait, millis};
-use crate::metrics::{Outcome, RequestKind, Routed};
+use super::{Answer, millis};
+use crate::metrics::{Outcome, RequestKind};
 use crate::state::AppState;
 use axum::extract::{Request, State};
 use axum::http::{HeaderName, HeaderValue};
@@ -16,6 +16,16 @@ use tracing::Instrument;
 
 /// The request id header.
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The API version header every response carries.
+const API_VERSION: HeaderName = HeaderName::from_static("docker-distribution-api-version");
+
+/// A new request id: a random UUID, as 32 hex digits (formatted on the stack).
+fn new_id() -> HeaderValue {
+    let mut text = [0u8; uuid::fmt::Simple::LENGTH];
+    let text = uuid::Uuid::new_v4().simple().encode_lower(&mut text);
+    HeaderValue::from_str(text).unwrap_or(HeaderValue::from_static("-"))
+}
 
 /// A client's request id is kept when it is 1 to 128 visible ASCII characters.
 fn client_id(value: &HeaderValue) -> Option<HeaderValue> {
@@ -31,10 +41,7 @@ pub async fn observe(State(state): State<Arc<AppState>>, request: Request, next:
         .headers()
         .get(X_REQUEST_ID)
         .and_then(client_id)
-        .unwrap_or_else(|| {
-            HeaderValue::from_str(&uuid::Uuid::new_v4().simple().to_string())
-                .unwrap_or(HeaderValue::from_static("-"))
-        });
+        .unwrap_or_else(new_id);
     let kind = RequestKind::of_path(request.uri().path());
     let method = request.method().clone();
     // Copy the path only when someone will see the event (benchmarks run at RUST_LOG=warn).
@@ -43,22 +50,24 @@ pub async fn observe(State(state): State<Arc<AppState>>, request: Request, next:
     let mut response = next.run(request).instrument(span.clone()).await;
     let elapsed = started.elapsed();
     let headers = response.headers_mut();
-    headers.insert(
-        "docker-distribution-api-version",
-        HeaderValue::from_static("registry/2.0"),
-    );
+    headers.insert(API_VERSION, HeaderValue::from_static("registry/2.0"));
     headers.insert(X_REQUEST_ID, id);
-    let outcome = response.extensions().get::<Outcome>().copied();
-    let status = response.status().as_u16();
-    let routed = response.extensions().get::<Routed>().copied();
-    state
-        .metrics
-        .request(kind, method.as_str(), status, outcome, routed, elapsed);
+    let answer = response
+        .extensions()
+        .get::<Answer>()
+        .copied()
+        .unwrap_or_default();
+    let (outcome, status) = (answer.outcome, response.status().as_u16());
+    state.metrics.request(
+        kind,
+        method.as_str(),
+        status,
+        outcome,
+        answer.routed,
+        elapsed,
+    );
     if let Some(path) = path {
-        let upstream_ms = response
-            .extensions()
-            .get::<UpstreamWait>()
-            .map(|w| millis(w.0));
+        let upstream_ms = answer.upstream_wait.map(millis);
         span.in_scope(|| {
             tracing::info!(
                 %method,

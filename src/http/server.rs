@@ -146,10 +146,12 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // The watchdog enforces the header timeout for every protocol; hyper's own would arm a
+    // timer (an allocation) for every HTTP/1 request.
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout);
+        .header_read_timeout(None);
     builder.http2().timer(TokioTimer::new());
     let registry = Arc::new(Registry {
         started: Instant::now(),

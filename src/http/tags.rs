@@ -11,7 +11,7 @@ pub fn respond(page: TagsPage, with_body: bool) -> Response {
     let mut response = Response::builder()
         .header(header::CONTENT_TYPE, "application/json")
         .header(super::X_CACHE, super::x_cache(page.outcome))
-        .extension(page.outcome)
+        .extension(super::Answer::of(page.outcome))
         .header(header::CONTENT_LENGTH, page.body.len());
     if let Some(link) = &page.link {
         response = response.header(header::LINK, link);

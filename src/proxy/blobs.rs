@@ -22,9 +22,11 @@ impl Proxy {
     /// upstream shows it (an upstream HEAD, once per repository).
     async fn may_share_stored(&self, name: &RepoName, digest: &Digest) -> Result<(), Error> {
         let private = self.blobs.is_private(digest);
-        self.may_share(name, digest, private, self.upstream.head_blob(name, digest))
-            .await
-            .map_err(Error::blob)
+        self.may_share(name, digest, private, || {
+            Box::pin(self.upstream.head_blob(name, digest))
+        })
+        .await
+        .map_err(Error::blob)
     }
 
     /// GET of a blob, possibly a single range.
@@ -52,9 +54,11 @@ impl Proxy {
             // A download started with credentials for another upstream or repository: this
             // repository's upstream must show the blob first.
             Joined::OtherRepository => {
-                self.may_share(name, digest, true, self.upstream.head_blob(name, digest))
-                    .await
-                    .map_err(Error::blob)?;
+                self.may_share(name, digest, true, || {
+                    Box::pin(self.upstream.head_blob(name, digest))
+                })
+                .await
+                .map_err(Error::blob)?;
                 match self
                     .blobs
                     .fetch(&self.upstream, name, digest, range, true)

@@ -45,11 +45,13 @@ impl Proxy {
         let started = Instant::now();
         let mut moved = false;
         let (entry, mut status) = match cached {
+            // Paths that reach upstream are boxed: their futures are large, and inline they
+            // would make every hit's future (allocated and moved per request) as large.
             None => {
                 let flight = if want_body {
-                    Either::Left(self.fetch_tag(key))
+                    Either::Left(Box::pin(self.fetch_tag(key)))
                 } else {
-                    Either::Right(self.head_tag(key))
+                    Either::Right(Box::pin(self.head_tag(key)))
                 };
                 (flight.await?, Outcome::Miss)
             }
@@ -67,7 +69,7 @@ impl Proxy {
                     (entry, Outcome::Stale)
                 }
                 Freshness::Expired => {
-                    let revalidated = self.revalidate(key).await?;
+                    let revalidated = Box::pin(self.revalidate(key)).await?;
                     moved = revalidated.digest != entry.digest;
                     (revalidated, Outcome::Revalidated)
                 }
@@ -103,10 +105,14 @@ impl Proxy {
         match accept.negotiate(&media_type, true) {
             Negotiation::Unacceptable(message) => Err(Error::ManifestUnknown(message.into())),
             Negotiation::Serve if !want_body => Ok(Served {
-                body: ManifestBody::Described {
-                    digest,
-                    media_type,
-                    size: entry.size,
+                // From memory when it is there: its header texts are made already.
+                body: match self.manifests.in_memory(&digest) {
+                    Some(m) => ManifestBody::Full(m),
+                    None => ManifestBody::Described {
+                        digest,
+                        media_type,
+                        size: entry.size,
+                    },
                 },
                 status,
                 upstream_wait: None,
@@ -143,16 +149,16 @@ impl Proxy {
         let cached = self.manifests.get(digest).await;
         if cached.is_some() {
             let reference = Reference::Digest(digest.clone());
-            let confirm = self.upstream.head_manifest(name, &reference);
+            let confirm = || Box::pin(self.upstream.head_manifest(name, &reference));
             self.may_share(name, digest, self.upstream.has_credentials(), confirm)
                 .await
                 .map_err(Error::manifest)?;
         }
         let (body, status) = match cached {
             Some(m) => (ManifestBody::Full(m), Outcome::Hit),
-            None if !want_body => (self.describe(name, digest).await?, Outcome::Miss),
+            None if !want_body => (Box::pin(self.describe(name, digest)).await?, Outcome::Miss),
             None => (
-                ManifestBody::Full(self.fetch_digest(name, digest).await?),
+                ManifestBody::Full(Box::pin(self.fetch_digest(name, digest)).await?),
                 Outcome::Miss,
             ),
         };
@@ -174,17 +180,20 @@ impl Proxy {
 
     /// Content cached from one repository is served for another only when it cannot be private
     /// (`private_possible` false: no credentials anywhere it could have come from), or after
-    /// upstream confirms access with the HEAD `confirm` (polled only then). Manifests and blobs
-    /// share this rule and its grants.
-    pub(super) async fn may_share(
+    /// upstream confirms access with the HEAD `confirm` makes (made and polled only then).
+    /// Manifests and blobs share this rule and its grants.
+    pub(super) async fn may_share<F>(
         &self,
         name: &RepoName,
         digest: &Digest,
         private_possible: bool,
-        confirm: impl Future<Output = Result<upstream::Head, upstream::Error>>,
-    ) -> Result<(), upstream::Error> {
+        confirm: impl FnOnce() -> F,
+    ) -> Result<(), upstream::Error>
+    where
+        F: Future<Output = Result<upstream::Head, upstream::Error>>,
+    {
         if private_possible && !self.manifests.granted(name, digest) {
-            confirm.await?;
+            confirm().await?;
             self.manifests.grant(name, digest);
         }
         Ok(())
@@ -198,7 +207,7 @@ impl Proxy {
     ) -> Result<(Arc<Manifest>, bool), Error> {
         match self.manifests.get(digest).await {
             Some(m) => Ok((m, false)),
-            None => Ok((self.fetch_digest(name, digest).await?, true)),
+            None => Ok((Box::pin(self.fetch_digest(name, digest)).await?, true)),
         }
     }
 

@@ -79,6 +79,44 @@ pub struct Manifest {
     pub media_type: MediaType,
     /// The digest of `bytes`.
     pub digest: Digest,
+    /// The header texts it is served with, made once: a cache hit copies none.
+    pub texts: HeaderTexts,
+}
+
+impl Manifest {
+    /// A manifest of `bytes`, whose digest the caller verified.
+    pub fn new(bytes: Bytes, media_type: MediaType, digest: Digest) -> Manifest {
+        let texts = HeaderTexts::new(&digest, &media_type);
+        Manifest {
+            bytes,
+            media_type,
+            digest,
+            texts,
+        }
+    }
+}
+
+/// The text of a manifest's `Docker-Content-Digest`, `ETag` and `Content-Type` headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderTexts {
+    /// `sha256:<hex>`.
+    pub digest: Bytes,
+    /// `"sha256:<hex>"`.
+    pub etag: Bytes,
+    /// The media type.
+    pub media_type: Bytes,
+}
+
+impl HeaderTexts {
+    /// The texts for a manifest of `digest` and `media_type`.
+    pub fn new(digest: &Digest, media_type: &MediaType) -> HeaderTexts {
+        let digest = digest.to_string();
+        HeaderTexts {
+            etag: Bytes::from(format!("\"{digest}\"")),
+            digest: Bytes::from(digest),
+            media_type: Bytes::copy_from_slice(media_type.as_str().as_bytes()),
+        }
+    }
 }
 
 impl fmt::Debug for Manifest {

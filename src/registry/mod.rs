@@ -9,6 +9,8 @@ mod reference;
 
 pub use contents::{Contents, Descriptor, platform_matches};
 pub use digest::{Algorithm, Digest, DigestError, Verifier};
-pub use manifest::{Accept, Manifest, MediaType, Negotiation, UPSTREAM_ACCEPT, platform_child};
+pub use manifest::{
+    Accept, HeaderTexts, Manifest, MediaType, Negotiation, UPSTREAM_ACCEPT, platform_child,
+};
 pub use name::{NameError, RepoName};
 pub use reference::{Reference, ReferenceError, Tag, TagError};

@@ -264,11 +264,7 @@ impl Upstream {
                 "Docker-Content-Digest {claimed} does not match the manifest's {digest}"
             )));
         }
-        Ok(Manifest {
-            bytes,
-            media_type,
-            digest,
-        })
+        Ok(Manifest::new(bytes, media_type, digest))
     }
 
     /// HEADs a manifest; never a GET, so it costs no Docker Hub pull.

@@ -1,21 +1,27 @@
 #!/usr/bin/env python3
-"""pullthrough benchmark: cache-hit speed and memory against nginx serving the same bytes.
+"""pullthrough benchmark: every row of the performance issue, each against its reference.
 
-Run with `python3 bench/bench.py` (root installs wrk, nginx, docker-registry and skopeo from
-Debian's packages if they are missing). It builds pullthrough in release mode, fills Debian's
-reference registry with an image whose layer is 256 MiB, puts pullthrough in front of it, and
-measures, in one run:
+Run with `python3 bench/bench.py` (root installs wrk, nginx, docker-registry, skopeo and valgrind
+from Debian's packages if they are missing). It builds pullthrough in release mode, fills
+Debian's reference registry with an image whose layer is BENCH_BLOB_MIB (256) MiB, puts
+pullthrough in front of it, and prints, in one run, with each row's target:
 
-  1. manifest cache hits (GET by tag, 64 connections, wrk) against nginx serving the same
-     manifest bytes as a static file with the same headers: requests/s, p99, and the ratio;
-  2. pullthrough's resident memory after those hits (well over 100,000 of them);
-  3. a cached 256 MiB blob (4 connections, wrk) against nginx serving the same file: MB/s and
-     the ratio;
-  4. the growth of pullthrough's peak resident memory while 20 clients pull the uncached
-     256 MiB blob at once.
+  1. manifest cache hits at 64 connections (wrk), GET by tag, GET by digest and HEAD, against
+     nginx serving the same bytes with the same headers: requests/s, p99 and the ratio;
+  2. the same GET by tag at 1,000 connections: errors, p99 against nginx's, and RSS after;
+  3. cold manifest misses, sequential, p50 through pullthrough against p50 straight from the
+     upstream (the overhead);
+  4. a cached blob (4 connections, wrk) against nginx serving the same file, and a cold blob
+     for one client through pullthrough (verified) against the upstream's own transfer rate;
+  5. memory: idle RSS; RSS over BENCH_SOAK seconds (default 60; the issue's figure is 600) of
+     mixed hits and misses, sampled every 5 s; peak RSS growth while 20 clients pull the
+     uncached blob at once;
+  6. the repeatable measures: instructions per manifest hit (callgrind, two runs of different
+     length, the difference divided) and heap allocations per hit (dhat's counting allocator),
+     from benches/hit_instructions.rs and benches/hit_allocations.rs.
 
-Targets (issue 2 and 4): hits >= 0.8 x nginx, p99 < 2 ms, RSS < 50 MiB after 100k hits; cached
-blob >= 0.5 x nginx; cold-pull RSS growth < 64 MiB.
+Single runs on 2 shared cores swing by 10-20 %: the two servers alternate BENCH_ROUNDS (3) times
+and each keeps its best; rows 1-4 are ratios within one run, never absolute targets.
 """
 
 import hashlib
@@ -36,6 +42,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DURATION = os.environ.get("BENCH_DURATION", "10s")
 BLOB_MIB = int(os.environ.get("BENCH_BLOB_MIB", "256"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+SOAK = int(os.environ.get("BENCH_SOAK", "60"))
+ACCEPT = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json"
 
 
 def free_port():
@@ -58,7 +66,7 @@ def wait_http(url, timeout=30):
 
 
 def ensure_tools():
-    missing = [p for p, b in [("wrk", "wrk"), ("nginx", "nginx"), ("skopeo", "skopeo"), ("docker-registry", "docker-registry")] if shutil.which(b) is None and not os.path.exists(f"/usr/sbin/{b}")]
+    missing = [p for p, b in [("wrk", "wrk"), ("nginx", "nginx"), ("skopeo", "skopeo"), ("docker-registry", "docker-registry"), ("valgrind", "valgrind")] if shutil.which(b) is None and not os.path.exists(f"/usr/sbin/{b}")]
     if missing:
         if os.geteuid() != 0:
             raise SystemExit(f"install first: apt-get install -y {' '.join(missing)}")
@@ -102,29 +110,78 @@ def rss_kib(pid, field="VmRSS"):
     return 0
 
 
-def wrk(url, connections, headers=()):
-    args = ["wrk", "-t2", f"-c{connections}", f"-d{DURATION}", "--latency"]
+HEAD_SCRIPT = None
+
+
+def wrk(url, connections, headers=(), head=False, allow_errors=False):
+    args = ["wrk", "-t2", f"-c{connections}", f"-d{DURATION}", "--latency", "--timeout", "5s"]
     for h in headers:
         args += ["-H", h]
+    if head:
+        args += ["-s", HEAD_SCRIPT]
     out = subprocess.run(args + [url], check=True, capture_output=True, text=True).stdout
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    errors = sum(int(g) for g in socket_errors.groups()) if socket_errors else 0
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     total = int(re.search(r"(\d+) requests in", out).group(1))
     p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
     p99_ms = float(p99.group(1)) * {"us": 0.001, "ms": 1, "s": 1000}[p99.group(2)]
     transfer = re.search(r"Transfer/sec:\s+([\d.]+)([KMG]?B)", out)
     mb = float(transfer.group(1)) * {"B": 1e-6, "KB": 1e-3, "MB": 1, "GB": 1e3}[transfer.group(2)]
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    if errors:
-        raise SystemExit(f"wrk saw {errors.group(1)} error responses from {url}\n{out}")
-    return rps, p99_ms, total, mb
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors += int(non_2xx.group(1)) if non_2xx else 0
+    if errors and not allow_errors:
+        raise SystemExit(f"wrk saw {errors} errors from {url}\n{out}")
+    return rps, p99_ms, total, mb, errors
+
+
+def raise_fd_limit():
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
+
+
+def get(url, method="GET", accept=ACCEPT):
+    return urllib.request.urlopen(urllib.request.Request(url, method=method, headers={"Accept": accept})).read()
+
+
+def p50_ms(samples):
+    samples = sorted(samples)
+    return samples[len(samples) // 2] * 1000
+
+
+def per_hit_costs():
+    """Instructions (callgrind) and allocations (dhat) per manifest hit, from the bench binaries."""
+    out = subprocess.run(["cargo", "bench", "--locked", "--bench", "hit_allocations"], cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    allocations = re.findall(r"allocations per manifest hit, (.+): ([\d.]+) \((\d+) bytes\)", out)
+    built = subprocess.run(["cargo", "bench", "--locked", "--bench", "hit_instructions", "--no-run", "--message-format=json"], cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    binary = [json.loads(l)["executable"] for l in built.splitlines() if '"executable":"' in l and "hit_instructions" in l][-1]
+    instructions = {}
+    for kind in ["tag", "digest", "head"]:
+        counts = []
+        for n in (200, 1200):
+            out_file = tempfile.mktemp(prefix="callgrind.")
+            subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_file}", binary, kind, str(n)], check=True, capture_output=True)
+            annotated = subprocess.run(["callgrind_annotate", "--inclusive=yes", "--threshold=100", out_file], check=True, capture_output=True, text=True).stdout
+            os.unlink(out_file)
+            total = int(re.search(r"([\d,]+) \(100.0%\)\s+PROGRAM TOTALS", annotated).group(1).replace(",", ""))
+            client = re.search(r"([\d,]+) \([ \d.]+%\)\s+\?\?\?:\S*Client::send", annotated)
+            counts.append(total - (int(client.group(1).replace(",", "")) if client else 0))
+        instructions[kind] = (counts[1] - counts[0]) / 1000
+    return instructions, allocations
 
 
 def main():
+    global HEAD_SCRIPT
     ensure_tools()
+    raise_fd_limit()
     subprocess.run(["cargo", "build", "--release", "--locked"], cwd=ROOT, check=True)
     binary = os.path.join(ROOT, "target/release/pullthrough")
     work = tempfile.mkdtemp(prefix="pullthrough-bench-")
     os.chmod(work, 0o755)  # nginx workers run as www-data
+    HEAD_SCRIPT = os.path.join(work, "head.lua")
+    with open(HEAD_SCRIPT, "w") as f:
+        f.write('wrk.method = "HEAD"\n')
     procs = []
     try:
         print(f"building a test image with a {BLOB_MIB} MiB layer ...", flush=True)
@@ -147,7 +204,7 @@ def main():
             port = free_port()
             env = {**os.environ, "PULLTHROUGH_UPSTREAM": f"http://127.0.0.1:{reg_port}", "PULLTHROUGH_DATA_DIR": data_dir,
                    "PULLTHROUGH_LISTEN": f"127.0.0.1:{port}", "PULLTHROUGH_TAG_TTL": "1h", "RUST_LOG": "pullthrough=warn",
-                   "PULLTHROUGH_CACHE_MAX_DISK": str(4 * BLOB_MIB * 1024 * 1024)}
+                   "PULLTHROUGH_CACHE_MAX_DISK": str(4 * BLOB_MIB * 1024 * 1024), "PULLTHROUGH_MAX_CLIENT_CONNECTIONS": "4096"}
             p = subprocess.Popen([binary], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             procs.append(p)
             wait_http(f"http://127.0.0.1:{port}/v2/")
@@ -165,7 +222,8 @@ def main():
             f.write(f"""worker_processes 2;
 pid {work}/nginx.pid;
 error_log {work}/nginx-error.log;
-events {{ worker_connections 1024; }}
+worker_rlimit_nofile 8192;
+events {{ worker_connections 4096; }}
 http {{
   access_log off;
   sendfile on;
@@ -174,6 +232,14 @@ http {{
   server {{
     listen 127.0.0.1:{nginx_port};
     location = /v2/library/bench/manifests/bench {{
+      alias {static}/manifest;
+      default_type application/vnd.oci.image.manifest.v1+json;
+      add_header Docker-Content-Digest {manifest_digest};
+      add_header Docker-Distribution-API-Version registry/2.0;
+      etag off;
+      add_header ETag '"{manifest_digest}"';
+    }}
+    location = /v2/library/bench/manifests/{manifest_digest} {{
       alias {static}/manifest;
       default_type application/vnd.oci.image.manifest.v1+json;
       add_header Docker-Content-Digest {manifest_digest};
@@ -193,11 +259,19 @@ http {{
         nginx = f"http://127.0.0.1:{nginx_port}"
         wait_http(nginx + "/v2/library/bench/manifests/bench")
 
+        # Tags for the misses: the same manifest under many names (PUT straight to the registry).
+        miss_tags = [f"miss{i}" for i in range(200 + 2000)]
+        for tag in miss_tags:
+            urllib.request.urlopen(urllib.request.Request(f"{registry}/manifests/{tag}", data=manifest, method="PUT", headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"})).read()
+
         pt, url = start_pullthrough(os.path.join(work, "data"))
-        accept = "Accept: application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json"
+        time.sleep(1)
+        idle_rss = rss_kib(pt.pid)
+        accept = f"Accept: {ACCEPT}"
         manifest_path = "/v2/library/bench/manifests/bench"
+        digest_path = f"/v2/library/bench/manifests/{manifest_digest}"
         blob_path = f"/v2/library/bench/blobs/{layer_digest}"
-        urllib.request.urlopen(urllib.request.Request(url + manifest_path, headers={"Accept": accept.split(": ", 1)[1]})).read()
+        get(url + manifest_path)
         assert hashlib.sha256(urllib.request.urlopen(url + blob_path).read()).hexdigest() == layer_digest[7:]
 
         # Alternate the two servers and keep each one's best run: on 2 shared cores single runs
@@ -205,32 +279,100 @@ http {{
         def best(runs):
             return max(runs, key=lambda r: r[0])
 
-        print(f"\n1. manifest cache hits, 64 connections, best of {ROUNDS} runs of {DURATION} each", flush=True)
-        nginx_runs, pt_runs = [], []
-        for _ in range(ROUNDS):
-            nginx_runs.append(wrk(nginx + manifest_path, 64, [accept]))
-            pt_runs.append(wrk(url + manifest_path, 64, [accept]))
-        n_rps, n_p99, _, _ = best(nginx_runs)
-        p_rps, p_p99, _, _ = best(pt_runs)
-        p_total = sum(r[2] for r in pt_runs)
-        print(f"   nginx        {n_rps:10.0f} req/s   p99 {n_p99:.2f} ms")
-        print(f"   pullthrough  {p_rps:10.0f} req/s   p99 {p_p99:.2f} ms")
-        print(f"   ratio        {p_rps / n_rps:.2f} x nginx   (target >= 0.8; p99 target < 2 ms)")
-        print(f"\n2. pullthrough resident memory after {p_total} hits: {rss_kib(pt.pid) / 1024:.1f} MiB (target < 50 MiB)")
+        def side_by_side(title, path, connections, head=False, allow_errors=False):
+            print(f"\n{title}, {connections} connections, best of {ROUNDS} runs of {DURATION} each", flush=True)
+            nginx_runs, pt_runs = [], []
+            for _ in range(ROUNDS):
+                nginx_runs.append(wrk(nginx + path, connections, [accept], head, allow_errors))
+                pt_runs.append(wrk(url + path, connections, [accept], head, allow_errors))
+            n, p = best(nginx_runs), best(pt_runs)
+            print(f"   nginx        {n[0]:10.0f} req/s   p99 {n[1]:.2f} ms   errors {sum(r[4] for r in nginx_runs)}")
+            print(f"   pullthrough  {p[0]:10.0f} req/s   p99 {p[1]:.2f} ms   errors {sum(r[4] for r in pt_runs)}")
+            print(f"   ratio        {p[0] / n[0]:.2f} x nginx", flush=True)
+            return n, p, sum(r[2] for r in pt_runs), sum(r[4] for r in pt_runs)
 
-        print(f"\n3. cached {BLOB_MIB} MiB blob, 4 connections, best of {ROUNDS} runs of {DURATION} each", flush=True)
+        print(f"\n0. pullthrough idle resident memory: {idle_rss / 1024:.1f} MiB (target < 15 MiB)")
+        _, p, hits, _ = side_by_side("1a. manifest GET by tag", manifest_path, 64)
+        print(f"   targets: >= 1.0 x nginx, p99 < 2 ms (p99 {p[1]:.2f} ms)")
+        side_by_side("1b. manifest GET by digest", digest_path, 64)
+        print("   target: >= 1.0 x nginx")
+        side_by_side("1c. manifest HEAD by tag", manifest_path, 64, head=True)
+        print("   target: >= 1.0 x nginx")
+        n, p, more, errors = side_by_side("2. manifest GET by tag", manifest_path, 1000, allow_errors=True)
+        print(f"   targets: 0 errors ({errors}), p99 no worse than nginx's ({p[1]:.2f} vs {n[1]:.2f} ms)")
+        print(f"   pullthrough resident memory after {hits + more} hits: {rss_kib(pt.pid) / 1024:.1f} MiB")
+
+        print("\n3. cold manifest misses, sequential, 200 tags", flush=True)
+        direct, through = [], []
+        for tag in miss_tags[:200]:
+            started = time.perf_counter()
+            get(f"{registry}/manifests/{tag}")
+            direct.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            get(f"{url}/v2/library/bench/manifests/{tag}")
+            through.append(time.perf_counter() - started)
+        print(f"   upstream directly  p50 {p50_ms(direct):.3f} ms")
+        print(f"   through pullthrough p50 {p50_ms(through):.3f} ms")
+        print(f"   overhead           {p50_ms(through) - p50_ms(direct):+.3f} ms (target <= 0.3 ms)")
+
+        print(f"\n4a. cached {BLOB_MIB} MiB blob, 4 connections, best of {ROUNDS} runs of {DURATION} each", flush=True)
         n_mb = p_mb = 0.0
         for _ in range(ROUNDS):
             n_mb = max(n_mb, wrk(nginx + blob_path, 4)[3])
             p_mb = max(p_mb, wrk(url + blob_path, 4)[3])
         print(f"   nginx        {n_mb:10.0f} MB/s")
         print(f"   pullthrough  {p_mb:10.0f} MB/s")
-        print(f"   ratio        {p_mb / n_mb:.2f} x nginx   (target >= 0.5)")
+        print(f"   ratio        {p_mb / n_mb:.2f} x nginx   (target >= 0.9)")
+
+        def timed_pull(blob_url):
+            h = hashlib.sha256()
+            started = time.perf_counter()
+            with urllib.request.urlopen(blob_url) as r:
+                while chunk := r.read(1 << 20):
+                    h.update(chunk)
+            return len(layer) / (time.perf_counter() - started) / 1e6, h.hexdigest() == layer_digest[7:]
+
+        print(f"\n4b. cold {BLOB_MIB} MiB blob, one client, hashing what it receives", flush=True)
+        direct_mb, _ = timed_pull(f"{registry}/blobs/{layer_digest}")
+        one, one_url = start_pullthrough(os.path.join(work, "one"))
+        through_mb, verified = timed_pull(one_url + blob_path)
+        one.terminate()
+        one.wait()
+        print(f"   upstream directly   {direct_mb:8.0f} MB/s")
+        print(f"   through pullthrough {through_mb:8.0f} MB/s, verified: {verified}")
+        print(f"   ratio               {through_mb / direct_mb:.2f} x   (target >= 0.9)")
+
+        print(f"\n5a. resident memory over {SOAK} s of mixed hits and misses", flush=True)
+        stop = threading.Event()
+
+        def misses():
+            for tag in miss_tags[200:]:
+                if stop.is_set():
+                    return
+                get(f"{url}/v2/library/bench/manifests/{tag}")
+                time.sleep(SOAK / 2000)
+
+        soak_args = ["wrk", "-t1", "-c16", f"-d{SOAK}s", "-H", accept, url + manifest_path]
+        load = subprocess.Popen(soak_args, stdout=subprocess.DEVNULL)
+        missing = threading.Thread(target=misses)
+        missing.start()
+        samples = []
+        soak_end = time.time() + SOAK
+        while time.time() < soak_end:
+            time.sleep(5)
+            samples.append(rss_kib(pt.pid) / 1024)
+        stop.set()
+        load.wait()
+        missing.join()
+        settled = samples[1:] or samples
+        spread = (max(settled) - min(settled)) / min(settled) * 100
+        print(f"   RSS samples (MiB): {' '.join(f'{x:.1f}' for x in samples)}")
+        print(f"   after the first sample: {min(settled):.1f}-{max(settled):.1f} MiB, spread {spread:.0f} % (target: flat within 10 %)")
 
         pt.terminate()
         pt.wait()
         cold, cold_url = start_pullthrough(os.path.join(work, "cold"))
-        urllib.request.urlopen(urllib.request.Request(cold_url + manifest_path, headers={"Accept": accept.split(": ", 1)[1]})).read()
+        get(cold_url + manifest_path)
         before = rss_kib(cold.pid)
         results = []
 
@@ -248,8 +390,14 @@ http {{
         for t in threads:
             t.join()
         peak = rss_kib(cold.pid, "VmHWM")
-        print(f"\n4. 20 concurrent cold pulls of the {BLOB_MIB} MiB blob: {time.time() - started:.1f} s, all verified: {all(results) and len(results) == 20}")
+        print(f"\n5b. 20 concurrent cold pulls of the {BLOB_MIB} MiB blob: {time.time() - started:.1f} s, all verified: {all(results) and len(results) == 20}")
         print(f"   resident memory {before / 1024:.1f} MiB before, peak {peak / 1024:.1f} MiB: growth {(peak - before) / 1024:.1f} MiB (target < 64 MiB)")
+
+        print("\n6. per manifest hit (repeatable; benches/hit_instructions.rs, benches/hit_allocations.rs)", flush=True)
+        instructions, allocations = per_hit_costs()
+        for kind, label in [("tag", "GET by tag"), ("digest", "GET by digest"), ("head", "HEAD by tag")]:
+            allocs = next((a for a in allocations if a[0] == label), ("", "?", "?"))
+            print(f"   {label:14} {instructions[kind]:8.0f} instructions   {allocs[1]:>5} allocations ({allocs[2]} bytes)")
     finally:
         for p in procs:
             p.terminate()

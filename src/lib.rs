@@ -37,10 +37,14 @@ pub async fn run(
     serve(app(&config)?, listener, &config, shutdown).await
 }
 
-/// Serves a built router (see [`app`]) with the connection limits (and the TLS certificate, if
-/// any) of `config` until `shutdown` resolves.
+/// How long shutdown waits for cache writes still under way.
+const FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves a built application (see [`app`]) with the connection limits (and the TLS
+/// certificate, if any) of `config` until `shutdown` resolves, then waits (briefly) for cache
+/// writes still under way.
 pub async fn serve(
-    app: axum::Router,
+    app: App,
     listener: TcpListener,
     config: &Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -50,18 +54,35 @@ pub async fn serve(
         _ => None,
     };
     http::server::serve(
-        app,
+        app.router,
         listener,
         http::server::Limits::from_config(config),
         tls,
         shutdown,
     )
     .await?;
+    if tokio::time::timeout(FLUSH_TIMEOUT, app.state.flushed())
+        .await
+        .is_err()
+    {
+        tracing::warn!("cache writes still under way at exit; they are fetched again when missed");
+    }
     Ok(())
 }
 
-/// The complete router with its state, ready for `serve` or `oneshot`.
-pub fn app(config: &Config) -> anyhow::Result<axum::Router> {
-    let state = state::AppState::new(config)?;
-    Ok(http::router(Arc::new(state)))
+/// The complete router and the state it serves.
+#[derive(Debug, Clone)]
+pub struct App {
+    /// Ready for [`serve`] or `oneshot`.
+    pub router: axum::Router,
+    state: Arc<state::AppState>,
+}
+
+/// Builds the application from `config`.
+pub fn app(config: &Config) -> anyhow::Result<App> {
+    let state = Arc::new(state::AppState::new(config)?);
+    Ok(App {
+        router: http::router(Arc::clone(&state)),
+        state,
+    })
 }

@@ -114,9 +114,18 @@ pub struct ManifestCache {
     layout: Layout,
     /// Hits and last access of each tag (memory only).
     usage: Cache<(RepoName, Tag), Arc<TagUsage>>,
-    /// Orders tag updates: the memory entry and the file change together, one at a time, so
-    /// racing updates leave the newest on disk too.
-    tag_writes: tokio::sync::Mutex<()>,
+    /// Held while a file is written or removed after checking memory still holds what it
+    /// writes: racing updates (and purges) leave on disk what memory holds last.
+    disk_order: Arc<parking_lot::Mutex<()>>,
+    /// Disk writes not finished yet.
+    pending: Arc<Pending>,
+}
+
+/// Disk writes under way, so shutdown can wait for them.
+#[derive(Debug, Default)]
+struct Pending {
+    count: std::sync::atomic::AtomicUsize,
+    done: tokio::sync::Notify,
 }
 
 impl ManifestCache {
@@ -133,7 +142,8 @@ impl ManifestCache {
             tags: Cache::builder().max_capacity(1_000_000).build(),
             access: Cache::new(1_000_000),
             layout,
-            tag_writes: tokio::sync::Mutex::new(()),
+            disk_order: Arc::default(),
+            pending: Arc::default(),
             usage: Cache::builder().max_capacity(1_000_000).build(),
         };
         cache.load_tags()?;
@@ -191,22 +201,56 @@ impl ManifestCache {
     /// Stores a verified manifest in memory and, durably, on disk.
     pub async fn put(&self, manifest: Manifest) -> Arc<Manifest> {
         let m = Arc::new(manifest);
+        // Verified bytes, whole: served from memory at once, made durable (fsynced) behind the
+        // response, never partial on disk (written beside and renamed).
+        self.by_digest.insert(m.digest.clone(), Arc::clone(&m));
         let path = self.manifest_path(&m.digest);
-        // stat and fsync are blocking: keep them off the async workers.
-        let (layout, stored) = (self.layout.clone(), Arc::clone(&m));
-        let written = tokio::task::spawn_blocking(move || {
-            if path.exists() {
+        let (layout, stored, memory) =
+            (self.layout.clone(), Arc::clone(&m), self.by_digest.clone());
+        self.in_background("manifest", m.digest.to_string(), move || {
+            // Purged meanwhile: not written back.
+            if path.exists() || !memory.contains_key(&stored.digest) {
                 return Ok(());
             }
             let header = format!("{}\n", stored.media_type);
             layout.write_atomic(&path, &[header.as_bytes(), &stored.bytes], true)
-        })
-        .await;
-        if let Err(e) = written.map_err(std::io::Error::other).and_then(|r| r) {
-            tracing::error!(error = %e, digest = %m.digest, "could not store manifest on disk");
-        }
-        self.by_digest.insert(m.digest.clone(), Arc::clone(&m));
+        });
         m
+    }
+
+    /// Runs a disk write off the async workers without the caller waiting, under the disk
+    /// order lock, counted until done; a failure is logged.
+    fn in_background(
+        &self,
+        what: &'static str,
+        which: String,
+        write: impl FnOnce() -> std::io::Result<()> + Send + 'static,
+    ) {
+        let (pending, order) = (Arc::clone(&self.pending), Arc::clone(&self.disk_order));
+        pending.count.fetch_add(1, Ordering::SeqCst);
+        tokio::task::spawn_blocking(move || {
+            let written = {
+                let _ordered = order.lock();
+                write()
+            };
+            if let Err(e) = written {
+                tracing::error!(error = %e, what, which, "could not store on disk");
+            }
+            if pending.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+                pending.done.notify_waiters();
+            }
+        });
+    }
+
+    /// Waits until every disk write started so far has finished (for shutdown and tests).
+    pub async fn flushed(&self) {
+        loop {
+            let done = self.pending.done.notified();
+            if self.pending.count.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            done.await;
+        }
     }
 
     /// Counts a client request answered for a tag.
@@ -263,8 +307,12 @@ impl ManifestCache {
     /// Forgets a manifest's bytes (memory and disk). Clients that already have them keep them.
     pub async fn remove_manifest(&self, digest: &Digest) {
         self.by_digest.invalidate(digest);
-        let path = self.manifest_path(digest);
-        let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await;
+        let (path, order) = (self.manifest_path(digest), Arc::clone(&self.disk_order));
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ordered = order.lock();
+            std::fs::remove_file(path)
+        })
+        .await;
     }
 
     /// Manifests in memory, their bytes, and tags in the index.
@@ -283,31 +331,36 @@ impl ManifestCache {
         self.tags.get(&(name.clone(), tag.clone()))
     }
 
-    /// Records a tag entry in memory and on disk (written off the async workers, not fsynced:
-    /// losing one only costs a HEAD).
+    /// Records a tag entry in memory, and on disk behind the caller (off the async workers,
+    /// not fsynced: losing one only costs a HEAD). A write finds memory still holding its entry
+    /// or writes nothing, so racing updates leave the newest on disk and a purge stays purged.
     pub async fn set_tag(&self, name: &RepoName, tag: &Tag, entry: TagEntry) {
-        let _ordered = self.tag_writes.lock().await;
         self.grant(name, &entry.digest);
-        self.tags.insert((name.clone(), tag.clone()), entry.clone());
-        let (path, layout) = (self.tag_path(name, tag), self.layout.clone());
-        let written = tokio::task::spawn_blocking(move || {
+        let key = (name.clone(), tag.clone());
+        self.tags.insert(key.clone(), entry.clone());
+        let (path, layout, memory) = (
+            self.tag_path(name, tag),
+            self.layout.clone(),
+            self.tags.clone(),
+        );
+        self.in_background("tag", format!("{name}:{tag}"), move || {
+            if memory.get(&key).as_ref() != Some(&entry) {
+                return Ok(());
+            }
             let json = serde_json::to_vec(&entry).map_err(std::io::Error::other)?;
             layout.write_atomic(&path, &[&json], false)
-        })
-        .await
-        .map_err(std::io::Error::other)
-        .and_then(|r| r);
-        if let Err(e) = written {
-            tracing::error!(error = %e, repo = %name, %tag, "could not store tag on disk");
-        }
+        });
     }
 
     /// Forgets a tag upstream no longer has.
     pub async fn remove_tag(&self, name: &RepoName, tag: &Tag) {
-        let _ordered = self.tag_writes.lock().await;
         self.tags.invalidate(&(name.clone(), tag.clone()));
-        let path = self.tag_path(name, tag);
-        let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await;
+        let (path, order) = (self.tag_path(name, tag), Arc::clone(&self.disk_order));
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ordered = order.lock();
+            std::fs::remove_file(path)
+        })
+        .await;
     }
 
     /// Records that `name` may read `digest` upstream.
@@ -445,6 +498,7 @@ mod tests {
                     TagEntry::new(&digest, &media_type, bytes.len() as u64),
                 )
                 .await;
+            cache.flushed().await;
         }
         let cache = ManifestCache::open(Layout::open(dir.path()).unwrap(), 1 << 20).unwrap();
         assert_eq!(cache.tag(&name, &tag).unwrap().digest, digest);

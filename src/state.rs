@@ -413,6 +413,13 @@ impl AppState {
         }
     }
 
+    /// Waits until the cache writes started so far are on disk.
+    pub async fn flushed(&self) {
+        for proxy in self.proxies() {
+            proxy.manifests.flushed().await;
+        }
+    }
+
     /// Every proxy: the default first.
     pub fn proxies(&self) -> impl Iterator<Item = &Arc<Proxy>> {
         std::iter::once(&self.proxy).chain(self.others.iter())

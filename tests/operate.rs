@@ -486,7 +486,7 @@ async fn without_an_admin_token_purges_are_for_loopback_clients_only() {
     let hub = FakeHub::start().await;
     let dir = tempfile::tempdir().unwrap();
     let config = TestProxy::config(&hub.url, dir.path());
-    let app = pullthrough::app(&config).unwrap();
+    let app = pullthrough::app(&config).unwrap().router;
     let request = |peer: &str, method: &str| {
         let mut request = axum::http::Request::builder()
             .method(method)

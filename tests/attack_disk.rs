@@ -158,7 +158,17 @@ async fn a_data_dir_removed_while_running_is_recreated_on_demand() {
         image.bytes
     );
 
-    std::fs::remove_dir_all(&proxy.config.data_dir).unwrap();
+    // Manifests are written behind their responses: a write may land while the directory goes.
+    for attempt in 0.. {
+        match std::fs::remove_dir_all(&proxy.config.data_dir) {
+            Ok(()) => break,
+            Err(e) if attempt < 50 => {
+                eprintln!("removing the data dir again: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("cannot remove the data dir: {e}"),
+        }
+    }
     pull(&proxy, &digest, &blob, "MISS").await;
     assert_eq!(hub.count("blob_get"), 2);
     assert_eq!(

@@ -201,3 +201,47 @@ mod tests {
         assert!(root.join(MARKER).is_file());
     }
 }
+
+/// Writes under way that nobody waits for (a cache entry made durable behind its response), so
+/// that shutdown can wait for them.
+#[derive(Debug, Default)]
+pub struct Writes {
+    count: std::sync::atomic::AtomicUsize,
+    done: tokio::sync::Notify,
+}
+
+/// One write under way; it ends when dropped.
+#[derive(Debug)]
+pub struct Writing(std::sync::Arc<Writes>);
+
+impl Writes {
+    /// Counts a write until the returned guard is dropped.
+    pub fn start(self: &std::sync::Arc<Self>) -> Writing {
+        self.count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Writing(std::sync::Arc::clone(self))
+    }
+
+    /// Waits until no write is under way.
+    pub async fn idle(&self) {
+        loop {
+            let done = self.done.notified();
+            if self.count.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                return;
+            }
+            done.await;
+        }
+    }
+}
+
+impl Drop for Writing {
+    fn drop(&mut self) {
+        if self
+            .0
+            .count
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst)
+            == 1
+        {
+            self.0.done.notify_waiters();
+        }
+    }
+}

@@ -3,7 +3,7 @@
 //! a manifest shared by several tags is held once. Digest entries never go stale; tag
 //! freshness is decided by [`TagPolicy`].
 
-use crate::disk::Layout;
+use crate::disk::{Layout, Writes};
 use crate::registry::{Digest, Manifest, MediaType, RepoName, Tag};
 use moka::sync::Cache;
 use regex::RegexSet;
@@ -118,14 +118,7 @@ pub struct ManifestCache {
     /// writes: racing updates (and purges) leave on disk what memory holds last.
     disk_order: Arc<parking_lot::Mutex<()>>,
     /// Disk writes not finished yet.
-    pending: Arc<Pending>,
-}
-
-/// Disk writes under way, so shutdown can wait for them.
-#[derive(Debug, Default)]
-struct Pending {
-    count: std::sync::atomic::AtomicUsize,
-    done: tokio::sync::Notify,
+    pending: Arc<Writes>,
 }
 
 impl ManifestCache {
@@ -226,8 +219,7 @@ impl ManifestCache {
         which: String,
         write: impl FnOnce() -> std::io::Result<()> + Send + 'static,
     ) {
-        let (pending, order) = (Arc::clone(&self.pending), Arc::clone(&self.disk_order));
-        pending.count.fetch_add(1, Ordering::SeqCst);
+        let (writing, order) = (self.pending.start(), Arc::clone(&self.disk_order));
         tokio::task::spawn_blocking(move || {
             let written = {
                 let _ordered = order.lock();
@@ -236,21 +228,13 @@ impl ManifestCache {
             if let Err(e) = written {
                 tracing::error!(error = %e, what, which, "could not store on disk");
             }
-            if pending.count.fetch_sub(1, Ordering::SeqCst) == 1 {
-                pending.done.notify_waiters();
-            }
+            drop(writing);
         });
     }
 
     /// Waits until every disk write started so far has finished (for shutdown and tests).
     pub async fn flushed(&self) {
-        loop {
-            let done = self.pending.done.notified();
-            if self.pending.count.load(Ordering::SeqCst) == 0 {
-                return;
-            }
-            done.await;
-        }
+        self.pending.idle().await;
     }
 
     /// Counts a client request answered for a tag.

@@ -100,10 +100,34 @@ impl BlobStore {
         range: Option<ByteRange>,
         shared_ok: bool,
     ) -> Result<Joined, Error> {
+        // The blob a joined download stored can be evicted or purged before this request
+        // opens it: then it is fetched again (once), never answered as unknown.
+        for _ in 0..2 {
+            if let Some(joined) = self
+                .fetch_once(upstream, name, digest, range, shared_ok)
+                .await?
+            {
+                return Ok(joined);
+            }
+        }
+        Err(Error::Storage(
+            "the blob was removed from the store twice while being fetched".into(),
+        ))
+    }
+
+    /// [`fetch`](Self::fetch), once: `None` when the stored result was gone when opened.
+    async fn fetch_once(
+        self: &Arc<Self>,
+        upstream: &Arc<Upstream>,
+        name: &RepoName,
+        digest: &Digest,
+        range: Option<ByteRange>,
+        shared_ok: bool,
+    ) -> Result<Option<Joined>, Error> {
         // The upstream client's address identifies the upstream: names could be configured alike.
         let origin = (Arc::as_ptr(upstream) as usize, name.clone());
         let Some(download) = self.download(upstream, origin, digest, shared_ok).await? else {
-            return Ok(Joined::OtherRepository);
+            return Ok(Some(Joined::OtherRepository));
         };
         let mut rx = download.progress.subscribe();
         // Wait for upstream's headers (or failure).
@@ -138,42 +162,33 @@ impl BlobStore {
             Some((start, end)) => (start, Some(end + 1)),
             None => (0, None),
         };
-        Ok(Joined::Body(BlobBody {
+        Ok(Some(Joined::Body(BlobBody {
             size: progress.size,
             range: bounds,
             source: Outcome::Miss,
             stream: Box::pin(follow(file, rx, start, end).await?),
-        }))
+        })))
     }
 
-    /// Waits for the download to end, then serves the stored blob (or the download's error).
+    /// Waits for the download to end, then serves the stored blob (or the download's error);
+    /// `None` when it was gone from the store by then.
     async fn when_stored(
         self: &Arc<Self>,
         rx: &mut watch::Receiver<Progress>,
         digest: &Digest,
         range: Option<ByteRange>,
-    ) -> Result<Joined, Error> {
+    ) -> Result<Option<Joined>, Error> {
         let done = rx
             .wait_for(|p| p.outcome.is_some())
             .await
             .map_err(|_| Error::Storage("download vanished".into()))?
             .clone();
         done.outcome.unwrap_or(Ok(()))?;
-        self.open_downloaded(digest, range).await.map(Joined::Body)
-    }
-
-    /// A blob this request's download just stored, still reported as a miss.
-    async fn open_downloaded(
-        self: &Arc<Self>,
-        digest: &Digest,
-        range: Option<ByteRange>,
-    ) -> Result<BlobBody, Error> {
-        let mut body = self
-            .open_stored(digest, range)
-            .await?
-            .ok_or(Error::BlobUnknown)?;
-        body.source = Outcome::Miss;
-        Ok(body)
+        // Still reported as a miss: this request's download stored it.
+        Ok(self.open_stored(digest, range).await?.map(|mut body| {
+            body.source = Outcome::Miss;
+            Joined::Body(body)
+        }))
     }
 
     /// The running download of `digest`, or a new one. `None` when the running one was started
@@ -295,7 +310,7 @@ impl BlobStore {
                 download.progress.send_modify(|p| p.size = Some(size));
             }
         }
-        self.commit(digest, writer, temp, download.private).await
+        self.commit(digest, writer, temp, download).await
     }
 
     /// Copies one response body into the temp file. `Some(error)` when the body broke off.
@@ -369,7 +384,7 @@ impl BlobStore {
         digest: &Digest,
         writer: Writer,
         temp: tempfile::TempPath,
-        private: bool,
+        download: &Download,
     ) -> Result<(), Error> {
         let Writer {
             mut file,
@@ -395,7 +410,7 @@ impl BlobStore {
         file.sync_all().await?;
         drop(file);
         // Content also fetched without credentials is public, whoever fetches it again.
-        let private = private && self.index.lock().get(digest).is_none_or(|m| m.private);
+        let private = download.private && self.index.lock().get(digest).is_none_or(|m| m.private);
         let path = self.path(digest);
         let marker = self.private_marker(digest);
         let parent = path.parent().map(Path::to_path_buf);

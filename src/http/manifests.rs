@@ -25,15 +25,15 @@ fn value(text: &Bytes) -> HeaderValue {
 /// cache-hit path the benchmark measures.
 pub fn respond(served: Served, request_headers: &HeaderMap, with_body: bool) -> Response {
     let made;
-    let (texts, size) = match &served.body {
-        ManifestBody::Full(m) => (&m.texts, m.bytes.len() as u64),
+    let texts = match &served.body {
+        ManifestBody::Full(m) => &m.texts,
         ManifestBody::Described {
             digest,
             media_type,
             size,
         } => {
-            made = HeaderTexts::new(digest, media_type);
-            (&made, *size)
+            made = HeaderTexts::new(digest, media_type, *size);
+            &made
         }
     };
     let digest = &texts.digest[..];
@@ -69,6 +69,6 @@ pub fn respond(served: Served, request_headers: &HeaderMap, with_body: bool) -> 
         return response;
     }
     headers.insert(header::CONTENT_TYPE, value(&texts.media_type));
-    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+    headers.insert(header::CONTENT_LENGTH, value(&texts.length));
     response
 }

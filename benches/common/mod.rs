@@ -43,11 +43,12 @@ pub fn requests(rig: &Rig) -> [(&'static str, Vec<u8>); 3] {
 /// as the binary would on that many cores) and caches the manifest with one pull.
 pub fn start(workers: usize) -> Rig {
     // As `bench/bench.py` runs the binary: `RUST_LOG=pullthrough=warn` unless told otherwise,
-    // with the binary's formatter (writing nowhere).
+    // with the binary's formatter as it runs off a terminal (writing nowhere).
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("pullthrough=warn"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(false)
         .with_writer(std::io::sink)
         .init();
     let data = tempfile::tempdir().unwrap();

@@ -132,6 +132,15 @@ impl Layout {
 
     /// Writes `bytes` to `path` atomically; `durable` also fsyncs before the rename.
     pub fn write_atomic(&self, path: &Path, bytes: &[&[u8]], durable: bool) -> std::io::Result<()> {
+        Layout::put_in_place(self.prepare(bytes, durable)?, path)
+    }
+
+    /// A temp file holding `bytes` (fsynced if `durable`), for [`Layout::put_in_place`].
+    pub fn prepare(
+        &self,
+        bytes: &[&[u8]],
+        durable: bool,
+    ) -> std::io::Result<tempfile::NamedTempFile> {
         let mut file = self.temp_file()?;
         for part in bytes {
             file.write_all(part)?;
@@ -139,6 +148,11 @@ impl Layout {
         if durable {
             file.as_file().sync_all()?;
         }
+        Ok(file)
+    }
+
+    /// Renames a prepared file to `path`, creating its directory.
+    pub fn put_in_place(file: tempfile::NamedTempFile, path: &Path) -> std::io::Result<()> {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
         }

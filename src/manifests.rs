@@ -8,6 +8,7 @@ use crate::registry::{Digest, Manifest, MediaType, RepoName, Tag};
 use moka::sync::Cache;
 use regex::RegexSet;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -114,11 +115,84 @@ pub struct ManifestCache {
     layout: Layout,
     /// Hits and last access of each tag (memory only).
     usage: Cache<(RepoName, Tag), Arc<TagUsage>>,
-    /// Held while a file is written or removed after checking memory still holds what it
-    /// writes: racing updates (and purges) leave on disk what memory holds last.
-    disk_order: Arc<parking_lot::Mutex<()>>,
+    /// The order of manifest file changes (by digest) and of tag file changes.
+    manifest_order: Arc<Intents<Digest>>,
+    tag_order: Arc<Intents<(RepoName, Tag)>>,
     /// Disk writes not finished yet.
     pending: Arc<Writes>,
+}
+
+/// The order of one kind of file's changes. Each change (a write or a removal) takes a sequence
+/// number in the same step as the memory change it mirrors; a write's file (prepared, fsynced
+/// if need be, outside the lock) is renamed into place only if no newer change of that key came
+/// since. So a file ends as memory did, whatever order the blocking threads run in: racing
+/// updates leave the newest, and a purge is never undone by a write that was under way.
+#[derive(Debug)]
+struct Intents<K> {
+    state: parking_lot::Mutex<IntentState<K>>,
+}
+
+#[derive(Debug)]
+struct IntentState<K> {
+    next: u64,
+    /// Keys with writes in flight: the newest change's number, and how many writes are in flight.
+    newest: HashMap<K, (u64, usize)>,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Default for Intents<K> {
+    fn default() -> Self {
+        Intents {
+            state: parking_lot::Mutex::new(IntentState {
+                next: 0,
+                newest: HashMap::new(),
+            }),
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Intents<K> {
+    /// A write of `key`, with the memory change it mirrors; returns its number.
+    fn write(&self, key: &K, change_memory: impl FnOnce()) -> u64 {
+        let mut state = self.state.lock();
+        change_memory();
+        state.next += 1;
+        let seq = state.next;
+        let entry = state.newest.entry(key.clone()).or_insert((0, 0));
+        *entry = (seq, entry.1 + 1);
+        seq
+    }
+
+    /// Puts write `seq`'s file in place (`land`) if it is still the newest change of `key`.
+    fn land(
+        &self,
+        key: &K,
+        seq: u64,
+        land: impl FnOnce() -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        let mut state = self.state.lock();
+        let newest = state.newest.get(key).map(|e| e.0);
+        let landed = if newest == Some(seq) { land() } else { Ok(()) };
+        if let Some(entry) = state.newest.get_mut(key) {
+            entry.1 -= 1;
+            if entry.1 == 0 {
+                state.newest.remove(key);
+            }
+        }
+        landed
+    }
+
+    /// A removal of `key`: the memory change and the file's deletion in one step, newer than
+    /// every write in flight.
+    fn remove(&self, key: &K, change_memory: impl FnOnce(), delete: impl FnOnce()) {
+        let mut state = self.state.lock();
+        change_memory();
+        state.next += 1;
+        let seq = state.next;
+        if let Some(entry) = state.newest.get_mut(key) {
+            entry.0 = seq;
+        }
+        delete();
+    }
 }
 
 impl ManifestCache {
@@ -135,7 +209,8 @@ impl ManifestCache {
             tags: Cache::builder().max_capacity(1_000_000).build(),
             access: Cache::new(1_000_000),
             layout,
-            disk_order: Arc::default(),
+            manifest_order: Arc::default(),
+            tag_order: Arc::default(),
             pending: Arc::default(),
             usage: Cache::builder().max_capacity(1_000_000).build(),
         };
@@ -196,36 +271,35 @@ impl ManifestCache {
         let m = Arc::new(manifest);
         // Verified bytes, whole: served from memory at once, made durable (fsynced) behind the
         // response, never partial on disk (written beside and renamed).
-        self.by_digest.insert(m.digest.clone(), Arc::clone(&m));
-        let path = self.manifest_path(&m.digest);
-        let (layout, stored, memory) =
-            (self.layout.clone(), Arc::clone(&m), self.by_digest.clone());
-        self.in_background("manifest", m.digest.to_string(), move || {
-            // Purged meanwhile: not written back.
-            if path.exists() || !memory.contains_key(&stored.digest) {
-                return Ok(());
-            }
+        let digest = m.digest.clone();
+        let seq = self.manifest_order.write(&digest, || {
+            self.by_digest.insert(digest.clone(), Arc::clone(&m));
+        });
+        let path = self.manifest_path(&digest);
+        let (layout, stored, order) = (
+            self.layout.clone(),
+            Arc::clone(&m),
+            Arc::clone(&self.manifest_order),
+        );
+        self.in_background("manifest", digest.to_string(), move || {
             let header = format!("{}\n", stored.media_type);
-            layout.write_atomic(&path, &[header.as_bytes(), &stored.bytes], true)
+            let file = layout.prepare(&[header.as_bytes(), &stored.bytes], true)?;
+            order.land(&stored.digest, seq, || Layout::put_in_place(file, &path))
         });
         m
     }
 
-    /// Runs a disk write off the async workers without the caller waiting, under the disk
-    /// order lock, counted until done; a failure is logged.
+    /// Runs a disk write off the async workers without the caller waiting, counted until done;
+    /// a failure is logged.
     fn in_background(
         &self,
         what: &'static str,
         which: String,
         write: impl FnOnce() -> std::io::Result<()> + Send + 'static,
     ) {
-        let (writing, order) = (self.pending.start(), Arc::clone(&self.disk_order));
+        let writing = self.pending.start();
         tokio::task::spawn_blocking(move || {
-            let written = {
-                let _ordered = order.lock();
-                write()
-            };
-            if let Err(e) = written {
+            if let Err(e) = write() {
                 tracing::error!(error = %e, what, which, "could not store on disk");
             }
             drop(writing);
@@ -290,11 +364,16 @@ impl ManifestCache {
 
     /// Forgets a manifest's bytes (memory and disk). Clients that already have them keep them.
     pub async fn remove_manifest(&self, digest: &Digest) {
-        self.by_digest.invalidate(digest);
-        let (path, order) = (self.manifest_path(digest), Arc::clone(&self.disk_order));
+        let (path, order) = (self.manifest_path(digest), Arc::clone(&self.manifest_order));
+        let (memory, digest) = (self.by_digest.clone(), digest.clone());
         let _ = tokio::task::spawn_blocking(move || {
-            let _ordered = order.lock();
-            std::fs::remove_file(path)
+            order.remove(
+                &digest,
+                || memory.invalidate(&digest),
+                || {
+                    let _ = std::fs::remove_file(path);
+                },
+            );
         })
         .await;
     }
@@ -316,33 +395,42 @@ impl ManifestCache {
     }
 
     /// Records a tag entry in memory, and on disk behind the caller (off the async workers,
-    /// not fsynced: losing one only costs a HEAD). A write finds memory still holding its entry
-    /// or writes nothing, so racing updates leave the newest on disk and a purge stays purged.
+    /// not fsynced: losing one only costs a HEAD). Racing updates leave the newest on disk and a
+    /// purge stays purged ([`Intents`]).
     pub async fn set_tag(&self, name: &RepoName, tag: &Tag, entry: TagEntry) {
         self.grant(name, &entry.digest);
         let key = (name.clone(), tag.clone());
-        self.tags.insert(key.clone(), entry.clone());
-        let (path, layout, memory) = (
+        let seq = self.tag_order.write(&key, || {
+            self.tags.insert(key.clone(), entry.clone());
+        });
+        let (path, layout, order) = (
             self.tag_path(name, tag),
             self.layout.clone(),
-            self.tags.clone(),
+            Arc::clone(&self.tag_order),
         );
         self.in_background("tag", format!("{name}:{tag}"), move || {
-            if memory.get(&key).as_ref() != Some(&entry) {
-                return Ok(());
-            }
             let json = serde_json::to_vec(&entry).map_err(std::io::Error::other)?;
-            layout.write_atomic(&path, &[&json], false)
+            let file = layout.prepare(&[&json], false)?;
+            order.land(&key, seq, || Layout::put_in_place(file, &path))
         });
     }
 
     /// Forgets a tag upstream no longer has.
     pub async fn remove_tag(&self, name: &RepoName, tag: &Tag) {
-        self.tags.invalidate(&(name.clone(), tag.clone()));
-        let (path, order) = (self.tag_path(name, tag), Arc::clone(&self.disk_order));
+        let key = (name.clone(), tag.clone());
+        let (path, order, memory) = (
+            self.tag_path(name, tag),
+            Arc::clone(&self.tag_order),
+            self.tags.clone(),
+        );
         let _ = tokio::task::spawn_blocking(move || {
-            let _ordered = order.lock();
-            std::fs::remove_file(path)
+            order.remove(
+                &key,
+                || memory.invalidate(&key),
+                || {
+                    let _ = std::fs::remove_file(path);
+                },
+            );
         })
         .await;
     }
@@ -496,5 +584,97 @@ mod tests {
         std::fs::write(&path, b"application/json\ny").unwrap();
         assert!(cache.get(&other).await.is_none());
         assert!(!path.exists());
+    }
+
+    fn padded(i: usize, size: usize) -> Manifest {
+        let mut text = format!("{{\"n\":{i},\"pad\":\"");
+        while text.len() < size {
+            text.push('x');
+        }
+        text.push_str("\"}");
+        let bytes = bytes::Bytes::from(text);
+        let digest = Digest::sha256(&bytes);
+        Manifest::new(
+            bytes,
+            MediaType::from_content_type(MediaType::OCI_INDEX),
+            digest,
+        )
+    }
+
+    /// Written behind the response, whether or not memory kept it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_manifest_reaches_disk_under_memory_pressure() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ManifestCache::open(Layout::open(dir.path()).unwrap(), 64 * 1024).unwrap();
+        let mut digests = Vec::new();
+        for i in 0..1000 {
+            let m = padded(i, 1024);
+            digests.push(m.digest.clone());
+            cache.put(m).await;
+        }
+        cache.flushed().await;
+        let missing = digests
+            .iter()
+            .filter(|d| !cache.manifest_path(d).is_file())
+            .count();
+        assert_eq!(missing, 0, "{missing} of 1000 manifests never reached disk");
+    }
+
+    /// A purge right after a put is not undone by the write still under way.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_purge_is_not_undone_by_a_write_under_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ManifestCache::open(Layout::open(dir.path()).unwrap(), 1 << 20).unwrap();
+        for i in 0..200 {
+            let m = padded(i, 100);
+            let digest = m.digest.clone();
+            cache.put(m).await;
+            cache.remove_manifest(&digest).await;
+            cache.flushed().await;
+            assert!(
+                !cache.manifest_path(&digest).exists(),
+                "round {i}: purged manifest back on disk"
+            );
+            assert!(cache.in_memory(&digest).is_none());
+        }
+    }
+
+    /// A purge racing a new entry for the same tag: memory and disk end alike.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_purge_racing_a_new_tag_entry_leaves_memory_and_disk_alike() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache =
+            Arc::new(ManifestCache::open(Layout::open(dir.path()).unwrap(), 1 << 20).unwrap());
+        let name = RepoName::parse("library/alpine", true).unwrap();
+        let tag = Tag::parse("latest").unwrap();
+        let m = padded(1, 100);
+        let mut apart = 0;
+        for i in 0..500u64 {
+            let mut first = TagEntry::new(&m.digest, &m.media_type, 100);
+            first.validated_at = i;
+            cache.set_tag(&name, &tag, first.clone()).await;
+            let mut second = first.clone();
+            second.validated_at = i + 1_000_000;
+            let (purger, setter) = (Arc::clone(&cache), Arc::clone(&cache));
+            let (n1, t1, n2, t2) = (name.clone(), tag.clone(), name.clone(), tag.clone());
+            let purge = tokio::spawn(async move { purger.remove_tag(&n1, &t1).await });
+            let set = tokio::spawn(async move {
+                while setter.tag(&n2, &t2).is_some() {
+                    tokio::task::yield_now().await;
+                }
+                setter.set_tag(&n2, &t2, second).await;
+            });
+            purge.await.unwrap();
+            set.await.unwrap();
+            cache.flushed().await;
+            let memory = cache.tag(&name, &tag);
+            let disk = std::fs::read(cache.tag_path(&name, &tag))
+                .ok()
+                .and_then(|raw| serde_json::from_slice::<TagEntry>(&raw).ok());
+            if memory != disk {
+                apart += 1;
+            }
+        }
+        assert_eq!(apart, 0, "{apart} of 500 rounds: memory and disk differ");
     }
 }

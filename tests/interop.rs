@@ -321,6 +321,8 @@ async fn dockerd(dir: &Path, mirror: &str, netns: Option<&Netns>) -> (Process, P
         .stderr(log)
         .spawn()
         .expect("dockerd is installed (apt-get install docker.io)");
+    // Killed even if it never comes up.
+    let child = Process(child);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let up = Command::new("docker")
@@ -340,7 +342,7 @@ async fn dockerd(dir: &Path, mirror: &str, netns: Option<&Netns>) -> (Process, P
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    (Process(child), socket)
+    (child, socket)
 }
 
 fn docker(dir: &Path, socket: &Path, args: &[&str]) -> String {

@@ -110,9 +110,8 @@ impl BlobStore {
                 return Ok(joined);
             }
         }
-        Err(Error::Storage(
-            "the blob was removed from the store twice while being fetched".into(),
-        ))
+        // Removed from the store twice while being fetched: as before this retry, unknown.
+        Err(Error::BlobUnknown)
     }
 
     /// [`fetch`](Self::fetch), once: `None` when the stored result was gone when opened.

@@ -26,6 +26,7 @@ use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use path::RegistryPath;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// The header that says how an answer was obtained.
@@ -110,7 +111,7 @@ async fn api_version(State(state): State<Arc<AppState>>, request: Request) -> Re
 /// `/v2/<anything>` is a registry request; anything else no route took is 404.
 async fn registry_or_not_found(state: State<Arc<AppState>>, request: Request) -> Response {
     if request.uri().path().starts_with("/v2/") {
-        dispatch(state, request).await.into_response()
+        dispatch(state, request).await
     } else {
         Error::NotFound(request.uri().path().to_owned()).into_response()
     }
@@ -118,37 +119,46 @@ async fn registry_or_not_found(state: State<Arc<AppState>>, request: Request) ->
 
 /// Every registry request gets its response headers within the upstream deadline, however its
 /// parts (learning the upstream's kind, fetching) add up; bodies stream on afterwards.
-async fn dispatch(State(state): State<Arc<AppState>>, request: Request) -> Result<Response, Error> {
+async fn dispatch(State(state): State<Arc<AppState>>, request: Request) -> Response {
     let deadline = state.deadline;
-    tokio::time::timeout(deadline, pull(state, request))
+    // Where the request was routed, known even when the deadline cuts it short (a 504 is
+    // counted under its upstream too).
+    let routed = AtomicUsize::new(usize::MAX);
+    let mut response = tokio::time::timeout(deadline, pull(state, request, &routed))
         .await
         .unwrap_or(Err(Error::GatewayTimeout))
+        .unwrap_or_else(IntoResponse::into_response);
+    let routed = match routed.load(Ordering::Relaxed) {
+        usize::MAX => None,
+        index => Some(Routed(index)),
+    };
+    match response.extensions_mut().get_mut::<Answer>() {
+        Some(answer) => answer.routed = routed,
+        None => {
+            response.extensions_mut().insert(Answer {
+                routed,
+                ..Answer::default()
+            });
+        }
+    }
+    response
 }
 
-async fn pull(state: Arc<AppState>, request: Request) -> Result<Response, Error> {
+async fn pull(
+    state: Arc<AppState>,
+    request: Request,
+    routed: &AtomicUsize,
+) -> Result<Response, Error> {
     let (method, uri) = (request.method(), request.uri());
     if method != Method::GET && method != Method::HEAD {
         return Err(Error::Unsupported(method.to_string()));
     }
     let tail = uri.path().strip_prefix("/v2/").unwrap_or_default();
     let (proxy, tail, default) = state.route(tail, uri.query()).await?;
-    let routed = Routed(proxy.upstream.metrics.index());
+    routed.store(proxy.upstream.metrics.index(), Ordering::Relaxed);
     // The request moves into `serve`; the tail is passed as where it starts in the path.
     let tail_at = uri.path().len() - tail.len();
-    let mut response = match serve(&state, request, proxy, tail_at, default).await {
-        Ok(response) => response,
-        Err(e) => e.into_response(),
-    };
-    match response.extensions_mut().get_mut::<Answer>() {
-        Some(answer) => answer.routed = Some(routed),
-        None => {
-            response.extensions_mut().insert(Answer {
-                routed: Some(routed),
-                ..Answer::default()
-            });
-        }
-    }
-    Ok(response)
+    serve(&state, request, proxy, tail_at, default).await
 }
 
 /// Serves a registry request routed to `proxy`'s upstream.

@@ -61,7 +61,7 @@ pub(super) struct Download {
 /// The temp file a download writes, and what it has verified so far.
 struct Writer {
     file: tokio::fs::File,
-    verifier: Verifier,
+    verifier: Hashing,
     written: u64,
     /// The blob's size, once known: nothing is written past it.
     size: Option<u64>,
@@ -277,7 +277,7 @@ impl BlobStore {
         });
         let mut writer = Writer {
             file,
-            verifier: Verifier::new(digest.algorithm()),
+            verifier: Hashing::start(digest.algorithm()),
             written: 0,
             size,
             max: self.limits.max,
@@ -351,7 +351,11 @@ impl BlobStore {
 
     /// Appends `chunk` to the temp file. A full disk is answered once per download by evicting
     /// enough for the rest of the blob and writing the chunk again.
-    async fn write_chunk(self: &Arc<Self>, writer: &mut Writer, chunk: &[u8]) -> Result<(), Error> {
+    async fn write_chunk(
+        self: &Arc<Self>,
+        writer: &mut Writer,
+        chunk: &Bytes,
+    ) -> Result<(), Error> {
         let mut written = write_flushed(&mut writer.file, chunk).await;
         if let Err(e) = &written
             && e.kind() == std::io::ErrorKind::StorageFull
@@ -372,7 +376,7 @@ impl BlobStore {
             written = write_flushed(&mut writer.file, chunk).await;
         }
         written?;
-        writer.verifier.update(chunk);
+        writer.verifier.update(chunk.clone()).await?;
         writer.written += chunk.len() as u64;
         Ok(())
     }
@@ -400,7 +404,7 @@ impl BlobStore {
                 "blob truncated at {written} of {size} bytes"
             )));
         }
-        let got = verifier.finish();
+        let got = verifier.finish().await?;
         if got != *digest {
             return Err(Error::upstream_invalid(format!(
                 "blob content has digest {got}, not {digest}"
@@ -445,6 +449,56 @@ async fn write_flushed(file: &mut tokio::fs::File, chunk: &[u8]) -> std::io::Res
     file.write_all(chunk).await?;
     // tokio's File writes in the background: flush so followers can read what we publish.
     file.flush().await
+}
+
+/// A download's digest, computed on a blocking thread beside the writes: hashing (a third of a
+/// cold pull's CPU) runs while the next bytes arrive instead of between them. At most 32 chunks
+/// wait for it, so a slow hash holds the download back rather than filling memory.
+struct Hashing {
+    chunks: Option<tokio::sync::mpsc::Sender<Bytes>>,
+    digest: tokio::sync::oneshot::Receiver<Digest>,
+}
+
+impl Hashing {
+    fn start(algorithm: crate::registry::Algorithm) -> Hashing {
+        let (chunks, mut rx) = tokio::sync::mpsc::channel::<Bytes>(32);
+        let (done, digest) = tokio::sync::oneshot::channel();
+        tokio::task::spawn_blocking(move || {
+            let mut verifier = Verifier::new(algorithm);
+            while let Some(chunk) = rx.blocking_recv() {
+                verifier.update(&chunk);
+            }
+            let _ = done.send(verifier.finish());
+        });
+        Hashing {
+            chunks: Some(chunks),
+            digest,
+        }
+    }
+
+    async fn update(&self, chunk: Bytes) -> Result<(), Error> {
+        match &self.chunks {
+            Some(chunks) => chunks
+                .send(chunk)
+                .await
+                .map_err(|_| Error::Storage("blob hashing stopped".into())),
+            None => Ok(()),
+        }
+    }
+
+    /// The digest of everything given.
+    async fn finish(mut self) -> Result<Digest, Error> {
+        drop(self.chunks.take());
+        (&mut self.digest)
+            .await
+            .map_err(|_| Error::Storage("blob hashing stopped".into()))
+    }
+}
+
+impl std::fmt::Debug for Hashing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hashing")
+    }
 }
 
 /// `Content-Length` of a response, if it is a plain number.

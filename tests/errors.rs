@@ -160,15 +160,13 @@ async fn black_holed_upstream_gets_504_within_the_deadline() {
     }
     // Each 504 is counted under the upstream it was routed to, though the deadline cut it.
     let host = hub.url.trim_start_matches("http://");
-    let metrics = proxy.get("/metrics").await.text().await.unwrap();
-    let timed_out: f64 = metrics
-        .lines()
-        .filter(|l| l.starts_with("pullthrough_requests_total{"))
-        .filter(|l| l.contains("status=\"504\""))
-        .filter(|l| l.contains(&format!("upstream=\"{host}\"")))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
-    assert_eq!(timed_out, 8.0, "{metrics}");
+    let scrape = support::scrape(&proxy).await;
+    let timed_out = support::metric(
+        &scrape,
+        "pullthrough_requests_total",
+        &[("upstream", host), ("status", "504")],
+    );
+    assert_eq!(timed_out, 8.0);
 }
 
 #[tokio::test]

@@ -287,35 +287,7 @@ async fn stats_and_metrics_count_what_happens() {
     assert_eq!(stats["blob_store"]["blobs"], 1);
     assert_eq!(stats["manifest_cache"]["tags"], 1);
 
-    let scrape = |proxy: &TestProxy| {
-        let url = format!("{}/metrics", proxy.url);
-        let client = proxy.client.clone();
-        async move {
-            let r = client.get(url).send().await.unwrap();
-            assert!(
-                r.headers()["content-type"]
-                    .to_str()
-                    .unwrap()
-                    .starts_with("text/plain")
-            );
-            let text = r.text().await.unwrap();
-            prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap()
-        }
-    };
-    let value = |scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]| -> f64 {
-        scrape
-            .samples
-            .iter()
-            .filter(|s| s.metric == name)
-            .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-            .map(|s| match s.value {
-                prometheus_parse::Value::Counter(v)
-                | prometheus_parse::Value::Gauge(v)
-                | prometheus_parse::Value::Untyped(v) => v,
-                _ => 0.0,
-            })
-            .sum()
-    };
+    let (scrape, value) = (support::scrape, support::metric);
     let before = scrape(&proxy).await;
     assert!(
         before

@@ -217,20 +217,8 @@ async fn stats_metrics_and_the_status_page_count_each_upstream_apart() {
     assert_eq!(stats["counters"]["requests"]["manifest"]["hit"], 3);
     assert_eq!(stats["manifest_cache"]["tags"], 2);
 
-    let text = proxy.get("/metrics").await.text().await.unwrap();
-    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
-    let value = |name: &str, labels: &[(&str, &str)]| -> f64 {
-        scrape
-            .samples
-            .iter()
-            .filter(|s| s.metric == name)
-            .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-            .map(|s| match s.value {
-                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) => v,
-                _ => 0.0,
-            })
-            .sum()
-    };
+    let scrape = support::scrape(&proxy).await;
+    let value = |name: &str, labels: &[(&str, &str)]| support::metric(&scrape, name, labels);
     let default_host = default["host"].as_str().unwrap();
     let hits = |host| {
         value(

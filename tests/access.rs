@@ -7,7 +7,7 @@ mod support;
 use pullthrough::config::{AccessRule, Secret};
 use support::{FakeHub, Image, TestProxy, error_code};
 
-const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+use support::DOCKER_MANIFEST;
 
 fn basic(user: &str, password: &str) -> String {
     use base64::Engine as _;

@@ -6,16 +6,12 @@
 mod support;
 
 use bytes::Bytes;
-use pullthrough::config::{Config, Overrides, Secret, UpstreamConfig};
+use pullthrough::config::{Config, Overrides, Secret};
 use std::time::Duration;
 use support::hub::pattern;
 use support::{FakeHub, Fault, Image, TestProxy};
 
-const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-
-fn upstream(host: &str, hub: &FakeHub) -> UpstreamConfig {
-    UpstreamConfig::new(host, hub.url.parse().unwrap())
-}
+use support::DOCKER_MANIFEST;
 
 fn hostport(url: &str) -> String {
     url.strip_prefix("http://").unwrap().to_owned()
@@ -37,7 +33,7 @@ async fn an_unconfigured_host_prefix_is_404_and_docker_io_is_the_default() {
     let alpine = Image::single("a", DOCKER_MANIFEST, 10);
     hub.push("library/alpine", "1", &alpine);
     let proxy =
-        TestProxy::start_with(&hub, |c| c.upstreams = vec![upstream("ghcr.io", &ghcr)]).await;
+        TestProxy::start_with(&hub, |c| c.upstreams = vec![ghcr.as_upstream("ghcr.io")]).await;
     for path in [
         "/v2/quay.io/org/app/manifests/1",
         "/v2/ghcr.io.evil/org/app/manifests/1",
@@ -92,7 +88,7 @@ async fn a_private_download_is_not_joined_under_another_upstream() {
     let proxy = TestProxy::start_with(&corp, |c| {
         c.upstream_username = Some("bot".into());
         c.upstream_password = Some(Secret("pw".into()));
-        c.upstreams = vec![upstream(&name, &other)];
+        c.upstreams = vec![other.as_upstream(&name)];
     })
     .await;
     corp.fault(Fault::SlowBlob(Duration::from_millis(60)));
@@ -164,7 +160,7 @@ async fn a_tags_list_reached_by_ns_pages_with_ns() {
     }
     hub.push("org/app", "hub-only", &img);
     let proxy =
-        TestProxy::start_with(&hub, |c| c.upstreams = vec![upstream("ghcr.io", &ghcr)]).await;
+        TestProxy::start_with(&hub, |c| c.upstreams = vec![ghcr.as_upstream("ghcr.io")]).await;
     let r = proxy.get("/v2/org/app/tags/list?n=1&ns=ghcr.io").await;
     let link = r
         .headers()
@@ -197,7 +193,7 @@ async fn the_listing_prefix_selects_an_upstream() {
     hub.push("org/app", "1", &img);
     ghcr.push("org/app", "1", &img);
     let proxy =
-        TestProxy::start_with(&hub, |c| c.upstreams = vec![upstream("ghcr.io", &ghcr)]).await;
+        TestProxy::start_with(&hub, |c| c.upstreams = vec![ghcr.as_upstream("ghcr.io")]).await;
     proxy.get_ok("/v2/org/app/manifests/1").await;
     proxy.get_ok("/v2/ghcr.io/org/app/manifests/1").await;
     let a: serde_json::Value = proxy
@@ -231,7 +227,7 @@ async fn cached_blob_after_restart_with_hub_down(with_private_upstream: bool) ->
     let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
     let mut config = TestProxy::config(&hub.url, dir.path());
     if with_private_upstream {
-        let mut u = upstream("registry.corp.example", &corp);
+        let mut u = corp.as_upstream("registry.corp.example");
         u.username = Some("bot".into());
         u.password = Some(Secret("pw".into()));
         config.upstreams = vec![u];
@@ -276,7 +272,7 @@ async fn cross_repo_reuse_of_a_public_blob_costs_no_request() {
         hub.push_blob("library/b", layer.clone());
         let proxy = TestProxy::start_with(&hub, |c| {
             if private {
-                let mut u = upstream("registry.corp.example", &corp);
+                let mut u = corp.as_upstream("registry.corp.example");
                 u.username = Some("bot".into());
                 u.password = Some(Secret("pw".into()));
                 c.upstreams = vec![u];
@@ -301,7 +297,7 @@ async fn ns_variants_and_purge_isolation() {
     hub.push("org/app", "1", &img);
     ghcr.push("org/app", "1", &img);
     let proxy =
-        TestProxy::start_with(&hub, |c| c.upstreams = vec![upstream("ghcr.io", &ghcr)]).await;
+        TestProxy::start_with(&hub, |c| c.upstreams = vec![ghcr.as_upstream("ghcr.io")]).await;
     for q in [
         "ns=GHCR.IO",
         "ns=ghcr%2Eio",

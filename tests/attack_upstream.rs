@@ -16,7 +16,7 @@ use support::hostile::{Hostile, Recorded, json_error, respond, stream, unauthori
 use support::hub::{pattern, sha256};
 use support::{FakeHub, Fault, Image, TestProxy, error_code};
 
-const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+use support::DOCKER_MANIFEST;
 /// Every test ends: a hang on broken code fails instead.
 const TEST_LIMIT: Duration = Duration::from_secs(60);
 

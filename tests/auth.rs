@@ -7,7 +7,7 @@ use pullthrough::config::Secret;
 use std::time::Duration;
 use support::{FakeHub, Image, TestProxy, error_code};
 
-const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+use support::DOCKER_MANIFEST;
 
 fn with_credentials(user: &str, password: &str) -> impl FnOnce(&mut pullthrough::Config) {
     let (user, password) = (user.to_owned(), password.to_owned());

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use support::hub::{pattern, sha256};
 use support::{FakeHub, Fault, Image, TestProxy, error_code};
 
-const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+use support::DOCKER_MANIFEST;
 
 fn blob_path(repo: &str, digest: &str) -> String {
     format!("/v2/{repo}/blobs/{digest}")

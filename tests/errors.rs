@@ -7,7 +7,7 @@ use reqwest::Method;
 use std::time::{Duration, Instant};
 use support::{FakeHub, Fault, Image, TestProxy, error_code};
 
-const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+use support::DOCKER_MANIFEST;
 
 #[tokio::test]
 async fn invalid_input_is_400_without_upstream_requests() {

@@ -9,7 +9,7 @@ use support::{FULL_ACCEPT, FakeHub, Image, TestProxy, error_code};
 const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+use support::DOCKER_MANIFEST;
 
 fn multi_arch(seed: &str, index_type: &str, child_type: &str) -> Image {
     Image::index(

@@ -8,7 +8,7 @@ use serde_json::Value;
 use std::time::Duration;
 use support::{FULL_ACCEPT, FakeHub, Image, TestProxy};
 
-const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+use support::DOCKER_MANIFEST;
 const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 

@@ -5,14 +5,10 @@
 
 mod support;
 
-use pullthrough::config::{Secret, UpstreamConfig};
+use pullthrough::config::Secret;
 use support::{FakeHub, Image, TestProxy, error_code};
 
-const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-
-fn upstream(host: &str, hub: &FakeHub) -> UpstreamConfig {
-    UpstreamConfig::new(host, hub.url.parse().unwrap())
-}
+use support::DOCKER_MANIFEST;
 
 #[tokio::test]
 async fn ns_and_path_prefix_pick_the_upstream_and_share_its_cache() {
@@ -24,7 +20,7 @@ async fn ns_and_path_prefix_pick_the_upstream_and_share_its_cache() {
     ghcr.push("org/app", "1", &ghcr_image);
     ghcr.push("alpine", "1", &ghcr_image);
     let proxy =
-        TestProxy::start_with(&hub, |c| c.upstreams = vec![upstream("ghcr.io", &ghcr)]).await;
+        TestProxy::start_with(&hub, |c| c.upstreams = vec![ghcr.as_upstream("ghcr.io")]).await;
 
     // Default, by no ns or ns=docker.io.
     assert_eq!(
@@ -117,7 +113,7 @@ async fn credentials_stay_with_their_upstream_and_private_blobs_stay_private() {
     let public = Image::single("public", DOCKER_MANIFEST, 100);
     hub.push("public/app", "1", &public);
     let proxy = TestProxy::start_with(&hub, |c| {
-        let mut u = upstream("registry.corp.example:5000", &corp);
+        let mut u = corp.as_upstream("registry.corp.example:5000");
         u.username = Some("bot".into());
         u.password = Some(Secret("corp-s3cret".into()));
         c.upstreams = vec![u];
@@ -164,7 +160,7 @@ async fn stats_metrics_and_the_status_page_count_each_upstream_apart() {
     hub.push("org/app", "1", &image);
     ghcr.push("org/app", "1", &image);
     let proxy =
-        TestProxy::start_with(&hub, |c| c.upstreams = vec![upstream("ghcr.io", &ghcr)]).await;
+        TestProxy::start_with(&hub, |c| c.upstreams = vec![ghcr.as_upstream("ghcr.io")]).await;
     for _ in 0..2 {
         proxy.get_ok("/v2/org/app/manifests/1").await;
     }

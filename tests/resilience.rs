@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use support::{FakeHub, Fault, Image, TestProxy, error_code};
 
-const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+use support::DOCKER_MANIFEST;
 
 fn image(seed: &str) -> Image {
     Image::single(seed, DOCKER_MANIFEST, 10)

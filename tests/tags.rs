@@ -5,7 +5,7 @@ mod support;
 use std::time::Duration;
 use support::{FakeHub, Fault, Image, TestProxy, error_code};
 
-const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+use support::DOCKER_MANIFEST;
 
 #[tokio::test]
 async fn tags_list_pages_and_caches() {

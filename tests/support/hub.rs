@@ -222,6 +222,11 @@ impl FakeHub {
     }
 
     /// Pushes an image (and its children and blobs) and points `tag` at it.
+    /// This hub as an `[[upstreams]]` entry standing for `host`.
+    pub fn as_upstream(&self, host: &str) -> pullthrough::config::UpstreamConfig {
+        pullthrough::config::UpstreamConfig::new(host, self.url.parse().unwrap())
+    }
+
     pub fn push(&self, repo: &str, tag: &str, image: &Image) {
         self.push_untagged(repo, image);
         self.with(|i| {

@@ -13,6 +13,9 @@ pub mod hostile;
 pub mod hub;
 
 use pullthrough::Config;
+
+/// The Docker image manifest media type.
+pub const DOCKER_MANIFEST: &str = pullthrough::registry::MediaType::DOCKER_MANIFEST;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;

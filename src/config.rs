@@ -386,9 +386,7 @@ impl Config {
                 config.cache_low_watermark
             )));
         }
-        if config.has_credentials()
-            && config.htpasswd.is_none()
-            && config.client_tokens_file.is_none()
+        if config.credentials_open_to_all()
             && !config.listen.ip().to_canonical().is_loopback()
             && !config.allow_open_credentials
         {
@@ -646,6 +644,11 @@ impl Config {
     /// Whether any upstream has credentials (then cached content may be private).
     pub fn has_credentials(&self) -> bool {
         self.upstream_username.is_some() || self.upstreams.iter().any(|u| u.username.is_some())
+    }
+
+    /// Upstream credentials without client access control: every client reads what they can.
+    pub fn credentials_open_to_all(&self) -> bool {
+        self.has_credentials() && self.htpasswd.is_none() && self.client_tokens_file.is_none()
     }
 
     /// Every key the file and the environment accept, read from the type itself.

@@ -160,7 +160,7 @@ async fn main() -> ExitCode {
         "http"
     };
     tracing::info!(addr = %bound, scheme, upstream = %config.upstream, data_dir = %config.data_dir.display(), "listening");
-    if config.has_credentials() {
+    if config.credentials_open_to_all() {
         tracing::warn!(addr = %bound, "upstream credentials are configured and pullthrough has no client access control: every client that can reach this address can read the private images those credentials can");
     }
     match pullthrough::serve(app, listener, &config, shutdown_signal()).await {

@@ -239,6 +239,7 @@ async fn warm(
         images,
         platform,
         admin_token: config.admin_token.as_ref().map(|t| t.0.clone()),
+        default_host: config.default_host(),
     };
     let summary = if std::io::stderr().is_terminal() {
         pullthrough::warm::warm(&request, &Bar::new()).await

@@ -23,6 +23,8 @@ pub struct Request {
     pub platform: Option<String>,
     /// For the upstream cost reported from `/_pullthrough/stats`, when it is guarded.
     pub admin_token: Option<String>,
+    /// The default upstream's host (`upstream`'s): a name under it means the default upstream.
+    pub default_host: Option<String>,
 }
 
 /// Progress events, for a progress bar or plain lines.
@@ -77,7 +79,7 @@ impl Summary {
 }
 
 /// Splits `[registry/]name[:tag|@digest]` into a name pullthrough serves and a reference.
-fn split(image: &str) -> (String, String) {
+fn split(image: &str, default_host: Option<&str>) -> (String, String) {
     let (rest, reference) = match image.split_once('@') {
         Some((rest, digest)) => (rest, digest.to_owned()),
         None => match image.rsplit_once(':') {
@@ -85,10 +87,19 @@ fn split(image: &str) -> (String, String) {
             _ => (image, "latest".to_owned()),
         },
     };
-    // A first component with a dot or a port, or `localhost`, names a registry: drop it
-    // (this pullthrough serves one upstream).
+    // A first component with a dot or a port, or `localhost`, names a registry. Docker Hub's
+    // names and this machine mean the default upstream: dropped. Any other stays as the
+    // `/v2/<host>/` prefix that picks that `[[upstreams]]` entry (404 if none is configured),
+    // so `ghcr.io/org/app` is never warmed from Docker Hub.
     let name = match rest.split_once('/') {
-        Some((first, name)) if first.contains(['.', ':']) || first == "localhost" => name,
+        Some((first, name))
+            if first == "localhost"
+                || first.starts_with("localhost:")
+                || Some(first) == default_host
+                || crate::config::DOCKER_HUB_NAMES.contains(&first) =>
+        {
+            name
+        }
         _ => rest,
     };
     (name.to_owned(), reference)
@@ -207,7 +218,7 @@ async fn warm_one(
     report: &dyn Report,
     summary: &mut Summary,
 ) -> Result<(), String> {
-    let (name, reference) = split(image);
+    let (name, reference) = split(image, request.default_host.as_deref());
     let url = request.url.trim_end_matches('/');
     let mut pending = vec![reference];
     let mut blobs: Vec<Descriptor> = Vec::new();
@@ -287,14 +298,19 @@ mod tests {
         ];
         for (image, name, reference) in cases {
             assert_eq!(
-                split(image),
+                split(image, None),
                 (name.to_owned(), reference.to_owned()),
                 "{image}"
             );
         }
         assert_eq!(
-            split(&format!("ghcr.io/o/a@{d}")),
-            ("o/a".to_owned(), d.clone())
+            split(&format!("ghcr.io/o/a@{d}"), None),
+            ("ghcr.io/o/a".to_owned(), d.clone())
+        );
+        // The default upstream's own host means the default upstream.
+        assert_eq!(
+            split("registry.corp:5000/team/app:1", Some("registry.corp:5000")),
+            ("team/app".to_owned(), "1".to_owned())
         );
     }
 }

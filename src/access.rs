@@ -149,7 +149,8 @@ impl Access {
         authorization: Option<&str>,
         peer: Option<IpAddr>,
     ) -> Result<Identity, Refusal> {
-        let failures = peer.map(|ip| self.failures.get_with(ip, Default::default));
+        // A lookup only: an address's entry is made by its first failure (get_with allocates).
+        let failures = peer.and_then(|ip| self.failures.get(&ip));
         if failures
             .as_ref()
             .is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed) >= MAX_FAILURES)
@@ -161,8 +162,9 @@ impl Access {
         };
         let identity = self.check(value).await;
         if identity.is_none()
-            && let Some(f) = failures
+            && let Some(ip) = peer
         {
+            let f = failures.unwrap_or_else(|| self.failures.get_with(ip, Default::default));
             f.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         identity.ok_or(Refusal::Unauthenticated(

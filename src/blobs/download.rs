@@ -455,7 +455,7 @@ async fn write_flushed(file: &mut tokio::fs::File, chunk: &[u8]) -> std::io::Res
 /// cold pull's CPU) runs while the next bytes arrive instead of between them. At most 32 chunks
 /// wait for it, so a slow hash holds the download back rather than filling memory.
 struct Hashing {
-    chunks: Option<tokio::sync::mpsc::Sender<Bytes>>,
+    chunks: tokio::sync::mpsc::Sender<Bytes>,
     digest: tokio::sync::oneshot::Receiver<Digest>,
 }
 
@@ -470,26 +470,21 @@ impl Hashing {
             }
             let _ = done.send(verifier.finish());
         });
-        Hashing {
-            chunks: Some(chunks),
-            digest,
-        }
+        Hashing { chunks, digest }
     }
 
     async fn update(&self, chunk: Bytes) -> Result<(), Error> {
-        match &self.chunks {
-            Some(chunks) => chunks
-                .send(chunk)
-                .await
-                .map_err(|_| Error::Storage("blob hashing stopped".into())),
-            None => Ok(()),
-        }
+        self.chunks
+            .send(chunk)
+            .await
+            .map_err(|_| Error::Storage("blob hashing stopped".into()))
     }
 
     /// The digest of everything given.
-    async fn finish(mut self) -> Result<Digest, Error> {
-        drop(self.chunks.take());
-        (&mut self.digest)
+    async fn finish(self) -> Result<Digest, Error> {
+        let Hashing { chunks, digest } = self;
+        drop(chunks);
+        digest
             .await
             .map_err(|_| Error::Storage("blob hashing stopped".into()))
     }

@@ -137,7 +137,7 @@ impl Proxy {
             self.manifests.set_tag(name, tag, entry.clone()).await;
             return Ok(entry);
         }
-        let had_bytes = self.manifests.get(&entry.digest).await.is_some();
+        let had_bytes = self.manifests.has_manifest(&entry.digest).await;
         let new_entry = match (head.media_type, head.size) {
             (Some(media_type), Some(size)) if !had_bytes && plausible(size) => {
                 TagEntry::new(&new_digest, &media_type, size)

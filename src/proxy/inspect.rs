@@ -193,8 +193,13 @@ pub async fn list(proxies: &[Arc<Proxy>], query: &ListQuery) -> Listing {
 }
 
 fn rfc3339(ms: u64) -> String {
-    humantime::format_rfc3339_seconds(SystemTime::UNIX_EPOCH + Duration::from_millis(ms))
-        .to_string()
+    // Tag files are read from disk: a time past the year 9999 (which humantime cannot print)
+    // is shown as that year's end, never a panic.
+    const LAST_PRINTABLE_MS: u64 = 253_402_300_799_000;
+    humantime::format_rfc3339_seconds(
+        SystemTime::UNIX_EPOCH + Duration::from_millis(ms.min(LAST_PRINTABLE_MS)),
+    )
+    .to_string()
 }
 
 impl Proxy {
@@ -377,7 +382,7 @@ impl Proxy {
                 }
             },
         };
-        let mut blob_bytes = 0;
+        let mut blob_bytes: u64 = 0;
         let mut error: Option<String> = None;
         if let Some(digest) = digest {
             let mut current = Some(digest);
@@ -407,7 +412,8 @@ impl Proxy {
                     Some(Contents::Image(descriptors)) => {
                         for blob in descriptors {
                             if !self.blobs.contains(&blob.digest) {
-                                blob_bytes += blob.size;
+                                // Sizes come from manifest JSON: never wrap.
+                                blob_bytes = blob_bytes.saturating_add(blob.size);
                                 step("GET", "blob", blob.digest.to_string(), "blob not cached");
                             }
                         }

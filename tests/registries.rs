@@ -99,6 +99,22 @@ async fn ns_and_path_prefix_pick_the_upstream_and_share_its_cache() {
         .await
         .unwrap();
     assert_eq!(entry["digest"], ghcr_image.digest.as_str());
+    // A repository of that upstream, by host prefix: its tags, and not `org/app-x`'s.
+    ghcr.push("org/app-x", "9", &ghcr_image);
+    proxy.get_ok("/v2/ghcr.io/org/app-x/manifests/9").await;
+    let repository: serde_json::Value = proxy
+        .get("/_pullthrough/cache/ghcr.io/org/app")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let tags: Vec<(&str, &str)> = repository["tags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["tag"].as_str().unwrap(), t["digest"].as_str().unwrap()))
+        .collect();
+    assert_eq!(tags, [("1", ghcr_image.digest.as_str())], "{repository}");
 }
 
 #[tokio::test]

@@ -188,18 +188,7 @@ async fn show(
             Ok(json(StatusCode::OK, &entry))
         }
         Target::Repository(proxy, name) => {
-            let listing = proxy
-                .list(&ListQuery {
-                    prefix: Some(name.as_str().to_owned()),
-                    limit: Some(1000),
-                    ..ListQuery::default()
-                })
-                .await;
-            let entries: Vec<_> = listing
-                .entries
-                .into_iter()
-                .filter(|e| e.repository == name.as_str())
-                .collect();
+            let entries = proxy.repository(&name).await;
             Ok(json(
                 StatusCode::OK,
                 &serde_json::json!({ "repository": name.as_str(), "tags": entries }),

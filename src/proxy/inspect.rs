@@ -232,6 +232,19 @@ impl Proxy {
         list(std::slice::from_ref(self), query).await
     }
 
+    /// Every cached tag of repository `name` (by the exact name: a prefix listing would take
+    /// `alpine-x` with `alpine` and the upstream's host prefix into account).
+    pub async fn repository(&self, name: &RepoName) -> Vec<TagView> {
+        let mut views = Vec::new();
+        for (n, tag, entry) in self.manifests.all_tags() {
+            if n == *name {
+                let cached = self.manifests.has_manifest(&entry.digest).await;
+                views.push(self.tag_view(&n, &tag, &entry, cached));
+            }
+        }
+        views
+    }
+
     /// The tags matching `query`, keyed by the text listings are ordered and resumed by:
     /// `[host/]repository:tag` (the host prefix for upstreams other than the default).
     fn matching(&self, query: &ListQuery) -> Vec<(String, RepoName, Tag, TagEntry)> {

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use pullthrough::config::{Config, Overrides, Secret};
 use std::time::Duration;
 use support::hub::pattern;
-use support::{FakeHub, Fault, Image, TestProxy};
+use support::{FakeHub, Fault, Image, TestProxy, error_code};
 
 use support::DOCKER_MANIFEST;
 
@@ -60,6 +60,8 @@ async fn ns_on_the_api_root_is_checked() {
     let proxy = TestProxy::start(&hub).await;
     let r = proxy.get("/v2/?ns=evil.example").await;
     assert_eq!(r.status(), 404);
+    assert_eq!(error_code(r).await, "NAME_UNKNOWN");
+    assert_eq!(hub.total(), 0, "nothing was asked upstream");
 }
 
 /// A host equal to the default upstream's host is refused; and downloads are told apart by
@@ -217,7 +219,7 @@ async fn the_listing_prefix_selects_an_upstream() {
 }
 
 /// After a restart with Docker Hub down: the status of a cached public blob's GET, and the
-/// Docker Hub blob HEADs it cost.
+/// Docker Hub requests it cost.
 async fn cached_blob_after_restart_with_hub_down(with_private_upstream: bool) -> (u16, u64) {
     let hub = FakeHub::start().await;
     let corp = FakeHub::start().await;
@@ -239,11 +241,13 @@ async fn cached_blob_after_restart_with_hub_down(with_private_upstream: bool) ->
     proxy.stop().await;
     let proxy = TestProxy::start_config(config, Some(dir.clone())).await;
     hub.fault(Fault::Status(503));
-    let before = hub.count("blob_head");
+    let before = hub.total();
     let r = proxy
         .get(&format!("/v2/library/alpine/blobs/{digest}"))
         .await;
-    (r.status().as_u16(), hub.count("blob_head") - before)
+    let status = r.status().as_u16();
+    assert_eq!(r.bytes().await.unwrap(), layer, "the cached bytes");
+    (status, hub.total() - before)
 }
 
 /// Another upstream's credentials do not change the anonymous default: a cached public blob is
@@ -346,4 +350,10 @@ async fn ns_variants_and_purge_isolation() {
         "HIT",
         "ghcr's entry survived the default's purge"
     );
+    // And the default's entry is gone: fetched again.
+    let before = hub.count("manifest_get");
+    let r = proxy.get("/v2/org/app/manifests/1").await;
+    assert_eq!(r.headers()["x-cache"], "MISS");
+    assert_eq!(r.bytes().await.unwrap(), img.bytes);
+    assert_eq!(hub.count("manifest_get"), before + 1);
 }

@@ -650,7 +650,10 @@ async fn with_an_admin_token_metrics_and_the_status_page_keep_names_private() {
         !text.contains("e+308") && text.contains("le=\"+Inf\""),
         "{text}"
     );
-    let page = proxy.get("/").await.text().await.unwrap();
+    let r = proxy.get("/").await;
+    assert_eq!(r.status(), 200);
+    let page = r.text().await.unwrap();
+    assert!(page.contains("id=\"pulls-saved\""), "{page}");
     assert!(!page.contains("secretteam"), "{page}");
     let r = proxy
         .request(

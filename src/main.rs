@@ -172,7 +172,8 @@ async fn main() -> ExitCode {
     }
 }
 
-/// Where a client on this machine reaches the configured listener.
+/// Where a client on this machine reaches the configured listener (over TLS when it has a
+/// certificate).
 fn local_url(config: &Config) -> String {
     let mut addr = config.listen;
     if addr.ip().is_unspecified() {
@@ -181,13 +182,22 @@ fn local_url(config: &Config) -> String {
             std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
         });
     }
-    format!("http://{addr}")
+    let scheme = if config.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    format!("{scheme}://{addr}")
 }
 
 /// `pullthrough healthcheck`.
 async fn healthcheck(url: Option<String>, config: &Config) -> ExitCode {
+    // Its own listener on this machine: over TLS the certificate names the public host, not
+    // 127.0.0.1, and readiness is all that is asked.
+    let own = url.is_none() && config.tls_cert.is_some();
     let url = url.unwrap_or_else(|| local_url(config));
     let client = reqwest::Client::builder()
+        .danger_accept_invalid_certs(own)
         .timeout(Duration::from_secs(3))
         .build()
         .unwrap_or_default();

@@ -64,6 +64,23 @@ async fn pulls_over_https_and_a_rotated_certificate_needs_no_restart() {
     })
     .await;
 
+    // `pullthrough healthcheck` with the same settings reaches its own TLS listener.
+    let addr = proxy.url.trim_start_matches("http://").to_owned();
+    let check = tokio::process::Command::new(env!("CARGO_BIN_EXE_pullthrough"))
+        .arg("healthcheck")
+        .env("PULLTHROUGH_LISTEN", &addr)
+        .env("PULLTHROUGH_DATA_DIR", &proxy.config.data_dir)
+        .env("PULLTHROUGH_TLS_CERT", certs.path().join("cert.pem"))
+        .env("PULLTHROUGH_TLS_KEY", certs.path().join("key.pem"))
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+
     let trusting = client(&ca1, &proxy);
     let r = trusting
         .get(https(&proxy, "/v2/library/secure/manifests/1"))

@@ -329,19 +329,31 @@ impl AppState {
         tail: &'a str,
         query: Option<&str>,
     ) -> Result<(Arc<Proxy>, &'a str, bool), Error> {
+        // Compared without case and without a lowercased copy: containerd sends `ns` with
+        // every request, cache hits included.
         let ns = query.and_then(|q| {
             url::form_urlencoded::parse(q.as_bytes())
                 .find(|(k, _)| k == "ns")
-                .map(|(_, v)| v.to_ascii_lowercase())
+                .map(|(_, v)| v)
         });
         let by_host = |host: &str| self.others.iter().find(|p| p.name() == host).cloned();
         if let Some(ns) = ns {
-            if self.default_names.contains(&ns) {
+            if self
+                .default_names
+                .iter()
+                .any(|n| n.eq_ignore_ascii_case(&ns))
+            {
                 return Ok((Arc::clone(&self.proxy), tail, true));
             }
-            return match by_host(&ns) {
-                Some(proxy) => Ok((proxy, tail, false)),
-                None => Err(Error::UpstreamUnknown(ns.chars().take(255).collect())),
+            return match self
+                .others
+                .iter()
+                .find(|p| p.name().eq_ignore_ascii_case(&ns))
+            {
+                Some(proxy) => Ok((Arc::clone(proxy), tail, false)),
+                None => Err(Error::UpstreamUnknown(
+                    ns.to_ascii_lowercase().chars().take(255).collect(),
+                )),
             };
         }
         if let Some((first, rest)) = tail.split_once('/') {
@@ -351,7 +363,8 @@ impl AppState {
             // Docker Hub's namespaces have neither dots nor ports: a first component that looks
             // like a host names a registry. Docker Hub's own names mean the default upstream
             // (`docker.io/library/alpine`); any other is not mirrored here.
-            if first.contains(['.', ':']) && self.docker_hub().await.unwrap_or(false) {
+            // Never a guess: while the upstream's kind cannot be learned, the request fails.
+            if first.contains(['.', ':']) && self.docker_hub().await? {
                 if self.default_names.iter().any(|n| n == first) {
                     return Ok((Arc::clone(&self.proxy), rest, true));
                 }

@@ -57,9 +57,10 @@ pub struct Config {
     pub upstream_password: Option<Secret>,
     /// File holding the upstream password (as container secrets are mounted).
     pub upstream_password_file: Option<PathBuf>,
-    /// Memory for manifests held in RAM, in bytes (all manifests are also kept on disk).
+    /// Memory for manifests held in RAM, in bytes (all manifests are also kept on disk); each
+    /// upstream (the default and every `[[upstreams]]` entry) has this much.
     pub manifest_cache_bytes: ByteSize,
-    /// Memory for cached tags-list pages, in bytes.
+    /// Memory for cached tags-list pages, in bytes, per upstream.
     pub tags_list_cache_bytes: ByteSize,
     /// Most disk the blob store may use before least recently used blobs are evicted.
     pub cache_max_disk: ByteSize,

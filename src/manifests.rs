@@ -150,6 +150,25 @@ impl<K: std::hash::Hash + Eq + Clone> Default for Intents<K> {
     }
 }
 
+/// Removes `key` from `memory` and its file at `path` as one change in `order` (off the async
+/// workers).
+async fn remove_in_order<K, V>(order: Arc<Intents<K>>, memory: Cache<K, V>, key: K, path: PathBuf)
+where
+    K: std::hash::Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    let _ = tokio::task::spawn_blocking(move || {
+        order.remove(
+            &key,
+            || memory.invalidate(&key),
+            || {
+                let _ = std::fs::remove_file(path);
+            },
+        );
+    })
+    .await;
+}
+
 impl<K: std::hash::Hash + Eq + Clone> Intents<K> {
     /// A write of `key`, with the memory change it mirrors; returns its number.
     fn write(&self, key: &K, change_memory: impl FnOnce()) -> u64 {
@@ -369,17 +388,12 @@ impl ManifestCache {
 
     /// Forgets a manifest's bytes (memory and disk). Clients that already have them keep them.
     pub async fn remove_manifest(&self, digest: &Digest) {
-        let (path, order) = (self.manifest_path(digest), Arc::clone(&self.manifest_order));
-        let (memory, digest) = (self.by_digest.clone(), digest.clone());
-        let _ = tokio::task::spawn_blocking(move || {
-            order.remove(
-                &digest,
-                || memory.invalidate(&digest),
-                || {
-                    let _ = std::fs::remove_file(path);
-                },
-            );
-        })
+        remove_in_order(
+            Arc::clone(&self.manifest_order),
+            self.by_digest.clone(),
+            digest.clone(),
+            self.manifest_path(digest),
+        )
         .await;
     }
 
@@ -422,21 +436,12 @@ impl ManifestCache {
 
     /// Forgets a tag upstream no longer has.
     pub async fn remove_tag(&self, name: &RepoName, tag: &Tag) {
-        let key = (name.clone(), tag.clone());
-        let (path, order, memory) = (
-            self.tag_path(name, tag),
+        remove_in_order(
             Arc::clone(&self.tag_order),
             self.tags.clone(),
-        );
-        let _ = tokio::task::spawn_blocking(move || {
-            order.remove(
-                &key,
-                || memory.invalidate(&key),
-                || {
-                    let _ = std::fs::remove_file(path);
-                },
-            );
-        })
+            (name.clone(), tag.clone()),
+            self.tag_path(name, tag),
+        )
         .await;
     }
 

@@ -139,6 +139,56 @@ async fn twenty_concurrent_cold_pulls_share_one_download_and_stream_early() {
     assert_eq!(hub.count("cdn_get"), 1);
 }
 
+/// Followers that keep up are served from the download's recent bytes in memory (8 MiB); one
+/// that joins late or stops reading for a while starts from the temp file and catches up.
+#[tokio::test]
+async fn late_and_slow_followers_get_the_whole_blob_from_one_download() {
+    let hub = FakeHub::start().await;
+    let blob = Bytes::from(pattern("late", 32 * 1024 * 1024));
+    let digest = hub.push_blob("library/late", blob.clone());
+    // 512 chunks of 64 KiB, 1 ms apart.
+    hub.fault(Fault::SlowBlob(Duration::from_millis(1)));
+    let proxy = TestProxy::start(&hub).await;
+    let url = format!("{}{}", proxy.url, blob_path("library/late", &digest));
+    let pull = |pause_after_first: Duration| {
+        let (client, url) = (proxy.client.clone(), url.clone());
+        tokio::spawn(async move {
+            let response = client.get(url).send().await.unwrap();
+            assert_eq!(response.status(), 200);
+            let mut stream = response.bytes_stream();
+            let mut all = Vec::new();
+            while let Some(chunk) = stream.next().await {
+                if all.is_empty() {
+                    tokio::time::sleep(pause_after_first).await;
+                }
+                all.extend_from_slice(&chunk.unwrap());
+            }
+            all
+        })
+    };
+    let steady = pull(Duration::ZERO);
+    let stalled = pull(Duration::from_millis(400));
+    // Joins once the download is well past the first 8 MiB.
+    let mut late_joined = false;
+    for _ in 0..200 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        if hub.count("cdn_get") == 1 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            late_joined = true;
+            break;
+        }
+    }
+    assert!(late_joined, "the download started");
+    let late = pull(Duration::ZERO);
+    for task in [steady, stalled, late] {
+        let got = task.await.unwrap();
+        assert_eq!(got.len(), blob.len());
+        assert_eq!(sha256(&got), digest);
+    }
+    assert_eq!(hub.count("blob_get"), 1);
+    assert_eq!(hub.count("cdn_get"), 1);
+}
+
 #[tokio::test]
 async fn a_departing_client_does_not_stop_the_download() {
     let hub = FakeHub::start().await;

@@ -1,6 +1,10 @@
-//! One upstream download per digest, and the streams that follow its growing temp file.
+//! One upstream download per digest, and the streams that follow it.
 //!
-//! What is written never goes past the blob's size (upstream's `Content-Length`, or the total of
+//! The download's task only receives: each chunk goes to a window of recent bytes in memory and
+//! to a spool thread that appends it to the temp file and hashes it. A follower that keeps up is
+//! served from the window (no read back from disk); one that falls behind reads the temp file.
+//!
+//! What is received never goes past the blob's size (upstream's `Content-Length`, or the total of
 //! a resume's `Content-Range`), a resume must continue exactly where the body broke off, and a
 //! follower never receives the blob's last byte before the digest verified.
 
@@ -11,16 +15,25 @@ use crate::registry::{Digest, RepoName, Verifier};
 use crate::upstream::{Exchange, Upstream};
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
-use std::io::SeekFrom;
+use parking_lot::Mutex;
+use std::collections::VecDeque;
+use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
-use tokio::sync::watch;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
 /// How often one download may resume after its upstream body broke off.
 const MAX_RESUMES: u32 = 3;
+
+/// How many of the most recent bytes a download keeps in memory for its followers. A follower
+/// further behind (a slow client) reads the temp file instead of holding memory.
+const WINDOW: u64 = 8 * 1024 * 1024;
+
+/// How many chunks may wait for the spool thread before the download waits for the disk.
+const SPOOL_QUEUE: usize = 32;
 
 /// Progress of one download, published to its followers.
 #[derive(Debug, Clone, Default)]
@@ -29,20 +42,22 @@ pub(super) struct Progress {
     size: Option<u64>,
     /// Upstream answered with a body.
     started: bool,
-    /// Bytes written to the temp file so far (never more than `size`).
+    /// Bytes received so far (never more than `size`): the most recent are in the window.
+    received: u64,
+    /// Bytes in the temp file so far (never more than `received`).
     written: u64,
     /// Set when the download ended.
     outcome: Option<Result<(), Error>>,
 }
 
 impl Progress {
-    /// How many bytes from the start a follower may send now: what is written, less the blob's
-    /// last byte until the download verified.
+    /// How many bytes from the start a follower may send now: what is received, less the
+    /// blob's last byte until the download verified.
     fn sendable(&self) -> u64 {
         match (&self.outcome, self.size) {
-            (Some(Ok(())), _) => self.written,
-            (_, Some(size)) => self.written.min(size.saturating_sub(1)),
-            (_, None) => self.written.saturating_sub(1),
+            (Some(Ok(())), _) => self.received,
+            (_, Some(size)) => self.received.min(size.saturating_sub(1)),
+            (_, None) => self.received.saturating_sub(1),
         }
     }
 }
@@ -56,19 +71,60 @@ pub(super) struct Download {
     /// Fetched with credentials.
     private: bool,
     progress: watch::Sender<Progress>,
+    /// The most recent bytes received.
+    recent: Mutex<Recent>,
 }
 
-/// The temp file a download writes, and what it has verified so far.
+/// The last [`WINDOW`] bytes received (at least the last chunk), in order.
+#[derive(Debug, Default)]
+struct Recent {
+    /// Offset of the first byte held.
+    start: u64,
+    len: u64,
+    chunks: VecDeque<Bytes>,
+}
+
+impl Recent {
+    fn push(&mut self, chunk: Bytes) {
+        self.len += chunk.len() as u64;
+        self.chunks.push_back(chunk);
+        while self.len > WINDOW && self.chunks.len() > 1 {
+            let Some(front) = self.chunks.pop_front() else {
+                break;
+            };
+            self.start += front.len() as u64;
+            self.len -= front.len() as u64;
+        }
+    }
+
+    /// The held bytes from `offset`, up to `limit` (exclusive) and the end of their chunk; `None`
+    /// when `offset` is no longer (or not yet) held.
+    fn read(&self, offset: u64, limit: u64) -> Option<Bytes> {
+        let mut at = self.start;
+        if offset < at {
+            return None;
+        }
+        for chunk in &self.chunks {
+            let end = at + chunk.len() as u64;
+            if offset < end {
+                let from = usize::try_from(offset - at).ok()?;
+                let to = usize::try_from(limit.min(end).checked_sub(at)?).ok()?;
+                return (from < to).then(|| chunk.slice(from..to));
+            }
+            at = end;
+        }
+        None
+    }
+}
+
+/// What a download has received, and the spool thread that writes and hashes it.
 struct Writer {
-    file: tokio::fs::File,
-    verifier: Hashing,
-    written: u64,
-    /// The blob's size, once known: nothing is written past it.
+    spool: Spool,
+    received: u64,
+    /// The blob's size, once known: nothing is received past it.
     size: Option<u64>,
     /// The most a blob of unknown size may take (`cache_max_disk`).
     max: u64,
-    /// An `ENOSPC` was already answered by an eviction.
-    evicted_for_space: bool,
 }
 
 /// What a download request found.
@@ -165,7 +221,7 @@ impl BlobStore {
             size: progress.size,
             range: bounds,
             source: Outcome::Miss,
-            stream: Box::pin(follow(file, rx, start, end).await?),
+            stream: Box::pin(follow(download, file, rx, start, end).await?),
         })))
     }
 
@@ -225,6 +281,7 @@ impl BlobStore {
                 origin: origin.clone(),
                 private: upstream.has_credentials(),
                 progress,
+                recent: Mutex::default(),
             });
             downloads.insert(digest.clone(), Arc::clone(&download));
             download
@@ -238,7 +295,6 @@ impl BlobStore {
         );
         // Logged inside the span of the request that started it (its request id).
         let task = async move {
-            let file = tokio::fs::File::from_std(file);
             let outcome = store
                 .run_download(&upstream, &name, &digest, &d, file, temp_path)
                 .await;
@@ -257,8 +313,8 @@ impl BlobStore {
         upstream: &Upstream,
         name: &RepoName,
         digest: &Digest,
-        download: &Download,
-        file: tokio::fs::File,
+        download: &Arc<Download>,
+        file: std::fs::File,
         temp: tempfile::TempPath,
     ) -> Result<(), Error> {
         let mut exchange = upstream
@@ -276,12 +332,15 @@ impl BlobStore {
             p.started = true;
         });
         let mut writer = Writer {
-            file,
-            verifier: Hashing::start(digest.algorithm()),
-            written: 0,
+            spool: Spool::start(
+                file,
+                digest.algorithm(),
+                Arc::clone(self),
+                Arc::clone(download),
+            ),
+            received: 0,
             size,
             max: self.limits.max,
-            evicted_for_space: false,
         };
         // Bytes at the start of the response that we already have (a resume answered with 200).
         let mut skip = 0u64;
@@ -297,13 +356,13 @@ impl BlobStore {
                 return Err(Error::Upstream(crate::upstream::Error::Unreachable(
                     format!(
                         "blob body broke off at {} bytes {MAX_RESUMES} times; last: {broken}",
-                        writer.written
+                        writer.received
                     ),
                 )));
             }
             // Followers keep streaming: resume where the body broke off instead of failing them.
             resumes += 1;
-            tracing::warn!(%digest, written = writer.written, resumes, error = %broken, "blob stream broke off; resuming with a range request");
+            tracing::warn!(%digest, received = writer.received, resumes, error = %broken, "blob stream broke off; resuming with a range request");
             (exchange, skip) = resume(upstream, name, digest, &mut writer).await?;
             if let Some(size) = writer.size {
                 download.progress.send_modify(|p| p.size = Some(size));
@@ -312,7 +371,8 @@ impl BlobStore {
         self.commit(digest, writer, temp, download).await
     }
 
-    /// Copies one response body into the temp file. `Some(error)` when the body broke off.
+    /// Receives one response body into the window and the spool. `Some(error)` when the body
+    /// broke off.
     async fn copy_body(
         self: &Arc<Self>,
         writer: &mut Writer,
@@ -335,50 +395,22 @@ impl BlobStore {
             if chunk.is_empty() {
                 continue;
             }
-            let end = writer.written.saturating_add(chunk.len() as u64);
+            let end = writer.received.saturating_add(chunk.len() as u64);
             if writer.size.is_some_and(|size| end > size) || end > writer.max {
                 return Err(Error::upstream_invalid(
                     "blob body is longer than its announced size",
                 ));
             }
-            self.write_chunk(writer, &chunk).await?;
             upstream.metrics.fetched(chunk.len() as u64);
-            let written = writer.written;
-            download.progress.send_modify(|p| p.written = written);
+            download.recent.lock().push(chunk.clone());
+            download.progress.send_modify(|p| p.received = end);
+            writer.received = end;
+            if writer.spool.chunks.send(chunk).await.is_err() {
+                // The spool thread stopped on an error: that error is the download's.
+                return Err(writer.spool.failure().await);
+            }
         }
         Ok(None)
-    }
-
-    /// Appends `chunk` to the temp file. A full disk is answered once per download by evicting
-    /// enough for the rest of the blob and writing the chunk again.
-    async fn write_chunk(
-        self: &Arc<Self>,
-        writer: &mut Writer,
-        chunk: &Bytes,
-    ) -> Result<(), Error> {
-        let mut written = write_flushed(&mut writer.file, chunk).await;
-        if let Err(e) = &written
-            && e.kind() == std::io::ErrorKind::StorageFull
-            && !writer.evicted_for_space
-        {
-            writer.evicted_for_space = true;
-            let needed = writer
-                .size
-                .map_or(chunk.len() as u64, |s| s.saturating_sub(writer.written));
-            tracing::warn!(
-                needed,
-                "disk full while downloading a blob; evicting and retrying"
-            );
-            self.make_room(needed).await;
-            // Drop whatever part of the chunk reached the file, then write it again.
-            writer.file.set_len(writer.written).await?;
-            writer.file.seek(SeekFrom::Start(writer.written)).await?;
-            written = write_flushed(&mut writer.file, chunk).await;
-        }
-        written?;
-        writer.verifier.update(chunk.clone()).await?;
-        writer.written += chunk.len() as u64;
-        Ok(())
     }
 
     /// Verifies a complete download and moves it into the store.
@@ -390,13 +422,11 @@ impl BlobStore {
         download: &Download,
     ) -> Result<(), Error> {
         let Writer {
-            mut file,
-            verifier,
-            written,
+            spool,
+            received: written,
             size,
             ..
         } = writer;
-        file.flush().await?;
         if let Some(size) = size
             && size != written
         {
@@ -404,20 +434,20 @@ impl BlobStore {
                 "blob truncated at {written} of {size} bytes"
             )));
         }
-        let got = verifier.finish().await?;
+        let (file, got) = spool.finish().await?;
         if got != *digest {
             return Err(Error::upstream_invalid(format!(
                 "blob content has digest {got}, not {digest}"
             )));
         }
-        file.sync_all().await?;
-        drop(file);
         // Content also fetched without credentials is public, whoever fetches it again.
         let private = download.private && self.index.lock().get(digest).is_none_or(|m| m.private);
         let path = self.path(digest);
         let marker = self.private_marker(digest);
         let parent = path.parent().map(Path::to_path_buf);
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            file.sync_all()?;
+            drop(file);
             if let Some(parent) = parent {
                 std::fs::create_dir_all(parent)?;
             }
@@ -445,54 +475,75 @@ impl BlobStore {
     }
 }
 
-async fn write_flushed(file: &mut tokio::fs::File, chunk: &[u8]) -> std::io::Result<()> {
-    file.write_all(chunk).await?;
-    // tokio's File writes in the background: flush so followers can read what we publish.
-    file.flush().await
+/// The thread that appends a download's chunks to its temp file and hashes them: the download's
+/// task only hands chunks over, and hashing (a third of a cold pull's CPU) runs beside the
+/// receiving. At most [`SPOOL_QUEUE`] chunks wait for it, so a slow disk holds the download back
+/// rather than filling memory. A full disk is answered once per download by evicting enough for
+/// the rest of the blob and writing the chunk again.
+struct Spool {
+    chunks: mpsc::Sender<Bytes>,
+    done: tokio::task::JoinHandle<Result<(std::fs::File, Digest), Error>>,
 }
 
-/// A download's digest, computed on a blocking thread beside the writes: hashing (a third of a
-/// cold pull's CPU) runs while the next bytes arrive instead of between them. At most 32 chunks
-/// wait for it, so a slow hash holds the download back rather than filling memory.
-struct Hashing {
-    chunks: tokio::sync::mpsc::Sender<Bytes>,
-    digest: tokio::sync::oneshot::Receiver<Digest>,
-}
-
-impl Hashing {
-    fn start(algorithm: crate::registry::Algorithm) -> Hashing {
-        let (chunks, mut rx) = tokio::sync::mpsc::channel::<Bytes>(32);
-        let (done, digest) = tokio::sync::oneshot::channel();
-        tokio::task::spawn_blocking(move || {
+impl Spool {
+    fn start(
+        mut file: std::fs::File,
+        algorithm: crate::registry::Algorithm,
+        store: Arc<BlobStore>,
+        download: Arc<Download>,
+    ) -> Spool {
+        let (chunks, mut rx) = mpsc::channel::<Bytes>(SPOOL_QUEUE);
+        let done = tokio::task::spawn_blocking(move || {
             let mut verifier = Verifier::new(algorithm);
+            let mut written = 0u64;
+            let mut evicted_for_space = false;
             while let Some(chunk) = rx.blocking_recv() {
+                match file.write_all(&chunk) {
+                    Err(e) if e.kind() == std::io::ErrorKind::StorageFull && !evicted_for_space => {
+                        evicted_for_space = true;
+                        let size = download.progress.borrow().size;
+                        let needed = size.map_or(chunk.len() as u64, |s| s.saturating_sub(written));
+                        tracing::warn!(
+                            needed,
+                            "disk full while downloading a blob; evicting and retrying"
+                        );
+                        store.evict_if_needed(needed.max(1));
+                        // Drop whatever part of the chunk reached the file, then write it again.
+                        file.set_len(written)?;
+                        file.seek(SeekFrom::Start(written))?;
+                        file.write_all(&chunk)?;
+                    }
+                    written_chunk => written_chunk?,
+                }
                 verifier.update(&chunk);
+                written += chunk.len() as u64;
+                download.progress.send_modify(|p| p.written = written);
             }
-            let _ = done.send(verifier.finish());
+            Ok((file, verifier.finish()))
         });
-        Hashing { chunks, digest }
+        Spool { chunks, done }
     }
 
-    async fn update(&self, chunk: Bytes) -> Result<(), Error> {
-        self.chunks
-            .send(chunk)
-            .await
-            .map_err(|_| Error::Storage("blob hashing stopped".into()))
+    /// Why the thread stopped before it was told to finish.
+    async fn failure(&mut self) -> Error {
+        match (&mut self.done).await {
+            Ok(Err(e)) => e,
+            Ok(Ok(_)) => Error::Storage("blob spool stopped".into()),
+            Err(e) => Error::Storage(e.to_string()),
+        }
     }
 
-    /// The digest of everything given.
-    async fn finish(self) -> Result<Digest, Error> {
-        let Hashing { chunks, digest } = self;
+    /// The temp file, with everything given written, and its digest.
+    async fn finish(self) -> Result<(std::fs::File, Digest), Error> {
+        let Spool { chunks, done } = self;
         drop(chunks);
-        digest
-            .await
-            .map_err(|_| Error::Storage("blob hashing stopped".into()))
+        done.await.map_err(|e| Error::Storage(e.to_string()))?
     }
 }
 
-impl std::fmt::Debug for Hashing {
+impl std::fmt::Debug for Spool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Hashing")
+        f.write_str("Spool")
     }
 }
 
@@ -519,7 +570,7 @@ async fn resume(
     digest: &Digest,
     writer: &mut Writer,
 ) -> Result<(Exchange, u64), Error> {
-    let written = writer.written;
+    let written = writer.received;
     let range = match writer.size {
         Some(size) => format!("bytes={written}-{}", size.saturating_sub(1)),
         None => format!("bytes={written}-"),
@@ -568,10 +619,12 @@ async fn resume(
     }
 }
 
-/// Streams a download's temp file from `start` as it grows, up to `end` (exclusive; the whole
-/// blob when `None`). The blob's last byte waits for verification; a failed download ends the
-/// stream with an error, which aborts the client's transfer.
+/// Streams a download from `start` as it grows, up to `end` (exclusive; the whole blob when
+/// `None`): from its window of recent bytes while they are held, else from the temp file. The
+/// blob's last byte waits for verification; a failed download ends the stream with an error,
+/// which aborts the client's transfer.
 async fn follow(
+    download: Arc<Download>,
     mut file: tokio::fs::File,
     rx: watch::Receiver<Progress>,
     start: u64,
@@ -580,44 +633,70 @@ async fn follow(
     if start > 0 {
         file.seek(SeekFrom::Start(start)).await?;
     }
+    // `at`: the file's position, which trails `sent` while the window serves.
     Ok(futures_util::stream::unfold(
-        (file, rx, start, false),
-        move |(mut file, mut rx, sent, finished)| async move {
-            if finished || end.is_some_and(|end| sent >= end) {
-                return None;
-            }
-            loop {
-                let progress = rx.borrow_and_update().clone();
-                if let Some(Err(e)) = &progress.outcome {
-                    return Some((
-                        Err(std::io::Error::other(e.to_string())),
-                        (file, rx, sent, true),
-                    ));
-                }
-                let limit = end.map_or(progress.sendable(), |end| end.min(progress.sendable()));
-                if sent < limit {
-                    let want = usize::try_from(limit - sent)
-                        .unwrap_or(usize::MAX)
-                        .min(CHUNK);
-                    let mut buf = vec![0u8; want];
-                    return match file.read_exact(&mut buf).await {
-                        Ok(_) => {
-                            Some((Ok(Bytes::from(buf)), (file, rx, sent + want as u64, false)))
-                        }
-                        Err(e) => Some((Err(e), (file, rx, sent, true))),
-                    };
-                }
-                if progress.outcome.is_some() {
+        (file, rx, start, start, false),
+        move |(mut file, mut rx, sent, mut at, finished)| {
+            let download = Arc::clone(&download);
+            async move {
+                if finished || end.is_some_and(|end| sent >= end) {
                     return None;
                 }
-                if rx.changed().await.is_err() {
-                    // The download task is gone without an outcome: treat as failure.
-                    return Some((
-                        Err(std::io::Error::other("blob download stopped")),
-                        (file, rx, sent, true),
-                    ));
+                loop {
+                    let progress = rx.borrow_and_update().clone();
+                    if let Some(Err(e)) = &progress.outcome {
+                        let e = std::io::Error::other(e.to_string());
+                        return Some((Err(e), (file, rx, sent, at, true)));
+                    }
+                    let limit = end.map_or(progress.sendable(), |end| end.min(progress.sendable()));
+                    if sent < limit {
+                        if let Some(bytes) = download.recent.lock().read(sent, limit) {
+                            let sent = sent + bytes.len() as u64;
+                            return Some((Ok(bytes), (file, rx, sent, at, false)));
+                        }
+                        let on_disk = limit.min(progress.written);
+                        if sent < on_disk {
+                            let read = read_at(&mut file, &mut at, sent, on_disk).await;
+                            return Some(match read {
+                                Ok(bytes) => {
+                                    let sent = sent + bytes.len() as u64;
+                                    (Ok(bytes), (file, rx, sent, at, false))
+                                }
+                                Err(e) => (Err(e), (file, rx, sent, at, true)),
+                            });
+                        }
+                    }
+                    if progress.outcome.is_some() && sent >= limit {
+                        return None;
+                    }
+                    if rx.changed().await.is_err() {
+                        // The download task is gone without an outcome: treat as failure.
+                        let e = std::io::Error::other("blob download stopped");
+                        return Some((Err(e), (file, rx, sent, at, true)));
+                    }
                 }
             }
         },
     ))
+}
+
+/// Reads up to [`CHUNK`] bytes of `file` from `offset` to `limit` (exclusive); `at` is the
+/// file's position before and after.
+async fn read_at(
+    file: &mut tokio::fs::File,
+    at: &mut u64,
+    offset: u64,
+    limit: u64,
+) -> std::io::Result<Bytes> {
+    if *at != offset {
+        file.seek(SeekFrom::Start(offset)).await?;
+        *at = offset;
+    }
+    let want = usize::try_from(limit - offset)
+        .unwrap_or(usize::MAX)
+        .min(CHUNK);
+    let mut buf = vec![0u8; want];
+    file.read_exact(&mut buf).await?;
+    *at += want as u64;
+    Ok(Bytes::from(buf))
 }

@@ -505,12 +505,6 @@ impl BlobStore {
             );
         }
     }
-
-    /// Evicts (off the async workers) until `needed` more bytes fit above the free minimum.
-    async fn make_room(self: &Arc<Self>, needed: u64) {
-        let store = Arc::clone(self);
-        let _ = tokio::task::spawn_blocking(move || store.evict_if_needed(needed.max(1))).await;
-    }
 }
 
 struct ReaderGuard(Arc<BlobMeta>);

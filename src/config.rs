@@ -79,6 +79,9 @@ pub struct Config {
     pub scrub_interval: Duration,
     /// Hash every blob served from the store, holding its last byte until it verifies.
     pub verify_on_serve: bool,
+    /// Shared object storage for replicas, `s3://bucket[/prefix]`; empty: the local disk only.
+    /// Endpoint, region and credentials come from the `AWS_*` environment variables.
+    pub storage_url: String,
     /// How long a tags list answer is reused.
     #[serde(with = "humantime_serde")]
     pub tags_list_ttl: Duration,
@@ -268,6 +271,7 @@ impl Default for Config {
             scrub_rate: ByteSize::mib(16),
             scrub_interval: Duration::from_secs(24 * 3600),
             verify_on_serve: false,
+            storage_url: String::new(),
             tags_list_ttl: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
@@ -525,6 +529,11 @@ impl Config {
             if value < min || value > max {
                 return bad(key, &format!("must be from {min} to {max}"));
             }
+        }
+        if !self.storage_url.is_empty()
+            && let Err(e) = crate::objects::ObjectStorage::from_url(&self.storage_url)
+        {
+            return bad("storage_url", &e);
         }
         if !(self.cache_high_watermark > 0.0 && self.cache_high_watermark <= 1.0) {
             return bad(

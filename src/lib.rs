@@ -16,6 +16,7 @@ pub mod flight;
 pub mod http;
 pub mod manifests;
 pub mod metrics;
+pub mod objects;
 pub mod proxy;
 pub mod registry;
 pub mod state;

@@ -4,6 +4,7 @@
 //! freshness is decided by [`TagPolicy`].
 
 use crate::disk::{Layout, Writes};
+use crate::objects::ObjectStorage;
 use crate::registry::{Digest, Manifest, MediaType, RepoName, Tag};
 use moka::sync::Cache;
 use regex::RegexSet;
@@ -120,7 +121,12 @@ pub struct ManifestCache {
     tag_order: Arc<Intents<(RepoName, Tag)>>,
     /// Disk writes not finished yet.
     pending: Arc<Writes>,
+    /// Object storage shared with other replicas, and this cache's place in it.
+    shared: Option<(Arc<ObjectStorage>, String)>,
 }
+
+/// The largest manifest or tag entry read back from object storage.
+const MAX_SHARED_OBJECT: u64 = 4 * 1024 * 1024;
 
 /// The order of one kind of file's changes. Each change (a write or a removal) takes a sequence
 /// number in the same step as the memory change it mirrors; a write's file (prepared, fsynced
@@ -232,9 +238,47 @@ impl ManifestCache {
             tag_order: Arc::default(),
             pending: Arc::default(),
             usage: Cache::builder().max_capacity(1_000_000).build(),
+            shared: None,
         };
         cache.load_tags()?;
         Ok(cache)
+    }
+
+    /// Shares manifests and tag entries through object storage, under `prefix` there (`""`
+    /// for the default upstream, `upstreams/<host>/` for the others).
+    pub fn shared(mut self, objects: Arc<ObjectStorage>, prefix: String) -> ManifestCache {
+        self.shared = Some((objects, prefix));
+        self
+    }
+
+    fn manifest_object(prefix: &str, digest: &Digest) -> String {
+        format!(
+            "{prefix}manifests/{}/{}",
+            digest.algorithm().as_str(),
+            digest.hex()
+        )
+    }
+
+    fn tag_object(prefix: &str, name: &RepoName, tag: &Tag) -> String {
+        format!("{prefix}tags/{name}/_tags/{tag}")
+    }
+
+    /// Runs an object storage request behind the caller, counted until done.
+    fn share_in_background(&self, request: impl Future<Output = ()> + Send + 'static) {
+        let writing = self.pending.start();
+        tokio::spawn(async move {
+            request.await;
+            drop(writing);
+        });
+    }
+
+    /// A tag entry another replica stored in object storage (`None` without object storage).
+    pub async fn shared_tag(&self, name: &RepoName, tag: &Tag) -> Option<TagEntry> {
+        let (objects, prefix) = self.shared.as_ref()?;
+        let raw = objects
+            .get_bytes(&Self::tag_object(prefix, name, tag), MAX_SHARED_OBJECT)
+            .await?;
+        serde_json::from_slice(&raw).ok()
     }
 
     fn manifest_path(&self, digest: &Digest) -> PathBuf {
@@ -279,15 +323,47 @@ impl ManifestCache {
         })
         .await
         .ok()
-        .flatten()?;
-        let m = Arc::new(loaded);
+        .flatten();
+        let m = match loaded {
+            Some(loaded) => Arc::new(loaded),
+            None => return self.get_shared(digest).await,
+        };
         self.by_digest.insert(digest.clone(), Arc::clone(&m));
         Some(m)
     }
 
-    /// Stores a verified manifest in memory and, durably, on disk.
+    /// A manifest another replica stored in object storage, verified, then kept here too.
+    async fn get_shared(&self, digest: &Digest) -> Option<Arc<Manifest>> {
+        let (objects, prefix) = self.shared.as_ref()?;
+        let key = Self::manifest_object(prefix, digest);
+        let raw = objects.get_bytes(&key, MAX_SHARED_OBJECT).await?;
+        let Some(manifest) = decode_manifest(&raw, digest) else {
+            tracing::warn!(%digest, "a manifest in object storage does not match its digest; deleting it");
+            objects.delete(&key).await;
+            return None;
+        };
+        Some(self.store(manifest, false))
+    }
+
+    /// Stores a verified manifest in memory and, durably, on disk (and in object storage).
     pub async fn put(&self, manifest: Manifest) -> Arc<Manifest> {
+        self.store(manifest, true)
+    }
+
+    fn store(&self, manifest: Manifest, share: bool) -> Arc<Manifest> {
         let m = Arc::new(manifest);
+        if share && let Some((objects, prefix)) = &self.shared {
+            let (objects, key, stored) = (
+                Arc::clone(objects),
+                Self::manifest_object(prefix, &m.digest),
+                Arc::clone(&m),
+            );
+            self.share_in_background(async move {
+                let mut object = format!("{}\n", stored.media_type).into_bytes();
+                object.extend_from_slice(&stored.bytes);
+                objects.put_bytes(&key, object.into()).await;
+            });
+        }
         // Verified bytes, whole: served from memory at once, made durable (fsynced) behind the
         // response, never partial on disk (written beside and renamed).
         let digest = m.digest.clone();
@@ -375,19 +451,34 @@ impl ManifestCache {
         self.by_digest.contains_key(digest)
     }
 
-    /// Whether a manifest's bytes are cached (memory or disk), off the async workers.
+    /// Whether a manifest's bytes are cached (memory, disk or object storage), off the async
+    /// workers.
     pub async fn has_manifest(&self, digest: &Digest) -> bool {
         if self.by_digest.contains_key(digest) {
             return true;
         }
         let path = self.manifest_path(digest);
-        tokio::task::spawn_blocking(move || path.is_file())
+        if tokio::task::spawn_blocking(move || path.is_file())
             .await
             .unwrap_or(false)
+        {
+            return true;
+        }
+        match &self.shared {
+            Some((objects, prefix)) => objects
+                .exists(&Self::manifest_object(prefix, digest))
+                .await
+                .unwrap_or(false),
+            None => false,
+        }
     }
 
-    /// Forgets a manifest's bytes (memory and disk). Clients that already have them keep them.
+    /// Forgets a manifest's bytes (memory, disk and object storage). Clients that already have
+    /// them keep them.
     pub async fn remove_manifest(&self, digest: &Digest) {
+        if let Some((objects, prefix)) = &self.shared {
+            objects.delete(&Self::manifest_object(prefix, digest)).await;
+        }
         remove_in_order(
             Arc::clone(&self.manifest_order),
             self.by_digest.clone(),
@@ -417,6 +508,16 @@ impl ManifestCache {
     /// not fsynced: losing one only costs a HEAD). Racing updates leave the newest on disk and a
     /// purge stays purged ([`Intents`]).
     pub async fn set_tag(&self, name: &RepoName, tag: &Tag, entry: TagEntry) {
+        if let Some((objects, prefix)) = &self.shared {
+            let (objects, key) = (Arc::clone(objects), Self::tag_object(prefix, name, tag));
+            let json = serde_json::to_vec(&entry).unwrap_or_default();
+            self.share_in_background(async move { objects.put_bytes(&key, json.into()).await });
+        }
+        self.adopt_tag(name, tag, entry);
+    }
+
+    /// Records a tag entry read from object storage (memory and disk, not written back).
+    pub fn adopt_tag(&self, name: &RepoName, tag: &Tag, entry: TagEntry) {
         self.grant(name, &entry.digest);
         let key = (name.clone(), tag.clone());
         let seq = self.tag_order.write(&key, || {
@@ -434,8 +535,11 @@ impl ManifestCache {
         });
     }
 
-    /// Forgets a tag upstream no longer has.
+    /// Forgets a tag upstream no longer has (here and in object storage).
     pub async fn remove_tag(&self, name: &RepoName, tag: &Tag) {
+        if let Some((objects, prefix)) = &self.shared {
+            objects.delete(&Self::tag_object(prefix, name, tag)).await;
+        }
         remove_in_order(
             Arc::clone(&self.tag_order),
             self.tags.clone(),

@@ -6,6 +6,7 @@ use crate::disk::Layout;
 use crate::error::Error;
 use crate::manifests::ManifestCache;
 use crate::metrics::{Gauges, Metrics, UpstreamGauges};
+use crate::objects::ObjectStorage;
 use crate::proxy::Proxy;
 use crate::upstream::Upstream;
 use anyhow::Context;
@@ -135,10 +136,7 @@ impl AppState {
                 .collect(),
         );
         let upstream = Arc::new(Upstream::new(config, metrics.for_upstream(0))?);
-        let manifests = Arc::new(ManifestCache::open(
-            layout.clone(),
-            config.manifest_cache_bytes.as_u64(),
-        )?);
+        let manifests = ManifestCache::open(layout.clone(), config.manifest_cache_bytes.as_u64())?;
         let limits = DiskLimits {
             max: config.cache_max_disk.as_u64(),
             high: config.cache_high_watermark,
@@ -148,7 +146,18 @@ impl AppState {
             scrub_interval: config.scrub_interval,
             verify_on_serve: config.verify_on_serve,
         };
-        let blobs = BlobStore::open(layout.clone(), limits, Arc::clone(&metrics))?;
+        let objects = match config.storage_url.as_str() {
+            "" => None,
+            url => Some(Arc::new(ObjectStorage::from_url(url).map_err(|e| {
+                anyhow::anyhow!("invalid value for key \"storage_url\": {e}")
+            })?)),
+        };
+        let blobs = BlobStore::open(
+            layout.clone(),
+            limits,
+            Arc::clone(&metrics),
+            objects.clone(),
+        )?;
         blobs.warn_if_short_of_space();
         blobs.spawn_maintenance();
         let mut others = Vec::new();
@@ -156,14 +165,20 @@ impl AppState {
             let derived = config.for_upstream(u);
             let upstream = Arc::new(Upstream::new(&derived, metrics.for_upstream(i + 1))?);
             let dir = u.host.replace(':', "_");
-            let manifests = Arc::new(ManifestCache::open(
-                layout.upstream(&dir)?,
-                config.manifest_cache_bytes.as_u64(),
-            )?);
+            let mut manifests =
+                ManifestCache::open(layout.upstream(&dir)?, config.manifest_cache_bytes.as_u64())?;
+            if let Some(objects) = &objects {
+                manifests = manifests.shared(Arc::clone(objects), format!("upstreams/{dir}/"));
+            }
+            let manifests = Arc::new(manifests);
             let proxy = Proxy::new(&derived, upstream, manifests, Arc::clone(&blobs))?
                 .named(&u.host, false);
             others.push(Arc::new(proxy));
         }
+        let manifests = Arc::new(match &objects {
+            Some(objects) => manifests.shared(Arc::clone(objects), String::new()),
+            None => manifests,
+        });
         let proxy = Arc::new(
             Proxy::new(config, Arc::clone(&upstream), manifests, blobs)?.named(&default_name, true),
         );

@@ -317,11 +317,18 @@ impl BlobStore {
         file: std::fs::File,
         temp: tempfile::TempPath,
     ) -> Result<(), Error> {
-        let mut exchange = upstream
-            .get_blob(name, digest, None)
-            .await
-            .map_err(Error::blob)?;
-        let size = content_length(&exchange);
+        // Another replica may have stored it in object storage: read (and verify) it from there.
+        let (mut body, size, from_shared) = match self.shared_body(digest).await {
+            Some((size, body)) => (body, Some(size), true),
+            None => {
+                let exchange = upstream
+                    .get_blob(name, digest, None)
+                    .await
+                    .map_err(Error::blob)?;
+                let size = content_length(&exchange);
+                (upstream_body(exchange), size, false)
+            }
+        };
         if size.is_some_and(|s| s > self.limits.max) {
             return Err(Error::upstream_invalid(
                 "blob is larger than cache_max_disk; not fetched",
@@ -346,8 +353,9 @@ impl BlobStore {
         let mut skip = 0u64;
         let mut resumes = 0;
         loop {
+            let counted = (!from_shared || resumes > 0).then_some(upstream);
             let Some(broken) = self
-                .copy_body(&mut writer, exchange, skip, upstream, download)
+                .copy_body(&mut writer, body, skip, counted, download)
                 .await?
             else {
                 break;
@@ -363,25 +371,35 @@ impl BlobStore {
             // Followers keep streaming: resume where the body broke off instead of failing them.
             resumes += 1;
             tracing::warn!(%digest, received = writer.received, resumes, error = %broken, "blob stream broke off; resuming with a range request");
+            let exchange;
             (exchange, skip) = resume(upstream, name, digest, &mut writer).await?;
+            body = upstream_body(exchange);
             if let Some(size) = writer.size {
                 download.progress.send_modify(|p| p.size = Some(size));
             }
         }
-        self.commit(digest, writer, temp, download).await
+        self.commit(digest, writer, temp, download, from_shared)
+            .await
+    }
+
+    /// A blob's bytes from object storage, when another replica stored it there.
+    async fn shared_body(&self, digest: &Digest) -> Option<(u64, Body)> {
+        let objects = self.shared.as_ref()?;
+        let (size, stream) = objects.get_stream(&super::shared_key(digest)).await?;
+        Some((size, Box::pin(stream.map(|r| r.map_err(|e| e.to_string())))))
     }
 
     /// Receives one response body into the window and the spool. `Some(error)` when the body
     /// broke off.
+    /// `upstream` counts the bytes fetched from it (`None`: they come from object storage).
     async fn copy_body(
         self: &Arc<Self>,
         writer: &mut Writer,
-        exchange: Exchange,
+        mut body: Body,
         mut skip: u64,
-        upstream: &Upstream,
+        upstream: Option<&Upstream>,
         download: &Download,
-    ) -> Result<Option<reqwest::Error>, Error> {
-        let mut body = exchange.response.bytes_stream();
+    ) -> Result<Option<String>, Error> {
         while let Some(chunk) = body.next().await {
             let mut chunk = match chunk {
                 Ok(chunk) => chunk,
@@ -401,7 +419,9 @@ impl BlobStore {
                     "blob body is longer than its announced size",
                 ));
             }
-            upstream.metrics.fetched(chunk.len() as u64);
+            if let Some(upstream) = upstream {
+                upstream.metrics.fetched(chunk.len() as u64);
+            }
             download.recent.lock().push(chunk.clone());
             download.progress.send_modify(|p| p.received = end);
             writer.received = end;
@@ -420,6 +440,7 @@ impl BlobStore {
         writer: Writer,
         temp: tempfile::TempPath,
         download: &Download,
+        from_shared: bool,
     ) -> Result<(), Error> {
         let Writer {
             spool,
@@ -436,6 +457,11 @@ impl BlobStore {
         }
         let (file, got) = spool.finish().await?;
         if got != *digest {
+            // A damaged object costs this download, never a wrong byte, and only once.
+            if from_shared && let Some(objects) = &self.shared {
+                tracing::warn!(%digest, %got, "a blob in object storage does not match its digest; deleting it");
+                objects.delete(&super::shared_key(digest)).await;
+            }
             return Err(Error::upstream_invalid(format!(
                 "blob content has digest {got}, not {digest}"
             )));
@@ -467,6 +493,18 @@ impl BlobStore {
         );
         if previous.is_none() {
             self.total.fetch_add(written, Ordering::Relaxed);
+        }
+        // Public content is shared with the other replicas; what needed credentials stays here.
+        if !private
+            && !from_shared
+            && let Some(objects) = &self.shared
+        {
+            let (objects, key, path) = (
+                Arc::clone(objects),
+                super::shared_key(digest),
+                self.path(digest),
+            );
+            tokio::spawn(async move { objects.put_file(&key, &path).await }.in_current_span());
         }
         if self.needs_eviction() {
             self.evict.notify_one();
@@ -545,6 +583,18 @@ impl std::fmt::Debug for Spool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Spool")
     }
+}
+
+/// A blob body as it arrives, from upstream or object storage; an error says why it broke off.
+type Body = std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, String>> + Send>>;
+
+fn upstream_body(exchange: Exchange) -> Body {
+    Box::pin(
+        exchange
+            .response
+            .bytes_stream()
+            .map(|r| r.map_err(|e| e.to_string())),
+    )
 }
 
 /// `Content-Length` of a response, if it is a plain number.

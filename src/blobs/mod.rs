@@ -91,6 +91,9 @@ pub struct BlobStore {
     limits: DiskLimits,
     evict: Notify,
     metrics: Arc<Metrics>,
+    /// Object storage shared with other replicas: public blobs are uploaded there once
+    /// verified, and asked for there before upstream.
+    shared: Option<Arc<crate::objects::ObjectStorage>>,
 }
 
 /// A blob body about to be sent.
@@ -121,6 +124,7 @@ impl BlobStore {
         layout: Layout,
         limits: DiskLimits,
         metrics: Arc<Metrics>,
+        shared: Option<Arc<crate::objects::ObjectStorage>>,
     ) -> std::io::Result<Arc<BlobStore>> {
         let store = Arc::new(BlobStore {
             layout,
@@ -130,6 +134,7 @@ impl BlobStore {
             limits,
             evict: Notify::new(),
             metrics,
+            shared,
         });
         store.scan()?;
         Ok(store)
@@ -175,6 +180,9 @@ impl BlobStore {
     /// Drops a blob from the store. Readers of its file keep reading; a download under way
     /// stores it again when it ends.
     pub async fn purge(self: &Arc<Self>, digest: &Digest) {
+        if let Some(objects) = &self.shared {
+            objects.delete(&shared_key(digest)).await;
+        }
         self.remove_async(digest).await;
     }
 
@@ -539,4 +547,9 @@ fn hash_file(path: &Path, algorithm: Algorithm, rate: u64) -> std::io::Result<(D
             }
         }
     }
+}
+
+/// A blob's key in object storage.
+fn shared_key(digest: &Digest) -> String {
+    format!("blobs/{}/{}", digest.algorithm().as_str(), digest.hex())
 }

@@ -3,7 +3,7 @@
 
 use super::{Proxy, TagKey, plausible};
 use crate::error::Error;
-use crate::manifests::{TagEntry, now_ms};
+use crate::manifests::{Freshness, TagEntry, now_ms};
 use crate::metrics::StaleCause;
 use crate::registry::{Digest, Manifest, Reference, RepoName};
 use crate::upstream;
@@ -17,6 +17,9 @@ impl Proxy {
     ) -> impl Future<Output = Result<TagEntry, Error>> + use<> {
         let this = Arc::clone(self);
         self.tag_gets.join(key.clone(), move || async move {
+            if let Some(entry) = this.shared_tag(&key).await {
+                return entry;
+            }
             let (name, tag) = key;
             let manifest = this
                 .upstream
@@ -42,6 +45,9 @@ impl Proxy {
     ) -> impl Future<Output = Result<TagEntry, Error>> + use<> {
         let this = Arc::clone(self);
         self.tag_heads.join(key.clone(), move || async move {
+            if let Some(entry) = this.shared_tag(&key).await {
+                return entry;
+            }
             let (name, tag) = key;
             let head = this
                 .upstream
@@ -57,6 +63,24 @@ impl Proxy {
                 _ => this.fetch_tag((name, tag)).await,
             }
         })
+    }
+
+    /// A tag unknown here, from the entry another replica stored in object storage: served as
+    /// it is while fresh or stale (a stale one is revalidated behind the answer). `None` when
+    /// object storage has none, or only an expired one (which upstream must confirm first), or
+    /// there is no object storage.
+    async fn shared_tag(self: &Arc<Self>, key: &TagKey) -> Option<Result<TagEntry, Error>> {
+        let (name, tag) = key;
+        let entry = self.manifests.shared_tag(name, tag).await?;
+        let freshness = self.policy.freshness(tag, entry.validated_at, now_ms());
+        if freshness == Freshness::Expired {
+            return None;
+        }
+        self.manifests.adopt_tag(name, tag, entry.clone());
+        if freshness == Freshness::Stale {
+            drop(self.revalidate(key.clone()));
+        }
+        Some(Ok(entry))
     }
 
     /// GET by digest (single-flight per repository and digest).
@@ -101,6 +125,16 @@ impl Proxy {
         let Some(mut entry) = self.manifests.tag(name, tag) else {
             return self.fetch_tag(key.clone()).await;
         };
+        // Another replica may have validated it since: then that answer stands, with no HEAD.
+        if let Some(shared) = self.manifests.shared_tag(name, tag).await
+            && shared.validated_at > entry.validated_at
+        {
+            self.manifests.adopt_tag(name, tag, shared.clone());
+            if self.policy.freshness(tag, shared.validated_at, now_ms()) == Freshness::Fresh {
+                return Ok(shared);
+            }
+            entry = shared;
+        }
         let head = match self
             .upstream
             .head_manifest(name, &Reference::Tag(tag.clone()))

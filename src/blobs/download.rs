@@ -589,12 +589,7 @@ impl std::fmt::Debug for Spool {
 type Body = std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, String>> + Send>>;
 
 fn upstream_body(exchange: Exchange) -> Body {
-    Box::pin(
-        exchange
-            .response
-            .bytes_stream()
-            .map(|r| r.map_err(|e| e.to_string())),
-    )
+    Box::pin(exchange.into_body().map(|r| r.map_err(|e| e.to_string())))
 }
 
 /// `Content-Length` of a response, if it is a plain number.

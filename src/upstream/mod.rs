@@ -485,6 +485,21 @@ pub struct Exchange {
     _permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
 }
 
+impl Exchange {
+    /// The body as it arrives. The exchange's concurrency places are held until the stream is
+    /// dropped: a body being read counts against `upstream_max_concurrency`.
+    pub fn into_body(
+        self,
+    ) -> impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send + use<> {
+        use futures_util::StreamExt;
+        let Exchange { response, _permits } = self;
+        response.bytes_stream().map(move |chunk| {
+            let _held = &_permits;
+            chunk
+        })
+    }
+}
+
 /// Redirect policy for token requests: only within the first URL's origin (scheme, host and
 /// port), at most 5 times.
 fn same_origin_only(attempt: reqwest::redirect::Attempt<'_>) -> reqwest::redirect::Action {

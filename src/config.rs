@@ -82,6 +82,13 @@ pub struct Config {
     /// Shared object storage for replicas, `s3://bucket[/prefix]`; empty: the local disk only.
     /// Endpoint, region and credentials come from the `AWS_*` environment variables.
     pub storage_url: String,
+    /// Redis coordinating replicas (`redis://host:port/db`); empty: a single node. Needs
+    /// `storage_url` and `cluster_secret`.
+    pub redis_url: String,
+    /// This replica's address for the other replicas; empty: `http(s)://<listen>`.
+    pub advertise_url: String,
+    /// Shared secret of the replicas' internal requests.
+    pub cluster_secret: Option<Secret>,
     /// How long a tags list answer is reused.
     #[serde(with = "humantime_serde")]
     pub tags_list_ttl: Duration,
@@ -272,6 +279,9 @@ impl Default for Config {
             scrub_interval: Duration::from_secs(24 * 3600),
             verify_on_serve: false,
             storage_url: String::new(),
+            redis_url: String::new(),
+            advertise_url: String::new(),
+            cluster_secret: None,
             tags_list_ttl: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
@@ -534,6 +544,35 @@ impl Config {
             && let Err(e) = crate::objects::ObjectStorage::from_url(&self.storage_url)
         {
             return bad("storage_url", &e);
+        }
+        if !self.redis_url.is_empty() {
+            if let Err(e) = crate::cluster::Cluster::new(&self.redis_url, String::new()) {
+                return bad("redis_url", &e);
+            }
+            if self.storage_url.is_empty() {
+                return bad(
+                    "redis_url",
+                    "needs storage_url: replicas share content through object storage",
+                );
+            }
+            if self.cluster_secret.as_ref().is_none_or(|s| s.0.len() < 16) {
+                return bad(
+                    "cluster_secret",
+                    "must be set (16 characters or more) with redis_url: it authenticates requests between replicas",
+                );
+            }
+            if self.advertise_url.is_empty() && self.listen.ip().is_unspecified() {
+                return bad(
+                    "advertise_url",
+                    "must be set when listen is a wildcard address: the other replicas need this one's address",
+                );
+            }
+        }
+        if !self.advertise_url.is_empty() {
+            match Url::parse(&self.advertise_url) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => {}
+                _ => return bad("advertise_url", "must be an http(s) URL naming a host"),
+            }
         }
         if !(self.cache_high_watermark > 0.0 && self.cache_high_watermark <= 1.0) {
             return bad(
@@ -831,6 +870,21 @@ fn list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
         }
         Raw::One(s) if s.is_empty() => Ok(Vec::new()),
         Raw::One(s) => Ok(vec![s]),
+    }
+}
+
+impl Config {
+    /// This replica's address for the others: `advertise_url`, or the listen address.
+    pub fn advertised(&self) -> String {
+        if !self.advertise_url.is_empty() {
+            return self.advertise_url.trim_end_matches('/').to_owned();
+        }
+        let scheme = if self.tls_cert.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.listen)
     }
 }
 

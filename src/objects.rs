@@ -169,6 +169,33 @@ impl ObjectStorage {
         }
     }
 
+    /// An object's whole size and its bytes from `offset`; `None` when it is absent (or
+    /// shorter), or the bucket failed or rests.
+    pub async fn get_stream_from(
+        &self,
+        relative: &str,
+        offset: u64,
+    ) -> Option<(
+        u64,
+        futures_util::stream::BoxStream<'static, Result<Bytes, object_store::Error>>,
+    )> {
+        if !self.available() {
+            return None;
+        }
+        let options = object_store::GetOptions {
+            range: (offset > 0).then_some(object_store::GetRange::Offset(offset)),
+            ..Default::default()
+        };
+        match self.store.get_opts(&self.key(relative), options).await {
+            Ok(result) => Some((result.meta.size, result.into_stream())),
+            Err(object_store::Error::NotFound { .. }) => None,
+            Err(e) => {
+                self.failed("get", relative, &e);
+                None
+            }
+        }
+    }
+
     /// Whether an object exists (`None`: the bucket failed or rests).
     pub async fn exists(&self, relative: &str) -> Option<bool> {
         if !self.available() {

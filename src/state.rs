@@ -158,6 +158,26 @@ impl AppState {
             Arc::clone(&metrics),
             objects.clone(),
         )?;
+        if !config.redis_url.is_empty() {
+            let cluster = crate::cluster::Cluster::new(&config.redis_url, config.advertised())
+                .map_err(|e| anyhow::anyhow!("invalid value for key \"redis_url\": {e}"))?;
+            let client = reqwest::Client::builder()
+                .connect_timeout(std::time::Duration::from_secs(1))
+                .read_timeout(std::time::Duration::from_secs(30))
+                .no_proxy()
+                // Replicas reach each other by the address they advertise, TLS or not.
+                .danger_accept_invalid_certs(true)
+                .build()?;
+            blobs.join_cluster(crate::blobs::Peers {
+                cluster: Arc::new(cluster),
+                secret: config
+                    .cluster_secret
+                    .as_ref()
+                    .map(|s| s.0.clone())
+                    .unwrap_or_default(),
+                client,
+            });
+        }
         blobs.warn_if_short_of_space();
         blobs.spawn_maintenance();
         let mut others = Vec::new();

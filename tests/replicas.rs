@@ -1,6 +1,6 @@
-//! Replicas sharing one cache through object storage: real pullthrough processes against a real
-//! S3-compatible server (`moto_server`, from PyPI's `moto[server]`; `.ci/run` installs it) and
-//! the emulated Docker Hub.
+//! Replicas sharing one cache through object storage and coordinating through Redis: real
+//! pullthrough processes against a real S3-compatible server (`moto_server`, from PyPI's
+//! `moto[server]`), a real `redis-server` (`.ci/run` installs both) and the emulated Docker Hub.
 
 mod support;
 
@@ -126,16 +126,82 @@ impl S3 {
     }
 }
 
-/// One pullthrough process sharing the bucket.
+/// `redis-server` on a free loopback port, without persistence.
+struct Redis {
+    process: Option<Process>,
+    port: u16,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let port = free_port();
+        let mut redis = Redis {
+            process: None,
+            port,
+        };
+        redis.resume();
+        redis
+    }
+
+    /// Starts (again) on the same port.
+    fn resume(&mut self) {
+        let process = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (apt-get install redis-server; .ci/run does)");
+        self.process = Some(Process(process));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stop(&mut self) {
+        self.process = None;
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+}
+
+/// One pullthrough process sharing the bucket (and Redis, when given).
 struct Replica {
-    _process: Process,
+    process: Process,
     url: String,
 }
 
 impl Replica {
     async fn start(upstream: &str, s3: &S3, data: &std::path::Path) -> Replica {
+        Replica::start_with(upstream, s3, None, data).await
+    }
+
+    async fn start_with(
+        upstream: &str,
+        s3: &S3,
+        redis: Option<&Redis>,
+        data: &std::path::Path,
+    ) -> Replica {
         let port = free_port();
-        let process = Command::new(env!("CARGO_BIN_EXE_pullthrough"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_pullthrough"));
+        if let Some(redis) = redis {
+            command
+                .env("PULLTHROUGH_REDIS_URL", redis.url())
+                .env("PULLTHROUGH_CLUSTER_SECRET", "replica-test-secret-0123");
+        }
+        let process = command
             .env("PULLTHROUGH_UPSTREAM", upstream)
             .env("PULLTHROUGH_DATA_DIR", data)
             .env("PULLTHROUGH_LISTEN", format!("127.0.0.1:{port}"))
@@ -154,7 +220,7 @@ impl Replica {
         let url = format!("http://127.0.0.1:{port}");
         wait_up(&format!("{url}/v2/")).await;
         Replica {
-            _process: Process(process),
+            process: Process(process),
             url,
         }
     }
@@ -326,4 +392,163 @@ async fn corrupt_blobs_never_reach_object_storage_and_a_damaged_object_is_replac
     // Uploaded again once verified.
     s3.wait_for(&key).await;
     assert_eq!(s3.object(&key).await.unwrap(), *layer);
+}
+
+/// Three replicas coordinated through Redis.
+async fn cluster(hub: &FakeHub, s3: &S3, redis: &Redis) -> (Vec<Replica>, Vec<tempfile::TempDir>) {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut replicas = Vec::new();
+    for dir in &dirs {
+        replicas.push(Replica::start_with(&hub.url, s3, Some(redis), dir.path()).await);
+    }
+    (replicas, dirs)
+}
+
+/// Pulls `url` as a stream: (time of the first byte, time done, the bytes).
+async fn timed_pull(url: String, started: Instant) -> (Duration, Duration, Vec<u8>) {
+    use futures_util::StreamExt;
+    let response = support::client().get(url).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut stream = response.bytes_stream();
+    let mut first = None;
+    let mut all = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.unwrap();
+        first.get_or_insert(started.elapsed());
+        all.extend_from_slice(&chunk);
+    }
+    (first.unwrap_or_default(), started.elapsed(), all)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_cold_pulls_on_every_replica_make_one_upstream_get() {
+    let hub = FakeHub::start().await;
+    let blob = Bytes::from(support::hub::pattern("cluster", 64 * 1024 * 1024));
+    let digest = hub.push_blob("library/big", blob.clone());
+    // 1,024 chunks of 64 KiB, 1 ms apart: the download takes over a second.
+    hub.fault(Fault::SlowBlob(Duration::from_millis(1)));
+    let s3 = S3::start().await;
+    let redis = Redis::start();
+    let (replicas, _dirs) = cluster(&hub, &s3, &redis).await;
+    let started = Instant::now();
+    let mut pulls = Vec::new();
+    for replica in &replicas {
+        for _ in 0..20 {
+            let url = format!("{}/v2/library/big/blobs/{digest}", replica.url);
+            pulls.push(tokio::spawn(timed_pull(url, started)));
+        }
+    }
+    let mut results = Vec::new();
+    for pull in pulls {
+        results.push(pull.await.unwrap());
+    }
+    let first_done = results.iter().map(|r| r.1).min().unwrap();
+    for (first_byte, _, bytes) in &results {
+        assert_eq!(bytes.len(), blob.len());
+        assert_eq!(sha256(bytes), digest);
+        assert!(
+            *first_byte < first_done,
+            "every client, on every replica, got its first byte before the download ended: {first_byte:?} vs {first_done:?}"
+        );
+    }
+    assert_eq!(
+        hub.count("blob_get"),
+        1,
+        "one upstream GET for 60 clients on 3 replicas"
+    );
+    assert_eq!(hub.count("cdn_get"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_mid_download_is_replaced_and_its_followers_finish() {
+    let hub = FakeHub::start().await;
+    let blob = Bytes::from(support::hub::pattern("killed", 32 * 1024 * 1024));
+    let digest = hub.push_blob("library/big", blob.clone());
+    // 512 chunks of 64 KiB, 4 ms apart: about two seconds.
+    hub.fault(Fault::SlowBlob(Duration::from_millis(4)));
+    let s3 = S3::start().await;
+    let redis = Redis::start();
+    let (mut replicas, _dirs) = cluster(&hub, &s3, &redis).await;
+    let started = Instant::now();
+    let path = format!("/v2/library/big/blobs/{digest}");
+    // The first replica takes the lock; the others follow it.
+    let owner = tokio::spawn(timed_pull(format!("{}{path}", replicas[0].url), started));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while hub.count("cdn_get") == 0 {
+        assert!(Instant::now() < deadline, "the download did not start");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let followers: Vec<_> = replicas[1..]
+        .iter()
+        .map(|r| tokio::spawn(timed_pull(format!("{}{path}", r.url), started)))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    replicas[0].process.0.kill().unwrap();
+    replicas[0].process.0.wait().unwrap();
+    assert!(
+        owner.await.is_err(),
+        "the killed replica's own client is cut off"
+    );
+    for follower in followers {
+        let (_, _, bytes) = follower.await.unwrap();
+        assert_eq!(
+            sha256(&bytes),
+            digest,
+            "a follower got the complete verified blob"
+        );
+    }
+    // The replica that took over resumed with a range: two upstream GETs in all, at most.
+    assert!(hub.count("blob_get") <= 2, "{}", hub.count("blob_get"));
+    replicas.remove(0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_stopped_pulls_go_on_and_coordination_resumes_when_it_is_back() {
+    let hub = FakeHub::start().await;
+    let image = image();
+    hub.push("library/app", "1", &image);
+    let s3 = S3::start().await;
+    let mut redis = Redis::start();
+    let (replicas, _dirs) = cluster(&hub, &s3, &redis).await;
+    replicas[0].pull(&image).await;
+    shared(&s3, &image).await;
+    redis.stop();
+    // Cached pulls succeed on every replica, and new content is still fetched.
+    for replica in &replicas {
+        replica.pull(&image).await;
+    }
+    let fresh = Bytes::from(support::hub::pattern("new", 3 * 1024 * 1024));
+    let fresh_digest = hub.push_blob("library/app", fresh.clone());
+    let r = replicas[1]
+        .get(&format!("/v2/library/app/blobs/{fresh_digest}"))
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(sha256(&r.bytes().await.unwrap()), fresh_digest);
+
+    // Back: concurrent cold pulls on every replica share one download again.
+    redis.resume();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let again = Bytes::from(support::hub::pattern("again", 16 * 1024 * 1024));
+    let again_digest = hub.push_blob("library/app", again.clone());
+    hub.fault(Fault::SlowBlob(Duration::from_millis(2)));
+    let started = Instant::now();
+    let pulls: Vec<_> = replicas
+        .iter()
+        .map(|r| {
+            tokio::spawn(timed_pull(
+                format!("{}/v2/library/app/blobs/{again_digest}", r.url),
+                started,
+            ))
+        })
+        .collect();
+    for pull in pulls {
+        let (_, _, bytes) = pull.await.unwrap();
+        assert_eq!(sha256(&bytes), again_digest);
+    }
+    let gets = hub.count("blob_get");
+    // 2 for the image, 1 for `fresh`, 1 for `again`.
+    assert_eq!(
+        gets, 4,
+        "coordination resumed: one upstream GET for `again`"
+    );
 }

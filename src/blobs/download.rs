@@ -9,6 +9,7 @@
 //! follower never receives the blob's last byte before the digest verified.
 
 use super::{BlobBody, BlobMeta, BlobStore, ByteRange, CHUNK, ContentRange};
+use crate::cluster::{Claim, Cluster, Lock};
 use crate::error::Error;
 use crate::metrics::Outcome;
 use crate::registry::{Digest, RepoName, Verifier};
@@ -184,6 +185,35 @@ impl BlobStore {
         let Some(download) = self.download(upstream, origin, digest, shared_ok).await? else {
             return Ok(Some(Joined::OtherRepository));
         };
+        self.follow_download(download, digest, range).await
+    }
+
+    /// For another replica (cluster-internal): the blob from this store, or following this
+    /// replica's download of it; `None` when it has neither (no download is started).
+    pub async fn local_body(
+        self: &Arc<Self>,
+        digest: &Digest,
+        range: Option<ByteRange>,
+    ) -> Result<Option<BlobBody>, Error> {
+        let running = self.downloads.lock().get(digest).cloned();
+        let joined = match running {
+            Some(download) => self.follow_download(download, digest, range).await?,
+            None => self.open_stored(digest, range).await?.map(Joined::Body),
+        };
+        Ok(match joined {
+            Some(Joined::Body(body)) => Some(body),
+            _ => None,
+        })
+    }
+
+    /// A body following `download` once upstream's headers arrived; `None` when the stored
+    /// result was gone when opened.
+    async fn follow_download(
+        self: &Arc<Self>,
+        download: Arc<Download>,
+        digest: &Digest,
+        range: Option<ByteRange>,
+    ) -> Result<Option<Joined>, Error> {
         let mut rx = download.progress.subscribe();
         // Wait for upstream's headers (or failure).
         let progress = rx
@@ -295,19 +325,37 @@ impl BlobStore {
         );
         // Logged inside the span of the request that started it (its request id).
         let task = async move {
+            let mut lock = None;
             let outcome = store
-                .run_download(&upstream, &name, &digest, &d, file, temp_path)
+                .run_download(&upstream, &name, &digest, &d, file, temp_path, &mut lock)
                 .await;
-            if let Err(e) = &outcome {
-                tracing::warn!(%digest, repo = %name, error = %e, "blob download failed; nothing stored");
-            }
+            let share = match &outcome {
+                Ok(share) => *share,
+                Err(e) => {
+                    tracing::warn!(%digest, repo = %name, error = %e, "blob download failed; nothing stored");
+                    false
+                }
+            };
             store.downloads.lock().remove(&digest);
-            d.progress.send_modify(|p| p.outcome = Some(outcome));
+            d.progress
+                .send_modify(|p| p.outcome = Some(outcome.map(|_| ())));
+            // Shared with the other replicas before the cluster lock goes: one that claims it
+            // next finds the object.
+            if share && let Some(objects) = &store.shared {
+                objects
+                    .put_file(&super::shared_key(&digest), &store.path(&digest))
+                    .await;
+            }
+            drop(lock);
         };
         tokio::spawn(task.in_current_span());
         Ok(Some(download))
     }
 
+    /// Downloads, verifies and stores the blob. `Ok(true)` when it came (at least partly) from
+    /// upstream, is public, and so is for object storage; `lock` holds the cluster lock this
+    /// replica took for it, if any.
+    #[allow(clippy::too_many_arguments)]
     async fn run_download(
         self: &Arc<Self>,
         upstream: &Upstream,
@@ -316,19 +364,10 @@ impl BlobStore {
         download: &Arc<Download>,
         file: std::fs::File,
         temp: tempfile::TempPath,
-    ) -> Result<(), Error> {
-        // Another replica may have stored it in object storage: read (and verify) it from there.
-        let (mut body, size, from_shared) = match self.shared_body(digest).await {
-            Some((size, body)) => (body, Some(size), true),
-            None => {
-                let exchange = upstream
-                    .get_blob(name, digest, None)
-                    .await
-                    .map_err(Error::blob)?;
-                let size = content_length(&exchange);
-                (upstream_body(exchange), size, false)
-            }
-        };
+        lock: &mut Option<Lock>,
+    ) -> Result<bool, Error> {
+        let mut source = self.open_source(upstream, name, digest, None, lock).await?;
+        let size = source.size;
         if size.is_some_and(|s| s > self.limits.max) {
             return Err(Error::upstream_invalid(
                 "blob is larger than cache_max_disk; not fetched",
@@ -349,13 +388,14 @@ impl BlobStore {
             size,
             max: self.limits.max,
         };
-        // Bytes at the start of the response that we already have (a resume answered with 200).
-        let mut skip = 0u64;
+        let (mut from_shared, mut from_upstream) = (false, false);
         let mut resumes = 0;
         loop {
-            let counted = (!from_shared || resumes > 0).then_some(upstream);
+            from_shared |= source.from == From::Shared;
+            from_upstream |= source.from == From::Upstream;
+            let counted = (source.from == From::Upstream).then_some(upstream);
             let Some(broken) = self
-                .copy_body(&mut writer, body, skip, counted, download)
+                .copy_body(&mut writer, source.body, source.skip, counted, download)
                 .await?
             else {
                 break;
@@ -371,22 +411,107 @@ impl BlobStore {
             // Followers keep streaming: resume where the body broke off instead of failing them.
             resumes += 1;
             tracing::warn!(%digest, received = writer.received, resumes, error = %broken, "blob stream broke off; resuming with a range request");
-            let exchange;
-            (exchange, skip) = resume(upstream, name, digest, &mut writer).await?;
-            body = upstream_body(exchange);
+            source = self
+                .open_source(upstream, name, digest, Some(&mut writer), lock)
+                .await?;
             if let Some(size) = writer.size {
                 download.progress.send_modify(|p| p.size = Some(size));
             }
         }
-        self.commit(digest, writer, temp, download, from_shared)
-            .await
+        let private = self
+            .commit(digest, writer, temp, download, from_shared)
+            .await?;
+        Ok(from_upstream && !private)
     }
 
-    /// A blob's bytes from object storage, when another replica stored it there.
-    async fn shared_body(&self, digest: &Digest) -> Option<(u64, Body)> {
+    /// Where the blob's bytes come from, from the start (`writer` is `None`) or from where the
+    /// last body broke off: object storage if another replica stored it; else, in a cluster,
+    /// the replica downloading it (streamed while it downloads) unless this replica takes the
+    /// cluster lock; else upstream.
+    async fn open_source(
+        &self,
+        upstream: &Upstream,
+        name: &RepoName,
+        digest: &Digest,
+        mut writer: Option<&mut Writer>,
+        lock: &mut Option<Lock>,
+    ) -> Result<Source, Error> {
+        let offset = writer.as_ref().map_or(0, |w| w.received);
+        // A holder that cannot be reached is waited for until its lock expired (it died).
+        let deadline = std::time::Instant::now() + crate::cluster::LOCK_TTL * 3;
+        loop {
+            if let Some(source) = self.shared_body(digest, offset, writer.as_deref()).await {
+                return Ok(source);
+            }
+            let peers = self.peers.get();
+            let claim = match peers {
+                Some(peers) if lock.is_none() => peers.cluster.claim(&lock_key(digest)).await,
+                _ => Claim::Alone,
+            };
+            match (claim, peers) {
+                (Claim::Held(owner), Some(peers)) if std::time::Instant::now() < deadline => {
+                    match peers.body(&owner, digest, writer.as_deref_mut()).await {
+                        Ok(source) => return Ok(source),
+                        Err(e) => {
+                            tracing::debug!(%digest, owner, error = %e, "cannot follow the replica downloading a blob; waiting");
+                            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                            continue;
+                        }
+                    }
+                }
+                (Claim::Owned(held), _) => *lock = Some(held),
+                _ => {}
+            }
+            return match writer {
+                None => {
+                    let exchange = upstream
+                        .get_blob(name, digest, None)
+                        .await
+                        .map_err(Error::blob)?;
+                    Ok(Source {
+                        size: content_length(&exchange.response),
+                        body: upstream_body(exchange),
+                        skip: 0,
+                        from: From::Upstream,
+                    })
+                }
+                Some(writer) => {
+                    let (exchange, skip) = resume(upstream, name, digest, writer).await?;
+                    Ok(Source {
+                        size: writer.size,
+                        body: upstream_body(exchange),
+                        skip,
+                        from: From::Upstream,
+                    })
+                }
+            };
+        }
+    }
+
+    /// A blob's bytes from object storage from `offset`, when another replica stored it there
+    /// (and its size fits what is known).
+    async fn shared_body(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        writer: Option<&Writer>,
+    ) -> Option<Source> {
         let objects = self.shared.as_ref()?;
-        let (size, stream) = objects.get_stream(&super::shared_key(digest)).await?;
-        Some((size, Box::pin(stream.map(|r| r.map_err(|e| e.to_string())))))
+        let (size, stream) = objects
+            .get_stream_from(&super::shared_key(digest), offset)
+            .await?;
+        if writer
+            .and_then(|w| w.size)
+            .is_some_and(|known| known != size)
+        {
+            return None;
+        }
+        Some(Source {
+            body: Box::pin(stream.map(|r| r.map_err(|e| e.to_string()))),
+            size: Some(size),
+            skip: 0,
+            from: From::Shared,
+        })
     }
 
     /// Receives one response body into the window and the spool. `Some(error)` when the body
@@ -441,7 +566,7 @@ impl BlobStore {
         temp: tempfile::TempPath,
         download: &Download,
         from_shared: bool,
-    ) -> Result<(), Error> {
+    ) -> Result<bool, Error> {
         let Writer {
             spool,
             received: written,
@@ -494,22 +619,10 @@ impl BlobStore {
         if previous.is_none() {
             self.total.fetch_add(written, Ordering::Relaxed);
         }
-        // Public content is shared with the other replicas; what needed credentials stays here.
-        if !private
-            && !from_shared
-            && let Some(objects) = &self.shared
-        {
-            let (objects, key, path) = (
-                Arc::clone(objects),
-                super::shared_key(digest),
-                self.path(digest),
-            );
-            tokio::spawn(async move { objects.put_file(&key, &path).await }.in_current_span());
-        }
         if self.needs_eviction() {
             self.evict.notify_one();
         }
-        Ok(())
+        Ok(private)
     }
 }
 
@@ -585,6 +698,81 @@ impl std::fmt::Debug for Spool {
     }
 }
 
+/// Where a blob's bytes come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum From {
+    Upstream,
+    /// Object storage.
+    Shared,
+    /// The replica downloading it.
+    Peer,
+}
+
+/// One body to receive: its bytes, the blob's size if known, and how many leading bytes to
+/// skip (a resume answered with the whole blob).
+struct Source {
+    body: Body,
+    size: Option<u64>,
+    skip: u64,
+    from: From,
+}
+
+/// The cluster lock of a blob's download.
+fn lock_key(digest: &Digest) -> String {
+    format!("pullthrough:lock:blob:{digest}")
+}
+
+/// The other replicas: Redis, the secret of internal requests, and a client for them.
+#[derive(Debug)]
+pub struct Peers {
+    pub cluster: Arc<Cluster>,
+    pub secret: String,
+    pub client: reqwest::Client,
+}
+
+impl Peers {
+    /// The blob's bytes from the replica `owner`, which downloads or holds it, from where
+    /// `writer` is (the start when `None`).
+    async fn body(
+        &self,
+        owner: &str,
+        digest: &Digest,
+        writer: Option<&mut Writer>,
+    ) -> Result<Source, String> {
+        let url = format!(
+            "{}/_pullthrough/cluster/blobs/{digest}",
+            owner.trim_end_matches('/')
+        );
+        let mut request = self.client.get(url).bearer_auth(&self.secret);
+        if let Some(w) = &writer {
+            request = request.header(reqwest::header::RANGE, format!("bytes={}-", w.received));
+        }
+        let response = request.send().await.map_err(|e| e.to_string())?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(format!("answered {status}"));
+        }
+        let (size, skip) = match writer {
+            None if status == reqwest::StatusCode::OK => (content_length(&response), 0),
+            None => return Err(format!("answered {status} to a whole-blob request")),
+            Some(writer) => {
+                let skip = fit(&response, writer).map_err(|e| e.to_string())?;
+                (writer.size, skip)
+            }
+        };
+        Ok(Source {
+            body: Box::pin(
+                response
+                    .bytes_stream()
+                    .map(|r| r.map_err(|e| e.to_string())),
+            ),
+            size,
+            skip,
+            from: From::Peer,
+        })
+    }
+}
+
 /// A blob body as it arrives, from upstream or object storage; an error says why it broke off.
 type Body = std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, String>> + Send>>;
 
@@ -593,9 +781,8 @@ fn upstream_body(exchange: Exchange) -> Body {
 }
 
 /// `Content-Length` of a response, if it is a plain number.
-fn content_length(exchange: &Exchange) -> Option<u64> {
-    let value = exchange
-        .response
+fn content_length(response: &reqwest::Response) -> Option<u64> {
+    let value = response
         .headers()
         .get(reqwest::header::CONTENT_LENGTH)?
         .to_str()
@@ -624,12 +811,19 @@ async fn resume(
         .get_blob(name, digest, Some(&range))
         .await
         .map_err(Error::blob)?;
+    let skip = fit(&exchange.response, writer)?;
+    Ok((exchange, skip))
+}
+
+/// Checks a range answer against what `writer` has: a 206 for precisely the missing bytes (and
+/// the known size), or a 200 of the whole blob whose prefix is to be skipped (returned).
+fn fit(response: &reqwest::Response, writer: &mut Writer) -> Result<u64, Error> {
+    let written = writer.received;
     let unusable = || Error::upstream_invalid("upstream answered a resume with an unusable range");
-    let length = content_length(&exchange);
-    match exchange.response.status().as_u16() {
+    let length = content_length(response);
+    match response.status().as_u16() {
         206 => {
-            let content_range = exchange
-                .response
+            let content_range = response
                 .headers()
                 .get(reqwest::header::CONTENT_RANGE)
                 .and_then(|v| v.to_str().ok())
@@ -649,7 +843,7 @@ async fn resume(
                 return Err(unusable());
             }
             writer.size = Some(total);
-            Ok((exchange, 0))
+            Ok(0)
         }
         200 => {
             if let (Some(size), Some(length)) = (writer.size, length)
@@ -658,7 +852,7 @@ async fn resume(
                 return Err(unusable());
             }
             writer.size = writer.size.or(length);
-            Ok((exchange, written))
+            Ok(written)
         }
         _ => Err(unusable()),
     }

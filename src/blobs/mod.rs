@@ -22,6 +22,7 @@ use crate::metrics::{Metrics, Outcome};
 use crate::registry::{Algorithm, Digest, Verifier};
 use bytes::Bytes;
 use download::Download;
+pub use download::Peers;
 use futures_util::{Stream, StreamExt};
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -94,6 +95,8 @@ pub struct BlobStore {
     /// Object storage shared with other replicas: public blobs are uploaded there once
     /// verified, and asked for there before upstream.
     shared: Option<Arc<crate::objects::ObjectStorage>>,
+    /// The other replicas, in a cluster (`redis_url`).
+    peers: std::sync::OnceLock<download::Peers>,
 }
 
 /// A blob body about to be sent.
@@ -135,6 +138,7 @@ impl BlobStore {
             evict: Notify::new(),
             metrics,
             shared,
+            peers: std::sync::OnceLock::new(),
         });
         store.scan()?;
         Ok(store)
@@ -170,6 +174,16 @@ impl BlobStore {
             .join(digest.algorithm().as_str())
             .join(&hex[..2])
             .join(hex)
+    }
+
+    /// The secret of requests between replicas, in a cluster.
+    pub fn cluster_secret(&self) -> Option<&str> {
+        self.peers.get().map(|p| p.secret.as_str())
+    }
+
+    /// Joins a cluster: downloads are coordinated with the other replicas through Redis.
+    pub fn join_cluster(&self, peers: Peers) {
+        let _ = self.peers.set(peers);
     }
 
     /// Whether the store holds `digest` (not checked against its digest here).

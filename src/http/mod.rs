@@ -3,6 +3,7 @@
 
 mod api;
 mod blobs;
+mod cluster;
 mod error;
 mod manifests;
 mod observe;
@@ -69,6 +70,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/readyz", axum::routing::get(ops::readyz))
         .route("/metrics", axum::routing::get(ops::metrics))
         .route("/", axum::routing::get(status::page))
+        .route(
+            "/_pullthrough/cluster/blobs/{digest}",
+            axum::routing::get(cluster::blob),
+        )
         .nest("/_pullthrough", api::router(Arc::clone(&state)))
         // Registry requests are the fallback, not a `/v2/{*path}` route: a route would copy the
         // path into parameters (several allocations per request) that nothing reads.

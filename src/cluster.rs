@@ -1,0 +1,240 @@
+//! Coordination of replicas through Redis (`redis_url`): cluster-wide single flight.
+//!
+//! One upstream fetch per blob, manifest or tag revalidation across every replica: the replica
+//! that starts it holds a lock (`SET NX PX`), renewed while it lives and released (only by its
+//! holder) when the result is in object storage. The lock's value names the holder's
+//! `advertise_url`, so another replica can stream a blob from it while it downloads; a holder
+//! that dies stops renewing, its lock expires, and another replica takes over.
+//!
+//! Redis is never a dependency of a pull: when it fails, every claim answers [`Claim::Alone`]
+//! (each replica goes on as an independent cache over the shared storage), the failure is
+//! logged once per spell, and Redis is asked again after a short rest.
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// How long a lock lives without renewal: a dead holder is replaced after this.
+pub const LOCK_TTL: Duration = Duration::from_secs(6);
+
+/// How often a holder renews its locks.
+const RENEW_EVERY: Duration = Duration::from_secs(2);
+
+/// How long Redis is left alone after it failed.
+const REST_AFTER_FAILURE: Duration = Duration::from_secs(5);
+
+/// Extends a lock only for its holder.
+const RENEW: &str = r"if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end";
+
+/// Releases a lock only for its holder.
+const RELEASE: &str = r"if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
+
+/// Replicas sharing one Redis.
+pub struct Cluster {
+    conn: ConnectionManager,
+    /// This replica's address for internal requests (`advertise_url`).
+    me: String,
+    started: Instant,
+    /// Until when (ms since start) Redis is left alone after a failure.
+    resting_until: AtomicU64,
+    next_token: AtomicU64,
+    /// Redis requests that failed.
+    pub failures: AtomicU64,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster").field("me", &self.me).finish()
+    }
+}
+
+/// What a claim on a key found.
+#[derive(Debug)]
+pub enum Claim {
+    /// This replica holds the lock until the [`Lock`] is dropped.
+    Owned(Lock),
+    /// Another replica holds it: its `advertise_url`.
+    Held(String),
+    /// Redis cannot be asked: go on alone.
+    Alone,
+}
+
+/// A held lock, renewed in the background until dropped, then released.
+#[derive(Debug)]
+pub struct Lock {
+    cluster: Arc<Cluster>,
+    key: String,
+    value: String,
+    renew: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Lock {
+    fn drop(&mut self) {
+        self.renew.abort();
+        let (cluster, key, value) = (
+            Arc::clone(&self.cluster),
+            std::mem::take(&mut self.key),
+            std::mem::take(&mut self.value),
+        );
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let mut conn = cluster.conn.clone();
+                let released: redis::RedisResult<i64> = redis::Script::new(RELEASE)
+                    .key(&key)
+                    .arg(&value)
+                    .invoke_async(&mut conn)
+                    .await;
+                if let Err(e) = released {
+                    cluster.failed("release", &e);
+                }
+            });
+        }
+    }
+}
+
+impl Cluster {
+    /// Replicas coordinated through `url` (`redis://host:port/db`); this one reachable at
+    /// `me`. Nothing is contacted yet.
+    pub fn new(url: &str, me: String) -> Result<Cluster, String> {
+        let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(Duration::from_secs(1)))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(200));
+        let conn =
+            ConnectionManager::new_lazy_with_config(client, config).map_err(|e| e.to_string())?;
+        Ok(Cluster {
+            conn,
+            me,
+            started: Instant::now(),
+            resting_until: AtomicU64::new(0),
+            next_token: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether Redis is being asked (not resting after a failure).
+    pub fn available(&self) -> bool {
+        self.now_ms() >= self.resting_until.load(Ordering::Relaxed)
+    }
+
+    fn failed(&self, what: &str, e: &redis::RedisError) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        let now = self.now_ms();
+        let until =
+            now.saturating_add(u64::try_from(REST_AFTER_FAILURE.as_millis()).unwrap_or(u64::MAX));
+        if self.resting_until.swap(until, Ordering::Relaxed) <= now {
+            tracing::warn!(what, error = %e, "Redis failed; this replica goes on alone for {}s", REST_AFTER_FAILURE.as_secs());
+        }
+    }
+
+    /// Tries to take the lock on `key`.
+    pub async fn claim(self: &Arc<Self>, key: &str) -> Claim {
+        if !self.available() {
+            return Claim::Alone;
+        }
+        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let value = format!("{nanos:x}.{token:x} {}", self.me);
+        let ttl = u64::try_from(LOCK_TTL.as_millis()).unwrap_or(u64::MAX);
+        let mut set = redis::cmd("SET");
+        set.arg(key).arg(&value).arg("NX").arg("PX").arg(ttl);
+        let set: redis::RedisResult<Option<String>> = self.query(&set).await;
+        match set {
+            Ok(Some(_)) => {
+                let renew = tokio::spawn(renew(Arc::clone(self), key.to_owned(), value.clone()));
+                Claim::Owned(Lock {
+                    cluster: Arc::clone(self),
+                    key: key.to_owned(),
+                    value,
+                    renew,
+                })
+            }
+            Ok(None) => match self.holder(key).await {
+                Some(Some(owner)) => Claim::Held(owner),
+                // Released in between: try once more next time; meanwhile go on alone.
+                Some(None) => Box::pin(self.claim(key)).await,
+                None => Claim::Alone,
+            },
+            Err(e) => {
+                self.failed("claim", &e);
+                Claim::Alone
+            }
+        }
+    }
+
+    /// The holder of `key` (its `advertise_url`); `Some(None)` when nobody holds it, `None`
+    /// when Redis cannot be asked.
+    pub async fn holder(&self, key: &str) -> Option<Option<String>> {
+        if !self.available() {
+            return None;
+        }
+        let got: redis::RedisResult<Option<String>> = self.query(redis::cmd("GET").arg(key)).await;
+        match got {
+            Ok(value) => Some(value.and_then(|v| v.split_once(' ').map(|(_, me)| me.to_owned()))),
+            Err(e) => {
+                self.failed("get", &e);
+                None
+            }
+        }
+    }
+
+    /// Waits until nobody holds `key` (or Redis cannot be asked), for at most `limit`.
+    pub async fn released(&self, key: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            match self.holder(key).await {
+                Some(Some(_)) => tokio::time::sleep(Duration::from_millis(50)).await,
+                _ => return,
+            }
+        }
+    }
+
+    /// Runs `command`, once more if the first try failed: a connection Redis dropped (it
+    /// restarted) fails one command before the manager reconnects.
+    async fn query<T: redis::FromRedisValue>(&self, command: &redis::Cmd) -> redis::RedisResult<T> {
+        let mut conn = self.conn.clone();
+        match command.query_async(&mut conn).await {
+            Ok(value) => Ok(value),
+            Err(_) => command.query_async(&mut conn).await,
+        }
+    }
+
+    /// This replica's `advertise_url`.
+    pub fn me(&self) -> &str {
+        &self.me
+    }
+}
+
+async fn renew(cluster: Arc<Cluster>, key: String, value: String) {
+    let ttl = u64::try_from(LOCK_TTL.as_millis()).unwrap_or(u64::MAX);
+    loop {
+        tokio::time::sleep(RENEW_EVERY).await;
+        let mut conn = cluster.conn.clone();
+        let renewed: redis::RedisResult<i64> = redis::Script::new(RENEW)
+            .key(&key)
+            .arg(&value)
+            .arg(ttl)
+            .invoke_async(&mut conn)
+            .await;
+        match renewed {
+            Ok(1) => {}
+            Ok(_) => {
+                tracing::warn!(
+                    key,
+                    "a cluster lock was lost (expired while Redis was away?)"
+                );
+                return;
+            }
+            Err(e) => cluster.failed("renew", &e),
+        }
+    }
+}

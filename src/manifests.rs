@@ -123,6 +123,8 @@ pub struct ManifestCache {
     pending: Arc<Writes>,
     /// Object storage shared with other replicas, and this cache's place in it.
     shared: Option<(Arc<ObjectStorage>, String)>,
+    /// Replicas coordinate through Redis: object storage writes are awaited.
+    coordinated: bool,
 }
 
 /// The largest manifest or tag entry read back from object storage.
@@ -239,6 +241,7 @@ impl ManifestCache {
             pending: Arc::default(),
             usage: Cache::builder().max_capacity(1_000_000).build(),
             shared: None,
+            coordinated: false,
         };
         cache.load_tags()?;
         Ok(cache)
@@ -246,8 +249,14 @@ impl ManifestCache {
 
     /// Shares manifests and tag entries through object storage, under `prefix` there (`""`
     /// for the default upstream, `upstreams/<host>/` for the others).
-    pub fn shared(mut self, objects: Arc<ObjectStorage>, prefix: String) -> ManifestCache {
+    pub fn shared(
+        mut self,
+        objects: Arc<ObjectStorage>,
+        prefix: String,
+        coordinated: bool,
+    ) -> ManifestCache {
         self.shared = Some((objects, prefix));
+        self.coordinated = coordinated;
         self
     }
 
@@ -263,8 +272,12 @@ impl ManifestCache {
         format!("{prefix}tags/{name}/_tags/{tag}")
     }
 
-    /// Runs an object storage request behind the caller, counted until done.
-    fn share_in_background(&self, request: impl Future<Output = ()> + Send + 'static) {
+    /// Runs an object storage write: awaited in a cluster (the replicas waiting on this one's
+    /// lock read it next), else behind the caller, counted until done.
+    async fn share(&self, request: impl Future<Output = ()> + Send + 'static) {
+        if self.coordinated {
+            return request.await;
+        }
         let writing = self.pending.start();
         tokio::spawn(async move {
             request.await;
@@ -342,28 +355,31 @@ impl ManifestCache {
             objects.delete(&key).await;
             return None;
         };
-        Some(self.store(manifest, false))
+        Some(self.store(manifest))
     }
 
-    /// Stores a verified manifest in memory and, durably, on disk (and in object storage).
+    /// Stores a verified manifest in memory and, durably, on disk (and in object storage: in a
+    /// cluster before returning, so the replicas waiting for it find it).
     pub async fn put(&self, manifest: Manifest) -> Arc<Manifest> {
-        self.store(manifest, true)
-    }
-
-    fn store(&self, manifest: Manifest, share: bool) -> Arc<Manifest> {
-        let m = Arc::new(manifest);
-        if share && let Some((objects, prefix)) = &self.shared {
+        let m = self.store(manifest);
+        if let Some((objects, prefix)) = &self.shared {
             let (objects, key, stored) = (
                 Arc::clone(objects),
                 Self::manifest_object(prefix, &m.digest),
                 Arc::clone(&m),
             );
-            self.share_in_background(async move {
+            self.share(async move {
                 let mut object = format!("{}\n", stored.media_type).into_bytes();
                 object.extend_from_slice(&stored.bytes);
                 objects.put_bytes(&key, object.into()).await;
-            });
+            })
+            .await;
         }
+        m
+    }
+
+    fn store(&self, manifest: Manifest) -> Arc<Manifest> {
+        let m = Arc::new(manifest);
         // Verified bytes, whole: served from memory at once, made durable (fsynced) behind the
         // response, never partial on disk (written beside and renamed).
         let digest = m.digest.clone();
@@ -511,7 +527,8 @@ impl ManifestCache {
         if let Some((objects, prefix)) = &self.shared {
             let (objects, key) = (Arc::clone(objects), Self::tag_object(prefix, name, tag));
             let json = serde_json::to_vec(&entry).unwrap_or_default();
-            self.share_in_background(async move { objects.put_bytes(&key, json.into()).await });
+            self.share(async move { objects.put_bytes(&key, json.into()).await })
+                .await;
         }
         self.adopt_tag(name, tag, entry);
     }

@@ -188,7 +188,11 @@ impl AppState {
             let mut manifests =
                 ManifestCache::open(layout.upstream(&dir)?, config.manifest_cache_bytes.as_u64())?;
             if let Some(objects) = &objects {
-                manifests = manifests.shared(Arc::clone(objects), format!("upstreams/{dir}/"));
+                manifests = manifests.shared(
+                    Arc::clone(objects),
+                    format!("upstreams/{dir}/"),
+                    !config.redis_url.is_empty(),
+                );
             }
             let manifests = Arc::new(manifests);
             let proxy = Proxy::new(&derived, upstream, manifests, Arc::clone(&blobs))?
@@ -196,7 +200,11 @@ impl AppState {
             others.push(Arc::new(proxy));
         }
         let manifests = Arc::new(match &objects {
-            Some(objects) => manifests.shared(Arc::clone(objects), String::new()),
+            Some(objects) => manifests.shared(
+                Arc::clone(objects),
+                String::new(),
+                !config.redis_url.is_empty(),
+            ),
             None => manifests,
         });
         let proxy = Arc::new(

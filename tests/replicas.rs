@@ -181,11 +181,12 @@ impl Redis {
 struct Replica {
     process: Process,
     url: String,
+    client: reqwest::Client,
 }
 
 impl Replica {
     async fn start(upstream: &str, s3: &S3, data: &std::path::Path) -> Replica {
-        Replica::start_with(upstream, s3, None, data).await
+        Replica::start_with(upstream, s3, None, data, &[]).await
     }
 
     async fn start_with(
@@ -193,9 +194,11 @@ impl Replica {
         s3: &S3,
         redis: Option<&Redis>,
         data: &std::path::Path,
+        env: &[(&str, &str)],
     ) -> Replica {
         let port = free_port();
         let mut command = Command::new(env!("CARGO_BIN_EXE_pullthrough"));
+        command.envs(env.iter().copied());
         if let Some(redis) = redis {
             command
                 .env("PULLTHROUGH_REDIS_URL", redis.url())
@@ -212,8 +215,15 @@ impl Replica {
             .env("AWS_SECRET_ACCESS_KEY", "test")
             .env("AWS_REGION", "us-east-1")
             .env("AWS_ALLOW_HTTP", "true")
-            .env("RUST_LOG", "pullthrough=warn")
-            .stdout(Stdio::null())
+            .env(
+                "RUST_LOG",
+                std::env::var("REPLICA_LOG").unwrap_or("pullthrough=warn".into()),
+            )
+            .stdout(if std::env::var("REPLICA_LOG").is_ok() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
@@ -222,11 +232,12 @@ impl Replica {
         Replica {
             process: Process(process),
             url,
+            client: support::client(),
         }
     }
 
     async fn get(&self, path: &str) -> reqwest::Response {
-        support::client()
+        self.client
             .get(format!("{}{path}", self.url))
             .header("Accept", DOCKER_MANIFEST)
             .send()
@@ -396,10 +407,19 @@ async fn corrupt_blobs_never_reach_object_storage_and_a_damaged_object_is_replac
 
 /// Three replicas coordinated through Redis.
 async fn cluster(hub: &FakeHub, s3: &S3, redis: &Redis) -> (Vec<Replica>, Vec<tempfile::TempDir>) {
+    cluster_with(hub, s3, redis, &[]).await
+}
+
+async fn cluster_with(
+    hub: &FakeHub,
+    s3: &S3,
+    redis: &Redis,
+    env: &[(&str, &str)],
+) -> (Vec<Replica>, Vec<tempfile::TempDir>) {
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let mut replicas = Vec::new();
     for dir in &dirs {
-        replicas.push(Replica::start_with(&hub.url, s3, Some(redis), dir.path()).await);
+        replicas.push(Replica::start_with(&hub.url, s3, Some(redis), dir.path(), env).await);
     }
     (replicas, dirs)
 }
@@ -550,5 +570,68 @@ async fn with_redis_stopped_pulls_go_on_and_coordination_resumes_when_it_is_back
     assert_eq!(
         gets, 4,
         "coordination resumed: one upstream GET for `again`"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_costs_one_get_and_one_head_per_ttl_across_the_cluster() {
+    let hub = FakeHub::start().await;
+    let image = image();
+    hub.push("library/app", "1", &image);
+    let s3 = S3::start().await;
+    let redis = Redis::start();
+    let (replicas, _dirs) = cluster_with(&hub, &s3, &redis, &[("PULLTHROUGH_TAG_TTL", "2s")]).await;
+
+    // Concurrent cold GETs of the tag on every replica: one upstream GET.
+    hub.fault(Fault::Delay(Duration::from_millis(300)));
+    let mut gets = Vec::new();
+    for replica in &replicas {
+        for _ in 0..10 {
+            let url = format!("{}/v2/library/app/manifests/1", replica.url);
+            gets.push(tokio::spawn(async move {
+                let r = support::client()
+                    .get(url)
+                    .header("Accept", DOCKER_MANIFEST)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200);
+                r.bytes().await.unwrap()
+            }));
+        }
+    }
+    for get in gets {
+        assert_eq!(get.await.unwrap(), image.bytes);
+    }
+    hub.clear_faults();
+    assert_eq!(
+        hub.count("manifest_get"),
+        1,
+        "one GET for 30 cold requests on 3 replicas"
+    );
+    let heads_before = hub.count("manifest_head");
+
+    // 1,000 requests spread over the replicas across two TTL windows (4.5 s of a 2 s TTL):
+    // one HEAD per window for the whole cluster, no GET.
+    let started = Instant::now();
+    for i in 0..1000u32 {
+        let due = Duration::from_micros(4500 * u64::from(i));
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            tokio::time::sleep(wait).await;
+        }
+        let r = replicas[i as usize % 3]
+            .get("/v2/library/app/manifests/1")
+            .await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["docker-content-digest"], image.digest.as_str());
+    }
+    assert_eq!(hub.count("manifest_get"), 1, "no GET once cached");
+    // Two windows when the requests kept their 4.5 s pace; one per window begun on a slow run.
+    let windows = (started.elapsed().as_secs_f64() / 2.0).ceil().max(2.0) as u64 - 1;
+    let heads = hub.count("manifest_head") - heads_before;
+    assert!(
+        (2..=windows.max(2)).contains(&heads),
+        "one HEAD per TTL window across three replicas: {heads} in {:?}",
+        started.elapsed()
     );
 }

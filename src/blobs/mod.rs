@@ -176,6 +176,11 @@ impl BlobStore {
             .join(hex)
     }
 
+    /// The replicas' coordination, in a cluster.
+    pub fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
+        self.peers.get().map(|p| &p.cluster)
+    }
+
     /// The secret of requests between replicas, in a cluster.
     pub fn cluster_secret(&self) -> Option<&str> {
         self.peers.get().map(|p| p.secret.as_str())

@@ -2,6 +2,7 @@
 //! own task: GET by tag, HEAD by tag, GET by digest, and tag revalidation.
 
 use super::{Proxy, TagKey, plausible};
+use crate::cluster::{Claim, LOCK_TTL, Lock};
 use crate::error::Error;
 use crate::manifests::{Freshness, TagEntry, now_ms};
 use crate::metrics::StaleCause;
@@ -17,9 +18,10 @@ impl Proxy {
     ) -> impl Future<Output = Result<TagEntry, Error>> + use<> {
         let this = Arc::clone(self);
         self.tag_gets.join(key.clone(), move || async move {
-            if let Some(entry) = this.shared_tag(&key).await {
-                return entry;
-            }
+            let _lock = match this.coordinate_tag(&key).await {
+                Ok(entry) => return Ok(entry),
+                Err(lock) => lock,
+            };
             let (name, tag) = key;
             let manifest = this
                 .upstream
@@ -45,9 +47,10 @@ impl Proxy {
     ) -> impl Future<Output = Result<TagEntry, Error>> + use<> {
         let this = Arc::clone(self);
         self.tag_heads.join(key.clone(), move || async move {
-            if let Some(entry) = this.shared_tag(&key).await {
-                return entry;
-            }
+            let _lock = match this.coordinate_tag(&key).await {
+                Ok(entry) => return Ok(entry),
+                Err(lock) => lock,
+            };
             let (name, tag) = key;
             let head = this
                 .upstream
@@ -63,6 +66,49 @@ impl Proxy {
                 _ => this.fetch_tag((name, tag)).await,
             }
         })
+    }
+
+    /// Before fetching a tag unknown here: another replica's entry from object storage if
+    /// there is a usable one, else (in a cluster) the tag's cluster lock, taken or waited for
+    /// (then the holder's entry is read). `Err` carries the lock to hold while fetching.
+    async fn coordinate_tag(self: &Arc<Self>, key: &TagKey) -> Result<TagEntry, Option<Lock>> {
+        if let Some(Ok(entry)) = self.shared_tag(key).await {
+            return Ok(entry);
+        }
+        match self.coordinate::<()>(self.tag_lock(key)).await {
+            // Waited for the holder: its entry, if it stored one; else fetch here, unlocked.
+            Err(_) => match self.shared_tag(key).await {
+                Some(Ok(entry)) => Ok(entry),
+                _ => Err(None),
+            },
+            // Double-checked: the holder may have finished just before the claim.
+            Ok(Some(lock)) => match self.shared_tag(key).await {
+                Some(Ok(entry)) => Ok(entry),
+                _ => Err(Some(lock)),
+            },
+            Ok(None) => Err(None),
+        }
+    }
+
+    /// In a cluster: takes the lock `key` (`Ok(Some)`), or waits until its holder released it
+    /// (`Err(None)`: the caller reads the holder's result). `Ok(None)` outside a cluster or
+    /// without Redis.
+    async fn coordinate<T>(&self, key: String) -> Result<Option<Lock>, Option<T>> {
+        let Some(cluster) = self.blobs.cluster() else {
+            return Ok(None);
+        };
+        match cluster.claim(&key).await {
+            Claim::Owned(lock) => Ok(Some(lock)),
+            Claim::Held(_) => {
+                cluster.released(&key, LOCK_TTL * 2).await;
+                Err(None)
+            }
+            Claim::Alone => Ok(None),
+        }
+    }
+
+    fn tag_lock(&self, (name, tag): &TagKey) -> String {
+        format!("pullthrough:lock:tag:{}:{name}:{tag}", self.upstream_name)
     }
 
     /// A tag unknown here, from the entry another replica stored in object storage: served as
@@ -93,6 +139,17 @@ impl Proxy {
         let key = (name.clone(), digest.clone());
         self.digest_gets.join(key.clone(), move || async move {
             let (name, digest) = key;
+            // In a cluster one replica fetches it; the others take it from object storage
+            // (where access cannot depend on credentials: else they fetch it themselves).
+            let lock_key = format!("pullthrough:lock:manifest:{}:{digest}", this.upstream_name);
+            let lock = this.coordinate::<()>(lock_key).await;
+            if !matches!(lock, Ok(None))
+                && !this.upstream.has_credentials()
+                && let Some(m) = this.manifests.get(&digest).await
+            {
+                return Ok(m);
+            }
+            let _lock = lock.ok().flatten();
             let manifest = this
                 .upstream
                 .get_manifest(&name, &Reference::Digest(digest.clone()))
@@ -126,15 +183,31 @@ impl Proxy {
             return self.fetch_tag(key.clone()).await;
         };
         // Another replica may have validated it since: then that answer stands, with no HEAD.
-        if let Some(shared) = self.manifests.shared_tag(name, tag).await
-            && shared.validated_at > entry.validated_at
-        {
-            self.manifests.adopt_tag(name, tag, shared.clone());
-            if self.policy.freshness(tag, shared.validated_at, now_ms()) == Freshness::Fresh {
-                return Ok(shared);
+        // In a cluster one replica revalidates; the others wait for its answer.
+        let mut lock = None;
+        for attempt in 0..2 {
+            if let Some(shared) = self.manifests.shared_tag(name, tag).await
+                && shared.validated_at > entry.validated_at
+            {
+                self.manifests.adopt_tag(name, tag, shared.clone());
+                if self.policy.freshness(tag, shared.validated_at, now_ms()) == Freshness::Fresh {
+                    return Ok(shared);
+                }
+                entry = shared;
             }
-            entry = shared;
+            if attempt == 1 {
+                break;
+            }
+            // Taken: checked once more, since the holder before may have just finished.
+            // Waited for: the holder's answer is read.
+            if let Ok(held) = self.coordinate::<()>(self.tag_lock(key)).await {
+                lock = held;
+                if lock.is_none() {
+                    break;
+                }
+            }
         }
+        let _lock = lock;
         let head = match self
             .upstream
             .head_manifest(name, &Reference::Tag(tag.clone()))

@@ -238,3 +238,99 @@ async fn renew(cluster: Arc<Cluster>, key: String, value: String) {
         }
     }
 }
+
+/// How often a replica shares its upstream budget and 429 pause, and takes the others'.
+const LIMITS_EVERY: Duration = Duration::from_millis(500);
+
+impl Cluster {
+    /// Shares `upstream`'s rate-limit state with the other replicas while this one runs: a
+    /// 429 pause (and its `Retry-After`) and the budget upstream last reported apply to every
+    /// replica, within half a second.
+    pub fn share_limits(self: &Arc<Self>, host: &str, upstream: Arc<crate::upstream::Upstream>) {
+        let (pause_key, budget_key) = (
+            format!("pullthrough:pause:{host}"),
+            format!("pullthrough:budget:{host}"),
+        );
+        let cluster = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut shared_seen = None;
+            loop {
+                tokio::time::sleep(LIMITS_EVERY).await;
+                let Some(cluster) = cluster.upgrade() else {
+                    return;
+                };
+                if !cluster.available() {
+                    continue;
+                }
+                cluster
+                    .sync_limits(&pause_key, &budget_key, &upstream, &mut shared_seen)
+                    .await;
+            }
+        });
+    }
+
+    async fn sync_limits(
+        &self,
+        pause_key: &str,
+        budget_key: &str,
+        upstream: &crate::upstream::Upstream,
+        shared_seen: &mut Option<u64>,
+    ) {
+        let limits = &upstream.limits;
+        // This replica's pause goes out (the longest wins: SET only if later)...
+        if let Some((until, abuse)) = limits.pause_deadline() {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            let ttl = until.saturating_sub(now).max(1);
+            let current: Option<String> = self
+                .query(redis::cmd("GET").arg(pause_key))
+                .await
+                .unwrap_or(None);
+            let later = current
+                .as_deref()
+                .and_then(|v| v.split(' ').next()?.parse::<u64>().ok())
+                .is_none_or(|theirs| theirs < until);
+            if later {
+                let mut set = redis::cmd("SET");
+                set.arg(pause_key)
+                    .arg(format!("{until} {}", u8::from(abuse)))
+                    .arg("PX")
+                    .arg(ttl);
+                if let Err(e) = self.query::<()>(&set).await {
+                    self.failed("pause", &e);
+                }
+            }
+        }
+        // ...and the others' comes in.
+        let theirs: redis::RedisResult<Option<String>> =
+            self.query(redis::cmd("GET").arg(pause_key)).await;
+        if let Ok(Some(value)) = theirs {
+            let mut parts = value.split(' ');
+            if let Some(until) = parts.next().and_then(|u| u.parse::<u64>().ok()) {
+                limits.adopt_pause(until, parts.next() == Some("1"));
+            }
+        }
+        // The budget: the newest observation wins, in both directions.
+        let mine = limits.snapshot();
+        let theirs: Option<crate::upstream::ratelimit::RateLimit> = self
+            .query::<Option<String>>(redis::cmd("GET").arg(budget_key))
+            .await
+            .ok()
+            .flatten()
+            .and_then(|v| serde_json::from_str(&v).ok());
+        match theirs {
+            Some(theirs) if theirs.observed_at > mine.observed_at => limits.adopt(theirs),
+            _ if mine.observed_at.is_some() && mine.observed_at != *shared_seen => {
+                if let Ok(json) = serde_json::to_string(&mine) {
+                    let mut set = redis::cmd("SET");
+                    set.arg(budget_key).arg(json).arg("EX").arg(24 * 3600);
+                    if self.query::<()>(&set).await.is_ok() {
+                        *shared_seen = mine.observed_at;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}

@@ -546,8 +546,8 @@ impl Config {
             return bad("storage_url", &e);
         }
         if !self.redis_url.is_empty() {
-            if let Err(e) = crate::cluster::Cluster::new(&self.redis_url, String::new()) {
-                return bad("redis_url", &e);
+            if let Err(e) = redis::Client::open(self.redis_url.as_str()) {
+                return bad("redis_url", &e.to_string());
             }
             if self.storage_url.is_empty() {
                 return bad(

@@ -168,8 +168,10 @@ impl AppState {
                 // Replicas reach each other by the address they advertise, TLS or not.
                 .danger_accept_invalid_certs(true)
                 .build()?;
+            let cluster = Arc::new(cluster);
+            cluster.share_limits(&default_name, Arc::clone(&upstream));
             blobs.join_cluster(crate::blobs::Peers {
-                cluster: Arc::new(cluster),
+                cluster,
                 secret: config
                     .cluster_secret
                     .as_ref()
@@ -184,6 +186,9 @@ impl AppState {
         for (i, u) in config.upstreams.iter().enumerate() {
             let derived = config.for_upstream(u);
             let upstream = Arc::new(Upstream::new(&derived, metrics.for_upstream(i + 1))?);
+            if let Some(cluster) = blobs.cluster() {
+                cluster.share_limits(&u.host, Arc::clone(&upstream));
+            }
             let dir = u.host.replace(':', "_");
             let mut manifests =
                 ManifestCache::open(layout.upstream(&dir)?, config.manifest_cache_bytes.as_u64())?;

@@ -635,3 +635,30 @@ async fn a_tag_costs_one_get_and_one_head_per_ttl_across_the_cluster() {
         started.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_pause_on_one_replica_holds_every_replica() {
+    let hub = FakeHub::start().await;
+    hub.push("library/app", "1", &Image::single("one", DOCKER_MANIFEST, 1000));
+    hub.push("library/app", "2", &Image::single("two", DOCKER_MANIFEST, 1000));
+    hub.push("library/app", "3", &Image::single("three", DOCKER_MANIFEST, 1000));
+    let s3 = S3::start().await;
+    let redis = Redis::start();
+    let (replicas, _dirs) = cluster(&hub, &s3, &redis).await;
+    hub.fault(Fault::TooMany(30));
+    let r = replicas[0].get("/v2/library/app/manifests/1").await;
+    assert_eq!(r.status(), 429);
+    let gets = hub.count("manifest_get");
+    assert_eq!(gets, 1);
+    // Shared within half a second: the other replicas do not ask upstream while it lasts.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    hub.clear_faults();
+    for (replica, tag) in replicas[1..].iter().zip(["2", "3"]) {
+        let r = replica
+            .get(&format!("/v2/library/app/manifests/{tag}"))
+            .await;
+        assert_eq!(r.status(), 429, "paused by another replica's 429");
+        assert!(r.headers().contains_key("retry-after"));
+    }
+    assert_eq!(hub.count("manifest_get"), gets, "no manifest GET during the pause");
+}

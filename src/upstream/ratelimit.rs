@@ -6,7 +6,7 @@ use reqwest::header::HeaderMap;
 use std::time::{Duration, Instant, SystemTime};
 
 /// The last rate-limit state upstream reported for pullthrough's credential.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RateLimit {
     /// Pulls allowed per window.
     pub limit: Option<u64>,
@@ -146,6 +146,40 @@ impl RateLimits {
     /// The last state seen.
     pub fn snapshot(&self) -> RateLimit {
         self.state.lock().last.clone()
+    }
+
+    /// The pause in force: its end (ms since the Unix epoch) and whether it stops everything.
+    pub fn pause_deadline(&self) -> Option<(u64, bool)> {
+        let s = self.state.lock();
+        let left = s.paused_until?.saturating_duration_since(Instant::now());
+        let end = SystemTime::now().checked_add(left)?;
+        let ms = end.duration_since(SystemTime::UNIX_EPOCH).ok()?.as_millis();
+        Some((u64::try_from(ms).ok()?, s.pause_everything))
+    }
+
+    /// Takes a pause another replica recorded (its end in ms since the Unix epoch), clamped to
+    /// `max_upstream_pause`; a shorter one than this replica's changes nothing.
+    pub fn adopt_pause(&self, until_ms: u64, abuse: bool) {
+        let end = SystemTime::UNIX_EPOCH + Duration::from_millis(until_ms);
+        let Ok(left) = end.duration_since(SystemTime::now()) else {
+            return;
+        };
+        let Some(until) = Instant::now().checked_add(left.min(self.max_pause)) else {
+            return;
+        };
+        let mut s = self.state.lock();
+        if s.paused_until.is_none_or(|u| u < until) {
+            s.paused_until = Some(until);
+            s.pause_everything |= abuse;
+        }
+    }
+
+    /// Takes rate-limit headers another replica saw, when they are newer than this one's.
+    pub fn adopt(&self, seen: RateLimit) {
+        let mut s = self.state.lock();
+        if seen.observed_at > s.last.observed_at {
+            s.last = seen;
+        }
     }
 }
 

@@ -215,6 +215,22 @@ impl AppState {
         let proxy = Arc::new(
             Proxy::new(config, Arc::clone(&upstream), manifests, blobs)?.named(&default_name, true),
         );
+        if let Some(cluster) = proxy.blobs.cluster() {
+            let proxies: Vec<Arc<Proxy>> = std::iter::once(Arc::clone(&proxy))
+                .chain(others.iter().cloned())
+                .collect();
+            cluster.follow_purges(Arc::new(move |purged: crate::cluster::Purged| {
+                let proxy = proxies
+                    .iter()
+                    .find(|p| p.name() == purged.upstream)
+                    .cloned();
+                Box::pin(async move {
+                    if let Some(proxy) = proxy {
+                        proxy.apply_purge(&purged).await;
+                    }
+                })
+            }));
+        }
         let mut default_names: Vec<String> = if config.namespaces.is_empty() {
             crate::config::DOCKER_HUB_NAMES
                 .iter()

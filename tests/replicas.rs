@@ -639,9 +639,21 @@ async fn a_tag_costs_one_get_and_one_head_per_ttl_across_the_cluster() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_429_pause_on_one_replica_holds_every_replica() {
     let hub = FakeHub::start().await;
-    hub.push("library/app", "1", &Image::single("one", DOCKER_MANIFEST, 1000));
-    hub.push("library/app", "2", &Image::single("two", DOCKER_MANIFEST, 1000));
-    hub.push("library/app", "3", &Image::single("three", DOCKER_MANIFEST, 1000));
+    hub.push(
+        "library/app",
+        "1",
+        &Image::single("one", DOCKER_MANIFEST, 1000),
+    );
+    hub.push(
+        "library/app",
+        "2",
+        &Image::single("two", DOCKER_MANIFEST, 1000),
+    );
+    hub.push(
+        "library/app",
+        "3",
+        &Image::single("three", DOCKER_MANIFEST, 1000),
+    );
     let s3 = S3::start().await;
     let redis = Redis::start();
     let (replicas, _dirs) = cluster(&hub, &s3, &redis).await;
@@ -660,5 +672,55 @@ async fn a_429_pause_on_one_replica_holds_every_replica() {
         assert_eq!(r.status(), 429, "paused by another replica's 429");
         assert!(r.headers().contains_key("retry-after"));
     }
-    assert_eq!(hub.count("manifest_get"), gets, "no manifest GET during the pause");
+    assert_eq!(
+        hub.count("manifest_get"),
+        gets,
+        "no manifest GET during the pause"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_through_one_replica_takes_effect_on_every_replica() {
+    let hub = FakeHub::start().await;
+    let image = image();
+    hub.push("library/app", "1", &image);
+    let s3 = S3::start().await;
+    let redis = Redis::start();
+    let (replicas, _dirs) = cluster(&hub, &s3, &redis).await;
+    for replica in &replicas {
+        replica.pull(&image).await;
+    }
+    assert_eq!(hub.count("manifest_get"), 1);
+    let layer = sha256(&image.blobs[1]);
+    for path in [
+        "/_pullthrough/cache/library/app/manifests/1".to_owned(),
+        format!("/_pullthrough/cache/blobs/{layer}"),
+    ] {
+        let r = support::client()
+            .delete(format!("{}{path}", replicas[0].url))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{path}: {}", r.status());
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Every replica asks upstream again: the tag and the blob are gone everywhere.
+    for replica in &replicas {
+        let r = replica.get("/v2/library/app/manifests/1").await;
+        assert_eq!(r.status(), 200);
+        let cache = r.headers()["x-cache"].to_str().unwrap().to_owned();
+        assert_ne!(
+            cache, "HIT",
+            "the purged tag was still served from a replica's cache"
+        );
+        let r = replica.get(&format!("/v2/library/app/blobs/{layer}")).await;
+        assert_eq!(r.status(), 200);
+        assert_ne!(
+            r.headers()["x-cache"],
+            "HIT",
+            "the purged blob was still on a replica"
+        );
+        r.bytes().await.unwrap();
+    }
+    assert!(hub.count("manifest_head") + hub.count("manifest_get") >= 2);
 }

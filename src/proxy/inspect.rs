@@ -483,9 +483,11 @@ impl Proxy {
         if !dry_run {
             for (n, t, _) in &gone {
                 self.manifests.remove_tag(n, t).await;
+                self.announce("tag", n.as_str(), t.as_str()).await;
             }
             for d in &purge.manifests {
                 self.manifests.remove_manifest(d).await;
+                self.announce("manifest", "", &d.to_string()).await;
             }
         }
         purge
@@ -501,11 +503,16 @@ impl Proxy {
     ) -> Purge {
         let mut purge = Purge::default();
         let tags: Vec<(RepoName, Tag)> = match reference {
-            Reference::Tag(t) => self
-                .manifests
-                .tag(name, t)
-                .map(|_| vec![(name.clone(), t.clone())])
-                .unwrap_or_default(),
+            // Known here, or (with object storage) to another replica.
+            Reference::Tag(t) => {
+                if self.manifests.tag(name, t).is_some()
+                    || self.manifests.shared_tag(name, t).await.is_some()
+                {
+                    vec![(name.clone(), t.clone())]
+                } else {
+                    Vec::new()
+                }
+            }
             Reference::Digest(d) => {
                 if self.manifests.has_manifest(d).await {
                     purge.manifests.push(d.clone());
@@ -525,12 +532,52 @@ impl Proxy {
         if !dry_run {
             for (n, t) in &tags {
                 self.manifests.remove_tag(n, t).await;
+                self.announce("tag", n.as_str(), t.as_str()).await;
             }
             for d in &purge.manifests {
                 self.manifests.remove_manifest(d).await;
+                self.announce("manifest", "", &d.to_string()).await;
             }
         }
         purge
+    }
+
+    /// Tells the other replicas, in a cluster, to drop what this purge removed here.
+    async fn announce(&self, kind: &str, name: &str, reference: &str) {
+        if let Some(cluster) = self.blobs.cluster() {
+            let purged = crate::cluster::Purged {
+                kind: kind.to_owned(),
+                upstream: self.name().to_owned(),
+                name: name.to_owned(),
+                reference: reference.to_owned(),
+            };
+            cluster.announce(&purged).await;
+        }
+    }
+
+    /// Applies a purge another replica announced (its upstream is this proxy's).
+    pub async fn apply_purge(&self, purged: &crate::cluster::Purged) {
+        match purged.kind.as_str() {
+            "tag" => {
+                if let (Ok(name), Ok(tag)) = (
+                    RepoName::parse(&purged.name, false),
+                    Tag::parse(&purged.reference),
+                ) {
+                    self.manifests.remove_tag(&name, &tag).await;
+                }
+            }
+            "manifest" => {
+                if let Ok(digest) = purged.reference.parse::<Digest>() {
+                    self.manifests.remove_manifest(&digest).await;
+                }
+            }
+            "blob" => {
+                if let Ok(digest) = purged.reference.parse::<Digest>() {
+                    self.blobs.purge(&digest).await;
+                }
+            }
+            _ => {}
+        }
     }
 
     /// Purges a blob from the store.
@@ -540,6 +587,7 @@ impl Proxy {
             purge.blobs.push(digest.clone());
             if !dry_run {
                 self.blobs.purge(digest).await;
+                self.announce("blob", "", &digest.to_string()).await;
             }
         }
         purge

@@ -39,8 +39,9 @@ pub struct Cluster {
     /// Until when (ms since start) Redis is left alone after a failure.
     resting_until: AtomicU64,
     next_token: AtomicU64,
-    /// Redis requests that failed.
-    pub failures: AtomicU64,
+    /// Redis requests made, and those that failed.
+    requests: AtomicU64,
+    failures: AtomicU64,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -79,6 +80,7 @@ impl Drop for Lock {
         );
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
+                cluster.requests.fetch_add(1, Ordering::Relaxed);
                 let mut conn = cluster.conn.clone();
                 let released: redis::RedisResult<i64> = redis::Script::new(RELEASE)
                     .key(&key)
@@ -111,12 +113,22 @@ impl Cluster {
             started: Instant::now(),
             resting_until: AtomicU64::new(0),
             next_token: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
         })
     }
 
     fn now_ms(&self) -> u64 {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Requests made, requests failed, and whether this replica goes on alone now.
+    pub fn counts(&self) -> (u64, u64, bool) {
+        (
+            self.requests.load(Ordering::Relaxed),
+            self.failures.load(Ordering::Relaxed),
+            !self.available(),
+        )
     }
 
     /// Whether Redis is being asked (not resting after a failure).
@@ -201,6 +213,7 @@ impl Cluster {
     /// Runs `command`, once more if the first try failed: a connection Redis dropped (it
     /// restarted) fails one command before the manager reconnects.
     async fn query<T: redis::FromRedisValue>(&self, command: &redis::Cmd) -> redis::RedisResult<T> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
         let mut conn = self.conn.clone();
         match command.query_async(&mut conn).await {
             Ok(value) => Ok(value),
@@ -218,6 +231,7 @@ async fn renew(cluster: Arc<Cluster>, key: String, value: String) {
     let ttl = u64::try_from(LOCK_TTL.as_millis()).unwrap_or(u64::MAX);
     loop {
         tokio::time::sleep(RENEW_EVERY).await;
+        cluster.requests.fetch_add(1, Ordering::Relaxed);
         let mut conn = cluster.conn.clone();
         let renewed: redis::RedisResult<i64> = redis::Script::new(RENEW)
             .key(&key)

@@ -35,8 +35,9 @@ pub struct ObjectStorage {
     /// Until when (ms since start) the bucket is left alone after a failure.
     resting_until: AtomicU64,
     started: std::time::Instant,
-    /// Requests that failed (for metrics and the log).
-    pub failures: AtomicU64,
+    /// Requests made, and those that failed (for metrics and the log).
+    requests: AtomicU64,
+    failures: AtomicU64,
 }
 
 impl std::fmt::Debug for ObjectStorage {
@@ -95,11 +96,21 @@ impl ObjectStorage {
             prefix: prefix.trim_matches('/').to_owned(),
             resting_until: AtomicU64::new(0),
             started: std::time::Instant::now(),
+            requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
         }
     }
 
+    /// Requests made and requests failed.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.requests.load(Ordering::Relaxed),
+            self.failures.load(Ordering::Relaxed),
+        )
+    }
+
     fn key(&self, relative: &str) -> Key {
+        self.requests.fetch_add(1, Ordering::Relaxed);
         if self.prefix.is_empty() {
             Key::from(relative)
         } else {

@@ -380,6 +380,8 @@ impl AppState {
             blobs: self.proxy.blobs.count(),
             blob_bytes: self.proxy.blobs.total_bytes(),
             downloads: self.proxy.blobs.downloads(),
+            object_storage: self.proxy.blobs.objects().map(|o| o.counts()),
+            redis: self.proxy.blobs.cluster().map(|c| c.counts()),
         }
     }
 

@@ -41,7 +41,7 @@ async fn wait_up(url: &str) {
 
 /// `moto_server` on a free loopback port, with an empty bucket.
 struct S3 {
-    _process: Process,
+    process: Option<Process>,
     url: String,
 }
 
@@ -67,7 +67,7 @@ impl S3 {
             });
         let url = format!("http://127.0.0.1:{port}");
         let s3 = S3 {
-            _process: Process(process),
+            process: Some(Process(process)),
             url,
         };
         wait_up(&s3.url).await;
@@ -82,6 +82,10 @@ impl S3 {
             created.status()
         );
         s3
+    }
+
+    fn stop(&mut self) {
+        self.process = None;
     }
 
     fn object_url(&self, key: &str) -> String {
@@ -544,6 +548,18 @@ async fn with_redis_stopped_pulls_go_on_and_coordination_resumes_when_it_is_back
         .await;
     assert_eq!(r.status(), 200);
     assert_eq!(sha256(&r.bytes().await.unwrap()), fresh_digest);
+    // Shown in metrics; readiness stays true.
+    let metrics = replicas[1].get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains("pullthrough_cluster_alone 1"),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("redis") || l.contains("alone"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_eq!(replicas[1].get("/readyz").await.status(), 200);
 
     // Back: concurrent cold pulls on every replica share one download again.
     redis.resume();
@@ -723,4 +739,35 @@ async fn a_purge_through_one_replica_takes_effect_on_every_replica() {
         r.bytes().await.unwrap();
     }
     assert!(hub.count("manifest_head") + hub.count("manifest_get") >= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_object_storage_down_cached_pulls_go_on_and_new_content_is_fetched() {
+    let hub = FakeHub::start().await;
+    let image = image();
+    hub.push("library/app", "1", &image);
+    let mut s3 = S3::start().await;
+    let redis = Redis::start();
+    let (replicas, _dirs) = cluster(&hub, &s3, &redis).await;
+    replicas[0].pull(&image).await;
+    shared(&s3, &image).await;
+    s3.stop();
+    // What a replica holds is served; what it does not is fetched from upstream, verified.
+    replicas[0].pull(&image).await;
+    replicas[1].pull(&image).await;
+    let fresh = Bytes::from(support::hub::pattern("fresh", 2 * 1024 * 1024));
+    let digest = hub.push_blob("library/app", fresh.clone());
+    let r = replicas[2]
+        .get(&format!("/v2/library/app/blobs/{digest}"))
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(sha256(&r.bytes().await.unwrap()), digest);
+    let metrics = replicas[1].get("/metrics").await.text().await.unwrap();
+    let failures: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("pullthrough_object_storage_failures_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(failures > 0.0, "object storage failures are counted");
+    assert_eq!(replicas[1].get("/readyz").await.status(), 200);
 }

@@ -176,6 +176,11 @@ impl BlobStore {
             .join(hex)
     }
 
+    /// The object storage shared with other replicas, if any.
+    pub fn objects(&self) -> Option<&Arc<crate::objects::ObjectStorage>> {
+        self.shared.as_ref()
+    }
+
     /// The replicas' coordination, in a cluster.
     pub fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
         self.peers.get().map(|p| &p.cluster)

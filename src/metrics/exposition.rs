@@ -42,6 +42,11 @@ pub struct Gauges {
     pub blob_bytes: u64,
     /// Blob downloads under way.
     pub downloads: u64,
+    /// Object storage requests and failures, with `storage_url`.
+    pub object_storage: Option<(u64, u64)>,
+    /// Redis requests and failures, and whether this replica goes on alone now, with
+    /// `redis_url`.
+    pub redis: Option<(u64, u64, bool)>,
 }
 
 type Labels = Vec<(&'static str, String)>;
@@ -290,6 +295,42 @@ impl Collector for Scrape {
         for (name, help, value) in gauges {
             gauge(
                 encoder.encode_descriptor(name, help, None, MetricType::Gauge)?,
+                value,
+            )?;
+        }
+        let mut counters = Vec::new();
+        if let Some((requests, failures)) = g.object_storage {
+            counters.push((
+                "object_storage_requests",
+                "Object storage operations (storage_url; a multipart upload counts once).",
+                requests,
+            ));
+            counters.push((
+                "object_storage_failures",
+                "Object storage requests that failed (the bucket is then left alone for 10 s).",
+                failures,
+            ));
+        }
+        if let Some((requests, failures, alone)) = g.redis {
+            counters.push(("redis_requests", "Requests to Redis (redis_url).", requests));
+            counters.push((
+                "redis_failures",
+                "Redis requests that failed (this replica then goes on alone for 5 s).",
+                failures,
+            ));
+            gauge(
+                encoder.encode_descriptor(
+                    "cluster_alone",
+                    "1 while Redis is unreachable and this replica goes on as an independent cache.",
+                    None,
+                    MetricType::Gauge,
+                )?,
+                u64::from(alone),
+            )?;
+        }
+        for (name, help, value) in counters {
+            counter(
+                encoder.encode_descriptor(name, help, None, MetricType::Counter)?,
                 value,
             )?;
         }

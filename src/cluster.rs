@@ -474,3 +474,107 @@ impl Cluster {
         });
     }
 }
+
+/// Blobs in object storage: last access (a sorted set), sizes (a hash) and their total.
+const BLOB_ACCESS: &str = "pullthrough:blobs:access";
+const BLOB_SIZES: &str = "pullthrough:blobs:sizes";
+const BLOB_BYTES: &str = "pullthrough:blobs:bytes";
+
+/// Records an uploaded blob's size (once) and access time.
+const ADD_BLOB: &str = r"
+if redis.call('hset', KEYS[1], ARGV[1], ARGV[2]) == 1 then redis.call('incrby', KEYS[2], ARGV[2]) end
+redis.call('zadd', KEYS[3], ARGV[3], ARGV[1])
+return 1";
+
+/// Forgets a blob deleted from object storage.
+const FORGET_BLOB: &str = r"
+local size = redis.call('hget', KEYS[1], ARGV[1])
+if size then redis.call('hdel', KEYS[1], ARGV[1]); redis.call('decrby', KEYS[2], size) end
+redis.call('zrem', KEYS[3], ARGV[1])
+return 1";
+
+fn epoch_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl Cluster {
+    async fn script(&self, code: &str, args: &[&str]) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let mut conn = self.conn.clone();
+        let script = redis::Script::new(code);
+        let mut invocation = script.key(BLOB_SIZES);
+        invocation.key(BLOB_BYTES).key(BLOB_ACCESS);
+        for arg in args {
+            invocation.arg(*arg);
+        }
+        let done: redis::RedisResult<i64> = invocation.invoke_async(&mut conn).await;
+        if let Err(e) = done {
+            self.failed("blob index", &e);
+        }
+    }
+
+    /// Records a blob uploaded to object storage, for the cluster-wide eviction.
+    pub async fn blob_stored(&self, digest: &str, size: u64) {
+        if self.available() {
+            let (size, now) = (size.to_string(), epoch_ms().to_string());
+            self.script(ADD_BLOB, &[digest, &size, &now]).await;
+        }
+    }
+
+    /// Forgets a blob deleted from object storage.
+    pub async fn blob_deleted(&self, digest: &str) {
+        if self.available() {
+            self.script(FORGET_BLOB, &[digest]).await;
+        }
+    }
+
+    /// Records that blobs were served now (their last access, for the eviction).
+    pub async fn blobs_used(&self, digests: &[String]) {
+        if digests.is_empty() || !self.available() {
+            return;
+        }
+        let now = epoch_ms();
+        let mut add = redis::cmd("ZADD");
+        // Only blobs the index knows (uploaded): XX.
+        add.arg(BLOB_ACCESS).arg("XX");
+        for digest in digests {
+            add.arg(now).arg(digest);
+        }
+        if let Err(e) = self.query::<i64>(&add).await {
+            self.failed("blob access", &e);
+        }
+    }
+
+    /// Bytes of the blobs in object storage, as the index counts them.
+    pub async fn shared_bytes(&self) -> Option<u64> {
+        let got: Option<i64> = self.query(redis::cmd("GET").arg(BLOB_BYTES)).await.ok()?;
+        Some(u64::try_from(got.unwrap_or(0)).unwrap_or(0))
+    }
+
+    /// The `n` least recently used blobs in object storage, with their sizes.
+    pub async fn coldest(&self, n: usize) -> Vec<(String, u64)> {
+        let digests: Vec<String> = self
+            .query(
+                redis::cmd("ZRANGE")
+                    .arg(BLOB_ACCESS)
+                    .arg(0)
+                    .arg(n.saturating_sub(1)),
+            )
+            .await
+            .unwrap_or_default();
+        if digests.is_empty() {
+            return Vec::new();
+        }
+        let sizes: Vec<Option<u64>> = self
+            .query(redis::cmd("HMGET").arg(BLOB_SIZES).arg(&digests))
+            .await
+            .unwrap_or_default();
+        digests
+            .into_iter()
+            .zip(sizes.into_iter().chain(std::iter::repeat(None)))
+            .map(|(d, s)| (d, s.unwrap_or(0)))
+            .collect()
+    }
+}

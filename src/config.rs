@@ -82,6 +82,9 @@ pub struct Config {
     /// Shared object storage for replicas, `s3://bucket[/prefix]`; empty: the local disk only.
     /// Endpoint, region and credentials come from the `AWS_*` environment variables.
     pub storage_url: String,
+    /// Most bytes of blobs kept in object storage (least recently used across the cluster
+    /// evicted first); 0: no limit. Needs `redis_url`.
+    pub storage_max_bytes: ByteSize,
     /// Redis coordinating replicas (`redis://host:port/db`); empty: a single node. Needs
     /// `storage_url` and `cluster_secret`.
     pub redis_url: String,
@@ -279,6 +282,7 @@ impl Default for Config {
             scrub_interval: Duration::from_secs(24 * 3600),
             verify_on_serve: false,
             storage_url: String::new(),
+            storage_max_bytes: ByteSize::b(0),
             redis_url: String::new(),
             advertise_url: String::new(),
             cluster_secret: None,
@@ -567,6 +571,12 @@ impl Config {
                     "must be set when listen is a wildcard address: the other replicas need this one's address",
                 );
             }
+        }
+        if self.storage_max_bytes.as_u64() > 0 && self.redis_url.is_empty() {
+            return bad(
+                "storage_max_bytes",
+                "needs redis_url: the cluster keeps the access order and evicts one replica at a time",
+            );
         }
         if !self.advertise_url.is_empty() {
             match Url::parse(&self.advertise_url) {

@@ -233,15 +233,21 @@ impl ObjectStorage {
     }
 
     /// Uploads a verified file, in parts; the object appears only when every part arrived, and
-    /// an upload that fails is aborted. Skipped when the object is already there.
-    pub async fn put_file(&self, relative: &str, path: &std::path::Path) {
-        if self.exists(relative).await != Some(false) {
-            return;
+    /// an upload that fails is aborted. Skipped when the object is already there. Whether the
+    /// object is there now.
+    pub async fn put_file(&self, relative: &str, path: &std::path::Path) -> bool {
+        match self.exists(relative).await {
+            Some(false) => {}
+            Some(true) => return true,
+            None => return false,
         }
         let key = self.key(relative);
         let upload = match self.store.put_multipart(&key).await {
             Ok(upload) => upload,
-            Err(e) => return self.failed("upload", relative, &e),
+            Err(e) => {
+                self.failed("upload", relative, &e);
+                return false;
+            }
         };
         let mut writer = WriteMultipart::new_with_chunk_size(upload, PART);
         let copied: Result<(), String> = async {
@@ -264,14 +270,17 @@ impl ObjectStorage {
         }
         .await;
         match copied {
-            Ok(()) => {
-                if let Err(e) = writer.finish().await {
+            Ok(()) => match writer.finish().await {
+                Ok(_) => true,
+                Err(e) => {
                     self.failed("upload", relative, &e);
+                    false
                 }
-            }
+            },
             Err(e) => {
                 tracing::warn!(key = relative, error = %e, "could not read a stored blob to upload it; upload aborted");
                 let _ = writer.abort().await;
+                false
             }
         }
     }

@@ -178,6 +178,7 @@ impl AppState {
                     .map(|s| s.0.clone())
                     .unwrap_or_default(),
                 client,
+                storage_max: config.storage_max_bytes.as_u64(),
             });
         }
         blobs.warn_if_short_of_space();

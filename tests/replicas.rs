@@ -771,3 +771,60 @@ async fn with_object_storage_down_cached_pulls_go_on_and_new_content_is_fetched(
     assert!(failures > 0.0, "object storage failures are counted");
     assert_eq!(replicas[1].get("/readyz").await.status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn object_storage_is_kept_under_its_limit_least_recently_used_across_the_cluster_first() {
+    let hub = FakeHub::start().await;
+    let blobs: Vec<Bytes> = ["x", "y", "z"]
+        .iter()
+        .map(|seed| Bytes::from(support::hub::pattern(seed, 12 * 1024 * 1024)))
+        .collect();
+    let digests: Vec<String> = blobs
+        .iter()
+        .map(|b| hub.push_blob("library/app", b.clone()))
+        .collect();
+    let s3 = S3::start().await;
+    let redis = Redis::start();
+    let (replicas, _dirs) = cluster_with(
+        &hub,
+        &s3,
+        &redis,
+        &[("PULLTHROUGH_STORAGE_MAX_BYTES", "30 MiB")],
+    )
+    .await;
+    let key = |d: &str| format!("blobs/sha256/{}", hex(d));
+    async fn pull(replica: &Replica, digest: &str) {
+        let r = replica
+            .get(&format!("/v2/library/app/blobs/{digest}"))
+            .await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(sha256(&r.bytes().await.unwrap()), digest);
+    }
+    pull(&replicas[0], &digests[0]).await;
+    s3.wait_for(&key(&digests[0])).await;
+    pull(&replicas[1], &digests[1]).await;
+    s3.wait_for(&key(&digests[1])).await;
+    // x is used again, on another replica (read from object storage): y is now the coldest.
+    pull(&replicas[2], &digests[0]).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    // z takes the bucket to 36 MiB: over 30, so y goes (down to 27 MiB).
+    pull(&replicas[0], &digests[2]).await;
+    s3.wait_for(&key(&digests[2])).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while s3.has(&key(&digests[1])).await {
+        assert!(
+            Instant::now() < deadline,
+            "the least recently used blob was never evicted"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        s3.has(&key(&digests[0])).await,
+        "the recently used blob stays"
+    );
+    assert!(s3.has(&key(&digests[2])).await, "the newest blob stays");
+    // Evicted from the bucket only: the replica that holds y still serves it without upstream.
+    let gets = hub.count("blob_get");
+    pull(&replicas[1], &digests[1]).await;
+    assert_eq!(hub.count("blob_get"), gets);
+}

@@ -341,10 +341,15 @@ impl BlobStore {
                 .send_modify(|p| p.outcome = Some(outcome.map(|_| ())));
             // Shared with the other replicas before the cluster lock goes: one that claims it
             // next finds the object.
-            if share && let Some(objects) = &store.shared {
-                objects
+            if share
+                && let Some(objects) = &store.shared
+                && objects
                     .put_file(&super::shared_key(&digest), &store.path(&digest))
-                    .await;
+                    .await
+                && let Some(cluster) = store.cluster()
+                && let Some(size) = store.stored_size(&digest)
+            {
+                cluster.blob_stored(&digest.to_string(), size).await;
             }
             drop(lock);
         };
@@ -389,6 +394,7 @@ impl BlobStore {
             max: self.limits.max,
         };
         let (mut from_shared, mut from_upstream) = (false, false);
+        self.touched(digest);
         let mut resumes = 0;
         loop {
             from_shared |= source.from == From::Shared;
@@ -586,6 +592,9 @@ impl BlobStore {
             if from_shared && let Some(objects) = &self.shared {
                 tracing::warn!(%digest, %got, "a blob in object storage does not match its digest; deleting it");
                 objects.delete(&super::shared_key(digest)).await;
+                if let Some(cluster) = self.cluster() {
+                    cluster.blob_deleted(&digest.to_string()).await;
+                }
             }
             return Err(Error::upstream_invalid(format!(
                 "blob content has digest {got}, not {digest}"
@@ -728,6 +737,8 @@ pub struct Peers {
     pub cluster: Arc<Cluster>,
     pub secret: String,
     pub client: reqwest::Client,
+    /// Most bytes of blobs in object storage (`storage_max_bytes`; 0: no limit).
+    pub storage_max: u64,
 }
 
 impl Peers {

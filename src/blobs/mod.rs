@@ -97,6 +97,8 @@ pub struct BlobStore {
     shared: Option<Arc<crate::objects::ObjectStorage>>,
     /// The other replicas, in a cluster (`redis_url`).
     peers: std::sync::OnceLock<download::Peers>,
+    /// Blobs served since the access times in Redis were last brought up to date.
+    touched: Mutex<std::collections::HashSet<Digest>>,
 }
 
 /// A blob body about to be sent.
@@ -139,6 +141,7 @@ impl BlobStore {
             metrics,
             shared,
             peers: std::sync::OnceLock::new(),
+            touched: Mutex::default(),
         });
         store.scan()?;
         Ok(store)
@@ -191,9 +194,24 @@ impl BlobStore {
         self.peers.get().map(|p| p.secret.as_str())
     }
 
-    /// Joins a cluster: downloads are coordinated with the other replicas through Redis.
-    pub fn join_cluster(&self, peers: Peers) {
-        let _ = self.peers.set(peers);
+    /// Joins a cluster: downloads are coordinated with the other replicas through Redis, and
+    /// object storage is kept under `storage_max_bytes` by one replica at a time.
+    pub fn join_cluster(self: &Arc<Self>, peers: Peers) {
+        if self.peers.set(peers).is_ok() {
+            tokio::spawn(shared_eviction(Arc::downgrade(self)));
+        }
+    }
+
+    /// Notes a blob served, for the cluster-wide least-recently-used order.
+    fn touched(&self, digest: &Digest) {
+        if self.peers.get().is_some() {
+            self.touched.lock().insert(digest.clone());
+        }
+    }
+
+    /// The size of a stored blob, from the index.
+    fn stored_size(&self, digest: &Digest) -> Option<u64> {
+        self.index.lock().get(digest).map(|m| m.size)
     }
 
     /// Whether the store holds `digest` (not checked against its digest here).
@@ -206,6 +224,9 @@ impl BlobStore {
     pub async fn purge(self: &Arc<Self>, digest: &Digest) {
         if let Some(objects) = &self.shared {
             objects.delete(&shared_key(digest)).await;
+            if let Some(cluster) = self.cluster() {
+                cluster.blob_deleted(&digest.to_string()).await;
+            }
         }
         self.remove_async(digest).await;
     }
@@ -431,6 +452,7 @@ impl BlobStore {
         }
         let len = if meta.size == 0 { 0 } else { end - start + 1 };
         meta.last_access.store(now_ms(), Ordering::Relaxed);
+        self.touched(digest);
         meta.readers.fetch_add(1, Ordering::AcqRel);
         let guard = ReaderGuard(Arc::clone(&meta));
         let stream =
@@ -576,4 +598,64 @@ fn hash_file(path: &Path, algorithm: Algorithm, rate: u64) -> std::io::Result<(D
 /// A blob's key in object storage.
 fn shared_key(digest: &Digest) -> String {
     format!("blobs/{}/{}", digest.algorithm().as_str(), digest.hex())
+}
+
+/// How often a replica brings blob access times up to date in Redis, and checks whether object
+/// storage is over `storage_max_bytes`.
+const SHARED_EVICTION_EVERY: Duration = Duration::from_secs(5);
+
+/// Keeps object storage under `storage_max_bytes`, least recently used (across the cluster)
+/// first, down to 90 % of it; one replica at a time (a Redis lock). Blobs being downloaded
+/// are not in the index yet, so never deleted under a download.
+async fn shared_eviction(store: std::sync::Weak<BlobStore>) {
+    loop {
+        tokio::time::sleep(SHARED_EVICTION_EVERY).await;
+        let Some(store) = store.upgrade() else {
+            return;
+        };
+        let (Some(peers), Some(objects)) = (store.peers.get(), store.shared.as_ref()) else {
+            continue;
+        };
+        let used: Vec<String> = store
+            .touched
+            .lock()
+            .drain()
+            .map(|d| d.to_string())
+            .collect();
+        peers.cluster.blobs_used(&used).await;
+        if peers.storage_max == 0 {
+            continue;
+        }
+        let Some(mut bytes) = peers.cluster.shared_bytes().await else {
+            continue;
+        };
+        if bytes <= peers.storage_max {
+            continue;
+        }
+        let crate::cluster::Claim::Owned(_lock) =
+            peers.cluster.claim("pullthrough:lock:evict").await
+        else {
+            continue;
+        };
+        let target = peers.storage_max / 10 * 9;
+        while bytes > target {
+            let coldest = peers.cluster.coldest(32).await;
+            if coldest.is_empty() {
+                break;
+            }
+            for (digest, size) in coldest {
+                if bytes <= target {
+                    break;
+                }
+                let Ok(parsed) = digest.parse::<Digest>() else {
+                    peers.cluster.blob_deleted(&digest).await;
+                    continue;
+                };
+                objects.delete(&shared_key(&parsed)).await;
+                peers.cluster.blob_deleted(&digest).await;
+                bytes = bytes.saturating_sub(size);
+                tracing::info!(%digest, size, "evicted from object storage (least recently used in the cluster)");
+            }
+        }
+    }
 }

@@ -527,8 +527,10 @@ impl ManifestCache {
         if let Some((objects, prefix)) = &self.shared {
             let (objects, key) = (Arc::clone(objects), Self::tag_object(prefix, name, tag));
             let json = serde_json::to_vec(&entry).unwrap_or_default();
-            self.share(async move { objects.put_bytes(&key, json.into()).await })
-                .await;
+            self.share(async move {
+                objects.put_bytes(&key, json.into()).await;
+            })
+            .await;
         }
         self.adopt_tag(name, tag, entry);
     }

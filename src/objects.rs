@@ -222,13 +222,17 @@ impl ObjectStorage {
         }
     }
 
-    /// Writes a small object whole.
-    pub async fn put_bytes(&self, relative: &str, bytes: Bytes) {
+    /// Writes a small object whole; whether it was written.
+    pub async fn put_bytes(&self, relative: &str, bytes: Bytes) -> bool {
         if !self.available() {
-            return;
+            return false;
         }
-        if let Err(e) = self.store.put(&self.key(relative), bytes.into()).await {
-            self.failed("put", relative, &e);
+        match self.store.put(&self.key(relative), bytes.into()).await {
+            Ok(_) => true,
+            Err(e) => {
+                self.failed("put", relative, &e);
+                false
+            }
         }
     }
 

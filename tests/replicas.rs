@@ -828,3 +828,62 @@ async fn object_storage_is_kept_under_its_limit_least_recently_used_across_the_c
     pull(&replicas[1], &digests[1]).await;
     assert_eq!(hub.count("blob_get"), gets);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blobs_fetched_with_credentials_are_shared_only_where_upstream_shows_them() {
+    let hub = FakeHub::start().await;
+    hub.add_user("svc", "svc-password");
+    let secret = Image::single("secret", DOCKER_MANIFEST, 3 * 1024 * 1024);
+    hub.push("org/secret", "1", &secret);
+    hub.push(
+        "org/other",
+        "1",
+        &Image::single("other", DOCKER_MANIFEST, 1000),
+    );
+    hub.make_private("org/secret");
+    hub.make_private("org/other");
+    let s3 = S3::start().await;
+    let redis = Redis::start();
+    let credentials = [
+        ("PULLTHROUGH_UPSTREAM_USERNAME", "svc"),
+        ("PULLTHROUGH_UPSTREAM_PASSWORD", "svc-password"),
+    ];
+    let (replicas, _dirs) = cluster_with(&hub, &s3, &redis, &credentials).await;
+    let layer = sha256(&secret.blobs[1]);
+    let r = replicas[0]
+        .get(&format!("/v2/org/secret/blobs/{layer}"))
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(sha256(&r.bytes().await.unwrap()), layer);
+    s3.wait_for(&format!("blobs/sha256/{}", hex(&layer))).await;
+    assert!(
+        s3.has(&format!("blobs/sha256/{}.private", hex(&layer)))
+            .await,
+        "marked as fetched with credentials"
+    );
+
+    // Another replica serves it from object storage to the repository upstream shows it in,
+    // after one upstream HEAD, with no upstream GET.
+    let (gets, heads) = (hub.count("blob_get"), hub.count("blob_head"));
+    let r = replicas[1]
+        .get(&format!("/v2/org/secret/blobs/{layer}"))
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(sha256(&r.bytes().await.unwrap()), layer);
+    assert_eq!(hub.count("blob_get"), gets, "read from object storage");
+    assert_eq!(
+        hub.count("blob_head"),
+        heads + 1,
+        "after upstream showed it"
+    );
+
+    // Never to a repository upstream does not show it in.
+    let r = replicas[2]
+        .get(&format!("/v2/org/other/blobs/{layer}"))
+        .await;
+    assert_eq!(
+        r.status(),
+        404,
+        "a private blob was served to another repository"
+    );
+}

@@ -333,7 +333,7 @@ impl BlobStore {
                 Ok(share) => *share,
                 Err(e) => {
                     tracing::warn!(%digest, repo = %name, error = %e, "blob download failed; nothing stored");
-                    false
+                    None
                 }
             };
             store.downloads.lock().remove(&digest);
@@ -341,11 +341,9 @@ impl BlobStore {
                 .send_modify(|p| p.outcome = Some(outcome.map(|_| ())));
             // Shared with the other replicas before the cluster lock goes: one that claims it
             // next finds the object.
-            if share
+            if let Some(private) = share
                 && let Some(objects) = &store.shared
-                && objects
-                    .put_file(&super::shared_key(&digest), &store.path(&digest))
-                    .await
+                && store.upload(objects, &digest, private).await
                 && let Some(cluster) = store.cluster()
                 && let Some(size) = store.stored_size(&digest)
             {
@@ -357,8 +355,30 @@ impl BlobStore {
         Ok(Some(download))
     }
 
-    /// Downloads, verifies and stores the blob. `Ok(true)` when it came (at least partly) from
-    /// upstream, is public, and so is for object storage; `lock` holds the cluster lock this
+    /// Shares a stored blob through object storage. One fetched with credentials is marked
+    /// private there first (`<digest>.private`), so other replicas serve it only where upstream
+    /// shows it; a public one drops a marker left from before.
+    async fn upload(
+        &self,
+        objects: &crate::objects::ObjectStorage,
+        digest: &Digest,
+        private: bool,
+    ) -> bool {
+        let marker = super::shared_private_key(digest);
+        if private {
+            if !objects.put_bytes(&marker, Bytes::new()).await {
+                return false;
+            }
+        } else {
+            objects.delete(&marker).await;
+        }
+        objects
+            .put_file(&super::shared_key(digest), &self.path(digest))
+            .await
+    }
+
+    /// Downloads, verifies and stores the blob. `Ok(Some(private))` when it came (at least
+    /// partly) from upstream, and so is for object storage; `lock` holds the cluster lock this
     /// replica took for it, if any.
     #[allow(clippy::too_many_arguments)]
     async fn run_download(
@@ -370,7 +390,7 @@ impl BlobStore {
         file: std::fs::File,
         temp: tempfile::TempPath,
         lock: &mut Option<Lock>,
-    ) -> Result<bool, Error> {
+    ) -> Result<Option<bool>, Error> {
         let mut source = self.open_source(upstream, name, digest, None, lock).await?;
         let size = source.size;
         if size.is_some_and(|s| s > self.limits.max) {
@@ -427,7 +447,7 @@ impl BlobStore {
         let private = self
             .commit(digest, writer, temp, download, from_shared)
             .await?;
-        Ok(from_upstream && !private)
+        Ok(from_upstream.then_some(private))
     }
 
     /// Where the blob's bytes come from, from the start (`writer` is `None`) or from where the

@@ -179,6 +179,15 @@ impl BlobStore {
             .join(hex)
     }
 
+    /// Whether object storage holds `digest` as fetched with credentials (`None`: no object
+    /// storage, or it cannot be asked).
+    pub async fn shared_private(&self, digest: &Digest) -> Option<bool> {
+        self.shared
+            .as_ref()?
+            .exists(&shared_private_key(digest))
+            .await
+    }
+
     /// The object storage shared with other replicas, if any.
     pub fn objects(&self) -> Option<&Arc<crate::objects::ObjectStorage>> {
         self.shared.as_ref()
@@ -224,6 +233,7 @@ impl BlobStore {
     pub async fn purge(self: &Arc<Self>, digest: &Digest) {
         if let Some(objects) = &self.shared {
             objects.delete(&shared_key(digest)).await;
+            objects.delete(&shared_private_key(digest)).await;
             if let Some(cluster) = self.cluster() {
                 cluster.blob_deleted(&digest.to_string()).await;
             }
@@ -600,6 +610,11 @@ fn shared_key(digest: &Digest) -> String {
     format!("blobs/{}/{}", digest.algorithm().as_str(), digest.hex())
 }
 
+/// The marker of a blob fetched with credentials, in object storage.
+fn shared_private_key(digest: &Digest) -> String {
+    format!("{}.private", shared_key(digest))
+}
+
 /// How often a replica brings blob access times up to date in Redis, and checks whether object
 /// storage is over `storage_max_bytes`.
 const SHARED_EVICTION_EVERY: Duration = Duration::from_secs(5);
@@ -652,6 +667,7 @@ async fn shared_eviction(store: std::sync::Weak<BlobStore>) {
                     continue;
                 };
                 objects.delete(&shared_key(&parsed)).await;
+                objects.delete(&shared_private_key(&parsed)).await;
                 peers.cluster.blob_deleted(&digest).await;
                 bytes = bytes.saturating_sub(size);
                 tracing::info!(%digest, size, "evicted from object storage (least recently used in the cluster)");

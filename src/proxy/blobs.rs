@@ -42,6 +42,18 @@ impl Proxy {
                 return Ok(body);
             }
         }
+        // One another replica fetched with credentials is read from object storage only where
+        // upstream shows it to `name` (one HEAD), as a stored one.
+        if self.upstream.has_credentials()
+            && !self.manifests.granted(name, digest)
+            && self.blobs.shared_private(digest).await == Some(true)
+        {
+            self.may_share(name, digest, true, || {
+                Box::pin(self.upstream.head_blob(name, digest))
+            })
+            .await
+            .map_err(Error::blob)?;
+        }
         // A download started for another repository is joined under the same rule as a
         // stored blob: only where access from `name` is known or confirmed by upstream.
         let shared_ok = self.manifests.granted(name, digest);

@@ -146,41 +146,64 @@ impl Cluster {
         }
     }
 
-    /// Tries to take the lock on `key`.
+    /// Tries to take the lock on `key`. A lock this replica holds already (another of its own
+    /// operations) answers [`Claim::Alone`]: waiting on itself could only stall, and its own
+    /// single flight already joins concurrent requests.
     pub async fn claim(self: &Arc<Self>, key: &str) -> Claim {
-        if !self.available() {
-            return Claim::Alone;
-        }
-        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let value = format!("{nanos:x}.{token:x} {}", self.me);
-        let ttl = u64::try_from(LOCK_TTL.as_millis()).unwrap_or(u64::MAX);
-        let mut set = redis::cmd("SET");
-        set.arg(key).arg(&value).arg("NX").arg("PX").arg(ttl);
-        let set: redis::RedisResult<Option<String>> = self.query(&set).await;
-        match set {
-            Ok(Some(_)) => {
+        // A second try only when the lock was released between the SET and the GET.
+        for _ in 0..2 {
+            if !self.available() {
+                return Claim::Alone;
+            }
+            let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            let value = format!("{nanos:x}.{token:x} {}", self.me);
+            let ttl = u64::try_from(LOCK_TTL.as_millis()).unwrap_or(u64::MAX);
+            let mut set = redis::cmd("SET");
+            set.arg(key).arg(&value).arg("NX").arg("PX").arg(ttl);
+            let set: redis::RedisResult<Option<String>> = self.query(&set).await;
+            let owned = match set {
+                Ok(Some(_)) => true,
+                Ok(None) => {
+                    let current: redis::RedisResult<Option<String>> =
+                        self.query(redis::cmd("GET").arg(key)).await;
+                    match current {
+                        // A retried SET whose first try had applied: this claim holds it.
+                        Ok(Some(current)) if current == value => true,
+                        Ok(Some(current)) => {
+                            return match current.split_once(' ') {
+                                Some((_, owner)) if owner != self.me => {
+                                    Claim::Held(owner.to_owned())
+                                }
+                                // This replica's own, or not a lock of ours.
+                                _ => Claim::Alone,
+                            };
+                        }
+                        Ok(None) => continue,
+                        Err(e) => {
+                            self.failed("claim", &e);
+                            return Claim::Alone;
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.failed("claim", &e);
+                    return Claim::Alone;
+                }
+            };
+            if owned {
                 let renew = tokio::spawn(renew(Arc::clone(self), key.to_owned(), value.clone()));
-                Claim::Owned(Lock {
+                return Claim::Owned(Lock {
                     cluster: Arc::clone(self),
                     key: key.to_owned(),
                     value,
                     renew,
-                })
-            }
-            Ok(None) => match self.holder(key).await {
-                Some(Some(owner)) => Claim::Held(owner),
-                // Released in between: try once more next time; meanwhile go on alone.
-                Some(None) => Box::pin(self.claim(key)).await,
-                None => Claim::Alone,
-            },
-            Err(e) => {
-                self.failed("claim", &e);
-                Claim::Alone
+                });
             }
         }
+        Claim::Alone
     }
 
     /// The holder of `key` (its `advertise_url`); `Some(None)` when nobody holds it, `None`
@@ -500,7 +523,7 @@ fn epoch_ms() -> u64 {
 }
 
 impl Cluster {
-    async fn script(&self, code: &str, args: &[&str]) {
+    async fn script(&self, code: &str, args: &[&str]) -> bool {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let mut conn = self.conn.clone();
         let script = redis::Script::new(code);
@@ -510,8 +533,12 @@ impl Cluster {
             invocation.arg(*arg);
         }
         let done: redis::RedisResult<i64> = invocation.invoke_async(&mut conn).await;
-        if let Err(e) = done {
-            self.failed("blob index", &e);
+        match done {
+            Ok(_) => true,
+            Err(e) => {
+                self.failed("blob index", &e);
+                false
+            }
         }
     }
 
@@ -523,11 +550,9 @@ impl Cluster {
         }
     }
 
-    /// Forgets a blob deleted from object storage.
-    pub async fn blob_deleted(&self, digest: &str) {
-        if self.available() {
-            self.script(FORGET_BLOB, &[digest]).await;
-        }
+    /// Forgets a blob deleted from object storage; whether Redis took it.
+    pub async fn blob_deleted(&self, digest: &str) -> bool {
+        self.available() && self.script(FORGET_BLOB, &[digest]).await
     }
 
     /// Records that blobs were served now (their last access, for the eviction).
@@ -547,14 +572,22 @@ impl Cluster {
         }
     }
 
-    /// Bytes of the blobs in object storage, as the index counts them.
+    /// Bytes of the blobs in object storage, as the index counts them (`None`: Redis cannot
+    /// be asked).
     pub async fn shared_bytes(&self) -> Option<u64> {
+        if !self.available() {
+            return None;
+        }
         let got: Option<i64> = self.query(redis::cmd("GET").arg(BLOB_BYTES)).await.ok()?;
         Some(u64::try_from(got.unwrap_or(0)).unwrap_or(0))
     }
 
-    /// The `n` least recently used blobs in object storage, with their sizes.
-    pub async fn coldest(&self, n: usize) -> Vec<(String, u64)> {
+    /// The `n` least recently used blobs in object storage, with their sizes (`None`: Redis
+    /// cannot be asked, or answered something else).
+    pub async fn coldest(&self, n: usize) -> Option<Vec<(String, u64)>> {
+        if !self.available() {
+            return None;
+        }
         let digests: Vec<String> = self
             .query(
                 redis::cmd("ZRANGE")
@@ -563,18 +596,20 @@ impl Cluster {
                     .arg(n.saturating_sub(1)),
             )
             .await
-            .unwrap_or_default();
+            .ok()?;
         if digests.is_empty() {
-            return Vec::new();
+            return Some(Vec::new());
         }
         let sizes: Vec<Option<u64>> = self
             .query(redis::cmd("HMGET").arg(BLOB_SIZES).arg(&digests))
             .await
-            .unwrap_or_default();
-        digests
-            .into_iter()
-            .zip(sizes.into_iter().chain(std::iter::repeat(None)))
-            .map(|(d, s)| (d, s.unwrap_or(0)))
-            .collect()
+            .ok()?;
+        (sizes.len() == digests.len()).then(|| {
+            digests
+                .into_iter()
+                .zip(sizes)
+                .map(|(d, s)| (d, s.unwrap_or(0)))
+                .collect()
+        })
     }
 }

@@ -87,7 +87,8 @@ pub struct Config {
     pub storage_max_bytes: ByteSize,
     /// Redis coordinating replicas (`redis://host:port/db`); empty: a single node. Needs
     /// `storage_url` and `cluster_secret`.
-    pub redis_url: String,
+    /// (Redacted in `Debug`: the URL can carry Redis's password.)
+    pub redis_url: Secret,
     /// This replica's address for the other replicas; empty: `http(s)://<listen>`.
     pub advertise_url: String,
     /// Shared secret of the replicas' internal requests.
@@ -283,7 +284,7 @@ impl Default for Config {
             verify_on_serve: false,
             storage_url: String::new(),
             storage_max_bytes: ByteSize::b(0),
-            redis_url: String::new(),
+            redis_url: Secret::default(),
             advertise_url: String::new(),
             cluster_secret: None,
             tags_list_ttl: Duration::from_secs(30),
@@ -307,7 +308,7 @@ impl Default for Config {
 }
 
 /// A string that never appears in `Debug` output or logs.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Secret(pub String);
 
@@ -549,8 +550,8 @@ impl Config {
         {
             return bad("storage_url", &e);
         }
-        if !self.redis_url.is_empty() {
-            if let Err(e) = redis::Client::open(self.redis_url.as_str()) {
+        if !self.redis_url.0.is_empty() {
+            if let Err(e) = redis::Client::open(self.redis_url.0.as_str()) {
                 return bad("redis_url", &e.to_string());
             }
             if self.storage_url.is_empty() {
@@ -572,7 +573,7 @@ impl Config {
                 );
             }
         }
-        if self.storage_max_bytes.as_u64() > 0 && self.redis_url.is_empty() {
+        if self.storage_max_bytes.as_u64() > 0 && self.redis_url.0.is_empty() {
             return bad(
                 "storage_max_bytes",
                 "needs redis_url: the cluster keeps the access order and evicts one replica at a time",

@@ -291,7 +291,12 @@ impl ManifestCache {
         let raw = objects
             .get_bytes(&Self::tag_object(prefix, name, tag), MAX_SHARED_OBJECT)
             .await?;
-        serde_json::from_slice(&raw).ok()
+        let mut entry: TagEntry = serde_json::from_slice(&raw).ok()?;
+        // Another replica's clock may run ahead: its times count as now at most.
+        let now = now_ms();
+        entry.validated_at = entry.validated_at.min(now);
+        entry.fetched_at = entry.fetched_at.min(now);
+        (entry.size <= MAX_SHARED_OBJECT).then_some(entry)
     }
 
     fn manifest_path(&self, digest: &Digest) -> PathBuf {

@@ -25,6 +25,23 @@ use tokio::io::AsyncReadExt;
 /// How long object storage is left alone after it failed.
 const REST_AFTER_FAILURE: Duration = Duration::from_secs(10);
 
+/// The longest a small request (HEAD, PUT of a manifest, DELETE, or the answer's head of a GET)
+/// may take: a bucket that accepts connections but does not answer costs this, not minutes.
+const QUICK: Duration = Duration::from_secs(5);
+
+async fn quick<T>(
+    request: impl Future<Output = object_store::Result<T>>,
+) -> object_store::Result<T> {
+    tokio::time::timeout(QUICK, request)
+        .await
+        .unwrap_or_else(|_| {
+            Err(object_store::Error::Generic {
+                store: "object storage",
+                source: format!("no answer within {} s", QUICK.as_secs()).into(),
+            })
+        })
+}
+
 /// Part size of multipart uploads (S3 needs at least 5 MiB per part but the last).
 const PART: usize = 8 * 1024 * 1024;
 
@@ -170,7 +187,7 @@ impl ObjectStorage {
         if !self.available() {
             return None;
         }
-        match self.store.get(&self.key(relative)).await {
+        match quick(self.store.get(&self.key(relative))).await {
             Ok(result) => Some((result.meta.size, result.into_stream())),
             Err(object_store::Error::NotFound { .. }) => None,
             Err(e) => {
@@ -197,7 +214,7 @@ impl ObjectStorage {
             range: (offset > 0).then_some(object_store::GetRange::Offset(offset)),
             ..Default::default()
         };
-        match self.store.get_opts(&self.key(relative), options).await {
+        match quick(self.store.get_opts(&self.key(relative), options)).await {
             Ok(result) => Some((result.meta.size, result.into_stream())),
             Err(object_store::Error::NotFound { .. }) => None,
             Err(e) => {
@@ -212,7 +229,7 @@ impl ObjectStorage {
         if !self.available() {
             return None;
         }
-        match self.store.head(&self.key(relative)).await {
+        match quick(self.store.head(&self.key(relative))).await {
             Ok(_) => Some(true),
             Err(object_store::Error::NotFound { .. }) => Some(false),
             Err(e) => {
@@ -227,7 +244,7 @@ impl ObjectStorage {
         if !self.available() {
             return false;
         }
-        match self.store.put(&self.key(relative), bytes.into()).await {
+        match quick(self.store.put(&self.key(relative), bytes.into())).await {
             Ok(_) => true,
             Err(e) => {
                 self.failed("put", relative, &e);
@@ -246,7 +263,7 @@ impl ObjectStorage {
             None => return false,
         }
         let key = self.key(relative);
-        let upload = match self.store.put_multipart(&key).await {
+        let upload = match quick(self.store.put_multipart(&key)).await {
             Ok(upload) => upload,
             Err(e) => {
                 self.failed("upload", relative, &e);
@@ -294,7 +311,7 @@ impl ObjectStorage {
         if !self.available() {
             return;
         }
-        match self.store.delete(&self.key(relative)).await {
+        match quick(self.store.delete(&self.key(relative))).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
             Err(e) => self.failed("delete", relative, &e),
         }

@@ -158,25 +158,19 @@ impl AppState {
             Arc::clone(&metrics),
             objects.clone(),
         )?;
-        if !config.redis_url.is_empty() {
-            let cluster = crate::cluster::Cluster::new(&config.redis_url, config.advertised())
+        if !config.redis_url.0.is_empty() {
+            let cluster = crate::cluster::Cluster::new(&config.redis_url.0, config.advertised())
                 .map_err(|e| anyhow::anyhow!("invalid value for key \"redis_url\": {e}"))?;
             let client = reqwest::Client::builder()
                 .connect_timeout(std::time::Duration::from_secs(1))
                 .read_timeout(std::time::Duration::from_secs(30))
                 .no_proxy()
-                // Replicas reach each other by the address they advertise, TLS or not.
-                .danger_accept_invalid_certs(true)
                 .build()?;
             let cluster = Arc::new(cluster);
             cluster.share_limits(&default_name, Arc::clone(&upstream));
             blobs.join_cluster(crate::blobs::Peers {
                 cluster,
-                secret: config
-                    .cluster_secret
-                    .as_ref()
-                    .map(|s| s.0.clone())
-                    .unwrap_or_default(),
+                secret: config.cluster_secret.clone().unwrap_or_default(),
                 client,
                 storage_max: config.storage_max_bytes.as_u64(),
             });
@@ -197,7 +191,7 @@ impl AppState {
                 manifests = manifests.shared(
                     Arc::clone(objects),
                     format!("upstreams/{dir}/"),
-                    !config.redis_url.is_empty(),
+                    !config.redis_url.0.is_empty(),
                 );
             }
             let manifests = Arc::new(manifests);
@@ -209,10 +203,13 @@ impl AppState {
             Some(objects) => manifests.shared(
                 Arc::clone(objects),
                 String::new(),
-                !config.redis_url.is_empty(),
+                !config.redis_url.0.is_empty(),
             ),
             None => manifests,
         });
+        blobs.set_private_possible(
+            upstream.has_credentials() || others.iter().any(|p| p.upstream.has_credentials()),
+        );
         let proxy = Arc::new(
             Proxy::new(config, Arc::clone(&upstream), manifests, blobs)?.named(&default_name, true),
         );

@@ -333,7 +333,7 @@ impl BlobStore {
                 Ok(share) => *share,
                 Err(e) => {
                     tracing::warn!(%digest, repo = %name, error = %e, "blob download failed; nothing stored");
-                    None
+                    false
                 }
             };
             store.downloads.lock().remove(&digest);
@@ -341,9 +341,11 @@ impl BlobStore {
                 .send_modify(|p| p.outcome = Some(outcome.map(|_| ())));
             // Shared with the other replicas before the cluster lock goes: one that claims it
             // next finds the object.
-            if let Some(private) = share
+            if share
                 && let Some(objects) = &store.shared
-                && store.upload(objects, &digest, private).await
+                && objects
+                    .put_file(&super::shared_key(&digest), &store.path(&digest))
+                    .await
                 && let Some(cluster) = store.cluster()
                 && let Some(size) = store.stored_size(&digest)
             {
@@ -355,31 +357,9 @@ impl BlobStore {
         Ok(Some(download))
     }
 
-    /// Shares a stored blob through object storage. One fetched with credentials is marked
-    /// private there first (`<digest>.private`), so other replicas serve it only where upstream
-    /// shows it; a public one drops a marker left from before.
-    async fn upload(
-        &self,
-        objects: &crate::objects::ObjectStorage,
-        digest: &Digest,
-        private: bool,
-    ) -> bool {
-        let marker = super::shared_private_key(digest);
-        if private {
-            if !objects.put_bytes(&marker, Bytes::new()).await {
-                return false;
-            }
-        } else {
-            objects.delete(&marker).await;
-        }
-        objects
-            .put_file(&super::shared_key(digest), &self.path(digest))
-            .await
-    }
-
-    /// Downloads, verifies and stores the blob. `Ok(Some(private))` when it came (at least
-    /// partly) from upstream, and so is for object storage; `lock` holds the cluster lock this
-    /// replica took for it, if any.
+    /// Downloads, verifies and stores the blob. `Ok(true)` when it came (at least partly) from
+    /// upstream, and so is for object storage (private ones too: replicas serve a blob from
+    /// there only where upstream shows it); `lock` holds the cluster lock this replica took.
     #[allow(clippy::too_many_arguments)]
     async fn run_download(
         self: &Arc<Self>,
@@ -390,7 +370,7 @@ impl BlobStore {
         file: std::fs::File,
         temp: tempfile::TempPath,
         lock: &mut Option<Lock>,
-    ) -> Result<Option<bool>, Error> {
+    ) -> Result<bool, Error> {
         let mut source = self.open_source(upstream, name, digest, None, lock).await?;
         let size = source.size;
         if size.is_some_and(|s| s > self.limits.max) {
@@ -444,10 +424,9 @@ impl BlobStore {
                 download.progress.send_modify(|p| p.size = Some(size));
             }
         }
-        let private = self
-            .commit(digest, writer, temp, download, from_shared)
+        self.commit(digest, writer, temp, download, from_shared)
             .await?;
-        Ok(from_upstream.then_some(private))
+        Ok(from_upstream)
     }
 
     /// Where the blob's bytes come from, from the start (`writer` is `None`) or from where the
@@ -592,7 +571,7 @@ impl BlobStore {
         temp: tempfile::TempPath,
         download: &Download,
         from_shared: bool,
-    ) -> Result<bool, Error> {
+    ) -> Result<(), Error> {
         let Writer {
             spool,
             received: written,
@@ -651,7 +630,7 @@ impl BlobStore {
         if self.needs_eviction() {
             self.evict.notify_one();
         }
-        Ok(private)
+        Ok(())
     }
 }
 
@@ -662,7 +641,7 @@ impl BlobStore {
 /// the rest of the blob and writing the chunk again.
 struct Spool {
     chunks: mpsc::Sender<Bytes>,
-    done: tokio::task::JoinHandle<Result<(std::fs::File, Digest), Error>>,
+    done: tokio::sync::oneshot::Receiver<Result<(std::fs::File, Digest), Error>>,
 }
 
 impl Spool {
@@ -673,7 +652,10 @@ impl Spool {
         download: Arc<Download>,
     ) -> Spool {
         let (chunks, mut rx) = mpsc::channel::<Bytes>(SPOOL_QUEUE);
-        let done = tokio::task::spawn_blocking(move || {
+        let (finished, done) = tokio::sync::oneshot::channel();
+        // A thread of its own, not one of tokio's blocking pool: a download lives as long as its
+        // transfer, and many at once must not take the threads every file open waits for.
+        let spool = move || -> Result<(std::fs::File, Digest), Error> {
             let mut verifier = Verifier::new(algorithm);
             let mut written = 0u64;
             let mut evicted_for_space = false;
@@ -700,7 +682,16 @@ impl Spool {
                 download.progress.send_modify(|p| p.written = written);
             }
             Ok((file, verifier.finish()))
-        });
+        };
+        let started = std::thread::Builder::new()
+            .name("pullthrough-spool".into())
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                let _ = finished.send(spool());
+            });
+        if let Err(e) = started {
+            tracing::error!(error = %e, "cannot start a blob spool thread");
+        }
         Spool { chunks, done }
     }
 
@@ -708,8 +699,7 @@ impl Spool {
     async fn failure(&mut self) -> Error {
         match (&mut self.done).await {
             Ok(Err(e)) => e,
-            Ok(Ok(_)) => Error::Storage("blob spool stopped".into()),
-            Err(e) => Error::Storage(e.to_string()),
+            Ok(Ok(_)) | Err(_) => Error::Storage("blob spool stopped".into()),
         }
     }
 
@@ -717,7 +707,8 @@ impl Spool {
     async fn finish(self) -> Result<(std::fs::File, Digest), Error> {
         let Spool { chunks, done } = self;
         drop(chunks);
-        done.await.map_err(|e| Error::Storage(e.to_string()))?
+        done.await
+            .map_err(|_| Error::Storage("blob spool stopped".into()))?
     }
 }
 
@@ -755,7 +746,7 @@ fn lock_key(digest: &Digest) -> String {
 #[derive(Debug)]
 pub struct Peers {
     pub cluster: Arc<Cluster>,
-    pub secret: String,
+    pub secret: crate::config::Secret,
     pub client: reqwest::Client,
     /// Most bytes of blobs in object storage (`storage_max_bytes`; 0: no limit).
     pub storage_max: u64,
@@ -774,7 +765,7 @@ impl Peers {
             "{}/_pullthrough/cluster/blobs/{digest}",
             owner.trim_end_matches('/')
         );
-        let mut request = self.client.get(url).bearer_auth(&self.secret);
+        let mut request = self.client.get(url).bearer_auth(&self.secret.0);
         if let Some(w) = &writer {
             request = request.header(reqwest::header::RANGE, format!("bytes={}-", w.received));
         }

@@ -99,6 +99,8 @@ pub struct BlobStore {
     peers: std::sync::OnceLock<download::Peers>,
     /// Blobs served since the access times in Redis were last brought up to date.
     touched: Mutex<std::collections::HashSet<Digest>>,
+    /// Some upstream has credentials: a blob may be private.
+    private_possible: std::sync::atomic::AtomicBool,
 }
 
 /// A blob body about to be sent.
@@ -142,6 +144,7 @@ impl BlobStore {
             shared,
             peers: std::sync::OnceLock::new(),
             touched: Mutex::default(),
+            private_possible: std::sync::atomic::AtomicBool::new(false),
         });
         store.scan()?;
         Ok(store)
@@ -179,13 +182,19 @@ impl BlobStore {
             .join(hex)
     }
 
-    /// Whether object storage holds `digest` as fetched with credentials (`None`: no object
-    /// storage, or it cannot be asked).
-    pub async fn shared_private(&self, digest: &Digest) -> Option<bool> {
-        self.shared
-            .as_ref()?
-            .exists(&shared_private_key(digest))
-            .await
+    /// Whether blobs may come from object storage or other replicas.
+    pub fn shared_with_replicas(&self) -> bool {
+        self.shared.is_some() || self.peers.get().is_some()
+    }
+
+    /// Records whether some upstream has credentials (a blob may then be private).
+    pub fn set_private_possible(&self, possible: bool) {
+        self.private_possible.store(possible, Ordering::Relaxed);
+    }
+
+    /// Whether some upstream has credentials.
+    pub fn private_possible(&self) -> bool {
+        self.private_possible.load(Ordering::Relaxed)
     }
 
     /// The object storage shared with other replicas, if any.
@@ -199,8 +208,8 @@ impl BlobStore {
     }
 
     /// The secret of requests between replicas, in a cluster.
-    pub fn cluster_secret(&self) -> Option<&str> {
-        self.peers.get().map(|p| p.secret.as_str())
+    pub fn cluster_secret(&self) -> Option<&crate::config::Secret> {
+        self.peers.get().map(|p| &p.secret)
     }
 
     /// Joins a cluster: downloads are coordinated with the other replicas through Redis, and
@@ -233,7 +242,6 @@ impl BlobStore {
     pub async fn purge(self: &Arc<Self>, digest: &Digest) {
         if let Some(objects) = &self.shared {
             objects.delete(&shared_key(digest)).await;
-            objects.delete(&shared_private_key(digest)).await;
             if let Some(cluster) = self.cluster() {
                 cluster.blob_deleted(&digest.to_string()).await;
             }
@@ -610,11 +618,6 @@ fn shared_key(digest: &Digest) -> String {
     format!("blobs/{}/{}", digest.algorithm().as_str(), digest.hex())
 }
 
-/// The marker of a blob fetched with credentials, in object storage.
-fn shared_private_key(digest: &Digest) -> String {
-    format!("{}.private", shared_key(digest))
-}
-
 /// How often a replica brings blob access times up to date in Redis, and checks whether object
 /// storage is over `storage_max_bytes`.
 const SHARED_EVICTION_EVERY: Duration = Duration::from_secs(5);
@@ -653,8 +656,11 @@ async fn shared_eviction(store: std::sync::Weak<BlobStore>) {
             continue;
         };
         let target = peers.storage_max / 10 * 9;
+        // Round by round, from what Redis counts now; any Redis failure ends the pass.
         while bytes > target {
-            let coldest = peers.cluster.coldest(32).await;
+            let Some(coldest) = peers.cluster.coldest(32).await else {
+                break;
+            };
             if coldest.is_empty() {
                 break;
             }
@@ -662,15 +668,18 @@ async fn shared_eviction(store: std::sync::Weak<BlobStore>) {
                 if bytes <= target {
                     break;
                 }
-                let Ok(parsed) = digest.parse::<Digest>() else {
-                    peers.cluster.blob_deleted(&digest).await;
-                    continue;
-                };
-                objects.delete(&shared_key(&parsed)).await;
-                objects.delete(&shared_private_key(&parsed)).await;
-                peers.cluster.blob_deleted(&digest).await;
+                if let Ok(parsed) = digest.parse::<Digest>() {
+                    objects.delete(&shared_key(&parsed)).await;
+                    tracing::info!(%digest, size, "evicted from object storage (least recently used in the cluster)");
+                }
+                if !peers.cluster.blob_deleted(&digest).await {
+                    break;
+                }
                 bytes = bytes.saturating_sub(size);
-                tracing::info!(%digest, size, "evicted from object storage (least recently used in the cluster)");
+            }
+            match peers.cluster.shared_bytes().await {
+                Some(now) => bytes = now,
+                None => break,
             }
         }
     }

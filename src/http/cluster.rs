@@ -5,7 +5,6 @@
 
 use super::blobs;
 use crate::blobs::ByteRange;
-use crate::config::Secret;
 use crate::error::Error;
 use crate::registry::Digest;
 use crate::state::AppState;
@@ -24,7 +23,7 @@ pub async fn blob(
     let Some(secret) = store.cluster_secret() else {
         return Error::NotFound("not a cluster member (no redis_url)".into()).into_response();
     };
-    if super::api::authorized(&request, &Secret(secret.to_owned())) != Some(true) {
+    if super::api::authorized(&request, secret) != Some(true) {
         return Error::Unauthenticated("replicas authenticate with the cluster_secret")
             .into_response();
     }

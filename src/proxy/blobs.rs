@@ -42,11 +42,13 @@ impl Proxy {
                 return Ok(body);
             }
         }
-        // One another replica fetched with credentials is read from object storage only where
-        // upstream shows it to `name` (one HEAD), as a stored one.
-        if self.upstream.has_credentials()
+        // With replicas, the bytes may come from object storage or another replica instead of
+        // this upstream, which then never checked access: where any upstream has credentials
+        // (so the blob may be private), upstream must show it to `name` first (one HEAD), as
+        // for a stored blob.
+        if self.blobs.shared_with_replicas()
+            && self.blobs.private_possible()
             && !self.manifests.granted(name, digest)
-            && self.blobs.shared_private(digest).await == Some(true)
         {
             self.may_share(name, digest, true, || {
                 Box::pin(self.upstream.head_blob(name, digest))

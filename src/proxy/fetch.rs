@@ -2,7 +2,10 @@
 //! own task: GET by tag, HEAD by tag, GET by digest, and tag revalidation.
 
 use super::{Proxy, TagKey, plausible};
-use crate::cluster::{Claim, LOCK_TTL, Lock};
+use crate::cluster::{Claim, Lock};
+
+/// The longest a replica waits for another one's fetch of the same tag or manifest.
+const HOLDER_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 use crate::error::Error;
 use crate::manifests::{Freshness, TagEntry, now_ms};
 use crate::metrics::StaleCause;
@@ -100,7 +103,9 @@ impl Proxy {
         match cluster.claim(&key).await {
             Claim::Owned(lock) => Ok(Some(lock)),
             Claim::Held(_) => {
-                cluster.released(&key, LOCK_TTL * 2).await;
+                // A live holder renews its lock, a dead one's expires within LOCK_TTL: waiting
+                // for the release is bounded by the holder's own upstream deadline.
+                cluster.released(&key, HOLDER_WAIT).await;
                 Err(None)
             }
             Claim::Alone => Ok(None),
@@ -141,10 +146,13 @@ impl Proxy {
             let (name, digest) = key;
             // In a cluster one replica fetches it; the others take it from object storage
             // (where access cannot depend on credentials: else they fetch it themselves).
-            let lock_key = format!("pullthrough:lock:manifest:{}:{digest}", this.upstream_name);
-            let lock = this.coordinate::<()>(lock_key).await;
+            let lock = if this.upstream.has_credentials() {
+                Ok(None)
+            } else {
+                let key = format!("pullthrough:lock:manifest:{}:{digest}", this.upstream_name);
+                this.coordinate::<()>(key).await
+            };
             if !matches!(lock, Ok(None))
-                && !this.upstream.has_credentials()
                 && let Some(m) = this.manifests.get(&digest).await
             {
                 return Ok(m);

@@ -5,30 +5,12 @@
 mod support;
 
 use bytes::Bytes;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use support::hub::sha256;
-use support::{DOCKER_MANIFEST, FakeHub, Fault, Image};
+use support::{DOCKER_MANIFEST, FakeHub, Fault, Image, Process, free_port};
 
 const BUCKET: &str = "pullthrough-test";
-
-/// A child process killed with the test.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 async fn wait_up(url: &str) {
     let client = support::client();

@@ -205,3 +205,22 @@ pub async fn listening_addr(stdout: std::process::ChildStdout) -> String {
     .await
     .unwrap()
 }
+
+/// A child process killed (and reaped) when dropped.
+pub struct Process(pub std::process::Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A loopback port free at the time of asking.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

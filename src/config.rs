@@ -945,6 +945,61 @@ mod tests {
     }
 
     #[test]
+    fn replica_settings_are_checked_at_startup() {
+        let secret = ("PULLTHROUGH_CLUSTER_SECRET", "0123456789abcdef0123");
+        let storage = ("PULLTHROUGH_STORAGE_URL", "s3://bucket/prefix");
+        let redis = ("PULLTHROUGH_REDIS_URL", "redis://127.0.0.1:6379/0");
+        let cases: [(&[(&str, &str)], &str); 8] = [
+            (
+                &[("PULLTHROUGH_STORAGE_URL", "http://bucket")],
+                "storage_url",
+            ),
+            (
+                &[("PULLTHROUGH_STORAGE_URL", "s3:///prefix")],
+                "storage_url",
+            ),
+            (
+                &[("PULLTHROUGH_STORAGE_URL", "s3://bucket/p?x=1")],
+                "storage_url",
+            ),
+            (&[redis, secret], "needs storage_url"),
+            (&[redis, storage], "cluster_secret"),
+            (
+                &[redis, storage, ("PULLTHROUGH_CLUSTER_SECRET", "short")],
+                "cluster_secret",
+            ),
+            (
+                &[
+                    redis,
+                    storage,
+                    secret,
+                    ("PULLTHROUGH_LISTEN", "0.0.0.0:5000"),
+                ],
+                "advertise_url",
+            ),
+            (
+                &[storage, ("PULLTHROUGH_STORAGE_MAX_BYTES", "1 GiB")],
+                "redis_url",
+            ),
+        ];
+        for (vars, want) in cases {
+            let err = Config::load(None, env(vars), &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{vars:?}: {err}");
+            assert!(!err.contains('\n'), "{err}");
+        }
+        let ok = Config::load(None, env(&[redis, storage, secret]), &Overrides::default()).unwrap();
+        assert_eq!(ok.advertised(), "http://127.0.0.1:5000");
+        // The Redis URL (it can carry a password) and the secret stay out of Debug output.
+        let shown = format!("{ok:?}");
+        assert!(
+            !shown.contains("6379") && !shown.contains("0123456789abcdef"),
+            "{shown}"
+        );
+    }
+
+    #[test]
     fn bad_values_name_the_key() {
         let cases = [
             (("PULLTHROUGH_TAG_TTL", "soon"), "tag_ttl"),

@@ -864,3 +864,48 @@ async fn blobs_fetched_with_credentials_are_shared_only_where_upstream_shows_the
         "a private blob was served to another repository"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_internal_blob_endpoint_needs_the_cluster_secret_and_never_fetches() {
+    let hub = FakeHub::start().await;
+    let image = image();
+    hub.push("library/app", "1", &image);
+    let s3 = S3::start().await;
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let replica = Replica::start_with(&hub.url, &s3, Some(&redis), dir.path(), &[]).await;
+    let config = sha256(&image.blobs[0]);
+    let url = format!("{}/_pullthrough/cluster/blobs/{config}", replica.url);
+    let client = support::client();
+    for auth in [None, Some("Bearer wrong-secret-0000000000")] {
+        let mut request = client.get(&url);
+        if let Some(auth) = auth {
+            request = request.header("authorization", auth);
+        }
+        assert_eq!(request.send().await.unwrap().status(), 401, "{auth:?}");
+    }
+    let secret = "Bearer replica-test-secret-0123";
+    let r = client
+        .get(&url)
+        .header("authorization", secret)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        404,
+        "not held here: never fetched for another replica"
+    );
+    assert_eq!(hub.count("blob_get"), 0);
+    // Held here: served, ranges included.
+    replica.pull(&image).await;
+    let r = client
+        .get(&url)
+        .header("authorization", secret)
+        .header("range", "bytes=2-")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.bytes().await.unwrap(), image.blobs[0].slice(2..));
+}

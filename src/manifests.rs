@@ -291,12 +291,12 @@ impl ManifestCache {
         let raw = objects
             .get_bytes(&Self::tag_object(prefix, name, tag), MAX_SHARED_OBJECT)
             .await?;
-        let mut entry: TagEntry = serde_json::from_slice(&raw).ok()?;
-        // Another replica's clock may run ahead: its times count as now at most.
-        let now = now_ms();
-        entry.validated_at = entry.validated_at.min(now);
-        entry.fetched_at = entry.fetched_at.min(now);
-        (entry.size <= MAX_SHARED_OBJECT).then_some(entry)
+        let entry: TagEntry = serde_json::from_slice(&raw).ok()?;
+        // An entry from a clock running ahead (by more than a few seconds) is not trusted: it
+        // would look fresh for as long as the skew, everywhere.
+        let soon = now_ms().saturating_add(5_000);
+        (entry.validated_at <= soon && entry.fetched_at <= soon && entry.size <= MAX_SHARED_OBJECT)
+            .then_some(entry)
     }
 
     fn manifest_path(&self, digest: &Digest) -> PathBuf {

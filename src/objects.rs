@@ -156,8 +156,23 @@ impl ObjectStorage {
         }
     }
 
-    /// An object's bytes, whole; `None` when it is absent, or the bucket failed or rests.
+    /// An object's bytes, whole (within [`QUICK`]); `None` when it is absent, or the bucket
+    /// failed or rests.
     pub async fn get_bytes(&self, relative: &str, max: u64) -> Option<Bytes> {
+        match tokio::time::timeout(QUICK, self.get_bytes_unbounded(relative, max)).await {
+            Ok(bytes) => bytes,
+            Err(_) => {
+                let e = object_store::Error::Generic {
+                    store: "object storage",
+                    source: "object body not read in time".into(),
+                };
+                self.failed("get", relative, &e);
+                None
+            }
+        }
+    }
+
+    async fn get_bytes_unbounded(&self, relative: &str, max: u64) -> Option<Bytes> {
         let (size, mut stream) = self.get_stream(relative).await?;
         if size > max {
             return None;
@@ -307,13 +322,16 @@ impl ObjectStorage {
     }
 
     /// Deletes an object (purges); absent is fine.
-    pub async fn delete(&self, relative: &str) {
+    pub async fn delete(&self, relative: &str) -> bool {
         if !self.available() {
-            return;
+            return false;
         }
         match quick(self.store.delete(&self.key(relative))).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-            Err(e) => self.failed("delete", relative, &e),
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => true,
+            Err(e) => {
+                self.failed("delete", relative, &e);
+                false
+            }
         }
     }
 }

@@ -207,9 +207,6 @@ impl AppState {
             ),
             None => manifests,
         });
-        blobs.set_private_possible(
-            upstream.has_credentials() || others.iter().any(|p| p.upstream.has_credentials()),
-        );
         let proxy = Arc::new(
             Proxy::new(config, Arc::clone(&upstream), manifests, blobs)?.named(&default_name, true),
         );

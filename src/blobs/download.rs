@@ -21,7 +21,7 @@ use std::collections::VecDeque;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
@@ -69,8 +69,11 @@ pub(super) struct Download {
     /// The upstream (by identity) and repository the blob is fetched from: another may read
     /// the download only under the rule for stored blobs.
     origin: (usize, RepoName),
-    /// Fetched with credentials.
-    private: bool,
+    /// Fetched with credentials, or from a source (the bucket, another replica) that was.
+    pub(super) private: AtomicBool,
+    /// Upstream showed the blob in the repository that started the download: a private
+    /// source may be used without asking it.
+    confirmed: AtomicBool,
     progress: watch::Sender<Progress>,
     /// The most recent bytes received.
     recent: Mutex<Recent>,
@@ -286,7 +289,8 @@ impl BlobStore {
         shared_ok: bool,
     ) -> Result<Option<Arc<Download>>, Error> {
         let joinable = |d: &Arc<Download>| {
-            (shared_ok || !d.private || d.origin == origin).then(|| Arc::clone(d))
+            (shared_ok || !d.private.load(Ordering::Relaxed) || d.origin == origin)
+                .then(|| Arc::clone(d))
         };
         if let Some(d) = self.downloads.lock().get(digest) {
             return Ok(joinable(d));
@@ -309,7 +313,8 @@ impl BlobStore {
             let download = Arc::new(Download {
                 temp: temp_path.to_path_buf(),
                 origin: origin.clone(),
-                private: upstream.has_credentials(),
+                private: AtomicBool::new(upstream.has_credentials()),
+                confirmed: AtomicBool::new(shared_ok),
                 progress,
                 recent: Mutex::default(),
             });
@@ -333,7 +338,7 @@ impl BlobStore {
                 Ok(share) => *share,
                 Err(e) => {
                     tracing::warn!(%digest, repo = %name, error = %e, "blob download failed; nothing stored");
-                    false
+                    None
                 }
             };
             store.downloads.lock().remove(&digest);
@@ -341,11 +346,9 @@ impl BlobStore {
                 .send_modify(|p| p.outcome = Some(outcome.map(|_| ())));
             // Shared with the other replicas before the cluster lock goes: one that claims it
             // next finds the object.
-            if share
+            if let Some(private) = share
                 && let Some(objects) = &store.shared
-                && objects
-                    .put_file(&super::shared_key(&digest), &store.path(&digest))
-                    .await
+                && store.upload(objects, &digest, private).await
                 && let Some(cluster) = store.cluster()
                 && let Some(size) = store.stored_size(&digest)
             {
@@ -357,9 +360,30 @@ impl BlobStore {
         Ok(Some(download))
     }
 
-    /// Downloads, verifies and stores the blob. `Ok(true)` when it came (at least partly) from
-    /// upstream, and so is for object storage (private ones too: replicas serve a blob from
-    /// there only where upstream shows it); `lock` holds the cluster lock this replica took.
+    /// Shares a stored blob through object storage. One fetched with credentials is marked
+    /// private there first (`<digest>.private`), so a replica that reads it serves it only where
+    /// upstream shows it; a public one drops a marker left from before.
+    async fn upload(
+        &self,
+        objects: &crate::objects::ObjectStorage,
+        digest: &Digest,
+        private: bool,
+    ) -> bool {
+        let marker = super::shared_private_key(digest);
+        let marked = if private {
+            objects.put_bytes(&marker, Bytes::new()).await
+        } else {
+            objects.delete(&marker).await
+        };
+        marked
+            && objects
+                .put_file(&super::shared_key(digest), &self.path(digest))
+                .await
+    }
+
+    /// Downloads, verifies and stores the blob. `Ok(Some(private))` when it came (at least
+    /// partly) from upstream, and so is for object storage; `lock` holds the cluster lock this
+    /// replica took for it, if any.
     #[allow(clippy::too_many_arguments)]
     async fn run_download(
         self: &Arc<Self>,
@@ -370,8 +394,10 @@ impl BlobStore {
         file: std::fs::File,
         temp: tempfile::TempPath,
         lock: &mut Option<Lock>,
-    ) -> Result<bool, Error> {
-        let mut source = self.open_source(upstream, name, digest, None, lock).await?;
+    ) -> Result<Option<bool>, Error> {
+        let mut source = self
+            .open_source(upstream, name, digest, download, None, lock)
+            .await?;
         let size = source.size;
         if size.is_some_and(|s| s > self.limits.max) {
             return Err(Error::upstream_invalid(
@@ -418,15 +444,16 @@ impl BlobStore {
             resumes += 1;
             tracing::warn!(%digest, received = writer.received, resumes, error = %broken, "blob stream broke off; resuming with a range request");
             source = self
-                .open_source(upstream, name, digest, Some(&mut writer), lock)
+                .open_source(upstream, name, digest, download, Some(&mut writer), lock)
                 .await?;
             if let Some(size) = writer.size {
                 download.progress.send_modify(|p| p.size = Some(size));
             }
         }
-        self.commit(digest, writer, temp, download, from_shared)
+        let private = self
+            .commit(digest, writer, temp, download, from_shared)
             .await?;
-        Ok(from_upstream)
+        Ok(from_upstream.then_some(private))
     }
 
     /// Where the blob's bytes come from, from the start (`writer` is `None`) or from where the
@@ -434,6 +461,34 @@ impl BlobStore {
     /// the replica downloading it (streamed while it downloads) unless this replica takes the
     /// cluster lock; else upstream.
     async fn open_source(
+        &self,
+        upstream: &Upstream,
+        name: &RepoName,
+        digest: &Digest,
+        download: &Download,
+        writer: Option<&mut Writer>,
+        lock: &mut Option<Lock>,
+    ) -> Result<Source, Error> {
+        let source = self
+            .open_source_unchecked(upstream, name, digest, writer, lock)
+            .await?;
+        // Bytes fetched with credentials, from the bucket or another replica: upstream must
+        // show them in this repository first (one HEAD), as for a stored blob.
+        if source.private && !download.confirmed.load(Ordering::Relaxed) {
+            upstream
+                .head_blob(name, digest)
+                .await
+                .map_err(Error::blob)?;
+            download.confirmed.store(true, Ordering::Relaxed);
+        }
+        if source.private {
+            download.private.store(true, Ordering::Relaxed);
+        }
+        Ok(source)
+    }
+
+    /// [`Self::open_source`] before the access check.
+    async fn open_source_unchecked(
         &self,
         upstream: &Upstream,
         name: &RepoName,
@@ -478,6 +533,7 @@ impl BlobStore {
                         body: upstream_body(exchange),
                         skip: 0,
                         from: From::Upstream,
+                        private: false,
                     })
                 }
                 Some(writer) => {
@@ -487,6 +543,7 @@ impl BlobStore {
                         body: upstream_body(exchange),
                         skip,
                         from: From::Upstream,
+                        private: false,
                     })
                 }
             };
@@ -511,11 +568,15 @@ impl BlobStore {
         {
             return None;
         }
+        // The marker is written before the blob: absent now means public. Unknown counts as
+        // private.
+        let private = objects.exists(&super::shared_private_key(digest)).await != Some(false);
         Some(Source {
             body: Box::pin(stream.map(|r| r.map_err(|e| e.to_string()))),
             size: Some(size),
             skip: 0,
             from: From::Shared,
+            private,
         })
     }
 
@@ -571,7 +632,7 @@ impl BlobStore {
         temp: tempfile::TempPath,
         download: &Download,
         from_shared: bool,
-    ) -> Result<(), Error> {
+    ) -> Result<bool, Error> {
         let Writer {
             spool,
             received: written,
@@ -600,7 +661,8 @@ impl BlobStore {
             )));
         }
         // Content also fetched without credentials is public, whoever fetches it again.
-        let private = download.private && self.index.lock().get(digest).is_none_or(|m| m.private);
+        let private = download.private.load(Ordering::Relaxed)
+            && self.index.lock().get(digest).is_none_or(|m| m.private);
         let path = self.path(digest);
         let marker = self.private_marker(digest);
         let parent = path.parent().map(Path::to_path_buf);
@@ -630,7 +692,7 @@ impl BlobStore {
         if self.needs_eviction() {
             self.evict.notify_one();
         }
-        Ok(())
+        Ok(private)
     }
 }
 
@@ -735,6 +797,8 @@ struct Source {
     size: Option<u64>,
     skip: u64,
     from: From,
+    /// Fetched with credentials (by whoever stored or is downloading it).
+    private: bool,
 }
 
 /// The cluster lock of a blob's download.
@@ -774,6 +838,10 @@ impl Peers {
         if !status.is_success() {
             return Err(format!("answered {status}"));
         }
+        let private = response
+            .headers()
+            .get(super::PRIVATE_HEADER)
+            .is_none_or(|v| v.as_bytes() != b"0");
         let (size, skip) = match writer {
             None if status == reqwest::StatusCode::OK => (content_length(&response), 0),
             None => return Err(format!("answered {status} to a whole-blob request")),
@@ -791,6 +859,7 @@ impl Peers {
             size,
             skip,
             from: From::Peer,
+            private,
         })
     }
 }

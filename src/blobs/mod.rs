@@ -99,8 +99,6 @@ pub struct BlobStore {
     peers: std::sync::OnceLock<download::Peers>,
     /// Blobs served since the access times in Redis were last brought up to date.
     touched: Mutex<std::collections::HashSet<Digest>>,
-    /// Some upstream has credentials: a blob may be private.
-    private_possible: std::sync::atomic::AtomicBool,
 }
 
 /// A blob body about to be sent.
@@ -144,7 +142,6 @@ impl BlobStore {
             shared,
             peers: std::sync::OnceLock::new(),
             touched: Mutex::default(),
-            private_possible: std::sync::atomic::AtomicBool::new(false),
         });
         store.scan()?;
         Ok(store)
@@ -182,19 +179,12 @@ impl BlobStore {
             .join(hex)
     }
 
-    /// Whether blobs may come from object storage or other replicas.
-    pub fn shared_with_replicas(&self) -> bool {
-        self.shared.is_some() || self.peers.get().is_some()
-    }
-
-    /// Records whether some upstream has credentials (a blob may then be private).
-    pub fn set_private_possible(&self, possible: bool) {
-        self.private_possible.store(possible, Ordering::Relaxed);
-    }
-
-    /// Whether some upstream has credentials.
-    pub fn private_possible(&self) -> bool {
-        self.private_possible.load(Ordering::Relaxed)
+    /// Whether this replica holds `digest` (stored, or downloading) as fetched with credentials.
+    pub fn held_private(&self, digest: &Digest) -> bool {
+        if let Some(d) = self.downloads.lock().get(digest) {
+            return d.private.load(Ordering::Relaxed);
+        }
+        self.is_private(digest)
     }
 
     /// The object storage shared with other replicas, if any.
@@ -240,8 +230,10 @@ impl BlobStore {
     /// Drops a blob from the store. Readers of its file keep reading; a download under way
     /// stores it again when it ends.
     pub async fn purge(self: &Arc<Self>, digest: &Digest) {
-        if let Some(objects) = &self.shared {
-            objects.delete(&shared_key(digest)).await;
+        if let Some(objects) = &self.shared
+            && objects.delete(&shared_key(digest)).await
+        {
+            objects.delete(&shared_private_key(digest)).await;
             if let Some(cluster) = self.cluster() {
                 cluster.blob_deleted(&digest.to_string()).await;
             }
@@ -613,9 +605,17 @@ fn hash_file(path: &Path, algorithm: Algorithm, rate: u64) -> std::io::Result<(D
     }
 }
 
+/// Tells a replica that streams a blob from another whether it was fetched with credentials.
+pub const PRIVATE_HEADER: &str = "x-pullthrough-private";
+
 /// A blob's key in object storage.
 fn shared_key(digest: &Digest) -> String {
     format!("blobs/{}/{}", digest.algorithm().as_str(), digest.hex())
+}
+
+/// The marker of a blob fetched with credentials, in object storage (written before the blob).
+fn shared_private_key(digest: &Digest) -> String {
+    format!("{}.private", shared_key(digest))
 }
 
 /// How often a replica brings blob access times up to date in Redis, and checks whether object
@@ -668,8 +668,12 @@ async fn shared_eviction(store: std::sync::Weak<BlobStore>) {
                 if bytes <= target {
                     break;
                 }
+                // Forgotten only once deleted: an object still there stays counted.
                 if let Ok(parsed) = digest.parse::<Digest>() {
-                    objects.delete(&shared_key(&parsed)).await;
+                    if !objects.delete(&shared_key(&parsed)).await {
+                        break;
+                    }
+                    objects.delete(&shared_private_key(&parsed)).await;
                     tracing::info!(%digest, size, "evicted from object storage (least recently used in the cluster)");
                 }
                 if !peers.cluster.blob_deleted(&digest).await {

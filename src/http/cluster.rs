@@ -1,7 +1,8 @@
 //! Requests between replicas (`redis_url`): `GET /_pullthrough/cluster/blobs/<digest>` streams
 //! a blob this replica holds or is downloading, to a replica that found this one holding its
 //! cluster lock. Authenticated with `Authorization: Bearer <cluster_secret>`; it never starts a
-//! download (404 when this replica has neither the blob nor a download of it).
+//! download (404 when this replica has neither the blob nor a download of it). The answer says
+//! in `X-Pullthrough-Private` whether the blob was fetched with credentials.
 
 use super::blobs;
 use crate::blobs::ByteRange;
@@ -37,7 +38,17 @@ pub async fn blob(
         .and_then(|v| v.to_str().ok())
         .and_then(ByteRange::parse);
     match store.local_body(&digest, range).await {
-        Ok(Some(body)) => blobs::respond(&digest, body, &state.metrics),
+        Ok(Some(body)) => {
+            // Whether it was fetched with credentials: the follower then serves it only where
+            // upstream shows it.
+            let private = store.held_private(&digest);
+            let mut response = blobs::respond(&digest, body, &state.metrics);
+            response.headers_mut().insert(
+                crate::blobs::PRIVATE_HEADER,
+                axum::http::HeaderValue::from_static(if private { "1" } else { "0" }),
+            );
+            response
+        }
         Ok(None) => Error::BlobUnknown.into_response(),
         Err(e) => e.into_response(),
     }

@@ -42,20 +42,6 @@ impl Proxy {
                 return Ok(body);
             }
         }
-        // With replicas, the bytes may come from object storage or another replica instead of
-        // this upstream, which then never checked access: where any upstream has credentials
-        // (so the blob may be private), upstream must show it to `name` first (one HEAD), as
-        // for a stored blob.
-        if self.blobs.shared_with_replicas()
-            && self.blobs.private_possible()
-            && !self.manifests.granted(name, digest)
-        {
-            self.may_share(name, digest, true, || {
-                Box::pin(self.upstream.head_blob(name, digest))
-            })
-            .await
-            .map_err(Error::blob)?;
-        }
         // A download started for another repository is joined under the same rule as a
         // stored blob: only where access from `name` is known or confirmed by upstream.
         let shared_ok = self.manifests.granted(name, digest);

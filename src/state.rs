@@ -161,11 +161,21 @@ impl AppState {
         if !config.redis_url.0.is_empty() {
             let cluster = crate::cluster::Cluster::new(&config.redis_url.0, config.advertised())
                 .map_err(|e| anyhow::anyhow!("invalid value for key \"redis_url\": {e}"))?;
-            let client = reqwest::Client::builder()
+            let mut builder = reqwest::Client::builder()
                 .connect_timeout(std::time::Duration::from_secs(1))
                 .read_timeout(std::time::Duration::from_secs(30))
-                .no_proxy()
-                .build()?;
+                .no_proxy();
+            // Replicas serving TLS trust the certificates they serve with (the same on every
+            // replica, or signed by a CA in the same file), besides the system's.
+            if let Some(cert) = &config.tls_cert {
+                let pem = std::fs::read(cert).with_context(|| {
+                    format!("invalid value for key \"tls_cert\": {}", cert.display())
+                })?;
+                for root in reqwest::Certificate::from_pem_bundle(&pem)? {
+                    builder = builder.add_root_certificate(root);
+                }
+            }
+            let client = builder.build()?;
             let cluster = Arc::new(cluster);
             cluster.share_limits(&default_name, Arc::clone(&upstream));
             blobs.join_cluster(crate::blobs::Peers {

@@ -952,3 +952,101 @@ async fn the_internal_blob_endpoint_needs_the_cluster_secret_and_never_fetches()
     assert_eq!(r.status(), 206);
     assert_eq!(r.bytes().await.unwrap(), image.blobs[0].slice(2..));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_serving_tls_stream_blobs_to_each_other_trusting_their_certificate() {
+    let hub = FakeHub::start().await;
+    let blob = Bytes::from(support::hub::pattern("tls", 16 * 1024 * 1024));
+    let digest = hub.push_blob("library/big", blob.clone());
+    hub.fault(Fault::SlowBlob(Duration::from_millis(2)));
+    let s3 = S3::start().await;
+    let redis = Redis::start();
+    // A CA and a certificate for 127.0.0.1 it signed; the replicas' tls_cert file has both.
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let certs = tempfile::tempdir().unwrap();
+    let (cert_file, key_file) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+    std::fs::write(&cert_file, format!("{}{}", leaf.pem(), ca.pem())).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .tls_certs_only([reqwest::Certificate::from_pem(ca.pem().as_bytes()).unwrap()])
+        .build()
+        .unwrap();
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut replicas = Vec::new();
+    for dir in &dirs {
+        let port = free_port();
+        let process = Command::new(env!("CARGO_BIN_EXE_pullthrough"))
+            .env("PULLTHROUGH_UPSTREAM", &hub.url)
+            .env("PULLTHROUGH_DATA_DIR", dir.path())
+            .env("PULLTHROUGH_LISTEN", format!("127.0.0.1:{port}"))
+            .env("PULLTHROUGH_TLS_CERT", &cert_file)
+            .env("PULLTHROUGH_TLS_KEY", &key_file)
+            .env("PULLTHROUGH_STORAGE_URL", format!("s3://{BUCKET}/cache"))
+            .env("PULLTHROUGH_REDIS_URL", redis.url())
+            .env("PULLTHROUGH_CLUSTER_SECRET", "replica-test-secret-0123")
+            .env("AWS_ENDPOINT_URL", &s3.url)
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ALLOW_HTTP", "true")
+            .env("RUST_LOG", "pullthrough=warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let url = format!("https://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while client.get(format!("{url}/v2/")).send().await.is_err() {
+            assert!(Instant::now() < deadline, "{url} did not come up");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        replicas.push((Process(process), url));
+    }
+    let started = Instant::now();
+    let pulls: Vec<_> = replicas
+        .iter()
+        .map(|(_, url)| {
+            let (client, url) = (
+                client.clone(),
+                format!("{url}/v2/library/big/blobs/{digest}"),
+            );
+            tokio::spawn(async move {
+                use futures_util::StreamExt;
+                let r = client.get(url).send().await.unwrap();
+                assert_eq!(r.status(), 200);
+                let (mut first, mut all) = (None, Vec::new());
+                let mut stream = r.bytes_stream();
+                while let Some(chunk) = stream.next().await {
+                    first.get_or_insert(started.elapsed());
+                    all.extend_from_slice(&chunk.unwrap());
+                }
+                (first.unwrap_or_default(), started.elapsed(), all)
+            })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for pull in pulls {
+        results.push(pull.await.unwrap());
+    }
+    let first_done = results.iter().map(|r| r.1).min().unwrap();
+    for (first_byte, _, bytes) in &results {
+        assert_eq!(sha256(bytes), digest);
+        // Streamed from the downloading replica over TLS, not read from the bucket afterwards.
+        assert!(*first_byte < first_done, "{first_byte:?} vs {first_done:?}");
+    }
+    assert_eq!(
+        hub.count("blob_get"),
+        1,
+        "one upstream GET for both replicas"
+    );
+}

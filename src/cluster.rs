@@ -10,6 +10,8 @@
 //! (each replica goes on as an independent cache over the shared storage), the failure is
 //! logged once per spell, and Redis is asked again after a short rest.
 
+use crate::manifests::now_ms;
+use crate::resting::Resting;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,13 +37,9 @@ pub struct Cluster {
     conn: ConnectionManager,
     /// This replica's address for internal requests (`advertise_url`).
     me: String,
-    started: Instant,
-    /// Until when (ms since start) Redis is left alone after a failure.
-    resting_until: AtomicU64,
     next_token: AtomicU64,
-    /// Redis requests made, and those that failed.
-    requests: AtomicU64,
-    failures: AtomicU64,
+    /// Left alone after a failure; requests and failures counted.
+    resting: Resting,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -80,14 +78,7 @@ impl Drop for Lock {
         );
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
-                cluster.requests.fetch_add(1, Ordering::Relaxed);
-                let mut conn = cluster.conn.clone();
-                let released: redis::RedisResult<i64> = redis::Script::new(RELEASE)
-                    .key(&key)
-                    .arg(&value)
-                    .invoke_async(&mut conn)
-                    .await;
-                if let Err(e) = released {
+                if let Err(e) = cluster.eval(RELEASE, &[&key], &[&value]).await {
                     cluster.failed("release", &e);
                 }
             });
@@ -110,40 +101,40 @@ impl Cluster {
         Ok(Cluster {
             conn,
             me,
-            started: Instant::now(),
-            resting_until: AtomicU64::new(0),
             next_token: AtomicU64::new(0),
-            requests: AtomicU64::new(0),
-            failures: AtomicU64::new(0),
+            resting: Resting::new(REST_AFTER_FAILURE),
         })
-    }
-
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Requests made, requests failed, and whether this replica goes on alone now.
     pub fn counts(&self) -> (u64, u64, bool) {
-        (
-            self.requests.load(Ordering::Relaxed),
-            self.failures.load(Ordering::Relaxed),
-            !self.available(),
-        )
+        let (requests, failures) = self.resting.counts();
+        (requests, failures, !self.available())
     }
 
     /// Whether Redis is being asked (not resting after a failure).
     pub fn available(&self) -> bool {
-        self.now_ms() >= self.resting_until.load(Ordering::Relaxed)
+        self.resting.available()
     }
 
     fn failed(&self, what: &str, e: &redis::RedisError) {
-        self.failures.fetch_add(1, Ordering::Relaxed);
-        let now = self.now_ms();
-        let until =
-            now.saturating_add(u64::try_from(REST_AFTER_FAILURE.as_millis()).unwrap_or(u64::MAX));
-        if self.resting_until.swap(until, Ordering::Relaxed) <= now {
+        if self.resting.failed() {
             tracing::warn!(what, error = %e, "Redis failed; this replica goes on alone for {}s", REST_AFTER_FAILURE.as_secs());
         }
+    }
+
+    /// Runs a Lua script with `keys` and `args`, counted.
+    async fn eval(&self, code: &str, keys: &[&str], args: &[&str]) -> redis::RedisResult<i64> {
+        self.resting.request();
+        let script = redis::Script::new(code);
+        let mut invocation = script.prepare_invoke();
+        for key in keys {
+            invocation.key(*key);
+        }
+        for arg in args {
+            invocation.arg(*arg);
+        }
+        invocation.invoke_async(&mut self.conn.clone()).await
     }
 
     /// Tries to take the lock on `key`. A lock this replica holds already (another of its own
@@ -236,33 +227,20 @@ impl Cluster {
     /// Runs `command`, once more if the first try failed: a connection Redis dropped (it
     /// restarted) fails one command before the manager reconnects.
     async fn query<T: redis::FromRedisValue>(&self, command: &redis::Cmd) -> redis::RedisResult<T> {
-        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.resting.request();
         let mut conn = self.conn.clone();
         match command.query_async(&mut conn).await {
             Ok(value) => Ok(value),
             Err(_) => command.query_async(&mut conn).await,
         }
     }
-
-    /// This replica's `advertise_url`.
-    pub fn me(&self) -> &str {
-        &self.me
-    }
 }
 
 async fn renew(cluster: Arc<Cluster>, key: String, value: String) {
-    let ttl = u64::try_from(LOCK_TTL.as_millis()).unwrap_or(u64::MAX);
+    let ttl = LOCK_TTL.as_millis().to_string();
     loop {
         tokio::time::sleep(RENEW_EVERY).await;
-        cluster.requests.fetch_add(1, Ordering::Relaxed);
-        let mut conn = cluster.conn.clone();
-        let renewed: redis::RedisResult<i64> = redis::Script::new(RENEW)
-            .key(&key)
-            .arg(&value)
-            .arg(ttl)
-            .invoke_async(&mut conn)
-            .await;
-        match renewed {
+        match cluster.eval(RENEW, &[&key], &[&value, &ttl]).await {
             Ok(1) => {}
             Ok(_) => {
                 tracing::warn!(
@@ -314,21 +292,21 @@ impl Cluster {
         shared_seen: &mut Option<u64>,
     ) {
         let limits = &upstream.limits;
-        // This replica's pause goes out (the longest wins: SET only if later)...
-        if let Some((until, abuse)) = limits.pause_deadline() {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-            let ttl = until.saturating_sub(now).max(1);
-            let current: Option<String> = self
-                .query(redis::cmd("GET").arg(pause_key))
-                .await
-                .unwrap_or(None);
-            let later = current
-                .as_deref()
-                .and_then(|v| v.split(' ').next()?.parse::<u64>().ok())
-                .is_none_or(|theirs| theirs < until);
-            if later {
+        // The later pause wins: this replica's goes out, or the others' comes in.
+        let theirs: Option<(u64, bool)> = match self
+            .query::<Option<String>>(redis::cmd("GET").arg(pause_key))
+            .await
+        {
+            Ok(value) => value.and_then(|v| {
+                let mut parts = v.split(' ');
+                let until = parts.next()?.parse::<u64>().ok()?;
+                Some((until, parts.next() == Some("1")))
+            }),
+            Err(e) => return self.failed("pause", &e),
+        };
+        match (limits.pause_deadline(), theirs) {
+            (Some((until, abuse)), theirs) if theirs.is_none_or(|(t, _)| t < until) => {
+                let ttl = until.saturating_sub(now_ms()).max(1);
                 let mut set = redis::cmd("SET");
                 set.arg(pause_key)
                     .arg(format!("{until} {}", u8::from(abuse)))
@@ -338,15 +316,8 @@ impl Cluster {
                     self.failed("pause", &e);
                 }
             }
-        }
-        // ...and the others' comes in.
-        let theirs: redis::RedisResult<Option<String>> =
-            self.query(redis::cmd("GET").arg(pause_key)).await;
-        if let Ok(Some(value)) = theirs {
-            let mut parts = value.split(' ');
-            if let Some(until) = parts.next().and_then(|u| u.parse::<u64>().ok()) {
-                limits.adopt_pause(until, parts.next() == Some("1"));
-            }
+            (_, Some((until, abuse))) => limits.adopt_pause(until, abuse),
+            _ => {}
         }
         // The budget: the newest observation wins, in both directions.
         let mine = limits.snapshot();
@@ -516,24 +487,13 @@ if size then redis.call('hdel', KEYS[1], ARGV[1]); redis.call('decrby', KEYS[2],
 redis.call('zrem', KEYS[3], ARGV[1])
 return 1";
 
-fn epoch_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
 impl Cluster {
+    /// Runs a script over the blob index.
     async fn script(&self, code: &str, args: &[&str]) -> bool {
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        let mut conn = self.conn.clone();
-        let script = redis::Script::new(code);
-        let mut invocation = script.key(BLOB_SIZES);
-        invocation.key(BLOB_BYTES).key(BLOB_ACCESS);
-        for arg in args {
-            invocation.arg(*arg);
-        }
-        let done: redis::RedisResult<i64> = invocation.invoke_async(&mut conn).await;
-        match done {
+        match self
+            .eval(code, &[BLOB_SIZES, BLOB_BYTES, BLOB_ACCESS], args)
+            .await
+        {
             Ok(_) => true,
             Err(e) => {
                 self.failed("blob index", &e);
@@ -545,7 +505,7 @@ impl Cluster {
     /// Records a blob uploaded to object storage, for the cluster-wide eviction.
     pub async fn blob_stored(&self, digest: &str, size: u64) {
         if self.available() {
-            let (size, now) = (size.to_string(), epoch_ms().to_string());
+            let (size, now) = (size.to_string(), now_ms().to_string());
             self.script(ADD_BLOB, &[digest, &size, &now]).await;
         }
     }
@@ -560,15 +520,18 @@ impl Cluster {
         if digests.is_empty() || !self.available() {
             return;
         }
-        let now = epoch_ms();
-        let mut add = redis::cmd("ZADD");
-        // Only blobs the index knows (uploaded): XX.
-        add.arg(BLOB_ACCESS).arg("XX");
-        for digest in digests {
-            add.arg(now).arg(digest);
-        }
-        if let Err(e) = self.query::<i64>(&add).await {
-            self.failed("blob access", &e);
+        let now = now_ms();
+        // A thousand per command: a busy replica's round stays a few small requests.
+        for some in digests.chunks(1000) {
+            let mut add = redis::cmd("ZADD");
+            // Only blobs the index knows (uploaded): XX.
+            add.arg(BLOB_ACCESS).arg("XX");
+            for digest in some {
+                add.arg(now).arg(digest);
+            }
+            if let Err(e) = self.query::<i64>(&add).await {
+                return self.failed("blob access", &e);
+            }
         }
     }
 

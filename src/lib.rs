@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod objects;
 pub mod proxy;
 pub mod registry;
+pub mod resting;
 pub mod state;
 pub mod upstream;
 pub mod warm;

@@ -529,9 +529,10 @@ impl ManifestCache {
     /// not fsynced: losing one only costs a HEAD). Racing updates leave the newest on disk and a
     /// purge stays purged ([`Intents`]).
     pub async fn set_tag(&self, name: &RepoName, tag: &Tag, entry: TagEntry) {
-        if let Some((objects, prefix)) = &self.shared {
+        if let Some((objects, prefix)) = &self.shared
+            && let Ok(json) = serde_json::to_vec(&entry)
+        {
             let (objects, key) = (Arc::clone(objects), Self::tag_object(prefix, name, tag));
-            let json = serde_json::to_vec(&entry).unwrap_or_default();
             self.share(async move {
                 objects.put_bytes(&key, json.into()).await;
             })

@@ -12,13 +12,12 @@
 //! upstream and writes are dropped (logged, counted), and for a short while after a failure it is
 //! not asked at all, so a dead endpoint does not add its timeout to every request.
 
+use crate::resting::Resting;
 use bytes::Bytes;
-use futures_util::Stream;
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::path::Path as Key;
 use object_store::{ClientConfigKey, ObjectStore, ObjectStoreExt, RetryConfig, WriteMultipart};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::io::AsyncReadExt;
 
@@ -49,12 +48,8 @@ const PART: usize = 8 * 1024 * 1024;
 pub struct ObjectStorage {
     store: Arc<dyn ObjectStore>,
     prefix: String,
-    /// Until when (ms since start) the bucket is left alone after a failure.
-    resting_until: AtomicU64,
-    started: std::time::Instant,
-    /// Requests made, and those that failed (for metrics and the log).
-    requests: AtomicU64,
-    failures: AtomicU64,
+    /// Left alone after a failure; requests and failures counted.
+    resting: Resting,
 }
 
 impl std::fmt::Debug for ObjectStorage {
@@ -103,31 +98,20 @@ impl ObjectStorage {
             .with_config(client(ClientConfigKey::Timeout), "600s")
             .build()
             .map_err(|e| e.to_string())?;
-        Ok(ObjectStorage::new(Arc::new(store), prefix))
-    }
-
-    /// Object storage over any store (tests use the in-memory one).
-    pub fn new(store: Arc<dyn ObjectStore>, prefix: &str) -> ObjectStorage {
-        ObjectStorage {
-            store,
-            prefix: prefix.trim_matches('/').to_owned(),
-            resting_until: AtomicU64::new(0),
-            started: std::time::Instant::now(),
-            requests: AtomicU64::new(0),
-            failures: AtomicU64::new(0),
-        }
+        Ok(ObjectStorage {
+            store: Arc::new(store),
+            prefix: prefix.to_owned(),
+            resting: Resting::new(REST_AFTER_FAILURE),
+        })
     }
 
     /// Requests made and requests failed.
     pub fn counts(&self) -> (u64, u64) {
-        (
-            self.requests.load(Ordering::Relaxed),
-            self.failures.load(Ordering::Relaxed),
-        )
+        self.resting.counts()
     }
 
     fn key(&self, relative: &str) -> Key {
-        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.resting.request();
         if self.prefix.is_empty() {
             Key::from(relative)
         } else {
@@ -135,23 +119,14 @@ impl ObjectStorage {
         }
     }
 
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-
     /// Whether the bucket may be asked now (not resting after a failure).
     pub fn available(&self) -> bool {
-        self.now_ms() >= self.resting_until.load(Ordering::Relaxed)
+        self.resting.available()
     }
 
     fn failed(&self, what: &str, relative: &str, e: &object_store::Error) {
-        self.failures.fetch_add(1, Ordering::Relaxed);
-        let until = self
-            .now_ms()
-            .saturating_add(u64::try_from(REST_AFTER_FAILURE.as_millis()).unwrap_or(u64::MAX));
-        let previous = self.resting_until.swap(until, Ordering::Relaxed);
         // Logged once per failure spell, not once per request.
-        if previous <= self.now_ms() {
+        if self.resting.failed() {
             tracing::warn!(what, key = relative, error = %e, "object storage failed; going on without it for {}s", REST_AFTER_FAILURE.as_secs());
         }
     }
@@ -173,7 +148,7 @@ impl ObjectStorage {
     }
 
     async fn get_bytes_unbounded(&self, relative: &str, max: u64) -> Option<Bytes> {
-        let (size, mut stream) = self.get_stream(relative).await?;
+        let (size, mut stream) = self.get_stream_from(relative, 0).await?;
         if size > max {
             return None;
         }
@@ -188,28 +163,6 @@ impl ObjectStorage {
             }
         }
         Some(Bytes::from(out))
-    }
-
-    /// An object's size and its bytes as they arrive; `None` when it is absent, or the bucket
-    /// failed or rests.
-    pub async fn get_stream(
-        &self,
-        relative: &str,
-    ) -> Option<(
-        u64,
-        impl Stream<Item = Result<Bytes, object_store::Error>> + Send + use<>,
-    )> {
-        if !self.available() {
-            return None;
-        }
-        match quick(self.store.get(&self.key(relative))).await {
-            Ok(result) => Some((result.meta.size, result.into_stream())),
-            Err(object_store::Error::NotFound { .. }) => None,
-            Err(e) => {
-                self.failed("get", relative, &e);
-                None
-            }
-        }
     }
 
     /// An object's whole size and its bytes from `offset`; `None` when it is absent (or

@@ -136,7 +136,22 @@ impl AppState {
                 .collect(),
         );
         let upstream = Arc::new(Upstream::new(config, metrics.for_upstream(0))?);
-        let manifests = ManifestCache::open(layout.clone(), config.manifest_cache_bytes.as_u64())?;
+        let objects = match config.storage_url.as_str() {
+            "" => None,
+            url => Some(Arc::new(ObjectStorage::from_url(url).map_err(|e| {
+                anyhow::anyhow!("invalid value for key \"storage_url\": {e}")
+            })?)),
+        };
+        // Each upstream's manifests, shared through object storage under its own prefix.
+        let clustered = !config.redis_url.0.is_empty();
+        let manifest_cache = |layout: Layout, prefix: String| -> std::io::Result<ManifestCache> {
+            let cache = ManifestCache::open(layout, config.manifest_cache_bytes.as_u64())?;
+            Ok(match &objects {
+                Some(objects) => cache.shared(Arc::clone(objects), prefix, clustered),
+                None => cache,
+            })
+        };
+        let manifests = Arc::new(manifest_cache(layout.clone(), String::new())?);
         let limits = DiskLimits {
             max: config.cache_max_disk.as_u64(),
             high: config.cache_high_watermark,
@@ -146,19 +161,13 @@ impl AppState {
             scrub_interval: config.scrub_interval,
             verify_on_serve: config.verify_on_serve,
         };
-        let objects = match config.storage_url.as_str() {
-            "" => None,
-            url => Some(Arc::new(ObjectStorage::from_url(url).map_err(|e| {
-                anyhow::anyhow!("invalid value for key \"storage_url\": {e}")
-            })?)),
-        };
         let blobs = BlobStore::open(
             layout.clone(),
             limits,
             Arc::clone(&metrics),
             objects.clone(),
         )?;
-        if !config.redis_url.0.is_empty() {
+        if clustered {
             let cluster = crate::cluster::Cluster::new(&config.redis_url.0, config.advertised())
                 .map_err(|e| anyhow::anyhow!("invalid value for key \"redis_url\": {e}"))?;
             let mut builder = reqwest::Client::builder()
@@ -195,40 +204,28 @@ impl AppState {
                 cluster.share_limits(&u.host, Arc::clone(&upstream));
             }
             let dir = u.host.replace(':', "_");
-            let mut manifests =
-                ManifestCache::open(layout.upstream(&dir)?, config.manifest_cache_bytes.as_u64())?;
-            if let Some(objects) = &objects {
-                manifests = manifests.shared(
-                    Arc::clone(objects),
-                    format!("upstreams/{dir}/"),
-                    !config.redis_url.0.is_empty(),
-                );
-            }
-            let manifests = Arc::new(manifests);
+            let manifests = Arc::new(manifest_cache(
+                layout.upstream(&dir)?,
+                format!("upstreams/{dir}/"),
+            )?);
             let proxy = Proxy::new(&derived, upstream, manifests, Arc::clone(&blobs))?
                 .named(&u.host, false);
             others.push(Arc::new(proxy));
         }
-        let manifests = Arc::new(match &objects {
-            Some(objects) => manifests.shared(
-                Arc::clone(objects),
-                String::new(),
-                !config.redis_url.0.is_empty(),
-            ),
-            None => manifests,
-        });
         let proxy = Arc::new(
             Proxy::new(config, Arc::clone(&upstream), manifests, blobs)?.named(&default_name, true),
         );
         if let Some(cluster) = proxy.blobs.cluster() {
-            let proxies: Vec<Arc<Proxy>> = std::iter::once(Arc::clone(&proxy))
-                .chain(others.iter().cloned())
+            // Weak: the purge follower lives with the cluster, which the proxies hold.
+            let proxies: Vec<std::sync::Weak<Proxy>> = std::iter::once(&proxy)
+                .chain(&others)
+                .map(Arc::downgrade)
                 .collect();
             cluster.follow_purges(Arc::new(move |purged: crate::cluster::Purged| {
                 let proxy = proxies
                     .iter()
-                    .find(|p| p.name() == purged.upstream)
-                    .cloned();
+                    .filter_map(std::sync::Weak::upgrade)
+                    .find(|p| p.name() == purged.upstream);
                 Box::pin(async move {
                     if let Some(proxy) = proxy {
                         proxy.apply_purge(&purged).await;

@@ -420,7 +420,6 @@ impl BlobStore {
             max: self.limits.max,
         };
         let (mut from_shared, mut from_upstream) = (false, false);
-        self.touched(digest);
         let mut resumes = 0;
         loop {
             from_shared |= source.from == From::Shared;

@@ -97,8 +97,6 @@ pub struct BlobStore {
     shared: Option<Arc<crate::objects::ObjectStorage>>,
     /// The other replicas, in a cluster (`redis_url`).
     peers: std::sync::OnceLock<download::Peers>,
-    /// Blobs served since the access times in Redis were last brought up to date.
-    touched: Mutex<std::collections::HashSet<Digest>>,
 }
 
 /// A blob body about to be sent.
@@ -141,7 +139,6 @@ impl BlobStore {
             metrics,
             shared,
             peers: std::sync::OnceLock::new(),
-            touched: Mutex::default(),
         });
         store.scan()?;
         Ok(store)
@@ -207,13 +204,6 @@ impl BlobStore {
     pub fn join_cluster(self: &Arc<Self>, peers: Peers) {
         if self.peers.set(peers).is_ok() {
             tokio::spawn(shared_eviction(Arc::downgrade(self)));
-        }
-    }
-
-    /// Notes a blob served, for the cluster-wide least-recently-used order.
-    fn touched(&self, digest: &Digest) {
-        if self.peers.get().is_some() {
-            self.touched.lock().insert(digest.clone());
         }
     }
 
@@ -462,7 +452,6 @@ impl BlobStore {
         }
         let len = if meta.size == 0 { 0 } else { end - start + 1 };
         meta.last_access.store(now_ms(), Ordering::Relaxed);
-        self.touched(digest);
         meta.readers.fetch_add(1, Ordering::AcqRel);
         let guard = ReaderGuard(Arc::clone(&meta));
         let stream =
@@ -626,8 +615,12 @@ const SHARED_EVICTION_EVERY: Duration = Duration::from_secs(5);
 /// first, down to 90 % of it; one replica at a time (a Redis lock). Blobs being downloaded
 /// are not in the index yet, so never deleted under a download.
 async fn shared_eviction(store: std::sync::Weak<BlobStore>) {
+    // Blobs used since the last round: read off the index's access times, so a hit does no
+    // extra work for the cluster.
+    let mut since = now_ms();
     loop {
         tokio::time::sleep(SHARED_EVICTION_EVERY).await;
+        let round = now_ms();
         let Some(store) = store.upgrade() else {
             return;
         };
@@ -635,11 +628,13 @@ async fn shared_eviction(store: std::sync::Weak<BlobStore>) {
             continue;
         };
         let used: Vec<String> = store
-            .touched
+            .index
             .lock()
-            .drain()
-            .map(|d| d.to_string())
+            .iter()
+            .filter(|(_, meta)| meta.last_access.load(Ordering::Relaxed) >= since)
+            .map(|(digest, _)| digest.to_string())
             .collect();
+        since = round;
         peers.cluster.blobs_used(&used).await;
         if peers.storage_max == 0 {
             continue;

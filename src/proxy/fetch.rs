@@ -3,15 +3,24 @@
 
 use super::{Proxy, TagKey, plausible};
 use crate::cluster::{Claim, Lock};
-
-/// The longest a replica waits for another one's fetch of the same tag or manifest.
-const HOLDER_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 use crate::error::Error;
 use crate::manifests::{Freshness, TagEntry, now_ms};
 use crate::metrics::StaleCause;
 use crate::registry::{Digest, Manifest, Reference, RepoName};
 use crate::upstream;
 use std::sync::Arc;
+
+/// The longest a replica waits for another one's fetch of the same tag or manifest.
+const HOLDER_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// What coordinating a fetch with the other replicas decided.
+enum Turn {
+    /// Fetch here, holding the cluster lock when there is a cluster.
+    Go(Option<Lock>),
+    /// Another replica fetched meanwhile: read its result from object storage (or, if it left
+    /// none, fetch here without the lock).
+    Waited,
+}
 
 impl Proxy {
     /// GET by tag (single-flight): stores the manifest and the tag entry.
@@ -72,43 +81,36 @@ impl Proxy {
     }
 
     /// Before fetching a tag unknown here: another replica's entry from object storage if
-    /// there is a usable one, else (in a cluster) the tag's cluster lock, taken or waited for
-    /// (then the holder's entry is read). `Err` carries the lock to hold while fetching.
+    /// there is a usable one, else (in a cluster) the tag's cluster lock, taken or waited for,
+    /// then the entry read again (the holder's, or one stored just before the claim). `Err`
+    /// carries the lock to hold while fetching.
     async fn coordinate_tag(self: &Arc<Self>, key: &TagKey) -> Result<TagEntry, Option<Lock>> {
-        if let Some(Ok(entry)) = self.shared_tag(key).await {
+        if let Some(entry) = self.shared_tag(key).await {
             return Ok(entry);
         }
-        match self.coordinate::<()>(self.tag_lock(key)).await {
-            // Waited for the holder: its entry, if it stored one; else fetch here, unlocked.
-            Err(_) => match self.shared_tag(key).await {
-                Some(Ok(entry)) => Ok(entry),
-                _ => Err(None),
-            },
-            // Double-checked: the holder may have finished just before the claim.
-            Ok(Some(lock)) => match self.shared_tag(key).await {
-                Some(Ok(entry)) => Ok(entry),
-                _ => Err(Some(lock)),
-            },
-            Ok(None) => Err(None),
+        let turn = self.coordinate(self.tag_lock(key)).await;
+        if !matches!(turn, Turn::Go(None))
+            && let Some(entry) = self.shared_tag(key).await
+        {
+            return Ok(entry);
         }
+        Err(turn.lock())
     }
 
-    /// In a cluster: takes the lock `key` (`Ok(Some)`), or waits until its holder released it
-    /// (`Err(None)`: the caller reads the holder's result). `Ok(None)` outside a cluster or
-    /// without Redis.
-    async fn coordinate<T>(&self, key: String) -> Result<Option<Lock>, Option<T>> {
+    /// In a cluster: takes the lock `key`, or waits until its holder released it.
+    async fn coordinate(&self, key: String) -> Turn {
         let Some(cluster) = self.blobs.cluster() else {
-            return Ok(None);
+            return Turn::Go(None);
         };
         match cluster.claim(&key).await {
-            Claim::Owned(lock) => Ok(Some(lock)),
+            Claim::Owned(lock) => Turn::Go(Some(lock)),
             Claim::Held(_) => {
-                // A live holder renews its lock, a dead one's expires within LOCK_TTL: waiting
-                // for the release is bounded by the holder's own upstream deadline.
+                // A live holder renews its lock and a dead one's expires within LOCK_TTL:
+                // waiting for the release is bounded by HOLDER_WAIT.
                 cluster.released(&key, HOLDER_WAIT).await;
-                Err(None)
+                Turn::Waited
             }
-            Claim::Alone => Ok(None),
+            Claim::Alone => Turn::Go(None),
         }
     }
 
@@ -120,7 +122,7 @@ impl Proxy {
     /// it is while fresh or stale (a stale one is revalidated behind the answer). `None` when
     /// object storage has none, or only an expired one (which upstream must confirm first), or
     /// there is no object storage.
-    async fn shared_tag(self: &Arc<Self>, key: &TagKey) -> Option<Result<TagEntry, Error>> {
+    async fn shared_tag(self: &Arc<Self>, key: &TagKey) -> Option<TagEntry> {
         let (name, tag) = key;
         let entry = self.manifests.shared_tag(name, tag).await?;
         let freshness = self.policy.freshness(tag, entry.validated_at, now_ms());
@@ -131,7 +133,7 @@ impl Proxy {
         if freshness == Freshness::Stale {
             drop(self.revalidate(key.clone()));
         }
-        Some(Ok(entry))
+        Some(entry)
     }
 
     /// GET by digest (single-flight per repository and digest).
@@ -146,18 +148,18 @@ impl Proxy {
             let (name, digest) = key;
             // In a cluster one replica fetches it; the others take it from object storage
             // (where access cannot depend on credentials: else they fetch it themselves).
-            let lock = if this.upstream.has_credentials() {
-                Ok(None)
+            let turn = if this.upstream.has_credentials() {
+                Turn::Go(None)
             } else {
                 let key = format!("pullthrough:lock:manifest:{}:{digest}", this.upstream_name);
-                this.coordinate::<()>(key).await
+                this.coordinate(key).await
             };
-            if !matches!(lock, Ok(None))
+            if !matches!(turn, Turn::Go(None))
                 && let Some(m) = this.manifests.get(&digest).await
             {
                 return Ok(m);
             }
-            let _lock = lock.ok().flatten();
+            let _lock = turn.lock();
             let manifest = this
                 .upstream
                 .get_manifest(&name, &Reference::Digest(digest.clone()))
@@ -185,37 +187,37 @@ impl Proxy {
         })
     }
 
+    /// Takes another replica's entry of the tag when it was validated after `entry`: returned
+    /// when fresh, else made `entry` (still to be revalidated).
+    async fn newer_shared(&self, (name, tag): &TagKey, entry: &mut TagEntry) -> Option<TagEntry> {
+        let shared = self.manifests.shared_tag(name, tag).await?;
+        if shared.validated_at <= entry.validated_at {
+            return None;
+        }
+        self.manifests.adopt_tag(name, tag, shared.clone());
+        let fresh = self.policy.freshness(tag, shared.validated_at, now_ms()) == Freshness::Fresh;
+        *entry = shared;
+        fresh.then(|| entry.clone())
+    }
+
     async fn revalidate_now(self: &Arc<Self>, key: &TagKey) -> Result<TagEntry, Error> {
         let (name, tag) = key;
         let Some(mut entry) = self.manifests.tag(name, tag) else {
             return self.fetch_tag(key.clone()).await;
         };
         // Another replica may have validated it since: then that answer stands, with no HEAD.
-        // In a cluster one replica revalidates; the others wait for its answer.
-        let mut lock = None;
-        for attempt in 0..2 {
-            if let Some(shared) = self.manifests.shared_tag(name, tag).await
-                && shared.validated_at > entry.validated_at
-            {
-                self.manifests.adopt_tag(name, tag, shared.clone());
-                if self.policy.freshness(tag, shared.validated_at, now_ms()) == Freshness::Fresh {
-                    return Ok(shared);
-                }
-                entry = shared;
-            }
-            if attempt == 1 {
-                break;
-            }
-            // Taken: checked once more, since the holder before may have just finished.
-            // Waited for: the holder's answer is read.
-            if let Ok(held) = self.coordinate::<()>(self.tag_lock(key)).await {
-                lock = held;
-                if lock.is_none() {
-                    break;
-                }
-            }
+        // In a cluster one replica revalidates; the others wait for its answer and read it
+        // (as does the holder, in case one came just before its claim).
+        if let Some(fresh) = self.newer_shared(key, &mut entry).await {
+            return Ok(fresh);
         }
-        let _lock = lock;
+        let turn = self.coordinate(self.tag_lock(key)).await;
+        if !matches!(turn, Turn::Go(None))
+            && let Some(fresh) = self.newer_shared(key, &mut entry).await
+        {
+            return Ok(fresh);
+        }
+        let _lock = turn.lock();
         let head = match self
             .upstream
             .head_manifest(name, &Reference::Tag(tag.clone()))
@@ -269,5 +271,15 @@ impl Proxy {
         tracing::info!(repo = %name, %tag, from = %entry.digest, to = %new_entry.digest, "tag moved upstream");
         self.manifests.set_tag(name, tag, new_entry.clone()).await;
         Ok(new_entry)
+    }
+}
+
+impl Turn {
+    /// The lock to hold while fetching, if any.
+    fn lock(self) -> Option<Lock> {
+        match self {
+            Turn::Go(lock) => lock,
+            Turn::Waited => None,
+        }
     }
 }

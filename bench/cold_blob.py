@@ -22,6 +22,7 @@ import time
 import urllib.request
 
 from bench import ROOT, free_port, wait_http
+from cluster_rig import put_blob, start_registry
 
 BINARY = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "target/release/pullthrough")
 MIB = int(os.environ.get("MIB", "256"))
@@ -43,21 +44,9 @@ def main():
     work = tempfile.mkdtemp(prefix="pullthrough-cold-blob-")
     procs = []
     try:
-        port = free_port()
-        with open(f"{work}/registry.yml", "w") as f:
-            f.write(f"version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {work}/registry\nhttp:\n  addr: 127.0.0.1:{port}\n")
-        registry = subprocess.Popen(["docker-registry", "serve", f"{work}/registry.yml"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        procs.append(registry)
-        upstream = f"http://127.0.0.1:{port}"
-        wait_http(upstream + "/v2/")
-        data = os.urandom(MIB << 20)
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        upload = urllib.request.urlopen(urllib.request.Request(f"{upstream}/v2/library/b/blobs/uploads/", method="POST"))
-        location = upload.headers["Location"]
-        location = location if location.startswith("http") else upstream + location
-        sep = "&" if "?" in location else "?"
-        urllib.request.urlopen(urllib.request.Request(f"{location}{sep}digest={digest}", data=data, method="PUT", headers={"Content-Type": "application/octet-stream"})).read()
-        del data
+        upstream = start_registry(work, procs)
+        registry = procs[-1]
+        digest, _ = put_blob(upstream, os.urandom(MIB << 20))
 
         def timed(url):
             h = hashlib.sha256()

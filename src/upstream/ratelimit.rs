@@ -160,7 +160,10 @@ impl RateLimits {
     /// Takes a pause another replica recorded (its end in ms since the Unix epoch), clamped to
     /// `max_upstream_pause`; a shorter one than this replica's changes nothing.
     pub fn adopt_pause(&self, until_ms: u64, abuse: bool) {
-        let end = SystemTime::UNIX_EPOCH + Duration::from_millis(until_ms);
+        // From Redis: an absurd time must not overflow (the pause is clamped below anyway).
+        let Some(end) = SystemTime::UNIX_EPOCH.checked_add(Duration::from_millis(until_ms)) else {
+            return;
+        };
         let Ok(left) = end.duration_since(SystemTime::now()) else {
             return;
         };
@@ -215,6 +218,23 @@ fn httpdate(value: &str) -> Option<SystemTime> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pause_from_another_replica_is_clamped_and_never_overflows() {
+        let r = RateLimits::new(Duration::from_secs(60));
+        r.adopt_pause(u64::MAX, false);
+        let left = r.paused_for(true).unwrap();
+        assert!(left <= Duration::from_secs(60) && left > Duration::from_secs(50));
+        assert!(
+            r.paused_for(false).is_none(),
+            "a pull-limit pause spares HEADs"
+        );
+        r.adopt_pause(0, true);
+        assert!(
+            r.paused_for(false).is_none(),
+            "a pause in the past changes nothing"
+        );
+    }
     use reqwest::header::{HeaderName, HeaderValue};
 
     #[test]

@@ -6,6 +6,7 @@ for the caller to stop."""
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import urllib.request
 
@@ -82,3 +83,11 @@ def start_pullthrough(binary, upstream, data_dir, procs, extra=None):
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/v2/")
     return url
+
+
+def stop(procs, work):
+    """Stops what was started and removes the work directory."""
+    for p in procs:
+        p.terminate()
+        p.wait()
+    shutil.rmtree(work, ignore_errors=True)

@@ -22,7 +22,7 @@ import time
 import urllib.request
 
 from bench import ROOT, free_port, wait_http
-from cluster_rig import put_blob, start_registry
+from cluster_rig import put_blob, start_registry, stop
 
 BINARY = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "target/release/pullthrough")
 MIB = int(os.environ.get("MIB", "256"))
@@ -83,10 +83,7 @@ def main():
                   f"through {through:6.0f} MB/s (CPU s: pullthrough {p1 - p0:.2f}, registry {r1 - r0:.2f}, client {c1 - c0:.2f})   "
                   f"ratio {through / direct:.2f}   verified {verified}", flush=True)
     finally:
-        for p in procs:
-            p.terminate()
-            p.wait()
-        shutil.rmtree(work, ignore_errors=True)
+        stop(procs, work)
 
 
 if __name__ == "__main__":

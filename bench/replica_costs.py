@@ -11,14 +11,13 @@ pull, then a replica's idle Redis rate.
 """
 import os
 import re
-import shutil
 import sys
 import tempfile
 import time
 import urllib.request
 
 from bench import ROOT
-from cluster_rig import push_image, start_cluster_services, start_pullthrough, start_registry
+from cluster_rig import push_image, start_cluster_services, start_pullthrough, start_registry, stop
 
 ACCEPT = "application/vnd.oci.image.manifest.v1+json"
 
@@ -64,10 +63,7 @@ def main():
         time.sleep(10)
         print(f"idle replica: {(metric(b, 'redis_requests') - r0) / 10:.1f} Redis requests per second")
     finally:
-        for p in procs:
-            p.terminate()
-            p.wait()
-        shutil.rmtree(work, ignore_errors=True)
+        stop(procs, work)
 
 
 if __name__ == "__main__":

@@ -8,13 +8,12 @@ redis_url set), caches the tag on both, then alternates wrk runs (64 connections
 three times and prints each side's best and the ratio (issue target: >= 0.9).
 """
 import os
-import shutil
 import sys
 import tempfile
 import urllib.request
 
 from bench import ROOT, raise_fd_limit, wrk
-from cluster_rig import push_image, start_cluster_services, start_pullthrough, start_registry
+from cluster_rig import push_image, start_cluster_services, start_pullthrough, start_registry, stop
 
 ACCEPT = "application/vnd.oci.image.manifest.v1+json"
 
@@ -42,10 +41,7 @@ def main():
         print(f"manifest GET by tag, 64 connections, best of 3: single node {best['single']:.0f} req/s, "
               f"replica with Redis and object storage {best['cluster']:.0f} req/s, ratio {best['cluster'] / best['single']:.2f}")
     finally:
-        for p in procs:
-            p.terminate()
-            p.wait()
-        shutil.rmtree(work, ignore_errors=True)
+        stop(procs, work)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,14 @@ use sha2::Digest as _;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
-/// Failed logins an address may make per window before it has to wait.
+/// Failed logins one user name may cost from one address per window before it has to wait.
 const MAX_FAILURES: u32 = 10;
+/// Failed logins one address may make per window, over all user names (a guesser trying many
+/// names), before every login from it waits.
+const MAX_ADDRESS_FAILURES: u32 = 30;
 /// The window of failed logins, and the wait.
 const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 /// How long a verified password is remembered (bcrypt costs milliseconds on purpose).
@@ -22,7 +26,7 @@ const VERIFIED_FOR: Duration = Duration::from_secs(300);
 /// Who a request is from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Identity {
-    /// No credentials.
+    /// No credentials (or empty Basic ones, as skopeo and podman send without a login).
     Anonymous,
     /// A user of the htpasswd file, or the name of a token.
     User(String),
@@ -35,8 +39,70 @@ pub enum Refusal {
     Unauthenticated(&'static str),
     /// Known, but not allowed this repository: 403.
     Denied,
-    /// Too many failed logins from this address: 429.
-    TooManyFailures,
+    /// Too many failed logins from this address (for this user name, or in all): 429.
+    Braked {
+        /// The address (an IPv6 client's /64), as the message names it.
+        address: IpAddr,
+        /// When the window ends.
+        retry_after: Duration,
+    },
+}
+
+/// Failed logins in one window, counted before each verification so concurrent guesses cannot
+/// race past the limit.
+#[derive(Debug)]
+struct Strikes {
+    since: Instant,
+    count: AtomicU32,
+    /// The address's braking was logged in this window.
+    warned: AtomicBool,
+}
+
+impl Default for Strikes {
+    fn default() -> Strikes {
+        Strikes {
+            since: Instant::now(),
+            count: AtomicU32::new(0),
+            warned: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Strikes {
+    /// Takes one attempt if fewer than `max` are counted; `false` when the limit is reached.
+    fn take(&self, max: u32) -> bool {
+        self.count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Gives back an attempt that verified (a correct login is no failure).
+    fn give_back(&self) {
+        let _ = self
+            .count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+
+    /// What is left of the window.
+    fn remaining(&self) -> Duration {
+        FAILURE_WINDOW
+            .saturating_sub(self.since.elapsed())
+            .max(Duration::from_secs(1))
+    }
+}
+
+/// The address a client is braked by: its own for IPv4, its /64 for IPv6 (one host's share
+/// of a network, which it can change at will within).
+fn brake_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(prefix.into())
+        }
+        v4 => v4,
+    }
 }
 
 /// The rules, the users and the tokens.
@@ -47,7 +113,17 @@ pub struct Access {
     rules: Vec<AccessRule>,
     /// sha256(user:password) of passwords that verified lately.
     verified: Cache<[u8; 32], String>,
-    failures: Cache<IpAddr, Arc<std::sync::atomic::AtomicU32>>,
+    /// Failed logins by address and user name.
+    failures: Cache<(IpAddr, String), Arc<Strikes>>,
+    /// Failed logins by address, over all user names.
+    address_failures: Cache<IpAddr, Arc<Strikes>>,
+    /// A hash of the users' cost that an unknown user's password is checked against, so an
+    /// unknown name takes as long as a wrong password.
+    dummy: Option<String>,
+    /// bcrypt verifications at once: they run off the async workers and never take every core.
+    verifying: Arc<tokio::sync::Semaphore>,
+    /// bcrypt verifications started so far.
+    verifications: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Access {
@@ -94,6 +170,50 @@ fn hash(bytes: &[u8]) -> [u8; 32] {
     sha2::Sha256::digest(bytes).into()
 }
 
+/// The cost of a bcrypt hash (`$2y$12$...` → 12).
+fn bcrypt_cost(hash: &str) -> Option<u32> {
+    hash.split('$').nth(2)?.parse().ok()
+}
+
+/// What an `Authorization` header offers.
+enum Offered<'a> {
+    /// Nothing usable as a login: no header, or Basic with an empty user and password.
+    Nothing,
+    Token(&'a str),
+    Basic {
+        text: String,
+    },
+    /// A scheme or encoding that cannot be a login.
+    Malformed,
+}
+
+fn offered(authorization: Option<&str>) -> Offered<'_> {
+    let Some(value) = authorization else {
+        return Offered::Nothing;
+    };
+    let Some((scheme, credentials)) = value.split_once(' ') else {
+        return Offered::Malformed;
+    };
+    let credentials = credentials.trim();
+    if scheme.eq_ignore_ascii_case("bearer") {
+        return Offered::Token(credentials);
+    }
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return Offered::Malformed;
+    }
+    use base64::Engine as _;
+    let text = base64::engine::general_purpose::STANDARD
+        .decode(credentials)
+        .ok()
+        .and_then(|d| String::from_utf8(d).ok());
+    match text {
+        // skopeo and podman send `Basic Og==` (":") when they have no credentials.
+        Some(text) if text.is_empty() || text == ":" => Offered::Nothing,
+        Some(text) if text.contains(':') => Offered::Basic { text },
+        _ => Offered::Malformed,
+    }
+}
+
 impl Access {
     /// The access control `config` asks for, or `None` when it is off. Fails with one line for
     /// an unreadable file or an entry that is not bcrypt.
@@ -107,6 +227,7 @@ impl Access {
                 if !(hash.starts_with("$2y$")
                     || hash.starts_with("$2b$")
                     || hash.starts_with("$2a$"))
+                    || bcrypt_cost(hash).is_none()
                 {
                     return Err(format!(
                         "the entry of {user:?} is not bcrypt (write it with htpasswd -B)"
@@ -128,6 +249,16 @@ impl Access {
                 Ok(())
             })?;
         }
+        // The dearest cost in the file: an unknown name then never answers faster than a
+        // known one.
+        let dummy = users
+            .values()
+            .filter_map(|h| bcrypt_cost(h))
+            .max()
+            .map(|cost| bcrypt::hash("pullthrough: no such user", cost.clamp(4, 31)))
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("invalid value for key \"htpasswd\": {e}"))?;
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
         Ok(Some(Access {
             users,
             tokens,
@@ -140,71 +271,121 @@ impl Access {
                 .time_to_live(FAILURE_WINDOW)
                 .max_capacity(100_000)
                 .build(),
+            address_failures: Cache::builder()
+                .time_to_live(FAILURE_WINDOW)
+                .max_capacity(100_000)
+                .build(),
+            dummy,
+            // Half the cores: the other half keeps serving while a guesser keeps these busy.
+            verifying: Arc::new(tokio::sync::Semaphore::new((cores / 2).max(1))),
+            verifications: std::sync::atomic::AtomicU64::new(0),
         }))
     }
 
-    /// Who the `Authorization` header says the client is. A failure counts against `peer`.
+    /// Who the `Authorization` header says the client is. Anonymous requests are never braked;
+    /// credentials that verified lately are accepted without a check; any other login takes
+    /// one attempt of its address and user name before it is verified (wrong ones keep it).
     pub async fn identify(
         &self,
         authorization: Option<&str>,
         peer: Option<IpAddr>,
     ) -> Result<Identity, Refusal> {
-        // A lookup only: an address's entry is made by its first failure (get_with allocates).
-        let failures = peer.and_then(|ip| self.failures.get(&ip));
-        if failures
-            .as_ref()
-            .is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed) >= MAX_FAILURES)
-        {
-            return Err(Refusal::TooManyFailures);
-        }
-        let Some(value) = authorization else {
-            return Ok(Identity::Anonymous);
+        const WRONG: Refusal = Refusal::Unauthenticated("wrong user name, password or token");
+        let (user, text) = match offered(authorization) {
+            Offered::Nothing => return Ok(Identity::Anonymous),
+            Offered::Token(token) => {
+                if let Some(name) = self.tokens.get(&hash(token.as_bytes())) {
+                    return Ok(Identity::User(name.clone()));
+                }
+                // A wrong token costs no bcrypt, but guessing is braked all the same.
+                self.strike(peer, "")?;
+                return Err(WRONG);
+            }
+            Offered::Malformed => {
+                self.strike(peer, "")?;
+                return Err(WRONG);
+            }
+            Offered::Basic { text } => (text.split_once(':').map(|(u, _)| u.to_owned()), text),
         };
-        let identity = self.check(value).await;
-        if identity.is_none()
-            && let Some(ip) = peer
-        {
-            let f = failures.unwrap_or_else(|| self.failures.get_with(ip, Default::default));
-            f.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-        identity.ok_or(Refusal::Unauthenticated(
-            "wrong user name, password or token",
-        ))
-    }
-
-    async fn check(&self, value: &str) -> Option<Identity> {
-        let (scheme, credentials) = value.split_once(' ')?;
-        let credentials = credentials.trim();
-        if scheme.eq_ignore_ascii_case("bearer") {
-            return self
-                .tokens
-                .get(&hash(credentials.as_bytes()))
-                .cloned()
-                .map(Identity::User);
-        }
-        if !scheme.eq_ignore_ascii_case("basic") {
-            return None;
-        }
-        use base64::Engine as _;
-        let decoded = base64::engine::general_purpose::STANDARD
-            .decode(credentials)
-            .ok()?;
-        let text = String::from_utf8(decoded).ok()?;
-        let (user, password) = text.split_once(':')?;
+        let user = user.unwrap_or_default();
         let key = hash(text.as_bytes());
         if let Some(user) = self.verified.get(&key) {
-            return Some(Identity::User(user));
+            return Ok(Identity::User(user));
         }
-        let stored = self.users.get(user)?.clone();
-        let password = password.to_owned();
-        let ok =
-            tokio::task::spawn_blocking(move || bcrypt::verify(password, &stored).unwrap_or(false))
-                .await
-                .unwrap_or(false);
-        ok.then(|| {
-            self.verified.insert(key, user.to_owned());
-            Identity::User(user.to_owned())
+        let attempt = self.attempt(peer, &user)?;
+        let password = text.split_once(':').map_or("", |(_, p)| p).to_owned();
+        if self.verify(&user, password).await {
+            if let Some(attempt) = attempt {
+                attempt.give_back();
+            }
+            self.verified.insert(key, user.clone());
+            return Ok(Identity::User(user));
+        }
+        Err(WRONG)
+    }
+
+    /// bcrypt verifications started so far (known users and unknown ones alike).
+    pub fn verifications(&self) -> u64 {
+        self.verifications.load(Ordering::Relaxed)
+    }
+
+    /// Counts a failure that needed no verification; refuses when the address is braked.
+    fn strike(&self, peer: Option<IpAddr>, user: &str) -> Result<(), Refusal> {
+        self.attempt(peer, user).map(drop)
+    }
+
+    /// Takes one attempt for `user` from `peer`, within both limits; the strikes to give back
+    /// if the login verifies.
+    fn attempt(&self, peer: Option<IpAddr>, user: &str) -> Result<Option<Attempt>, Refusal> {
+        let Some(address) = peer.map(brake_key) else {
+            return Ok(None);
+        };
+        let mine = self
+            .failures
+            .get_with((address, user.to_owned()), Default::default);
+        let all = self.address_failures.get_with(address, Default::default);
+        let braked = |strikes: &Strikes| {
+            if !all.warned.swap(true, Ordering::Relaxed) {
+                tracing::warn!(%address, "too many failed logins from this address; its logins wait for the window to end");
+            }
+            Refusal::Braked {
+                address,
+                retry_after: strikes.remaining(),
+            }
+        };
+        if !all.take(MAX_ADDRESS_FAILURES) {
+            return Err(braked(&all));
+        }
+        if !mine.take(MAX_FAILURES) {
+            all.give_back();
+            return Err(braked(&mine));
+        }
+        Ok(Some(Attempt { mine, all }))
+    }
+
+    /// Checks `password` against `user`'s hash, or an unknown user's against the dummy hash
+    /// (the same work, and always false); off the async workers, a bounded number at once.
+    async fn verify(&self, user: &str, password: String) -> bool {
+        let (stored, known) = match self.users.get(user) {
+            Some(stored) => (stored.clone(), true),
+            None => match &self.dummy {
+                Some(dummy) => (dummy.clone(), false),
+                None => return false,
+            },
+        };
+        let Ok(permit) = Arc::clone(&self.verifying).acquire_owned().await else {
+            return false;
+        };
+        self.verifications.fetch_add(1, Ordering::Relaxed);
+        // The permit goes with the work: a client that hangs up does not free its place while
+        // its hash is still being computed.
+        let ok = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            bcrypt::verify(password, &stored).unwrap_or(false)
         })
+        .await
+        .unwrap_or(false);
+        ok && known
     }
 
     /// Whether `identity` may pull `repository` from `upstream`: the rule with the longest
@@ -233,5 +414,172 @@ impl Access {
             Identity::User(name) if users.iter().any(|u| u == "*" || u == name) => Ok(()),
             Identity::User(_) => Err(Refusal::Denied),
         }
+    }
+}
+
+/// An attempt taken from both of an address's counts.
+struct Attempt {
+    mine: Arc<Strikes>,
+    all: Arc<Strikes>,
+}
+
+impl Attempt {
+    fn give_back(&self) {
+        self.mine.give_back();
+        self.all.give_back();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn basic(user: &str, password: &str) -> String {
+        use base64::Engine as _;
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+        )
+    }
+
+    /// Access control with alice (bcrypt cost `cost`) and bob (cost 4).
+    fn access(cost: u32) -> (tempfile::TempDir, Access) {
+        let dir = tempfile::tempdir().unwrap();
+        let htpasswd = dir.path().join("htpasswd");
+        let alice = bcrypt::hash("alice-pw", cost).unwrap();
+        let bob = bcrypt::hash("bob-pw", 4).unwrap();
+        std::fs::write(&htpasswd, format!("alice:{alice}\nbob:{bob}\n")).unwrap();
+        let config = Config {
+            htpasswd: Some(htpasswd),
+            ..Config::default()
+        };
+        let access = Access::from_config(&config).unwrap().unwrap();
+        (dir, access)
+    }
+
+    const HOME: Option<IpAddr> = Some(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+
+    #[test]
+    fn ipv6_clients_are_braked_by_their_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(brake_key(a), brake_key(b));
+        assert_ne!(brake_key(a), brake_key(other));
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        assert_eq!(brake_key(mapped), "192.0.2.7".parse::<IpAddr>().unwrap());
+    }
+
+    #[tokio::test]
+    async fn empty_basic_credentials_are_anonymous() {
+        let (_dir, access) = access(4);
+        for empty in ["Basic Og==", "Basic "] {
+            assert_eq!(
+                access.identify(Some(empty), HOME).await,
+                Ok(Identity::Anonymous),
+                "{empty}"
+            );
+        }
+        assert!(matches!(
+            access.identify(Some(&basic("", "pw")), HOME).await,
+            Err(Refusal::Unauthenticated(_))
+        ));
+        assert_eq!(
+            access.verifications(),
+            1,
+            "only the non-empty login is checked"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_guesses_run_at_most_the_limit_of_verifications() {
+        let (_dir, access) = access(6);
+        let access = Arc::new(access);
+        let guesses = (0..300).map(|i| {
+            let access = Arc::clone(&access);
+            tokio::spawn(async move {
+                access
+                    .identify(Some(&basic("alice", &format!("guess-{i}"))), HOME)
+                    .await
+            })
+        });
+        let answers = futures_util::future::join_all(guesses).await;
+        let wrong = answers
+            .iter()
+            .filter(|a| matches!(a, Ok(Err(Refusal::Unauthenticated(_)))))
+            .count();
+        let braked = answers
+            .iter()
+            .filter(|a| matches!(a, Ok(Err(Refusal::Braked { .. }))))
+            .count();
+        assert_eq!(access.verifications(), u64::from(MAX_FAILURES));
+        assert_eq!((wrong, braked), (10, 290));
+    }
+
+    #[tokio::test]
+    async fn unknown_users_cost_a_verification_of_the_same_cost() {
+        let (_dir, access) = access(6);
+        let dummy = access.dummy.as_deref().unwrap();
+        assert_eq!(bcrypt_cost(dummy), Some(6), "the dearest cost in the file");
+        assert!(
+            access
+                .identify(Some(&basic("mallory", "x")), HOME)
+                .await
+                .is_err()
+        );
+        assert_eq!(access.verifications(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_brake_is_per_user_name_with_a_ceiling_per_address() {
+        let (_dir, access) = access(4);
+        assert!(
+            access
+                .identify(Some(&basic("bob", "bob-pw")), HOME)
+                .await
+                .is_ok()
+        );
+        for i in 0..MAX_FAILURES {
+            let answer = access
+                .identify(Some(&basic("alice", &format!("guess-{i}"))), HOME)
+                .await;
+            assert!(matches!(answer, Err(Refusal::Unauthenticated(_))));
+        }
+        let Err(Refusal::Braked {
+            address,
+            retry_after,
+        }) = access
+            .identify(Some(&basic("alice", "alice-pw")), HOME)
+            .await
+        else {
+            panic!("alice is braked");
+        };
+        assert_eq!(Some(address), HOME);
+        assert!(retry_after <= FAILURE_WINDOW && retry_after >= Duration::from_secs(1));
+        // Others at the same address are not.
+        assert_eq!(access.identify(None, HOME).await, Ok(Identity::Anonymous));
+        assert!(
+            access
+                .identify(Some(&basic("bob", "bob-pw")), HOME)
+                .await
+                .is_ok()
+        );
+        // A guesser going through names meets the address's ceiling.
+        for i in MAX_FAILURES..MAX_ADDRESS_FAILURES {
+            let _ = access
+                .identify(Some(&basic(&format!("user-{i}"), "x")), HOME)
+                .await;
+        }
+        assert!(matches!(
+            access.identify(Some(&basic("carol", "x")), HOME).await,
+            Err(Refusal::Braked { .. })
+        ));
+        // bob's login verified before: still accepted.
+        assert!(
+            access
+                .identify(Some(&basic("bob", "bob-pw")), HOME)
+                .await
+                .is_ok()
+        );
     }
 }

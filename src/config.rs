@@ -601,6 +601,7 @@ impl Config {
         self.password()
             .map_err(|e| ("upstream_password_file", e.0))?;
         self.validate_upstreams()?;
+        self.validate_access()?;
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return bad("tls_key", "set both tls_cert and tls_key, or neither");
         }
@@ -661,6 +662,36 @@ impl Config {
         Ok(())
     }
 
+    /// Every `[[access]]` rule names a registry clients can reach: a rule that matches nothing
+    /// would silently leave open what it meant to close.
+    fn validate_access(&self) -> Result<(), (&'static str, String)> {
+        for rule in &self.access {
+            let known = rule.upstream == "*"
+                || rule.upstream.eq_ignore_ascii_case("docker.io")
+                || self
+                    .upstreams
+                    .iter()
+                    .any(|u| u.host.eq_ignore_ascii_case(&rule.upstream));
+            if !known {
+                let accepted: Vec<String> = ["docker.io", "*"]
+                    .into_iter()
+                    .map(str::to_owned)
+                    .chain(self.upstreams.iter().map(|u| u.host.clone()))
+                    .map(|h| format!("{h:?}"))
+                    .collect();
+                return Err((
+                    "access",
+                    format!(
+                        "upstream {:?} is not a registry mirrored here; a rule names {} (the top-level upstream is \"docker.io\", whatever its URL)",
+                        rule.upstream,
+                        accepted.join(", ")
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The upstream password, read from `upstream_password_file` if that is set.
     pub fn password(&self) -> Result<Option<Secret>, ConfigError> {
         match (&self.upstream_password, &self.upstream_password_file) {
@@ -690,6 +721,13 @@ impl Config {
             upstreams: Vec::new(),
             ..self.clone()
         }
+    }
+
+    /// Whether clients authenticate and `[[access]]` rules apply (`htpasswd` or
+    /// `client_tokens_file` set). Then cached content reaches a repository only where its own
+    /// upstream shows it, whoever fetched it.
+    pub fn access_control(&self) -> bool {
+        self.htpasswd.is_some() || self.client_tokens_file.is_some()
     }
 
     /// The top-level upstream's `host[:port]`, as clients name a registry.

@@ -4,11 +4,13 @@
 //! created: it refuses a non-empty directory without its marker, and recreates its layout when
 //! the directory is removed while it runs.
 
-use std::io::Write;
+use std::io::{Read as _, Write};
 use std::path::{Path, PathBuf};
 
 /// The file that marks a directory as a pullthrough cache.
 pub const MARKER: &str = ".pullthrough-cache";
+/// The lock file that keeps a second instance out of a data directory in use.
+pub const LOCK: &str = ".pullthrough.lock";
 /// The directories of the layout.
 const DIRS: [&str; 4] = ["tmp", "manifests", "tags", "blobs"];
 
@@ -21,6 +23,13 @@ pub struct Layout {
     base: PathBuf,
 }
 
+/// A data directory taken by this process (see [`Layout::lock`]); dropping it lets another
+/// process take it.
+#[derive(Debug)]
+pub struct DirLock {
+    _file: std::fs::File,
+}
+
 /// Why a directory cannot be used as the cache.
 #[derive(Debug, thiserror::Error)]
 pub enum LayoutError {
@@ -29,6 +38,17 @@ pub enum LayoutError {
         "{0} is not empty and is not a pullthrough cache (it has no {MARKER} file); choose an empty or new directory"
     )]
     Foreign(PathBuf),
+    /// Another process holds the directory's lock.
+    #[error(
+        "{path} is in use by another pullthrough{}; give each instance its own data_dir",
+        pid.map_or(String::new(), |p| format!(" (pid {p})"))
+    )]
+    InUse {
+        /// The directory.
+        path: PathBuf,
+        /// The holder's process id, as it wrote it.
+        pid: Option<u32>,
+    },
     /// Not a directory, or not readable or writable.
     #[error("cannot use {path}: {source}")]
     Io {
@@ -52,27 +72,74 @@ impl Layout {
             base: root.to_path_buf(),
         };
         std::fs::create_dir_all(root).map_err(io)?;
-        if !root.join(MARKER).is_file() {
-            let mut entries = std::fs::read_dir(root).map_err(io)?;
-            // A cache from before the marker existed holds only the layout's directories.
-            let adoptable = std::fs::read_dir(root)
-                .map_err(io)?
-                .filter_map(Result::ok)
-                .all(|e| DIRS.contains(&e.file_name().to_string_lossy().as_ref()))
-                // (an old layout has no upstreams/ or upstream.json)
-                && ["manifests", "tags", "blobs"]
-                    .iter()
-                    .all(|d| root.join(d).is_dir());
-            if entries.next().is_some() && !adoptable {
-                return Err(LayoutError::Foreign(root.to_path_buf()));
-            }
-        }
+        Self::check_ours(root)?;
         let tmp = layout.tmp();
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(io)?;
         }
         layout.create().map_err(io)?;
         Ok(layout)
+    }
+
+    /// Refuses a directory that holds anything but a pullthrough cache (or its lock file).
+    fn check_ours(root: &Path) -> Result<(), LayoutError> {
+        if root.join(MARKER).is_file() {
+            return Ok(());
+        }
+        let io = |source| LayoutError::Io {
+            path: root.to_path_buf(),
+            source,
+        };
+        let names: Vec<_> = std::fs::read_dir(root)
+            .map_err(io)?
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| name != LOCK)
+            .collect();
+        // A cache from before the marker existed holds only the layout's directories
+        // (an old layout has no upstreams/ or upstream.json).
+        let adoptable = names.iter().all(|n| DIRS.contains(&n.as_str()))
+            && ["manifests", "tags", "blobs"]
+                .iter()
+                .all(|d| root.join(d).is_dir());
+        if !names.is_empty() && !adoptable {
+            return Err(LayoutError::Foreign(root.to_path_buf()));
+        }
+        Ok(())
+    }
+
+    /// Takes the data directory for this process: an exclusive `flock` on its lock file, held
+    /// until the returned lock is dropped, with this process's id written in it for the message
+    /// a second instance gets. A foreign directory is refused before anything is written.
+    pub fn lock(root: &Path) -> Result<DirLock, LayoutError> {
+        let io = |source| LayoutError::Io {
+            path: root.to_path_buf(),
+            source,
+        };
+        std::fs::create_dir_all(root).map_err(io)?;
+        Self::check_ours(root)?;
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(root.join(LOCK))
+            .map_err(io)?;
+        use rustix::fs::{FlockOperation, flock};
+        if let Err(e) = flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            if e != rustix::io::Errno::WOULDBLOCK {
+                return Err(io(e.into()));
+            }
+            let mut text = String::new();
+            let _ = std::io::Read::take(&mut file, 32).read_to_string(&mut text);
+            return Err(LayoutError::InUse {
+                path: root.to_path_buf(),
+                pid: text.trim().parse().ok(),
+            });
+        }
+        file.set_len(0).map_err(io)?;
+        writeln!(file, "{}", std::process::id()).map_err(io)?;
+        Ok(DirLock { _file: file })
     }
 
     /// The layout of a further upstream's manifests and tags, under `upstreams/<name>/`.

@@ -55,6 +55,14 @@ pub enum Error {
         /// Seconds to put in `Retry-After`.
         retry_after: Option<Duration>,
     },
+    /// Too many failed logins from the client's address (access control's brake).
+    #[error("too many failed logins from {address}, retry in {} s", retry_after.as_secs().max(1))]
+    LoginsBraked {
+        /// The address (an IPv6 client's /64).
+        address: std::net::IpAddr,
+        /// When the brake's window ends.
+        retry_after: Duration,
+    },
     /// Upstream did not answer within the deadline.
     #[error("upstream did not answer in time")]
     GatewayTimeout,

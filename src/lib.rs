@@ -79,13 +79,20 @@ pub struct App {
     /// Ready for [`serve`] or `oneshot`.
     pub router: axum::Router,
     state: Arc<state::AppState>,
+    /// The data directory's lock, held while the application serves.
+    _lock: Arc<disk::DirLock>,
 }
 
 /// Builds the application from `config`.
 pub fn app(config: &Config) -> anyhow::Result<App> {
+    // Taken before anything in the directory is touched: a second instance would delete the
+    // first one's temp files.
+    let lock = disk::Layout::lock(&config.data_dir)
+        .map_err(|e| anyhow::anyhow!("invalid value for key \"data_dir\": {e}"))?;
     let state = Arc::new(state::AppState::new(config)?);
     Ok(App {
         router: http::router(Arc::clone(&state)),
         state,
+        _lock: Arc::new(lock),
     })
 }

@@ -8,6 +8,7 @@ use crate::manifests::ManifestCache;
 use crate::metrics::{Gauges, Metrics, UpstreamGauges};
 use crate::objects::ObjectStorage;
 use crate::proxy::Proxy;
+use crate::registry::RepoName;
 use crate::upstream::Upstream;
 use anyhow::Context;
 use std::sync::Arc;
@@ -99,6 +100,17 @@ pub struct Readiness {
     pub error: Option<String>,
 }
 
+/// Who is reading the cache API or the status page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Viewer {
+    /// Sees everything: the admin token, or no access control and no admin token.
+    Admin,
+    /// With access control: sees the repositories the rules let it pull.
+    Client(crate::access::Identity),
+    /// `admin_token` is set and was not given: sees no names.
+    Nobody,
+}
+
 /// Shared state of a running pullthrough.
 #[derive(Debug)]
 pub struct AppState {
@@ -166,6 +178,7 @@ impl AppState {
             limits,
             Arc::clone(&metrics),
             objects.clone(),
+            config.access_control(),
         )?;
         if clustered {
             let cluster = crate::cluster::Cluster::new(&config.redis_url.0, config.advertised())
@@ -428,11 +441,11 @@ impl AppState {
             if let Some(proxy) = by_host(first) {
                 return Ok((proxy, rest, false));
             }
-            // Docker Hub's namespaces have neither dots nor ports: a first component that looks
-            // like a host names a registry. Docker Hub's own names mean the default upstream
-            // (`docker.io/library/alpine`); any other is not mirrored here.
-            // Never a guess: while the upstream's kind cannot be learned, the request fails.
-            if first.contains(['.', ':']) && self.docker_hub().await? {
+            // A first component that is a host by the reference grammar (a `.` or `:`, or
+            // `localhost`: distribution's `reference` package) names a registry, as clients
+            // read it. The default upstream's own names (`docker.io/library/alpine`) mean it;
+            // any other is not mirrored here, and is never asked of the default upstream.
+            if first.contains(['.', ':']) || first == "localhost" {
                 if self.default_names.iter().any(|n| n == first) {
                     return Ok((Arc::clone(&self.proxy), rest, true));
                 }
@@ -440,6 +453,58 @@ impl AppState {
             }
         }
         Ok((Arc::clone(&self.proxy), tail, true))
+    }
+
+    /// Who a request of the cache API or the status page is from: `admin` when it carries the
+    /// admin token. With access control on, a client is identified as for a pull (and wrong
+    /// credentials are refused as there).
+    pub async fn viewer(
+        &self,
+        admin: bool,
+        authorization: Option<&str>,
+        peer: Option<std::net::IpAddr>,
+    ) -> Result<Viewer, Error> {
+        if admin {
+            return Ok(Viewer::Admin);
+        }
+        match (&self.access, &self.admin_token) {
+            (_, Some(_)) => Ok(Viewer::Nobody),
+            (None, None) => Ok(Viewer::Admin),
+            (Some(access), None) => Box::pin(access.identify(authorization, peer))
+                .await
+                .map(Viewer::Client)
+                .map_err(refused),
+        }
+    }
+
+    /// Whether `viewer` may see `repository` of `proxy`'s upstream: the same rule as pulling.
+    pub fn may_see(&self, viewer: &Viewer, proxy: &Proxy, repository: &RepoName) -> bool {
+        self.check_view(viewer, proxy, repository).is_ok()
+    }
+
+    /// [`Self::may_see`], with the error a refused viewer gets.
+    pub fn check_view(
+        &self,
+        viewer: &Viewer,
+        proxy: &Proxy,
+        repository: &RepoName,
+    ) -> Result<(), Error> {
+        match (viewer, &self.access) {
+            (Viewer::Admin, _) => Ok(()),
+            (Viewer::Nobody, _) | (Viewer::Client(_), None) => Err(Error::AccessDenied),
+            (Viewer::Client(identity), Some(access)) => access
+                .allows(identity, self.rule_host(proxy), repository.as_str())
+                .map_err(refused),
+        }
+    }
+
+    /// How `[[access]]` rules name `proxy`'s upstream: `docker.io` for the default one.
+    fn rule_host<'a>(&self, proxy: &'a Proxy) -> &'a str {
+        if std::ptr::eq(proxy, Arc::as_ptr(&self.proxy)) {
+            "docker.io"
+        } else {
+            proxy.name()
+        }
     }
 
     /// Whether the client may pull `repository` from `proxy`'s upstream (always, without access
@@ -453,18 +518,10 @@ impl AppState {
         default: bool,
         repository: &str,
     ) -> Result<(), Error> {
-        use crate::access::Refusal;
         let Some(access) = &self.access else {
             return Ok(());
         };
         let upstream = if default { "docker.io" } else { proxy.name() };
-        let refused = |r: Refusal| match r {
-            Refusal::Unauthenticated(why) => Error::Unauthenticated(why),
-            Refusal::Denied => Error::AccessDenied,
-            Refusal::TooManyFailures => Error::TooManyRequests {
-                retry_after: Some(std::time::Duration::from_secs(60)),
-            },
-        };
         let identity = Box::pin(access.identify(authorization, peer))
             .await
             .map_err(refused)?;
@@ -480,17 +537,17 @@ impl AppState {
         authorization: Option<&str>,
         peer: Option<std::net::IpAddr>,
     ) -> Result<(), Error> {
-        use crate::access::{Identity, Refusal};
+        use crate::access::Identity;
         let Some(access) = &self.access else {
             return Ok(());
         };
-        match access.identify(authorization, peer).await {
-            Ok(Identity::User(_)) => Ok(()),
-            Ok(Identity::Anonymous) => Err(Error::Unauthenticated("authentication required")),
-            Err(Refusal::TooManyFailures) => Err(Error::TooManyRequests {
-                retry_after: Some(std::time::Duration::from_secs(60)),
-            }),
-            Err(_) => Err(Error::Unauthenticated("wrong user name, password or token")),
+        match access
+            .identify(authorization, peer)
+            .await
+            .map_err(refused)?
+        {
+            Identity::User(_) => Ok(()),
+            Identity::Anonymous => Err(Error::Unauthenticated("authentication required")),
         }
     }
 
@@ -504,5 +561,21 @@ impl AppState {
     /// Every proxy: the default first.
     pub fn proxies(&self) -> impl Iterator<Item = &Arc<Proxy>> {
         std::iter::once(&self.proxy).chain(self.others.iter())
+    }
+}
+
+/// The registry error for an access refusal.
+fn refused(refusal: crate::access::Refusal) -> Error {
+    use crate::access::Refusal;
+    match refusal {
+        Refusal::Unauthenticated(why) => Error::Unauthenticated(why),
+        Refusal::Denied => Error::AccessDenied,
+        Refusal::Braked {
+            address,
+            retry_after,
+        } => Error::LoginsBraked {
+            address,
+            retry_after,
+        },
     }
 }

@@ -26,11 +26,43 @@ fn rule(upstream: &str, prefix: &str, users: &[&str], anonymous: bool) -> Access
     }
 }
 
+/// A hub with a public `library/alpine:1` and a private `acme/app:1` (for the user `svc`).
+async fn acme_hub() -> (FakeHub, Image, Image) {
+    let hub = FakeHub::start().await;
+    hub.add_user("svc", "svc-pw");
+    let public = Image::single("public", DOCKER_MANIFEST, 100);
+    let private = Image::single("private", DOCKER_MANIFEST, 100);
+    hub.push("library/alpine", "1", &public);
+    hub.push("acme/app", "1", &private);
+    hub.make_private("acme/app");
+    (hub, public, private)
+}
+
+/// An htpasswd file in `dir` with `users` (name, password, bcrypt cost).
+fn htpasswd(dir: &std::path::Path, users: &[(&str, &str, u32)]) -> std::path::PathBuf {
+    let path = dir.join("htpasswd");
+    let mut text = String::from("# users\n");
+    for (user, password, cost) in users {
+        let hash = bcrypt::hash(password, *cost).unwrap();
+        text.push_str(&format!("{user}:{hash}\n"));
+    }
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// GET `path` with `Authorization: <authorization>`.
+async fn get_as(proxy: &TestProxy, path: &str, authorization: &str) -> reqwest::Response {
+    proxy
+        .request(
+            reqwest::Method::GET,
+            path,
+            &[("authorization", authorization)],
+        )
+        .await
+}
+
 async fn start(hub: &FakeHub, dir: &std::path::Path) -> TestProxy {
-    let htpasswd = dir.join("htpasswd");
-    let hash = bcrypt::hash("alice-pw", 4).unwrap();
-    let bob = bcrypt::hash("bob-pw", 4).unwrap();
-    std::fs::write(&htpasswd, format!("# users\nalice:{hash}\nbob:{bob}\n")).unwrap();
+    let htpasswd = htpasswd(dir, &[("alice", "alice-pw", 4), ("bob", "bob-pw", 4)]);
     let tokens = dir.join("tokens");
     std::fs::write(&tokens, "ci-bot:ci-token-0123456789abcdef\n").unwrap();
     TestProxy::start_with(hub, |c| {
@@ -48,13 +80,7 @@ async fn start(hub: &FakeHub, dir: &std::path::Path) -> TestProxy {
 
 #[tokio::test]
 async fn rules_decide_who_pulls_what() {
-    let hub = FakeHub::start().await;
-    hub.add_user("svc", "svc-pw");
-    let public = Image::single("public", DOCKER_MANIFEST, 100);
-    let private = Image::single("private", DOCKER_MANIFEST, 100);
-    hub.push("library/alpine", "1", &public);
-    hub.push("acme/app", "1", &private);
-    hub.make_private("acme/app");
+    let (hub, public, private) = acme_hub().await;
     let dir = tempfile::tempdir().unwrap();
     let proxy = start(&hub, dir.path()).await;
     let get = |path: &str, auth: Option<String>| {
@@ -126,23 +152,11 @@ async fn failed_logins_are_braked_per_address() {
     let dir = tempfile::tempdir().unwrap();
     let proxy = start(&hub, dir.path()).await;
     for _ in 0..10 {
-        let r = proxy
-            .request(
-                reqwest::Method::GET,
-                "/v2/",
-                &[("authorization", &basic("alice", "guess"))],
-            )
-            .await;
+        let r = get_as(&proxy, "/v2/", &basic("alice", "guess")).await;
         assert_eq!(r.status(), 401);
     }
     // Even the right password waits now.
-    let r = proxy
-        .request(
-            reqwest::Method::GET,
-            "/v2/",
-            &[("authorization", &basic("alice", "alice-pw"))],
-        )
-        .await;
+    let r = get_as(&proxy, "/v2/", &basic("alice", "alice-pw")).await;
     assert_eq!(r.status(), 429);
     assert!(r.headers().contains_key("retry-after"));
 }
@@ -163,5 +177,310 @@ fn a_non_bcrypt_htpasswd_entry_stops_startup() {
     assert!(
         stderr.contains("htpasswd -B") && stderr.trim_end().lines().count() == 1,
         "{stderr}"
+    );
+}
+
+/// alice's team repository, restricted to her; `library/` open to anonymous clients; the
+/// upstream has no credentials (so nothing is private to it); ghcr.io open too.
+async fn start_restricted(hub: &FakeHub, ghcr: &FakeHub, dir: &std::path::Path) -> TestProxy {
+    let htpasswd = htpasswd(dir, &[("alice", "alice-pw", 4)]);
+    TestProxy::start_with(hub, |c| {
+        c.htpasswd = Some(htpasswd);
+        c.upstreams = vec![ghcr.as_upstream("ghcr.io")];
+        c.access = vec![
+            rule("docker.io", "library/", &[], true),
+            rule("docker.io", "team/", &["alice"], false),
+            rule("ghcr.io", "", &[], true),
+        ];
+    })
+    .await
+}
+
+#[tokio::test]
+async fn restricted_content_is_not_served_through_an_open_repository() {
+    let hub = FakeHub::start().await;
+    let ghcr = FakeHub::start().await;
+    let team = Image::single("team-secret", DOCKER_MANIFEST, 300);
+    let alpine = Image::single("alpine", DOCKER_MANIFEST, 100);
+    hub.push("team/internal", "1", &team);
+    hub.push("library/alpine", "1", &alpine);
+    ghcr.push("org/app", "1", &alpine);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start_restricted(&hub, &ghcr, dir.path()).await;
+    let alice = basic("alice", "alice-pw");
+    let (config, layer) = (
+        support::hub::sha256(&team.blobs[0]),
+        support::hub::sha256(&team.blobs[1]),
+    );
+
+    // alice pulls her team's image: manifest, config, layer.
+    let r = get_as(&proxy, "/v2/team/internal/manifests/1", &alice).await;
+    assert_eq!(r.status(), 200);
+    for blob in [&config, &layer] {
+        let r = get_as(&proxy, &format!("/v2/team/internal/blobs/{blob}"), &alice).await;
+        assert_eq!(r.status(), 200);
+    }
+
+    // Anonymous clients ask for the team's digests through open repositories: nothing.
+    let before = hub.count("blob_get") + hub.count("manifest_get");
+    for path in [
+        format!("/v2/library/alpine/blobs/{layer}"),
+        format!("/v2/library/alpine/blobs/{config}"),
+        format!("/v2/library/alpine/manifests/{}", team.digest),
+        format!("/v2/ghcr.io/org/app/blobs/{layer}"),
+        format!("/v2/ghcr.io/org/app/manifests/{}", team.digest),
+    ] {
+        for method in [reqwest::Method::GET, reqwest::Method::HEAD] {
+            let r = proxy.request(method.clone(), &path, &[]).await;
+            assert_eq!(r.status(), 404, "{method} {path}");
+        }
+    }
+    assert_eq!(
+        hub.count("blob_get") + hub.count("manifest_get"),
+        before,
+        "checked with HEADs, never fetched"
+    );
+
+    // The open repository's own content is served, and alice's pull again costs nothing: what
+    // her manifest refers to was granted with it.
+    let alpine_layer = support::hub::sha256(&alpine.blobs[1]);
+    proxy.get_ok("/v2/library/alpine/manifests/1").await;
+    proxy
+        .get_ok(&format!("/v2/library/alpine/blobs/{alpine_layer}"))
+        .await;
+    let before = hub.total();
+    for blob in [&config, &layer] {
+        let r = get_as(&proxy, &format!("/v2/team/internal/blobs/{blob}"), &alice).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-cache"], "HIT");
+    }
+    assert_eq!(hub.total(), before);
+}
+
+#[tokio::test]
+async fn empty_basic_credentials_pull_what_anonymous_clients_may() {
+    let hub = FakeHub::start().await;
+    let ghcr = FakeHub::start().await;
+    let alpine = Image::single("alpine", DOCKER_MANIFEST, 100);
+    hub.push("library/alpine", "1", &alpine);
+    hub.push("team/internal", "1", &alpine);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start_restricted(&hub, &ghcr, dir.path()).await;
+    // skopeo and podman send `Basic Og==` (an empty user and password) without a login.
+    let empty = [("authorization", "Basic Og==")];
+    let r = proxy
+        .request(
+            reqwest::Method::GET,
+            "/v2/library/alpine/manifests/1",
+            &empty,
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap(), alpine.bytes);
+    let r = proxy
+        .request(
+            reqwest::Method::GET,
+            "/v2/team/internal/manifests/1",
+            &empty,
+        )
+        .await;
+    assert_eq!(r.status(), 401);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["errors"][0]["message"], "authentication required");
+}
+
+async fn wrong_logins(proxy: &TestProxy, user: &str, n: usize) -> Vec<reqwest::StatusCode> {
+    let requests = (0..n).map(|i| {
+        let auth = basic(user, &format!("guess-{i}"));
+        let (client, url) = (proxy.client.clone(), format!("{}/v2/", proxy.url));
+        async move {
+            client
+                .get(url)
+                .header("authorization", auth)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    });
+    futures_util::future::join_all(requests).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_wrong_passwords_is_braked_before_it_is_verified() {
+    let hub = FakeHub::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    // A dearer hash than the other tests': verifications overlap, as they do at cost 12.
+    let htpasswd = htpasswd(dir.path(), &[("alice", "alice-pw", 8)]);
+    let proxy = TestProxy::start_with(&hub, |c| c.htpasswd = Some(htpasswd)).await;
+    let answers = wrong_logins(&proxy, "alice", 300).await;
+    let wrong = answers.iter().filter(|s| s.as_u16() == 401).count();
+    let braked = answers.iter().filter(|s| s.as_u16() == 429).count();
+    assert_eq!(
+        (wrong, braked),
+        (10, 290),
+        "at most 10 verifications a window"
+    );
+}
+
+#[tokio::test]
+async fn a_braked_address_still_serves_anonymous_pulls_and_other_users() {
+    let hub = FakeHub::start().await;
+    hub.add_user("svc", "svc-pw");
+    let public = Image::single("public", DOCKER_MANIFEST, 100);
+    hub.push("library/alpine", "1", &public);
+    hub.push("acme/app", "1", &public);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start(&hub, dir.path()).await;
+    let alice = basic("alice", "alice-pw");
+    // alice logged in before someone at her address (a NAT, a balancer) guessed her password.
+    let r = get_as(&proxy, "/v2/", &alice).await;
+    assert_eq!(r.status(), 200);
+    let answers = wrong_logins(&proxy, "alice", 10).await;
+    assert!(answers.iter().all(|s| s.as_u16() == 401), "{answers:?}");
+
+    // The guesser is braked, with a message that says why and for how long.
+    let r = get_as(&proxy, "/v2/", &basic("alice", "guess-11")).await;
+    assert_eq!(r.status(), 429);
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    let body: serde_json::Value = r.json().await.unwrap();
+    let message = body["errors"][0]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("too many failed logins from 127.0.0.1, retry in ")
+            && message.ends_with(" s"),
+        "{message}"
+    );
+    assert!(!message.contains("upstream"), "{message}");
+
+    // Nobody else at the address is: anonymous pulls, alice's verified login, bob.
+    assert_eq!(
+        proxy.get("/v2/library/alpine/manifests/1").await.status(),
+        200
+    );
+    let r = get_as(&proxy, "/v2/acme/app/manifests/1", &alice).await;
+    assert_eq!(r.status(), 200);
+    let r = get_as(&proxy, "/v2/", &basic("bob", "bob-pw")).await;
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
+async fn the_cache_api_and_status_page_show_a_client_only_what_it_may_pull() {
+    let (hub, public, private) = acme_hub().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start(&hub, dir.path()).await;
+    let alice = basic("alice", "alice-pw");
+    proxy.get_ok("/v2/library/alpine/manifests/1").await;
+    let r = get_as(&proxy, "/v2/acme/app/manifests/1", &alice).await;
+    assert_eq!(r.status(), 200);
+    // An upstream failure for the private repository, among the recent errors.
+    hub.fault(support::Fault::Status(500));
+    let r = get_as(&proxy, "/v2/acme/app/manifests/2", &alice).await;
+    assert!(r.status().is_server_error());
+    hub.clear_faults();
+    let get_json = |path: &'static str, auth: Option<&'static str>| {
+        let (client, url) = (proxy.client.clone(), format!("{}{path}", proxy.url));
+        let auth = auth.map(|_| alice.clone());
+        async move {
+            let mut r = client.get(url);
+            if let Some(auth) = auth {
+                r = r.header("authorization", auth);
+            }
+            let r = r.send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+
+    // Anonymous: the open repository only.
+    let (status, listing) = get_json("/_pullthrough/cache", None).await;
+    assert_eq!(status, 200);
+    assert!(
+        listing.contains("library/alpine") && !listing.contains("acme"),
+        "{listing}"
+    );
+    let (status, _) = get_json("/_pullthrough/cache/acme/app/manifests/1", None).await;
+    assert_eq!(status, 401);
+    let (status, _) = get_json(
+        "/_pullthrough/cache/acme/app/manifests/1?explain=pull",
+        None,
+    )
+    .await;
+    assert_eq!(status, 401);
+    let (status, _) = get_json("/_pullthrough/cache/acme/app", None).await;
+    assert_eq!(status, 401);
+    let blob = support::hub::sha256(&private.blobs[1]);
+    let r = proxy
+        .get(&format!("/_pullthrough/cache/blobs/{blob}"))
+        .await;
+    assert_eq!(
+        r.status(),
+        403,
+        "which digests are cached is the admin's to know"
+    );
+    let (_, stats) = get_json("/_pullthrough/stats", None).await;
+    assert!(!stats.contains(&hub.url), "{stats}");
+    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    assert_eq!(
+        stats["counters"]["recent_upstream_errors"],
+        serde_json::json!([])
+    );
+    let (_, page) = get_json("/", None).await;
+    assert!(
+        page.contains("library/alpine") && !page.contains("acme"),
+        "{page}"
+    );
+    assert!(!page.contains(&hub.url), "upstream URLs are the admin's");
+
+    // alice: hers too.
+    let (_, listing) = get_json("/_pullthrough/cache", Some("alice")).await;
+    assert!(listing.contains("acme/app"), "{listing}");
+    let (status, _) = get_json("/_pullthrough/cache/acme/app/manifests/1", Some("alice")).await;
+    assert_eq!(status, 200);
+    let (_, page) = get_json("/", Some("alice")).await;
+    assert!(page.contains("acme/app"), "{page}");
+}
+
+#[tokio::test]
+async fn the_admin_token_sees_everything_with_access_control_on() {
+    let hub = FakeHub::start().await;
+    hub.add_user("svc", "svc-pw");
+    let private = Image::single("private", DOCKER_MANIFEST, 100);
+    hub.push("acme/app", "1", &private);
+    hub.make_private("acme/app");
+    let dir = tempfile::tempdir().unwrap();
+    let htpasswd = htpasswd(dir.path(), &[("alice", "alice-pw", 4)]);
+    let proxy = TestProxy::start_with(&hub, |c| {
+        c.htpasswd = Some(htpasswd);
+        c.upstream_username = Some("svc".into());
+        c.upstream_password = Some(Secret("svc-pw".into()));
+        c.admin_token = Some(Secret("admin-token-0123456789".into()));
+    })
+    .await;
+    let r = get_as(
+        &proxy,
+        "/v2/acme/app/manifests/1",
+        &basic("alice", "alice-pw"),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let admin = [("authorization", "Bearer admin-token-0123456789")];
+    let r = proxy
+        .request(reqwest::Method::GET, "/_pullthrough/cache", &admin)
+        .await;
+    assert!(r.text().await.unwrap().contains("acme/app"));
+    let r = proxy.request(reqwest::Method::GET, "/", &admin).await;
+    let page = r.text().await.unwrap();
+    assert!(
+        page.contains("acme/app") && page.contains(&hub.url),
+        "{page}"
+    );
+    let page = proxy.get("/").await.text().await.unwrap();
+    assert!(
+        !page.contains("acme/app") && !page.contains(&hub.url),
+        "{page}"
     );
 }

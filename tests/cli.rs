@@ -105,6 +105,90 @@ fn a_typo_in_the_config_file_and_a_foreign_data_dir_are_refused() {
     assert!(stderr.contains("not a pullthrough cache"), "{stderr}");
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
     assert!(home.join("tmp/keep.txt").exists());
+    assert!(
+        !home.join(".pullthrough.lock").exists(),
+        "nothing is written into a foreign directory"
+    );
+}
+
+#[test]
+fn an_access_rule_for_a_registry_not_mirrored_stops_startup() {
+    let dir = tempfile::tempdir().unwrap();
+    let htpasswd = dir.path().join("htpasswd");
+    std::fs::write(&htpasswd, "# nobody yet\n").unwrap();
+    let file = dir.path().join("p.toml");
+    // The default upstream's own host: its rules say docker.io, so this one would match nothing.
+    std::fs::write(
+        &file,
+        format!(
+            "upstream = \"http://127.0.0.1:5001\"\nhtpasswd = {:?}\ndata_dir = {:?}\n\n[[access]]\nupstream = \"127.0.0.1:5001\"\nprefix = \"team/\"\nusers = [\"alice\"]\n",
+            htpasswd.display().to_string(),
+            dir.path().join("cache").display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = pullthrough(&[], &["--config", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("\"127.0.0.1:5001\"") && stderr.contains("\"docker.io\", \"*\""),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_second_instance_on_one_data_dir_exits_2_naming_the_holder() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("cache");
+    let data_text = data.to_str().unwrap();
+    let mut first = Command::new(env!("CARGO_BIN_EXE_pullthrough"))
+        .env("PULLTHROUGH_LISTEN", "127.0.0.1:0")
+        .env("PULLTHROUGH_DATA_DIR", data_text)
+        .env("PULLTHROUGH_LOG_FORMAT", "text")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(first.stdout.take().unwrap()).lines();
+    assert!(
+        lines.any(|l| l.is_ok_and(|l| l.contains("listening"))),
+        "the first instance starts"
+    );
+    std::thread::spawn(move || lines.for_each(drop));
+    // A download of the first instance's under way.
+    std::fs::write(data.join("tmp/in-flight"), "partial").unwrap();
+
+    let out = pullthrough(&[("PULLTHROUGH_DATA_DIR", data_text)], &[]);
+    let pid = first.id();
+    let _ = first.kill();
+    let _ = first.wait();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains(data_text) && stderr.contains(&format!("pid {pid}")),
+        "{stderr}"
+    );
+    assert!(
+        data.join("tmp/in-flight").exists(),
+        "the first one's files are left alone"
+    );
+
+    // Once the holder is gone, the directory is free again.
+    let mut again = Command::new(env!("CARGO_BIN_EXE_pullthrough"))
+        .env("PULLTHROUGH_LISTEN", "127.0.0.1:0")
+        .env("PULLTHROUGH_DATA_DIR", data_text)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(again.stdout.take().unwrap()).lines();
+    let started = lines.any(|l| l.is_ok_and(|l| l.contains("listening")));
+    let _ = again.kill();
+    let _ = again.wait();
+    assert!(started);
 }
 
 #[test]

@@ -112,6 +112,25 @@ fn run(cmd: &mut Command) -> Vec<u8> {
     out.stdout
 }
 
+/// A pullthrough in front of `upstream` with the user `dev` (password `dev-pw`) and `rules`.
+async fn with_access_control(
+    dir: &Path,
+    upstream: &str,
+    rules: Vec<pullthrough::config::AccessRule>,
+) -> TestProxy {
+    let htpasswd = dir.join("htpasswd");
+    std::fs::write(
+        &htpasswd,
+        format!("dev:{}\n", bcrypt::hash("dev-pw", 4).unwrap()),
+    )
+    .unwrap();
+    let proxy_dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let mut config = TestProxy::config(upstream, proxy_dir.path());
+    config.htpasswd = Some(htpasswd);
+    config.access = rules;
+    TestProxy::start_config(config, Some(proxy_dir)).await
+}
+
 fn skopeo() -> Command {
     let mut c = Command::new("skopeo");
     c.env_remove("HTTP_PROXY")
@@ -666,16 +685,7 @@ async fn skopeo_with_creds_pulls_through_access_control() {
     let dir = tempfile::tempdir().unwrap();
     let (_registry, upstream) = reference_registry(dir.path()).await;
     let digest = push(dir.path(), &upstream, "team/app", "1");
-    let htpasswd = dir.path().join("htpasswd");
-    std::fs::write(
-        &htpasswd,
-        format!("dev:{}\n", bcrypt::hash("dev-pw", 4).unwrap()),
-    )
-    .unwrap();
-    let proxy_dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
-    let mut config = TestProxy::config(&upstream, proxy_dir.path());
-    config.htpasswd = Some(htpasswd);
-    let proxy = TestProxy::start_config(config, Some(proxy_dir)).await;
+    let proxy = with_access_control(dir.path(), &upstream, vec![]).await;
     let host = proxy.url.trim_start_matches("http://").to_owned();
     let image = format!("docker://{host}/team/app:1");
 
@@ -709,4 +719,95 @@ async fn skopeo_with_creds_pulls_through_access_control() {
             &image,
         ])
         .arg(format!("oci:{}:1", out.display())));
+}
+
+/// podman with storage of its own under `dir` (vfs, no systemd, no journald).
+fn podman(dir: &Path) -> Command {
+    let mut c = Command::new("podman");
+    c.env_remove("HTTP_PROXY")
+        .env_remove("HTTPS_PROXY")
+        .env_remove("http_proxy")
+        .env_remove("https_proxy")
+        .args(["--root"])
+        .arg(dir.join("root"))
+        .arg("--runroot")
+        .arg(dir.join("run"))
+        .args([
+            "--storage-driver",
+            "vfs",
+            "--cgroup-manager",
+            "cgroupfs",
+            "--events-backend",
+            "file",
+        ]);
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs docker-registry, skopeo and podman (run by .ci/run)"]
+async fn skopeo_and_podman_without_a_login_pull_what_anonymous_rules_allow() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_registry, upstream) = reference_registry(dir.path()).await;
+    let open = push(dir.path(), &upstream, "library/app", "1");
+    push(dir.path(), &upstream, "team/app", "1");
+    let rule = pullthrough::config::AccessRule {
+        upstream: "docker.io".into(),
+        prefix: "library/".into(),
+        users: vec![],
+        anonymous: true,
+    };
+    let proxy = with_access_control(dir.path(), &upstream, vec![rule]).await;
+    let host = proxy.url.trim_start_matches("http://").to_owned();
+
+    // skopeo answers the Basic challenge with empty credentials: anonymous, and let in.
+    let raw = run(skopeo().args([
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        &format!("docker://{host}/library/app:1"),
+    ]));
+    assert_eq!(sha256(&raw), open);
+    run(skopeo()
+        .args([
+            "copy",
+            "--all",
+            "--src-tls-verify=false",
+            &format!("docker://{host}/library/app:1"),
+        ])
+        .arg(format!("oci:{}:1", dir.path().join("copied").display())));
+    // And still refused where no rule lets anonymous clients in.
+    let refused = skopeo()
+        .args([
+            "inspect",
+            "--raw",
+            "--tls-verify=false",
+            &format!("docker://{host}/team/app:1"),
+        ])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success(), "anonymous skopeo read team/app");
+
+    // podman pulls (and unpacks) the open image without a login.
+    let storage = dir.path().join("podman");
+    run(podman(&storage).args([
+        "pull",
+        "--tls-verify=false",
+        "--platform",
+        "linux/amd64",
+        &format!("{host}/library/app:1"),
+    ]));
+    let images = run(podman(&storage).args(["images", "--format", "{{.Repository}}:{{.Tag}}"]));
+    assert!(
+        String::from_utf8_lossy(&images).contains(&format!("{host}/library/app:1")),
+        "{}",
+        String::from_utf8_lossy(&images)
+    );
+    let refused = podman(&storage)
+        .args(["pull", "--tls-verify=false", &format!("{host}/team/app:1")])
+        .output()
+        .unwrap();
+    assert!(
+        !refused.status.success(),
+        "anonymous podman pulled team/app"
+    );
 }

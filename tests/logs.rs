@@ -280,3 +280,46 @@ async fn no_secret_appears_in_any_log_or_cache_api_output() {
         .count();
     assert_eq!(issued, 0, "a bearer token appeared in the output");
 }
+
+#[tokio::test]
+async fn the_first_braking_of_an_address_logs_one_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let htpasswd = dir.path().join("htpasswd");
+    let hash = bcrypt::hash("alice-pw", 4).unwrap();
+    std::fs::write(&htpasswd, format!("alice:{hash}\n")).unwrap();
+    let mut running = Running::start(&[("PULLTHROUGH_HTPASSWD", htpasswd.to_str().unwrap())]);
+    let url = running.url();
+    let client = support::client();
+    let mut statuses = Vec::new();
+    for i in 0..15 {
+        use base64::Engine as _;
+        let auth = base64::engine::general_purpose::STANDARD.encode(format!("alice:guess-{i}"));
+        let r = client
+            .get(format!("{url}/v2/"))
+            .header("authorization", format!("Basic {auth}"))
+            .send()
+            .await
+            .unwrap();
+        statuses.push(r.status().as_u16());
+    }
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        5,
+        "{statuses:?}"
+    );
+    let warning = running.wait_for("too many failed logins");
+    assert!(
+        warning.contains("WARN") && warning.contains("127.0.0.1"),
+        "{warning}"
+    );
+    assert!(
+        !warning.contains("guess"),
+        "no password in the log: {warning}"
+    );
+    let all = running.all(Duration::from_millis(500));
+    assert_eq!(
+        all.matches("too many failed logins").count(),
+        1,
+        "one warning, not one per refusal: {all}"
+    );
+}

@@ -202,6 +202,35 @@ async fn the_cache_api_lists_explains_and_purges() {
         entry["explain"]["blob_gets"], 0,
         "a dry run removes nothing"
     );
+    // A misspelled key is refused, never taken as a real purge.
+    for typo in ["dryrun=true", "dry-run=true", "dry_run=true&force=1"] {
+        let r = proxy
+            .request(
+                reqwest::Method::DELETE,
+                &format!("/_pullthrough/cache/blobs/{blob}?{typo}"),
+                &[],
+            )
+            .await;
+        assert_eq!(r.status(), 400, "{typo}");
+        assert!(r.text().await.unwrap().contains("dry_run"));
+    }
+    for (path, key) in [
+        ("/_pullthrough/cache?prefx=library", "prefix"),
+        (
+            "/_pullthrough/cache/library/app/manifests/1?explian=pull",
+            "explain",
+        ),
+    ] {
+        let r = proxy.get(path).await;
+        assert_eq!(r.status(), 400, "{path}");
+        assert!(r.text().await.unwrap().contains(key), "{path}");
+    }
+    let entry = json(
+        &proxy,
+        "/_pullthrough/cache/library/app/manifests/1?explain=pull",
+    )
+    .await;
+    assert_eq!(entry["explain"]["blob_gets"], 0, "nothing was purged");
     let r = proxy
         .request(
             reqwest::Method::DELETE,
@@ -462,7 +491,12 @@ async fn without_an_admin_token_purges_are_for_loopback_clients_only() {
     let request = |peer: &str, method: &str| {
         let mut request = axum::http::Request::builder()
             .method(method)
-            .uri("/_pullthrough/cache/library/x?dry_run=true")
+            // dry_run is a purge's key: a listing refuses it as unknown.
+            .uri(if method == "DELETE" {
+                "/_pullthrough/cache/library/x?dry_run=true"
+            } else {
+                "/_pullthrough/cache/library/x"
+            })
             .body(axum::body::Body::empty())
             .unwrap();
         let peer: std::net::SocketAddr = peer.parse().unwrap();

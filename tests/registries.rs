@@ -274,3 +274,63 @@ async fn stats_metrics_and_the_status_page_count_each_upstream_apart() {
     assert!(table.contains("<td>ghcr.io</td>"), "{table}");
     assert!(table.contains(" (default)"), "{table}");
 }
+
+/// A registry that is not Docker Hub (its ping needs no token) and counts what it is asked.
+async fn plain_registry() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let asked = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = std::sync::Arc::clone(&asked);
+    let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if uri.path() == "/v2/" {
+                (axum::http::StatusCode::OK, "{}")
+            } else {
+                (axum::http::StatusCode::NOT_FOUND, "{}")
+            }
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, asked)
+}
+
+#[tokio::test]
+async fn a_host_prefix_not_configured_is_never_asked_of_any_upstream() {
+    let (url, asked) = plain_registry().await;
+    let proxy = TestProxy::start_with_upstream(&url).await;
+    let default_host = url.trim_start_matches("http://").to_owned();
+    for (path, host) in [
+        ("/v2/ghcr.io/team/app/manifests/1", "ghcr.io"),
+        (
+            "/v2/registry.example:5000/team/app/blobs/sha256:0000000000000000000000000000000000000000000000000000000000000000",
+            "registry.example:5000",
+        ),
+        ("/v2/localhost/team/app/tags/list", "localhost"),
+    ] {
+        let r = proxy.get(path).await;
+        assert_eq!(r.status(), 404, "{path}");
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["errors"][0]["code"], "NAME_UNKNOWN", "{path}");
+        assert!(
+            body["errors"][0]["message"]
+                .as_str()
+                .unwrap()
+                .contains(host),
+            "{body}"
+        );
+    }
+    assert_eq!(
+        asked.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "no outbound request, not even a ping"
+    );
+    // The default upstream's own host still means it.
+    let r = proxy
+        .get(&format!("/v2/{default_host}/team/app/manifests/1"))
+        .await;
+    assert_eq!(r.status(), 404);
+    assert_eq!(error_code(r).await, "MANIFEST_UNKNOWN");
+    assert!(asked.load(std::sync::atomic::Ordering::SeqCst) > 0);
+}

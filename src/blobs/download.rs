@@ -289,8 +289,8 @@ impl BlobStore {
         shared_ok: bool,
     ) -> Result<Option<Arc<Download>>, Error> {
         let joinable = |d: &Arc<Download>| {
-            (shared_ok || !d.private.load(Ordering::Relaxed) || d.origin == origin)
-                .then(|| Arc::clone(d))
+            let private = self.restricted || d.private.load(Ordering::Relaxed);
+            (shared_ok || !private || d.origin == origin).then(|| Arc::clone(d))
         };
         if let Some(d) = self.downloads.lock().get(digest) {
             return Ok(joinable(d));
@@ -471,9 +471,11 @@ impl BlobStore {
         let source = self
             .open_source_unchecked(upstream, name, digest, writer, lock)
             .await?;
-        // Bytes fetched with credentials, from the bucket or another replica: upstream must
-        // show them in this repository first (one HEAD), as for a stored blob.
-        if source.private && !download.confirmed.load(Ordering::Relaxed) {
+        // Bytes fetched with credentials, from the bucket or another replica (with access
+        // control, any such bytes): upstream must show them in this repository first (one
+        // HEAD), as for a stored blob.
+        let foreign = self.restricted && source.from != From::Upstream;
+        if (source.private || foreign) && !download.confirmed.load(Ordering::Relaxed) {
             upstream
                 .head_blob(name, digest)
                 .await

@@ -85,6 +85,9 @@ pub struct DiskLimits {
 /// Content-addressed blob files with single-flight downloads.
 #[derive(Debug)]
 pub struct BlobStore {
+    /// Access control is on: a download, or bytes another replica fetched, go to another
+    /// repository only where upstream shows them there, whatever the credentials.
+    restricted: bool,
     layout: Layout,
     index: Mutex<HashMap<Digest, Arc<BlobMeta>>>,
     total: AtomicU64,
@@ -128,8 +131,10 @@ impl BlobStore {
         limits: DiskLimits,
         metrics: Arc<Metrics>,
         shared: Option<Arc<crate::objects::ObjectStorage>>,
+        restricted: bool,
     ) -> std::io::Result<Arc<BlobStore>> {
         let store = Arc::new(BlobStore {
+            restricted,
             layout,
             index: Mutex::default(),
             total: AtomicU64::new(0),

@@ -3,14 +3,18 @@
 //! (`?explain=pull`), the stats, and purges (`?dry_run=true` lists what would go).
 //!
 //! Access: with `admin_token` set, every endpoint needs `Authorization: Bearer <admin_token>`;
-//! without it, reading is open and a purge is accepted only from a loopback client.
+//! without it, a purge is accepted only from a loopback client, and reading is open, except
+//! that with client access control on a client sees only the repositories it may pull (no
+//! blob entries, no upstream URLs or recent upstream errors). Unknown query keys are a 400: a
+//! misspelled `dry_run` must not purge for real.
 
 use crate::error::Error;
 use crate::proxy::{ListQuery, Proxy, Purge};
 use crate::registry::{Digest, Reference, RepoName};
-use crate::state::AppState;
+use crate::state::{AppState, Viewer};
 use axum::Router;
-use axum::extract::{ConnectInfo, Path, Query, Request, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{ConnectInfo, Extension, Path, Query, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -76,11 +80,13 @@ pub fn authorized(request: &Request, token: &crate::config::Secret) -> Option<bo
     )
 }
 
-/// The access rule of every `/_pullthrough/` endpoint.
-async fn guard(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+/// The access rule of every `/_pullthrough/` endpoint; the handlers read the [`Viewer`] it
+/// leaves in the request.
+async fn guard(State(state): State<Arc<AppState>>, mut request: Request, next: Next) -> Response {
+    let mut admin = false;
     match &state.admin_token {
         Some(token) => match authorized(&request, token) {
-            Some(true) => {}
+            Some(true) => admin = true,
             Some(false) => return unauthorized("wrong admin token"),
             None => {
                 return unauthorized("this endpoint needs Authorization: Bearer <admin_token>");
@@ -99,11 +105,25 @@ async fn guard(State(state): State<Arc<AppState>>, request: Request, next: Next)
         }
         None => {}
     }
+    let authorization = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip().to_canonical());
+    let viewer = match state.viewer(admin, authorization, peer).await {
+        Ok(viewer) => viewer,
+        Err(e) => return e.into_response(),
+    };
+    request.extensions_mut().insert(viewer);
     next.run(request).await
 }
 
 /// Query parameters of the listing.
 #[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ListParams {
     prefix: Option<String>,
     stale: Option<bool>,
@@ -113,7 +133,8 @@ struct ListParams {
 
 async fn list(
     State(state): State<Arc<AppState>>,
-    query: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
+    Extension(viewer): Extension<Viewer>,
+    query: Result<Query<ListParams>, QueryRejection>,
 ) -> Response {
     let Ok(Query(p)) = query else {
         return bad_request(
@@ -127,7 +148,11 @@ async fn list(
         limit: p.limit,
         after: p.after,
     };
-    json(StatusCode::OK, &crate::proxy::list(&proxies, &query).await)
+    let visible = |proxy: &Proxy, name: &RepoName| state.may_see(&viewer, proxy, name);
+    json(
+        StatusCode::OK,
+        &crate::proxy::list(&proxies, &query, &visible).await,
+    )
 }
 
 fn bad_request(message: &str) -> Response {
@@ -165,6 +190,7 @@ async fn target(state: &AppState, rest: &str) -> Result<Target, Error> {
 
 /// Query parameters of one entry.
 #[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ShowParams {
     explain: Option<String>,
     platform: Option<String>,
@@ -172,10 +198,25 @@ struct ShowParams {
 
 async fn show(
     State(state): State<Arc<AppState>>,
+    Extension(viewer): Extension<Viewer>,
     Path(rest): Path<String>,
-    Query(p): Query<ShowParams>,
+    query: Result<Query<ShowParams>, QueryRejection>,
 ) -> Result<Response, Error> {
-    match target(&state, &rest).await? {
+    let Ok(Query(p)) = query else {
+        return Ok(bad_request(
+            "query: explain=pull, platform=<os/architecture[/variant]>",
+        ));
+    };
+    let target = target(&state, &rest).await?;
+    match &target {
+        Target::Manifest(proxy, name, _) | Target::Repository(proxy, name) => {
+            state.check_view(&viewer, proxy, name)?;
+        }
+        // Which digests are cached says what was pulled: the admin's to know.
+        Target::Blob(_) if viewer != Viewer::Admin => return Err(Error::AccessDenied),
+        Target::Blob(_) => {}
+    }
+    match target {
         Target::Manifest(proxy, name, reference) => {
             let mut entry = serde_json::to_value(proxy.entry(&name, &reference).await)
                 .map_err(|e| Error::Storage(e.to_string()))?;
@@ -203,6 +244,7 @@ async fn show(
 
 /// Query parameters of a purge.
 #[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct PurgeParams {
     dry_run: Option<bool>,
 }
@@ -218,8 +260,11 @@ struct PurgeAnswer {
 async fn purge(
     State(state): State<Arc<AppState>>,
     Path(rest): Path<String>,
-    Query(p): Query<PurgeParams>,
+    query: Result<Query<PurgeParams>, QueryRejection>,
 ) -> Result<Response, Error> {
+    let Ok(Query(p)) = query else {
+        return Ok(bad_request("query: dry_run=true|false"));
+    };
     let dry_run = p.dry_run.unwrap_or(false);
     let purge = match target(&state, &rest).await? {
         Target::Repository(proxy, name) => proxy.purge_repository(&name, dry_run).await,
@@ -240,6 +285,16 @@ async fn purge(
     Ok(json(StatusCode::OK, &PurgeAnswer { dry_run, purge }))
 }
 
-async fn stats(State(state): State<Arc<AppState>>) -> Response {
-    json(StatusCode::OK, &state.stats())
+async fn stats(
+    State(state): State<Arc<AppState>>,
+    Extension(viewer): Extension<Viewer>,
+) -> Response {
+    let mut stats = state.stats();
+    if viewer != Viewer::Admin {
+        // Errors name images, and URLs say where the mirror reaches: the admin's to know.
+        stats.counters.recent_upstream_errors.clear();
+        stats.upstream.clear();
+        stats.upstreams.iter_mut().for_each(|u| u.url.clear());
+    }
+    json(StatusCode::OK, &stats)
 }

@@ -30,7 +30,9 @@ impl Error {
                 (StatusCode::NOT_FOUND, "NAME_UNKNOWN")
             }
             Error::RangeInvalid { .. } => (StatusCode::RANGE_NOT_SATISFIABLE, "RANGE_INVALID"),
-            Error::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS"),
+            Error::TooManyRequests { .. } | Error::LoginsBraked { .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS")
+            }
             Error::GatewayTimeout => (StatusCode::GATEWAY_TIMEOUT, "UNAVAILABLE"),
             Error::Upstream(_) => (StatusCode::BAD_GATEWAY, "UNAVAILABLE"),
             Error::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN"),
@@ -58,6 +60,12 @@ impl IntoResponse for Error {
             Error::TooManyRequests { retry_after } => {
                 let secs = retry_after.map(|d| d.as_secs().max(1)).unwrap_or(60);
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            }
+            Error::LoginsBraked { retry_after, .. } => {
+                headers.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(retry_after.as_secs().max(1)),
+                );
             }
             Error::RangeInvalid { size } => {
                 if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {

@@ -249,7 +249,7 @@ async fn serve(
 }
 
 /// The `Authorization` header, as text.
-fn authorization(request: &Request) -> Option<&str> {
+pub(crate) fn authorization(request: &Request) -> Option<&str> {
     request
         .headers()
         .get(header::AUTHORIZATION)
@@ -257,7 +257,7 @@ fn authorization(request: &Request) -> Option<&str> {
 }
 
 /// The client's address.
-fn peer_ip(request: &Request) -> Option<std::net::IpAddr> {
+pub(crate) fn peer_ip(request: &Request) -> Option<std::net::IpAddr> {
     request
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()

@@ -3,7 +3,7 @@
 //! pulled images with their freshness, disk use, each upstream's share, and the last upstream
 //! errors.
 
-use crate::state::AppState;
+use crate::state::{AppState, Viewer};
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
@@ -28,7 +28,38 @@ fn size(bytes: u64) -> String {
 
 /// `GET /`.
 pub async fn page(State(state): State<Arc<AppState>>, request: axum::extract::Request) -> Response {
-    let stats = state.stats();
+    // With admin_token set, image names, errors and upstream URLs are shown only to requests
+    // that carry it; with access control, a client sees the repositories it may pull.
+    let admin = state
+        .admin_token
+        .as_ref()
+        .is_some_and(|t| super::api::authorized(&request, t) == Some(true));
+    let viewer = match state
+        .viewer(
+            admin,
+            super::authorization(&request),
+            super::peer_ip(&request),
+        )
+        .await
+    {
+        Ok(viewer) => viewer,
+        Err(e) => return e.into_response(),
+    };
+    let (private, admin) = (viewer == Viewer::Nobody, viewer == Viewer::Admin);
+    let mut stats = state.stats();
+    if !admin {
+        stats.counters.recent_upstream_errors.clear();
+        // The registry by the name clients use, not the URL it is reached at.
+        stats.upstream = stats
+            .upstreams
+            .first()
+            .map(|u| u.host.clone())
+            .unwrap_or_default();
+        stats
+            .upstreams
+            .iter_mut()
+            .for_each(|u| u.url = "–".to_owned());
+    }
     let c = &stats.counters;
     let manifests = c
         .totals
@@ -41,15 +72,13 @@ pub async fn page(State(state): State<Arc<AppState>>, request: axum::extract::Re
         (Some(r), Some(l)) => format!("{r} of {l}"),
         _ => "not reported yet".to_owned(),
     };
-    // With admin_token set, image names and errors are shown only to requests that carry it.
-    let private = state
-        .admin_token
-        .as_ref()
-        .is_some_and(|t| super::api::authorized(&request, t) != Some(true));
     let listing = if private {
         Vec::new()
     } else {
-        let mut all: Vec<_> = state.proxies().flat_map(|p| p.most_pulled(15)).collect();
+        let mut all: Vec<_> = state
+            .proxies()
+            .flat_map(|p| p.most_pulled(15, |name| state.may_see(&viewer, p, name)))
+            .collect();
         all.sort_by_key(|v| std::cmp::Reverse(v.hits));
         all.truncate(15);
         all
@@ -104,7 +133,7 @@ pub async fn page(State(state): State<Arc<AppState>>, request: axum::extract::Re
         );
     }
     let mut errors = String::new();
-    for e in c.recent_upstream_errors.iter().filter(|_| !private) {
+    for e in &c.recent_upstream_errors {
         let when = humantime::format_rfc3339_seconds(
             std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(e.at),
         );
@@ -117,7 +146,9 @@ pub async fn page(State(state): State<Arc<AppState>>, request: axum::extract::Re
             esc(&e.error)
         );
     }
-    if errors.is_empty() {
+    if !admin {
+        errors.push_str("<tr><td colspan=\"5\">shown with the admin token only</td></tr>");
+    } else if errors.is_empty() {
         errors.push_str("<tr><td colspan=\"5\">none</td></tr>");
     }
     let disk = format!(

@@ -154,8 +154,13 @@ pub struct Purge {
     pub blobs: Vec<Digest>,
 }
 
-/// A page of the tags of every proxy in `proxies`, ordered by `[host/]repository:tag`.
-pub async fn list(proxies: &[Arc<Proxy>], query: &ListQuery) -> Listing {
+/// A page of the tags of every proxy in `proxies` whose repository is `visible`, ordered by
+/// `[host/]repository:tag`.
+pub async fn list(
+    proxies: &[Arc<Proxy>],
+    query: &ListQuery,
+    visible: &(dyn Fn(&Proxy, &RepoName) -> bool + Sync),
+) -> Listing {
     let limit = query.limit.unwrap_or(100).clamp(1, 1000);
     let mut matching: Vec<(String, usize, RepoName, Tag, TagEntry)> = proxies
         .iter()
@@ -163,6 +168,7 @@ pub async fn list(proxies: &[Arc<Proxy>], query: &ListQuery) -> Listing {
         .flat_map(|(i, p)| {
             p.matching(query)
                 .into_iter()
+                .filter(|(_, name, ..)| visible(p, name))
                 .map(move |(key, n, t, e)| (key, i, n, t, e))
         })
         .collect();
@@ -227,11 +233,6 @@ impl Proxy {
         }
     }
 
-    /// A page of cached tags.
-    pub async fn list(self: &Arc<Self>, query: &ListQuery) -> Listing {
-        list(std::slice::from_ref(self), query).await
-    }
-
     /// Every cached tag of repository `name` (by the exact name: a prefix listing would take
     /// `alpine-x` with `alpine` and the upstream's host prefix into account).
     pub async fn repository(&self, name: &RepoName) -> Vec<TagView> {
@@ -271,13 +272,13 @@ impl Proxy {
     }
 
     /// The `n` tags served most since start, most first (no disk access).
-    pub fn most_pulled(&self, n: usize) -> Vec<TagView> {
+    pub fn most_pulled(&self, n: usize, visible: impl Fn(&RepoName) -> bool) -> Vec<TagView> {
         let mut all: Vec<(u64, RepoName, Tag, TagEntry)> = self
             .manifests
             .all_tags()
             .into_iter()
             .map(|(name, tag, entry)| (self.manifests.usage(&name, &tag).0, name, tag, entry))
-            .filter(|(hits, ..)| *hits > 0)
+            .filter(|(hits, name, ..)| *hits > 0 && visible(name))
             .collect();
         all.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| (&a.1, &a.2).cmp(&(&b.1, &b.2))));
         all.into_iter()

@@ -99,6 +99,11 @@ pub struct Proxy {
     backoff: Cache<TagKey, ()>,
     /// Tags whose move was held back for the budget (logged once each).
     held_logged: Cache<TagKey, ()>,
+    /// Access control is on: cached content reaches a repository only where its upstream
+    /// shows it there (one HEAD, remembered), whoever fetched it.
+    restricted: bool,
+    /// Manifests whose contents were granted to a repository (with `restricted`).
+    contents_granted: Cache<(RepoName, Digest), ()>,
 }
 
 /// A request for a manifest, as parsed at the edge.
@@ -179,6 +184,8 @@ impl Proxy {
                 .time_to_live(Duration::from_secs(3600))
                 .max_capacity(100_000)
                 .build(),
+            restricted: config.access_control(),
+            contents_granted: Cache::new(100_000),
         })
     }
 }

@@ -370,7 +370,7 @@ async fn a_braked_address_still_serves_anonymous_pulls_and_other_users() {
 
 #[tokio::test]
 async fn the_cache_api_and_status_page_show_a_client_only_what_it_may_pull() {
-    let (hub, public, private) = acme_hub().await;
+    let (hub, _public, private) = acme_hub().await;
     let dir = tempfile::tempdir().unwrap();
     let proxy = start(&hub, dir.path()).await;
     let alice = basic("alice", "alice-pw");

@@ -1,7 +1,7 @@
 //! The `pullthrough` binary: parse settings, set up logging, bind, serve.
 
 use clap::Parser;
-use pullthrough::config::{Config, LogFormat, Overrides};
+use pullthrough::config::{Config, LogFormat, Overrides, Secret};
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -63,7 +63,19 @@ enum Command {
         /// Base URL of the pullthrough (default: the configured listen address).
         #[arg(long)]
         url: Option<String>,
+        /// Admin token for the stats of --url (the configured admin_token is sent only to the
+        /// configured listen address).
+        #[arg(long, value_parser = token)]
+        admin_token: Option<Secret>,
     },
+}
+
+/// A bearer token from the command line: visible ASCII, as a header value must be.
+fn token(text: &str) -> Result<Secret, String> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("must be visible ASCII characters".to_owned());
+    }
+    Ok(Secret(text.to_owned()))
 }
 
 #[tokio::main]
@@ -110,7 +122,11 @@ async fn main() -> ExitCode {
             file,
             platform,
             url,
-        }) => return warm(images, file, platform, url, &config).await,
+            admin_token,
+        }) => {
+            let token = warm_token(admin_token, url.as_deref(), &config);
+            return warm(images, file, platform, url, token, &config).await;
+        }
         None => {}
     }
     let filter =
@@ -218,12 +234,34 @@ async fn healthcheck(url: Option<String>, config: &Config) -> ExitCode {
     }
 }
 
+/// The admin token `warm` sends to `url`: the one given on the command line, else the
+/// configured one, but only to the configured listener: any other URL may be anyone's server
+/// (and plain http anyone's to read).
+fn warm_token(given: Option<Secret>, url: Option<&str>, config: &Config) -> Option<Secret> {
+    if given.is_some() {
+        return given;
+    }
+    let token = config.admin_token.clone()?;
+    match url {
+        Some(url)
+            if !pullthrough::warm::is_listener(url, config.listen, config.tls_cert.is_some()) =>
+        {
+            eprintln!(
+                "pullthrough: admin_token is not sent to {url}, which is not the configured listen address; pass --admin-token to send one"
+            );
+            None
+        }
+        _ => Some(token),
+    }
+}
+
 /// `pullthrough warm`.
 async fn warm(
     mut images: Vec<String>,
     file: Option<PathBuf>,
     platform: Option<String>,
     url: Option<String>,
+    admin_token: Option<Secret>,
     config: &Config,
 ) -> ExitCode {
     if let Some(path) = file {
@@ -248,7 +286,7 @@ async fn warm(
         url: url.unwrap_or_else(|| local_url(config)),
         images,
         platform,
-        admin_token: config.admin_token.as_ref().map(|t| t.0.clone()),
+        admin_token,
         default_host: config.default_host(),
     };
     let summary = if std::io::stderr().is_terminal() {

@@ -115,6 +115,34 @@ async fn ns_and_path_prefix_pick_the_upstream_and_share_its_cache() {
         .map(|t| (t["tag"].as_str().unwrap(), t["digest"].as_str().unwrap()))
         .collect();
     assert_eq!(tags, [("1", ghcr_image.digest.as_str())], "{repository}");
+
+    // The cache API takes `?ns=<host>` as the registry API does.
+    let by_ns = |path: &'static str| {
+        let (client, url) = (proxy.client.clone(), format!("{}{path}", proxy.url));
+        async move {
+            let r = client.get(url).send().await.unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<serde_json::Value>().await.unwrap(),
+            )
+        }
+    };
+    let (status, entry) = by_ns("/_pullthrough/cache/org/app/manifests/1?ns=ghcr.io").await;
+    assert_eq!(status, 200);
+    assert_eq!(entry["digest"], ghcr_image.digest.as_str());
+    let (_, entry) = by_ns("/_pullthrough/cache/org/app/manifests/1?ns=docker.io").await;
+    assert_eq!(entry["digest"], default_image.digest.as_str());
+    let (_, listing) = by_ns("/_pullthrough/cache?ns=ghcr.io").await;
+    let entries = listing["entries"].as_array().unwrap();
+    assert!(
+        !entries.is_empty() && entries.iter().all(|e| e["upstream"] == "ghcr.io"),
+        "{listing}"
+    );
+    let (status, body) = by_ns("/_pullthrough/cache?ns=quay.io").await;
+    assert_eq!(
+        (status, &body["errors"][0]["code"]),
+        (404, &serde_json::json!("NAME_UNKNOWN"))
+    );
 }
 
 #[tokio::test]

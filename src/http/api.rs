@@ -125,6 +125,7 @@ async fn guard(State(state): State<Arc<AppState>>, mut request: Request, next: N
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ListParams {
+    ns: Option<String>,
     prefix: Option<String>,
     stale: Option<bool>,
     limit: Option<usize>,
@@ -138,10 +139,16 @@ async fn list(
 ) -> Response {
     let Ok(Query(p)) = query else {
         return bad_request(
-            "query: prefix=<repository prefix>, stale=true|false, limit=1..1000, after=<repository:tag>",
+            "query: ns=<registry host>, prefix=<repository prefix>, stale=true|false, limit=1..1000, after=<repository:tag>",
         );
     };
-    let proxies: Vec<_> = state.proxies().cloned().collect();
+    let proxies: Vec<_> = match &p.ns {
+        Some(ns) => match state.route("", Some(&ns_query(ns))).await {
+            Ok((proxy, ..)) => vec![proxy],
+            Err(e) => return e.into_response(),
+        },
+        None => state.proxies().cloned().collect(),
+    };
     let query = ListQuery {
         prefix: p.prefix,
         stale: p.stale,
@@ -167,7 +174,16 @@ enum Target {
     Blob(Digest),
 }
 
-async fn target(state: &AppState, rest: &str) -> Result<Target, Error> {
+/// `ns=<host>` as the registry API's query carries it.
+fn ns_query(ns: &str) -> String {
+    url::form_urlencoded::Serializer::new(String::new())
+        .append_pair("ns", ns)
+        .finish()
+}
+
+/// What `rest` names, under the registry `ns` picks (as `?ns=` does for the registry API) or
+/// its `<host>/` prefix.
+async fn target(state: &AppState, rest: &str, ns: Option<&str>) -> Result<Target, Error> {
     // `blobs/` is reserved for blobs: a repository of that name is not addressable here.
     if let Some(d) = rest.strip_prefix("blobs/") {
         return d
@@ -175,7 +191,8 @@ async fn target(state: &AppState, rest: &str) -> Result<Target, Error> {
             .map(Target::Blob)
             .map_err(|e| Error::DigestInvalid(e.to_string()));
     }
-    let (proxy, rest, default) = state.route(rest, None).await?;
+    let query = ns.map(ns_query);
+    let (proxy, rest, default) = state.route(rest, query.as_deref()).await?;
     let hub = default && state.docker_hub_known();
     let name = |raw: &str| RepoName::parse(raw, hub).map_err(|e| Error::NameInvalid(e.to_string()));
     match rest.rsplit_once("/manifests/") {
@@ -192,6 +209,7 @@ async fn target(state: &AppState, rest: &str) -> Result<Target, Error> {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ShowParams {
+    ns: Option<String>,
     explain: Option<String>,
     platform: Option<String>,
 }
@@ -204,10 +222,10 @@ async fn show(
 ) -> Result<Response, Error> {
     let Ok(Query(p)) = query else {
         return Ok(bad_request(
-            "query: explain=pull, platform=<os/architecture[/variant]>",
+            "query: ns=<registry host>, explain=pull, platform=<os/architecture[/variant]>",
         ));
     };
-    let target = target(&state, &rest).await?;
+    let target = target(&state, &rest, p.ns.as_deref()).await?;
     match &target {
         Target::Manifest(proxy, name, _) | Target::Repository(proxy, name) => {
             state.check_view(&viewer, proxy, name)?;
@@ -217,17 +235,16 @@ async fn show(
         Target::Blob(_) => {}
     }
     match target {
-        Target::Manifest(proxy, name, reference) => {
-            let mut entry = serde_json::to_value(proxy.entry(&name, &reference).await)
-                .map_err(|e| Error::Storage(e.to_string()))?;
-            if p.explain.as_deref() == Some("pull") {
+        // `?explain=pull` answers the documented object on its own, not inside the entry.
+        Target::Manifest(proxy, name, reference) => match p.explain.as_deref() {
+            Some("pull") => {
                 let platform = p.platform.as_deref().unwrap_or("linux/amd64");
                 let explain = proxy.explain(&name, &reference, platform).await;
-                entry["explain"] =
-                    serde_json::to_value(explain).map_err(|e| Error::Storage(e.to_string()))?;
+                Ok(json(StatusCode::OK, &explain))
             }
-            Ok(json(StatusCode::OK, &entry))
-        }
+            Some(_) => Ok(bad_request("explain takes one value: pull")),
+            None => Ok(json(StatusCode::OK, &proxy.entry(&name, &reference).await)),
+        },
         Target::Repository(proxy, name) => {
             let entries = proxy.repository(&name).await;
             Ok(json(
@@ -246,6 +263,7 @@ async fn show(
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PurgeParams {
+    ns: Option<String>,
     dry_run: Option<bool>,
 }
 
@@ -263,10 +281,10 @@ async fn purge(
     query: Result<Query<PurgeParams>, QueryRejection>,
 ) -> Result<Response, Error> {
     let Ok(Query(p)) = query else {
-        return Ok(bad_request("query: dry_run=true|false"));
+        return Ok(bad_request("query: ns=<registry host>, dry_run=true|false"));
     };
     let dry_run = p.dry_run.unwrap_or(false);
-    let purge = match target(&state, &rest).await? {
+    let purge = match target(&state, &rest, p.ns.as_deref()).await? {
         Target::Repository(proxy, name) => proxy.purge_repository(&name, dry_run).await,
         Target::Manifest(proxy, name, reference) => {
             proxy.purge_manifest(&name, &reference, dry_run).await

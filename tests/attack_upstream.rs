@@ -1,7 +1,9 @@
 //! Attacks from the upstream side: resumes that overrun or misplace a blob, absurd
 //! `Retry-After` values, registry 400s, a slow `/v2/` ping, a token realm that redirects
-//! credentials to another host, and a private blob shared while it downloads. Each test states
-//! the required behaviour; each failed on the code it was written against.
+//! credentials to another host, a private blob shared while it downloads, manifest, tags and
+//! token requests redirected to an address upstream chose, manifest answers that are not of a
+//! manifest type, and token realms on private or link-local addresses. Each test states the
+//! required behaviour; each failed on the code it was written against.
 
 mod support;
 
@@ -600,6 +602,285 @@ async fn requests_arriving_as_a_download_is_stored_never_get_404() {
             }
             assert_eq!(up.count(Method::GET, BLOB_PATH), 1, "round {round}");
         }
+    })
+    .await
+    .expect("test hung");
+}
+
+/// Status and registry error message of a response.
+async fn status_and_message(r: reqwest::Response) -> (u16, String) {
+    let status = r.status().as_u16();
+    let body: serde_json::Value = r.json().await.unwrap_or_default();
+    let message = body["errors"][0]["message"].as_str().unwrap_or_default();
+    (status, message.to_owned())
+}
+
+#[tokio::test]
+async fn a_manifest_or_tags_redirect_is_never_followed_nor_stored() {
+    tokio::time::timeout(TEST_LIMIT, async {
+        let (up, secret) = (Hostile::start().await, Hostile::start().await);
+        up.answer_ping(Duration::ZERO, None);
+        secret.on(Method::GET, "/secret", |_, _| {
+            respond(200, &[("content-type", "text/plain")], "root:s3cr3t")
+        });
+        secret.on(Method::HEAD, "/secret", |_, _| {
+            respond(200, &[("content-type", "text/plain")], "")
+        });
+        let to_secret = format!("{}/secret", secret.url);
+        for (method, path) in [
+            (Method::GET, "/v2/acme/app/manifests/"),
+            (Method::HEAD, "/v2/acme/app/manifests/"),
+            (Method::GET, "/v2/acme/app/tags/list"),
+        ] {
+            let location = to_secret.clone();
+            up.on(method, path, move |_, _| {
+                respond(302, &[("location", location.as_str())], "")
+            });
+        }
+        let proxy = proxy_for(&up.url, |_| {}).await;
+
+        let digest = format!("sha256:{}", "c".repeat(64));
+        for round in 1..=2 {
+            for (path, what) in [
+                ("/v2/acme/app/manifests/1".to_owned(), "manifest"),
+                (format!("/v2/acme/app/manifests/{digest}"), "manifest"),
+                ("/v2/acme/app/tags/list".to_owned(), "tags list"),
+            ] {
+                let (status, message) = status_and_message(proxy.get(&path).await).await;
+                assert_eq!(status, 502, "round {round} {path}: {message}");
+                assert!(
+                    message.contains(&format!("upstream redirected a {what} request")),
+                    "round {round} {path}: {message}"
+                );
+            }
+            let r = proxy.head("/v2/acme/app/manifests/2").await;
+            assert_eq!(r.status(), 502, "round {round}: HEAD");
+        }
+        // Nothing was stored: the second round asked upstream again.
+        assert_eq!(up.count(Method::GET, "/v2/acme/app/manifests/"), 4);
+        assert_eq!(up.count(Method::GET, "/v2/acme/app/tags/list"), 2);
+        assert!(up.count(Method::HEAD, "/v2/acme/app/manifests/2") >= 2);
+        assert!(
+            secret.requests().is_empty(),
+            "the redirect target was asked: {:?}",
+            secret.requests()
+        );
+    })
+    .await
+    .expect("test hung");
+}
+
+#[tokio::test]
+async fn a_manifest_answer_that_is_not_a_manifest_type_is_refused_and_not_stored() {
+    tokio::time::timeout(TEST_LIMIT, async {
+        let up = Hostile::start().await;
+        up.answer_ping(Duration::ZERO, None);
+        let image = Image::single("as-text", DOCKER_MANIFEST, 1000);
+        for (repo, content_type) in [("text", "text/plain"), ("html", "text/html; charset=utf-8")] {
+            let served = image.clone();
+            up.on(
+                Method::GET,
+                &format!("/v2/acme/{repo}/manifests/"),
+                move |_, _| {
+                    respond(
+                        200,
+                        &[
+                            ("content-type", content_type),
+                            ("docker-content-digest", served.digest.as_str()),
+                        ],
+                        served.bytes.clone(),
+                    )
+                },
+            );
+        }
+        let proxy = proxy_for(&up.url, |_| {}).await;
+
+        for repo in ["text", "html"] {
+            for round in 1..=2 {
+                for reference in ["1", image.digest.as_str()] {
+                    let path = format!("/v2/acme/{repo}/manifests/{reference}");
+                    let (status, message) = status_and_message(proxy.get(&path).await).await;
+                    assert_eq!(status, 502, "round {round} {path}: {message}");
+                    assert!(
+                        message.contains("not a manifest type"),
+                        "round {round} {path}: {message}"
+                    );
+                }
+            }
+            // Neither by tag nor by digest was it stored: each request asked upstream.
+            let asked = up.count(Method::GET, &format!("/v2/acme/{repo}/manifests/"));
+            assert_eq!(asked, 4, "{repo}");
+        }
+    })
+    .await
+    .expect("test hung");
+}
+
+#[tokio::test]
+async fn a_manifest_without_a_manifest_content_type_is_typed_by_its_own_body() {
+    tokio::time::timeout(TEST_LIMIT, async {
+        const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+        let up = Hostile::start().await;
+        up.answer_ping(Duration::ZERO, None);
+        // Its own mediaType names it, and upstream sends no Content-Type at all.
+        let named = Image::single("untyped", OCI_MANIFEST, 1000);
+        // No mediaType (optional in OCI 1.0), sent as plain JSON: its shape is an OCI manifest.
+        let shaped = Bytes::from_static(br#"{"schemaVersion":2,"config":{"mediaType":"application/vnd.oci.image.config.v1+json","size":2,"digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"},"layers":[]}"#);
+        let (a, b) = (named.bytes.clone(), shaped.clone());
+        up.on(Method::GET, "/v2/acme/named/manifests/", move |_, _| respond(200, &[], a.clone()));
+        up.on(Method::GET, "/v2/acme/shaped/manifests/", move |_, _| {
+            respond(200, &[("content-type", "application/json")], b.clone())
+        });
+        let proxy = proxy_for(&up.url, |_| {}).await;
+
+        for (repo, bytes) in [("named", named.bytes.clone()), ("shaped", shaped)] {
+            for round in 1..=2 {
+                let r = proxy.get(&format!("/v2/acme/{repo}/manifests/1")).await;
+                assert_eq!(r.status(), 200, "{repo} round {round}");
+                assert_eq!(r.headers()["content-type"], OCI_MANIFEST, "{repo}");
+                assert_eq!(r.bytes().await.unwrap(), bytes, "{repo}: the bytes as sent");
+            }
+            let asked = up.count(Method::GET, &format!("/v2/acme/{repo}/manifests/"));
+            assert_eq!(asked, 1, "{repo}: stored");
+        }
+    })
+    .await
+    .expect("test hung");
+}
+
+/// Token requests counted by a proxy's metrics (any outcome, a failed connection included).
+async fn token_requests(proxy: &TestProxy) -> f64 {
+    support::metric(
+        &support::scrape(proxy).await,
+        "pullthrough_upstream_requests_total",
+        &[("kind", "token")],
+    )
+}
+
+#[tokio::test]
+async fn a_token_realm_on_a_private_or_link_local_address_is_never_asked() {
+    tokio::time::timeout(TEST_LIMIT, async {
+        // The upstream is on loopback, so a loopback realm would be allowed; these are not.
+        // None is ever connected to: the refusal comes before any connection.
+        for realm in [
+            "http://10.0.0.1/token",
+            "http://169.254.169.254/latest/api/token",
+            "http://[::ffff:169.254.169.254]/token",
+            "http://[fd00:ec2::254]/token",
+            "http://192.168.1.1:5001/token",
+        ] {
+            let up = Hostile::start().await;
+            let challenge = format!(r#"Bearer realm="{realm}",service="hostile""#);
+            up.answer_ping(Duration::ZERO, Some(challenge.clone()));
+            up.on(Method::GET, "/v2/acme/app/manifests/", move |_, _| {
+                unauthorized(&format!(r#"{challenge},scope="repository:acme/app:pull""#))
+            });
+            let proxy = proxy_for(&up.url, |c| {
+                c.upstream_username = Some("alice".into());
+                c.upstream_password = Some(Secret("hunter2-s3cr3t".into()));
+                // A connection attempt would hang this long, not fail fast.
+                c.connect_timeout = Duration::from_secs(30);
+            })
+            .await;
+
+            let started = std::time::Instant::now();
+            let (status, message) =
+                status_and_message(proxy.get("/v2/acme/app/manifests/1").await).await;
+            assert_eq!(status, 502, "{realm}: {message}");
+            assert!(
+                message.contains("token realm") && message.contains("refused"),
+                "{realm}: {message}"
+            );
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{realm}: no connection wait"
+            );
+            assert_eq!(
+                token_requests(&proxy).await,
+                0.0,
+                "{realm}: a token request was sent"
+            );
+        }
+    })
+    .await
+    .expect("test hung");
+}
+
+#[tokio::test]
+async fn a_token_realm_by_name_on_the_upstreams_kind_of_address_is_asked() {
+    tokio::time::timeout(TEST_LIMIT, async {
+        let (up, realm) = (Hostile::start().await, Hostile::start().await);
+        // "localhost" resolves to loopback, as the upstream 127.0.0.1 is: allowed, and
+        // connected to at the addresses checked.
+        let challenge = format!(
+            r#"Bearer realm="http://localhost:{}/token",service="hostile""#,
+            realm.port
+        );
+        up.answer_ping(Duration::ZERO, Some(challenge.clone()));
+        let image = Image::single("named-realm", DOCKER_MANIFEST, 1000);
+        let served = image.clone();
+        up.on(Method::GET, "/v2/acme/app/manifests/", move |r, _| {
+            if r.header("authorization") == "Bearer named" {
+                manifest_response(&served)
+            } else {
+                unauthorized(&format!(r#"{challenge},scope="repository:acme/app:pull""#))
+            }
+        });
+        realm.on(Method::GET, "/token", |_, _| {
+            respond(
+                200,
+                &[("content-type", "application/json")],
+                r#"{"token":"named","expires_in":300}"#,
+            )
+        });
+        let proxy = proxy_for(&up.url, |_| {}).await;
+
+        let got = proxy.get_ok("/v2/acme/app/manifests/1").await;
+        assert_eq!(got, image.bytes);
+        assert_eq!(realm.count(Method::GET, "/token"), 1);
+    })
+    .await
+    .expect("test hung");
+}
+
+#[tokio::test]
+async fn a_token_endpoint_redirect_is_not_followed_even_on_its_own_host() {
+    tokio::time::timeout(TEST_LIMIT, async {
+        let (up, realm) = (Hostile::start().await, Hostile::start().await);
+        let challenge = format!(r#"Bearer realm="{}/token",service="hostile""#, realm.url);
+        up.answer_ping(Duration::ZERO, Some(challenge.clone()));
+        let image = Image::single("token-redirect", DOCKER_MANIFEST, 1000);
+        let served = image.clone();
+        up.on(Method::GET, "/v2/acme/app/manifests/", move |r, _| {
+            if r.header("authorization") == "Bearer moved" {
+                manifest_response(&served)
+            } else {
+                unauthorized(&format!(r#"{challenge},scope="repository:acme/app:pull""#))
+            }
+        });
+        let moved = format!("{}/elsewhere", realm.url);
+        realm.on(Method::GET, "/token", move |_, _| {
+            respond(302, &[("location", moved.as_str())], "")
+        });
+        realm.on(Method::GET, "/elsewhere", |_, _| {
+            respond(
+                200,
+                &[("content-type", "application/json")],
+                r#"{"token":"moved","expires_in":300}"#,
+            )
+        });
+        let proxy = proxy_for(&up.url, |_| {}).await;
+
+        let (status, message) =
+            status_and_message(proxy.get("/v2/acme/app/manifests/1").await).await;
+        assert_eq!(status, 502, "{message}");
+        assert!(message.contains("token endpoint redirected"), "{message}");
+        assert!(realm.count(Method::GET, "/token") >= 1);
+        assert_eq!(
+            realm.count(Method::GET, "/elsewhere"),
+            0,
+            "the redirect was followed"
+        );
     })
     .await
     .expect("test hung");

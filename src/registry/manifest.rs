@@ -28,6 +28,22 @@ impl MediaType {
     pub const OCI_INDEX: &'static str = "application/vnd.oci.image.index.v1+json";
     /// OCI image manifest.
     pub const OCI_MANIFEST: &'static str = "application/vnd.oci.image.manifest.v1+json";
+    /// Docker image manifest, schema 1, unsigned.
+    pub const DOCKER_SCHEMA1: &'static str = "application/vnd.docker.distribution.manifest.v1+json";
+    /// Docker image manifest, schema 1, signed.
+    pub const DOCKER_SCHEMA1_SIGNED: &'static str =
+        "application/vnd.docker.distribution.manifest.v1+prettyjws";
+
+    /// Every type a manifest is stored and served as: the four pullthrough asks for, and
+    /// schema 1, which a registry holding nothing newer sends whatever the `Accept` list says.
+    const MANIFEST_TYPES: [&'static str; 6] = [
+        Self::OCI_INDEX,
+        Self::DOCKER_LIST,
+        Self::OCI_MANIFEST,
+        Self::DOCKER_MANIFEST,
+        Self::DOCKER_SCHEMA1,
+        Self::DOCKER_SCHEMA1_SIGNED,
+    ];
 
     /// From a `Content-Type` value: parameters dropped, lower-cased (dist-spec: clients
     /// ignore parameters).
@@ -43,6 +59,56 @@ impl MediaType {
 
     fn is(&self, other: &str) -> bool {
         &*self.0 == other
+    }
+
+    /// Whether this is a manifest or index type (anything else, `text/html` say, is not a
+    /// manifest whatever its bytes).
+    pub fn is_manifest(&self) -> bool {
+        Self::MANIFEST_TYPES.contains(&&*self.0)
+    }
+
+    /// The type of a manifest answer: its `Content-Type` when that is a manifest type. An
+    /// absent one or generic `application/json` (registry 2.0 for schema 1, some OCI stores)
+    /// falls back to the body, as distribution's client does for schema 1; any other type is
+    /// `None`: not a manifest.
+    pub fn of_manifest_answer(content_type: Option<&MediaType>, body: &[u8]) -> Option<MediaType> {
+        match content_type {
+            Some(t) if t.is_manifest() => Some(t.clone()),
+            Some(t) if !t.is("application/json") && !t.is("") => None,
+            _ => Self::of_manifest_body(body),
+        }
+    }
+
+    /// The manifest type a body names in `mediaType`, or else shows by its shape: schema 1
+    /// (`schemaVersion` 1, signed when it has `signatures`), an OCI index (`manifests`) or an
+    /// OCI manifest (`config`). A body with both is ambiguous (containerd refuses it too), and
+    /// one that is not a JSON object of these kinds is `None`.
+    fn of_manifest_body(body: &[u8]) -> Option<MediaType> {
+        use serde::de::IgnoredAny;
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Shape {
+            schema_version: Option<u64>,
+            media_type: Option<String>,
+            manifests: Option<IgnoredAny>,
+            config: Option<IgnoredAny>,
+            signatures: Option<IgnoredAny>,
+        }
+        let shape: Shape = serde_json::from_slice(body).ok()?;
+        let found = match (shape.media_type, shape.schema_version) {
+            (Some(named), _) => {
+                return Some(MediaType::from_content_type(&named)).filter(MediaType::is_manifest);
+            }
+            (None, Some(1)) if shape.signatures.is_some() => Self::DOCKER_SCHEMA1_SIGNED,
+            (None, Some(1)) => Self::DOCKER_SCHEMA1,
+            (None, Some(2)) => match (shape.manifests, shape.config) {
+                (Some(_), None) => Self::OCI_INDEX,
+                (None, Some(_)) => Self::OCI_MANIFEST,
+                _ => return None,
+            },
+            _ => return None,
+        };
+        Some(MediaType(found.into()))
     }
 }
 
@@ -312,6 +378,64 @@ mod tests {
                 accept.negotiate(&mt(stored), by_tag),
                 want,
                 "{accept:?} {stored}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_manifest_answers_get_a_manifest_type() {
+        let oci = r#"{"schemaVersion":2,"config":{},"layers":[]}"#;
+        let named = r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#;
+        let cases: [(Option<&str>, &str, Option<&str>); 14] = [
+            (
+                Some(MediaType::DOCKER_MANIFEST),
+                "not even json",
+                Some(MediaType::DOCKER_MANIFEST),
+            ),
+            (
+                Some("application/vnd.oci.image.index.v1+json; charset=utf-8"),
+                "{}",
+                Some(MediaType::OCI_INDEX),
+            ),
+            (
+                Some(MediaType::DOCKER_SCHEMA1_SIGNED),
+                "{}",
+                Some(MediaType::DOCKER_SCHEMA1_SIGNED),
+            ),
+            (Some("text/plain"), named, None),
+            (Some("text/html"), oci, None),
+            (Some("application/octet-stream"), oci, None),
+            (None, named, Some(MediaType::OCI_INDEX)),
+            (Some("application/json"), oci, Some(MediaType::OCI_MANIFEST)),
+            (
+                Some(""),
+                r#"{"schemaVersion":2,"manifests":[]}"#,
+                Some(MediaType::OCI_INDEX),
+            ),
+            (
+                Some("application/json; charset=utf-8"),
+                r#"{"schemaVersion":1,"fsLayers":[],"signatures":[]}"#,
+                Some(MediaType::DOCKER_SCHEMA1_SIGNED),
+            ),
+            (
+                None,
+                r#"{"schemaVersion":1,"fsLayers":[]}"#,
+                Some(MediaType::DOCKER_SCHEMA1),
+            ),
+            (None, r#"{"schemaVersion":2,"mediaType":"text/html"}"#, None),
+            (
+                None,
+                r#"{"schemaVersion":2,"config":{},"manifests":[]}"#,
+                None,
+            ),
+            (None, "root:x:0:0:root:/root:/bin/bash", None),
+        ];
+        for (content_type, body, want) in cases {
+            let got = MediaType::of_manifest_answer(content_type.map(mt).as_ref(), body.as_bytes());
+            assert_eq!(
+                got.as_ref().map(MediaType::as_str),
+                want,
+                "{content_type:?} {body}"
             );
         }
     }

@@ -5,6 +5,7 @@
 pub mod auth;
 mod challenge;
 pub mod ratelimit;
+mod realm;
 mod token;
 
 use crate::blobs::ContentRange;
@@ -133,7 +134,12 @@ const DOCKER_HUB_HOSTS: &[&str] = &[
 #[derive(Debug)]
 pub struct Upstream {
     base: Url,
+    /// Client for blobs: follows redirects (to the CDN), up to reqwest's limit of 10.
     http: reqwest::Client,
+    /// Client for the ping, manifests and tags lists: follows no redirect. A registry answers
+    /// these itself; a redirect could only aim pullthrough at an address the upstream chose,
+    /// and what came back would be stored and served as the manifest.
+    api: reqwest::Client,
     credentials: Option<Credentials>,
     tokens: TokenCache,
     /// Realm and service of the last Bearer challenge, so later requests carry a token
@@ -148,9 +154,12 @@ pub struct Upstream {
     refused_logged_at: AtomicU64,
     /// When this client was built.
     started: Instant,
-    /// Client for token requests: follows a redirect only within the realm's own origin, so a
-    /// password form is never re-sent to another host or over plain http.
+    /// Client for token requests: follows no redirect (a realm is checked before it is asked,
+    /// a redirect target could not be), and connects a realm host only to the addresses its
+    /// check allowed.
     token_http: reqwest::Client,
+    /// The addresses of checked realm hosts, which `token_http` resolves them to.
+    realm_pins: Arc<realm::PinnedResolver>,
     permits: Arc<Semaphore>,
     /// `upstream_max_concurrency`.
     cap: usize,
@@ -177,22 +186,19 @@ impl Upstream {
             }),
             _ => None,
         };
-        let http = reqwest::Client::builder()
-            .connect_timeout(config.connect_timeout)
-            .read_timeout(config.request_timeout)
-            .referer(false)
-            .user_agent(concat!("pullthrough/", env!("CARGO_PKG_VERSION")))
+        let http = client_builder(config).build()?;
+        let api = client_builder(config)
+            .redirect(reqwest::redirect::Policy::none())
             .build()?;
-        let token_http = reqwest::Client::builder()
-            .connect_timeout(config.connect_timeout)
-            .read_timeout(config.request_timeout)
-            .referer(false)
-            .redirect(reqwest::redirect::Policy::custom(same_origin_only))
-            .user_agent(concat!("pullthrough/", env!("CARGO_PKG_VERSION")))
+        let realm_pins = Arc::new(realm::PinnedResolver::default());
+        let token_http = client_builder(config)
+            .redirect(reqwest::redirect::Policy::none())
+            .dns_resolver(Arc::clone(&realm_pins))
             .build()?;
         Ok(Upstream {
             base: config.upstream.clone(),
             http,
+            api,
             credentials,
             tokens: TokenCache::default(),
             bearer: RwLock::new(None),
@@ -202,6 +208,7 @@ impl Upstream {
             refused_logged_at: AtomicU64::new(0),
             started: Instant::now(),
             token_http,
+            realm_pins,
             permits: Arc::new(Semaphore::new(config.upstream_max_concurrency)),
             cap: config.upstream_max_concurrency,
             blob_permits: Arc::new(Semaphore::new(
@@ -242,9 +249,8 @@ impl Upstream {
             .await?;
         let head = Head::from_headers(exchange.response.headers());
         let bytes = read_limited(exchange.response, MAX_MANIFEST_BYTES).await?;
-        let media_type = head
-            .media_type
-            .ok_or_else(|| Error::BadResponse("manifest without Content-Type".into()))?;
+        let media_type = MediaType::of_manifest_answer(head.media_type.as_ref(), &bytes)
+            .ok_or_else(|| not_a_manifest(head.media_type.as_ref()))?;
         let algorithm = match (reference, &head.digest) {
             (Reference::Digest(d), _) | (_, Some(d)) => d.algorithm(),
             _ => crate::registry::Algorithm::Sha256,
@@ -267,7 +273,8 @@ impl Upstream {
         Ok(Manifest::new(bytes, media_type, digest))
     }
 
-    /// HEADs a manifest; never a GET, so it costs no Docker Hub pull.
+    /// HEADs a manifest; never a GET, so it costs no Docker Hub pull. A `Content-Type` that
+    /// is not a manifest type is left out: callers then GET the manifest, which settles it.
     pub async fn head_manifest(
         &self,
         name: &RepoName,
@@ -277,7 +284,9 @@ impl Upstream {
         let exchange = self
             .send(Method::HEAD, name, &path, None, Kind::ManifestHead)
             .await?;
-        Ok(Head::from_headers(exchange.response.headers()))
+        let mut head = Head::from_headers(exchange.response.headers());
+        head.media_type = head.media_type.filter(MediaType::is_manifest);
+        Ok(head)
     }
 
     /// GETs a blob, following redirects (reqwest drops `Authorization` when the host changes,
@@ -383,7 +392,11 @@ impl Upstream {
         let default_scope = format!("repository:{name}:pull");
         let mut auth = self.preemptive_auth(&default_scope).await?;
         for attempt in 0..2 {
-            let mut request = self.http.request(method.clone(), url.clone());
+            let client = match kind {
+                Kind::BlobGet | Kind::BlobHead => &self.http,
+                _ => &self.api,
+            };
+            let mut request = client.request(method.clone(), url.clone());
             if matches!(kind, Kind::ManifestGet | Kind::ManifestHead) {
                 request = request.header(header::ACCEPT, UPSTREAM_ACCEPT);
             }
@@ -422,7 +435,7 @@ impl Upstream {
             tracing::debug!(%method, path, status, elapsed_ms = started.elapsed().as_millis() as u64, "upstream request");
             self.limits.observe(response.headers());
             if response.status() != StatusCode::UNAUTHORIZED || attempt == 1 {
-                let response = self.check_status(response).await?;
+                let response = self.check_status(response, kind).await?;
                 return Ok(Exchange {
                     response,
                     _permits: (permit, blob_permit),
@@ -442,12 +455,28 @@ impl Upstream {
         unreachable!("the loop returns on its second attempt")
     }
 
-    async fn check_status(&self, response: reqwest::Response) -> Result<reqwest::Response, Error> {
+    async fn check_status(
+        &self,
+        response: reqwest::Response,
+        kind: Kind,
+    ) -> Result<reqwest::Response, Error> {
         let status = response.status();
         if status.is_success() {
             return Ok(response);
         }
         Err(match status {
+            // Only blob requests follow redirects; any other 3xx arrives here.
+            s if s.is_redirection() && !matches!(kind, Kind::BlobGet | Kind::BlobHead) => {
+                let what = if kind == Kind::Tags {
+                    "tags list"
+                } else {
+                    "manifest"
+                };
+                Error::BadResponse(format!(
+                    "upstream redirected a {what} request (HTTP {}); not followed",
+                    s.as_u16()
+                ))
+            }
             StatusCode::NOT_FOUND => Error::NotFound,
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Error::Denied,
             StatusCode::REQUEST_TIMEOUT => Error::Status(status.as_u16()),
@@ -500,20 +529,21 @@ impl Exchange {
     }
 }
 
-/// Redirect policy for token requests: only within the first URL's origin (scheme, host and
-/// port), at most 5 times.
-fn same_origin_only(attempt: reqwest::redirect::Attempt<'_>) -> reqwest::redirect::Action {
-    let first = attempt.previous().first();
-    let same = first.is_some_and(|f| {
-        f.scheme() == attempt.url().scheme()
-            && f.host_str() == attempt.url().host_str()
-            && f.port_or_known_default() == attempt.url().port_or_known_default()
-    });
-    if same && attempt.previous().len() <= 5 {
-        attempt.follow()
-    } else {
-        attempt.stop()
-    }
+/// A manifest answer that is no manifest: never stored, never served.
+fn not_a_manifest(content_type: Option<&MediaType>) -> Error {
+    Error::BadResponse(match content_type {
+        Some(t) => format!("manifest answer with Content-Type {t}: not a manifest type"),
+        None => "manifest answer without Content-Type, and its body is no manifest".into(),
+    })
+}
+
+/// The settings every upstream client shares; each sets its own redirect policy.
+fn client_builder(config: &Config) -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .connect_timeout(config.connect_timeout)
+        .read_timeout(config.request_timeout)
+        .referer(false)
+        .user_agent(concat!("pullthrough/", env!("CARGO_PKG_VERSION")))
 }
 
 /// A 4xx answer as [`Error::Rejected`], with the registry error code and message of its body

@@ -75,6 +75,7 @@ impl Upstream {
         scope: &str,
         credentials: Option<&Credentials>,
     ) -> Result<auth::Token, Error> {
+        self.check_realm(&realm).await?;
         if let Some(c) = credentials {
             let post_ok = !self.post_unsupported.lock().contains(realm.as_str());
             if post_ok {
@@ -106,11 +107,7 @@ impl Upstream {
                 let response = self.counted(response, started)?;
                 match response.status() {
                     s if s.is_success() => return parse_token(response).await,
-                    s if s.is_redirection() => {
-                        return Err(Error::Token(
-                            "token endpoint redirected to another origin; not following".into(),
-                        ));
-                    }
+                    s if s.is_redirection() => return Err(token_redirected(s)),
                     StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED => {
                         self.post_unsupported.lock().insert(realm.to_string());
                     }
@@ -145,6 +142,7 @@ impl Upstream {
         let response = self.counted(request.send().await, started)?;
         match response.status() {
             s if s.is_success() => parse_token(response).await,
+            s if s.is_redirection() => Err(token_redirected(s)),
             StatusCode::UNAUTHORIZED if credentials.is_some() => Err(Error::CredentialsRefused),
             other => Err(Error::Token(format!(
                 "token endpoint answered HTTP {}",
@@ -201,6 +199,15 @@ impl Upstream {
             );
         }
     }
+}
+
+/// A token endpoint answered with a redirect, which is not followed: its target was not
+/// checked as the realm was, and a token server answers for itself.
+fn token_redirected(status: StatusCode) -> Error {
+    Error::Token(format!(
+        "token endpoint redirected (HTTP {}); not followed",
+        status.as_u16()
+    ))
 }
 
 async fn parse_token(response: reqwest::Response) -> Result<auth::Token, Error> {

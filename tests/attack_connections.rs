@@ -263,3 +263,238 @@ async fn http2_with_prior_knowledge_is_served() {
     assert_eq!(r.status(), 200);
     assert_eq!(r.bytes().await.unwrap(), image.bytes);
 }
+
+/// The streams the server allows on one HTTP/2 connection (its SETTINGS_MAX_CONCURRENT_STREAMS).
+const STREAM_CAP: usize = 100;
+
+/// Descriptors of this process open on files under `dir`: the proxy's open blob files.
+fn open_files_under(dir: &std::path::Path) -> usize {
+    let dir = dir.canonicalize().unwrap();
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .filter(|target| target.starts_with(&dir))
+        .count()
+}
+
+/// A 1 MiB blob (four of the server's read chunks) on a hub, behind a proxy whose
+/// `client_idle_timeout` is 1 s: (hub, proxy, blob, blob path). The hub must outlive the proxy.
+async fn blob_behind_proxy(
+    tweak: impl FnOnce(&mut pullthrough::Config),
+) -> (FakeHub, TestProxy, bytes::Bytes, String) {
+    let hub = FakeHub::start().await;
+    let blob = bytes::Bytes::from(support::hub::pattern("pinned", 1024 * 1024));
+    let digest = hub.push_blob("library/pinned", blob.clone());
+    let proxy = TestProxy::start_with(&hub, |c| {
+        c.client_header_timeout = LONG;
+        c.client_idle_timeout = Duration::from_secs(1);
+        tweak(c);
+    })
+    .await;
+    (
+        hub,
+        proxy,
+        blob,
+        format!("/v2/library/pinned/blobs/{digest}"),
+    )
+}
+
+/// The flow-control attack over `io` (`uri` the blob's URL): SETTINGS_INITIAL_WINDOW_SIZE = 0, as
+/// many streams for the blob as the server allows, never a WINDOW_UPDATE. Asserts the server
+/// advertises [`STREAM_CAP`], that the streams hold the blob file open (one descriptor each),
+/// and that after `client_idle_timeout` (1 s) the server closes the connection and the files.
+async fn pin_streams<T>(io: T, uri: &str, data_dir: &std::path::Path)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let baseline = open_files_under(data_dir);
+    let (send, conn) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, bytes::Bytes>(io)
+        .await
+        .unwrap();
+    let mut driver = tokio::spawn(conn);
+    let request = |method: &str| {
+        axum::http::Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(())
+            .unwrap()
+    };
+    // A HEAD needs no window; its answer comes after the server's SETTINGS.
+    let mut send = send.ready().await.unwrap();
+    let (head, _) = send.send_request(request("HEAD"), true).unwrap();
+    assert_eq!(head.await.unwrap().status(), 200);
+    assert_eq!(
+        send.current_max_send_streams(),
+        STREAM_CAP,
+        "the server's SETTINGS_MAX_CONCURRENT_STREAMS"
+    );
+
+    let mut answers = Vec::new();
+    for _ in 0..STREAM_CAP {
+        send = send.ready().await.unwrap();
+        answers.push(send.send_request(request("GET"), true).unwrap().0);
+    }
+    let mut bodies = Vec::new();
+    for answer in answers {
+        let response = tokio::time::timeout(Duration::from_secs(10), answer)
+            .await
+            .expect("the response head arrives without any window")
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        bodies.push(response.into_body());
+    }
+    let pinned = open_files_under(data_dir);
+    assert!(
+        pinned >= baseline + STREAM_CAP,
+        "each stream holds the blob file open: {pinned} open, {baseline} before"
+    );
+
+    let started = Instant::now();
+    // Ended either way: a clean close or a broken connection.
+    let _ = tokio::time::timeout(Duration::from_secs(10), &mut driver)
+        .await
+        .expect("the connection was still open 10 s after a 1 s idle timeout")
+        .unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "closed before the idle timeout: {:?}",
+        started.elapsed()
+    );
+    for mut body in bodies {
+        let data = tokio::time::timeout(Duration::from_secs(1), body.data()).await;
+        assert!(
+            !matches!(data, Ok(Some(Ok(_))) | Err(_)),
+            "a stream neither ended nor reset: {data:?}"
+        );
+    }
+    let closing = Instant::now();
+    while open_files_under(data_dir) > baseline {
+        assert!(
+            closing.elapsed() < Duration::from_secs(5),
+            "{} blob files still open 5 s after the connection closed ({baseline} before)",
+            open_files_under(data_dir)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_streams_with_no_window_are_capped_and_closed_after_the_idle_timeout() {
+    let (_hub, proxy, blob, path) = blob_behind_proxy(|_| {}).await;
+    assert_eq!(proxy.get_ok(&path).await, blob);
+    let stream = TcpStream::connect(addr(&proxy)).await.unwrap();
+    let uri = format!("{}{path}", proxy.url);
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        pin_streams(stream, &uri, &proxy.config.data_dir),
+    )
+    .await
+    .expect("test hung");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_streams_with_no_window_over_tls_are_capped_and_closed_after_the_idle_timeout() {
+    const NAME: &str = "pullthrough.test";
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec![NAME.to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let certs = tempfile::tempdir().unwrap();
+    std::fs::write(certs.path().join("cert.pem"), leaf.pem()).unwrap();
+    std::fs::write(certs.path().join("key.pem"), key.serialize_pem()).unwrap();
+    let (_hub, proxy, blob, path) = blob_behind_proxy(|c| {
+        c.tls_cert = Some(certs.path().join("cert.pem"));
+        c.tls_key = Some(certs.path().join("key.pem"));
+    })
+    .await;
+    let port = proxy.url.rsplit(':').next().unwrap();
+    let uri = format!("https://{NAME}:{port}{path}");
+    let trusting = reqwest::Client::builder()
+        .no_proxy()
+        .tls_certs_only([reqwest::Certificate::from_der(ca.der()).unwrap()])
+        .resolve(NAME, addr(&proxy).parse().unwrap())
+        .build()
+        .unwrap();
+    let cached = trusting.get(&uri).send().await.unwrap();
+    assert_eq!(cached.bytes().await.unwrap(), blob);
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.der().clone()).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = TcpStream::connect(addr(&proxy)).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(NAME.try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        pin_streams(tls, &uri, &proxy.config.data_dir),
+    )
+    .await
+    .expect("test hung");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slowly_read_http2_stream_and_a_wait_for_upstream_outlive_the_idle_timeout() {
+    let (hub, proxy, blob, path) =
+        blob_behind_proxy(|c| c.upstream_deadline = Duration::from_secs(5)).await;
+    assert_eq!(proxy.get_ok(&path).await, blob);
+    let image = support::Image::single(
+        "slow-h2",
+        "application/vnd.docker.distribution.manifest.v2+json",
+        10,
+    );
+    hub.push("library/slow", "1", &image);
+    let stream = TcpStream::connect(addr(&proxy)).await.unwrap();
+    let (send, conn) = h2::client::handshake(stream).await.unwrap();
+    tokio::spawn(conn);
+    let mut send = send.ready().await.unwrap();
+    let get = |path: &str| {
+        axum::http::Request::get(format!("{}{path}", proxy.url))
+            .body(())
+            .unwrap()
+    };
+    // About 160 KiB/s: a 256 KiB read chunk takes longer than the 1 s idle timeout to send,
+    // yet bytes of the stream move every 100 ms.
+    let (answer, _) = send.send_request(get(&path), true).unwrap();
+    let mut body = answer.await.unwrap().into_body();
+    let mut got = Vec::new();
+    while let Some(data) = body.data().await {
+        let data = data.expect("the slow stream was not cut");
+        got.extend_from_slice(&data);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        body.flow_control().release_capacity(data.len()).unwrap();
+    }
+    assert_eq!(got, blob);
+    // No byte moves while upstream takes 1.5 s to answer, yet the answer arrives.
+    hub.fault(support::Fault::Delay(Duration::from_millis(1500)));
+    let mut send = send.ready().await.unwrap();
+    let (answer, _) = send
+        .send_request(get("/v2/library/slow/manifests/1"), true)
+        .unwrap();
+    let response = answer.await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let mut got = Vec::new();
+    while let Some(data) = body.data().await {
+        let data = data.unwrap();
+        got.extend_from_slice(&data);
+        body.flow_control().release_capacity(data.len()).unwrap();
+    }
+    assert_eq!(got, image.bytes);
+}

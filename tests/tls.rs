@@ -168,3 +168,172 @@ fn a_bad_certificate_stops_startup_with_one_line() {
     assert_eq!(only_cert.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&only_cert.stderr).contains("tls_key"));
 }
+
+/// Points `link` at `target`, replacing what was there in one step (a rename), as Kubernetes
+/// swaps a secret volume's `..data`.
+fn swap_symlink(target: &Path, link: &Path) {
+    let mut tmp = link.as_os_str().to_owned();
+    tmp.push("_tmp");
+    std::os::unix::fs::symlink(target, &tmp).unwrap();
+    std::fs::rename(&tmp, link).unwrap();
+}
+
+/// Sets the modification time of `path` to that of `like`.
+fn same_mtime(path: &Path, like: &Path) {
+    let time = std::fs::metadata(like).unwrap().modified().unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_modified(time)
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_symlink_swap_to_files_with_the_same_times_is_picked_up() {
+    let hub = FakeHub::start().await;
+    // As a Kubernetes secret volume: cert.pem -> ..data/cert.pem, ..data -> a version directory.
+    let certs = tempfile::tempdir().unwrap();
+    let (v1, v2) = (certs.path().join("v1"), certs.path().join("v2"));
+    let (ca1, cert1, key1) = ca_and_leaf();
+    let (ca2, cert2, key2) = ca_and_leaf();
+    std::fs::create_dir(&v1).unwrap();
+    std::fs::create_dir(&v2).unwrap();
+    write_pair(&v1, &cert1, &key1);
+    write_pair(&v2, &cert2, &key2);
+    // The new version's files carry the old ones' modification time (unpacked from an archive,
+    // copied with `cp -p`): only the files the links lead to differ.
+    same_mtime(&v2.join("cert.pem"), &v1.join("cert.pem"));
+    same_mtime(&v2.join("key.pem"), &v1.join("key.pem"));
+    let data = certs.path().join("..data");
+    swap_symlink(&v1, &data);
+    for file in ["cert.pem", "key.pem"] {
+        std::os::unix::fs::symlink(data.join(file), certs.path().join(file)).unwrap();
+    }
+    let proxy = TestProxy::start_with(&hub, |c| {
+        c.tls_cert = Some(certs.path().join("cert.pem"));
+        c.tls_key = Some(certs.path().join("key.pem"));
+    })
+    .await;
+    let first = client(&ca1, &proxy);
+    let r = first.get(https(&proxy, "/v2/")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+
+    swap_symlink(&v2, &data);
+    let rotated = client(&ca2, &proxy);
+    let started = Instant::now();
+    while rotated.get(https(&proxy, "/v2/")).send().await.is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the certificate behind the swapped symlink was not served"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A new connection (HTTP/2 would reuse the first one) gets the new certificate only.
+    assert!(
+        client(&ca1, &proxy)
+            .get(https(&proxy, "/v2/"))
+            .send()
+            .await
+            .is_err()
+    );
+}
+
+/// Log output kept for a test to read.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    /// Log lines that contain every one of `needles`.
+    fn count(&self, needles: &[&str]) -> usize {
+        let text = String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned();
+        text.lines()
+            .filter(|l| needles.iter().all(|n| l.contains(n)))
+            .count()
+    }
+}
+
+/// Whether a TLS client that trusts only `ca` (PEM) completes a handshake with `acceptor`.
+async fn trusted(acceptor: &tokio_rustls::TlsAcceptor, ca: &str) -> bool {
+    use rustls::pki_types::pem::PemObject;
+    let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+    let acceptor = acceptor.clone();
+    let server = tokio::spawn(async move { acceptor.accept(server_io).await.is_ok() });
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_slice(ca.as_bytes()).unwrap())
+        .unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    // The client's end stays open until the server has read its last handshake message.
+    let connected = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(NAME.try_into().unwrap(), client_io)
+        .await;
+    let accepted = server.await.unwrap();
+    connected.is_ok() && accepted
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_certificate_file_is_refused_once_and_not_read_again_until_it_changes() {
+    // Global, so the background checks' log lines count too; only this test sets it.
+    let log = Captured::default();
+    let writer = log.clone();
+    tracing::subscriber::set_global_default(
+        tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish(),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (ca1, cert1, key1) = ca_and_leaf();
+    let (ca2, cert2, key2) = ca_and_leaf();
+    write_pair(dir.path(), &cert1, &key1);
+    let (acceptor, certificates) =
+        pullthrough::http::tls::acceptor(&dir.path().join("cert.pem"), &dir.path().join("key.pem"))
+            .unwrap();
+    assert!(trusted(&acceptor, &ca1).await);
+
+    // The new pair, the certificate followed by 2 MiB of text outside any PEM block: it would
+    // load if it were read whole.
+    let padded = |fill: char| format!("{cert2}{}\n", String::from(fill).repeat(2 << 20));
+    write_pair(dir.path(), &padded('x'), &key2);
+    let path = dir.path().join("cert.pem").display().to_string();
+    let refused = [path.as_str(), "did not load", "larger than"];
+    // Several checks (the background one runs every 5 s as well): one error, and the
+    // certificate in use stays.
+    for _ in 0..3 {
+        certificates.reload(false);
+    }
+    assert_eq!(log.count(&refused), 1);
+    assert!(trusted(&acceptor, &ca1).await);
+    assert!(!trusted(&acceptor, &ca2).await);
+
+    // Changed again, still too big: refused once more.
+    write_pair(dir.path(), &padded('y'), &key2);
+    for _ in 0..3 {
+        certificates.reload(false);
+    }
+    assert_eq!(log.count(&refused), 2);
+
+    // A good file at last: served.
+    write_pair(dir.path(), &cert2, &key2);
+    certificates.reload(false);
+    assert!(trusted(&acceptor, &ca2).await);
+    assert_eq!(log.count(&refused), 2);
+}

@@ -34,7 +34,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::Notify;
 
-const CHUNK: usize = 256 * 1024;
+/// The size of the reads a blob body is sent in (the HTTP/2 send buffer is sized from it).
+pub(crate) const CHUNK: usize = 256 * 1024;
 /// The suffix of a stored blob's "fetched with credentials" marker.
 const PRIVATE_SUFFIX: &str = ".private";
 

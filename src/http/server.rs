@@ -1,12 +1,17 @@
 //! The accept loop and client connections, with the limits a public-facing server needs. Each
 //! connection has a watchdog that sees when a byte last moved, how many responses are in
-//! progress (from the request head until the body is sent or dropped), and whether a write is
-//! waiting for the client to read:
+//! progress (from the request head until the body's bytes are written or dropped), and whether
+//! a write is waiting for the client to read:
 //! - with no response in progress, a request head must complete within
 //!   `client_header_timeout` of the connection's start or its previous response (any protocol,
 //!   HTTP/2 included), and a connection quiet for `client_idle_timeout` is closed;
 //! - with a response in progress, a client that has not read for `client_idle_timeout` is cut
 //!   off, while a response waiting on the server (upstream, a download) is never timed out here;
+//!   on HTTP/2 this holds per stream: a stream whose bytes wait for a flow-control window the
+//!   client never opens closes the connection after `client_idle_timeout`, even while the
+//!   client keeps the connection busy with other streams or pings;
+//! - an HTTP/2 connection has at most [`MAX_STREAMS`] streams, so the blob files and buffered
+//!   bytes one connection can hold are bounded;
 //! - above `max_client_connections`, or when the process runs out of file descriptors, the
 //!   quietest connections are closed (after their response in progress) so that new clients
 //!   are still answered.
@@ -22,8 +27,8 @@ use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -31,6 +36,18 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
+
+/// Streams one HTTP/2 connection may have open (SETTINGS_MAX_CONCURRENT_STREAMS; hyper's
+/// default is 200). Each blob stream holds its file open and up to a few read chunks in memory,
+/// so this bounds what one connection pins (100 files, a few tens of MiB, for at most
+/// `client_idle_timeout` when they stall). RFC 9113 recommends no fewer than 100; a client that
+/// wants more in parallel opens another connection (Go's transport does).
+pub const MAX_STREAMS: u32 = 100;
+
+/// Bytes HTTP/2 queues per stream beyond the chunk being sent (hyper's default is 400 KiB):
+/// one blob read chunk, so a fast stream's next chunk is read while the previous one is still
+/// being sent, and a stream holds at most two chunks queued plus the one hyper waits to send.
+const STREAM_SEND_BUFFER: usize = crate::blobs::CHUNK;
 
 /// The connection limits, from [`Config`].
 #[derive(Debug, Clone, Copy)]
@@ -79,6 +96,22 @@ struct Activity {
     in_flight: AtomicUsize,
     /// A write is waiting for the client to read.
     write_blocked: AtomicBool,
+    /// The HTTP/2 responses in progress (dead entries are pruned as new ones come): a stream
+    /// waiting for flow-control window does not show on the socket, so each is watched.
+    streams: Mutex<Vec<Weak<InFlight>>>,
+}
+
+impl Activity {
+    /// Whether an HTTP/2 response has had bytes waiting to be sent, with none of them sent,
+    /// for `idle_ms` or more.
+    fn stream_stalled(&self, now: u64, idle_ms: u64) -> bool {
+        let mut streams = self.streams.lock();
+        streams.retain(|s| s.strong_count() > 0);
+        streams.iter().filter_map(Weak::upgrade).any(|s| {
+            s.unsent.load(Ordering::Relaxed) > 0
+                && now.saturating_sub(s.moved.load(Ordering::Relaxed)) >= idle_ms
+        })
+    }
 }
 
 /// What the server knows of one open connection.
@@ -152,7 +185,11 @@ pub async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(None);
-    builder.http2().timer(TokioTimer::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_STREAMS)
+        .max_send_buf_size(STREAM_SEND_BUFFER);
     let registry = Arc::new(Registry {
         started: Instant::now(),
         open: Mutex::default(),
@@ -246,6 +283,7 @@ async fn connection(stream: TcpStream, peer: std::net::SocketAddr, serving: Serv
         last_boundary: AtomicU64::new(now),
         in_flight: AtomicUsize::new(0),
         write_blocked: AtomicBool::new(false),
+        streams: Mutex::default(),
     });
     let close = Arc::new(Notify::new());
     let closing = Arc::new(AtomicBool::new(false));
@@ -319,7 +357,8 @@ impl Conn {
         let io = TokioIo::new(io);
         let (watched, clock) = (Arc::clone(&activity), Arc::clone(&registry));
         let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
-            let guard = InFlight::start(Arc::clone(&watched), Arc::clone(&clock));
+            let http2 = request.version() == hyper::Version::HTTP_2;
+            let in_flight = InFlight::start(Arc::clone(&watched), Arc::clone(&clock), http2);
             let mut request = request.map(axum::body::Body::new);
             // The client's address, for rules that depend on it (loopback-only purges).
             request
@@ -328,12 +367,7 @@ impl Conn {
             let response = app.clone().oneshot(request);
             async move {
                 let response = response.await?;
-                Ok::<_, std::convert::Infallible>(response.map(|body| {
-                    axum::body::Body::new(Watched {
-                        body,
-                        _guard: guard,
-                    })
-                }))
+                Ok::<_, std::convert::Infallible>(response.map(|body| Watched { body, in_flight }))
             }
         });
         let conn = builder.serve_connection_with_upgrades(io, service);
@@ -379,23 +413,62 @@ impl Conn {
                     if !idle && activity.write_blocked.load(Ordering::Relaxed) && quiet >= idle_ms {
                         break;
                     }
+                    // An HTTP/2 client that gives a stream no window.
+                    if !idle && activity.stream_stalled(now, idle_ms) {
+                        tracing::debug!(%peer, "an HTTP/2 stream sent nothing for client_idle_timeout; closing the connection");
+                        break;
+                    }
                 }
             }
         }
     }
 }
 
-/// One response in progress on a connection, from its request head until its body is sent
-/// or dropped.
+/// One response in progress on a connection, from its request head until its body is done and
+/// every chunk it handed to hyper is written or dropped: shared by the body and its chunks.
 struct InFlight {
     activity: Arc<Activity>,
     registry: Arc<Registry>,
+    /// Bytes handed to hyper and not yet written.
+    unsent: AtomicUsize,
+    /// When a chunk was last handed to hyper or bytes of one last written (registry clock).
+    moved: AtomicU64,
 }
 
 impl InFlight {
-    fn start(activity: Arc<Activity>, registry: Arc<Registry>) -> InFlight {
+    /// Starts a response; an HTTP/2 one is registered for the stalled-stream check.
+    fn start(activity: Arc<Activity>, registry: Arc<Registry>, http2: bool) -> Arc<InFlight> {
         activity.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight { activity, registry }
+        let in_flight = Arc::new(InFlight {
+            moved: AtomicU64::new(registry.now_ms()),
+            unsent: AtomicUsize::new(0),
+            activity,
+            registry,
+        });
+        if http2 {
+            let mut streams = in_flight.activity.streams.lock();
+            streams.retain(|s| s.strong_count() > 0);
+            streams.push(Arc::downgrade(&in_flight));
+        }
+        in_flight
+    }
+
+    /// `n` bytes handed to hyper.
+    fn handed(&self, n: usize) {
+        self.unsent.fetch_add(n, Ordering::Relaxed);
+        self.touch();
+    }
+
+    /// `n` bytes written (or dropped, with `touch` false).
+    fn sent(&self, n: usize, touch: bool) {
+        self.unsent.fetch_sub(n, Ordering::Relaxed);
+        if touch {
+            self.touch();
+        }
+    }
+
+    fn touch(&self) {
+        self.moved.store(self.registry.now_ms(), Ordering::Relaxed);
     }
 }
 
@@ -409,21 +482,36 @@ impl Drop for InFlight {
     }
 }
 
-/// A response body that ends its [`InFlight`] when it is done or dropped.
+/// A response body whose chunks keep its [`InFlight`] (and report their progress) until they
+/// are written. Given to hyper as is: its `Arc` takes the place of the box `axum::body::Body`
+/// would add, so a response costs no extra allocation.
 struct Watched {
     body: axum::body::Body,
-    _guard: InFlight,
+    in_flight: Arc<InFlight>,
 }
 
 impl http_body::Body for Watched {
-    type Data = bytes::Bytes;
+    type Data = Chunk;
     type Error = axum::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        polled.map(|frame| {
+            frame.map(|frame| {
+                frame.map(|frame| {
+                    frame.map_data(|bytes| {
+                        self.in_flight.handed(bytes.len());
+                        Chunk {
+                            bytes,
+                            in_flight: Arc::clone(&self.in_flight),
+                        }
+                    })
+                })
+            })
+        })
     }
 
     fn is_end_stream(&self) -> bool {
@@ -432,6 +520,45 @@ impl http_body::Body for Watched {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.body.size_hint()
+    }
+}
+
+/// Bytes of a response handed to hyper, which reports what is written of them.
+struct Chunk {
+    bytes: bytes::Bytes,
+    in_flight: Arc<InFlight>,
+}
+
+impl bytes::Buf for Chunk {
+    fn remaining(&self) -> usize {
+        self.bytes.len()
+    }
+
+    fn chunk(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    fn chunks_vectored<'a>(&'a self, dst: &mut [io::IoSlice<'a>]) -> usize {
+        self.bytes.chunks_vectored(dst)
+    }
+
+    fn advance(&mut self, cnt: usize) {
+        self.bytes.advance(cnt);
+        self.in_flight.sent(cnt, true);
+    }
+
+    // Without this, `Buf`'s default would copy what `Bytes` hands out without a copy.
+    fn copy_to_bytes(&mut self, len: usize) -> bytes::Bytes {
+        let out = self.bytes.copy_to_bytes(len);
+        self.in_flight.sent(len, true);
+        out
+    }
+}
+
+impl Drop for Chunk {
+    fn drop(&mut self) {
+        // Bytes never written (the stream was reset, the connection closed) wait no more.
+        self.in_flight.sent(self.bytes.len(), false);
     }
 }
 

@@ -1,21 +1,61 @@
 //! TLS on the listener (optional): `tls_cert` and `tls_key` are PEM files, served with rustls
 //! (HTTP/2 and HTTP/1.1 by ALPN). The files are read again when they change (checked every few
 //! seconds) or on SIGHUP, so certificate rotation needs no restart; a rotation that does not
-//! load (a half-written file) keeps the certificate in use and is logged.
+//! load (a half-written file) keeps the certificate in use and is logged once, and tried again
+//! when the files change. A change is seen in the metadata of the files symlinks lead to, so a
+//! swapped symlink (a Kubernetes secret's `..data`) counts even to files with old times.
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 use tokio_rustls::TlsAcceptor;
 
 /// How often the files are checked for a rotation.
 const CHECK_EVERY: Duration = Duration::from_secs(5);
+
+/// The largest certificate chain or key file read: a chain is a few KiB, so anything bigger is
+/// a mistake, refused without being read.
+const MAX_FILE: u64 = 1024 * 1024;
+
+/// What tells a file changed without reading it, from the file its path resolves to (symlinks
+/// followed): device and inode (a new file, or a symlink swapped to another), size, and the
+/// modification and status change times (a write in place). The change time matters: tools
+/// that copy or unpack files keep their old modification time, but the change time of a file
+/// written or renamed is always now. Metadata rather than a hash of the content: a hash would
+/// read both files at every check, while a stat reads nothing until something changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    modified: (i64, i64),
+    changed: (i64, i64),
+}
+
+impl Stamp {
+    /// The stamp of what `path` leads to, or `None` if it cannot be read.
+    fn of(path: &Path) -> Option<Stamp> {
+        let m = std::fs::metadata(path).ok()?;
+        Some(Stamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            modified: (m.mtime(), m.mtime_nsec()),
+            changed: (m.ctime(), m.ctime_nsec()),
+        })
+    }
+}
+
+/// The stamps of the certificate and key files.
+type Stamps = (Option<Stamp>, Option<Stamp>);
 
 /// The certificate being served, and where it comes from.
 #[derive(Debug)]
@@ -24,36 +64,35 @@ pub struct Certificates {
     key: PathBuf,
     provider: Arc<CryptoProvider>,
     current: RwLock<Arc<CertifiedKey>>,
-    /// Modification times of the files when last loaded.
-    loaded: RwLock<(Option<SystemTime>, Option<SystemTime>)>,
-}
-
-fn modified(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+    /// Stamps of the files at the last attempt to load them, loaded or not: files that did not
+    /// load are not read (nor logged) again until they change.
+    tried: Mutex<Stamps>,
 }
 
 impl Certificates {
-    fn load(&self) -> anyhow::Result<Arc<CertifiedKey>> {
-        load(&self.provider, &self.cert, &self.key)
+    fn stamps(&self) -> Stamps {
+        (Stamp::of(&self.cert), Stamp::of(&self.key))
     }
 
-    /// Reads the files again if they changed (or when `force`); keeps the old certificate if
-    /// the new one does not load.
+    /// Reads the files again if they changed since the last attempt (or when `force`); keeps
+    /// the old certificate if the new one does not load.
     pub fn reload(&self, force: bool) {
-        let stamp = (modified(&self.cert), modified(&self.key));
-        if !force && *self.loaded.read() == stamp {
-            return;
+        // Taken before reading: a change while reading shows at the next check.
+        let stamps = self.stamps();
+        {
+            let mut tried = self.tried.lock();
+            if !force && *tried == stamps {
+                return;
+            }
+            *tried = stamps;
         }
-        match self.load() {
+        match load(&self.provider, &self.cert, &self.key) {
             Ok(key) => {
                 *self.current.write() = key;
-                *self.loaded.write() = stamp;
                 tracing::info!(cert = %self.cert.display(), "TLS certificate loaded");
             }
             Err(e) => {
                 tracing::error!(cert = %self.cert.display(), error = %e, "TLS certificate did not load; serving the previous one");
-                // Try again at the next check even if the times do not change.
-                *self.loaded.write() = (None, None);
             }
         }
     }
@@ -65,14 +104,33 @@ impl ResolvesServerCert for Certificates {
     }
 }
 
+/// The contents of `path`, refused if over [`MAX_FILE`] (read no further than that).
+fn read_capped(path: &Path) -> anyhow::Result<Vec<u8>> {
+    use anyhow::Context;
+    let cannot = || format!("cannot read {}", path.display());
+    let file = std::fs::File::open(path).with_context(cannot)?;
+    let too_big = || anyhow::anyhow!("{} is larger than {MAX_FILE} bytes", path.display());
+    if file.metadata().with_context(cannot)?.len() > MAX_FILE {
+        return Err(too_big());
+    }
+    let mut bytes = Vec::new();
+    // One byte over the cap tells a file that grew since its size was read.
+    file.take(MAX_FILE.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .with_context(cannot)?;
+    if u64::try_from(bytes.len()).unwrap_or(u64::MAX) > MAX_FILE {
+        return Err(too_big());
+    }
+    Ok(bytes)
+}
+
 fn load(provider: &CryptoProvider, cert: &Path, key: &Path) -> anyhow::Result<Arc<CertifiedKey>> {
     use anyhow::Context;
-    let chain = CertificateDer::pem_file_iter(cert)
-        .with_context(|| format!("cannot read {}", cert.display()))?
+    let chain = CertificateDer::pem_slice_iter(&read_capped(cert)?)
         .collect::<Result<Vec<_>, _>>()
         .with_context(|| format!("{} is not a PEM certificate chain", cert.display()))?;
     anyhow::ensure!(!chain.is_empty(), "{} holds no certificate", cert.display());
-    let key = PrivateKeyDer::from_pem_file(key)
+    let key = PrivateKeyDer::from_pem_slice(&read_capped(key)?)
         .with_context(|| format!("{} is not a PEM private key", key.display()))?;
     let signing = provider
         .key_provider
@@ -89,13 +147,14 @@ fn load(provider: &CryptoProvider, cert: &Path, key: &Path) -> anyhow::Result<Ar
 /// rotation checks (file changes and SIGHUP) for as long as the certificates are in use.
 pub fn acceptor(cert: &Path, key: &Path) -> anyhow::Result<(TlsAcceptor, Arc<Certificates>)> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let stamps = (Stamp::of(cert), Stamp::of(key));
     let current = load(&provider, cert, key)?;
     let certificates = Arc::new(Certificates {
         cert: cert.to_path_buf(),
         key: key.to_path_buf(),
         provider: Arc::clone(&provider),
         current: RwLock::new(current),
-        loaded: RwLock::new((modified(cert), modified(key))),
+        tried: Mutex::new(stamps),
     });
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?

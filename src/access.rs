@@ -85,11 +85,20 @@ impl Strikes {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
     }
 
-    /// What is left of the window.
+    /// What is left of the window, in whole seconds rounded up (a client that waits that
+    /// long finds the window over).
     fn remaining(&self) -> Duration {
-        FAILURE_WINDOW
-            .saturating_sub(self.since.elapsed())
-            .max(Duration::from_secs(1))
+        let left = FAILURE_WINDOW.saturating_sub(self.since.elapsed());
+        let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+        Duration::from_secs(secs.max(1))
+    }
+}
+
+/// How a braked address is named in the answer: an IPv6 network with its prefix length.
+pub fn brake_label(address: IpAddr) -> String {
+    match address {
+        IpAddr::V6(_) => format!("{address}/64"),
+        IpAddr::V4(_) => address.to_string(),
     }
 }
 
@@ -113,8 +122,8 @@ pub struct Access {
     rules: Vec<AccessRule>,
     /// sha256(user:password) of passwords that verified lately.
     verified: Cache<[u8; 32], String>,
-    /// Failed logins by address and user name.
-    failures: Cache<(IpAddr, String), Arc<Strikes>>,
+    /// Failed logins by address and sha256(user name) (a fixed-size key whatever the name).
+    failures: Cache<(IpAddr, [u8; 32]), Arc<Strikes>>,
     /// Failed logins by address, over all user names.
     address_failures: Cache<IpAddr, Arc<Strikes>>,
     /// A hash of the users' cost that an unknown user's password is checked against, so an
@@ -249,6 +258,12 @@ impl Access {
                 Ok(())
             })?;
         }
+        let costs: Vec<u32> = users.values().filter_map(|h| bcrypt_cost(h)).collect();
+        if costs.iter().min() != costs.iter().max() {
+            tracing::warn!(
+                "htpasswd entries have different bcrypt costs: a user with a cheaper hash answers faster than an unknown name, which tells names apart; write every entry with the same cost (htpasswd -B -C)"
+            );
+        }
         // The dearest cost in the file: an unknown name then never answers faster than a
         // known one.
         let dummy = users
@@ -314,10 +329,7 @@ impl Access {
         }
         let attempt = self.attempt(peer, &user)?;
         let password = text.split_once(':').map_or("", |(_, p)| p).to_owned();
-        if self.verify(&user, password).await {
-            if let Some(attempt) = attempt {
-                attempt.give_back();
-            }
+        if self.verify(&user, password, attempt).await {
             self.verified.insert(key, user.clone());
             return Ok(Identity::User(user));
         }
@@ -331,22 +343,24 @@ impl Access {
 
     /// Counts a failure that needed no verification; refuses when the address is braked.
     fn strike(&self, peer: Option<IpAddr>, user: &str) -> Result<(), Refusal> {
-        self.attempt(peer, user).map(drop)
+        if let Some(attempt) = self.attempt(peer, user)? {
+            attempt.keep();
+        }
+        Ok(())
     }
 
-    /// Takes one attempt for `user` from `peer`, within both limits; the strikes to give back
-    /// if the login verifies.
+    /// Takes one attempt for `user` from `peer`, within both limits (the address's first, so
+    /// a braked address adds no entry per name it tries). The attempt is given back when it is
+    /// dropped without [`Attempt::keep`]: a login that verified, or one whose client went away
+    /// before it was checked.
     fn attempt(&self, peer: Option<IpAddr>, user: &str) -> Result<Option<Attempt>, Refusal> {
         let Some(address) = peer.map(brake_key) else {
             return Ok(None);
         };
-        let mine = self
-            .failures
-            .get_with((address, user.to_owned()), Default::default);
         let all = self.address_failures.get_with(address, Default::default);
         let braked = |strikes: &Strikes| {
             if !all.warned.swap(true, Ordering::Relaxed) {
-                tracing::warn!(%address, "too many failed logins from this address; its logins wait for the window to end");
+                tracing::warn!(address = %brake_label(address), "too many failed logins from this address; its logins wait for the window to end");
             }
             Refusal::Braked {
                 address,
@@ -356,21 +370,37 @@ impl Access {
         if !all.take(MAX_ADDRESS_FAILURES) {
             return Err(braked(&all));
         }
+        let mine = self
+            .failures
+            .get_with((address, hash(user.as_bytes())), Default::default);
         if !mine.take(MAX_FAILURES) {
             all.give_back();
             return Err(braked(&mine));
         }
-        Ok(Some(Attempt { mine, all }))
+        Ok(Some(Attempt {
+            mine,
+            all,
+            kept: false,
+        }))
     }
 
     /// Checks `password` against `user`'s hash, or an unknown user's against the dummy hash
     /// (the same work, and always false); off the async workers, a bounded number at once.
-    async fn verify(&self, user: &str, password: String) -> bool {
+    /// `attempt` goes with the work: kept when the check fails, given back when it succeeds or
+    /// never started (a client gone while it waited), so a guesser who hangs up once the hash
+    /// is being computed still pays for it.
+    async fn verify(&self, user: &str, password: String, attempt: Option<Attempt>) -> bool {
         let (stored, known) = match self.users.get(user) {
             Some(stored) => (stored.clone(), true),
             None => match &self.dummy {
                 Some(dummy) => (dummy.clone(), false),
-                None => return false,
+                None => {
+                    // No users at all: nothing to check, and a failure all the same.
+                    if let Some(attempt) = attempt {
+                        attempt.keep();
+                    }
+                    return false;
+                }
             },
         };
         let Ok(permit) = Arc::clone(&self.verifying).acquire_owned().await else {
@@ -379,13 +409,16 @@ impl Access {
         self.verifications.fetch_add(1, Ordering::Relaxed);
         // The permit goes with the work: a client that hangs up does not free its place while
         // its hash is still being computed.
-        let ok = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            bcrypt::verify(password, &stored).unwrap_or(false)
+            let ok = bcrypt::verify(password, &stored).unwrap_or(false) && known;
+            if !ok && let Some(attempt) = attempt {
+                attempt.keep();
+            }
+            ok
         })
         .await
-        .unwrap_or(false);
-        ok && known
+        .unwrap_or(false)
     }
 
     /// Whether `identity` may pull `repository` from `upstream`: the rule with the longest
@@ -417,16 +450,26 @@ impl Access {
     }
 }
 
-/// An attempt taken from both of an address's counts.
+/// An attempt taken from both of an address's counts, given back on drop unless kept.
 struct Attempt {
     mine: Arc<Strikes>,
     all: Arc<Strikes>,
+    kept: bool,
 }
 
 impl Attempt {
-    fn give_back(&self) {
-        self.mine.give_back();
-        self.all.give_back();
+    /// The login failed: the attempt stays counted.
+    fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.mine.give_back();
+            self.all.give_back();
+        }
     }
 }
 
@@ -514,6 +557,41 @@ mod tests {
             .count();
         assert_eq!(access.verifications(), u64::from(MAX_FAILURES));
         assert_eq!((wrong, braked), (10, 290));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_correct_login_cut_short_keeps_no_strike() {
+        let (_dir, access) = access(8);
+        let access = Arc::new(access);
+        // Many at once: most wait for the one verification place and are cut off there.
+        let logins = (0..20).map(|_| {
+            let access = Arc::clone(&access);
+            tokio::spawn(async move {
+                let login = basic("alice", "alice-pw");
+                let _ = tokio::time::timeout(
+                    Duration::from_millis(1),
+                    access.identify(Some(&login), HOME),
+                )
+                .await;
+            })
+        });
+        futures_util::future::join_all(logins).await;
+        assert_eq!(
+            access.identify(Some(&basic("alice", "alice-pw")), HOME).await,
+            Ok(Identity::User("alice".into()))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_braked_address_adds_no_entry_per_name_it_tries() {
+        let (_dir, access) = access(4);
+        for i in 0..200 {
+            let name = format!("{i}-{}", "x".repeat(10_000));
+            let _ = access.identify(Some(&basic(&name, "x")), HOME).await;
+        }
+        access.failures.run_pending_tasks();
+        assert_eq!(access.failures.entry_count(), u64::from(MAX_ADDRESS_FAILURES));
+        assert_eq!(access.verifications(), u64::from(MAX_ADDRESS_FAILURES));
     }
 
     #[tokio::test]

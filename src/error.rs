@@ -58,8 +58,8 @@ pub enum Error {
     /// Too many failed logins from the client's address (access control's brake).
     #[error("too many failed logins from {address}, retry in {} s", retry_after.as_secs().max(1))]
     LoginsBraked {
-        /// The address (an IPv6 client's /64).
-        address: std::net::IpAddr,
+        /// The address (an IPv6 client's network, `2001:db8::/64`).
+        address: String,
         /// When the brake's window ends.
         retry_after: Duration,
     },

@@ -574,7 +574,7 @@ fn refused(refusal: crate::access::Refusal) -> Error {
             address,
             retry_after,
         } => Error::LoginsBraked {
-            address,
+            address: crate::access::brake_label(address),
             retry_after,
         },
     }

@@ -484,3 +484,62 @@ async fn the_admin_token_sees_everything_with_access_control_on() {
         "{page}"
     );
 }
+
+#[tokio::test]
+async fn an_index_naming_restricted_digests_does_not_unlock_them() {
+    let hub = FakeHub::start().await;
+    let ghcr = FakeHub::start().await;
+    let team = Image::single("team-secret", DOCKER_MANIFEST, 300);
+    hub.push("team/internal", "1", &team);
+    // An open repository whose index names the team's manifest without holding it (a
+    // registry that does not check an index's children at push time).
+    let mut evil = Image::index(
+        "application/vnd.oci.image.index.v1+json",
+        vec![("amd64", team.clone())],
+    );
+    evil.children.clear();
+    hub.push("library/evil", "1", &evil);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start_restricted(&hub, &ghcr, dir.path()).await;
+    let alice = basic("alice", "alice-pw");
+    assert_eq!(
+        get_as(&proxy, "/v2/team/internal/manifests/1", &alice)
+            .await
+            .status(),
+        200
+    );
+    let layer = support::hub::sha256(&team.blobs[1]);
+    assert_eq!(
+        get_as(&proxy, &format!("/v2/team/internal/blobs/{layer}"), &alice)
+            .await
+            .status(),
+        200
+    );
+
+    // The platform child of the open index, and the layer it names: not through library/evil.
+    let r = proxy
+        .request(
+            reqwest::Method::GET,
+            "/v2/library/evil/manifests/1",
+            &[("accept", DOCKER_MANIFEST)],
+        )
+        .await;
+    assert_ne!(r.status(), 200, "the team manifest came through library/evil");
+    let r = proxy
+        .get(&format!("/v2/library/evil/blobs/{layer}"))
+        .await;
+    assert_eq!(r.status(), 404);
+
+    // Nor the cache API's view of the team manifest by digest under an open name.
+    for path in [
+        format!("/_pullthrough/cache/library/evil/manifests/{}", team.digest),
+        format!(
+            "/_pullthrough/cache/library/evil/manifests/{}?explain=pull",
+            team.digest
+        ),
+    ] {
+        let r = proxy.get(&path).await;
+        assert_eq!(r.status(), 404, "{path}");
+        assert!(!r.text().await.unwrap().contains(&layer), "{path}");
+    }
+}

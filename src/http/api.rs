@@ -205,6 +205,28 @@ async fn target(state: &AppState, rest: &str, ns: Option<&str>) -> Result<Target
     }
 }
 
+/// Whether `viewer` may see (or purge) `target`: a repository it may pull, a manifest by digest
+/// only where upstream showed it in that repository (the by-digest cache is shared by every
+/// repository), and blobs only as the admin (which digests are cached says what was pulled).
+fn check_view(state: &AppState, viewer: &Viewer, target: &Target) -> Result<(), Error> {
+    if *viewer == Viewer::Admin {
+        return Ok(());
+    }
+    match target {
+        Target::Repository(proxy, name) => state.check_view(viewer, proxy, name),
+        Target::Manifest(proxy, name, reference) => {
+            state.check_view(viewer, proxy, name)?;
+            match reference {
+                Reference::Digest(d) if !proxy.manifests.granted(name, d) => {
+                    Err(Error::ManifestUnknown("manifest unknown".into()))
+                }
+                _ => Ok(()),
+            }
+        }
+        Target::Blob(_) => Err(Error::AccessDenied),
+    }
+}
+
 /// Query parameters of one entry.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -226,14 +248,7 @@ async fn show(
         ));
     };
     let target = target(&state, &rest, p.ns.as_deref()).await?;
-    match &target {
-        Target::Manifest(proxy, name, _) | Target::Repository(proxy, name) => {
-            state.check_view(&viewer, proxy, name)?;
-        }
-        // Which digests are cached says what was pulled: the admin's to know.
-        Target::Blob(_) if viewer != Viewer::Admin => return Err(Error::AccessDenied),
-        Target::Blob(_) => {}
-    }
+    check_view(&state, &viewer, &target)?;
     match target {
         // `?explain=pull` answers the documented object on its own, not inside the entry.
         Target::Manifest(proxy, name, reference) => match p.explain.as_deref() {
@@ -277,6 +292,7 @@ struct PurgeAnswer {
 
 async fn purge(
     State(state): State<Arc<AppState>>,
+    Extension(viewer): Extension<Viewer>,
     Path(rest): Path<String>,
     query: Result<Query<PurgeParams>, QueryRejection>,
 ) -> Result<Response, Error> {
@@ -284,7 +300,9 @@ async fn purge(
         return Ok(bad_request("query: ns=<registry host>, dry_run=true|false"));
     };
     let dry_run = p.dry_run.unwrap_or(false);
-    let purge = match target(&state, &rest, p.ns.as_deref()).await? {
+    let target = target(&state, &rest, p.ns.as_deref()).await?;
+    check_view(&state, &viewer, &target)?;
+    let purge = match target {
         Target::Repository(proxy, name) => proxy.purge_repository(&name, dry_run).await,
         Target::Manifest(proxy, name, reference) => {
             proxy.purge_manifest(&name, &reference, dry_run).await

@@ -147,8 +147,9 @@ impl Proxy {
         self.digest_gets.join(key.clone(), move || async move {
             let (name, digest) = key;
             // In a cluster one replica fetches it; the others take it from object storage
-            // (where access cannot depend on credentials: else they fetch it themselves).
-            let turn = if this.upstream.has_credentials() {
+            // (where access cannot depend on credentials or access rules: else they fetch it
+            // themselves, so upstream answers for this repository).
+            let turn = if this.upstream.has_credentials() || this.restricted {
                 Turn::Go(None)
             } else {
                 let key = format!("pullthrough:lock:manifest:{}:{digest}", this.upstream_name);

@@ -6,7 +6,7 @@ use crate::error::Error;
 use crate::manifests::{Freshness, TagEntry, now_ms};
 use crate::metrics::{Outcome, StaleCause};
 use crate::registry::{
-    Accept, Contents, Digest, Manifest, Negotiation, Reference, RepoName, Tag, platform_child,
+    Accept, Digest, Manifest, Negotiation, Reference, RepoName, Tag, platform_child,
 };
 use crate::upstream;
 use futures_util::future::Either;
@@ -26,9 +26,6 @@ impl Proxy {
                     .await?
             }
         };
-        if let ManifestBody::Full(manifest) = &served.body {
-            self.grant_contents(&req.name, manifest);
-        }
         // A tag that moved brought new content: that is a fetch, not a pull saved.
         if req.want_body && served.status != Outcome::Miss && !served.moved {
             self.upstream.metrics.pull_saved();
@@ -133,7 +130,6 @@ impl Proxy {
             }
             Negotiation::PlatformChild => {
                 let (list, _) = self.bytes_of(name, &digest).await?;
-                self.grant_contents(name, &list);
                 let child = platform_child(&list.bytes).ok_or_else(|| {
                     Error::ManifestUnknown("manifest list has no linux/amd64 manifest".into())
                 })?;
@@ -202,27 +198,6 @@ impl Proxy {
             self.manifests.grant(name, digest);
         }
         Ok(())
-    }
-
-    /// With access control, what a manifest served for `name` refers to (platform manifests,
-    /// config, layers) is granted to `name` too: a registry accepts a manifest only when the
-    /// repository holds what it refers to (distribution-spec, pushing manifests), so a pull
-    /// costs no HEAD per blob, and keeps working from the cache when upstream is down.
-    fn grant_contents(&self, name: &RepoName, manifest: &Manifest) {
-        if !self.restricted {
-            return;
-        }
-        let key = (name.clone(), manifest.digest.clone());
-        if self.contents_granted.contains_key(&key) {
-            return;
-        }
-        if let Some(contents) = crate::registry::Contents::parse(&manifest.bytes) {
-            let (Contents::Index(items) | Contents::Image(items)) = contents;
-            for item in items {
-                self.manifests.grant(name, &item.digest);
-            }
-        }
-        self.contents_granted.insert(key, ());
     }
 
     /// The bytes of a manifest: from cache, or fetched by digest. The flag says it was fetched.

@@ -102,8 +102,6 @@ pub struct Proxy {
     /// Access control is on: cached content reaches a repository only where its upstream
     /// shows it there (one HEAD, remembered), whoever fetched it.
     restricted: bool,
-    /// Manifests whose contents were granted to a repository (with `restricted`).
-    contents_granted: Cache<(RepoName, Digest), ()>,
 }
 
 /// A request for a manifest, as parsed at the edge.
@@ -185,7 +183,6 @@ impl Proxy {
                 .max_capacity(100_000)
                 .build(),
             restricted: config.access_control(),
-            contents_granted: Cache::new(100_000),
         })
     }
 }

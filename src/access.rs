@@ -577,7 +577,9 @@ mod tests {
         });
         futures_util::future::join_all(logins).await;
         assert_eq!(
-            access.identify(Some(&basic("alice", "alice-pw")), HOME).await,
+            access
+                .identify(Some(&basic("alice", "alice-pw")), HOME)
+                .await,
             Ok(Identity::User("alice".into()))
         );
     }
@@ -590,7 +592,10 @@ mod tests {
             let _ = access.identify(Some(&basic(&name, "x")), HOME).await;
         }
         access.failures.run_pending_tasks();
-        assert_eq!(access.failures.entry_count(), u64::from(MAX_ADDRESS_FAILURES));
+        assert_eq!(
+            access.failures.entry_count(),
+            u64::from(MAX_ADDRESS_FAILURES)
+        );
         assert_eq!(access.verifications(), u64::from(MAX_ADDRESS_FAILURES));
     }
 

@@ -20,7 +20,8 @@ use url::Url;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// Address to listen on.
+    /// Address to listen on (a host name is resolved once, at startup).
+    #[serde(deserialize_with = "listen_address")]
     pub listen: SocketAddr,
     /// Registry to pull through.
     pub upstream: Url,
@@ -371,6 +372,13 @@ impl Config {
                     path.display()
                 )));
             }
+            // Checked here first, so a syntax error names the file and shows the line.
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError(format!("cannot read config file {}: {e}", path.display()))
+            })?;
+            if let Err(e) = toml::from_str::<toml::Table>(&text) {
+                return Err(syntax_error(path, &text, &e));
+            }
             figment = figment.merge(Toml::file_exact(path));
         }
         let vars: Vec<(String, String)> = env
@@ -382,9 +390,9 @@ impl Config {
             .collect();
         if let Some((key, _)) = vars.iter().find(|(k, _)| k.split('.').any(str::is_empty)) {
             return Err(ConfigError(format!(
-                "unknown setting: environment variable PULLTHROUGH_{}; known keys are {}",
+                "unknown setting: environment variable PULLTHROUGH_{}; {}",
                 key.replace('.', "__").to_ascii_uppercase(),
-                Config::keys().join(", ")
+                known_keys_hint(key)
             )));
         }
         figment = figment.merge(EnvVars(vars));
@@ -848,15 +856,22 @@ fn describe(figment: &Figment, e: figment::Error) -> ConfigError {
                 _ => format!("key {field:?}"),
             };
             return ConfigError(format!(
-                "unknown setting: {place}; known keys are {}",
-                Config::keys().join(", ")
+                "unknown setting: {place}; {}",
+                known_keys_hint(field)
             ));
         }
         // Never echo a secret's value, even a mistyped one.
         _ if key.contains("password") || key.contains("token") => {
             "must be a string (quote it in the file)".to_owned()
         }
-        kind => kind.to_string(),
+        kind => {
+            let text = kind.to_string();
+            if text.contains("relative URL without a base") {
+                "a URL needs http:// or https:// in front".to_owned()
+            } else {
+                text
+            }
+        }
     };
     let place = if key.is_empty() {
         "configuration".to_owned()
@@ -866,6 +881,83 @@ fn describe(figment: &Figment, e: figment::Error) -> ConfigError {
     ConfigError(format!(
         "invalid value for {place}: {}",
         one_line_str(&text)
+    ))
+}
+
+/// `listen` from the file or the environment: an address, or `host:port` resolved once.
+fn listen_address<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(d)?;
+    resolve_listen(&text).map_err(serde::de::Error::custom)
+}
+
+/// `127.0.0.1:5000`, `[::]:5000` or a host name with a port (`localhost:5000`, resolved now,
+/// its first address taken), as servers users know accept.
+pub fn resolve_listen(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    use std::net::ToSocketAddrs as _;
+    match text.to_socket_addrs() {
+        Ok(mut addrs) => addrs
+            .next()
+            .ok_or_else(|| format!("{text} resolves to no address")),
+        Err(_) if !text.contains(':') => Err(format!(
+            "{text:?} has no port; write host:port, e.g. 127.0.0.1:5000"
+        )),
+        Err(e) => Err(format!(
+            "{text:?} is not an address or a host:port that resolves: {e}"
+        )),
+    }
+}
+
+/// An upstream or other registry URL, with a message that says what a bare `host:port` lacks.
+pub fn parse_url(text: &str) -> Result<Url, String> {
+    let hint = || format!("a URL needs http:// or https:// in front, e.g. http://{text}");
+    match Url::parse(text) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") => Ok(url),
+        // `127.0.0.1:5000` parses as a URL of scheme "127.0.0.1"; `host:5000` of scheme "host".
+        Ok(_) | Err(url::ParseError::RelativeUrlWithoutBase) => Err(hint()),
+        Err(e) => Err(format!("{text:?} is not a URL: {e}")),
+    }
+}
+
+/// The known key nearest to `field`, if one is near enough to be what was meant.
+fn nearest_key(field: &str) -> Option<&'static str> {
+    Config::keys()
+        .iter()
+        .map(|k| (strsim::damerau_levenshtein(field, k), *k))
+        .filter(|(d, k)| *d <= 2.max(k.len() / 4))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+/// What to say after an unknown key: the nearest known one, or where they are listed.
+fn known_keys_hint(field: &str) -> String {
+    match nearest_key(&field.to_ascii_lowercase()) {
+        Some(key) => format!("did you mean {key:?}?"),
+        None => "config/pullthrough.toml documents every key".to_owned(),
+    }
+}
+
+/// A TOML syntax error in `path`, as one line naming the file, the line and its text.
+fn syntax_error(path: &std::path::Path, text: &str, e: &toml::de::Error) -> ConfigError {
+    let at = e.span().map_or(0, |s| s.start).min(text.len());
+    let line = text
+        .get(..at)
+        .map_or(0, |before| before.matches('\n').count());
+    let shown: String = text
+        .lines()
+        .nth(line)
+        .unwrap_or_default()
+        .trim()
+        .chars()
+        .take(120)
+        .collect();
+    ConfigError(format!(
+        "config file {} is not valid TOML: line {}: {}: {shown}",
+        path.display(),
+        line + 1,
+        one_line_str(e.message())
     ))
 }
 

@@ -18,14 +18,14 @@ use url::Url;
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Cli {
-    /// Configuration file (TOML).
-    #[arg(long, env = "PULLTHROUGH_CONFIG")]
+    /// Configuration file (TOML); also after a subcommand.
+    #[arg(long, env = "PULLTHROUGH_CONFIG", global = true)]
     config: Option<PathBuf>,
-    /// Address to listen on [default: 127.0.0.1:5000].
-    #[arg(long)]
+    /// Address to listen on, host:port [default: 127.0.0.1:5000].
+    #[arg(long, value_parser = pullthrough::config::resolve_listen)]
     listen: Option<SocketAddr>,
     /// Upstream registry URL [default: https://registry-1.docker.io].
-    #[arg(long)]
+    #[arg(long, value_parser = pullthrough::config::parse_url)]
     upstream: Option<Url>,
     /// How long a tag answer is trusted before revalidation, e.g. 30s or 5m [default: 1m].
     #[arg(long, value_parser = humantime::parse_duration)]
@@ -83,10 +83,20 @@ async fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if e.use_stderr() => {
-            // One line naming the flag, like every other bad setting.
+            // One line naming the flag, like every other bad setting, with the values it takes.
+            use clap::error::{ContextKind, ContextValue};
             let text = e.to_string();
             let first = text.lines().next().unwrap_or_default();
-            eprintln!("pullthrough: {}", first.trim_start_matches("error: "));
+            let valid = match e.get(ContextKind::ValidValue) {
+                Some(ContextValue::Strings(values)) => {
+                    format!("; expected {}", values.join(" or "))
+                }
+                _ => String::new(),
+            };
+            eprintln!(
+                "pullthrough: {}{valid}",
+                first.trim_start_matches("error: ")
+            );
             return ExitCode::from(2);
         }
         Err(e) => {
@@ -212,6 +222,10 @@ async fn healthcheck(url: Option<String>, config: &Config) -> ExitCode {
     // 127.0.0.1, and readiness is all that is asked.
     let own = url.is_none() && config.tls_cert.is_some();
     let url = url.unwrap_or_else(|| local_url(config));
+    if let Err(why) = pullthrough::config::parse_url(&url) {
+        eprintln!("pullthrough: invalid value for --url: {why}");
+        return ExitCode::FAILURE;
+    }
     let client = reqwest::Client::builder()
         .danger_accept_invalid_certs(own)
         .timeout(Duration::from_secs(3))
@@ -228,7 +242,10 @@ async fn healthcheck(url: Option<String>, config: &Config) -> ExitCode {
             ExitCode::FAILURE
         }
         Err(e) => {
-            eprintln!("pullthrough: not reachable at {url}: {e}");
+            eprintln!(
+                "pullthrough: not reachable at {url}: {}",
+                pullthrough::warm::cause(&e)
+            );
             ExitCode::FAILURE
         }
     }

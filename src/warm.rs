@@ -169,6 +169,22 @@ pub fn printable(text: &str, max: usize) -> String {
     shown
 }
 
+/// What went wrong with a request, in words down to its root cause (`connection refused`),
+/// not reqwest's outer "error sending request" alone.
+pub fn cause(e: &reqwest::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(inner) = source {
+        let inner_text = inner.to_string();
+        if !text.contains(&inner_text) {
+            text.push_str(": ");
+            text.push_str(&inner_text);
+        }
+        source = inner.source();
+    }
+    text
+}
+
 /// Most characters of one failure message shown (the server's part is cut shorter).
 const MAX_MESSAGE: usize = 1000;
 
@@ -226,7 +242,7 @@ impl Repo<'_> {
             .timeout(SMALL_TIMEOUT)
             .send()
             .await
-            .map_err(|e| format!("{what}: {e}"))?;
+            .map_err(|e| format!("{what}: {}", cause(&e)))?;
         if !response.status().is_success() {
             return Err(format!("{what}: {}", status_error(response).await));
         }
@@ -240,7 +256,7 @@ impl Repo<'_> {
         }
         let (bytes, complete) = read_prefix(response, MAX_MANIFEST_BYTES)
             .await
-            .map_err(|e| format!("{what}: {e}"))?;
+            .map_err(|e| format!("{what}: {}", cause(&e)))?;
         if !complete {
             return Err(too_big());
         }
@@ -262,7 +278,7 @@ impl Repo<'_> {
             .get(format!("{}/v2/{}/blobs/{digest}", self.url, self.name))
             .send()
             .await
-            .map_err(|e| format!("{what}: {e}"))?;
+            .map_err(|e| format!("{what}: {}", cause(&e)))?;
         if !response.status().is_success() {
             return Err(format!("{what}: {}", status_error(response).await));
         }
@@ -273,7 +289,11 @@ impl Repo<'_> {
         }
         let mut verifier = Verifier::new(digest.algorithm());
         let mut size = 0u64;
-        while let Some(chunk) = response.chunk().await.map_err(|e| format!("{what}: {e}"))? {
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| format!("{what}: {}", cause(&e)))?
+        {
             // Never past the declared size: an endless body ends here.
             size = u64::try_from(chunk.len())
                 .ok()

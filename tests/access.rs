@@ -524,10 +524,12 @@ async fn an_index_naming_restricted_digests_does_not_unlock_them() {
             &[("accept", DOCKER_MANIFEST)],
         )
         .await;
-    assert_ne!(r.status(), 200, "the team manifest came through library/evil");
-    let r = proxy
-        .get(&format!("/v2/library/evil/blobs/{layer}"))
-        .await;
+    assert_ne!(
+        r.status(),
+        200,
+        "the team manifest came through library/evil"
+    );
+    let r = proxy.get(&format!("/v2/library/evil/blobs/{layer}")).await;
     assert_eq!(r.status(), 404);
 
     // Nor the cache API's view of the team manifest by digest under an open name.

@@ -227,3 +227,121 @@ fn help_lists_the_flags() {
         assert!(help.contains(flag), "{flag}");
     }
 }
+
+#[test]
+fn a_bad_setting_says_what_to_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("cache");
+    let data = data.to_str().unwrap();
+    let syntax = dir.path().join("syntax.toml");
+    std::fs::write(
+        &syntax,
+        "upstream = \"http://127.0.0.1:5001\"\ntag_ttl = 5m\n",
+    )
+    .unwrap();
+    let typo = dir.path().join("typo.toml");
+    std::fs::write(&typo, "tag_tl = \"5s\"\n").unwrap();
+    let (syntax, typo) = (syntax.to_str().unwrap(), typo.to_str().unwrap());
+    type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str], &'a [&'a str]);
+    let cases: &[Case] = &[
+        // The file, the line number and the line itself.
+        (
+            &[],
+            &["--config", syntax],
+            &[syntax, "line 2", "tag_ttl = 5m"],
+        ),
+        // The nearest key, not all of them.
+        (&[], &["--config", typo], &["did you mean \"tag_ttl\"?"]),
+        (
+            &[("PULLTHROUGH_TAG_TLL", "5s")],
+            &[],
+            &["did you mean \"tag_ttl\"?"],
+        ),
+        (
+            &[],
+            &["--upstream", "127.0.0.1:15001"],
+            &["http:// or https://", "http://127.0.0.1:15001"],
+        ),
+        (
+            &[("PULLTHROUGH_UPSTREAM", "127.0.0.1:15001")],
+            &[],
+            &["PULLTHROUGH_UPSTREAM", "http:// or https://"],
+        ),
+        (
+            &[],
+            &["--log-format", "xml"],
+            &["--log-format", "text or json"],
+        ),
+        // `--config` after the subcommand is read too.
+        (
+            &[],
+            &["warm", "--config", typo, "alpine"],
+            &["did you mean \"tag_ttl\"?"],
+        ),
+    ];
+    for (env, args, needles) in cases {
+        let mut env = env.to_vec();
+        env.push(("PULLTHROUGH_DATA_DIR", data));
+        let out = pullthrough(&env, args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
+        for needle in *needles {
+            assert!(
+                stderr.contains(needle),
+                "{args:?}: {needle:?} not in {stderr}"
+            );
+        }
+        assert!(!stderr.contains("known keys are"), "{stderr}");
+    }
+
+    // The health check says the same of its URL, and names the cause when nothing answers.
+    let out = pullthrough(&[], &["healthcheck", "--url", "127.0.0.1:5000"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("http:// or https://"), "{stderr}");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let out = pullthrough(&[], &["healthcheck", "--url", &url]);
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.to_lowercase().contains("connection refused"),
+        "{stderr}"
+    );
+    let out = pullthrough(
+        &[("PULLTHROUGH_DATA_DIR", data)],
+        &["warm", "--url", &url, "alpine"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let printed = String::from_utf8([out.stdout, out.stderr].concat()).unwrap();
+    assert!(
+        printed.to_lowercase().contains("connection refused"),
+        "warm names the cause: {printed}"
+    );
+}
+
+#[test]
+fn listen_takes_a_host_name() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pullthrough"))
+        .args(["--listen", "localhost:0"])
+        .env("PULLTHROUGH_DATA_DIR", dir.path().join("cache"))
+        .env("PULLTHROUGH_LOG_FORMAT", "text")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let line = std::io::BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+        .find(|l| l.contains("listening"));
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = line.expect("it starts and listens");
+    assert!(
+        line.contains("addr=127.0.0.1:") || line.contains("addr=[::1]:"),
+        "{line}"
+    );
+}

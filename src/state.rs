@@ -246,6 +246,17 @@ impl AppState {
                 })
             }));
         }
+        // One line per upstream, so a first run shows what it will ask and with what.
+        for p in std::iter::once(&proxy).chain(&others) {
+            let (_, _, tags) = p.manifests.sizes();
+            tracing::info!(
+                host = %p.name(),
+                url = %p.upstream.base(),
+                credentials = p.upstream.has_credentials(),
+                tags,
+                "upstream"
+            );
+        }
         let mut default_names: Vec<String> = if config.namespaces.is_empty() {
             crate::config::DOCKER_HUB_NAMES
                 .iter()

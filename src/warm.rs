@@ -102,15 +102,19 @@ pub struct Summary {
     pub bytes_fetched: u64,
     /// What it cost upstream.
     pub upstream: UpstreamCost,
+    /// pullthrough's default upstream is Docker Hub (which counts manifest GETs as pulls), as
+    /// its stats say.
+    pub docker_hub: bool,
 }
 
 impl Summary {
     /// One line.
     pub fn line(&self) -> String {
         let upstream = match self.upstream {
-            UpstreamCost::ManifestGets(n) => {
+            UpstreamCost::ManifestGets(n) if self.docker_hub => {
                 format!("upstream manifest GETs (Docker Hub pulls): {n}")
             }
+            UpstreamCost::ManifestGets(n) => format!("upstream manifest GETs: {n}"),
             UpstreamCost::Unknown(why) => format!("upstream manifest GETs: unknown ({why})"),
         };
         format!(
@@ -356,9 +360,12 @@ fn is_cached(response: &reqwest::Response) -> bool {
         .is_some_and(Outcome::from_cache)
 }
 
-/// Manifest GETs pullthrough has sent upstream so far, from its stats; or why they are
-/// unknown.
-async fn manifest_gets(client: &reqwest::Client, request: &Request) -> Result<u64, &'static str> {
+/// Manifest GETs pullthrough has sent upstream so far, from its stats, and whether its
+/// default upstream is Docker Hub (which counts them as pulls); or why they are unknown.
+async fn manifest_gets(
+    client: &reqwest::Client,
+    request: &Request,
+) -> Result<(u64, bool), &'static str> {
     const UNREADABLE: &str = "the stats endpoint could not be read";
     let url = format!("{}/_pullthrough/stats", request.url.trim_end_matches('/'));
     let mut get = client.get(url).timeout(SMALL_TIMEOUT);
@@ -386,12 +393,17 @@ async fn manifest_gets(client: &reqwest::Client, request: &Request) -> Result<u6
         .get("counters")
         .filter(|c| c.is_object())
         .ok_or(UNREADABLE)?;
-    counters["upstream_requests"]["manifest_get"]
+    let gets = counters["upstream_requests"]["manifest_get"]
         .as_object()
         .into_iter()
         .flat_map(|by_status| by_status.values())
         .try_fold(0u64, |sum, n| sum.checked_add(n.as_u64()?))
-        .ok_or(UNREADABLE)
+        .ok_or(UNREADABLE)?;
+    let docker_hub = stats["upstreams"][0]["host"].as_str().is_some_and(|host| {
+        let host = host.split(':').next().unwrap_or(host);
+        crate::config::DOCKER_HUB_NAMES.contains(&host)
+    });
+    Ok((gets, docker_hub))
 }
 
 /// The cost between two readings of the stats.
@@ -425,7 +437,8 @@ pub async fn warm(request: &Request, report: &dyn Report) -> Summary {
         }
     }
     let after = manifest_gets(&client, request).await;
-    summary.upstream = cost(before, after);
+    summary.docker_hub = after.is_ok_and(|(_, hub)| hub);
+    summary.upstream = cost(before.map(|(n, _)| n), after.map(|(n, _)| n));
     summary
 }
 
@@ -686,5 +699,17 @@ mod tests {
         assert!(summary.line().ends_with(
             "; upstream manifest GETs: unknown (the stats endpoint needs the admin token)"
         ));
+        // "Docker Hub pulls" only where Docker Hub is the upstream.
+        let mut summary = Summary {
+            upstream: UpstreamCost::ManifestGets(5),
+            ..Summary::default()
+        };
+        assert!(summary.line().ends_with("; upstream manifest GETs: 5"));
+        summary.docker_hub = true;
+        assert!(
+            summary
+                .line()
+                .ends_with("; upstream manifest GETs (Docker Hub pulls): 5")
+        );
     }
 }

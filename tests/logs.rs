@@ -323,3 +323,50 @@ async fn the_first_braking_of_an_address_logs_one_warning() {
         "one warning, not one per refusal: {all}"
     );
 }
+
+#[tokio::test]
+async fn the_access_log_names_the_upstream_and_keeps_the_query_without_secrets() {
+    let hub = FakeHub::start().await;
+    let image = Image::single("logged", support::DOCKER_MANIFEST, 100);
+    hub.push("library/logged", "1", &image);
+    let mut running = Running::start(&[("PULLTHROUGH_UPSTREAM", hub.url.as_str())]);
+    let url = running.url();
+    // One startup line per upstream: host, URL, credentials, tags.
+    let startup = running
+        .seen
+        .iter()
+        .find(|l| l.contains(" upstream ") && l.contains("credentials="))
+        .cloned()
+        .unwrap_or_else(|| running.wait_for("credentials="));
+    assert!(
+        startup.contains(&format!("url={}", hub.url)) && startup.contains("credentials=false"),
+        "{startup}"
+    );
+    let client = support::client();
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let r = client.get(format!("{url}{path}")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let r = client
+        .get(format!(
+            "{url}/v2/library/logged/manifests/1?ns=docker.io&access_token=s3cr3t"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let line = running.wait_for("path=\"/v2/library/logged");
+    assert!(
+        line.contains("?ns=docker.io&access_token=<redacted>") && !line.contains("s3cr3t"),
+        "{line}"
+    );
+    let host = hub.url.trim_start_matches("http://");
+    assert!(line.contains(&format!("upstream=\"{host}\"")), "{line}");
+    let all = running.all(Duration::from_millis(300));
+    for probe in ["/healthz", "/readyz", "/metrics"] {
+        assert!(
+            !all.contains(probe),
+            "{probe} is logged at debug only: {all}"
+        );
+    }
+}

@@ -362,3 +362,27 @@ async fn a_host_prefix_not_configured_is_never_asked_of_any_upstream() {
     assert_eq!(error_code(r).await, "MANIFEST_UNKNOWN");
     assert!(asked.load(std::sync::atomic::Ordering::SeqCst) > 0);
 }
+
+#[tokio::test]
+async fn words_for_a_registry_that_is_not_docker_hub() {
+    let (url, _asked) = plain_registry().await;
+    let proxy = TestProxy::start_with_upstream(&url).await;
+    // Learn what the upstream is, as the first pull does.
+    let _ = proxy.get("/v2/team/app/manifests/1").await;
+    let page = proxy.get("/").await.text().await.unwrap();
+    assert!(
+        page.contains("<b id=\"budget\">none reported by this registry</b>"),
+        "{page}"
+    );
+    let explain: serde_json::Value = proxy
+        .get("/_pullthrough/cache/team/app/manifests/1?explain=pull")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let summary = explain["summary"].as_str().unwrap();
+    assert!(
+        summary.contains("manifest GET") && !summary.contains("Docker Hub"),
+        "{summary}"
+    );
+}

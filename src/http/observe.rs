@@ -44,8 +44,15 @@ pub async fn observe(State(state): State<Arc<AppState>>, request: Request, next:
         .unwrap_or_else(new_id);
     let kind = RequestKind::of_path(request.uri().path());
     let method = request.method().clone();
+    // Health probes and metric scrapes come every few seconds: logged at debug only.
+    let probe = matches!(request.uri().path(), "/healthz" | "/readyz" | "/metrics");
+    let level_on = if probe {
+        tracing::enabled!(tracing::Level::DEBUG)
+    } else {
+        tracing::enabled!(tracing::Level::INFO)
+    };
     // Copy the path only when someone will see the event (benchmarks run at RUST_LOG=warn).
-    let path = tracing::enabled!(tracing::Level::INFO).then(|| request.uri().path().to_owned());
+    let path = level_on.then(|| logged_path(request.uri()));
     let span = tracing::info_span!("request", request_id = id.to_str().unwrap_or("-"));
     let mut response = next.run(request).instrument(span.clone()).await;
     let elapsed = started.elapsed();
@@ -68,17 +75,55 @@ pub async fn observe(State(state): State<Arc<AppState>>, request: Request, next:
     );
     if let Some(path) = path {
         let upstream_ms = answer.upstream_wait.map(millis);
+        let upstream = answer.routed.and_then(|r| state.metrics.host(r));
         span.in_scope(|| {
-            tracing::info!(
-                %method,
-                path,
-                status,
-                cache = outcome.map_or("-", Outcome::as_str),
-                upstream_ms,
-                elapsed_ms = millis(elapsed),
-                "request"
-            );
+            if probe {
+                tracing::debug!(%method, path, status, elapsed_ms = millis(elapsed), "request");
+            } else {
+                tracing::info!(
+                    %method,
+                    path,
+                    status,
+                    upstream,
+                    cache = outcome.map_or("-", Outcome::as_str),
+                    upstream_ms,
+                    elapsed_ms = millis(elapsed),
+                    "request"
+                );
+            }
         });
     }
     response
+}
+
+/// The path and query as the access log shows them: the values of query keys that may carry
+/// a secret (`token`, `password`, `secret`, `key`, `auth`, `signature`, `credential`) are
+/// replaced by `<redacted>`.
+fn logged_path(uri: &axum::http::Uri) -> String {
+    let Some(query) = uri.query() else {
+        return uri.path().to_owned();
+    };
+    const SECRET: [&str; 7] = [
+        "token",
+        "password",
+        "secret",
+        "key",
+        "auth",
+        "signature",
+        "credential",
+    ];
+    let mut shown = String::with_capacity(uri.path().len() + 1 + query.len());
+    shown.push_str(uri.path());
+    for (i, pair) in query.split('&').enumerate() {
+        shown.push(if i == 0 { '?' } else { '&' });
+        let key = pair.split('=').next().unwrap_or_default();
+        let lower = key.to_ascii_lowercase();
+        if pair.contains('=') && SECRET.iter().any(|s| lower.contains(s)) {
+            shown.push_str(key);
+            shown.push_str("=<redacted>");
+        } else {
+            shown.push_str(pair);
+        }
+    }
+    shown
 }

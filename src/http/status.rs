@@ -70,7 +70,9 @@ pub async fn page(State(state): State<Arc<AppState>>, request: axum::extract::Re
     let blobs = c.totals.requests.get("blob").cloned().unwrap_or_default();
     let budget = match (stats.rate_limit.remaining, stats.rate_limit.limit) {
         (Some(r), Some(l)) => format!("{r} of {l}"),
-        _ => "not reported yet".to_owned(),
+        // Docker Hub reports its budget on manifest answers; most registries never do.
+        _ if state.docker_hub_known() => "not reported yet".to_owned(),
+        _ => "none reported by this registry".to_owned(),
     };
     let listing = if private {
         Vec::new()

@@ -358,6 +358,11 @@ impl UpstreamMetrics {
 }
 
 impl Metrics {
+    /// The registry host a request was routed to, as the access log names it.
+    pub fn host(&self, routed: Routed) -> Option<&str> {
+        self.hosts.get(routed.0).map(String::as_str)
+    }
+
     /// Counters for the upstreams named `hosts` (the registry hosts, the default first).
     pub fn new(hosts: Vec<String>) -> Arc<Metrics> {
         let hosts = if hosts.is_empty() {

@@ -447,8 +447,14 @@ impl Proxy {
         } else if steps.is_empty() {
             "no upstream request: everything is cached and fresh".to_owned()
         } else {
+            // Docker Hub counts manifest GETs as pulls; other registries say what they count.
+            let pulls = if self.upstream.known_docker_hub() {
+                " (Docker Hub pulls)"
+            } else {
+                ""
+            };
             format!(
-                "{manifest_gets} manifest GET(s) (Docker Hub pulls), {heads} HEAD(s), {blob_gets} blob GET(s) ({blob_bytes} bytes){}",
+                "{manifest_gets} manifest GET(s){pulls}, {heads} HEAD(s), {blob_gets} blob GET(s) ({blob_bytes} bytes){}",
                 if more_unknown {
                     ", and more once the missing manifests are known"
                 } else {

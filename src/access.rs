@@ -189,6 +189,7 @@ enum Offered<'a> {
     /// Nothing usable as a login: no header, or Basic with an empty user and password.
     Nothing,
     Token(&'a str),
+    /// `user:password`, as sent (the key of remembered logins).
     Basic {
         text: String,
     },
@@ -266,11 +267,10 @@ impl Access {
         }
         // The dearest cost in the file: an unknown name then never answers faster than a
         // known one.
-        let dummy = users
-            .values()
-            .filter_map(|h| bcrypt_cost(h))
+        let dummy = costs
+            .iter()
             .max()
-            .map(|cost| bcrypt::hash("pullthrough: no such user", cost.clamp(4, 31)))
+            .map(|cost| bcrypt::hash("pullthrough: no such user", (*cost).clamp(4, 31)))
             .transpose()
             .map_err(|e| anyhow::anyhow!("invalid value for key \"htpasswd\": {e}"))?;
         let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
@@ -306,7 +306,7 @@ impl Access {
         peer: Option<IpAddr>,
     ) -> Result<Identity, Refusal> {
         const WRONG: Refusal = Refusal::Unauthenticated("wrong user name, password or token");
-        let (user, text) = match offered(authorization) {
+        let text = match offered(authorization) {
             Offered::Nothing => return Ok(Identity::Anonymous),
             Offered::Token(token) => {
                 if let Some(name) = self.tokens.get(&hash(token.as_bytes())) {
@@ -320,18 +320,18 @@ impl Access {
                 self.strike(peer, "")?;
                 return Err(WRONG);
             }
-            Offered::Basic { text } => (text.split_once(':').map(|(u, _)| u.to_owned()), text),
+            Offered::Basic { text } => text,
         };
-        let user = user.unwrap_or_default();
         let key = hash(text.as_bytes());
         if let Some(user) = self.verified.get(&key) {
             return Ok(Identity::User(user));
         }
-        let attempt = self.attempt(peer, &user)?;
-        let password = text.split_once(':').map_or("", |(_, p)| p).to_owned();
-        if self.verify(&user, password, attempt).await {
-            self.verified.insert(key, user.clone());
-            return Ok(Identity::User(user));
+        // `offered` made sure of the colon.
+        let (user, password) = text.split_once(':').unwrap_or_default();
+        let attempt = self.attempt(peer, user)?;
+        if self.verify(user, password.to_owned(), attempt).await {
+            self.verified.insert(key, user.to_owned());
+            return Ok(Identity::User(user.to_owned()));
         }
         Err(WRONG)
     }

@@ -24,6 +24,7 @@ pub struct Config {
     #[serde(deserialize_with = "listen_address")]
     pub listen: SocketAddr,
     /// Registry to pull through.
+    #[serde(deserialize_with = "registry_url")]
     pub upstream: Url,
     /// How long a tag → digest answer is trusted before it is revalidated with an upstream HEAD.
     #[serde(with = "humantime_serde")]
@@ -149,6 +150,7 @@ pub struct UpstreamConfig {
     /// The registry name clients use: `ghcr.io`, `quay.io`, `registry.example:5000`.
     pub host: String,
     /// Where to reach it.
+    #[serde(deserialize_with = "registry_url")]
     pub url: Url,
     /// Account name.
     #[serde(default)]
@@ -864,14 +866,7 @@ fn describe(figment: &Figment, e: figment::Error) -> ConfigError {
         _ if key.contains("password") || key.contains("token") => {
             "must be a string (quote it in the file)".to_owned()
         }
-        kind => {
-            let text = kind.to_string();
-            if text.contains("relative URL without a base") {
-                "a URL needs http:// or https:// in front".to_owned()
-            } else {
-                text
-            }
-        }
+        kind => kind.to_string(),
     };
     let place = if key.is_empty() {
         "configuration".to_owned()
@@ -910,11 +905,21 @@ pub fn resolve_listen(text: &str) -> Result<SocketAddr, String> {
     }
 }
 
+/// A registry URL from the file or the environment, read as [`parse_url`] reads a flag.
+fn registry_url<'de, D: Deserializer<'de>>(d: D) -> Result<Url, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_url(&text).map_err(serde::de::Error::custom)
+}
+
 /// An upstream or other registry URL, with a message that says what a bare `host:port` lacks.
 pub fn parse_url(text: &str) -> Result<Url, String> {
     let hint = || format!("a URL needs http:// or https:// in front, e.g. http://{text}");
     match Url::parse(text) {
         Ok(url) if matches!(url.scheme(), "http" | "https") => Ok(url),
+        Ok(url) if text.contains("://") => Err(format!(
+            "must be an http:// or https:// URL, not {}://",
+            url.scheme()
+        )),
         // `127.0.0.1:5000` parses as a URL of scheme "127.0.0.1"; `host:5000` of scheme "host".
         Ok(_) | Err(url::ParseError::RelativeUrlWithoutBase) => Err(hint()),
         Err(e) => Err(format!("{text:?} is not a URL: {e}")),

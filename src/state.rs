@@ -45,6 +45,21 @@ pub struct Stats {
     pub upstreams: Vec<UpstreamStats>,
 }
 
+impl Stats {
+    /// What anyone but the admin may see: no recent upstream errors (they name images), and
+    /// the registries by the names clients use, not the URLs they are reached at.
+    pub fn redacted(mut self) -> Stats {
+        self.counters.recent_upstream_errors.clear();
+        self.upstream = self
+            .upstreams
+            .first()
+            .map(|u| u.host.clone())
+            .unwrap_or_default();
+        self.upstreams.iter_mut().for_each(|u| u.url.clear());
+        self
+    }
+}
+
 /// What the stats endpoint answers for one upstream.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct UpstreamStats {
@@ -526,18 +541,16 @@ impl AppState {
         authorization: Option<&str>,
         peer: Option<std::net::IpAddr>,
         proxy: &Proxy,
-        default: bool,
         repository: &str,
     ) -> Result<(), Error> {
         let Some(access) = &self.access else {
             return Ok(());
         };
-        let upstream = if default { "docker.io" } else { proxy.name() };
         let identity = Box::pin(access.identify(authorization, peer))
             .await
             .map_err(refused)?;
         access
-            .allows(&identity, upstream, repository)
+            .allows(&identity, self.rule_host(proxy), repository)
             .map_err(refused)
     }
 

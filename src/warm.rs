@@ -236,20 +236,15 @@ impl Repo<'_> {
     /// applies), checked against `digest` when fetched by digest.
     async fn manifest(&self, reference: &str, digest: Option<&Digest>) -> Result<Fetched, String> {
         let what = format!("manifest {}:{reference}", self.name);
-        let response = self
+        let request = self
             .client
             .get(format!(
                 "{}/v2/{}/manifests/{reference}",
                 self.url, self.name
             ))
             .header(reqwest::header::ACCEPT, ACCEPT)
-            .timeout(SMALL_TIMEOUT)
-            .send()
-            .await
-            .map_err(|e| format!("{what}: {}", cause(&e)))?;
-        if !response.status().is_success() {
-            return Err(format!("{what}: {}", status_error(response).await));
-        }
+            .timeout(SMALL_TIMEOUT);
+        let response = send(&what, request).await?;
         let cached = is_cached(&response);
         let too_big = || format!("{what}: larger than {MAX_MANIFEST_BYTES} bytes");
         if response
@@ -277,15 +272,10 @@ impl Repo<'_> {
     async fn blob(&self, blob: &Descriptor) -> Result<(u64, bool), String> {
         let (digest, declared) = (&blob.digest, blob.size);
         let what = format!("blob {digest}");
-        let mut response = self
+        let request = self
             .client
-            .get(format!("{}/v2/{}/blobs/{digest}", self.url, self.name))
-            .send()
-            .await
-            .map_err(|e| format!("{what}: {}", cause(&e)))?;
-        if !response.status().is_success() {
-            return Err(format!("{what}: {}", status_error(response).await));
-        }
+            .get(format!("{}/v2/{}/blobs/{digest}", self.url, self.name));
+        let mut response = send(&what, request).await?;
         let cached = is_cached(&response);
         let wrong_size = |n: u64| format!("{what}: {n} bytes, its manifest says {declared}");
         if let Some(n) = response.content_length().filter(|&n| n != declared) {
@@ -316,6 +306,19 @@ impl Repo<'_> {
         }
         Ok((size, cached))
     }
+}
+
+/// Sends `request` for `what`; a failure, or an answer other than 2xx, is a printable error
+/// naming `what` and the cause.
+async fn send(what: &str, request: reqwest::RequestBuilder) -> Result<reqwest::Response, String> {
+    let response = request
+        .send()
+        .await
+        .map_err(|e| format!("{what}: {}", cause(&e)))?;
+    if !response.status().is_success() {
+        return Err(format!("{what}: {}", status_error(response).await));
+    }
+    Ok(response)
 }
 
 /// The first `limit` bytes of `response`'s body, and whether that was all of it. Reading

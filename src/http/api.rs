@@ -14,12 +14,11 @@ use crate::registry::{Digest, Reference, RepoName};
 use crate::state::{AppState, Viewer};
 use axum::Router;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{ConnectInfo, Extension, Path, Query, Request, State};
+use axum::extract::{Extension, Path, Query, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 /// The `/_pullthrough` routes.
@@ -93,10 +92,7 @@ async fn guard(State(state): State<Arc<AppState>>, mut request: Request, next: N
             }
         },
         None if request.method() == Method::DELETE => {
-            let loopback = request
-                .extensions()
-                .get::<ConnectInfo<SocketAddr>>()
-                .is_some_and(|c| c.0.ip().to_canonical().is_loopback());
+            let loopback = super::peer_ip(&request).is_some_and(|ip| ip.is_loopback());
             if !loopback {
                 return unauthorized(
                     "purging is accepted only from a loopback client unless admin_token is set",
@@ -105,14 +101,7 @@ async fn guard(State(state): State<Arc<AppState>>, mut request: Request, next: N
         }
         None => {}
     }
-    let authorization = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    let peer = request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip().to_canonical());
+    let (authorization, peer) = (super::authorization(&request), super::peer_ip(&request));
     let viewer = match state.viewer(admin, authorization, peer).await {
         Ok(viewer) => viewer,
         Err(e) => return e.into_response(),
@@ -325,12 +314,9 @@ async fn stats(
     State(state): State<Arc<AppState>>,
     Extension(viewer): Extension<Viewer>,
 ) -> Response {
-    let mut stats = state.stats();
-    if viewer != Viewer::Admin {
-        // Errors name images, and URLs say where the mirror reaches: the admin's to know.
-        stats.counters.recent_upstream_errors.clear();
-        stats.upstream.clear();
-        stats.upstreams.iter_mut().for_each(|u| u.url.clear());
-    }
+    let stats = match viewer {
+        Viewer::Admin => state.stats(),
+        _ => state.stats().redacted(),
+    };
     json(StatusCode::OK, &stats)
 }

@@ -61,11 +61,10 @@ impl IntoResponse for Error {
                 let secs = retry_after.map(|d| d.as_secs().max(1)).unwrap_or(60);
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
             }
+            // Whole seconds rounded up by the brake, never 0.
             Error::LoginsBraked { retry_after, .. } => {
-                headers.insert(
-                    header::RETRY_AFTER,
-                    HeaderValue::from(retry_after.as_secs().max(1)),
-                );
+                let secs = retry_after.as_secs().max(1);
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
             }
             Error::RangeInvalid { size } => {
                 if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {

@@ -190,7 +190,6 @@ async fn serve(
             authorization(&request),
             peer_ip(&request),
             &proxy,
-            default,
             target.name().as_str(),
         )
         .await?;

@@ -46,20 +46,11 @@ pub async fn page(State(state): State<Arc<AppState>>, request: axum::extract::Re
         Err(e) => return e.into_response(),
     };
     let (private, admin) = (viewer == Viewer::Nobody, viewer == Viewer::Admin);
-    let mut stats = state.stats();
-    if !admin {
-        stats.counters.recent_upstream_errors.clear();
-        // The registry by the name clients use, not the URL it is reached at.
-        stats.upstream = stats
-            .upstreams
-            .first()
-            .map(|u| u.host.clone())
-            .unwrap_or_default();
-        stats
-            .upstreams
-            .iter_mut()
-            .for_each(|u| u.url = "–".to_owned());
-    }
+    let stats = if admin {
+        state.stats()
+    } else {
+        state.stats().redacted()
+    };
     let c = &stats.counters;
     let manifests = c
         .totals
@@ -126,7 +117,11 @@ pub async fn page(State(state): State<Arc<AppState>>, request: axum::extract::Re
             "<tr><td>{}{}</td><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
             esc(&u.host),
             if u.default { " (default)" } else { "" },
-            esc(&u.url),
+            if u.url.is_empty() {
+                "–".to_owned()
+            } else {
+                esc(&u.url)
+            },
             percent(manifests.hit_ratio),
             u.counters.pulls_saved,
             gets,

@@ -397,19 +397,10 @@ async fn http2_streams_with_no_window_are_capped_and_closed_after_the_idle_timeo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_streams_with_no_window_over_tls_are_capped_and_closed_after_the_idle_timeout() {
     const NAME: &str = "pullthrough.test";
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let leaf = rcgen::CertificateParams::new(vec![NAME.to_owned()])
-        .unwrap()
-        .signed_by(&key, &issuer)
-        .unwrap();
+    let (ca, cert, key) = support::ca_and_certificate(NAME);
     let certs = tempfile::tempdir().unwrap();
-    std::fs::write(certs.path().join("cert.pem"), leaf.pem()).unwrap();
-    std::fs::write(certs.path().join("key.pem"), key.serialize_pem()).unwrap();
+    std::fs::write(certs.path().join("cert.pem"), cert).unwrap();
+    std::fs::write(certs.path().join("key.pem"), key).unwrap();
     let (_hub, proxy, blob, path) = blob_behind_proxy(|c| {
         c.tls_cert = Some(certs.path().join("cert.pem"));
         c.tls_key = Some(certs.path().join("key.pem"));
@@ -419,7 +410,7 @@ async fn http2_streams_with_no_window_over_tls_are_capped_and_closed_after_the_i
     let uri = format!("https://{NAME}:{port}{path}");
     let trusting = reqwest::Client::builder()
         .no_proxy()
-        .tls_certs_only([reqwest::Certificate::from_der(ca.der()).unwrap()])
+        .tls_certs_only([reqwest::Certificate::from_pem(ca.as_bytes()).unwrap()])
         .resolve(NAME, addr(&proxy).parse().unwrap())
         .build()
         .unwrap();
@@ -427,7 +418,10 @@ async fn http2_streams_with_no_window_over_tls_are_capped_and_closed_after_the_i
     assert_eq!(cached.bytes().await.unwrap(), blob);
 
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca.der().clone()).unwrap();
+    use rustls::pki_types::pem::PemObject as _;
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_slice(ca.as_bytes()).unwrap())
+        .unwrap();
     let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

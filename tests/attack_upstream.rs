@@ -252,6 +252,30 @@ async fn a_resume_at_the_wrong_offset_aborts_and_nothing_is_stored() {
     .expect("test hung");
 }
 
+/// `up` answers its ping, and acme/app's manifests, with a challenge naming `realm`, and
+/// serves `image` as those manifests to requests that carry `Bearer <token>`.
+fn challenge_with(up: &Hostile, realm: &str, image: &Image, token: &str) {
+    let challenge = format!(r#"Bearer realm="{realm}",service="hostile""#);
+    up.answer_ping(Duration::ZERO, Some(challenge.clone()));
+    let (served, expected) = (image.clone(), format!("Bearer {token}"));
+    up.on(Method::GET, "/v2/acme/app/manifests/", move |r, _| {
+        if r.header("authorization") == expected {
+            manifest_response(&served)
+        } else {
+            unauthorized(&format!(r#"{challenge},scope="repository:acme/app:pull""#))
+        }
+    });
+}
+
+/// A token endpoint's answer granting `token`.
+fn token_json(token: &str) -> axum::response::Response {
+    respond(
+        200,
+        &[("content-type", "application/json")],
+        format!(r#"{{"token":"{token}","expires_in":300}}"#),
+    )
+}
+
 #[tokio::test]
 async fn an_absurd_retry_after_pauses_at_most_an_hour_and_breaks_nothing() {
     tokio::time::timeout(TEST_LIMIT, async {
@@ -273,11 +297,7 @@ async fn an_absurd_retry_after_pauses_at_most_an_hour_and_breaks_nothing() {
             // (a) The pause holds, bounded by max_upstream_pause (1 h by default).
             let r = proxy.get("/v2/acme/b/manifests/1").await;
             assert_eq!(r.status(), 429, "Retry-After {retry_after}: paused");
-            let secs: u64 = r.headers()["retry-after"]
-                .to_str()
-                .unwrap()
-                .parse()
-                .unwrap();
+            let secs: u64 = support::retry_after(&r);
             assert!(
                 (1..=3600).contains(&secs),
                 "Retry-After {retry_after}: paused for {secs} s"
@@ -395,32 +415,15 @@ async fn a_token_realm_redirect_never_carries_the_password_to_another_host() {
             Hostile::start().await,
         );
         // The realm is on the upstream's own host (so trusted), another port.
-        let challenge = format!(
-            r#"Bearer realm="http://127.0.0.1:{}/token",service="hostile""#,
-            realm.port
-        );
-        up.answer_ping(Duration::ZERO, Some(challenge.clone()));
         let image = Image::single("redirect", DOCKER_MANIFEST, 1000);
-        let served = image.clone();
-        up.on(Method::GET, "/v2/acme/app/manifests/", move |r, _| {
-            if r.header("authorization") == "Bearer good" {
-                manifest_response(&served)
-            } else {
-                unauthorized(&format!(r#"{challenge},scope="repository:acme/app:pull""#))
-            }
-        });
+        let token_url = format!("http://127.0.0.1:{}/token", realm.port);
+        challenge_with(&up, &token_url, &image, "good");
         // "localhost" is another host than "127.0.0.1" as far as credentials go.
         let steal = format!("http://localhost:{}/steal", thief.port);
         realm.on(Method::POST, "/token", move |_, _| {
             respond(307, &[("location", steal.as_str())], "")
         });
-        realm.on(Method::GET, "/token", |_, _| {
-            respond(
-                200,
-                &[("content-type", "application/json")],
-                r#"{"token":"good","expires_in":300}"#,
-            )
-        });
+        realm.on(Method::GET, "/token", |_, _| token_json("good"));
         let proxy = proxy_for(&up.url, |c| {
             c.upstream_username = Some("alice".into());
             c.upstream_password = Some(Secret(PASSWORD.into()));
@@ -770,11 +773,9 @@ async fn a_token_realm_on_a_private_or_link_local_address_is_never_asked() {
             "http://192.168.1.1:5001/token",
         ] {
             let up = Hostile::start().await;
-            let challenge = format!(r#"Bearer realm="{realm}",service="hostile""#);
-            up.answer_ping(Duration::ZERO, Some(challenge.clone()));
-            up.on(Method::GET, "/v2/acme/app/manifests/", move |_, _| {
-                unauthorized(&format!(r#"{challenge},scope="repository:acme/app:pull""#))
-            });
+            // No token is ever granted: the realm is refused before it is asked.
+            let image = Image::single("refused-realm", DOCKER_MANIFEST, 10);
+            challenge_with(&up, realm, &image, "never");
             let proxy = proxy_for(&up.url, |c| {
                 c.upstream_username = Some("alice".into());
                 c.upstream_password = Some(Secret("hunter2-s3cr3t".into()));
@@ -812,27 +813,10 @@ async fn a_token_realm_by_name_on_the_upstreams_kind_of_address_is_asked() {
         let (up, realm) = (Hostile::start().await, Hostile::start().await);
         // "localhost" resolves to loopback, as the upstream 127.0.0.1 is: allowed, and
         // connected to at the addresses checked.
-        let challenge = format!(
-            r#"Bearer realm="http://localhost:{}/token",service="hostile""#,
-            realm.port
-        );
-        up.answer_ping(Duration::ZERO, Some(challenge.clone()));
         let image = Image::single("named-realm", DOCKER_MANIFEST, 1000);
-        let served = image.clone();
-        up.on(Method::GET, "/v2/acme/app/manifests/", move |r, _| {
-            if r.header("authorization") == "Bearer named" {
-                manifest_response(&served)
-            } else {
-                unauthorized(&format!(r#"{challenge},scope="repository:acme/app:pull""#))
-            }
-        });
-        realm.on(Method::GET, "/token", |_, _| {
-            respond(
-                200,
-                &[("content-type", "application/json")],
-                r#"{"token":"named","expires_in":300}"#,
-            )
-        });
+        let token_url = format!("http://localhost:{}/token", realm.port);
+        challenge_with(&up, &token_url, &image, "named");
+        realm.on(Method::GET, "/token", |_, _| token_json("named"));
         let proxy = proxy_for(&up.url, |_| {}).await;
 
         let got = proxy.get_ok("/v2/acme/app/manifests/1").await;
@@ -847,28 +831,13 @@ async fn a_token_realm_by_name_on_the_upstreams_kind_of_address_is_asked() {
 async fn a_token_endpoint_redirect_is_not_followed_even_on_its_own_host() {
     tokio::time::timeout(TEST_LIMIT, async {
         let (up, realm) = (Hostile::start().await, Hostile::start().await);
-        let challenge = format!(r#"Bearer realm="{}/token",service="hostile""#, realm.url);
-        up.answer_ping(Duration::ZERO, Some(challenge.clone()));
         let image = Image::single("token-redirect", DOCKER_MANIFEST, 1000);
-        let served = image.clone();
-        up.on(Method::GET, "/v2/acme/app/manifests/", move |r, _| {
-            if r.header("authorization") == "Bearer moved" {
-                manifest_response(&served)
-            } else {
-                unauthorized(&format!(r#"{challenge},scope="repository:acme/app:pull""#))
-            }
-        });
+        challenge_with(&up, &format!("{}/token", realm.url), &image, "moved");
         let moved = format!("{}/elsewhere", realm.url);
         realm.on(Method::GET, "/token", move |_, _| {
             respond(302, &[("location", moved.as_str())], "")
         });
-        realm.on(Method::GET, "/elsewhere", |_, _| {
-            respond(
-                200,
-                &[("content-type", "application/json")],
-                r#"{"token":"moved","expires_in":300}"#,
-            )
-        });
+        realm.on(Method::GET, "/elsewhere", |_, _| token_json("moved"));
         let proxy = proxy_for(&up.url, |_| {}).await;
 
         let (status, message) =

@@ -491,16 +491,7 @@ impl Drop for Netns {
 
 /// A CA and a certificate it signed for the IP address `ip`: (CA PEM, cert PEM, key PEM).
 fn ca_and_ip_certificate(ip: std::net::IpAddr) -> (String, String, String) {
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.subject_alt_names = vec![rcgen::SanType::IpAddress(ip)];
-    let key = rcgen::KeyPair::generate().unwrap();
-    let leaf = params.signed_by(&key, &issuer).unwrap();
-    (ca.pem(), leaf.pem(), key.serialize_pem())
+    support::ca_and_certificate(&ip.to_string())
 }
 
 /// Removes a directory when dropped.

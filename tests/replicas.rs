@@ -993,23 +993,14 @@ async fn replicas_serving_tls_stream_blobs_to_each_other_trusting_their_certific
     let s3 = S3::start().await;
     let redis = Redis::start();
     // A CA and a certificate for 127.0.0.1 it signed; the replicas' tls_cert file has both.
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
-        .unwrap()
-        .signed_by(&key, &issuer)
-        .unwrap();
+    let (ca, cert, key) = support::ca_and_certificate("127.0.0.1");
     let certs = tempfile::tempdir().unwrap();
     let (cert_file, key_file) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
-    std::fs::write(&cert_file, format!("{}{}", leaf.pem(), ca.pem())).unwrap();
-    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    std::fs::write(&cert_file, format!("{cert}{ca}")).unwrap();
+    std::fs::write(&key_file, key).unwrap();
     let client = reqwest::Client::builder()
         .no_proxy()
-        .tls_certs_only([reqwest::Certificate::from_pem(ca.pem().as_bytes()).unwrap()])
+        .tls_certs_only([reqwest::Certificate::from_pem(ca.as_bytes()).unwrap()])
         .build()
         .unwrap();
     let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();

@@ -235,11 +235,7 @@ async fn after_a_429_no_manifest_get_goes_out_until_retry_after() {
     hub.clear_faults();
     let r = proxy.get("/v2/library/limited/manifests/2").await;
     assert_eq!(r.status(), 429);
-    let retry: u64 = r.headers()["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let retry: u64 = support::retry_after(&r);
     assert!((1..=2).contains(&retry), "{retry}");
     assert_eq!(hub.count("manifest_get"), 1, "paused: no GET went upstream");
     tokio::time::sleep(Duration::from_millis(2100)).await;

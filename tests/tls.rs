@@ -11,15 +11,7 @@ const NAME: &str = "pullthrough.test";
 
 /// A CA, and a certificate for `pullthrough.test` it signed: (CA PEM, cert PEM, key PEM).
 fn ca_and_leaf() -> (String, String, String) {
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let params = rcgen::CertificateParams::new(vec![NAME.to_owned()]).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let leaf = params.signed_by(&key, &issuer).unwrap();
-    (ca.pem(), leaf.pem(), key.serialize_pem())
+    support::ca_and_certificate(NAME)
 }
 
 fn client(ca: &str, proxy: &TestProxy) -> reqwest::Client {
@@ -31,6 +23,25 @@ fn client(ca: &str, proxy: &TestProxy) -> reqwest::Client {
         .pool_max_idle_per_host(0)
         .build()
         .unwrap()
+}
+
+/// Waits (up to 15 s, the check runs every 5 s) until `proxy` serves a certificate of the
+/// CA `new`; then a new connection trusting only the CA `old` is refused (each client opens
+/// its own connection: HTTP/2 would reuse one).
+async fn rotated_to(proxy: &TestProxy, new: &str, old: &str, failure: &str) {
+    let rotated = client(new, proxy);
+    let started = Instant::now();
+    while rotated.get(https(proxy, "/v2/")).send().await.is_err() {
+        assert!(started.elapsed() < Duration::from_secs(15), "{failure}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        client(old, proxy)
+            .get(https(proxy, "/v2/"))
+            .send()
+            .await
+            .is_err()
+    );
 }
 
 fn https(proxy: &TestProxy, path: &str) -> String {
@@ -110,31 +121,13 @@ async fn pulls_over_https_and_a_rotated_certificate_needs_no_restart() {
 
     // Rotate to a certificate from the second CA: served within the check interval.
     write_pair(certs.path(), &cert2, &key2);
-    let rotated = client(&ca2, &proxy);
-    let started = Instant::now();
-    loop {
-        if rotated.get(https(&proxy, "/v2/")).send().await.is_ok() {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(15),
-            "the rotated certificate was not served"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert!(
-        client(&ca1, &proxy)
-            .get(https(&proxy, "/v2/"))
-            .send()
-            .await
-            .is_err()
-    );
+    rotated_to(&proxy, &ca2, &ca1, "the rotated certificate was not served").await;
 
     // A broken rotation keeps the certificate in use.
     std::fs::write(certs.path().join("cert.pem"), "not a certificate").unwrap();
     tokio::time::sleep(Duration::from_secs(6)).await;
     assert_eq!(
-        rotated
+        client(&ca2, &proxy)
             .get(https(&proxy, "/v2/"))
             .send()
             .await
@@ -220,23 +213,13 @@ async fn a_symlink_swap_to_files_with_the_same_times_is_picked_up() {
     assert_eq!(r.status(), 200);
 
     swap_symlink(&v2, &data);
-    let rotated = client(&ca2, &proxy);
-    let started = Instant::now();
-    while rotated.get(https(&proxy, "/v2/")).send().await.is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(15),
-            "the certificate behind the swapped symlink was not served"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    // A new connection (HTTP/2 would reuse the first one) gets the new certificate only.
-    assert!(
-        client(&ca1, &proxy)
-            .get(https(&proxy, "/v2/"))
-            .send()
-            .await
-            .is_err()
-    );
+    rotated_to(
+        &proxy,
+        &ca2,
+        &ca1,
+        "the certificate behind the swapped symlink was not served",
+    )
+    .await;
 }
 
 /// Log output kept for a test to read.

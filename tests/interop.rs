@@ -740,7 +740,7 @@ async fn skopeo_and_podman_without_a_login_pull_what_anonymous_rules_allow() {
     let dir = tempfile::tempdir().unwrap();
     let (_registry, upstream) = reference_registry(dir.path()).await;
     let open = push(dir.path(), &upstream, "library/app", "1");
-    push(dir.path(), &upstream, "team/app", "1");
+    let team = push(dir.path(), &upstream, "team/app", "1");
     let rule = pullthrough::config::AccessRule {
         upstream: "docker.io".into(),
         prefix: "library/".into(),
@@ -801,4 +801,24 @@ async fn skopeo_and_podman_without_a_login_pull_what_anonymous_rules_allow() {
         !refused.status.success(),
         "anonymous podman pulled team/app"
     );
+
+    // After `podman login` (credentials in its own auth file, sent as Basic on the challenge),
+    // the image no rule opens to anonymous clients pulls, and its manifest is the upstream's.
+    let auth_file = dir.path().join("auth.json");
+    run(podman(&storage)
+        .args(["login", "--tls-verify=false", "-u", "dev", "-p", "dev-pw"])
+        .arg("--authfile")
+        .arg(&auth_file)
+        .arg(&host));
+    run(podman(&storage)
+        .args(["pull", "--tls-verify=false", "--platform", "linux/amd64"])
+        .arg("--authfile")
+        .arg(&auth_file)
+        .arg(format!("{host}/team/app:1")));
+    let raw = run(skopeo()
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg("--authfile")
+        .arg(&auth_file)
+        .arg(format!("docker://{host}/team/app:1")));
+    assert_eq!(sha256(&raw), team);
 }

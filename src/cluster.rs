@@ -10,7 +10,7 @@
 //! (each replica goes on as an independent cache over the shared storage), the failure is
 //! logged once per spell, and Redis is asked again after a short rest.
 
-use crate::manifests::now_ms;
+use crate::clock::now_ms;
 use crate::resting::Resting;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::sync::Arc;

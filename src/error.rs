@@ -1,8 +1,13 @@
 //! Why a request failed, in registry terms. Rendered once, by `http::error`, as the
-//! distribution-spec error envelope; nothing here knows about HTTP frameworks.
+//! distribution-spec error envelope; nothing here knows about HTTP frameworks. A leaf: the
+//! mapping of upstream failures to these errors lives in `proxy`.
 
-use crate::upstream;
+use std::sync::Arc;
 use std::time::Duration;
+
+/// A failure kept whole, with its own sources, and cheap to share among the waiters of one
+/// fetch.
+pub type Cause = Arc<dyn std::error::Error + Send + Sync>;
 
 /// A request failure, named by the registry error it becomes.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -76,61 +81,70 @@ pub enum Error {
         /// Upstream's message, if it sent one.
         message: Option<String>,
     },
-    /// Upstream failed or misbehaved.
-    #[error("upstream registry failed")]
-    Upstream(upstream::Error),
+    /// Upstream failed or misbehaved: the message names the cause class ("upstream
+    /// unreachable: connection refused"), the source keeps the whole chain for the log.
+    #[error("upstream registry failed: {0}")]
+    Upstream(#[source] Cause),
     /// Local storage failed.
     #[error("local storage failed")]
-    Storage(String),
+    Storage(#[source] Arc<std::io::Error>),
+    /// A background task (a download, a blocking write) ended without an answer.
+    #[error("a background task failed")]
+    Task(#[source] Arc<tokio::task::JoinError>),
 }
 
 impl Error {
-    /// Maps an upstream failure for a manifest request.
-    pub fn manifest(e: upstream::Error) -> Error {
-        match e {
-            upstream::Error::NotFound => Error::ManifestUnknown("manifest unknown".into()),
-            other => Error::from(other),
-        }
-    }
-
-    /// Upstream answered something a registry must not.
-    pub fn upstream_invalid(why: impl Into<String>) -> Error {
-        Error::Upstream(upstream::Error::BadResponse(why.into()))
-    }
-
-    /// Maps an upstream failure for a blob request.
-    pub fn blob(e: upstream::Error) -> Error {
-        match e {
-            upstream::Error::NotFound => Error::BlobUnknown,
-            other => Error::from(other),
-        }
-    }
-}
-
-impl From<upstream::Error> for Error {
-    fn from(e: upstream::Error) -> Error {
-        match e {
-            upstream::Error::NotFound | upstream::Error::Denied => Error::NameUnknown,
-            upstream::Error::TooManyRequests { retry_after } => {
-                Error::TooManyRequests { retry_after }
-            }
-            upstream::Error::Timeout => Error::GatewayTimeout,
-            upstream::Error::Rejected {
-                status,
-                code,
-                message,
-            } => Error::UpstreamRejected {
-                status,
-                code,
-                message,
-            },
-            other => Error::Upstream(other),
-        }
+    /// Local storage failed for a reason of pullthrough's own.
+    pub fn storage(why: &str) -> Error {
+        Error::Storage(Arc::new(std::io::Error::other(why.to_owned())))
     }
 }
 
 impl From<std::io::Error> for Error {
     fn from(e: std::io::Error) -> Error {
-        Error::Storage(e.to_string())
+        Error::Storage(Arc::new(e))
+    }
+}
+
+impl From<tokio::task::JoinError> for Error {
+    fn from(e: tokio::task::JoinError) -> Error {
+        Error::Task(Arc::new(e))
+    }
+}
+
+/// Shows an error and its sources in words, `outer: inner: innermost`, for the log (a source
+/// whose words its parent already says is left out).
+#[derive(Debug, Clone, Copy)]
+pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut said = self.0.to_string();
+        f.write_str(&said)?;
+        let mut next = self.0.source();
+        while let Some(cause) = next {
+            let text = cause.to_string();
+            if !said.contains(&text) {
+                write!(f, ": {text}")?;
+            }
+            said = text;
+            next = cause.source();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chain_says_every_cause_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
+        let e = Error::Upstream(Arc::new(Error::Storage(Arc::new(io))));
+        assert_eq!(
+            Chain(&e).to_string(),
+            "upstream registry failed: local storage failed: connection refused"
+        );
     }
 }

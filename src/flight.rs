@@ -62,12 +62,9 @@ where
             }
             .in_current_span(),
         );
-        let flight = async move {
-            task.await
-                .unwrap_or_else(|e| Err(Error::Storage(format!("background task failed: {e}"))))
-        }
-        .boxed()
-        .shared();
+        let flight = async move { task.await.unwrap_or_else(|e| Err(Error::from(e))) }
+            .boxed()
+            .shared();
         running.insert(key, flight.clone());
         flight
     }

@@ -9,6 +9,7 @@
 
 pub mod access;
 pub mod blobs;
+pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod disk;

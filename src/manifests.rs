@@ -3,6 +3,7 @@
 //! a manifest shared by several tags is held once. Digest entries never go stale; tag
 //! freshness is decided by [`TagPolicy`].
 
+use crate::clock::now_ms;
 use crate::disk::{Layout, Writes};
 use crate::objects::ObjectStorage;
 use crate::registry::{Digest, Manifest, MediaType, RepoName, Tag};
@@ -13,7 +14,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 /// What the index knows about a tag.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,14 +47,6 @@ impl TagEntry {
             held_back: None,
         }
     }
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
 }
 
 /// How far a tag answer can be trusted right now.

@@ -8,10 +8,11 @@
 //! a resume's `Content-Range`), a resume must continue exactly where the body broke off, and a
 //! follower never receives the blob's last byte before the digest verified.
 
-use super::{BlobBody, BlobMeta, BlobStore, ByteRange, CHUNK, ContentRange};
+use super::{BlobBody, BlobMeta, BlobStore, CHUNK};
 use crate::cluster::{Claim, Cluster, Lock};
 use crate::error::Error;
 use crate::metrics::Outcome;
+use crate::registry::{ByteRange, ContentRange};
 use crate::registry::{Digest, RepoName, Verifier};
 use crate::upstream::{Exchange, Upstream};
 use bytes::Bytes;
@@ -222,7 +223,7 @@ impl BlobStore {
         let progress = rx
             .wait_for(|p| p.started || p.outcome.is_some())
             .await
-            .map_err(|_| Error::Storage("download vanished".into()))?
+            .map_err(|_| Error::storage("download vanished"))?
             .clone();
         if let Some(Err(e)) = progress.outcome {
             return Err(e);
@@ -232,7 +233,9 @@ impl BlobStore {
             return self.when_stored(&mut rx, digest, range).await;
         }
         let bounds = match (range, progress.size) {
-            (Some(range), Some(size)) => Some(range.resolve(size)?),
+            (Some(range), Some(size)) => {
+                Some(range.resolve(size).ok_or(Error::RangeInvalid { size })?)
+            }
             // No size to resolve the range against: serve it from the stored file.
             (Some(_), None) => return self.when_stored(&mut rx, digest, range).await,
             (None, _) => None,
@@ -269,7 +272,7 @@ impl BlobStore {
         let done = rx
             .wait_for(|p| p.outcome.is_some())
             .await
-            .map_err(|_| Error::Storage("download vanished".into()))?
+            .map_err(|_| Error::storage("download vanished"))?
             .clone();
         done.outcome.unwrap_or(Ok(()))?;
         // Still reported as a miss: this request's download stored it.
@@ -297,9 +300,7 @@ impl BlobStore {
         }
         // Creating a file is blocking I/O: do it off the async workers and outside the lock.
         let layout = self.layout.clone();
-        let temp = tokio::task::spawn_blocking(move || layout.temp_file())
-            .await
-            .map_err(|e| Error::Storage(e.to_string()))??;
+        let temp = tokio::task::spawn_blocking(move || layout.temp_file()).await??;
         let (file, temp_path) = temp.into_parts();
         let download = {
             let mut downloads = self.downloads.lock();
@@ -337,7 +338,7 @@ impl BlobStore {
             let share = match &outcome {
                 Ok(share) => *share,
                 Err(e) => {
-                    tracing::warn!(%digest, repo = %name, error = %e, "blob download failed; nothing stored");
+                    tracing::warn!(%digest, repo = %name, error = %crate::error::Chain(e), "blob download failed; nothing stored");
                     None
                 }
             };
@@ -400,7 +401,7 @@ impl BlobStore {
             .await?;
         let size = source.size;
         if size.is_some_and(|s| s > self.limits.max) {
-            return Err(Error::upstream_invalid(
+            return Err(crate::proxy::failure::invalid(
                 "blob is larger than cache_max_disk; not fetched",
             ));
         }
@@ -432,7 +433,8 @@ impl BlobStore {
                 break;
             };
             if resumes == MAX_RESUMES {
-                return Err(Error::Upstream(crate::upstream::Error::Unreachable(
+                return Err(Error::from(crate::upstream::Error::unreachable(
+                    "body broke off",
                     format!(
                         "blob body broke off at {} bytes {MAX_RESUMES} times; last: {broken}",
                         writer.received
@@ -479,7 +481,7 @@ impl BlobStore {
             upstream
                 .head_blob(name, digest)
                 .await
-                .map_err(Error::blob)?;
+                .map_err(crate::proxy::failure::blob)?;
             download.confirmed.store(true, Ordering::Relaxed);
         }
         if source.private {
@@ -528,7 +530,7 @@ impl BlobStore {
                     let exchange = upstream
                         .get_blob(name, digest, None)
                         .await
-                        .map_err(Error::blob)?;
+                        .map_err(crate::proxy::failure::blob)?;
                     Ok(Source {
                         size: content_length(&exchange.response),
                         body: upstream_body(exchange),
@@ -607,7 +609,7 @@ impl BlobStore {
             }
             let end = writer.received.saturating_add(chunk.len() as u64);
             if writer.size.is_some_and(|size| end > size) || end > writer.max {
-                return Err(Error::upstream_invalid(
+                return Err(crate::proxy::failure::invalid(
                     "blob body is longer than its announced size",
                 ));
             }
@@ -643,7 +645,7 @@ impl BlobStore {
         if let Some(size) = size
             && size != written
         {
-            return Err(Error::upstream_invalid(format!(
+            return Err(crate::proxy::failure::invalid(format!(
                 "blob truncated at {written} of {size} bytes"
             )));
         }
@@ -657,7 +659,7 @@ impl BlobStore {
                     cluster.blob_deleted(&digest.to_string()).await;
                 }
             }
-            return Err(Error::upstream_invalid(format!(
+            return Err(crate::proxy::failure::invalid(format!(
                 "blob content has digest {got}, not {digest}"
             )));
         }
@@ -681,8 +683,7 @@ impl BlobStore {
             }
             temp.persist(&path).map_err(|e| e.error)
         })
-        .await
-        .map_err(|e| Error::Storage(e.to_string()))??;
+        .await??;
         let previous = self.index.lock().insert(
             digest.clone(),
             Arc::new(BlobMeta::new(written, true, private)),
@@ -762,7 +763,7 @@ impl Spool {
     async fn failure(&mut self) -> Error {
         match (&mut self.done).await {
             Ok(Err(e)) => e,
-            Ok(Ok(_)) | Err(_) => Error::Storage("blob spool stopped".into()),
+            Ok(Ok(_)) | Err(_) => Error::storage("blob spool stopped"),
         }
     }
 
@@ -771,7 +772,7 @@ impl Spool {
         let Spool { chunks, done } = self;
         drop(chunks);
         done.await
-            .map_err(|_| Error::Storage("blob spool stopped".into()))?
+            .map_err(|_| Error::storage("blob spool stopped"))?
     }
 }
 
@@ -902,7 +903,7 @@ async fn resume(
     let exchange = upstream
         .get_blob(name, digest, Some(&range))
         .await
-        .map_err(Error::blob)?;
+        .map_err(crate::proxy::failure::blob)?;
     let skip = fit(&exchange.response, writer)?;
     Ok((exchange, skip))
 }
@@ -911,7 +912,8 @@ async fn resume(
 /// the known size), or a 200 of the whole blob whose prefix is to be skipped (returned).
 fn fit(response: &reqwest::Response, writer: &mut Writer) -> Result<u64, Error> {
     let written = writer.received;
-    let unusable = || Error::upstream_invalid("upstream answered a resume with an unusable range");
+    let unusable =
+        || crate::proxy::failure::invalid("upstream answered a resume with an unusable range");
     let length = content_length(response);
     match response.status().as_u16() {
         206 => {

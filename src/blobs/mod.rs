@@ -9,17 +9,15 @@
 //! every serve (`verify_on_serve`); a file that fails any check is dropped and fetched again.
 
 mod download;
-mod range;
 mod verify;
 
 pub use download::Joined;
-pub use range::{ByteRange, ContentRange};
 
+use crate::clock::now_ms;
 use crate::disk::Layout;
 use crate::error::Error;
-use crate::manifests::now_ms;
 use crate::metrics::{Metrics, Outcome};
-use crate::registry::{Algorithm, Digest, Verifier};
+use crate::registry::{Algorithm, ByteRange, Digest, Verifier};
 use bytes::Bytes;
 use download::Download;
 pub use download::Peers;
@@ -425,7 +423,10 @@ impl BlobStore {
         let Some(meta) = self.stored(digest).await else {
             return Ok(None);
         };
-        let bounds = range.map(|r| r.resolve(meta.size)).transpose()?;
+        let size = meta.size;
+        let bounds = range
+            .map(|r| r.resolve(size).ok_or(Error::RangeInvalid { size }))
+            .transpose()?;
         let mut file = match tokio::fs::File::open(self.path(digest)).await {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

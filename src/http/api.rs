@@ -38,7 +38,7 @@ fn json(status: StatusCode, value: &impl Serialize) -> Response {
             text.push('\n');
             (status, [(header::CONTENT_TYPE, "application/json")], text).into_response()
         }
-        Err(e) => Error::Storage(e.to_string()).into_response(),
+        Err(e) => Error::from(std::io::Error::from(e)).into_response(),
     }
 }
 

@@ -5,8 +5,8 @@
 //! in `X-Pullthrough-Private` whether the blob was fetched with credentials.
 
 use super::blobs;
-use crate::blobs::ByteRange;
 use crate::error::Error;
+use crate::registry::ByteRange;
 use crate::registry::Digest;
 use crate::state::AppState;
 use axum::extract::{Path, Request, State};

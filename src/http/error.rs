@@ -35,7 +35,7 @@ impl Error {
             }
             Error::GatewayTimeout => (StatusCode::GATEWAY_TIMEOUT, "UNAVAILABLE"),
             Error::Upstream(_) => (StatusCode::BAD_GATEWAY, "UNAVAILABLE"),
-            Error::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN"),
+            Error::Storage(_) | Error::Task(_) => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN"),
         }
     }
 }
@@ -46,12 +46,9 @@ impl IntoResponse for Error {
         let code = code.to_owned();
         if status.is_server_error() {
             // The one place request failures are logged; we are inside the request span.
-            tracing::warn!(error = ?self, "request failed");
+            tracing::warn!(error = %crate::error::Chain(&self), "request failed");
         }
-        let message = match &self {
-            Error::Upstream(cause) => format!("{self}: {cause}"),
-            other => other.to_string(),
-        };
+        let message = self.to_string();
         let body =
             serde_json::json!({ "errors": [{ "code": code, "message": message, "detail": null }] });
         let mut response = (status, axum::Json(body)).into_response();

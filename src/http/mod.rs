@@ -14,11 +14,11 @@ mod status;
 mod tags;
 pub mod tls;
 
-use crate::blobs::ByteRange;
 use crate::error::Error;
 use crate::metrics::{Outcome, Routed};
 use crate::proxy::{ManifestRequest, TagsQuery};
 use crate::registry::Accept;
+use crate::registry::ByteRange;
 use crate::state::AppState;
 use axum::Router;
 use axum::extract::{Request, State};

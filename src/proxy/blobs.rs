@@ -2,9 +2,11 @@
 //! known), else one shared download. HEAD never becomes an upstream GET.
 
 use super::Proxy;
-use crate::blobs::{BlobBody, ByteRange, Joined};
+use super::failure;
+use crate::blobs::{BlobBody, Joined};
 use crate::error::Error;
 use crate::metrics::Outcome;
+use crate::registry::ByteRange;
 use crate::registry::{Digest, RepoName};
 use std::sync::Arc;
 
@@ -26,7 +28,7 @@ impl Proxy {
             Box::pin(self.upstream.head_blob(name, digest))
         })
         .await
-        .map_err(Error::blob)
+        .map_err(failure::blob)
     }
 
     /// GET of a blob, possibly a single range.
@@ -58,7 +60,7 @@ impl Proxy {
                     Box::pin(self.upstream.head_blob(name, digest))
                 })
                 .await
-                .map_err(Error::blob)?;
+                .map_err(failure::blob)?;
                 match self
                     .blobs
                     .fetch(&self.upstream, name, digest, range, true)
@@ -99,16 +101,16 @@ impl Proxy {
             .upstream
             .head_blob(name, digest)
             .await
-            .map_err(Error::blob)?;
+            .map_err(failure::blob)?;
         if head.digest.as_ref().is_some_and(|d| d != digest) {
-            return Err(Error::upstream_invalid(
+            return Err(failure::invalid(
                 "blob HEAD digest differs from the one asked for",
             ));
         }
         self.manifests.grant(name, digest);
         let size = head
             .size
-            .ok_or_else(|| Error::upstream_invalid("blob HEAD without Content-Length"))?;
+            .ok_or_else(|| failure::invalid("blob HEAD without Content-Length"))?;
         Ok(BlobHead {
             size,
             source: Outcome::Miss,

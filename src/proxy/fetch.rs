@@ -1,10 +1,12 @@
 //! The upstream operations behind manifest requests, each single-flight per key and run as its
 //! own task: GET by tag, HEAD by tag, GET by digest, and tag revalidation.
 
+use super::failure;
 use super::{Proxy, TagKey, plausible};
+use crate::clock::now_ms;
 use crate::cluster::{Claim, Lock};
 use crate::error::Error;
-use crate::manifests::{Freshness, TagEntry, now_ms};
+use crate::manifests::{Freshness, TagEntry};
 use crate::metrics::StaleCause;
 use crate::registry::{Digest, Manifest, Reference, RepoName};
 use crate::upstream;
@@ -39,7 +41,7 @@ impl Proxy {
                 .upstream
                 .get_manifest(&name, &Reference::Tag(tag.clone()))
                 .await
-                .map_err(Error::manifest)?;
+                .map_err(failure::manifest)?;
             let entry = TagEntry::new(
                 &manifest.digest,
                 &manifest.media_type,
@@ -68,7 +70,7 @@ impl Proxy {
                 .upstream
                 .head_manifest(&name, &Reference::Tag(tag.clone()))
                 .await
-                .map_err(Error::manifest)?;
+                .map_err(failure::manifest)?;
             match (head.digest, head.media_type, head.size) {
                 (Some(digest), Some(media_type), Some(size)) if plausible(size) => {
                     let entry = TagEntry::new(&digest, &media_type, size);
@@ -165,7 +167,7 @@ impl Proxy {
                 .upstream
                 .get_manifest(&name, &Reference::Digest(digest.clone()))
                 .await
-                .map_err(Error::manifest)?;
+                .map_err(failure::manifest)?;
             this.manifests.grant(&name, &digest);
             Ok(this.manifests.put(manifest).await)
         })
@@ -228,11 +230,11 @@ impl Proxy {
             Err(e @ (upstream::Error::NotFound | upstream::Error::Denied)) => {
                 tracing::info!(repo = %name, %tag, "tag is gone upstream; forgetting it");
                 self.manifests.remove_tag(name, tag).await;
-                return Err(Error::manifest(e));
+                return Err(failure::manifest(e));
             }
             Err(e) => {
-                tracing::warn!(repo = %name, %tag, error = %e, "tag revalidation failed");
-                return Err(Error::manifest(e));
+                tracing::warn!(repo = %name, %tag, error = %crate::error::Chain(&e), "tag revalidation failed");
+                return Err(failure::manifest(e));
             }
         };
         let Some(new_digest) = head.digest.clone() else {

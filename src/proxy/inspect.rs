@@ -4,7 +4,8 @@
 //! files stay readable, downloads under way finish, and what is gone is fetched again.
 
 use super::Proxy;
-use crate::manifests::{Freshness, TagEntry, now_ms};
+use crate::clock::now_ms;
+use crate::manifests::{Freshness, TagEntry};
 use crate::registry::{Contents, Descriptor, Digest, Reference, RepoName, Tag, platform_matches};
 use serde::Serialize;
 use std::sync::Arc;

@@ -1,9 +1,11 @@
 //! Answering a manifest request from the caches: tag freshness, Accept negotiation, and when
 //! to wait for (or only start) an upstream operation.
 
+use super::failure;
 use super::{ManifestBody, ManifestRequest, Proxy, Served, plausible};
+use crate::clock::now_ms;
 use crate::error::Error;
-use crate::manifests::{Freshness, TagEntry, now_ms};
+use crate::manifests::{Freshness, TagEntry};
 use crate::metrics::{Outcome, StaleCause};
 use crate::registry::{
     Accept, Digest, Manifest, Negotiation, Reference, RepoName, Tag, platform_child,
@@ -153,7 +155,7 @@ impl Proxy {
             let private_possible = self.restricted || self.upstream.has_credentials();
             self.may_share(name, digest, private_possible, confirm)
                 .await
-                .map_err(Error::manifest)?;
+                .map_err(failure::manifest)?;
         }
         let (body, status) = match cached {
             Some(m) => (ManifestBody::Full(m), Outcome::Hit),
@@ -222,7 +224,7 @@ impl Proxy {
             .upstream
             .head_manifest(name, &Reference::Digest(digest.clone()))
             .await
-            .map_err(Error::manifest)?;
+            .map_err(failure::manifest)?;
         match (head.media_type, head.size) {
             (Some(media_type), Some(size))
                 if head.digest.as_ref().is_none_or(|d| d == digest) && plausible(size) =>

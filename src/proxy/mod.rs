@@ -5,6 +5,7 @@
 //! HTTP edge can bound every request by `upstream_deadline` while the fetch goes on.
 
 mod blobs;
+pub(crate) mod failure;
 mod fetch;
 mod inspect;
 mod lookup;

@@ -1,10 +1,11 @@
 //! The registry vocabulary: repository names, references, digests and manifest media
-//! types, parsed once at the edge and trusted everywhere else. Pure code, no I/O.
+//! types, byte ranges, parsed once at the edge and trusted everywhere else. Pure code, no I/O.
 
 mod contents;
 mod digest;
 mod manifest;
 mod name;
+mod range;
 mod reference;
 
 pub use contents::{Contents, Descriptor, platform_matches};
@@ -13,4 +14,5 @@ pub use manifest::{
     Accept, HeaderTexts, Manifest, MediaType, Negotiation, UPSTREAM_ACCEPT, platform_child,
 };
 pub use name::{NameError, RepoName};
+pub use range::{ByteRange, ContentRange};
 pub use reference::{Reference, ReferenceError, Tag, TagError};

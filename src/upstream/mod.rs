@@ -8,10 +8,12 @@ pub mod ratelimit;
 mod realm;
 mod token;
 
-use crate::blobs::ContentRange;
 use crate::config::Config;
+use crate::error::Cause;
 use crate::metrics::{UpstreamKind as Kind, UpstreamMetrics};
-use crate::registry::{Digest, Manifest, MediaType, Reference, RepoName, UPSTREAM_ACCEPT};
+use crate::registry::{
+    ContentRange, Digest, Manifest, MediaType, Reference, RepoName, UPSTREAM_ACCEPT,
+};
 use auth::{Credentials, TokenCache};
 use bytes::{Bytes, BytesMut};
 use parking_lot::{Mutex, RwLock};
@@ -31,7 +33,7 @@ pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
 const MAX_SMALL_BODY: usize = 4 * 1024 * 1024;
 
 /// Why an upstream request failed. Cheap to clone: one failure is shared by every waiter.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// 404 from upstream.
     #[error("not found upstream")]
@@ -51,9 +53,16 @@ pub enum Error {
     /// No answer in time.
     #[error("upstream timed out")]
     Timeout,
-    /// Connection refused, DNS, TLS, reset.
-    #[error("upstream unreachable")]
-    Unreachable(String),
+    /// Connection refused, DNS, TLS, reset: `class` says which in a few words, for clients;
+    /// the source is the whole chain, for the log.
+    #[error("upstream unreachable: {class}")]
+    Unreachable {
+        /// "connection refused", "name not resolved", "TLS handshake failed", ...
+        class: &'static str,
+        /// What failed, with its own sources.
+        #[source]
+        source: Cause,
+    },
     /// Upstream answered something a registry must not (bad digest, missing headers, too big).
     #[error("upstream sent an invalid response: {0}")]
     BadResponse(String),
@@ -77,19 +86,65 @@ pub enum Error {
 }
 
 impl Error {
-    fn from_reqwest(e: &reqwest::Error) -> Error {
+    /// A failed exchange: a timeout, or unreachable with its cause kept whole (a reqwest error
+    /// names the URL, never credentials: none are in URLs).
+    fn from_reqwest(e: reqwest::Error) -> Error {
         if e.is_timeout() {
             Error::Timeout
         } else {
-            // Display of a reqwest error names the URL, never credentials (none are in URLs).
-            let mut text = e.to_string();
-            let mut source = std::error::Error::source(e);
-            while let Some(s) = source {
-                text = format!("{text}: {s}");
-                source = s.source();
+            Error::Unreachable {
+                class: unreachable_class(&e),
+                source: Arc::new(e),
             }
-            Error::Unreachable(text)
         }
+    }
+
+    /// Unreachable for a reason of pullthrough's own (`class` says it to clients too).
+    pub fn unreachable(class: &'static str, why: impl Into<String>) -> Error {
+        Error::Unreachable {
+            class,
+            source: Arc::new(std::io::Error::other(why.into())),
+        }
+    }
+}
+
+/// What kind of failure kept a request from upstream, in a client's words: the first cause in
+/// the chain that says.
+fn unreachable_class(e: &reqwest::Error) -> &'static str {
+    use std::io::ErrorKind;
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(cause) = next {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            match io.kind() {
+                ErrorKind::ConnectionRefused => return "connection refused",
+                ErrorKind::ConnectionReset
+                | ErrorKind::ConnectionAborted
+                | ErrorKind::BrokenPipe => {
+                    return "connection reset";
+                }
+                ErrorKind::TimedOut => return "connection timed out",
+                ErrorKind::UnexpectedEof => return "connection closed",
+                _ => {}
+            }
+        }
+        if cause.downcast_ref::<rustls::Error>().is_some() {
+            return "TLS handshake failed";
+        }
+        let text = cause.to_string();
+        if text.contains("dns error") || text.contains("failed to lookup address") {
+            return "name not resolved";
+        }
+        if text.contains("certificate") || text.contains("tls handshake") {
+            return "TLS handshake failed";
+        }
+        next = cause.source();
+    }
+    if e.is_connect() {
+        "connection failed"
+    } else if e.is_body() || e.is_decode() {
+        "body broke off"
+    } else {
+        "request failed"
     }
 }
 
@@ -371,7 +426,7 @@ impl Upstream {
                 retry_after: Some(left),
             });
         }
-        let closed = |_| Error::Unreachable("client shutting down".into());
+        let closed = |_| Error::unreachable("shutting down", "the upstream client is closed");
         let blob_permit = match kind {
             Kind::BlobGet => Some(
                 Arc::clone(&self.blob_permits)
@@ -413,12 +468,9 @@ impl Upstream {
             let response = match request.send().await {
                 Ok(response) => response,
                 Err(e) => {
-                    let e = Error::from_reqwest(&e);
+                    let e = Error::from_reqwest(e);
                     self.metrics.upstream(kind, None, started.elapsed());
-                    let detail = match &e {
-                        Error::Unreachable(cause) => format!("{e}: {cause}"),
-                        other => other.to_string(),
-                    };
+                    let detail = crate::error::Chain(&e).to_string();
                     self.metrics.upstream_failed(kind, None, detail);
                     return Err(e);
                 }
@@ -594,11 +646,7 @@ pub fn registry_error(body: &[u8]) -> (Option<String>, Option<String>) {
 /// Reads a whole body, refusing more than `limit` bytes.
 async fn read_limited(mut response: reqwest::Response, limit: usize) -> Result<Bytes, Error> {
     let mut buf = BytesMut::new();
-    while let Some(chunk) = response
-        .chunk()
-        .await
-        .map_err(|e| Error::from_reqwest(&e))?
-    {
+    while let Some(chunk) = response.chunk().await.map_err(|e| Error::from_reqwest(e))? {
         if buf.len() + chunk.len() > limit {
             return Err(Error::BadResponse(format!(
                 "response larger than {limit} bytes"

@@ -44,7 +44,7 @@ impl Upstream {
             .await;
         if let Err(e) = &fetched
             && credentials.is_some()
-            && **e == Error::CredentialsRefused
+            && matches!(**e, Error::CredentialsRefused)
         {
             // Wrong credentials must not take public images away: public content is fetched
             // anonymously, and the refusal is logged as an error each minute it goes on, so a
@@ -163,7 +163,7 @@ impl Upstream {
         self.metrics
             .upstream(UpstreamKind::Token, status, started.elapsed());
         let response = sent.map_err(|e| {
-            let e = Error::Token(Error::from_reqwest(&e.without_url()).to_string());
+            let e = Error::Token(Error::from_reqwest(e.without_url()).to_string());
             self.metrics
                 .upstream_failed(UpstreamKind::Token, None, e.to_string());
             e

@@ -1,7 +1,5 @@
 //! Single byte ranges (RFC 9110 §14): parsing a `Range` header and resolving it against a size.
 
-use crate::error::Error;
-
 /// A parsed single `Range: bytes=` request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ByteRange {
@@ -32,15 +30,15 @@ impl ByteRange {
         (end >= start).then_some(ByteRange::From(start, Some(end)))
     }
 
-    /// Inclusive bounds within a blob of `size`, or 416 if unsatisfiable.
-    pub fn resolve(self, size: u64) -> Result<(u64, u64), Error> {
+    /// Inclusive bounds within a blob of `size`; `None` when unsatisfiable (a 416).
+    pub fn resolve(self, size: u64) -> Option<(u64, u64)> {
         match self {
-            ByteRange::From(start, Some(end)) if end < start => Err(Error::RangeInvalid { size }),
-            ByteRange::Suffix(0) => Err(Error::RangeInvalid { size }),
-            ByteRange::From(start, _) if start >= size => Err(Error::RangeInvalid { size }),
-            ByteRange::From(start, end) => Ok((start, end.unwrap_or(u64::MAX).min(size - 1))),
-            ByteRange::Suffix(_) if size == 0 => Err(Error::RangeInvalid { size }),
-            ByteRange::Suffix(n) => Ok((size - n.min(size), size - 1)),
+            ByteRange::From(start, Some(end)) if end < start => None,
+            ByteRange::Suffix(0) => None,
+            ByteRange::From(start, _) if start >= size => None,
+            ByteRange::From(start, end) => Some((start, end.unwrap_or(u64::MAX).min(size - 1))),
+            ByteRange::Suffix(_) if size == 0 => None,
+            ByteRange::Suffix(n) => Some((size - n.min(size), size - 1)),
         }
     }
 }
@@ -83,7 +81,7 @@ impl ContentRange {
 }
 
 /// A decimal number of digits only (no sign, no spaces inside), without overflow.
-pub(crate) fn number(s: &str) -> Option<u64> {
+fn number(s: &str) -> Option<u64> {
     let s = s.trim();
     if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
         return None;
@@ -147,9 +145,6 @@ mod tests {
         assert_eq!(ByteRange::From(0, Some(99)).resolve(10).unwrap(), (0, 9));
         assert_eq!(ByteRange::Suffix(3).resolve(10).unwrap(), (7, 9));
         assert_eq!(ByteRange::Suffix(30).resolve(10).unwrap(), (0, 9));
-        assert!(matches!(
-            ByteRange::From(10, None).resolve(10),
-            Err(Error::RangeInvalid { size: 10 })
-        ));
+        assert_eq!(ByteRange::From(10, None).resolve(10), None);
     }
 }

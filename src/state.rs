@@ -1,6 +1,7 @@
 //! `AppState`: every shared handle, built once from `Config` at startup.
 
 use crate::blobs::{BlobStore, DiskLimits};
+use crate::cluster::{Bucket, Cluster, Peers, Replicas};
 use crate::config::Config;
 use crate::disk::Layout;
 use crate::error::Error;
@@ -188,39 +189,29 @@ impl AppState {
             scrub_interval: config.scrub_interval,
             verify_on_serve: config.verify_on_serve,
         };
-        let blobs = BlobStore::open(
-            layout.clone(),
-            limits,
-            Arc::clone(&metrics),
-            objects.clone(),
-            config.access_control(),
-        )?;
-        if clustered {
-            let cluster = crate::cluster::Cluster::new(&config.redis_url.0, config.advertised())
-                .map_err(|e| anyhow::anyhow!("invalid value for key \"redis_url\": {e}"))?;
-            let mut builder = reqwest::Client::builder()
-                .connect_timeout(std::time::Duration::from_secs(1))
-                .read_timeout(std::time::Duration::from_secs(30))
-                .no_proxy();
-            // Replicas serving TLS trust the certificates they serve with (the same on every
-            // replica, or signed by a CA in the same file), besides the system's.
-            if let Some(cert) = &config.tls_cert {
-                let pem = std::fs::read(cert).with_context(|| {
-                    format!("invalid value for key \"tls_cert\": {}", cert.display())
-                })?;
-                for root in reqwest::Certificate::from_pem_bundle(&pem)? {
-                    builder = builder.add_root_certificate(root);
-                }
+        let blobs = BlobStore::open(layout.clone(), limits, Arc::clone(&metrics))?;
+        let peers = match clustered {
+            true => {
+                let cluster = Cluster::new(&config.redis_url.0, config.advertised())
+                    .map_err(|e| anyhow::anyhow!("invalid value for key \"redis_url\": {e}"))?;
+                Some(Peers::new(config, Arc::new(cluster))?)
             }
-            let client = builder.build()?;
-            let cluster = Arc::new(cluster);
-            cluster.share_limits(&default_name, Arc::clone(&upstream));
-            blobs.join_cluster(crate::blobs::Peers {
+            false => None,
+        };
+        let bucket = objects.clone().map(|objects| {
+            let cluster = peers.as_ref().map(|p| Arc::clone(&p.cluster));
+            Arc::new(Bucket::new(
+                objects,
                 cluster,
-                secret: config.cluster_secret.clone().unwrap_or_default(),
-                client,
-                storage_max: config.storage_max_bytes.as_u64(),
-            });
+                config.storage_max_bytes.as_u64(),
+            ))
+        });
+        let replicas = Arc::new(Replicas { bucket, peers });
+        if let Some(cluster) = replicas.cluster() {
+            cluster.share_limits(&default_name, Arc::clone(&upstream));
+        }
+        if let Some(bucket) = &replicas.bucket {
+            bucket.spawn_eviction(Arc::downgrade(&blobs));
         }
         blobs.warn_if_short_of_space();
         blobs.spawn_maintenance();
@@ -228,7 +219,7 @@ impl AppState {
         for (i, u) in config.upstreams.iter().enumerate() {
             let derived = config.for_upstream(u);
             let upstream = Arc::new(Upstream::new(&derived, metrics.for_upstream(i + 1))?);
-            if let Some(cluster) = blobs.cluster() {
+            if let Some(cluster) = replicas.cluster() {
                 cluster.share_limits(&u.host, Arc::clone(&upstream));
             }
             let dir = u.host.replace(':', "_");
@@ -236,14 +227,21 @@ impl AppState {
                 layout.upstream(&dir)?,
                 format!("upstreams/{dir}/"),
             )?);
-            let proxy = Proxy::new(&derived, upstream, manifests, Arc::clone(&blobs))?
-                .named(&u.host, false);
+            let proxy = Proxy::new(
+                &derived,
+                upstream,
+                manifests,
+                Arc::clone(&blobs),
+                Arc::clone(&replicas),
+            )?
+            .named(&u.host, false);
             others.push(Arc::new(proxy));
         }
         let proxy = Arc::new(
-            Proxy::new(config, Arc::clone(&upstream), manifests, blobs)?.named(&default_name, true),
+            Proxy::new(config, Arc::clone(&upstream), manifests, blobs, replicas)?
+                .named(&default_name, true),
         );
-        if let Some(cluster) = proxy.blobs.cluster() {
+        if let Some(cluster) = proxy.replicas.cluster() {
             // Weak: the purge follower lives with the cluster, which the proxies hold.
             let proxies: Vec<std::sync::Weak<Proxy>> = std::iter::once(&proxy)
                 .chain(&others)
@@ -421,8 +419,8 @@ impl AppState {
             blobs: self.proxy.blobs.count(),
             blob_bytes: self.proxy.blobs.total_bytes(),
             downloads: self.proxy.blobs.downloads(),
-            object_storage: self.proxy.blobs.objects().map(|o| o.counts()),
-            redis: self.proxy.blobs.cluster().map(|c| c.counts()),
+            object_storage: (self.proxy.replicas.bucket.as_ref()).map(|b| b.objects().counts()),
+            redis: self.proxy.replicas.cluster().map(|c| c.counts()),
         }
     }
 

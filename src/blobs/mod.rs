@@ -1,17 +1,17 @@
 //! The blob store: content-addressed files under `blobs/<alg>/<2 hex>/<hex>`, written only
-//! after their digest verified (temp file + fsync + rename). One upstream download per digest:
-//! it runs as its own task (so a departing client does not stop it), and every request for the
-//! digest, the first included, follows the growing temp file. The last byte is held back until
-//! the digest verifies, so a corrupt or truncated upstream blob ends in an aborted transfer,
-//! never in a complete wrong blob. Least recently used blobs are evicted between watermarks and
+//! after their digest verified (temp file + fsync + rename). It knows files, not where bytes
+//! come from: whoever fetches a blob (`proxy`) hands its bytes to one [`Incoming`] per digest,
+//! and every request for the digest, the first included, follows the growing temp file. The
+//! last byte is held back until the digest verifies, so a corrupt or truncated blob ends in an
+//! aborted transfer, never in a complete wrong blob. Least recently used blobs are evicted between watermarks and
 //! to keep a minimum of free space on the filesystem. Stored files are checked for their size
 //! on every open, re-hashed by a background scrub at a bounded rate, and optionally hashed on
 //! every serve (`verify_on_serve`); a file that fails any check is dropped and fetched again.
 
-mod download;
+mod incoming;
 mod verify;
 
-pub use download::Joined;
+pub use incoming::{Begun, Download, Incoming, Origin, WriteError};
 
 use crate::clock::now_ms;
 use crate::disk::Layout;
@@ -19,8 +19,6 @@ use crate::error::Error;
 use crate::metrics::{Metrics, Outcome};
 use crate::registry::{Algorithm, ByteRange, Digest, Verifier};
 use bytes::Bytes;
-use download::Download;
-pub use download::Peers;
 use futures_util::{Stream, StreamExt};
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -81,12 +79,9 @@ pub struct DiskLimits {
     pub verify_on_serve: bool,
 }
 
-/// Content-addressed blob files with single-flight downloads.
+/// Content-addressed blob files, and the blobs being written.
 #[derive(Debug)]
 pub struct BlobStore {
-    /// Access control is on: a download, or bytes another replica fetched, go to another
-    /// repository only where upstream shows them there, whatever the credentials.
-    restricted: bool,
     layout: Layout,
     index: Mutex<HashMap<Digest, Arc<BlobMeta>>>,
     total: AtomicU64,
@@ -94,11 +89,6 @@ pub struct BlobStore {
     limits: DiskLimits,
     evict: Notify,
     metrics: Arc<Metrics>,
-    /// Object storage shared with other replicas: public blobs are uploaded there once
-    /// verified, and asked for there before upstream.
-    shared: Option<Arc<crate::objects::ObjectStorage>>,
-    /// The other replicas, in a cluster (`redis_url`).
-    peers: std::sync::OnceLock<download::Peers>,
 }
 
 /// A blob body about to be sent.
@@ -129,11 +119,8 @@ impl BlobStore {
         layout: Layout,
         limits: DiskLimits,
         metrics: Arc<Metrics>,
-        shared: Option<Arc<crate::objects::ObjectStorage>>,
-        restricted: bool,
     ) -> std::io::Result<Arc<BlobStore>> {
         let store = Arc::new(BlobStore {
-            restricted,
             layout,
             index: Mutex::default(),
             total: AtomicU64::new(0),
@@ -141,8 +128,6 @@ impl BlobStore {
             limits,
             evict: Notify::new(),
             metrics,
-            shared,
-            peers: std::sync::OnceLock::new(),
         });
         store.scan()?;
         Ok(store)
@@ -180,40 +165,20 @@ impl BlobStore {
             .join(hex)
     }
 
-    /// Whether this replica holds `digest` (stored, or downloading) as fetched with credentials.
-    pub fn held_private(&self, digest: &Digest) -> bool {
-        if let Some(d) = self.downloads.lock().get(digest) {
-            return d.private.load(Ordering::Relaxed);
-        }
-        self.is_private(digest)
+    /// A stored blob's file and size (not checked against its digest here).
+    pub fn stored_file(&self, digest: &Digest) -> Option<(PathBuf, u64)> {
+        let size = self.index.lock().get(digest).map(|m| m.size)?;
+        Some((self.path(digest), size))
     }
 
-    /// The object storage shared with other replicas, if any.
-    pub fn objects(&self) -> Option<&Arc<crate::objects::ObjectStorage>> {
-        self.shared.as_ref()
-    }
-
-    /// The replicas' coordination, in a cluster.
-    pub fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
-        self.peers.get().map(|p| &p.cluster)
-    }
-
-    /// The secret of requests between replicas, in a cluster.
-    pub fn cluster_secret(&self) -> Option<&crate::config::Secret> {
-        self.peers.get().map(|p| &p.secret)
-    }
-
-    /// Joins a cluster: downloads are coordinated with the other replicas through Redis, and
-    /// object storage is kept under `storage_max_bytes` by one replica at a time.
-    pub fn join_cluster(self: &Arc<Self>, peers: Peers) {
-        if self.peers.set(peers).is_ok() {
-            tokio::spawn(shared_eviction(Arc::downgrade(self)));
-        }
-    }
-
-    /// The size of a stored blob, from the index.
-    fn stored_size(&self, digest: &Digest) -> Option<u64> {
-        self.index.lock().get(digest).map(|m| m.size)
+    /// The stored blobs used since `since` (milliseconds since the epoch).
+    pub fn used_since(&self, since: u64) -> Vec<String> {
+        self.index
+            .lock()
+            .iter()
+            .filter(|(_, meta)| meta.last_access.load(Ordering::Relaxed) >= since)
+            .map(|(digest, _)| digest.to_string())
+            .collect()
     }
 
     /// Whether the store holds `digest` (not checked against its digest here).
@@ -224,14 +189,6 @@ impl BlobStore {
     /// Drops a blob from the store. Readers of its file keep reading; a download under way
     /// stores it again when it ends.
     pub async fn purge(self: &Arc<Self>, digest: &Digest) {
-        if let Some(objects) = &self.shared
-            && objects.delete(&shared_key(digest)).await
-        {
-            objects.delete(&shared_private_key(digest)).await;
-            if let Some(cluster) = self.cluster() {
-                cluster.blob_deleted(&digest.to_string()).await;
-            }
-        }
         self.remove_async(digest).await;
     }
 
@@ -596,96 +553,6 @@ fn hash_file(path: &Path, algorithm: Algorithm, rate: u64) -> std::io::Result<(D
             let due = Duration::from_secs_f64(len as f64 / rate as f64);
             if let Some(ahead) = due.checked_sub(started.elapsed()) {
                 std::thread::sleep(ahead);
-            }
-        }
-    }
-}
-
-/// Tells a replica that streams a blob from another whether it was fetched with credentials.
-pub const PRIVATE_HEADER: &str = "x-pullthrough-private";
-
-/// A blob's key in object storage.
-fn shared_key(digest: &Digest) -> String {
-    format!("blobs/{}/{}", digest.algorithm().as_str(), digest.hex())
-}
-
-/// The marker of a blob fetched with credentials, in object storage (written before the blob).
-fn shared_private_key(digest: &Digest) -> String {
-    format!("{}.private", shared_key(digest))
-}
-
-/// How often a replica brings blob access times up to date in Redis, and checks whether object
-/// storage is over `storage_max_bytes`.
-const SHARED_EVICTION_EVERY: Duration = Duration::from_secs(5);
-
-/// Keeps object storage under `storage_max_bytes`, least recently used (across the cluster)
-/// first, down to 90 % of it; one replica at a time (a Redis lock). Blobs being downloaded
-/// are not in the index yet, so never deleted under a download.
-async fn shared_eviction(store: std::sync::Weak<BlobStore>) {
-    // Blobs used since the last round: read off the index's access times, so a hit does no
-    // extra work for the cluster.
-    let mut since = now_ms();
-    loop {
-        tokio::time::sleep(SHARED_EVICTION_EVERY).await;
-        let round = now_ms();
-        let Some(store) = store.upgrade() else {
-            return;
-        };
-        let (Some(peers), Some(objects)) = (store.peers.get(), store.shared.as_ref()) else {
-            continue;
-        };
-        let used: Vec<String> = store
-            .index
-            .lock()
-            .iter()
-            .filter(|(_, meta)| meta.last_access.load(Ordering::Relaxed) >= since)
-            .map(|(digest, _)| digest.to_string())
-            .collect();
-        since = round;
-        peers.cluster.blobs_used(&used).await;
-        if peers.storage_max == 0 {
-            continue;
-        }
-        let Some(mut bytes) = peers.cluster.shared_bytes().await else {
-            continue;
-        };
-        if bytes <= peers.storage_max {
-            continue;
-        }
-        let crate::cluster::Claim::Owned(_lock) =
-            peers.cluster.claim("pullthrough:lock:evict").await
-        else {
-            continue;
-        };
-        let target = peers.storage_max / 10 * 9;
-        // Round by round, from what Redis counts now; any Redis failure ends the pass.
-        while bytes > target {
-            let Some(coldest) = peers.cluster.coldest(32).await else {
-                break;
-            };
-            if coldest.is_empty() {
-                break;
-            }
-            for (digest, size) in coldest {
-                if bytes <= target {
-                    break;
-                }
-                // Forgotten only once deleted: an object still there stays counted.
-                if let Ok(parsed) = digest.parse::<Digest>() {
-                    if !objects.delete(&shared_key(&parsed)).await {
-                        break;
-                    }
-                    objects.delete(&shared_private_key(&parsed)).await;
-                    tracing::info!(%digest, size, "evicted from object storage (least recently used in the cluster)");
-                }
-                if !peers.cluster.blob_deleted(&digest).await {
-                    break;
-                }
-                bytes = bytes.saturating_sub(size);
-            }
-            match peers.cluster.shared_bytes().await {
-                Some(now) => bytes = now,
-                None => break,
             }
         }
     }

@@ -21,7 +21,7 @@ pub async fn blob(
     request: Request,
 ) -> Response {
     let store = &state.proxy.blobs;
-    let Some(secret) = store.cluster_secret() else {
+    let Some(secret) = state.proxy.replicas.peers.as_ref().map(|p| &p.secret) else {
         return Error::NotFound("not a cluster member (no redis_url)".into()).into_response();
     };
     if super::api::authorized(&request, secret) != Some(true) {
@@ -44,7 +44,7 @@ pub async fn blob(
             let private = store.held_private(&digest);
             let mut response = blobs::respond(&digest, body, &state.metrics);
             response.headers_mut().insert(
-                crate::blobs::PRIVATE_HEADER,
+                crate::cluster::PRIVATE_HEADER,
                 axum::http::HeaderValue::from_static(if private { "1" } else { "0" }),
             );
             response

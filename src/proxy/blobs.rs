@@ -2,8 +2,9 @@
 //! known), else one shared download. HEAD never becomes an upstream GET.
 
 use super::Proxy;
+use super::blob_fetch::Joined;
 use super::failure;
-use crate::blobs::{BlobBody, Joined};
+use crate::blobs::BlobBody;
 use crate::error::Error;
 use crate::metrics::Outcome;
 use crate::registry::ByteRange;
@@ -47,10 +48,7 @@ impl Proxy {
         // A download started for another repository is joined under the same rule as a
         // stored blob: only where access from `name` is known or confirmed by upstream.
         let shared_ok = self.manifests.granted(name, digest);
-        let joined = self
-            .blobs
-            .fetch(&self.upstream, name, digest, range, shared_ok)
-            .await?;
+        let joined = self.fetch_blob(name, digest, range, shared_ok).await?;
         let body = match joined {
             Joined::Body(body) => body,
             // A download started with credentials for another upstream or repository: this
@@ -61,11 +59,7 @@ impl Proxy {
                 })
                 .await
                 .map_err(failure::blob)?;
-                match self
-                    .blobs
-                    .fetch(&self.upstream, name, digest, range, true)
-                    .await?
-                {
+                match self.fetch_blob(name, digest, range, true).await? {
                     Joined::Body(body) => body,
                     Joined::OtherRepository => return Err(Error::BlobUnknown),
                 }

@@ -16,12 +16,14 @@ use std::sync::Arc;
 const HOLDER_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// What coordinating a fetch with the other replicas decided.
-enum Turn {
+pub(super) enum Turn {
     /// Fetch here, holding the cluster lock when there is a cluster.
     Go(Option<Lock>),
     /// Another replica fetched meanwhile: read its result from object storage (or, if it left
     /// none, fetch here without the lock).
     Waited,
+    /// Another replica (its `advertise_url`) holds the lock now.
+    Held(String),
 }
 
 impl Proxy {
@@ -101,17 +103,27 @@ impl Proxy {
 
     /// In a cluster: takes the lock `key`, or waits until its holder released it.
     async fn coordinate(&self, key: String) -> Turn {
-        let Some(cluster) = self.blobs.cluster() else {
-            return Turn::Go(None);
-        };
-        match cluster.claim(&key).await {
-            Claim::Owned(lock) => Turn::Go(Some(lock)),
-            Claim::Held(_) => {
+        match self.claim_turn(&key).await {
+            Turn::Held(_) => {
                 // A live holder renews its lock and a dead one's expires within LOCK_TTL:
                 // waiting for the release is bounded by HOLDER_WAIT.
-                cluster.released(&key, HOLDER_WAIT).await;
+                if let Some(cluster) = self.replicas.cluster() {
+                    cluster.released(&key, HOLDER_WAIT).await;
+                }
                 Turn::Waited
             }
+            turn => turn,
+        }
+    }
+
+    /// In a cluster: takes the lock `key`, or says who holds it.
+    pub(super) async fn claim_turn(&self, key: &str) -> Turn {
+        let Some(cluster) = self.replicas.cluster() else {
+            return Turn::Go(None);
+        };
+        match cluster.claim(key).await {
+            Claim::Owned(lock) => Turn::Go(Some(lock)),
+            Claim::Held(owner) => Turn::Held(owner),
             Claim::Alone => Turn::Go(None),
         }
     }
@@ -282,7 +294,7 @@ impl Turn {
     fn lock(self) -> Option<Lock> {
         match self {
             Turn::Go(lock) => lock,
-            Turn::Waited => None,
+            Turn::Waited | Turn::Held(_) => None,
         }
     }
 }

@@ -552,7 +552,7 @@ impl Proxy {
 
     /// Tells the other replicas, in a cluster, to drop what this purge removed here.
     async fn announce(&self, kind: &str, name: &str, reference: &str) {
-        if let Some(cluster) = self.blobs.cluster() {
+        if let Some(cluster) = self.replicas.cluster() {
             let purged = crate::cluster::Purged {
                 kind: kind.to_owned(),
                 upstream: self.name().to_owned(),
@@ -594,7 +594,7 @@ impl Proxy {
         if self.blobs.contains(digest) {
             purge.blobs.push(digest.clone());
             if !dry_run {
-                self.blobs.purge(digest).await;
+                self.drop_blob(digest).await;
                 self.announce("blob", "", &digest.to_string()).await;
             }
         }

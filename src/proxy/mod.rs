@@ -4,6 +4,7 @@
 //! a request waits for upstream. Misses are single-flight and run as their own tasks, so the
 //! HTTP edge can bound every request by `upstream_deadline` while the fetch goes on.
 
+mod blob_fetch;
 mod blobs;
 pub(crate) mod failure;
 mod fetch;
@@ -16,6 +17,7 @@ pub use inspect::{EntryView, Explain, ListQuery, Listing, Purge, TagView, list};
 pub use tags::{TagsPage, TagsQuery};
 
 use crate::blobs::BlobStore;
+use crate::cluster::Replicas;
 use crate::config::Config;
 use crate::flight::Flights;
 use crate::manifests::{ManifestCache, TagEntry, TagPolicy};
@@ -82,6 +84,8 @@ pub struct Proxy {
     pub manifests: Arc<ManifestCache>,
     /// The blob store.
     pub blobs: Arc<BlobStore>,
+    /// The bucket and the other replicas, when there are.
+    pub replicas: Arc<Replicas>,
     policy: TagPolicy,
     /// The upstream's host, as the cache API names it.
     upstream_name: String,
@@ -139,6 +143,7 @@ impl Proxy {
         upstream: Arc<Upstream>,
         manifests: Arc<ManifestCache>,
         blobs: Arc<BlobStore>,
+        replicas: Arc<Replicas>,
     ) -> anyhow::Result<Proxy> {
         let policy = TagPolicy {
             ttl: config.tag_ttl,
@@ -150,6 +155,7 @@ impl Proxy {
             upstream,
             manifests,
             blobs,
+            replicas,
             policy,
             upstream_name: config.upstream.host_str().unwrap_or_default().to_owned(),
             list_prefix: String::new(),

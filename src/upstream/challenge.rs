@@ -47,7 +47,7 @@ impl Upstream {
             status,
             started.elapsed(),
         );
-        let response = sent.map_err(|e| Error::from_reqwest(e))?;
+        let response = sent.map_err(Error::from_reqwest)?;
         self.limits.observe(response.headers());
         // Only 200 and 401 say something lasting; anything else is asked again next time.
         let status = response.status().as_u16();

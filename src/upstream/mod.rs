@@ -646,7 +646,7 @@ pub fn registry_error(body: &[u8]) -> (Option<String>, Option<String>) {
 /// Reads a whole body, refusing more than `limit` bytes.
 async fn read_limited(mut response: reqwest::Response, limit: usize) -> Result<Bytes, Error> {
     let mut buf = BytesMut::new();
-    while let Some(chunk) = response.chunk().await.map_err(|e| Error::from_reqwest(e))? {
+    while let Some(chunk) = response.chunk().await.map_err(Error::from_reqwest)? {
         if buf.len() + chunk.len() > limit {
             return Err(Error::BadResponse(format!(
                 "response larger than {limit} bytes"

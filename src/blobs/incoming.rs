@@ -627,3 +627,175 @@ async fn read_at(
     *at += want as u64;
     Ok(Bytes::from(buf))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{collect, digest_of, origin, put, store};
+    use super::*;
+    use futures_util::StreamExt;
+
+    async fn started(store: &Arc<BlobStore>, digest: &Digest) -> Incoming {
+        match store.begin(digest, origin(), false).await.unwrap() {
+            Begun::Started(incoming) => incoming,
+            Begun::Running(_) => panic!("a download was already under way"),
+        }
+    }
+
+    #[test]
+    fn a_follower_may_send_all_but_the_last_byte_until_verified() {
+        let progress = |size, received, outcome| Progress {
+            size,
+            started: true,
+            received,
+            written: received,
+            outcome,
+        };
+        let cases = [
+            (progress(Some(10), 4, None), 4),
+            (progress(Some(10), 10, None), 9),
+            (progress(None, 10, None), 9),
+            (progress(None, 0, None), 0),
+            (progress(Some(10), 10, Some(Ok(()))), 10),
+            (progress(Some(10), 10, Some(Err(Error::BlobUnknown))), 9),
+        ];
+        for (progress, want) in cases {
+            assert_eq!(progress.sendable(), want, "{progress:?}");
+        }
+    }
+
+    #[test]
+    fn the_window_holds_the_recent_bytes_in_order() {
+        let mut recent = Recent::default();
+        recent.push(Bytes::from_static(b"0123"));
+        recent.push(Bytes::from_static(b"4567"));
+        assert_eq!(recent.read(0, 8).as_deref(), Some(&b"0123"[..]));
+        assert_eq!(recent.read(2, 8).as_deref(), Some(&b"23"[..]));
+        assert_eq!(recent.read(5, 7).as_deref(), Some(&b"56"[..]));
+        assert_eq!(recent.read(8, 9), None, "not received yet");
+        assert_eq!(recent.read(4, 4), None, "nothing up to the limit");
+        // Past the window, the oldest chunks go (never the last one).
+        let big = Bytes::from(vec![7u8; WINDOW as usize]);
+        recent.push(big);
+        assert_eq!(recent.read(0, 8), None, "no longer held");
+        assert_eq!(recent.read(8, 10).as_deref(), Some(&[7u8, 7][..]));
+    }
+
+    #[tokio::test]
+    async fn followers_stream_a_download_and_get_its_last_byte_once_it_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path(), 1 << 20);
+        let bytes = b"hello, followers".to_vec();
+        let digest = digest_of(&bytes);
+        let mut incoming = started(&store, &digest).await;
+        let download = Arc::clone(incoming.download());
+        assert!(matches!(
+            store.begin(&digest, origin(), false).await.unwrap(),
+            Begun::Running(_)
+        ));
+        incoming.announce(Some(bytes.len() as u64)).unwrap();
+        assert_eq!(store.downloading_size(&digest), Some(16));
+        let whole = store.follow(Arc::clone(&download), &digest, None).await;
+        let mut whole = whole.unwrap().unwrap().stream;
+        let range = ByteRange::parse("bytes=7-");
+        let tail = store.follow(Arc::clone(&download), &digest, range).await;
+        let tail = tail.unwrap().unwrap();
+        assert_eq!(tail.range, Some((7, 15)));
+        incoming.push(Bytes::copy_from_slice(&bytes)).await.unwrap();
+        // Everything but the last byte, before the digest is known.
+        let first = whole.next().await.unwrap().unwrap();
+        assert_eq!(&first[..], &bytes[..15]);
+        assert!(incoming.commit().await.unwrap() == false);
+        store.end(&digest, &download, Ok(()));
+        let mut rest = Vec::new();
+        while let Some(chunk) = whole.next().await {
+            rest.extend_from_slice(&chunk.unwrap());
+        }
+        assert_eq!(rest, b"s");
+        assert_eq!(collect(tail).await.unwrap(), b"followers");
+        assert_eq!(store.downloads(), 0);
+        assert!(store.contains(&digest));
+    }
+
+    #[tokio::test]
+    async fn bytes_that_do_not_match_their_digest_are_never_stored_or_served_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path(), 1 << 20);
+        let digest = digest_of(b"the real bytes");
+        let mut incoming = started(&store, &digest).await;
+        let download = Arc::clone(incoming.download());
+        incoming.announce(Some(14)).unwrap();
+        let follower = store.follow(Arc::clone(&download), &digest, None).await;
+        let follower = follower.unwrap().unwrap();
+        incoming.push(Bytes::from_static(b"the fake bytes")).await.unwrap();
+        let e = incoming.commit().await.unwrap_err();
+        assert!(matches!(e, WriteError::Mismatch { .. }), "{e}");
+        store.end(&digest, &download, Err(Error::BlobUnknown));
+        let got = collect(follower).await;
+        assert!(got.is_err(), "the follower's transfer is aborted");
+        assert!(!store.contains(&digest));
+        assert_eq!(store.count(), 0);
+        assert!(std::fs::read_dir(dir.path().join("tmp")).unwrap().next().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_body_must_be_exactly_its_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path(), 100);
+        let digest = digest_of(b"0123456789");
+        // Longer than announced: refused at the chunk that goes past it.
+        let mut incoming = started(&store, &digest).await;
+        incoming.announce(Some(10)).unwrap();
+        incoming.push(Bytes::from_static(b"01234")).await.unwrap();
+        let e = incoming.push(Bytes::from_static(b"567890")).await;
+        assert!(matches!(e, Err(WriteError::TooLong)));
+        drop(incoming);
+        store.downloads.lock().clear();
+        // Shorter: refused at commit.
+        let mut incoming = started(&store, &digest).await;
+        incoming.announce(Some(10)).unwrap();
+        incoming.push(Bytes::from_static(b"01234")).await.unwrap();
+        let e = incoming.commit().await.unwrap_err();
+        assert!(matches!(e, WriteError::Truncated { written: 5, size: 10 }), "{e}");
+        store.downloads.lock().clear();
+        // Larger than the store, announced or not.
+        let mut incoming = started(&store, &digest).await;
+        assert!(matches!(incoming.announce(Some(101)), Err(WriteError::TooLarge)));
+        incoming.announce(None).unwrap();
+        let e = incoming.push(Bytes::from(vec![0u8; 101])).await;
+        assert!(matches!(e, Err(WriteError::TooLong)));
+        // A resume that claims another size.
+        let mut incoming = {
+            store.downloads.lock().clear();
+            started(&store, &digest).await
+        };
+        incoming.announce(Some(10)).unwrap();
+        assert!(matches!(incoming.announce(Some(11)), Err(WriteError::TooLong)));
+        assert!(incoming.announce(Some(10)).is_ok());
+        assert_eq!(store.count(), 0);
+    }
+
+    #[tokio::test]
+    async fn content_also_fetched_without_credentials_is_public() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path(), 1 << 20);
+        let digest = digest_of(b"shared");
+        let mut incoming = match store.begin(&digest, origin(), true).await.unwrap() {
+            Begun::Started(incoming) => incoming,
+            Begun::Running(_) => unreachable!(),
+        };
+        let download = Arc::clone(incoming.download());
+        assert!(store.held_private(&digest));
+        incoming.announce(Some(6)).unwrap();
+        incoming.push(Bytes::from_static(b"shared")).await.unwrap();
+        assert!(incoming.commit().await.unwrap());
+        store.end(&digest, &download, Ok(()));
+        assert!(store.is_private(&digest));
+        // Stored again without credentials: public from then on, across restarts.
+        store.purge(&digest).await;
+        assert_eq!(put(&store, b"shared").await, digest);
+        assert!(!store.is_private(&digest));
+        drop(store);
+        let store = super::super::tests::store(dir.path(), 1 << 20);
+        assert!(!store.is_private(&digest));
+    }
+}

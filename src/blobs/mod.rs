@@ -557,3 +557,142 @@ fn hash_file(path: &Path, algorithm: Algorithm, rate: u64) -> std::io::Result<(D
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::RepoName;
+
+    /// A store in a temp dir, with `max` bytes.
+    pub(super) fn store(dir: &Path, max: u64) -> Arc<BlobStore> {
+        let limits = DiskLimits {
+            max,
+            high: 0.9,
+            low: 0.5,
+            min_free: 0,
+            scrub_rate: 0,
+            scrub_interval: Duration::from_secs(3600),
+            verify_on_serve: false,
+        };
+        let layout = Layout::open(dir).unwrap();
+        BlobStore::open(layout, limits, Metrics::new(vec!["test".into()])).unwrap()
+    }
+
+    pub(super) fn digest_of(bytes: &[u8]) -> Digest {
+        let mut v = Verifier::new(Algorithm::Sha256);
+        v.update(bytes);
+        v.finish()
+    }
+
+    pub(super) fn origin() -> incoming::Origin {
+        incoming::Origin {
+            upstream: 1,
+            repository: RepoName::parse("library/alpine", false).unwrap(),
+        }
+    }
+
+    pub(super) async fn collect(body: BlobBody) -> std::io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut stream = body.stream;
+        while let Some(chunk) = stream.next().await {
+            out.extend_from_slice(&chunk?);
+        }
+        Ok(out)
+    }
+
+    /// Stores `bytes` through an [`Incoming`], as a fetch would.
+    pub(super) async fn put(store: &Arc<BlobStore>, bytes: &[u8]) -> Digest {
+        let digest = digest_of(bytes);
+        let Begun::Started(mut incoming) = store.begin(&digest, origin(), false).await.unwrap()
+        else {
+            panic!("a download was already under way");
+        };
+        incoming.announce(Some(bytes.len() as u64)).unwrap();
+        incoming.push(Bytes::copy_from_slice(bytes)).await.unwrap();
+        let download = Arc::clone(incoming.download());
+        assert!(!incoming.commit().await.unwrap());
+        store.end(&digest, &download, Ok(()));
+        digest
+    }
+
+    #[tokio::test]
+    async fn a_stored_blob_serves_whole_and_in_ranges() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path(), 1 << 20);
+        let digest = put(&store, b"0123456789").await;
+        assert!(store.contains(&digest));
+        assert_eq!(store.count(), 1);
+        assert_eq!(store.total_bytes(), 10);
+        assert_eq!(store.verified_size(&digest).await, Some(10));
+        let whole = store.open_stored(&digest, None).await.unwrap().unwrap();
+        assert_eq!(whole.source, Outcome::Hit);
+        assert_eq!(collect(whole).await.unwrap(), b"0123456789");
+        let cases = [
+            ("bytes=2-4", Some((2, 4)), &b"234"[..]),
+            ("bytes=7-", Some((7, 9)), b"789"),
+            ("bytes=-2", Some((8, 9)), b"89"),
+            ("bytes=5-99", Some((5, 9)), b"56789"),
+        ];
+        for (header, bounds, want) in cases {
+            let range = ByteRange::parse(header);
+            let body = store.open_stored(&digest, range).await.unwrap().unwrap();
+            assert_eq!(body.range, bounds, "{header}");
+            assert_eq!(collect(body).await.unwrap(), want, "{header}");
+        }
+        let past = store.open_stored(&digest, ByteRange::parse("bytes=10-")).await;
+        assert!(matches!(past, Err(Error::RangeInvalid { size: 10 })));
+    }
+
+    #[tokio::test]
+    async fn a_file_of_the_wrong_size_is_dropped_not_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path(), 1 << 20);
+        let digest = put(&store, b"0123456789").await;
+        let (path, _) = store.stored_file(&digest).unwrap();
+        std::fs::write(&path, b"012345").unwrap();
+        assert!(store.open_stored(&digest, None).await.unwrap().is_none());
+        assert!(!store.contains(&digest));
+        assert!(!path.exists());
+    }
+
+    #[tokio::test]
+    async fn a_reopened_store_finds_and_reverifies_its_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let (good, bad) = {
+            let store = store(dir.path(), 1 << 20);
+            (put(&store, b"good").await, put(&store, b"bad!").await)
+        };
+        // Same size, other bytes: found at startup, caught before its first use.
+        let path = store(dir.path(), 1 << 20).stored_file(&bad).unwrap().0;
+        std::fs::write(&path, b"BAD!").unwrap();
+        let store = store(dir.path(), 1 << 20);
+        assert_eq!(store.count(), 2);
+        assert_eq!(store.verified_size(&good).await, Some(4));
+        assert_eq!(store.verified_size(&bad).await, None);
+        assert!(!store.contains(&bad));
+    }
+
+    #[tokio::test]
+    async fn eviction_takes_the_least_recently_used_first_and_never_one_being_read() {
+        let dir = tempfile::tempdir().unwrap();
+        // High watermark 90 bytes, low 50.
+        let store = store(dir.path(), 100);
+        let oldest = put(&store, &[1; 25]).await;
+        let read = put(&store, &[2; 25]).await;
+        let newest = put(&store, &[3; 25]).await;
+        // `oldest` is being read; `read` was used before `newest`.
+        let reader = store.open_stored(&oldest, None).await.unwrap().unwrap();
+        for (digest, at) in [(&read, 1), (&newest, 2)] {
+            store.index.lock()[digest]
+                .last_access
+                .store(at, Ordering::Relaxed);
+        }
+        let fourth = put(&store, &[4; 25]).await;
+        store.evict_if_needed(0);
+        assert!(store.contains(&oldest), "a blob being read is never evicted");
+        assert!(!store.contains(&read));
+        assert!(!store.contains(&newest));
+        assert!(store.contains(&fourth));
+        assert_eq!(collect(reader).await.unwrap(), vec![1; 25]);
+    }
+}

@@ -179,7 +179,13 @@ async fn unreachable_upstream_is_502() {
     let proxy = TestProxy::start_config(config, None).await;
     let r = proxy.get("/v2/library/x/manifests/1").await;
     assert_eq!(r.status(), 502);
-    assert_eq!(error_code(r).await, "UNAVAILABLE");
+    // The message names the cause class, not just "upstream failed".
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["errors"][0]["code"], "UNAVAILABLE");
+    assert_eq!(
+        body["errors"][0]["message"],
+        "upstream registry failed: upstream unreachable: connection refused"
+    );
 }
 
 async fn raw_get(base: &str, path: &str) -> String {

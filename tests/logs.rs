@@ -370,3 +370,28 @@ async fn the_access_log_names_the_upstream_and_keeps_the_query_without_secrets()
         );
     }
 }
+
+#[tokio::test]
+async fn a_failed_request_logs_its_cause_chain_in_words() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!("http://{}", listener.local_addr().unwrap());
+    drop(listener);
+    let mut running = Running::start(&[("PULLTHROUGH_UPSTREAM", &dead)]);
+    let url = running.url();
+    let r = reqwest::get(format!("{url}/v2/library/x/manifests/1"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    let line = running.wait_for("request failed");
+    // Display with sources, from the class down to the operating system's words; never the
+    // Debug form of the error types.
+    assert!(
+        line.contains("upstream registry failed: upstream unreachable: connection refused: "),
+        "{line}"
+    );
+    assert!(line.contains("Connection refused"), "{line}");
+    assert!(
+        !line.contains("Unreachable {") && !line.contains("Upstream("),
+        "{line}"
+    );
+}

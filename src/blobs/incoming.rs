@@ -726,7 +726,10 @@ mod tests {
         incoming.announce(Some(14)).unwrap();
         let follower = store.follow(Arc::clone(&download), &digest, None).await;
         let follower = follower.unwrap().unwrap();
-        incoming.push(Bytes::from_static(b"the fake bytes")).await.unwrap();
+        incoming
+            .push(Bytes::from_static(b"the fake bytes"))
+            .await
+            .unwrap();
         let e = incoming.commit().await.unwrap_err();
         assert!(matches!(e, WriteError::Mismatch { .. }), "{e}");
         store.end(&digest, &download, Err(Error::BlobUnknown));
@@ -734,7 +737,12 @@ mod tests {
         assert!(got.is_err(), "the follower's transfer is aborted");
         assert!(!store.contains(&digest));
         assert_eq!(store.count(), 0);
-        assert!(std::fs::read_dir(dir.path().join("tmp")).unwrap().next().is_none());
+        assert!(
+            std::fs::read_dir(dir.path().join("tmp"))
+                .unwrap()
+                .next()
+                .is_none()
+        );
     }
 
     #[tokio::test]
@@ -755,11 +763,23 @@ mod tests {
         incoming.announce(Some(10)).unwrap();
         incoming.push(Bytes::from_static(b"01234")).await.unwrap();
         let e = incoming.commit().await.unwrap_err();
-        assert!(matches!(e, WriteError::Truncated { written: 5, size: 10 }), "{e}");
+        assert!(
+            matches!(
+                e,
+                WriteError::Truncated {
+                    written: 5,
+                    size: 10
+                }
+            ),
+            "{e}"
+        );
         store.downloads.lock().clear();
         // Larger than the store, announced or not.
         let mut incoming = started(&store, &digest).await;
-        assert!(matches!(incoming.announce(Some(101)), Err(WriteError::TooLarge)));
+        assert!(matches!(
+            incoming.announce(Some(101)),
+            Err(WriteError::TooLarge)
+        ));
         incoming.announce(None).unwrap();
         let e = incoming.push(Bytes::from(vec![0u8; 101])).await;
         assert!(matches!(e, Err(WriteError::TooLong)));
@@ -769,7 +789,10 @@ mod tests {
             started(&store, &digest).await
         };
         incoming.announce(Some(10)).unwrap();
-        assert!(matches!(incoming.announce(Some(11)), Err(WriteError::TooLong)));
+        assert!(matches!(
+            incoming.announce(Some(11)),
+            Err(WriteError::TooLong)
+        ));
         assert!(incoming.announce(Some(10)).is_ok());
         assert_eq!(store.count(), 0);
     }

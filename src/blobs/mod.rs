@@ -639,7 +639,9 @@ mod tests {
             assert_eq!(body.range, bounds, "{header}");
             assert_eq!(collect(body).await.unwrap(), want, "{header}");
         }
-        let past = store.open_stored(&digest, ByteRange::parse("bytes=10-")).await;
+        let past = store
+            .open_stored(&digest, ByteRange::parse("bytes=10-"))
+            .await;
         assert!(matches!(past, Err(Error::RangeInvalid { size: 10 })));
     }
 
@@ -689,7 +691,10 @@ mod tests {
         }
         let fourth = put(&store, &[4; 25]).await;
         store.evict_if_needed(0);
-        assert!(store.contains(&oldest), "a blob being read is never evicted");
+        assert!(
+            store.contains(&oldest),
+            "a blob being read is never evicted"
+        );
         assert!(!store.contains(&read));
         assert!(!store.contains(&newest));
         assert!(store.contains(&fourth));

@@ -704,7 +704,7 @@ mod tests {
         // Everything but the last byte, before the digest is known.
         let first = whole.next().await.unwrap().unwrap();
         assert_eq!(&first[..], &bytes[..15]);
-        assert!(incoming.commit().await.unwrap() == false);
+        assert!(!incoming.commit().await.unwrap());
         store.end(&digest, &download, Ok(()));
         let mut rest = Vec::new();
         while let Some(chunk) = whole.next().await {

@@ -6,52 +6,66 @@ use crate::metrics::{Metrics, Outcome};
 use crate::proxy::BlobHead;
 use crate::registry::Digest;
 use axum::body::Body;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::Response;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use std::sync::Arc;
 
-fn base(digest: &Digest, source: Outcome) -> axum::http::response::Builder {
-    Response::builder()
-        .header(header::CONTENT_TYPE, "application/octet-stream")
-        .header("docker-content-digest", digest.to_string())
-        .header(header::ETAG, format!("\"{digest}\""))
-        .header(header::ACCEPT_RANGES, "bytes")
-        .header(header::CACHE_CONTROL, "max-age=31536000, immutable")
-        .header(super::X_CACHE, super::x_cache(source))
-        .extension(super::Answer::of(source))
+/// `body` with the headers every blob answer has, and `status`.
+fn base(digest: &Digest, source: Outcome, status: StatusCode, body: Body) -> Response {
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    let octets = HeaderValue::from_static("application/octet-stream");
+    headers.insert(header::CONTENT_TYPE, octets);
+    // A digest is `<alg>:<hex>`: always a valid header value.
+    if let Ok(value) = HeaderValue::try_from(digest.to_string()) {
+        headers.insert("docker-content-digest", value);
+    }
+    if let Ok(value) = HeaderValue::try_from(format!("\"{digest}\"")) {
+        headers.insert(header::ETAG, value);
+    }
+    headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    let forever = HeaderValue::from_static("max-age=31536000, immutable");
+    headers.insert(header::CACHE_CONTROL, forever);
+    headers.insert(super::X_CACHE, super::x_cache(source));
+    response.extensions_mut().insert(super::Answer::of(source));
+    response
 }
 
 /// A GET answer; the bytes sent are counted as they go.
 pub fn respond(digest: &Digest, body: BlobBody, metrics: &Arc<Metrics>) -> Response {
-    let mut builder = base(digest, body.source);
-    builder = match (body.range, body.size) {
-        (Some((start, end)), Some(size)) => builder
-            .status(StatusCode::PARTIAL_CONTENT)
-            .header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{size}"))
-            .header(header::CONTENT_LENGTH, end - start + 1),
-        (_, Some(size)) => builder
-            .status(StatusCode::OK)
-            .header(header::CONTENT_LENGTH, size),
-        (_, None) => builder.status(StatusCode::OK),
+    let stream = Body::from_stream(counted(body.stream, body.source, metrics));
+    let status = match (body.range, body.size) {
+        (Some(_), Some(_)) => StatusCode::PARTIAL_CONTENT,
+        _ => StatusCode::OK,
     };
-    builder
-        .body(Body::from_stream(counted(
-            body.stream,
-            body.source,
-            metrics,
-        )))
-        .expect("static response parts")
+    let mut response = base(digest, body.source, status, stream);
+    let headers = response.headers_mut();
+    match (body.range, body.size) {
+        (Some((start, end)), Some(size)) => {
+            if let Ok(value) = HeaderValue::try_from(format!("bytes {start}-{end}/{size}")) {
+                headers.insert(header::CONTENT_RANGE, value);
+            }
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start + 1));
+        }
+        (_, Some(size)) => {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+        }
+        (_, None) => {}
+    }
+    response
 }
 
 /// A HEAD answer.
 pub fn respond_head(digest: &Digest, head: BlobHead) -> Response {
-    base(digest, head.source)
-        .status(StatusCode::OK)
-        .header(header::CONTENT_LENGTH, head.size)
-        .body(Body::empty())
-        .expect("static response parts")
+    let mut response = base(digest, head.source, StatusCode::OK, Body::empty());
+    let length = HeaderValue::from(head.size);
+    response
+        .headers_mut()
+        .insert(header::CONTENT_LENGTH, length);
+    response
 }
 
 /// `stream` with every chunk counted as served from the store or while fetching.

@@ -52,65 +52,19 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(path) = file {
-            if !path.is_file() {
-                return Err(ConfigError(format!(
-                    "config file {} does not exist",
-                    path.display()
-                )));
-            }
-            // Checked here first, so a syntax error names the file and shows the line.
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                ConfigError(format!("cannot read config file {}: {e}", path.display()))
-            })?;
-            if let Err(e) = toml::from_str::<toml::Table>(&text) {
-                return Err(syntax_error(path, &text, &e));
-            }
+            check_file(path)?;
             figment = figment.merge(Toml::file_exact(path));
         }
-        let vars: Vec<(String, String)> = env
-            .into_iter()
-            .filter_map(|(k, v)| {
-                let key = k.strip_prefix("PULLTHROUGH_")?.to_ascii_lowercase();
-                (key != "config").then_some((key.replace("__", "."), v))
-            })
-            .collect();
-        if let Some((key, _)) = vars.iter().find(|(k, _)| k.split('.').any(str::is_empty)) {
-            return Err(ConfigError(format!(
-                "unknown setting: environment variable PULLTHROUGH_{}; {}",
-                key.replace('.', "__").to_ascii_uppercase(),
-                known_keys_hint(key)
-            )));
-        }
-        figment = figment.merge(EnvVars(vars));
+        figment = figment.merge(EnvVars::from_env(env)?);
         figment = figment.merge(Serialized::defaults(overrides));
         let config: Config = figment.extract_lossy().map_err(|e| describe(&figment, e))?;
         // Of a pair that contradicts itself, blame the key that was set, not the default.
-        let set = |key: &str| {
+        let is_set = |key: &str| {
             figment
                 .find_metadata(key)
                 .is_some_and(|m| !m.name.ends_with("Config"))
         };
-        if config.cache_low_watermark >= config.cache_high_watermark
-            && set("cache_high_watermark")
-            && !set("cache_low_watermark")
-        {
-            return Err(ConfigError(format!(
-                "invalid value for {}: must be above cache_low_watermark ({})",
-                source_of(&figment, "cache_high_watermark"),
-                config.cache_low_watermark
-            )));
-        }
-        if config.credentials_open_to_all()
-            && !config.listen.ip().to_canonical().is_loopback()
-            && !config.allow_open_credentials
-        {
-            return Err(ConfigError(format!(
-                "invalid value for {}: upstream credentials are configured and pullthrough has no client access control, so every client that reaches {} could read the account's private images; listen on loopback, or set allow_open_credentials = true to accept that",
-                source_of(&figment, "listen"),
-                config.listen
-            )));
-        }
-        config.validate().map_err(|(key, why)| {
+        config.validate_loaded(is_set).map_err(|(key, why)| {
             ConfigError(format!(
                 "invalid value for {}: {why}",
                 source_of(&figment, key)
@@ -122,6 +76,23 @@ impl Config {
     /// Every key the file and the environment accept, read from the type itself.
     pub fn keys() -> &'static [&'static str] {
         struct_fields::<Config>()
+    }
+}
+
+/// Checks that the file at `path` exists and is TOML before figment reads it, so that a syntax
+/// error names the file and shows the line.
+fn check_file(path: &Path) -> Result<(), ConfigError> {
+    if !path.is_file() {
+        return Err(ConfigError(format!(
+            "config file {} does not exist",
+            path.display()
+        )));
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
+    match toml::from_str::<toml::Table>(&text) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(syntax_error(path, &text, &e)),
     }
 }
 
@@ -158,6 +129,29 @@ fn struct_fields<T: serde::de::DeserializeOwned>() -> &'static [&'static str] {
 /// `PULLTHROUGH_*` variables as a figment provider: every value a string, byte for byte (nested
 /// tables joined by `__`), from a list the caller passes in.
 struct EnvVars(Vec<(String, String)>);
+
+impl EnvVars {
+    /// The `PULLTHROUGH_*` entries of `env` (but `PULLTHROUGH_CONFIG`, which names the file),
+    /// keys lower case and nested at `__`. A key with an empty part (`PULLTHROUGH__X`) is an
+    /// unknown setting.
+    fn from_env(env: impl IntoIterator<Item = (String, String)>) -> Result<EnvVars, ConfigError> {
+        let vars: Vec<(String, String)> = env
+            .into_iter()
+            .filter_map(|(k, v)| {
+                let key = k.strip_prefix("PULLTHROUGH_")?.to_ascii_lowercase();
+                (key != "config").then_some((key.replace("__", "."), v))
+            })
+            .collect();
+        if let Some((key, _)) = vars.iter().find(|(k, _)| k.split('.').any(str::is_empty)) {
+            return Err(ConfigError(format!(
+                "unknown setting: environment variable PULLTHROUGH_{}; {}",
+                key.replace('.', "__").to_ascii_uppercase(),
+                known_keys_hint(key)
+            )));
+        }
+        Ok(EnvVars(vars))
+    }
+}
 
 impl Provider for EnvVars {
     fn metadata(&self) -> Metadata {

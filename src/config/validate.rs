@@ -1,5 +1,6 @@
-//! Range and consistency checks of a loaded [`Config`]. A failed check names the key to blame
-//! and why; [`Config::load`] adds where that key was set.
+//! Range and consistency checks of a loaded [`Config`]. Each check names the key to blame and
+//! why; [`Config::load`] adds where that key was set. The checks run in a fixed order, and the
+//! first failure is the one reported.
 
 use super::{Config, one_line_str};
 use bytesize::ByteSize;
@@ -13,10 +14,68 @@ pub(super) type Invalid = (&'static str, String);
 /// overflow the clock arithmetic they feed.
 const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
+/// The failure of a check of `key`.
+pub(super) fn bad(key: &'static str, why: &str) -> Result<(), Invalid> {
+    Err((key, why.to_owned()))
+}
+
 impl Config {
-    /// Checks every value against its range; the error names the key.
+    /// The checks of a whole loaded configuration: first those only the top level has, then
+    /// [`Config::validate`]. `is_set` says whether a key was set (rather than defaulted), so
+    /// that of a pair that contradicts itself, the key that was set is blamed.
+    pub(super) fn validate_loaded(&self, is_set: impl Fn(&str) -> bool) -> Result<(), Invalid> {
+        if self.cache_low_watermark >= self.cache_high_watermark
+            && is_set("cache_high_watermark")
+            && !is_set("cache_low_watermark")
+        {
+            return Err((
+                "cache_high_watermark",
+                format!(
+                    "must be above cache_low_watermark ({})",
+                    self.cache_low_watermark
+                ),
+            ));
+        }
+        if self.credentials_open_to_all()
+            && !self.listen.ip().to_canonical().is_loopback()
+            && !self.allow_open_credentials
+        {
+            return Err((
+                "listen",
+                format!(
+                    "upstream credentials are configured and pullthrough has no client access control, so every client that reaches {} could read the account's private images; listen on loopback, or set allow_open_credentials = true to accept that",
+                    self.listen
+                ),
+            ));
+        }
+        self.validate()
+    }
+
+    /// Checks every value against its range; the error names the key. Also run for each
+    /// `[[upstreams]]` entry, as [`Config::for_upstream`] sees it.
     pub(super) fn validate(&self) -> Result<(), Invalid> {
-        let bad = |key: &'static str, why: &str| Err((key, why.to_owned()));
+        self.validate_upstream_url()?;
+        if self.data_dir.as_os_str().is_empty() {
+            return bad("data_dir", "must not be empty");
+        }
+        self.validate_credentials()?;
+        self.validate_durations()?;
+        self.validate_counts()?;
+        self.validate_sizes()?;
+        self.validate_replicas()?;
+        self.validate_watermarks()?;
+        self.password()
+            .map_err(|e| ("upstream_password_file", e.0))?;
+        self.validate_upstreams()?;
+        self.validate_access()?;
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return bad("tls_key", "set both tls_cert and tls_key, or neither");
+        }
+        self.validate_immutable_tags()
+    }
+
+    /// `upstream` is the root of an http(s) registry, without credentials.
+    fn validate_upstream_url(&self) -> Result<(), Invalid> {
         if !matches!(self.upstream.scheme(), "http" | "https") || self.upstream.host_str().is_none()
         {
             return bad("upstream", "must be an http:// or https:// URL with a host");
@@ -33,9 +92,12 @@ impl Config {
                 "must be the registry root, without a path or query",
             );
         }
-        if self.data_dir.as_os_str().is_empty() {
-            return bad("data_dir", "must not be empty");
-        }
+        Ok(())
+    }
+
+    /// The upstream account and the admin token: nothing empty or padded, a password only with
+    /// a username, and from one place.
+    fn validate_credentials(&self) -> Result<(), Invalid> {
         if self.upstream_username.as_deref() == Some("") {
             return bad("upstream_username", "must not be empty");
         }
@@ -64,6 +126,11 @@ impl Config {
         {
             return bad("upstream_username", "a password is set but no username");
         }
+        Ok(())
+    }
+
+    /// Every duration at most [`MAX_DURATION`], and those that divide or wait above zero.
+    fn validate_durations(&self) -> Result<(), Invalid> {
         let durations = [
             ("tag_ttl", self.tag_ttl, true),
             ("max_stale", self.max_stale, false),
@@ -85,6 +152,11 @@ impl Config {
                 return bad(key, "must be at most 10 years");
             }
         }
+        Ok(())
+    }
+
+    /// The rate-limit reserve and the concurrency limits.
+    fn validate_counts(&self) -> Result<(), Invalid> {
         if !(0.0..1.0).contains(&self.ratelimit_reserve) {
             return bad(
                 "ratelimit_reserve",
@@ -97,6 +169,11 @@ impl Config {
         if !(1..=1_000_000).contains(&self.max_client_connections) {
             return bad("max_client_connections", "must be from 1 to 1000000");
         }
+        Ok(())
+    }
+
+    /// Memory and disk sizes within their ranges.
+    fn validate_sizes(&self) -> Result<(), Invalid> {
         let sizes = [
             (
                 "cache_max_disk",
@@ -134,33 +211,19 @@ impl Config {
                 return bad(key, &format!("must be from {min} to {max}"));
             }
         }
+        Ok(())
+    }
+
+    /// Object storage, Redis and the replicas' shared secret and addresses: each setting with
+    /// the others it needs.
+    fn validate_replicas(&self) -> Result<(), Invalid> {
         if !self.storage_url.is_empty()
             && let Err(e) = crate::objects::ObjectStorage::from_url(&self.storage_url)
         {
             return bad("storage_url", &e);
         }
         if !self.redis_url.0.is_empty() {
-            if let Err(e) = redis::Client::open(self.redis_url.0.as_str()) {
-                return bad("redis_url", &e.to_string());
-            }
-            if self.storage_url.is_empty() {
-                return bad(
-                    "redis_url",
-                    "needs storage_url: replicas share content through object storage",
-                );
-            }
-            if self.cluster_secret.as_ref().is_none_or(|s| s.0.len() < 16) {
-                return bad(
-                    "cluster_secret",
-                    "must be set (16 characters or more) with redis_url: it authenticates requests between replicas",
-                );
-            }
-            if self.advertise_url.is_empty() && self.listen.ip().is_unspecified() {
-                return bad(
-                    "advertise_url",
-                    "must be set when listen is a wildcard address: the other replicas need this one's address",
-                );
-            }
+            self.validate_cluster()?;
         }
         if self.storage_max_bytes.as_u64() > 0 && self.redis_url.0.is_empty() {
             return bad(
@@ -174,6 +237,38 @@ impl Config {
                 _ => return bad("advertise_url", "must be an http(s) URL naming a host"),
             }
         }
+        Ok(())
+    }
+
+    /// With `redis_url` set: a Redis URL, object storage, a shared secret, and an address the
+    /// other replicas can reach.
+    fn validate_cluster(&self) -> Result<(), Invalid> {
+        if let Err(e) = redis::Client::open(self.redis_url.0.as_str()) {
+            return bad("redis_url", &e.to_string());
+        }
+        if self.storage_url.is_empty() {
+            return bad(
+                "redis_url",
+                "needs storage_url: replicas share content through object storage",
+            );
+        }
+        if self.cluster_secret.as_ref().is_none_or(|s| s.0.len() < 16) {
+            return bad(
+                "cluster_secret",
+                "must be set (16 characters or more) with redis_url: it authenticates requests between replicas",
+            );
+        }
+        if self.advertise_url.is_empty() && self.listen.ip().is_unspecified() {
+            return bad(
+                "advertise_url",
+                "must be set when listen is a wildcard address: the other replicas need this one's address",
+            );
+        }
+        Ok(())
+    }
+
+    /// Eviction's two fractions, the low one below the high one.
+    fn validate_watermarks(&self) -> Result<(), Invalid> {
         if !(self.cache_high_watermark > 0.0 && self.cache_high_watermark <= 1.0) {
             return bad(
                 "cache_high_watermark",
@@ -187,13 +282,11 @@ impl Config {
                 "must be a fraction above 0 and below cache_high_watermark",
             );
         }
-        self.password()
-            .map_err(|e| ("upstream_password_file", e.0))?;
-        self.validate_upstreams()?;
-        self.validate_access()?;
-        if self.tls_cert.is_some() != self.tls_key.is_some() {
-            return bad("tls_key", "set both tls_cert and tls_key, or neither");
-        }
+        Ok(())
+    }
+
+    /// Every `immutable_tags` entry is a regular expression.
+    fn validate_immutable_tags(&self) -> Result<(), Invalid> {
         for pattern in &self.immutable_tags {
             if let Err(e) = regex::Regex::new(pattern) {
                 return bad(

@@ -44,7 +44,7 @@ impl Config {
 
     /// Upstream credentials without client access control: every client reads what they can.
     pub fn credentials_open_to_all(&self) -> bool {
-        self.has_credentials() && self.htpasswd.is_none() && self.client_tokens_file.is_none()
+        self.has_credentials() && !self.access_control()
     }
 
     /// Every `[[access]]` rule names a registry clients can reach: a rule that matches nothing

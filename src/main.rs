@@ -80,70 +80,114 @@ fn token(text: &str) -> Result<Secret, String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match parse_cli() {
         Ok(cli) => cli,
-        Err(e) if e.use_stderr() => {
-            // One line naming the flag, like every other bad setting, with the values it takes.
-            use clap::error::{ContextKind, ContextValue};
-            let text = e.to_string();
-            let first = text.lines().next().unwrap_or_default();
-            let valid = match e.get(ContextKind::ValidValue) {
-                Some(ContextValue::Strings(values)) => {
-                    format!("; expected {}", values.join(" or "))
-                }
-                _ => String::new(),
-            };
-            eprintln!(
-                "pullthrough: {}{valid}",
-                first.trim_start_matches("error: ")
-            );
-            return ExitCode::from(2);
-        }
-        Err(e) => {
-            let _ = e.print();
-            return ExitCode::SUCCESS;
-        }
+        Err(code) => return code,
     };
-    let command = cli.command;
+    let config = match load_config(&cli) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    match cli.command {
+        Some(command) => run_command(command, &config).await,
+        None => run_server(&config).await,
+    }
+}
+
+/// The command line, or the exit status once clap has answered: 0 after `--help` or
+/// `--version`, 2 after one line naming a bad flag.
+fn parse_cli() -> Result<Cli, ExitCode> {
+    Cli::try_parse().map_err(|e| {
+        if e.use_stderr() {
+            eprintln!("pullthrough: {}", flag_error(&e));
+            ExitCode::from(2)
+        } else {
+            let _ = e.print();
+            ExitCode::SUCCESS
+        }
+    })
+}
+
+/// One line naming the flag, like every other bad setting, with the values it takes.
+fn flag_error(e: &clap::Error) -> String {
+    use clap::error::{ContextKind, ContextValue};
+    let text = e.to_string();
+    let first = text.lines().next().unwrap_or_default();
+    let valid = match e.get(ContextKind::ValidValue) {
+        Some(ContextValue::Strings(values)) => {
+            format!("; expected {}", values.join(" or "))
+        }
+        _ => String::new(),
+    };
+    format!("{}{valid}", first.trim_start_matches("error: "))
+}
+
+/// The settings from the file, the environment and the flags, or the exit status after one
+/// line saying what is wrong.
+fn load_config(cli: &Cli) -> Result<Config, ExitCode> {
     let overrides = Overrides {
         listen: cli.listen,
-        upstream: cli.upstream,
+        upstream: cli.upstream.clone(),
         tag_ttl: cli.tag_ttl,
-        data_dir: cli.data_dir,
+        data_dir: cli.data_dir.clone(),
         log_format: cli.log_format,
     };
-    let config = match Config::load(cli.config.as_deref(), std::env::vars(), &overrides) {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("pullthrough: {e}");
-            // A health check reports unhealthy (1); Docker reserves 2.
-            let code = if matches!(command, Some(Command::Healthcheck { .. })) {
-                1
-            } else {
-                2
-            };
-            return ExitCode::from(code);
+    Config::load(cli.config.as_deref(), std::env::vars(), &overrides).map_err(|e| {
+        eprintln!("pullthrough: {e}");
+        // A health check reports unhealthy (1); Docker reserves 2.
+        if matches!(cli.command, Some(Command::Healthcheck { .. })) {
+            ExitCode::from(1)
+        } else {
+            ExitCode::from(2)
         }
-    };
+    })
+}
+
+/// Runs a subcommand against a running pullthrough.
+async fn run_command(command: Command, config: &Config) -> ExitCode {
     match command {
-        Some(Command::Healthcheck { url }) => return healthcheck(url, &config).await,
-        Some(Command::Warm {
+        Command::Healthcheck { url } => healthcheck(url, config).await,
+        Command::Warm {
             images,
             file,
             platform,
             url,
             admin_token,
-        }) => {
-            let token = warm_token(admin_token, url.as_deref(), &config);
-            return warm(images, file, platform, url, token, &config).await;
+        } => {
+            let token = warm_token(admin_token, url.as_deref(), config);
+            warm(images, file, platform, url, token, config).await
         }
-        None => {}
     }
+}
+
+/// Sets up logging, then serves until Ctrl-C or SIGTERM: exit status 2 for a bad setting
+/// found on the way, 1 if serving fails.
+async fn run_server(config: &Config) -> ExitCode {
+    init_logging(config.log_format);
+    let (app, listener) = match start(config).await {
+        Ok(started) => started,
+        Err(why) => {
+            eprintln!("pullthrough: {why}");
+            return ExitCode::from(2);
+        }
+    };
+    announce(config, &listener);
+    match pullthrough::serve(app, listener, config, shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pullthrough: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Log events to stdout, filtered by `RUST_LOG` (default `pullthrough=info`).
+fn init_logging(format: LogFormat) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("pullthrough=info"));
     // Colour only for a person at a terminal; files and log collectors get plain text.
     let ansi = std::io::stdout().is_terminal();
-    match config.log_format {
+    match format {
         LogFormat::Text => tracing_subscriber::fmt()
             .with_ansi(ansi)
             .with_env_filter(filter)
@@ -154,47 +198,44 @@ async fn main() -> ExitCode {
             .with_env_filter(filter)
             .init(),
     }
-    // Everything that can fail on a bad setting (data directory, password file, patterns)
-    // fails here, before serving, with exit status 2.
-    let app = match pullthrough::app(&config) {
-        Ok(app) => app,
-        Err(e) => {
-            eprintln!("pullthrough: {e:#}");
-            return ExitCode::from(2);
-        }
-    };
+}
+
+/// The application and its bound listener. Everything that can fail on a bad setting (data
+/// directory, password file, patterns, certificate, listen address) fails here, before
+/// serving.
+async fn start(config: &Config) -> Result<(pullthrough::App, TcpListener), String> {
+    let app = pullthrough::app(config).map_err(|e| format!("{e:#}"))?;
     if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key)
         && let Err(e) = pullthrough::http::tls::acceptor(cert, key)
     {
-        eprintln!("pullthrough: invalid value for key \"tls_cert\": {e:#}");
-        return ExitCode::from(2);
+        return Err(format!("invalid value for key \"tls_cert\": {e:#}"));
     }
-    let listener = match TcpListener::bind(config.listen).await {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!(
-                "pullthrough: invalid value for key \"listen\": cannot listen on {}: {e}",
-                config.listen
-            );
-            return ExitCode::from(2);
-        }
-    };
+    match TcpListener::bind(config.listen).await {
+        Ok(listener) => Ok((app, listener)),
+        Err(e) => Err(format!(
+            "invalid value for key \"listen\": cannot listen on {}: {e}",
+            config.listen
+        )),
+    }
+}
+
+/// Logs the address really bound, and warns when upstream credentials are open to every
+/// client.
+fn announce(config: &Config, listener: &TcpListener) {
     let bound = listener.local_addr().unwrap_or(config.listen);
-    let scheme = if config.tls_cert.is_some() {
-        "https"
-    } else {
-        "http"
-    };
+    let scheme = scheme(config);
     tracing::info!(addr = %bound, scheme, upstream = %config.upstream, data_dir = %config.data_dir.display(), "listening");
     if config.credentials_open_to_all() {
         tracing::warn!(addr = %bound, "upstream credentials are configured and pullthrough has no client access control: every client that can reach this address can read the private images those credentials can");
     }
-    match pullthrough::serve(app, listener, &config, shutdown_signal()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("pullthrough: {e:#}");
-            ExitCode::FAILURE
-        }
+}
+
+/// `https` when the listener has a certificate, else `http`.
+fn scheme(config: &Config) -> &'static str {
+    if config.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
     }
 }
 
@@ -208,12 +249,7 @@ fn local_url(config: &Config) -> String {
             std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
         });
     }
-    let scheme = if config.tls_cert.is_some() {
-        "https"
-    } else {
-        "http"
-    };
-    format!("{scheme}://{addr}")
+    format!("{}://{addr}", scheme(config))
 }
 
 /// `pullthrough healthcheck`.

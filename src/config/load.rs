@@ -281,6 +281,30 @@ mod tests {
     use std::time::Duration;
 
     #[test]
+    fn an_access_rule_may_name_any_configured_upstream() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.toml");
+        let htpasswd = dir.path().join("htpasswd");
+        std::fs::write(&htpasswd, "").unwrap();
+        let text = format!(
+            "htpasswd = {htpasswd:?}\n\
+             [[upstreams]]\nhost = \"ghcr.io\"\nurl = \"https://ghcr.io\"\n\
+             [[access]]\nupstream = \"ghcr.io\"\nanonymous = true\n"
+        );
+        std::fs::write(&file, &text).unwrap();
+        let c = Config::load(Some(&file), env(&[]), &Overrides::default()).unwrap();
+        assert_eq!(c.access[0].upstream, "ghcr.io");
+        // A host that is not configured is still refused.
+        std::fs::write(
+            &file,
+            text.replace("upstream = \"ghcr.io\"", "upstream = \"quay.io\""),
+        )
+        .unwrap();
+        let e = Config::load(Some(&file), env(&[]), &Overrides::default()).unwrap_err();
+        assert!(e.to_string().contains("quay.io"), "{e}");
+    }
+
+    #[test]
     fn layers_file_env_and_flags() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("p.toml");

@@ -48,7 +48,10 @@ impl Config {
                 ),
             ));
         }
-        self.validate()
+        self.validate()?;
+        // Of the whole configuration only: a rule may name any of `upstreams`, which the
+        // configuration of one upstream (`for_upstream`) does not list.
+        self.validate_access()
     }
 
     /// Checks every value against its range; the error names the key. Also run for each
@@ -67,7 +70,6 @@ impl Config {
         self.password()
             .map_err(|e| ("upstream_password_file", e.0))?;
         self.validate_upstreams()?;
-        self.validate_access()?;
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return bad("tls_key", "set both tls_cert and tls_key, or neither");
         }

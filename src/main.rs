@@ -345,7 +345,7 @@ async fn warm(
     let summary = if std::io::stderr().is_terminal() {
         pullthrough::warm::warm(&request, &Bar::new()).await
     } else {
-        pullthrough::warm::warm(&request, &Lines).await
+        pullthrough::warm::warm(&request, &Lines::default()).await
     };
     println!("{}", summary.line());
     if summary.failed > 0 {
@@ -355,31 +355,61 @@ async fn warm(
     }
 }
 
-/// Warm-up progress as plain lines (not a terminal: CI logs).
-struct Lines;
+/// Warm-up progress as plain lines (not a terminal: CI logs): sizes in units, and each
+/// blob's share of its image's bytes.
+#[derive(Default)]
+struct Lines {
+    /// Blob bytes of the current image done, and in all.
+    done: std::cell::Cell<(u64, u64)>,
+}
 
 impl pullthrough::warm::Report for Lines {
     fn image(&self, image: &str) {
+        self.done.set((0, 0));
         println!("{image}");
     }
+    fn blobs(&self, count: usize, bytes: u64) {
+        self.done.set((0, bytes));
+        println!("  {count} blob(s), {}", indicatif::HumanBytes(bytes));
+    }
     fn item(&self, what: &str, bytes: u64, cached: bool) {
-        let source = if cached { "cached" } else { "fetched" };
-        println!("  {what}: {bytes} bytes, {source}");
+        println!("  {}", item_line(what, bytes, cached, &self.done));
     }
     fn failed(&self, image: &str, error: &str) {
         println!("  {image} FAILED: {error}");
     }
 }
 
-/// Warm-up progress as a spinner with counts (a terminal).
+/// `blob sha256:…: 2.50 MiB, fetched (40% of 6.25 MiB)`; a blob's bytes count towards `done`.
+fn item_line(what: &str, bytes: u64, cached: bool, done: &std::cell::Cell<(u64, u64)>) -> String {
+    let source = if cached { "cached" } else { "fetched" };
+    let size = indicatif::HumanBytes(bytes);
+    let (sofar, total) = done.get();
+    if !what.starts_with("blob ") || total == 0 {
+        return format!("{what}: {size}, {source}");
+    }
+    let sofar = sofar.saturating_add(bytes).min(total);
+    done.set((sofar, total));
+    let percent = u128::from(sofar) * 100 / u128::from(total);
+    let total = indicatif::HumanBytes(total);
+    format!("{what}: {size}, {source} ({percent}% of {total})")
+}
+
+/// Warm-up progress as a bar per image: its blobs' bytes done, in units and percent.
 struct Bar(indicatif::ProgressBar);
 
 impl Bar {
     fn new() -> Bar {
-        let bar = indicatif::ProgressBar::new_spinner();
+        Bar::drawn_to(indicatif::ProgressDrawTarget::stderr())
+    }
+
+    fn drawn_to(target: indicatif::ProgressDrawTarget) -> Bar {
+        let bar = indicatif::ProgressBar::with_draw_target(Some(0), target);
+        let template = "{spinner} {prefix} [{bar:24}] {bytes}/{total_bytes} ({percent}%) {msg}";
         bar.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} {prefix} {pos} items, {msg}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            indicatif::ProgressStyle::with_template(template)
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
         );
         bar.enable_steady_tick(Duration::from_millis(120));
         Bar(bar)
@@ -389,12 +419,21 @@ impl Bar {
 impl pullthrough::warm::Report for Bar {
     fn image(&self, image: &str) {
         self.0.set_prefix(image.to_owned());
+        self.0.set_length(0);
+        self.0.set_position(0);
+        self.0.set_message("manifests");
+    }
+    fn blobs(&self, count: usize, bytes: u64) {
+        self.0.set_length(bytes);
+        self.0.set_message(format!("{count} blob(s)"));
     }
     fn item(&self, what: &str, bytes: u64, cached: bool) {
-        self.0.inc(1);
+        if what.starts_with("blob ") {
+            self.0.inc(bytes);
+        }
         let source = if cached { "cached" } else { "fetched" };
-        self.0
-            .set_message(format!("{what} ({bytes} bytes, {source})"));
+        let size = indicatif::HumanBytes(bytes);
+        self.0.set_message(format!("{what} ({size}, {source})"));
     }
     fn failed(&self, image: &str, error: &str) {
         self.0.println(format!("{image} FAILED: {error}"));
@@ -425,4 +464,44 @@ async fn shutdown_signal() {
         () = terminate => {},
     }
     tracing::info!("shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pullthrough::warm::Report;
+
+    #[test]
+    fn warm_lines_give_sizes_in_units_and_each_blob_its_share() {
+        let done = std::cell::Cell::new((0, 4 * 1024 * 1024));
+        let manifest = item_line("manifest alpine:3", 1500, false, &done);
+        assert_eq!(manifest, "manifest alpine:3: 1.46 KiB, fetched");
+        let first = item_line("blob sha256:ab", 1024 * 1024, false, &done);
+        assert_eq!(first, "blob sha256:ab: 1.00 MiB, fetched (25% of 4.00 MiB)");
+        let second = item_line("blob sha256:cd", 3 * 1024 * 1024, true, &done);
+        assert_eq!(
+            second,
+            "blob sha256:cd: 3.00 MiB, cached (100% of 4.00 MiB)"
+        );
+        // An image whose blob sizes are unknown: no share to give.
+        let unknown = std::cell::Cell::new((0, 0));
+        let line = item_line("blob sha256:ef", 10, false, &unknown);
+        assert_eq!(line, "blob sha256:ef: 10 B, fetched");
+    }
+
+    #[test]
+    fn the_warm_bar_counts_each_images_blob_bytes() {
+        let bar = Bar::drawn_to(indicatif::ProgressDrawTarget::hidden());
+        bar.image("alpine:3");
+        bar.item("manifest alpine:3", 1500, false);
+        bar.blobs(2, 3000);
+        assert_eq!((bar.0.position(), bar.0.length()), (0, Some(3000)));
+        bar.item("blob sha256:ab", 1000, false);
+        bar.item("blob sha256:cd", 2000, true);
+        assert_eq!(bar.0.position(), 3000);
+        assert!(bar.0.message().contains("1.95 KiB, cached"), "{}", bar.0.message());
+        // The next image starts from nothing.
+        bar.image("busybox:1");
+        assert_eq!((bar.0.position(), bar.0.length()), (0, Some(0)));
+    }
 }

@@ -62,6 +62,8 @@ pub struct Request {
 pub trait Report {
     /// A new image starts.
     fn image(&self, image: &str);
+    /// The image's manifests are in: its `count` blobs take `bytes` in all.
+    fn blobs(&self, count: usize, bytes: u64);
     /// One manifest or blob was fetched: its size, and whether it came from the cache.
     fn item(&self, what: &str, bytes: u64, cached: bool);
     /// The image failed (`error` is printable: the server's text in it has been cleaned).
@@ -473,6 +475,11 @@ async fn warm_one(
         }
         walk.queue(&next, &manifest.bytes)?;
     }
+    let total = walk
+        .blobs
+        .iter()
+        .fold(0u64, |sum, b| sum.saturating_add(b.size));
+    report.blobs(walk.blobs.len(), total);
     // A few blobs at a time, as clients pull layers.
     let mut fetches = futures_util::stream::iter(walk.blobs)
         .map(|blob| {

@@ -499,7 +499,11 @@ mod tests {
         bar.item("blob sha256:ab", 1000, false);
         bar.item("blob sha256:cd", 2000, true);
         assert_eq!(bar.0.position(), 3000);
-        assert!(bar.0.message().contains("1.95 KiB, cached"), "{}", bar.0.message());
+        assert!(
+            bar.0.message().contains("1.95 KiB, cached"),
+            "{}",
+            bar.0.message()
+        );
         // The next image starts from nothing.
         bar.image("busybox:1");
         assert_eq!((bar.0.position(), bar.0.length()), (0, Some(0)));

@@ -395,3 +395,34 @@ async fn a_failed_request_logs_its_cause_chain_in_words() {
         "{line}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_says_whether_each_upstream_answered_without_waiting_for_it() {
+    let hub = FakeHub::start().await;
+    let mut running = Running::start(&[("PULLTHROUGH_UPSTREAM", &hub.url)]);
+    let url = running.url();
+    let line = running.wait_for("upstream answered");
+    assert!(
+        line.contains("INFO") && line.contains("host=127.0.0.1:"),
+        "{line}"
+    );
+    assert_eq!(hub.count("ping"), 1, "the one ping it costs, done early");
+    // A first miss needs no second ping.
+    let r = reqwest::get(format!("{url}/v2/library/none/manifests/1"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(hub.count("ping"), 1);
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!("http://{}", listener.local_addr().unwrap());
+    drop(listener);
+    let mut running = Running::start(&[("PULLTHROUGH_UPSTREAM", &dead)]);
+    let url = running.url();
+    let line = running.wait_for("upstream did not answer");
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains("connection refused"), "{line}");
+    // Readiness does not wait for upstream.
+    let ready = reqwest::get(format!("{url}/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 200);
+}

@@ -1,7 +1,8 @@
 //! The client configurations in `config/clients/`, checked by the programs that read them:
 //! every Kubernetes manifest in the repository against the Kubernetes API schemas
-//! (`kubernetes-validate`, from PyPI), and the DaemonSet's cache set-up run as the kubelet would
-//! run it. Ignored by a plain `cargo test` (they need those programs, and root);
+//! (`kubernetes-validate`, from PyPI), the DaemonSet's cache set-up run as the kubelet would run
+//! it, and the CRI-O drop-in parsed by podman and followed by skopeo (containers/image, CRI-O's
+//! registry client). Ignored by a plain `cargo test` (they need those programs, and root);
 //! `.ci/run` installs them and runs these with `--include-ignored`.
 
 mod support;
@@ -10,7 +11,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
-use support::{Process, free_port};
+use support::{DOCKER_MANIFEST, FakeHub, Image, Process, TestProxy, free_port};
 
 /// The Kubernetes versions the manifests are validated against: the newest that the pinned
 /// kubernetes-validate (1.37.0, see `.ci/run`) ships schemas for, and one two minors older, as
@@ -374,4 +375,84 @@ async fn the_daemonset_runs_pullthrough_as_its_user_on_a_fresh_host_path() {
             "pullthrough wrote nothing to its cache directory"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs podman and skopeo (run by .ci/run)"]
+async fn the_cri_o_drop_in_sends_docker_io_pulls_to_pullthrough() {
+    let hub = FakeHub::start().await;
+    let image = Image::single("crio", DOCKER_MANIFEST, 1000);
+    hub.push("library/criotest", "1", &image);
+    let proxy = TestProxy::start(&hub).await;
+    let host = proxy.url.trim_start_matches("http://");
+
+    // The drop-in, with the test's pullthrough where the node's would listen.
+    let original =
+        std::fs::read_to_string(repo().join("config/clients/crio-registries.conf")).unwrap();
+    assert!(original.contains("location = \"127.0.0.1:5000\""));
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("50-pullthrough.conf");
+    std::fs::write(
+        &conf,
+        original.replace(
+            "location = \"127.0.0.1:5000\"",
+            &format!("location = \"{host}\""),
+        ),
+    )
+    .unwrap();
+    // podman takes the file from the environment; skopeo only from its flag.
+    let containers = |program: &str| {
+        let mut c = Command::new(program);
+        c.env("CONTAINERS_REGISTRIES_CONF", &conf);
+        if program == "skopeo" {
+            c.arg("--registries-conf").arg(&conf);
+        }
+        c.env_remove("HTTP_PROXY")
+            .env_remove("HTTPS_PROXY")
+            .env_remove("http_proxy")
+            .env_remove("https_proxy");
+        c
+    };
+
+    // podman reads it as CRI-O would (both through containers/image): docker.io has pullthrough
+    // as its one mirror, over plain http.
+    let info = run(containers("podman")
+        .arg("--root")
+        .arg(dir.path().join("root"))
+        .arg("--runroot")
+        .arg(dir.path().join("run"))
+        .args(["--storage-driver", "vfs", "--events-backend", "file"])
+        .args(["info", "--format", "{{json .Registries}}"]));
+    let registries: serde_json::Value = serde_json::from_slice(&info).unwrap();
+    let docker_io = &registries["docker.io"];
+    assert_eq!(
+        docker_io["Location"], "registry-1.docker.io",
+        "{registries}"
+    );
+    let mirrors = docker_io["Mirrors"].as_array().unwrap();
+    assert_eq!(mirrors.len(), 1, "{registries}");
+    assert_eq!(
+        (&mirrors[0]["Location"], &mirrors[0]["Insecure"]),
+        (&serde_json::json!(host), &serde_json::json!(true)),
+        "{registries}"
+    );
+
+    // A pull of a docker.io image by its docker.io name gets the mirror's bytes (Docker Hub
+    // has no such image, nor is it reachable here); a copy checks every digest.
+    let raw = run(containers("skopeo").args([
+        "inspect",
+        "--raw",
+        "docker://docker.io/library/criotest:1",
+    ]));
+    assert_eq!(raw, image.bytes);
+    run(containers("skopeo")
+        .args(["copy", "docker://docker.io/library/criotest:1"])
+        .arg(format!("oci:{}:1", dir.path().join("copied").display())));
+    let cached: serde_json::Value = proxy
+        .get("/_pullthrough/cache/library/criotest/manifests/1")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(cached["tag"].is_object(), "{cached}");
 }

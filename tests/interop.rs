@@ -290,16 +290,91 @@ async fn containerd_pulls_and_unpacks_through_pullthrough_as_the_docker_io_mirro
     assert!(listed.contains("docker.io/library/ctrtest:1"), "{listed}");
 }
 
+/// A test's dockerd: stopped when dropped, and then the network namespace it was given of its
+/// own (with the relay to its mirror) is deleted.
+struct Dockerd {
+    _process: Process,
+    _relay: Option<Relay>,
+    _netns: Option<Netns>,
+}
+
+/// Accepts connections inside a network namespace and carries each to an address outside it.
+struct Relay(tokio::task::JoinHandle<()>);
+
+impl Relay {
+    /// Listens on `addr` inside `netns` and forwards to the same `addr` outside.
+    async fn start(netns: &Netns, addr: std::net::SocketAddr) -> Relay {
+        let listener = netns
+            .enter(|| std::net::TcpListener::bind(addr))
+            .and_then(|listener| {
+                listener.set_nonblocking(true)?;
+                tokio::net::TcpListener::from_std(listener)
+            })
+            .unwrap_or_else(|e| panic!("a relay on {addr} inside {}: {e}", netns.name));
+        Relay(tokio::spawn(async move {
+            while let Ok((mut inside, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    if let Ok(mut outside) = tokio::net::TcpStream::connect(addr).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inside, &mut outside).await;
+                    }
+                });
+            }
+        }))
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The host's `docker0`, by interface index, if it has one.
+fn host_docker0() -> Option<String> {
+    std::fs::read_to_string("/sys/class/net/docker0/ifindex").ok()
+}
+
 /// dockerd (Debian's `docker.io`) with its own data root, exec root and socket under `dir`, vfs
-/// storage, no network set-up, and `mirror` as its `registry-mirrors`; inside `netns` if given.
-async fn dockerd(dir: &Path, mirror: &str, netns: Option<&Netns>) -> (Process, PathBuf) {
+/// storage, no network set-up, and `mirror` as its `registry-mirrors`; inside `netns` if given,
+/// else inside a network namespace of its own. Never in the host's: with `--bridge=none` dockerd
+/// deletes any `docker0` it sees, which would take a developer's running Docker's bridge away.
+/// In a namespace of its own, a loopback `mirror` (`http://127.0.0.1:<port>`) is the same
+/// address inside, relayed to the pullthrough listening there on the host's loopback.
+async fn dockerd(dir: &Path, mirror: &str, netns: Option<&Netns>) -> (Dockerd, PathBuf) {
+    let (own, relay) = match netns {
+        Some(_) => (None, None),
+        None => {
+            let addr = mirror
+                .strip_prefix("http://")
+                .and_then(|a| a.trim_end_matches('/').parse::<std::net::SocketAddr>().ok())
+                .filter(|a| a.ip().is_loopback())
+                .unwrap_or_else(|| panic!("a loopback mirror, http://127.0.0.1:<port>: {mirror}"));
+            let own = Netns::loopback();
+            let relay = Relay::start(&own, addr).await;
+            (Some(own), Some(relay))
+        }
+    };
+    let docker0 = host_docker0();
+    let Some(inside) = netns.or(own.as_ref()) else {
+        unreachable!("a namespace was given or made")
+    };
+    let (process, socket) = dockerd_in(dir, mirror, inside).await;
+    // dockerd deletes the default bridge while it starts, before its API answers.
+    assert_eq!(host_docker0(), docker0, "the host's docker0 was left alone");
+    let engine = Dockerd {
+        _process: process,
+        _relay: relay,
+        _netns: own,
+    };
+    (engine, socket)
+}
+
+/// [`dockerd`] inside `netns`.
+async fn dockerd_in(dir: &Path, mirror: &str, netns: &Netns) -> (Process, PathBuf) {
     std::fs::create_dir_all(dir).unwrap();
     let socket = dir.join("docker.sock");
     let log = std::fs::File::create(dir.join("dockerd.log")).unwrap();
-    let mut command = match netns {
-        Some(netns) => netns.command("dockerd"),
-        None => Command::new("dockerd"),
-    };
+    let mut command = netns.command("dockerd");
     let child = command
         .arg("--data-root")
         .arg(dir.join("root"))
@@ -424,11 +499,22 @@ struct Netns {
 
 impl Netns {
     fn new(addr: &str) -> Netns {
-        let name = format!("pullthrough-test-{}", std::process::id());
+        let netns = Netns::loopback();
+        run(Command::new("ip").args(["-n", &netns.name, "addr", "add", addr, "dev", "lo"]));
+        netns
+    }
+
+    /// A network namespace with only `lo` (127.0.0.1), up. Deleted when dropped.
+    fn loopback() -> Netns {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let name = format!(
+            "pullthrough-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
         run(Command::new("ip").args(["netns", "add", &name]));
         let netns = Netns { name };
         run(Command::new("ip").args(["-n", &netns.name, "link", "set", "lo", "up"]));
-        run(Command::new("ip").args(["-n", &netns.name, "addr", "add", addr, "dev", "lo"]));
         netns
     }
 

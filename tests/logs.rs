@@ -106,7 +106,7 @@ async fn the_log_names_the_bound_port_in_plain_text_with_clean_durations() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let line = running.wait_for("request");
+    let line = running.wait_for("elapsed_ms=");
     let elapsed = line
         .split_whitespace()
         .find_map(|w| w.strip_prefix("elapsed_ms="))

@@ -125,7 +125,7 @@ impl ManifestCache {
 
     /// Records a tag entry in memory, and on disk behind the caller (off the async workers,
     /// not fsynced: losing one only costs a HEAD). Racing updates leave the newest on disk and a
-    /// purge stays purged ([`Intents`]).
+    /// purge stays purged (the intent journal, `intents.rs`).
     pub async fn set_tag(&self, name: &RepoName, tag: &Tag, entry: TagEntry) {
         if let Some((objects, prefix)) = &self.shared
             && let Ok(json) = serde_json::to_vec(&entry)

@@ -2,7 +2,7 @@
 //! outcome, with latencies; upstream requests by kind and status, with latencies; bytes served
 //! and fetched; pulls saved; stale answers by cause; evictions; and the last upstream errors.
 //! Counters are lock-free atomics held in the application state (no globals), each reached
-//! through its labels ([`keyed`]); the stats endpoint, `/metrics` and the status page all read
+//! through its labels (`keyed`); the stats endpoint, `/metrics` and the status page all read
 //! them from here. Also the one vocabulary for a cache outcome, [`Outcome`], rendered in one
 //! place.
 

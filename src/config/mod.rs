@@ -165,6 +165,7 @@ pub enum LogFormat {
 }
 
 impl Default for Config {
+    #[allow(clippy::expect_used, reason = "a constant URL, parsed in every test")]
     fn default() -> Self {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 5000)),

@@ -1,0 +1,16 @@
+//! The manifest cache: a digest → manifest store (exact bytes; RAM bounded by bytes, every
+//! entry also on disk) and a separate tag → digest index with fetch and validation times, so
+//! a manifest shared by several tags is held once. Digest entries never go stale; tag
+//! freshness is decided by [`TagPolicy`].
+//!
+//! `store` holds the cache and its manifests, `tags` the tag index in the same cache,
+//! `intents` the order its files are written and removed in, and `freshness` the TTL policy.
+
+mod freshness;
+mod intents;
+mod store;
+mod tags;
+
+pub use freshness::{Freshness, TagPolicy};
+pub use store::ManifestCache;
+pub use tags::{TagEntry, TagUsage};

@@ -9,8 +9,10 @@
     missing_docs
 )]
 
+pub mod binary;
 pub mod hostile;
 pub mod hub;
+pub mod services;
 
 use pullthrough::Config;
 
@@ -186,26 +188,6 @@ pub async fn error_code(response: reqwest::Response) -> String {
         .to_owned()
 }
 
-/// The address a pullthrough binary logged in its "listening" line on `stdout` (text logs);
-/// the rest of its output is drained in the background.
-pub async fn listening_addr(stdout: std::process::ChildStdout) -> String {
-    tokio::task::spawn_blocking(move || {
-        use std::io::BufRead;
-        let mut lines = std::io::BufReader::new(stdout).lines();
-        let line = lines
-            .find(|l| l.as_ref().is_ok_and(|l| l.contains("listening")))
-            .expect("the binary logs a listening line")
-            .unwrap();
-        std::thread::spawn(move || lines.for_each(drop));
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix("addr="))
-            .expect("the listening line names addr=")
-            .to_owned()
-    })
-    .await
-    .unwrap()
-}
-
 /// A child process killed (and reaped) when dropped.
 pub struct Process(pub std::process::Child);
 
@@ -223,6 +205,24 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// Polls `condition` (every 10 ms at first, then every 100 ms) until it holds or `within` has
+/// passed; whether it held. For waiting on what runs in the background: a file, a count, a log
+/// line, a port.
+pub async fn eventually(within: Duration, mut condition: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    let mut pause = Duration::from_millis(10);
+    loop {
+        if condition().await {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
 }
 
 /// A test CA and a certificate it signed for `name` (a host name, or an IP address, which

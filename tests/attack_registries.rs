@@ -9,7 +9,7 @@ use bytes::Bytes;
 use pullthrough::config::{Config, Overrides, Secret};
 use std::time::Duration;
 use support::hub::pattern;
-use support::{FakeHub, Fault, Image, TestProxy, error_code};
+use support::{FakeHub, Fault, Image, TestProxy, error_code, eventually};
 
 use support::DOCKER_MANIFEST;
 
@@ -99,7 +99,10 @@ async fn a_private_download_is_not_joined_under_another_upstream() {
         let url = format!("{}/v2/team/secret/blobs/{digest}", proxy.url);
         tokio::spawn(async move { client.get(url).send().await.unwrap().bytes().await.unwrap() })
     };
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // The second request comes while the first one's download is under way.
+    let downloading =
+        eventually(Duration::from_secs(10), async || corp.count("blob_get") > 0).await;
+    assert!(downloading, "the first download did not start");
     let r = proxy
         .get(&format!("/v2/{name}/team/secret/blobs/{digest}"))
         .await;

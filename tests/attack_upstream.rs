@@ -148,8 +148,9 @@ async fn bad_resume(resume: Resume) {
         "{label}"
     );
 
-    // Nothing was stored: with upstream fixed, the next GET downloads again and is right.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Nothing was stored: once the download is over, with upstream fixed, the next GET
+    // downloads again and is right.
+    support::settled(&proxy).await;
     let r = proxy.get(&format!("{BLOB_PATH}{digest}")).await;
     assert_eq!(r.status(), 200, "{label}");
     assert_eq!(
@@ -516,7 +517,7 @@ async fn a_private_blob_being_downloaded_is_not_served_for_another_repository() 
             got.extend_from_slice(&chunk.unwrap());
         }
         assert_eq!(got, secret, "the private client got its blob");
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        support::settled(&proxy).await;
 
         // Stored now: public/y is still refused, after asking upstream again.
         let asked = hub.count("blob_head") + hub.count("blob_get");
@@ -541,6 +542,7 @@ async fn a_blob_announced_empty_is_never_answered_before_it_verified() {
         up.answer_ping(Duration::ZERO, None);
         // A Content-Length of 0 for a digest whose content is not empty.
         up.on_async(Method::GET, BLOB_PATH, |_, _| async {
+            // An upstream that takes its time to answer.
             tokio::time::sleep(Duration::from_millis(50)).await;
             respond(
                 200,

@@ -225,6 +225,31 @@ pub async fn eventually(within: Duration, mut condition: impl AsyncFnMut() -> bo
     }
 }
 
+/// Waits (up to 10 s) until `proxy` has no blob download and no upstream exchange under way:
+/// what earlier requests started in the background has ended, stored or not.
+pub async fn settled(proxy: &TestProxy) {
+    let idle = eventually(Duration::from_secs(10), async || {
+        let scrape = scrape(proxy).await;
+        [
+            "pullthrough_blob_downloads",
+            "pullthrough_upstream_in_flight",
+        ]
+        .iter()
+        .all(|name| {
+            assert!(
+                scrape.samples.iter().any(|s| s.metric == *name),
+                "no {name}"
+            );
+            metric(&scrape, name, &[]) == 0.0
+        })
+    })
+    .await;
+    assert!(
+        idle,
+        "downloads or upstream exchanges still under way after 10 s"
+    );
+}
+
 /// A test CA and a certificate it signed for `name` (a host name, or an IP address, which
 /// becomes an IP SAN): PEMs of (CA, certificate, key).
 pub fn ca_and_certificate(name: &str) -> (String, String, String) {

@@ -220,7 +220,7 @@ async fn corrupt_blobs_never_reach_object_storage_and_a_damaged_object_is_replac
     hub.fault(Fault::CorruptBlob);
     let got = replica.try_body(&path).await;
     assert!(
-        got.map_or(true, |b| b != *layer),
+        got.map_or(true, |b| b.len() < layer.len()),
         "a corrupt blob arrived whole"
     );
     // Nothing to wait for when nothing happens: half a second for an upload to show, were one

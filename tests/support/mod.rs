@@ -54,14 +54,17 @@ impl TestProxy {
 
     /// A proxy in front of any registry URL.
     pub async fn start_with_upstream(upstream: &str) -> TestProxy {
-        let dir = Arc::new(tempfile::tempdir().unwrap());
-        let config = Self::config(upstream, dir.path());
-        Self::start_config(config, Some(dir)).await
+        Self::start_for(upstream, |_| {}).await
     }
 
     pub async fn start_with(hub: &FakeHub, tweak: impl FnOnce(&mut Config)) -> TestProxy {
+        Self::start_for(&hub.url, tweak).await
+    }
+
+    /// A proxy in front of any registry URL, its config tweaked.
+    pub async fn start_for(upstream: &str, tweak: impl FnOnce(&mut Config)) -> TestProxy {
         let dir = Arc::new(tempfile::tempdir().unwrap());
-        let mut config = Self::config(&hub.url, dir.path());
+        let mut config = Self::config(upstream, dir.path());
         tweak(&mut config);
         Self::start_config(config, Some(dir)).await
     }
@@ -136,6 +139,15 @@ impl Drop for TestProxy {
             task.abort();
         }
     }
+}
+
+/// The emulated Docker Hub (the default upstream) and a second registry mirrored as
+/// `ghcr.io`, with a pullthrough in front of both.
+pub async fn hub_and_ghcr() -> (FakeHub, FakeHub, TestProxy) {
+    let (hub, ghcr) = (FakeHub::start().await, FakeHub::start().await);
+    let proxy =
+        TestProxy::start_with(&hub, |c| c.upstreams = vec![ghcr.as_upstream("ghcr.io")]).await;
+    (hub, ghcr, proxy)
 }
 
 /// A plain client: no proxy, no redirects followed, no decompression.

@@ -1,13 +1,9 @@
 //! Test support: an emulated Docker Hub (registry, token realm on another port, blob CDN on a
-//! third), image fixtures, and a running pullthrough. Everything binds to 127.0.0.1:0 and
-//! stops when dropped.
-#![allow(
-    clippy::unwrap_used,
-    dead_code,
-    unused_imports,
-    unreachable_pub,
-    missing_docs
-)]
+//! third), image fixtures, a running pullthrough (in this process here, the binary in
+//! `binary`), the replica tests' object store and Redis (`services`), and `eventually` for
+//! waiting on what runs in the background. Everything binds to loopback and stops when dropped.
+// Each test binary uses some of what is here.
+#![allow(dead_code)]
 
 pub mod binary;
 pub mod hostile;
@@ -23,6 +19,8 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
+// Not every test binary names all three.
+#[allow(unused_imports)]
 pub use hub::{FakeHub, Fault, Image};
 
 /// A pullthrough running against some upstream, stopped on drop.

@@ -166,12 +166,10 @@ fn a_non_bcrypt_htpasswd_entry_stops_startup() {
     let dir = tempfile::tempdir().unwrap();
     let htpasswd = dir.path().join("htpasswd");
     std::fs::write(&htpasswd, "alice:$apr1$abc$def\n").unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pullthrough"))
-        .env("PULLTHROUGH_LISTEN", "127.0.0.1:0")
-        .env("PULLTHROUGH_DATA_DIR", dir.path().join("cache"))
+    let out = support::binary::Pullthrough::new()
+        .data_dir(dir.path().join("cache"))
         .env("PULLTHROUGH_HTPASSWD", &htpasswd)
-        .output()
-        .unwrap();
+        .output();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(

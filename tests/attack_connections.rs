@@ -5,7 +5,8 @@
 mod support;
 
 use std::time::{Duration, Instant};
-use support::{FakeHub, TestProxy};
+use support::binary::Pullthrough;
+use support::{FakeHub, TestProxy, eventually};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -114,7 +115,8 @@ async fn idle_connections_over_the_limit_do_not_lock_out_a_new_client() {
         for _ in 0..20 {
             idle.push(TcpStream::connect(addr(&proxy)).await.unwrap());
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // No wait: the new client's connection queues behind the idle ones, so the server
+        // reaches it only after handling all 40.
 
         let started = Instant::now();
         let r = tokio::time::timeout(
@@ -136,29 +138,22 @@ async fn idle_connections_over_the_limit_do_not_lock_out_a_new_client() {
 async fn at_the_file_descriptor_limit_new_clients_are_still_answered() {
     // The binary under a 64-descriptor limit, with the connection cap far above it.
     let dir = tempfile::tempdir().unwrap();
-    let mut child = std::process::Command::new("bash")
-        .args([
-            "-c",
-            "ulimit -n 64 && exec \"$0\"",
-            env!("CARGO_BIN_EXE_pullthrough"),
-        ])
-        .env("PULLTHROUGH_LISTEN", "127.0.0.1:0")
-        .env("PULLTHROUGH_DATA_DIR", dir.path().join("cache"))
-        .env("PULLTHROUGH_CACHE_MIN_FREE_DISK", "0 B")
+    let running = Pullthrough::new()
+        .fd_limit(64)
+        .data_dir(dir.path().join("cache"))
         .env("PULLTHROUGH_CLIENT_HEADER_TIMEOUT", "30s")
         .env("PULLTHROUGH_CLIENT_IDLE_TIMEOUT", "30s")
-        .env("RUST_LOG", "pullthrough=info")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let addr = support::listening_addr(child.stdout.take().unwrap()).await;
+        .start()
+        .await;
+    let addr = &running.addr;
     let outcome = tokio::time::timeout(LONG, async {
         // 100 idle connections: more than the process has descriptors for.
         let mut idle = Vec::new();
         for _ in 0..100 {
-            idle.push(TcpStream::connect(&addr).await.unwrap());
+            idle.push(TcpStream::connect(addr).await.unwrap());
         }
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // No wait: the new client's connection queues behind the idle ones, so the process
+        // reaches it only after running out of descriptors for them.
         let started = Instant::now();
         let r = support::client()
             .get(format!("http://{addr}/v2/"))
@@ -171,8 +166,7 @@ async fn at_the_file_descriptor_limit_new_clients_are_still_answered() {
         drop(idle);
     })
     .await;
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(running);
     outcome.expect("test hung");
 }
 
@@ -369,15 +363,15 @@ where
             "a stream neither ended nor reset: {data:?}"
         );
     }
-    let closing = Instant::now();
-    while open_files_under(data_dir) > baseline {
-        assert!(
-            closing.elapsed() < Duration::from_secs(5),
-            "{} blob files still open 5 s after the connection closed ({baseline} before)",
-            open_files_under(data_dir)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let closed = eventually(Duration::from_secs(5), async || {
+        open_files_under(data_dir) <= baseline
+    })
+    .await;
+    assert!(
+        closed,
+        "{} blob files still open 5 s after the connection closed ({baseline} before)",
+        open_files_under(data_dir)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -471,6 +465,7 @@ async fn a_slowly_read_http2_stream_and_a_wait_for_upstream_outlive_the_idle_tim
     while let Some(data) = body.data().await {
         let data = data.expect("the slow stream was not cut");
         got.extend_from_slice(&data);
+        // A slow reader on purpose.
         tokio::time::sleep(Duration::from_millis(100)).await;
         body.flow_control().release_capacity(data.len()).unwrap();
     }

@@ -8,9 +8,9 @@ mod support;
 use bytes::Bytes;
 use bytesize::ByteSize;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use support::hub::pattern;
-use support::{FakeHub, TestProxy};
+use support::{FakeHub, TestProxy, eventually};
 
 const REPO: &str = "library/disk";
 
@@ -30,15 +30,11 @@ async fn pull(proxy: &TestProxy, digest: &str, blob: &Bytes, cache: &str) {
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-cache"], cache);
     assert_eq!(r.bytes().await.unwrap(), *blob);
-    wait_for(|| stored_file(proxy, digest).exists(), "the blob is stored").await;
-}
-
-async fn wait_for(mut done: impl FnMut() -> bool, what: &str) {
-    let started = Instant::now();
-    while !done() {
-        assert!(started.elapsed() < Duration::from_secs(10), "never: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let done = eventually(Duration::from_secs(10), async || {
+        stored_file(proxy, digest).exists()
+    })
+    .await;
+    assert!(done, "never: the blob is stored");
 }
 
 /// A GET whose body is either refused, cut short, or must not be the `bad` bytes.
@@ -102,7 +98,8 @@ async fn with_verify_on_serve_a_changed_byte_is_never_served_whole() {
     flip_a_byte(&file);
     assert_not_served_whole(&proxy, &digest, blob.len()).await;
     // The damaged blob was dropped: the next request fetches it again.
-    wait_for(|| !file.exists(), "the damaged blob is dropped").await;
+    let done = eventually(Duration::from_secs(10), async || !file.exists()).await;
+    assert!(done, "never: the damaged blob is dropped");
     pull(&proxy, &digest, &blob, "MISS").await;
     assert_eq!(hub.count("blob_get"), 2);
 
@@ -133,7 +130,8 @@ async fn the_scrub_drops_a_blob_whose_bytes_changed() {
     pull(&proxy, &digest, &blob, "MISS").await;
     let file = stored_file(&proxy, &digest);
     flip_a_byte(&file);
-    wait_for(|| !file.exists(), "the scrub drops the changed blob").await;
+    let done = eventually(Duration::from_secs(10), async || !file.exists()).await;
+    assert!(done, "never: the scrub drops the changed blob");
     pull(&proxy, &digest, &blob, "MISS").await;
     assert_eq!(hub.count("blob_get"), 2);
 }
@@ -159,16 +157,14 @@ async fn a_data_dir_removed_while_running_is_recreated_on_demand() {
     );
 
     // Manifests are written behind their responses: a write may land while the directory goes.
-    for attempt in 0.. {
-        match std::fs::remove_dir_all(&proxy.config.data_dir) {
-            Ok(()) => break,
-            Err(e) if attempt < 50 => {
-                eprintln!("removing the data dir again: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-            Err(e) => panic!("cannot remove the data dir: {e}"),
-        }
-    }
+    let mut error = None;
+    let removed = eventually(Duration::from_secs(1), async || {
+        let removal = std::fs::remove_dir_all(&proxy.config.data_dir);
+        error = removal.err();
+        error.is_none()
+    })
+    .await;
+    assert!(removed, "cannot remove the data dir: {error:?}");
     pull(&proxy, &digest, &blob, "MISS").await;
     assert_eq!(hub.count("blob_get"), 2);
     assert_eq!(
@@ -197,7 +193,8 @@ async fn eviction_keeps_the_minimum_free_space() {
         "the download itself is served whole"
     );
     let file = stored_file(&proxy, &digest);
-    wait_for(|| !file.exists(), "the blob is evicted for free space").await;
+    let done = eventually(Duration::from_secs(10), async || !file.exists()).await;
+    assert!(done, "never: the blob is evicted for free space");
     let r = proxy.get(&format!("/v2/{REPO}/blobs/{digest}")).await;
     assert_eq!(r.headers()["x-cache"], "MISS");
     assert_eq!(r.bytes().await.unwrap(), blob);

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use pullthrough::config::{Config, Overrides, Secret};
 use std::time::Duration;
 use support::hub::pattern;
-use support::{FakeHub, Fault, Image, TestProxy, error_code};
+use support::{FakeHub, Fault, Image, TestProxy, error_code, eventually};
 
 use support::DOCKER_MANIFEST;
 
@@ -28,12 +28,9 @@ fn load(toml: &str) -> Result<Config, String> {
 /// asked upstream; Docker Hub's own name as a prefix means the default upstream.
 #[tokio::test]
 async fn an_unconfigured_host_prefix_is_404_and_docker_io_is_the_default() {
-    let hub = FakeHub::start().await;
-    let ghcr = FakeHub::start().await;
+    let (hub, ghcr, proxy) = support::hub_and_ghcr().await;
     let alpine = Image::single("a", DOCKER_MANIFEST, 10);
     hub.push("library/alpine", "1", &alpine);
-    let proxy =
-        TestProxy::start_with(&hub, |c| c.upstreams = vec![ghcr.as_upstream("ghcr.io")]).await;
     for path in [
         "/v2/quay.io/org/app/manifests/1",
         "/v2/ghcr.io.evil/org/app/manifests/1",
@@ -99,7 +96,10 @@ async fn a_private_download_is_not_joined_under_another_upstream() {
         let url = format!("{}/v2/team/secret/blobs/{digest}", proxy.url);
         tokio::spawn(async move { client.get(url).send().await.unwrap().bytes().await.unwrap() })
     };
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // The second request comes while the first one's download is under way.
+    let downloading =
+        eventually(Duration::from_secs(10), async || corp.count("blob_get") > 0).await;
+    assert!(downloading, "the first download did not start");
     let r = proxy
         .get(&format!("/v2/{name}/team/secret/blobs/{digest}"))
         .await;
@@ -154,15 +154,12 @@ fn host_validation() {
 /// Paging a tags list reached by `ns` keeps the `ns`: the next page comes from the same registry.
 #[tokio::test]
 async fn a_tags_list_reached_by_ns_pages_with_ns() {
-    let hub = FakeHub::start().await;
-    let ghcr = FakeHub::start().await;
+    let (hub, ghcr, proxy) = support::hub_and_ghcr().await;
     let img = Image::single("x", DOCKER_MANIFEST, 10);
     for t in ["1", "2", "3"] {
         ghcr.push("org/app", t, &img);
     }
     hub.push("org/app", "hub-only", &img);
-    let proxy =
-        TestProxy::start_with(&hub, |c| c.upstreams = vec![ghcr.as_upstream("ghcr.io")]).await;
     let r = proxy.get("/v2/org/app/tags/list?n=1&ns=ghcr.io").await;
     let link = r
         .headers()
@@ -189,13 +186,10 @@ async fn a_tags_list_reached_by_ns_pages_with_ns() {
 /// The cache API listing's `prefix` applies to `[host/]repository`: it can select an upstream.
 #[tokio::test]
 async fn the_listing_prefix_selects_an_upstream() {
-    let hub = FakeHub::start().await;
-    let ghcr = FakeHub::start().await;
+    let (hub, ghcr, proxy) = support::hub_and_ghcr().await;
     let img = Image::single("x", DOCKER_MANIFEST, 10);
     hub.push("org/app", "1", &img);
     ghcr.push("org/app", "1", &img);
-    let proxy =
-        TestProxy::start_with(&hub, |c| c.upstreams = vec![ghcr.as_upstream("ghcr.io")]).await;
     proxy.get_ok("/v2/org/app/manifests/1").await;
     proxy.get_ok("/v2/ghcr.io/org/app/manifests/1").await;
     let a: serde_json::Value = proxy
@@ -295,13 +289,10 @@ async fn cross_repo_reuse_of_a_public_blob_costs_no_request() {
 /// with nothing asked anywhere; a purge on one upstream leaves another's entry alone.
 #[tokio::test]
 async fn ns_variants_and_purge_isolation() {
-    let hub = FakeHub::start().await;
-    let ghcr = FakeHub::start().await;
+    let (hub, ghcr, proxy) = support::hub_and_ghcr().await;
     let img = Image::single("x", DOCKER_MANIFEST, 10);
     hub.push("org/app", "1", &img);
     ghcr.push("org/app", "1", &img);
-    let proxy =
-        TestProxy::start_with(&hub, |c| c.upstreams = vec![ghcr.as_upstream("ghcr.io")]).await;
     for q in [
         "ns=GHCR.IO",
         "ns=ghcr%2Eio",

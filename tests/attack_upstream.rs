@@ -10,7 +10,6 @@ mod support;
 use axum::http::Method;
 use bytes::Bytes;
 use futures_util::StreamExt;
-use pullthrough::Config;
 use pullthrough::config::Secret;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,13 +20,6 @@ use support::{FakeHub, Fault, Image, TestProxy, error_code};
 use support::DOCKER_MANIFEST;
 /// Every test ends: a hang on broken code fails instead.
 const TEST_LIMIT: Duration = Duration::from_secs(60);
-
-async fn proxy_for(upstream: &str, tweak: impl FnOnce(&mut Config)) -> TestProxy {
-    let dir = Arc::new(tempfile::tempdir().unwrap());
-    let mut config = TestProxy::config(upstream, dir.path());
-    tweak(&mut config);
-    TestProxy::start_config(config, Some(dir)).await
-}
 
 fn manifest_response(image: &Image) -> axum::response::Response {
     respond(
@@ -100,7 +92,7 @@ async fn bad_resume(resume: Resume) {
             _ => respond(200, &[octets, ("content-length", &size)], good.clone()),
         }
     });
-    let proxy = proxy_for(&up.url, |_| {}).await;
+    let proxy = TestProxy::start_for(&up.url, |_| {}).await;
     let url = format!("{}{BLOB_PATH}{digest}", proxy.url);
     let clients: Vec<_> = (0..2)
         .map(|_| {
@@ -148,8 +140,9 @@ async fn bad_resume(resume: Resume) {
         "{label}"
     );
 
-    // Nothing was stored: with upstream fixed, the next GET downloads again and is right.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Nothing was stored: once the download is over, with upstream fixed, the next GET
+    // downloads again and is right.
+    support::settled(&proxy).await;
     let r = proxy.get(&format!("{BLOB_PATH}{digest}")).await;
     assert_eq!(r.status(), 200, "{label}");
     assert_eq!(
@@ -338,7 +331,7 @@ async fn an_upstream_400_reaches_the_client_as_400_with_its_code() {
         up.on(Method::GET, &plain, |_, _| {
             respond(400, &[("content-type", "text/plain")], "bad request")
         });
-        let proxy = proxy_for(&up.url, |_| {}).await;
+        let proxy = TestProxy::start_for(&up.url, |_| {}).await;
 
         let r = proxy.get(&with_code).await;
         assert_eq!(r.status(), 400);
@@ -384,7 +377,8 @@ async fn a_slow_ping_still_maps_single_component_names_to_library() {
                 ))
             }
         });
-        let proxy = proxy_for(&up.url, |c| c.upstream_deadline = Duration::from_secs(10)).await;
+        let proxy =
+            TestProxy::start_for(&up.url, |c| c.upstream_deadline = Duration::from_secs(10)).await;
 
         let r = proxy.get("/v2/alpine/manifests/latest").await;
         let status = r.status();
@@ -424,7 +418,7 @@ async fn a_token_realm_redirect_never_carries_the_password_to_another_host() {
             respond(307, &[("location", steal.as_str())], "")
         });
         realm.on(Method::GET, "/token", |_, _| token_json("good"));
-        let proxy = proxy_for(&up.url, |c| {
+        let proxy = TestProxy::start_for(&up.url, |c| {
             c.upstream_username = Some("alice".into());
             c.upstream_password = Some(Secret(PASSWORD.into()));
         })
@@ -516,7 +510,7 @@ async fn a_private_blob_being_downloaded_is_not_served_for_another_repository() 
             got.extend_from_slice(&chunk.unwrap());
         }
         assert_eq!(got, secret, "the private client got its blob");
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        support::settled(&proxy).await;
 
         // Stored now: public/y is still refused, after asking upstream again.
         let asked = hub.count("blob_head") + hub.count("blob_get");
@@ -541,6 +535,7 @@ async fn a_blob_announced_empty_is_never_answered_before_it_verified() {
         up.answer_ping(Duration::ZERO, None);
         // A Content-Length of 0 for a digest whose content is not empty.
         up.on_async(Method::GET, BLOB_PATH, |_, _| async {
+            // An upstream that takes its time to answer.
             tokio::time::sleep(Duration::from_millis(50)).await;
             respond(
                 200,
@@ -551,7 +546,7 @@ async fn a_blob_announced_empty_is_never_answered_before_it_verified() {
                 "",
             )
         });
-        let proxy = proxy_for(&up.url, |_| {}).await;
+        let proxy = TestProxy::start_for(&up.url, |_| {}).await;
         let r = proxy.get(&format!("{BLOB_PATH}{digest}")).await;
         assert_eq!(r.status(), 502, "an empty body cannot be the blob");
         assert_eq!(error_code(r).await, "UNAVAILABLE");
@@ -582,7 +577,7 @@ async fn requests_arriving_as_a_download_is_stored_never_get_404() {
                     stream(data.clone(), 64 * 1024, Duration::from_millis(5), None),
                 )
             });
-            let proxy = Arc::new(proxy_for(&up.url, |_| {}).await);
+            let proxy = Arc::new(TestProxy::start_for(&up.url, |_| {}).await);
             let path = format!("{BLOB_PATH}{digest}");
             let mut tasks = Vec::new();
             // 300 requests within 45 ms join one short download: on 2 cores some reach its temp
@@ -640,7 +635,7 @@ async fn a_manifest_or_tags_redirect_is_never_followed_nor_stored() {
                 respond(302, &[("location", location.as_str())], "")
             });
         }
-        let proxy = proxy_for(&up.url, |_| {}).await;
+        let proxy = TestProxy::start_for(&up.url, |_| {}).await;
 
         let digest = format!("sha256:{}", "c".repeat(64));
         for round in 1..=2 {
@@ -696,7 +691,7 @@ async fn a_manifest_answer_that_is_not_a_manifest_type_is_refused_and_not_stored
                 },
             );
         }
-        let proxy = proxy_for(&up.url, |_| {}).await;
+        let proxy = TestProxy::start_for(&up.url, |_| {}).await;
 
         for repo in ["text", "html"] {
             for round in 1..=2 {
@@ -734,7 +729,7 @@ async fn a_manifest_without_a_manifest_content_type_is_typed_by_its_own_body() {
         up.on(Method::GET, "/v2/acme/shaped/manifests/", move |_, _| {
             respond(200, &[("content-type", "application/json")], b.clone())
         });
-        let proxy = proxy_for(&up.url, |_| {}).await;
+        let proxy = TestProxy::start_for(&up.url, |_| {}).await;
 
         for (repo, bytes) in [("named", named.bytes.clone()), ("shaped", shaped)] {
             for round in 1..=2 {
@@ -776,7 +771,7 @@ async fn a_token_realm_on_a_private_or_link_local_address_is_never_asked() {
             // No token is ever granted: the realm is refused before it is asked.
             let image = Image::single("refused-realm", DOCKER_MANIFEST, 10);
             challenge_with(&up, realm, &image, "never");
-            let proxy = proxy_for(&up.url, |c| {
+            let proxy = TestProxy::start_for(&up.url, |c| {
                 c.upstream_username = Some("alice".into());
                 c.upstream_password = Some(Secret("hunter2-s3cr3t".into()));
                 // A connection attempt would hang this long, not fail fast.
@@ -817,7 +812,7 @@ async fn a_token_realm_by_name_on_the_upstreams_kind_of_address_is_asked() {
         let token_url = format!("http://localhost:{}/token", realm.port);
         challenge_with(&up, &token_url, &image, "named");
         realm.on(Method::GET, "/token", |_, _| token_json("named"));
-        let proxy = proxy_for(&up.url, |_| {}).await;
+        let proxy = TestProxy::start_for(&up.url, |_| {}).await;
 
         let got = proxy.get_ok("/v2/acme/app/manifests/1").await;
         assert_eq!(got, image.bytes);
@@ -838,7 +833,7 @@ async fn a_token_endpoint_redirect_is_not_followed_even_on_its_own_host() {
             respond(302, &[("location", moved.as_str())], "")
         });
         realm.on(Method::GET, "/elsewhere", |_, _| token_json("moved"));
-        let proxy = proxy_for(&up.url, |_| {}).await;
+        let proxy = TestProxy::start_for(&up.url, |_| {}).await;
 
         let (status, message) =
             status_and_message(proxy.get("/v2/acme/app/manifests/1").await).await;

@@ -85,6 +85,7 @@ async fn short_lived_tokens_are_renewed_without_client_errors() {
         proxy.get_ok("/v2/library/short/manifests/1").await,
         one.bytes
     );
+    // The token's 2 s lifetime passes.
     tokio::time::sleep(Duration::from_millis(2200)).await;
     // The cached token (kept for the 60 s minimum) has expired upstream: one 401, a new token.
     assert_eq!(

@@ -6,9 +6,10 @@ mod support;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use support::hub::{pattern, sha256};
-use support::{FakeHub, Fault, Image, TestProxy, error_code};
+use support::{FakeHub, Fault, Image, TestProxy, error_code, eventually};
 
 use support::DOCKER_MANIFEST;
 
@@ -150,7 +151,8 @@ async fn late_and_slow_followers_get_the_whole_blob_from_one_download() {
     hub.fault(Fault::SlowBlob(Duration::from_millis(1)));
     let proxy = TestProxy::start(&hub).await;
     let url = format!("{}{}", proxy.url, blob_path("library/late", &digest));
-    let pull = |pause_after_first: Duration| {
+    // Each pull counts the bytes it received in `progress`.
+    let pull = |pause_after_first: Duration, progress: Arc<AtomicUsize>| {
         let (client, url) = (proxy.client.clone(), url.clone());
         tokio::spawn(async move {
             let response = client.get(url).send().await.unwrap();
@@ -159,27 +161,26 @@ async fn late_and_slow_followers_get_the_whole_blob_from_one_download() {
             let mut all = Vec::new();
             while let Some(chunk) = stream.next().await {
                 if all.is_empty() {
+                    // A follower that stops reading for a while, on purpose.
                     tokio::time::sleep(pause_after_first).await;
                 }
-                all.extend_from_slice(&chunk.unwrap());
+                let chunk = chunk.unwrap();
+                progress.fetch_add(chunk.len(), Ordering::SeqCst);
+                all.extend_from_slice(&chunk);
             }
             all
         })
     };
-    let steady = pull(Duration::ZERO);
-    let stalled = pull(Duration::from_millis(400));
-    // Joins once the download is well past the first 8 MiB.
-    let mut late_joined = false;
-    for _ in 0..200 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        if hub.count("cdn_get") == 1 {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            late_joined = true;
-            break;
-        }
-    }
-    assert!(late_joined, "the download started");
-    let late = pull(Duration::ZERO);
+    let steady_progress = Arc::new(AtomicUsize::new(0));
+    let steady = pull(Duration::ZERO, steady_progress.clone());
+    let stalled = pull(Duration::from_millis(400), Arc::default());
+    // Joins once the download is well past the first 8 MiB (the steady follower has 12).
+    let well_past = eventually(Duration::from_secs(10), async || {
+        steady_progress.load(Ordering::SeqCst) >= 12 * 1024 * 1024
+    })
+    .await;
+    assert!(well_past, "the download started");
+    let late = pull(Duration::ZERO, Arc::default());
     for task in [steady, stalled, late] {
         let got = task.await.unwrap();
         assert_eq!(got.len(), blob.len());
@@ -201,7 +202,7 @@ async fn a_departing_client_does_not_stop_the_download() {
     let mut stream = response.bytes_stream();
     stream.next().await.unwrap().unwrap();
     drop(stream);
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    support::settled(&proxy).await;
     let r = proxy.get(&path).await;
     assert_eq!(
         r.headers()["x-cache"],
@@ -273,7 +274,7 @@ async fn corrupt_or_truncated_blobs_are_never_served_or_stored() {
                 "{fault:?} served a complete body"
             );
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        support::settled(&proxy).await;
         let stored = std::fs::read_dir(proxy.config.data_dir.join("blobs/sha256"))
             .map(|d| d.count())
             .unwrap_or(0);
@@ -386,9 +387,12 @@ async fn eviction_keeps_the_store_under_its_limit() {
     for (d, b) in digests.iter().zip(&blobs) {
         assert_eq!(proxy.get_ok(&blob_path("library/e", d)).await, *b);
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let under = eventually(Duration::from_secs(10), async || {
+        walk(&proxy.config.data_dir.join("blobs")) <= 4 * 1024 * 1024
+    })
+    .await;
     let on_disk: u64 = walk(&proxy.config.data_dir.join("blobs"));
-    assert!(on_disk <= 4 * 1024 * 1024, "{on_disk} bytes on disk");
+    assert!(under, "{on_disk} bytes on disk");
     // The most recent blob survived; an evicted one is fetched again, correctly.
     let last = proxy.get(&blob_path("library/e", &digests[7])).await;
     assert_eq!(last.headers()["x-cache"], "HIT");
@@ -428,7 +432,13 @@ async fn eviction_during_a_pull_never_breaks_it() {
             *b
         );
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The store went over its limit while the pull was held: eviction ran.
+    let evicted = eventually(Duration::from_secs(10), async || {
+        let scrape = support::scrape(&proxy).await;
+        support::metric(&scrape, "pullthrough_blob_evictions_total", &[]) > 0.0
+    })
+    .await;
+    assert!(evicted, "nothing was evicted");
     while let Some(chunk) = stream.next().await {
         received.extend_from_slice(&chunk.unwrap());
     }

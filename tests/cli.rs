@@ -1,15 +1,15 @@
 //! The binary's start-up contract: a bad setting stops it with one line naming the key and exit
 //! status 2; `--help` documents the flags.
 
-use std::process::Command;
+mod support;
+
+use support::binary::Pullthrough;
 
 fn pullthrough(env: &[(&str, &str)], args: &[&str]) -> std::process::Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_pullthrough"));
-    c.args(args).env("PULLTHROUGH_LISTEN", "127.0.0.1:0");
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    c.output().unwrap()
+    Pullthrough::new()
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
 }
 
 #[test]
@@ -87,7 +87,7 @@ fn a_typo_in_the_config_file_and_a_foreign_data_dir_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("p.toml");
     std::fs::write(&file, "tag_tl = \"5s\"\n").unwrap();
-    let out = pullthrough(&[], &["--config", file.to_str().unwrap()]);
+    let out = Pullthrough::new().config_file(&file).output();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(
@@ -127,7 +127,7 @@ fn an_access_rule_for_a_registry_not_mirrored_stops_startup() {
         ),
     )
     .unwrap();
-    let out = pullthrough(&[], &["--config", file.to_str().unwrap()]);
+    let out = Pullthrough::new().config_file(&file).output();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
@@ -137,33 +137,23 @@ fn an_access_rule_for_a_registry_not_mirrored_stops_startup() {
     );
 }
 
-#[test]
-fn a_second_instance_on_one_data_dir_exits_2_naming_the_holder() {
-    use std::io::BufRead;
+#[tokio::test]
+async fn a_second_instance_on_one_data_dir_exits_2_naming_the_holder() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("cache");
     let data_text = data.to_str().unwrap();
-    let mut first = Command::new(env!("CARGO_BIN_EXE_pullthrough"))
-        .env("PULLTHROUGH_LISTEN", "127.0.0.1:0")
-        .env("PULLTHROUGH_DATA_DIR", data_text)
+    // Started: the first instance logs that it listens.
+    let first = Pullthrough::new()
+        .data_dir(&data)
         .env("PULLTHROUGH_LOG_FORMAT", "text")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(first.stdout.take().unwrap()).lines();
-    assert!(
-        lines.any(|l| l.is_ok_and(|l| l.contains("listening"))),
-        "the first instance starts"
-    );
-    std::thread::spawn(move || lines.for_each(drop));
+        .start()
+        .await;
     // A download of the first instance's under way.
     std::fs::write(data.join("tmp/in-flight"), "partial").unwrap();
 
     let out = pullthrough(&[("PULLTHROUGH_DATA_DIR", data_text)], &[]);
-    let pid = first.id();
-    let _ = first.kill();
-    let _ = first.wait();
+    let pid = first.pid();
+    drop(first);
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
@@ -176,19 +166,8 @@ fn a_second_instance_on_one_data_dir_exits_2_naming_the_holder() {
         "the first one's files are left alone"
     );
 
-    // Once the holder is gone, the directory is free again.
-    let mut again = Command::new(env!("CARGO_BIN_EXE_pullthrough"))
-        .env("PULLTHROUGH_LISTEN", "127.0.0.1:0")
-        .env("PULLTHROUGH_DATA_DIR", data_text)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(again.stdout.take().unwrap()).lines();
-    let started = lines.any(|l| l.is_ok_and(|l| l.contains("listening")));
-    let _ = again.kill();
-    let _ = again.wait();
-    assert!(started);
+    // Once the holder is gone, the directory is free again: it starts and listens.
+    Pullthrough::new().data_dir(&data).start().await;
 }
 
 #[test]
@@ -321,25 +300,16 @@ fn a_bad_setting_says_what_to_fix() {
     );
 }
 
-#[test]
-fn listen_takes_a_host_name() {
-    use std::io::BufRead;
+#[tokio::test]
+async fn listen_takes_a_host_name() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pullthrough"))
+    let running = Pullthrough::new()
         .args(["--listen", "localhost:0"])
-        .env("PULLTHROUGH_DATA_DIR", dir.path().join("cache"))
+        .data_dir(dir.path().join("cache"))
         .env("PULLTHROUGH_LOG_FORMAT", "text")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let line = std::io::BufReader::new(child.stdout.take().unwrap())
-        .lines()
-        .map_while(Result::ok)
-        .find(|l| l.contains("listening"));
-    let _ = child.kill();
-    let _ = child.wait();
-    let line = line.expect("it starts and listens");
+        .start()
+        .await;
+    let line = &running.listening;
     assert!(
         line.contains("addr=127.0.0.1:") || line.contains("addr=[::1]:"),
         "{line}"

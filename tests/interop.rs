@@ -9,21 +9,9 @@ use flate2::Compression;
 use flate2::write::GzEncoder;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use support::hub::sha256;
-use support::{Process, TestProxy, free_port};
-
-async fn wait_for(url: &str) {
-    let client = support::client();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if client.get(url).send().await.is_ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{url} did not come up");
-}
+use support::{Process, TestProxy, eventually, free_port};
 
 /// Debian's `docker-registry` (distribution 2.8) on a free port with its own storage.
 async fn reference_registry(dir: &Path) -> (Process, String) {
@@ -42,7 +30,12 @@ async fn reference_registry(dir: &Path) -> (Process, String) {
         .spawn()
         .expect("docker-registry is installed (apt-get install docker-registry)");
     let url = format!("http://127.0.0.1:{port}");
-    wait_for(&format!("{url}/v2/")).await;
+    let client = support::client();
+    let up = eventually(Duration::from_secs(20), async || {
+        client.get(format!("{url}/v2/")).send().await.is_ok()
+    })
+    .await;
+    assert!(up, "{url} did not come up");
     (Process(child), url)
 }
 
@@ -224,15 +217,12 @@ async fn containerd(dir: &Path) -> (Process, PathBuf) {
         .stderr(log)
         .spawn()
         .expect("containerd is installed (apt-get install containerd)");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !socket.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "containerd did not start: {}",
-            std::fs::read_to_string(dir.join("containerd.log")).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let started = eventually(Duration::from_secs(20), async || socket.exists()).await;
+    assert!(
+        started,
+        "containerd did not start: {}",
+        std::fs::read_to_string(dir.join("containerd.log")).unwrap_or_default()
+    );
     (Process(child), socket)
 }
 
@@ -399,25 +389,21 @@ async fn dockerd_in(dir: &Path, mirror: &str, netns: &Netns) -> (Process, PathBu
         .expect("dockerd is installed (apt-get install docker.io)");
     // Killed even if it never comes up.
     let child = Process(child);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let up = Command::new("docker")
+    let up = eventually(Duration::from_secs(60), async || {
+        Command::new("docker")
             .arg("--host")
             .arg(format!("unix://{}", socket.display()))
             .arg("version")
             .env("DOCKER_CONFIG", dir)
             .output()
-            .is_ok_and(|o| o.status.success());
-        if up {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "dockerd did not start: {}",
-            std::fs::read_to_string(dir.join("dockerd.log")).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+            .is_ok_and(|o| o.status.success())
+    })
+    .await;
+    assert!(
+        up,
+        "dockerd did not start: {}",
+        std::fs::read_to_string(dir.join("dockerd.log")).unwrap_or_default()
+    );
     (child, socket)
 }
 

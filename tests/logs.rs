@@ -4,116 +4,33 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
+use support::binary::{Pullthrough, Running};
 use support::{FakeHub, Image};
 
-/// The binary, its log lines (stdout and stderr) arriving on a channel.
-struct Running {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-    _dir: tempfile::TempDir,
-}
-
-impl Running {
-    fn start(env: &[(&str, &str)]) -> Running {
-        let dir = tempfile::tempdir().unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_pullthrough"));
-        command
-            .env("PULLTHROUGH_LISTEN", "127.0.0.1:0")
-            .env("PULLTHROUGH_DATA_DIR", dir.path().join("cache"))
-            .env("PULLTHROUGH_CACHE_MIN_FREE_DISK", "0 B")
-            .env("RUST_LOG", "pullthrough=info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (k, v) in env {
-            command.env(k, v);
-        }
-        let mut child = command.spawn().unwrap();
-        let (tx, lines) = mpsc::channel();
-        let out = child.stdout.take().unwrap();
-        let err = child.stderr.take().unwrap();
-        let tx2 = tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                let _ = tx2.send(line);
-            }
-        });
-        Running {
-            child,
-            lines,
-            seen: Vec::new(),
-            _dir: dir,
-        }
-    }
-
-    /// The first line (from now on) containing `needle`, within 10 s.
-    fn wait_for(&mut self, needle: &str) -> String {
-        loop {
-            let line = self
-                .lines
-                .recv_timeout(Duration::from_secs(10))
-                .unwrap_or_else(|_| panic!("no log line with {needle:?}; saw {:#?}", self.seen));
-            self.seen.push(line.clone());
-            if line.contains(needle) {
-                return line;
-            }
-        }
-    }
-
-    /// Every line received so far, and whatever arrives within `wait`.
-    fn all(&mut self, wait: Duration) -> String {
-        while let Ok(line) = self.lines.recv_timeout(wait) {
-            self.seen.push(line);
-        }
-        self.seen.join("\n")
-    }
-
-    /// The `http://host:port` from the "listening" line.
-    fn url(&mut self) -> String {
-        let line = self.wait_for("listening");
-        let addr = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("addr="))
-            .unwrap_or_else(|| panic!("no addr in {line}"));
-        assert!(!addr.ends_with(":0"), "logged port 0: {line}");
-        format!("http://{addr}")
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The binary with `env`, started.
+async fn start(env: &[(&str, &str)]) -> Running {
+    Pullthrough::new().envs(env.iter().copied()).start().await
 }
 
 #[tokio::test]
 async fn the_log_names_the_bound_port_in_plain_text_with_clean_durations() {
-    let mut running = Running::start(&[]);
-    let url = running.url();
+    let mut running = start(&[]).await;
+    let url = running.url.clone();
     let r = support::client()
         .get(format!("{url}/v2/"))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let line = running.wait_for("elapsed_ms=");
+    let line = running.line("elapsed_ms=").await;
     let elapsed = line
         .split_whitespace()
         .find_map(|w| w.strip_prefix("elapsed_ms="))
         .unwrap_or_else(|| panic!("no elapsed_ms in {line}"));
     let decimals = elapsed.split_once('.').map_or(0, |(_, d)| d.len());
     assert!(decimals <= 3, "float noise in {line}");
-    let all = running.all(Duration::from_millis(100));
+    let all = running.quiet_log(Duration::from_millis(100)).await;
     assert!(
         !all.contains('\u{1b}'),
         "ANSI escapes in a non-terminal log:\n{all}"
@@ -130,12 +47,13 @@ async fn refused_upstream_credentials_are_a_loud_error_without_the_password() {
         10,
     );
     hub.push("library/public", "1", &image);
-    let mut running = Running::start(&[
+    let mut running = start(&[
         ("PULLTHROUGH_UPSTREAM", &hub.url),
         ("PULLTHROUGH_UPSTREAM_USERNAME", "bob"),
         ("PULLTHROUGH_UPSTREAM_PASSWORD", "pw-s3cr3t-typo"),
-    ]);
-    let url = running.url();
+    ])
+    .await;
+    let url = running.url.clone();
     let r = support::client()
         .get(format!("{url}/v2/library/public/manifests/1"))
         .send()
@@ -143,10 +61,12 @@ async fn refused_upstream_credentials_are_a_loud_error_without_the_password() {
         .unwrap();
     assert_eq!(r.status(), 200, "public content is still served");
     assert_eq!(r.bytes().await.unwrap(), image.bytes);
-    let line = running.wait_for("refused the configured upstream credentials");
+    let line = running
+        .line("refused the configured upstream credentials")
+        .await;
     assert!(line.contains("ERROR"), "{line}");
     assert!(line.contains("bob"), "{line}");
-    let all = running.all(Duration::from_millis(200));
+    let all = running.quiet_log(Duration::from_millis(200)).await;
     assert!(
         !all.contains("pw-s3cr3t-typo"),
         "the password was logged:\n{all}"
@@ -162,13 +82,13 @@ async fn json_logs_carry_the_request_id_in_every_event_of_the_request() {
         10,
     );
     hub.push("library/logged", "1", &image);
-    let mut running = Running::start(&[
+    let mut running = start(&[
         ("PULLTHROUGH_UPSTREAM", &hub.url),
         ("PULLTHROUGH_LOG_FORMAT", "json"),
         ("RUST_LOG", "pullthrough=debug"),
-    ]);
-    let line = running.wait_for("listening");
-    let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+    ])
+    .await;
+    let event: serde_json::Value = serde_json::from_str(&running.listening).unwrap();
     let url = format!("http://{}", event["addr"].as_str().unwrap());
     let r = support::client()
         .get(format!("{url}/v2/library/logged/manifests/1"))
@@ -178,8 +98,8 @@ async fn json_logs_carry_the_request_id_in_every_event_of_the_request() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-request-id"], "trace-me-1");
-    running.wait_for("\"message\":\"request\"");
-    let all = running.all(Duration::from_millis(200));
+    running.line("\"message\":\"request\"").await;
+    let all = running.quiet_log(Duration::from_millis(200)).await;
     let events: Vec<serde_json::Value> = all
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
@@ -223,14 +143,15 @@ async fn no_secret_appears_in_any_log_or_cache_api_output() {
     );
     hub.push("carol/private", "1", &image);
     hub.make_private("carol/private");
-    let mut running = Running::start(&[
+    let running = start(&[
         ("PULLTHROUGH_UPSTREAM", &hub.url),
         ("PULLTHROUGH_UPSTREAM_USERNAME", "carol"),
         ("PULLTHROUGH_UPSTREAM_PASSWORD", "pw-s3cr3t-right"),
         ("PULLTHROUGH_ADMIN_TOKEN", "admin-s3cr3t-token-42"),
         ("RUST_LOG", "trace"),
-    ]);
-    let url = running.url();
+    ])
+    .await;
+    let url = running.url.clone();
     let client = support::client();
     let r = client
         .get(format!("{url}/v2/carol/private/manifests/1"))
@@ -267,7 +188,10 @@ async fn no_secret_appears_in_any_log_or_cache_api_output() {
         hub.count("token_with_credentials") > 0,
         "tokens were requested with the password"
     );
-    let all = format!("{}\n{api}", running.all(Duration::from_millis(300)));
+    let all = format!(
+        "{}\n{api}",
+        running.quiet_log(Duration::from_millis(300)).await
+    );
     for secret in ["pw-s3cr3t-right", "admin-s3cr3t-token-42", "Y2Fyb2w6"] {
         assert!(!all.contains(secret), "{secret} appeared in the output");
     }
@@ -287,8 +211,8 @@ async fn the_first_braking_of_an_address_logs_one_warning() {
     let htpasswd = dir.path().join("htpasswd");
     let hash = bcrypt::hash("alice-pw", 4).unwrap();
     std::fs::write(&htpasswd, format!("alice:{hash}\n")).unwrap();
-    let mut running = Running::start(&[("PULLTHROUGH_HTPASSWD", htpasswd.to_str().unwrap())]);
-    let url = running.url();
+    let mut running = start(&[("PULLTHROUGH_HTPASSWD", htpasswd.to_str().unwrap())]).await;
+    let url = running.url.clone();
     let client = support::client();
     let mut statuses = Vec::new();
     for i in 0..15 {
@@ -307,7 +231,7 @@ async fn the_first_braking_of_an_address_logs_one_warning() {
         5,
         "{statuses:?}"
     );
-    let warning = running.wait_for("too many failed logins");
+    let warning = running.line("too many failed logins").await;
     assert!(
         warning.contains("WARN") && warning.contains("127.0.0.1"),
         "{warning}"
@@ -316,7 +240,7 @@ async fn the_first_braking_of_an_address_logs_one_warning() {
         !warning.contains("guess"),
         "no password in the log: {warning}"
     );
-    let all = running.all(Duration::from_millis(500));
+    let all = running.quiet_log(Duration::from_millis(500)).await;
     assert_eq!(
         all.matches("too many failed logins").count(),
         1,
@@ -329,15 +253,17 @@ async fn the_access_log_names_the_upstream_and_keeps_the_query_without_secrets()
     let hub = FakeHub::start().await;
     let image = Image::single("logged", support::DOCKER_MANIFEST, 100);
     hub.push("library/logged", "1", &image);
-    let mut running = Running::start(&[("PULLTHROUGH_UPSTREAM", hub.url.as_str())]);
-    let url = running.url();
+    let mut running = start(&[("PULLTHROUGH_UPSTREAM", hub.url.as_str())]).await;
+    let url = running.url.clone();
     // One startup line per upstream: host, URL, credentials, tags.
-    let startup = running
-        .seen
-        .iter()
+    let startup = match running
+        .lines()
+        .into_iter()
         .find(|l| l.contains(" upstream ") && l.contains("credentials="))
-        .cloned()
-        .unwrap_or_else(|| running.wait_for("credentials="));
+    {
+        Some(line) => line,
+        None => running.line("credentials=").await,
+    };
     assert!(
         startup.contains(&format!("url={}", hub.url)) && startup.contains("credentials=false"),
         "{startup}"
@@ -355,14 +281,14 @@ async fn the_access_log_names_the_upstream_and_keeps_the_query_without_secrets()
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let line = running.wait_for("path=\"/v2/library/logged");
+    let line = running.line("path=\"/v2/library/logged").await;
     assert!(
         line.contains("?ns=docker.io&access_token=<redacted>") && !line.contains("s3cr3t"),
         "{line}"
     );
     let host = hub.url.trim_start_matches("http://");
     assert!(line.contains(&format!("upstream=\"{host}\"")), "{line}");
-    let all = running.all(Duration::from_millis(300));
+    let all = running.quiet_log(Duration::from_millis(300)).await;
     for probe in ["/healthz", "/readyz", "/metrics"] {
         assert!(
             !all.contains(probe),
@@ -371,18 +297,37 @@ async fn the_access_log_names_the_upstream_and_keeps_the_query_without_secrets()
     }
 }
 
-#[tokio::test]
-async fn a_failed_request_logs_its_cause_chain_in_words() {
+/// A free loopback address nothing listens on.
+fn dead_upstream() -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dead = format!("http://{}", listener.local_addr().unwrap());
     drop(listener);
-    let mut running = Running::start(&[("PULLTHROUGH_UPSTREAM", &dead)]);
-    let url = running.url();
-    let r = reqwest::get(format!("{url}/v2/library/x/manifests/1"))
+    dead
+}
+
+/// The first line of the whole log (startup included) that contains `needle`, within 10 s.
+async fn logged(running: &Running, needle: &str) -> String {
+    let mut found = None;
+    support::eventually(Duration::from_secs(10), async || {
+        found = running.lines().into_iter().find(|l| l.contains(needle));
+        found.is_some()
+    })
+    .await;
+    found.unwrap_or_else(|| panic!("no log line with {needle:?}; saw {:#?}", running.lines()))
+}
+
+#[tokio::test]
+async fn a_failed_request_logs_its_cause_chain_in_words() {
+    let dead = dead_upstream();
+    let mut running = start(&[("PULLTHROUGH_UPSTREAM", &dead)]).await;
+    let url = running.url.clone();
+    let r = support::client()
+        .get(format!("{url}/v2/library/x/manifests/1"))
+        .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 502);
-    let line = running.wait_for("request failed");
+    let line = running.line("request failed").await;
     // Display with sources, from the class down to the operating system's words; never the
     // Debug form of the error types.
     assert!(
@@ -399,30 +344,32 @@ async fn a_failed_request_logs_its_cause_chain_in_words() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn startup_says_whether_each_upstream_answered_without_waiting_for_it() {
     let hub = FakeHub::start().await;
-    let mut running = Running::start(&[("PULLTHROUGH_UPSTREAM", &hub.url)]);
-    let url = running.url();
-    let line = running.wait_for("upstream answered");
+    let running = start(&[("PULLTHROUGH_UPSTREAM", &hub.url)]).await;
+    let line = logged(&running, "upstream answered").await;
     assert!(
         line.contains("INFO") && line.contains("host=127.0.0.1:"),
         "{line}"
     );
     assert_eq!(hub.count("ping"), 1, "the one ping it costs, done early");
     // A first miss needs no second ping.
-    let r = reqwest::get(format!("{url}/v2/library/none/manifests/1"))
+    let r = support::client()
+        .get(format!("{}/v2/library/none/manifests/1", running.url))
+        .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
     assert_eq!(hub.count("ping"), 1);
 
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead = format!("http://{}", listener.local_addr().unwrap());
-    drop(listener);
-    let mut running = Running::start(&[("PULLTHROUGH_UPSTREAM", &dead)]);
-    let url = running.url();
-    let line = running.wait_for("upstream did not answer");
+    let dead = dead_upstream();
+    let running = start(&[("PULLTHROUGH_UPSTREAM", &dead)]).await;
+    let line = logged(&running, "upstream did not answer").await;
     assert!(line.contains("WARN"), "{line}");
     assert!(line.contains("connection refused"), "{line}");
     // Readiness does not wait for upstream.
-    let ready = reqwest::get(format!("{url}/readyz")).await.unwrap();
+    let ready = support::client()
+        .get(format!("{}/readyz", running.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ready.status(), 200);
 }

@@ -629,6 +629,7 @@ async fn a_moved_tag_is_not_a_pull_saved() {
         "1",
         &Image::single("moving-b", DOCKER_MANIFEST, 10),
     );
+    // The 1 ms TTL passes.
     tokio::time::sleep(Duration::from_millis(20)).await;
     pull_manifest(&proxy, path).await;
     assert_eq!(hub.count("manifest_get"), 2);
@@ -637,6 +638,7 @@ async fn a_moved_tag_is_not_a_pull_saved() {
         stats["counters"]["pulls_saved"], 0,
         "every answer cost a GET"
     );
+    // The TTL passes again.
     tokio::time::sleep(Duration::from_millis(20)).await;
     pull_manifest(&proxy, path).await;
     assert_eq!(hub.count("manifest_get"), 2, "unchanged: a HEAD only");

@@ -12,15 +12,12 @@ use support::DOCKER_MANIFEST;
 
 #[tokio::test]
 async fn ns_and_path_prefix_pick_the_upstream_and_share_its_cache() {
-    let hub = FakeHub::start().await;
-    let ghcr = FakeHub::start().await;
+    let (hub, ghcr, proxy) = support::hub_and_ghcr().await;
     let default_image = Image::single("from-hub", DOCKER_MANIFEST, 100);
     let ghcr_image = Image::single("from-ghcr", DOCKER_MANIFEST, 100);
     hub.push("org/app", "1", &default_image);
     ghcr.push("org/app", "1", &ghcr_image);
     ghcr.push("alpine", "1", &ghcr_image);
-    let proxy =
-        TestProxy::start_with(&hub, |c| c.upstreams = vec![ghcr.as_upstream("ghcr.io")]).await;
 
     // Default, by no ns or ns=docker.io.
     assert_eq!(
@@ -198,13 +195,10 @@ async fn credentials_stay_with_their_upstream_and_private_blobs_stay_private() {
 
 #[tokio::test]
 async fn stats_metrics_and_the_status_page_count_each_upstream_apart() {
-    let hub = FakeHub::start().await;
-    let ghcr = FakeHub::start().await;
+    let (hub, ghcr, proxy) = support::hub_and_ghcr().await;
     let image = Image::single("counted-per-upstream", DOCKER_MANIFEST, 100);
     hub.push("org/app", "1", &image);
     ghcr.push("org/app", "1", &image);
-    let proxy =
-        TestProxy::start_with(&hub, |c| c.upstreams = vec![ghcr.as_upstream("ghcr.io")]).await;
     for _ in 0..2 {
         proxy.get_ok("/v2/org/app/manifests/1").await;
     }

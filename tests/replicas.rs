@@ -1,171 +1,53 @@
 //! Replicas sharing one cache through object storage and coordinating through Redis: real
-//! pullthrough processes against a real S3-compatible server (`moto_server`, from PyPI's
-//! `moto[server]`), a real `redis-server` (`.ci/run` installs both) and the emulated Docker Hub.
+//! pullthrough processes against a real S3-compatible server and a real `redis-server` (see
+//! `support::services`) and the emulated Docker Hub.
 
 mod support;
 
 use bytes::Bytes;
-use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+use support::binary::{Pullthrough, Running};
 use support::hub::sha256;
-use support::{DOCKER_MANIFEST, FakeHub, Fault, Image, Process, free_port};
+use support::services::{BUCKET, Redis, S3};
+use support::{DOCKER_MANIFEST, FakeHub, Fault, Image, eventually, free_port};
 
-const BUCKET: &str = "pullthrough-test";
+const CLUSTER_SECRET: &str = "replica-test-secret-0123";
 
-async fn wait_up(url: &str) {
-    let client = support::client();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while client.get(url).send().await.is_err() {
-        assert!(Instant::now() < deadline, "{url} did not come up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+/// A pullthrough sharing the bucket (and Redis, when given). `REPLICA_LOG`, when set, is its
+/// `RUST_LOG` (it must keep `pullthrough=info`), and what it logs is shown.
+fn replica(upstream: &str, s3: &S3, redis: Option<&Redis>, data: &std::path::Path) -> Pullthrough {
+    let log = std::env::var("REPLICA_LOG").ok();
+    // A port of its own, not port 0: the other replicas reach this one at the address it
+    // listens on as configured.
+    let mut binary = Pullthrough::new()
+        .listen(&format!("127.0.0.1:{}", free_port()))
+        .upstream(upstream)
+        .data_dir(data)
+        .env("PULLTHROUGH_STORAGE_URL", format!("s3://{BUCKET}/cache"))
+        .envs([
+            ("AWS_ENDPOINT_URL", s3.url.as_str()),
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+            ("AWS_REGION", "us-east-1"),
+            ("AWS_ALLOW_HTTP", "true"),
+        ])
+        .echo(log.is_some());
+    if let Some(log) = log {
+        binary = binary.env("RUST_LOG", log);
     }
-}
-
-/// `moto_server` on a free loopback port, with an empty bucket.
-struct S3 {
-    process: Option<Process>,
-    url: String,
-}
-
-impl S3 {
-    async fn start() -> S3 {
-        let binary = std::env::var("MOTO_SERVER")
-            .ok()
-            .or_else(|| {
-                ["/opt/pullthrough-moto/bin/moto_server"]
-                    .into_iter()
-                    .find(|p| std::path::Path::new(p).exists())
-                    .map(str::to_owned)
-            })
-            .unwrap_or_else(|| "moto_server".to_owned());
-        let port = free_port();
-        let process = Command::new(&binary)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot run {binary} ({e}): install moto[server] (.ci/run does)")
-            });
-        let url = format!("http://127.0.0.1:{port}");
-        let s3 = S3 {
-            process: Some(Process(process)),
-            url,
-        };
-        wait_up(&s3.url).await;
-        let created = support::client()
-            .put(format!("{}/{BUCKET}", s3.url))
-            .send()
-            .await
-            .unwrap();
-        assert!(
-            created.status().is_success(),
-            "bucket: {}",
-            created.status()
-        );
-        s3
+    if let Some(redis) = redis {
+        binary = binary
+            .env("PULLTHROUGH_REDIS_URL", redis.url())
+            .env("PULLTHROUGH_CLUSTER_SECRET", CLUSTER_SECRET);
     }
-
-    fn stop(&mut self) {
-        self.process = None;
-    }
-
-    fn object_url(&self, key: &str) -> String {
-        format!("{}/{BUCKET}/cache/{key}", self.url)
-    }
-
-    async fn object(&self, key: &str) -> Option<Bytes> {
-        let r = support::client()
-            .get(self.object_url(key))
-            .send()
-            .await
-            .unwrap();
-        if !r.status().is_success() {
-            return None;
-        }
-        Some(r.bytes().await.unwrap())
-    }
-
-    /// Whether `key` is in the bucket, by listing (moto refuses some unsigned GETs).
-    async fn has(&self, key: &str) -> bool {
-        let listing = support::client()
-            .get(format!(
-                "{}/{BUCKET}?list-type=2&prefix=cache/{key}",
-                self.url
-            ))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        listing.contains(&format!("<Key>cache/{key}</Key>"))
-    }
-
-    /// Waits until `key` is in the bucket (uploads run behind the responses).
-    async fn wait_for(&self, key: &str) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !self.has(key).await {
-            assert!(Instant::now() < deadline, "{key} never reached the bucket");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-/// `redis-server` on a free loopback port, without persistence.
-struct Redis {
-    process: Option<Process>,
-    port: u16,
-}
-
-impl Redis {
-    fn start() -> Redis {
-        let port = free_port();
-        let mut redis = Redis {
-            process: None,
-            port,
-        };
-        redis.resume();
-        redis
-    }
-
-    /// Starts (again) on the same port.
-    fn resume(&mut self) {
-        let process = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server (apt-get install redis-server; .ci/run does)");
-        self.process = Some(Process(process));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn stop(&mut self) {
-        self.process = None;
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
-    }
+    binary
 }
 
 /// One pullthrough process sharing the bucket (and Redis, when given).
 struct Replica {
-    process: Process,
+    process: Running,
     url: String,
     client: reqwest::Client,
 }
@@ -182,42 +64,14 @@ impl Replica {
         data: &std::path::Path,
         env: &[(&str, &str)],
     ) -> Replica {
-        let port = free_port();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_pullthrough"));
-        command.envs(env.iter().copied());
-        if let Some(redis) = redis {
-            command
-                .env("PULLTHROUGH_REDIS_URL", redis.url())
-                .env("PULLTHROUGH_CLUSTER_SECRET", "replica-test-secret-0123");
-        }
-        let process = command
-            .env("PULLTHROUGH_UPSTREAM", upstream)
-            .env("PULLTHROUGH_DATA_DIR", data)
-            .env("PULLTHROUGH_LISTEN", format!("127.0.0.1:{port}"))
+        let process = replica(upstream, s3, redis, data)
             .env("PULLTHROUGH_UPSTREAM_DEADLINE", "2s")
-            .env("PULLTHROUGH_STORAGE_URL", format!("s3://{BUCKET}/cache"))
-            .env("AWS_ENDPOINT_URL", &s3.url)
-            .env("AWS_ACCESS_KEY_ID", "test")
-            .env("AWS_SECRET_ACCESS_KEY", "test")
-            .env("AWS_REGION", "us-east-1")
-            .env("AWS_ALLOW_HTTP", "true")
-            .env(
-                "RUST_LOG",
-                std::env::var("REPLICA_LOG").unwrap_or("pullthrough=warn".into()),
-            )
-            .stdout(if std::env::var("REPLICA_LOG").is_ok() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let url = format!("http://127.0.0.1:{port}");
-        wait_up(&format!("{url}/v2/")).await;
+            .envs(env.iter().copied())
+            .start()
+            .await;
         Replica {
-            process: Process(process),
-            url,
+            url: process.url.clone(),
+            process,
             client: support::client(),
         }
     }
@@ -231,13 +85,17 @@ impl Replica {
             .await
     }
 
+    /// A GET's body, or the error that cut it (before its head or during the body).
+    async fn try_body(&self, path: &str) -> reqwest::Result<Bytes> {
+        self.try_get(path).await?.bytes().await
+    }
+
     async fn get(&self, path: &str) -> reqwest::Response {
-        self.client
-            .get(format!("{}{path}", self.url))
-            .header("Accept", DOCKER_MANIFEST)
-            .send()
-            .await
-            .unwrap()
+        self.try_get(path).await.unwrap()
+    }
+
+    async fn metrics(&self) -> String {
+        self.get("/metrics").await.text().await.unwrap()
     }
 
     /// Pulls the image by tag and every blob, checking each against its digest.
@@ -260,6 +118,12 @@ impl Replica {
             assert_eq!(sha256(&got), sha256(blob));
         }
     }
+}
+
+/// Milliseconds since the Unix epoch, as pullthrough writes times to Redis.
+fn now_ms() -> f64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    since.unwrap().as_millis() as f64
 }
 
 fn hex(digest: &str) -> &str {
@@ -354,14 +218,13 @@ async fn corrupt_blobs_never_reach_object_storage_and_a_damaged_object_is_replac
 
     // Upstream sends a corrupt layer: the client's transfer fails, nothing reaches the bucket.
     hub.fault(Fault::CorruptBlob);
-    let got = match replica.try_get(&path).await {
-        Ok(r) => r.bytes().await,
-        Err(e) => Err(e),
-    };
+    let got = replica.try_body(&path).await;
     assert!(
-        got.map_or(true, |b| b != *layer),
+        got.map_or(true, |b| b.len() < layer.len()),
         "a corrupt blob arrived whole"
     );
+    // Nothing to wait for when nothing happens: half a second for an upload to show, were one
+    // made.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!s3.has(&key).await, "a corrupt blob was uploaded");
     hub.clear_faults();
@@ -382,27 +245,20 @@ async fn corrupt_blobs_never_reach_object_storage_and_a_damaged_object_is_replac
     assert!(put.status().is_success());
     let other_dir = tempfile::tempdir().unwrap();
     let other = Replica::start(&hub.url, &s3, other_dir.path()).await;
-    let got = match other.try_get(&path).await {
-        Ok(first) => first.bytes().await,
-        Err(e) => Err(e),
-    };
+    let got = other.try_body(&path).await;
     assert!(
         got.as_ref()
             .map_or(true, |b| b != layer && b.len() < layer.len()),
         "the damaged object never arrives whole"
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Ok(r) = other.try_get(&path).await
-            && r.status() == 200
-            && let Ok(bytes) = r.bytes().await
-            && bytes == *layer
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the blob was never served again");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let served = eventually(Duration::from_secs(10), async || {
+        let Ok(r) = other.try_get(&path).await else {
+            return false;
+        };
+        r.status() == 200 && r.bytes().await.is_ok_and(|bytes| bytes == *layer)
+    })
+    .await;
+    assert!(served, "the blob was never served again");
     // Uploaded again once verified.
     s3.wait_for(&key).await;
     assert_eq!(s3.object(&key).await.unwrap(), *layer);
@@ -429,15 +285,28 @@ async fn cluster_with(
 
 /// Pulls `url` as a stream: (time of the first byte, time done, the bytes).
 async fn timed_pull(url: String, started: Instant) -> (Duration, Duration, Vec<u8>) {
+    timed_pull_by(support::client(), url, started, Arc::default()).await
+}
+
+/// [`timed_pull`] with `client`, adding one to `streaming` at the first byte.
+async fn timed_pull_by(
+    client: reqwest::Client,
+    url: String,
+    started: Instant,
+    streaming: Arc<AtomicUsize>,
+) -> (Duration, Duration, Vec<u8>) {
     use futures_util::StreamExt;
-    let response = support::client().get(url).send().await.unwrap();
+    let response = client.get(url).send().await.unwrap();
     assert_eq!(response.status(), 200);
     let mut stream = response.bytes_stream();
     let mut first = None;
     let mut all = Vec::new();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.unwrap();
-        first.get_or_insert(started.elapsed());
+        if first.is_none() {
+            first = Some(started.elapsed());
+            streaming.fetch_add(1, Ordering::SeqCst);
+        }
         all.extend_from_slice(&chunk);
     }
     (first.unwrap_or_default(), started.elapsed(), all)
@@ -452,7 +321,7 @@ async fn concurrent_cold_pulls_on_every_replica_make_one_upstream_get() {
     // 1,024 chunks of 64 KiB, 1 ms apart: the download takes over a second.
     hub.fault(Fault::SlowBlob(Duration::from_millis(1)));
     let s3 = S3::start().await;
-    let redis = Redis::start();
+    let redis = Redis::start().await;
     let (replicas, _dirs) = cluster(&hub, &s3, &redis).await;
     let started = Instant::now();
     let mut pulls = Vec::new();
@@ -492,24 +361,34 @@ async fn a_replica_killed_mid_download_is_replaced_and_its_followers_finish() {
     // 512 chunks of 64 KiB, 4 ms apart: about two seconds.
     hub.fault(Fault::SlowBlob(Duration::from_millis(4)));
     let s3 = S3::start().await;
-    let redis = Redis::start();
+    let redis = Redis::start().await;
     let (mut replicas, _dirs) = cluster(&hub, &s3, &redis).await;
     let started = Instant::now();
     let path = format!("/v2/library/big/blobs/{digest}");
     // The first replica takes the lock; the others follow it.
     let owner = tokio::spawn(timed_pull(format!("{}{path}", replicas[0].url), started));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while hub.count("cdn_get") == 0 {
-        assert!(Instant::now() < deadline, "the download did not start");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let downloading = eventually(Duration::from_secs(10), async || hub.count("cdn_get") > 0).await;
+    assert!(downloading, "the download did not start");
+    let streaming = Arc::new(AtomicUsize::new(0));
     let followers: Vec<_> = replicas[1..]
         .iter()
-        .map(|r| tokio::spawn(timed_pull(format!("{}{path}", r.url), started)))
+        .map(|r| {
+            let url = format!("{}{path}", r.url);
+            tokio::spawn(timed_pull_by(
+                support::client(),
+                url,
+                started,
+                streaming.clone(),
+            ))
+        })
         .collect();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    replicas[0].process.0.kill().unwrap();
-    replicas[0].process.0.wait().unwrap();
+    // Killed while the followers stream from it.
+    let following = eventually(Duration::from_secs(10), async || {
+        streaming.load(Ordering::SeqCst) == followers.len()
+    })
+    .await;
+    assert!(following, "the followers got no byte");
+    replicas[0].process.kill();
     assert!(
         owner.await.is_err(),
         "the killed replica's own client is cut off"
@@ -534,7 +413,7 @@ async fn with_redis_stopped_pulls_go_on_and_coordination_resumes_when_it_is_back
     let image = image();
     hub.push("library/app", "1", &image);
     let s3 = S3::start().await;
-    let mut redis = Redis::start();
+    let mut redis = Redis::start().await;
     let (replicas, _dirs) = cluster(&hub, &s3, &redis).await;
     replicas[0].pull(&image).await;
     shared(&s3, &image).await;
@@ -551,7 +430,7 @@ async fn with_redis_stopped_pulls_go_on_and_coordination_resumes_when_it_is_back
     assert_eq!(r.status(), 200);
     assert_eq!(sha256(&r.bytes().await.unwrap()), fresh_digest);
     // Shown in metrics; readiness stays true.
-    let metrics = replicas[1].get("/metrics").await.text().await.unwrap();
+    let metrics = replicas[1].metrics().await;
     assert!(
         metrics.contains("pullthrough_cluster_alone 1"),
         "{}",
@@ -564,20 +443,25 @@ async fn with_redis_stopped_pulls_go_on_and_coordination_resumes_when_it_is_back
     assert_eq!(replicas[1].get("/readyz").await.status(), 200);
 
     // Back: concurrent cold pulls on every replica share one download again.
-    redis.resume();
-    // Every replica back in the cluster (not resting after a Redis failure), twice in a row.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut together = 0;
-    while together < 2 {
-        assert!(Instant::now() < deadline, "the replicas never rejoined");
-        tokio::time::sleep(Duration::from_secs(1)).await;
+    redis.resume().await;
+    // Every replica back in the cluster (not resting after a Redis failure), for a second.
+    let mut together_since: Option<Instant> = None;
+    let rejoined = eventually(Duration::from_secs(30), async || {
         let mut all = true;
         for replica in &replicas {
-            let metrics = replica.get("/metrics").await.text().await.unwrap();
-            all &= metrics.contains("pullthrough_cluster_alone 0");
+            all &= replica
+                .metrics()
+                .await
+                .contains("pullthrough_cluster_alone 0");
         }
-        together = if all { together + 1 } else { 0 };
-    }
+        if !all {
+            together_since = None;
+            return false;
+        }
+        together_since.get_or_insert_with(Instant::now).elapsed() >= Duration::from_secs(1)
+    })
+    .await;
+    assert!(rejoined, "the replicas never rejoined");
     let again = Bytes::from(support::hub::pattern("again", 16 * 1024 * 1024));
     let again_digest = hub.push_blob("library/app", again.clone());
     hub.fault(Fault::SlowBlob(Duration::from_millis(2)));
@@ -610,7 +494,7 @@ async fn a_tag_costs_one_get_and_one_head_per_ttl_across_the_cluster() {
     let image = image();
     hub.push("library/app", "1", &image);
     let s3 = S3::start().await;
-    let redis = Redis::start();
+    let redis = Redis::start().await;
     let (replicas, _dirs) = cluster_with(&hub, &s3, &redis, &[("PULLTHROUGH_TAG_TTL", "2s")]).await;
 
     // Concurrent cold GETs of the tag on every replica: one upstream GET.
@@ -690,14 +574,16 @@ async fn a_429_pause_on_one_replica_holds_every_replica() {
         &Image::single("three", DOCKER_MANIFEST, 1000),
     );
     let s3 = S3::start().await;
-    let redis = Redis::start();
+    let redis = Redis::start().await;
     let (replicas, _dirs) = cluster(&hub, &s3, &redis).await;
     hub.fault(Fault::TooMany(30));
     let r = replicas[0].get("/v2/library/app/manifests/1").await;
     assert_eq!(r.status(), 429);
     let gets = hub.count("manifest_get");
     assert_eq!(gets, 1);
-    // Shared within half a second: the other replicas do not ask upstream while it lasts.
+    // Shared within half a second: the other replicas do not ask upstream while it lasts. They
+    // show that they know only in how they answer, and asking one too soon would go upstream:
+    // time for the sharing (every 0.5 s) to reach them.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     hub.clear_faults();
     for (replica, tag) in replicas[1..].iter().zip(["2", "3"]) {
@@ -721,7 +607,7 @@ async fn a_purge_through_one_replica_takes_effect_on_every_replica() {
     let image = image();
     hub.push("library/app", "1", &image);
     let s3 = S3::start().await;
-    let redis = Redis::start();
+    let redis = Redis::start().await;
     let (replicas, _dirs) = cluster(&hub, &s3, &redis).await;
     for replica in &replicas {
         replica.pull(&image).await;
@@ -739,7 +625,24 @@ async fn a_purge_through_one_replica_takes_effect_on_every_replica() {
             .unwrap();
         assert!(r.status().is_success(), "{path}: {}", r.status());
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Every replica has dropped both (the cache API only looks, it never fetches).
+    let client = support::client();
+    let purged = eventually(Duration::from_secs(10), async || {
+        for replica in &replicas {
+            let json = async |path: String| -> serde_json::Value {
+                let url = format!("{}/_pullthrough/cache/{path}", replica.url);
+                client.get(url).send().await.unwrap().json().await.unwrap()
+            };
+            if !json("library/app/manifests/1".into()).await["tag"].is_null()
+                || json(format!("blobs/{layer}")).await["cached"] != false
+            {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    assert!(purged, "the purge did not reach every replica");
     let (manifest_gets, blob_gets) = (hub.count("manifest_get"), hub.count("blob_get"));
     // The tag and the blob are gone everywhere: no replica serves them from its cache, and
     // the cluster fetches each once more.
@@ -771,7 +674,7 @@ async fn with_object_storage_down_cached_pulls_go_on_and_new_content_is_fetched(
     let image = image();
     hub.push("library/app", "1", &image);
     let mut s3 = S3::start().await;
-    let redis = Redis::start();
+    let redis = Redis::start().await;
     let (replicas, _dirs) = cluster(&hub, &s3, &redis).await;
     replicas[0].pull(&image).await;
     shared(&s3, &image).await;
@@ -786,7 +689,7 @@ async fn with_object_storage_down_cached_pulls_go_on_and_new_content_is_fetched(
         .await;
     assert_eq!(r.status(), 200);
     assert_eq!(sha256(&r.bytes().await.unwrap()), digest);
-    let metrics = replicas[1].get("/metrics").await.text().await.unwrap();
+    let metrics = replicas[1].metrics().await;
     let failures: f64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("pullthrough_object_storage_failures_total "))
@@ -809,7 +712,7 @@ async fn object_storage_is_kept_under_its_limit_least_recently_used_across_the_c
         .map(|b| hub.push_blob("library/app", b.clone()))
         .collect();
     let s3 = S3::start().await;
-    let redis = Redis::start();
+    let redis = Redis::start().await;
     let (replicas, _dirs) = cluster_with(
         &hub,
         &s3,
@@ -829,22 +732,29 @@ async fn object_storage_is_kept_under_its_limit_least_recently_used_across_the_c
     s3.wait_for(&key(&digests[0])).await;
     pull(&replicas[1], &digests[1]).await;
     s3.wait_for(&key(&digests[1])).await;
-    // Every replica's access times reach Redis (each flushes every 5 s) before x is used.
+    // Every replica's access times reach Redis (each flushes every 5 s) before x is used. A
+    // flush with nothing newer to write leaves no trace, so time must pass.
     tokio::time::sleep(Duration::from_secs(6)).await;
-    // x is used again, on another replica (read from object storage): y is now the coldest.
+    // x is used again, on another replica (read from object storage): y is now the coldest,
+    // once that replica's flush brings x's new access time to Redis.
+    let used = now_ms();
     pull(&replicas[2], &digests[0]).await;
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    let flushed = eventually(Duration::from_secs(10), async || {
+        redis
+            .zscore("pullthrough:blobs:access", &digests[0])
+            .await
+            .is_some_and(|at| at >= used)
+    })
+    .await;
+    assert!(flushed, "x's new access time never reached Redis");
     // z takes the bucket to 36 MiB: over 30, so y goes (down to 27 MiB).
     pull(&replicas[0], &digests[2]).await;
     s3.wait_for(&key(&digests[2])).await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while s3.has(&key(&digests[1])).await {
-        assert!(
-            Instant::now() < deadline,
-            "the least recently used blob was never evicted"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let evicted = eventually(Duration::from_secs(20), async || {
+        !s3.has(&key(&digests[1])).await
+    })
+    .await;
+    assert!(evicted, "the least recently used blob was never evicted");
     assert!(
         s3.has(&key(&digests[0])).await,
         "the recently used blob stays"
@@ -871,7 +781,7 @@ async fn blobs_fetched_with_credentials_are_shared_only_where_upstream_shows_the
     hub.make_private("org/secret");
     hub.make_private("org/other");
     let s3 = S3::start().await;
-    let redis = Redis::start();
+    let redis = Redis::start().await;
     let credentials = [
         ("PULLTHROUGH_UPSTREAM_USERNAME", "svc"),
         ("PULLTHROUGH_UPSTREAM_PASSWORD", "svc-password"),
@@ -919,11 +829,11 @@ async fn blobs_fetched_with_credentials_are_shared_only_where_upstream_shows_the
         format!("{}/v2/org/secret/blobs/{slow_digest}", replicas[0].url),
         Instant::now(),
     ));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while hub.count("blob_get") == gets {
-        assert!(Instant::now() < deadline, "the download did not start");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let downloading = eventually(Duration::from_secs(10), async || {
+        hub.count("blob_get") > gets
+    })
+    .await;
+    assert!(downloading, "the download did not start");
     let r = replicas[2]
         .get(&format!("/v2/org/other/blobs/{slow_digest}"))
         .await;
@@ -944,7 +854,7 @@ async fn the_internal_blob_endpoint_needs_the_cluster_secret_and_never_fetches()
     let image = image();
     hub.push("library/app", "1", &image);
     let s3 = S3::start().await;
-    let redis = Redis::start();
+    let redis = Redis::start().await;
     let dir = tempfile::tempdir().unwrap();
     let replica = Replica::start_with(&hub.url, &s3, Some(&redis), dir.path(), &[]).await;
     let config = sha256(&image.blobs[0]);
@@ -957,10 +867,10 @@ async fn the_internal_blob_endpoint_needs_the_cluster_secret_and_never_fetches()
         }
         assert_eq!(request.send().await.unwrap().status(), 401, "{auth:?}");
     }
-    let secret = "Bearer replica-test-secret-0123";
+    let secret = format!("Bearer {CLUSTER_SECRET}");
     let r = client
         .get(&url)
-        .header("authorization", secret)
+        .header("authorization", &secret)
         .send()
         .await
         .unwrap();
@@ -974,7 +884,7 @@ async fn the_internal_blob_endpoint_needs_the_cluster_secret_and_never_fetches()
     replica.pull(&image).await;
     let r = client
         .get(&url)
-        .header("authorization", secret)
+        .header("authorization", &secret)
         .header("range", "bytes=2-")
         .send()
         .await
@@ -991,7 +901,7 @@ async fn replicas_serving_tls_stream_blobs_to_each_other_trusting_their_certific
     let digest = hub.push_blob("library/big", blob.clone());
     hub.fault(Fault::SlowBlob(Duration::from_millis(2)));
     let s3 = S3::start().await;
-    let redis = Redis::start();
+    let redis = Redis::start().await;
     // A CA and a certificate for 127.0.0.1 it signed; the replicas' tls_cert file has both.
     let (ca, cert, key) = support::ca_and_certificate("127.0.0.1");
     let certs = tempfile::tempdir().unwrap();
@@ -1006,54 +916,17 @@ async fn replicas_serving_tls_stream_blobs_to_each_other_trusting_their_certific
     let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
     let mut replicas = Vec::new();
     for dir in &dirs {
-        let port = free_port();
-        let process = Command::new(env!("CARGO_BIN_EXE_pullthrough"))
-            .env("PULLTHROUGH_UPSTREAM", &hub.url)
-            .env("PULLTHROUGH_DATA_DIR", dir.path())
-            .env("PULLTHROUGH_LISTEN", format!("127.0.0.1:{port}"))
+        let binary = replica(&hub.url, &s3, Some(&redis), dir.path())
             .env("PULLTHROUGH_TLS_CERT", &cert_file)
-            .env("PULLTHROUGH_TLS_KEY", &key_file)
-            .env("PULLTHROUGH_STORAGE_URL", format!("s3://{BUCKET}/cache"))
-            .env("PULLTHROUGH_REDIS_URL", redis.url())
-            .env("PULLTHROUGH_CLUSTER_SECRET", "replica-test-secret-0123")
-            .env("AWS_ENDPOINT_URL", &s3.url)
-            .env("AWS_ACCESS_KEY_ID", "test")
-            .env("AWS_SECRET_ACCESS_KEY", "test")
-            .env("AWS_REGION", "us-east-1")
-            .env("AWS_ALLOW_HTTP", "true")
-            .env("RUST_LOG", "pullthrough=warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let url = format!("https://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while client.get(format!("{url}/v2/")).send().await.is_err() {
-            assert!(Instant::now() < deadline, "{url} did not come up");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        replicas.push((Process(process), url));
+            .env("PULLTHROUGH_TLS_KEY", &key_file);
+        replicas.push(binary.start().await);
     }
     let started = Instant::now();
     let pulls: Vec<_> = replicas
         .iter()
-        .map(|(_, url)| {
-            let (client, url) = (
-                client.clone(),
-                format!("{url}/v2/library/big/blobs/{digest}"),
-            );
-            tokio::spawn(async move {
-                use futures_util::StreamExt;
-                let r = client.get(url).send().await.unwrap();
-                assert_eq!(r.status(), 200);
-                let (mut first, mut all) = (None, Vec::new());
-                let mut stream = r.bytes_stream();
-                while let Some(chunk) = stream.next().await {
-                    first.get_or_insert(started.elapsed());
-                    all.extend_from_slice(&chunk.unwrap());
-                }
-                (first.unwrap_or_default(), started.elapsed(), all)
-            })
+        .map(|replica| {
+            let url = format!("{}/v2/library/big/blobs/{digest}", replica.url);
+            tokio::spawn(timed_pull_by(client.clone(), url, started, Arc::default()))
         })
         .collect();
     let mut results = Vec::new();

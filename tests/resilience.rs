@@ -6,7 +6,7 @@ mod support;
 use futures_util::StreamExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use support::{FakeHub, Fault, Image, TestProxy, error_code};
+use support::{FakeHub, Fault, Image, TestProxy, error_code, eventually};
 
 use support::DOCKER_MANIFEST;
 
@@ -54,6 +54,7 @@ async fn a_thousand_requests_during_one_revalidation_make_one_head_and_never_wai
     let proxy = TestProxy::start_with(&hub, |c| c.tag_ttl = Duration::from_millis(200)).await;
     let path = "/v2/library/hot/manifests/latest";
     assert_eq!(proxy.get(path).await.status(), 200);
+    // The TTL passes.
     tokio::time::sleep(Duration::from_millis(300)).await;
     hub.fault(Fault::Delay(Duration::from_secs(2)));
     let heads = hub.count("manifest_head");
@@ -66,7 +67,8 @@ async fn a_thousand_requests_during_one_revalidation_make_one_head_and_never_wai
             "a stale answer waited {elapsed:?}"
         );
     }
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    // Once the revalidation (held 2 s upstream) is over: one HEAD, and no GET after it.
+    support::settled(&proxy).await;
     assert_eq!(hub.count("manifest_head") - heads, 1);
     assert_eq!(hub.count("manifest_get"), 1);
 }
@@ -91,6 +93,7 @@ async fn cached_content_survives_every_kind_of_upstream_failure() {
         })
         .await;
         assert_eq!(proxy.get("/v2/library/app/manifests/1").await.status(), 200);
+        // The TTL passes.
         tokio::time::sleep(Duration::from_millis(200)).await;
         hub.fault(fault.clone());
         if fault == Fault::TokenDown {
@@ -146,6 +149,7 @@ async fn a_restarted_proxy_with_a_dead_upstream_serves_stale_tags() {
         200
     );
     proxy.stop().await;
+    // The TTL passes.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     config.upstream = format!("http://{}", dead.local_addr().unwrap())
@@ -170,11 +174,13 @@ async fn staleness_is_bounded_by_max_stale() {
     .await;
     assert_eq!(proxy.get("/v2/library/old/manifests/1").await.status(), 200);
     hub.fault(Fault::Status(503));
+    // The TTL passes.
     tokio::time::sleep(Duration::from_millis(150)).await;
     assert_eq!(
         proxy.get("/v2/library/old/manifests/1").await.headers()["x-cache"],
         "STALE"
     );
+    // max_stale passes.
     tokio::time::sleep(Duration::from_millis(400)).await;
     let r = proxy.get("/v2/library/old/manifests/1").await;
     assert_eq!(
@@ -199,6 +205,7 @@ async fn black_holed_upstream_with_cached_tag_answers_within_the_deadline() {
     .await;
     assert_eq!(proxy.get("/v2/library/bh/manifests/1").await.status(), 200);
     hub.fault(Fault::BlackHole);
+    // The TTL passes.
     tokio::time::sleep(Duration::from_millis(100)).await;
     // The cached tag is served stale at once; the uncached one times out at the deadline.
     for (path, status) in [
@@ -238,6 +245,7 @@ async fn after_a_429_no_manifest_get_goes_out_until_retry_after() {
     let retry: u64 = support::retry_after(&r);
     assert!((1..=2).contains(&retry), "{retry}");
     assert_eq!(hub.count("manifest_get"), 1, "paused: no GET went upstream");
+    // The Retry-After passes.
     tokio::time::sleep(Duration::from_millis(2100)).await;
     assert_eq!(
         proxy.get_ok("/v2/library/limited/manifests/3").await,
@@ -267,6 +275,7 @@ async fn below_the_budget_reserve_a_moved_tag_keeps_its_cached_digest() {
         v1.digest.as_str()
     );
     hub.push("library/b", "latest", &v2);
+    // The TTL passes.
     tokio::time::sleep(Duration::from_millis(150)).await;
     let r = proxy.get(path).await;
     assert_eq!(
@@ -281,6 +290,7 @@ async fn below_the_budget_reserve_a_moved_tag_keeps_its_cached_digest() {
     assert_eq!(hub.count("manifest_get"), 2);
     // A new window: the moved tag is picked up at the next revalidation.
     hub.reset_window();
+    // The TTL passes again.
     tokio::time::sleep(Duration::from_millis(150)).await;
     let r = proxy.get(path).await;
     assert_eq!(r.headers()["docker-content-digest"], v2.digest.as_str());
@@ -299,6 +309,7 @@ async fn immutable_tags_are_never_revalidated() {
     .await;
     proxy.get("/v2/library/semver/manifests/v1.2.3").await;
     proxy.get("/v2/library/semver/manifests/latest").await;
+    // The TTL passes.
     tokio::time::sleep(Duration::from_millis(100)).await;
     for _ in 0..3 {
         assert_eq!(
@@ -310,7 +321,12 @@ async fn immutable_tags_are_never_revalidated() {
         );
     }
     proxy.get("/v2/library/semver/manifests/latest").await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The stale tag is revalidated in the background.
+    let revalidated = eventually(Duration::from_secs(5), async || {
+        hub.count("HEAD /v2/library/semver/manifests/latest") > 0
+    })
+    .await;
+    assert!(revalidated, "the stale tag was never revalidated");
     assert_eq!(hub.count("HEAD /v2/library/semver/manifests/v1.2.3"), 0);
     assert_eq!(hub.count("HEAD /v2/library/semver/manifests/latest"), 1);
 }
@@ -443,7 +459,9 @@ async fn slow_blob_downloads_leave_room_under_the_cap_for_manifests() {
             assert_eq!(body, blob);
         }));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The downloads hold their slots: three bodies are coming.
+    let streaming = eventually(Duration::from_secs(10), async || hub.count("cdn_get") >= 3).await;
+    assert!(streaming, "the blob downloads did not start");
     let started = Instant::now();
     assert_eq!(
         proxy.get("/v2/library/room/manifests/1").await.status(),

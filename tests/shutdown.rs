@@ -5,10 +5,10 @@ mod support;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use support::binary::Pullthrough;
 use support::hub::pattern;
-use support::{FakeHub, Fault};
+use support::{FakeHub, Fault, eventually};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_a_blob_pull_lets_it_finish_and_exits_0() {
@@ -19,17 +19,13 @@ async fn sigterm_during_a_blob_pull_lets_it_finish_and_exits_0() {
     hub.fault(Fault::SlowBlob(Duration::from_millis(60)));
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("cache");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pullthrough"))
-        .env("PULLTHROUGH_LISTEN", "127.0.0.1:0")
-        .env("PULLTHROUGH_UPSTREAM", &hub.url)
-        .env("PULLTHROUGH_DATA_DIR", &data)
-        .env("PULLTHROUGH_CACHE_MIN_FREE_DISK", "0 B")
+    let mut running = Pullthrough::new()
+        .upstream(&hub.url)
+        .data_dir(&data)
         .env("PULLTHROUGH_SHUTDOWN_GRACE", "10s")
-        .env("RUST_LOG", "pullthrough=info")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let addr = support::listening_addr(child.stdout.take().unwrap()).await;
+        .start()
+        .await;
+    let addr = running.addr.clone();
     let url = format!("http://{addr}/v2/library/drain/blobs/{digest}");
     // The pull is under way (its first bytes arrived) when SIGTERM comes.
     let r = support::client().get(url).send().await.unwrap();
@@ -43,14 +39,7 @@ async fn sigterm_during_a_blob_pull_lets_it_finish_and_exits_0() {
         }
         Ok::<_, reqwest::Error>(Bytes::from(body))
     });
-    let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    running.terminate();
     let signalled = Instant::now();
     let body = pull
         .await
@@ -59,18 +48,19 @@ async fn sigterm_during_a_blob_pull_lets_it_finish_and_exits_0() {
     assert_eq!(body, blob);
 
     // New connections are no longer accepted.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let refused = support::client()
-        .get(format!("http://{addr}/v2/"))
-        .timeout(Duration::from_secs(2))
-        .send()
-        .await;
-    assert!(refused.is_err(), "still accepting after SIGTERM");
+    let refused = eventually(Duration::from_secs(2), async || {
+        support::client()
+            .get(format!("http://{addr}/v2/"))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .is_err()
+    })
+    .await;
+    assert!(refused, "still accepting after SIGTERM");
 
-    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
-        .await
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
+    let status = running.exit_status(Duration::from_secs(20)).await;
+    assert_eq!(status.and_then(|s| s.code()), Some(0));
     assert!(
         signalled.elapsed() < Duration::from_secs(10),
         "exited within the grace period"

@@ -66,6 +66,7 @@ async fn tags_list_is_served_stale_when_upstream_fails() {
     hub.push("library/t", "a", &Image::single("ta", DOCKER_MANIFEST, 10));
     let proxy = TestProxy::start_with(&hub, |c| c.tags_list_ttl = Duration::from_millis(100)).await;
     assert_eq!(proxy.get("/v2/library/t/tags/list").await.status(), 200);
+    // The TTL passes.
     tokio::time::sleep(Duration::from_millis(200)).await;
     hub.fault(Fault::Status(503));
     let r = proxy.get("/v2/library/t/tags/list").await;

@@ -4,8 +4,9 @@
 mod support;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
-use support::{FakeHub, Image, TestProxy};
+use std::time::Duration;
+use support::binary::Pullthrough;
+use support::{FakeHub, Image, TestProxy, eventually};
 
 const NAME: &str = "pullthrough.test";
 
@@ -30,11 +31,11 @@ fn client(ca: &str, proxy: &TestProxy) -> reqwest::Client {
 /// its own connection: HTTP/2 would reuse one).
 async fn rotated_to(proxy: &TestProxy, new: &str, old: &str, failure: &str) {
     let rotated = client(new, proxy);
-    let started = Instant::now();
-    while rotated.get(https(proxy, "/v2/")).send().await.is_err() {
-        assert!(started.elapsed() < Duration::from_secs(15), "{failure}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let served = eventually(Duration::from_secs(15), async || {
+        rotated.get(https(proxy, "/v2/")).send().await.is_ok()
+    })
+    .await;
+    assert!(served, "{failure}");
     assert!(
         client(old, proxy)
             .get(https(proxy, "/v2/"))
@@ -59,6 +60,7 @@ fn write_pair(dir: &Path, cert: &str, key: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pulls_over_https_and_a_rotated_certificate_needs_no_restart() {
+    let log = log();
     let hub = FakeHub::start().await;
     let image = Image::single(
         "tls",
@@ -77,15 +79,14 @@ async fn pulls_over_https_and_a_rotated_certificate_needs_no_restart() {
 
     // `pullthrough healthcheck` with the same settings reaches its own TLS listener.
     let addr = proxy.url.trim_start_matches("http://").to_owned();
-    let check = tokio::process::Command::new(env!("CARGO_BIN_EXE_pullthrough"))
+    let check = Pullthrough::new()
         .arg("healthcheck")
-        .env("PULLTHROUGH_LISTEN", &addr)
-        .env("PULLTHROUGH_DATA_DIR", &proxy.config.data_dir)
+        .listen(&addr)
+        .data_dir(&proxy.config.data_dir)
         .env("PULLTHROUGH_TLS_CERT", certs.path().join("cert.pem"))
         .env("PULLTHROUGH_TLS_KEY", certs.path().join("key.pem"))
-        .output()
-        .await
-        .unwrap();
+        .output_within(Duration::from_secs(60))
+        .await;
     assert!(
         check.status.success(),
         "{}",
@@ -123,9 +124,18 @@ async fn pulls_over_https_and_a_rotated_certificate_needs_no_restart() {
     write_pair(certs.path(), &cert2, &key2);
     rotated_to(&proxy, &ca2, &ca1, "the rotated certificate was not served").await;
 
-    // A broken rotation keeps the certificate in use.
+    // A broken rotation keeps the certificate in use, once the check (every 5 s) refused it.
+    let refused = [
+        &*certs.path().join("cert.pem").display().to_string(),
+        "did not load",
+    ];
+    let before = log.count(&refused);
     std::fs::write(certs.path().join("cert.pem"), "not a certificate").unwrap();
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    let checked = eventually(Duration::from_secs(15), async || {
+        log.count(&refused) > before
+    })
+    .await;
+    assert!(checked, "the broken certificate was never checked");
     assert_eq!(
         client(&ca2, &proxy)
             .get(https(&proxy, "/v2/"))
@@ -142,22 +152,18 @@ fn a_bad_certificate_stops_startup_with_one_line() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("cert.pem"), "garbage").unwrap();
     std::fs::write(dir.path().join("key.pem"), "garbage").unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pullthrough"))
-        .env("PULLTHROUGH_LISTEN", "127.0.0.1:0")
-        .env("PULLTHROUGH_DATA_DIR", dir.path().join("cache"))
+    let out = Pullthrough::new()
+        .data_dir(dir.path().join("cache"))
         .env("PULLTHROUGH_TLS_CERT", dir.path().join("cert.pem"))
         .env("PULLTHROUGH_TLS_KEY", dir.path().join("key.pem"))
-        .output()
-        .unwrap();
+        .output();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("tls_cert"), "{stderr}");
-    let only_cert = std::process::Command::new(env!("CARGO_BIN_EXE_pullthrough"))
-        .env("PULLTHROUGH_LISTEN", "127.0.0.1:0")
+    let only_cert = Pullthrough::new()
         .env("PULLTHROUGH_TLS_CERT", dir.path().join("cert.pem"))
-        .output()
-        .unwrap();
+        .output();
     assert_eq!(only_cert.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&only_cert.stderr).contains("tls_key"));
 }
@@ -226,6 +232,24 @@ async fn a_symlink_swap_to_files_with_the_same_times_is_picked_up() {
 #[derive(Clone, Default)]
 struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
 
+/// What every test here logs (the subscriber is global, so the background checks' lines
+/// count too): installed by the first test that asks.
+fn log() -> &'static Captured {
+    static LOG: std::sync::OnceLock<Captured> = std::sync::OnceLock::new();
+    LOG.get_or_init(|| {
+        let log = Captured::default();
+        let writer = log.clone();
+        tracing::subscriber::set_global_default(
+            tracing_subscriber::fmt()
+                .with_writer(move || writer.clone())
+                .with_ansi(false)
+                .finish(),
+        )
+        .unwrap();
+        log
+    })
+}
+
 impl std::io::Write for Captured {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.0.lock().unwrap().extend_from_slice(buf);
@@ -273,16 +297,7 @@ async fn trusted(acceptor: &tokio_rustls::TlsAcceptor, ca: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_certificate_file_is_refused_once_and_not_read_again_until_it_changes() {
-    // Global, so the background checks' log lines count too; only this test sets it.
-    let log = Captured::default();
-    let writer = log.clone();
-    tracing::subscriber::set_global_default(
-        tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .finish(),
-    )
-    .unwrap();
+    let log = log();
     let dir = tempfile::tempdir().unwrap();
     let (ca1, cert1, key1) = ca_and_leaf();
     let (ca2, cert2, key2) = ca_and_leaf();

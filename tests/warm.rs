@@ -10,6 +10,7 @@ use pullthrough::config::Secret;
 use pullthrough::registry::Digest;
 use std::collections::HashMap;
 use std::time::Duration;
+use support::binary::Pullthrough;
 use support::hostile::{Hostile, respond};
 use support::{FakeHub, Image, TestProxy};
 
@@ -20,25 +21,19 @@ async fn pullthrough(args: &[&str]) -> (bool, String) {
     run(args, &[]).await
 }
 
-/// The binary with `args` and `env` (and no admin token or config of the test's environment);
-/// it must end within 60 s.
+/// The binary with `args` and `env` (and none of the test's own `PULLTHROUGH_*` settings, such
+/// as an admin token or a config file); it must end within 60 s.
 async fn run(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
     run_within(Duration::from_secs(60), args, env).await
 }
 
 async fn run_within(limit: Duration, args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_pullthrough"));
-    command
+    let out = Pullthrough::new()
         .args(args)
-        .env_remove("PULLTHROUGH_ADMIN_TOKEN")
-        .env_remove("PULLTHROUGH_CONFIG")
-        .env("PULLTHROUGH_LISTEN", "127.0.0.1:1")
+        .listen("127.0.0.1:1")
         .envs(env.iter().copied())
-        .kill_on_drop(true);
-    let out = tokio::time::timeout(limit, command.output())
-        .await
-        .unwrap_or_else(|_| panic!("pullthrough {args:?} did not end within {limit:?}"))
-        .unwrap();
+        .output_within(limit)
+        .await;
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -52,6 +47,7 @@ async fn run_within(limit: Duration, args: &[&str], env: &[(&str, &str)]) -> (bo
 fn endless() -> Body {
     let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
     let chunks = futures_util::stream::unfold(chunk, |chunk| async move {
+        // The pace of the body, not a wait.
         tokio::time::sleep(Duration::from_millis(10)).await;
         Some((Ok::<_, std::io::Error>(chunk.clone()), chunk))
     });

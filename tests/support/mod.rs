@@ -1,16 +1,14 @@
 //! Test support: an emulated Docker Hub (registry, token realm on another port, blob CDN on a
-//! third), image fixtures, and a running pullthrough. Everything binds to 127.0.0.1:0 and
-//! stops when dropped.
-#![allow(
-    clippy::unwrap_used,
-    dead_code,
-    unused_imports,
-    unreachable_pub,
-    missing_docs
-)]
+//! third), image fixtures, a running pullthrough (in this process here, the binary in
+//! `binary`), the replica tests' object store and Redis (`services`), and `eventually` for
+//! waiting on what runs in the background. Everything binds to loopback and stops when dropped.
+// Each test binary uses some of what is here.
+#![allow(dead_code)]
 
+pub mod binary;
 pub mod hostile;
 pub mod hub;
+pub mod services;
 
 use pullthrough::Config;
 
@@ -21,6 +19,8 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
+// Not every test binary names all three.
+#[allow(unused_imports)]
 pub use hub::{FakeHub, Fault, Image};
 
 /// A pullthrough running against some upstream, stopped on drop.
@@ -52,14 +52,17 @@ impl TestProxy {
 
     /// A proxy in front of any registry URL.
     pub async fn start_with_upstream(upstream: &str) -> TestProxy {
-        let dir = Arc::new(tempfile::tempdir().unwrap());
-        let config = Self::config(upstream, dir.path());
-        Self::start_config(config, Some(dir)).await
+        Self::start_for(upstream, |_| {}).await
     }
 
     pub async fn start_with(hub: &FakeHub, tweak: impl FnOnce(&mut Config)) -> TestProxy {
+        Self::start_for(&hub.url, tweak).await
+    }
+
+    /// A proxy in front of any registry URL, its config tweaked.
+    pub async fn start_for(upstream: &str, tweak: impl FnOnce(&mut Config)) -> TestProxy {
         let dir = Arc::new(tempfile::tempdir().unwrap());
-        let mut config = Self::config(&hub.url, dir.path());
+        let mut config = Self::config(upstream, dir.path());
         tweak(&mut config);
         Self::start_config(config, Some(dir)).await
     }
@@ -136,6 +139,15 @@ impl Drop for TestProxy {
     }
 }
 
+/// The emulated Docker Hub (the default upstream) and a second registry mirrored as
+/// `ghcr.io`, with a pullthrough in front of both.
+pub async fn hub_and_ghcr() -> (FakeHub, FakeHub, TestProxy) {
+    let (hub, ghcr) = (FakeHub::start().await, FakeHub::start().await);
+    let proxy =
+        TestProxy::start_with(&hub, |c| c.upstreams = vec![ghcr.as_upstream("ghcr.io")]).await;
+    (hub, ghcr, proxy)
+}
+
 /// A plain client: no proxy, no redirects followed, no decompression.
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
@@ -186,26 +198,6 @@ pub async fn error_code(response: reqwest::Response) -> String {
         .to_owned()
 }
 
-/// The address a pullthrough binary logged in its "listening" line on `stdout` (text logs);
-/// the rest of its output is drained in the background.
-pub async fn listening_addr(stdout: std::process::ChildStdout) -> String {
-    tokio::task::spawn_blocking(move || {
-        use std::io::BufRead;
-        let mut lines = std::io::BufReader::new(stdout).lines();
-        let line = lines
-            .find(|l| l.as_ref().is_ok_and(|l| l.contains("listening")))
-            .expect("the binary logs a listening line")
-            .unwrap();
-        std::thread::spawn(move || lines.for_each(drop));
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix("addr="))
-            .expect("the listening line names addr=")
-            .to_owned()
-    })
-    .await
-    .unwrap()
-}
-
 /// A child process killed (and reaped) when dropped.
 pub struct Process(pub std::process::Child);
 
@@ -223,6 +215,49 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// Polls `condition` (every 10 ms at first, then every 100 ms) until it holds or `within` has
+/// passed; whether it held. For waiting on what runs in the background: a file, a count, a log
+/// line, a port.
+pub async fn eventually(within: Duration, mut condition: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    let mut pause = Duration::from_millis(10);
+    loop {
+        if condition().await {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// Waits (up to 10 s) until `proxy` has no blob download and no upstream exchange under way:
+/// what earlier requests started in the background has ended, stored or not.
+pub async fn settled(proxy: &TestProxy) {
+    let idle = eventually(Duration::from_secs(10), async || {
+        let scrape = scrape(proxy).await;
+        [
+            "pullthrough_blob_downloads",
+            "pullthrough_upstream_in_flight",
+        ]
+        .iter()
+        .all(|name| {
+            assert!(
+                scrape.samples.iter().any(|s| s.metric == *name),
+                "no {name}"
+            );
+            metric(&scrape, name, &[]) == 0.0
+        })
+    })
+    .await;
+    assert!(
+        idle,
+        "downloads or upstream exchanges still under way after 10 s"
+    );
 }
 
 /// A test CA and a certificate it signed for `name` (a host name, or an IP address, which

@@ -4,6 +4,13 @@
 //!
 //! `cargo bench --bench hit_allocations`; `bench/bench.py` prints it too.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::too_many_lines,
+    reason = "a test panics on what it did not expect, and may read as one long story"
+)]
+
 mod common;
 
 #[global_allocator]

@@ -4,6 +4,13 @@
 //! difference in `n` is the cost of one hit, with start-up cancelled out. `bench/bench.py` does
 //! exactly that and prints the result.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::too_many_lines,
+    reason = "a test panics on what it did not expect, and may read as one long story"
+)]
+
 mod common;
 
 fn main() {

@@ -2,6 +2,13 @@
 //! repository prefix with anonymous access kept open where a rule says so, private content
 //! refused to clients the rules do not allow (cached or not), and failed logins braked.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::too_many_lines,
+    reason = "a test panics on what it did not expect, and may read as one long story"
+)]
+
 mod support;
 
 use pullthrough::config::{AccessRule, Secret};

@@ -1,6 +1,13 @@
 //! Attacks from the client side that need no new settings: a small range of a large blob asked
 //! for while the blob is still downloading must not wait for the whole download.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::too_many_lines,
+    reason = "a test panics on what it did not expect, and may read as one long story"
+)]
+
 mod support;
 
 use bytes::Bytes;

@@ -2,6 +2,13 @@
 //! and `max_client_connections`, and against the process's file-descriptor limit. Raw TCP
 //! connections stand in for slowloris clients.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::too_many_lines,
+    reason = "a test panics on what it did not expect, and may read as one long story"
+)]
+
 mod support;
 
 use std::time::{Duration, Instant};

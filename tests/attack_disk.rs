@@ -3,6 +3,13 @@
 //! a full disk during a download. What is damaged is dropped and fetched again; nothing wrong
 //! is ever served whole.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::too_many_lines,
+    reason = "a test panics on what it did not expect, and may read as one long story"
+)]
+
 mod support;
 
 use bytes::Bytes;

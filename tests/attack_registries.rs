@@ -3,6 +3,13 @@
 //! configurations that would make two upstreams one, and the default upstream's behaviour when
 //! another has credentials.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::too_many_lines,
+    reason = "a test panics on what it did not expect, and may read as one long story"
+)]
+
 mod support;
 
 use bytes::Bytes;

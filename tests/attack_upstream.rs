@@ -5,6 +5,13 @@
 //! manifest type, and token realms on private or link-local addresses. Each test states the
 //! required behaviour; each failed on the code it was written against.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::too_many_lines,
+    reason = "a test panics on what it did not expect, and may read as one long story"
+)]
+
 mod support;
 
 use axum::http::Method;

@@ -1,6 +1,13 @@
 //! Upstream authentication: token challenge flow, token reuse and renewal, private
 //! repositories, and where credentials may go.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::too_many_lines,
+    reason = "a test panics on what it did not expect, and may read as one long story"
+)]
+
 mod support;
 
 use pullthrough::config::Secret;

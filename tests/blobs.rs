@@ -1,6 +1,13 @@
 //! Blobs through the emulated Docker Hub and its CDN: streaming, verification, single-flight,
 //! ranges, cross-repository reuse, eviction and persistence.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::too_many_lines,
+    reason = "a test panics on what it did not expect, and may read as one long story"
+)]
+
 mod support;
 
 use bytes::Bytes;

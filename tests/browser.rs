@@ -2,6 +2,13 @@
 //! the values the stats endpoint reports. Ignored by a plain `cargo test` (it needs chromium);
 //! `.ci/run` installs chromium and runs it with `--include-ignored`.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::too_many_lines,
+    reason = "a test panics on what it did not expect, and may read as one long story"
+)]
+
 mod support;
 
 use std::process::Command;

@@ -1,6 +1,13 @@
 //! The binary's start-up contract: a bad setting stops it with one line naming the key and exit
 //! status 2; `--help` documents the flags.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::too_many_lines,
+    reason = "a test panics on what it did not expect, and may read as one long story"
+)]
+
 mod support;
 
 use support::binary::Pullthrough;

@@ -5,6 +5,13 @@
 //! registry client). Ignored by a plain `cargo test` (they need those programs, and root);
 //! `.ci/run` installs them and runs these with `--include-ignored`.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::too_many_lines,
+    reason = "a test panics on what it did not expect, and may read as one long story"
+)]
+
 mod support;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};

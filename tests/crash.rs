@@ -1,6 +1,13 @@
 //! The real binary killed with SIGKILL in the middle of a blob download leaves nothing that is
 //! served wrongly after a restart.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::too_many_lines,
+    reason = "a test panics on what it did not expect, and may read as one long story"
+)]
+
 mod support;
 
 use bytes::Bytes;

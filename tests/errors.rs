@@ -1,6 +1,13 @@
 //! Error envelopes and statuses: bad input never reaches upstream; upstream trouble becomes
 //! the right registry error within the deadline.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::too_many_lines,
+    reason = "a test panics on what it did not expect, and may read as one long story"
+)]
+
 mod support;
 
 use reqwest::Method;

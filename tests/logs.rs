@@ -2,6 +2,13 @@
 //! output is not a terminal, durations without float noise, and a refused upstream credential
 //! as a loud error that never shows the password.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::too_many_lines,
+    reason = "a test panics on what it did not expect, and may read as one long story"
+)]
+
 mod support;
 
 use std::time::Duration;

@@ -1,6 +1,13 @@
 //! Manifest caching against the emulated Docker Hub: exact bytes, upstream request counts,
 //! tag expiry and revalidation, concurrency, Accept negotiation.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::too_many_lines,
+    reason = "a test panics on what it did not expect, and may read as one long story"
+)]
+
 mod support;
 
 use std::time::Duration;

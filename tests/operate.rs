@@ -2,6 +2,13 @@
 //! purges and their access rules), `/metrics` read with a Prometheus text parser, `/readyz`,
 //! request ids, and the status page's values.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::too_many_lines,
+    reason = "a test panics on what it did not expect, and may read as one long story"
+)]
+
 mod support;
 
 use serde_json::Value;

@@ -3,6 +3,13 @@
 //! none panics on any input, and each round-trips where it has an inverse. `fuzz/` runs the
 //! same properties under libFuzzer.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::too_many_lines,
+    reason = "a test panics on what it did not expect, and may read as one long story"
+)]
+
 use proptest::prelude::*;
 use pullthrough::Config;
 use pullthrough::config::Overrides;

@@ -3,6 +3,13 @@
 //! no outbound request; one upstream's credentials never reach another; content fetched with
 //! credentials is not served for another registry's repository.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::too_many_lines,
+    reason = "a test panics on what it did not expect, and may read as one long story"
+)]
+
 mod support;
 
 use pullthrough::config::Secret;

@@ -2,6 +2,13 @@
 //! pullthrough processes against a real S3-compatible server and a real `redis-server` (see
 //! `support::services`) and the emulated Docker Hub.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::too_many_lines,
+    reason = "a test panics on what it did not expect, and may read as one long story"
+)]
+
 mod support;
 
 use bytes::Bytes;

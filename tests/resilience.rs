@@ -1,6 +1,13 @@
 //! Resilience and upstream economy: stale-while-revalidate, bounded stale-if-error, the client
 //! deadline, 429 pauses, rate-limit budget, immutable tags and the upstream concurrency cap.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::too_many_lines,
+    reason = "a test panics on what it did not expect, and may read as one long story"
+)]
+
 mod support;
 
 use futures_util::StreamExt;

@@ -1,6 +1,13 @@
 //! SIGTERM: pullthrough stops accepting, lets responses in progress finish (within
 //! `shutdown_grace`), and exits 0; nothing partial is left in the store.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::too_many_lines,
+    reason = "a test panics on what it did not expect, and may read as one long story"
+)]
+
 mod support;
 
 use bytes::Bytes;

@@ -1,5 +1,12 @@
 //! Tags lists through pullthrough: paging, Link rewriting, caching, stale on upstream failure.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::too_many_lines,
+    reason = "a test panics on what it did not expect, and may read as one long story"
+)]
+
 mod support;
 
 use std::time::Duration;

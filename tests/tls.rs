@@ -1,6 +1,13 @@
 //! TLS on the listener: a client that trusts the test CA pulls over HTTPS, a rotated
 //! certificate is served without a restart, and a bad certificate stops startup with one line.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::too_many_lines,
+    reason = "a test panics on what it did not expect, and may read as one long story"
+)]
+
 mod support;
 
 use std::path::Path;

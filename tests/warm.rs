@@ -1,6 +1,13 @@
 //! `pullthrough warm` and `pullthrough healthcheck` against a running pullthrough: what warm-up
 //! fetched, what it cost upstream, and that a second run costs nothing.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::too_many_lines,
+    reason = "a test panics on what it did not expect, and may read as one long story"
+)]
+
 mod support;
 
 use axum::body::Body;

@@ -1,11 +1,19 @@
 //! Pull-through caching proxy for container registries.
 //!
+//! Layers, each importing only those below it (docs/architecture.md says more):
+//!
 //! ```text
-//! http ──► proxy ──► manifests / blobs   (local cache: memory + data dir)
-//!              └───► upstream ──► auth   (remote registry, tokens, rate limits)
+//! main.rs, lib.rs   wiring: settings, logging, listener, signals
+//! state/, warm      AppState built once from Config (routing, authorization); `warm`
+//! http/             the edge: router, server, TLS, status page, cache API, error envelope
+//! access            client access control
+//! proxy/            cache-or-fetch: the only module that knows stores, upstream and cluster
+//! cluster/          replicas: Redis locks, shared limits, purges, the bucket, peers
+//! upstream/         the registry client: tokens, challenges, realm checks, rate limits
+//! manifests/ blobs/ the stores: memory and the data directory
+//! registry/ clock error metrics/ config/ disk objects resting flight   the foundation
 //! ```
-//! `registry` holds the spec vocabulary shared by all of them; `config` and `error` are
-//! leaves. Nothing below `http` imports axum.
+//! Nothing below `http` imports axum; `error` and `clock` import nothing of the crate.
 
 pub mod access;
 pub mod blobs;

@@ -131,7 +131,7 @@ impl ObjectStorage {
         }
     }
 
-    /// An object's bytes, whole (within [`QUICK`]); `None` when it is absent, or the bucket
+    /// An object's bytes, whole (within `QUICK`); `None` when it is absent, or the bucket
     /// failed or rests.
     pub async fn get_bytes(&self, relative: &str, max: u64) -> Option<Bytes> {
         match tokio::time::timeout(QUICK, self.get_bytes_unbounded(relative, max)).await {

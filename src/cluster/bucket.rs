@@ -107,7 +107,7 @@ impl Bucket {
     }
 
     /// In a cluster, keeps the bucket under `storage_max_bytes` while `store` lives (see
-    /// [`evict`]).
+    /// `evict`).
     pub fn spawn_eviction(self: &Arc<Self>, store: Weak<BlobStore>) {
         if let Some(cluster) = &self.cluster {
             tokio::spawn(evict(Arc::downgrade(self), Arc::clone(cluster), store));

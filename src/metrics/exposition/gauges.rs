@@ -27,7 +27,7 @@ pub struct UpstreamGauges {
 /// Values read from other components at scrape time.
 #[derive(Debug, Clone, Default)]
 pub struct Gauges {
-    /// Per upstream, in the order of [`Metrics::hosts`].
+    /// Per upstream, in the order of the metrics' hosts.
     pub upstreams: Vec<UpstreamGauges>,
     /// Blobs in the store (shared by the upstreams).
     pub blobs: u64,

@@ -6,7 +6,7 @@
 
 mod blob_fetch;
 mod blobs;
-pub(crate) mod failure;
+mod failure;
 mod fetch;
 mod inspect;
 mod lookup;

@@ -304,17 +304,9 @@ async fn the_access_log_names_the_upstream_and_keeps_the_query_without_secrets()
     }
 }
 
-/// A free loopback address nothing listens on.
-fn dead_upstream() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead = format!("http://{}", listener.local_addr().unwrap());
-    drop(listener);
-    dead
-}
-
 #[tokio::test]
 async fn a_failed_request_logs_its_cause_chain_in_words() {
-    let dead = dead_upstream();
+    let dead = format!("http://127.0.0.1:{}", support::free_port());
     let mut running = start(&[("PULLTHROUGH_UPSTREAM", &dead)]).await;
     let url = running.url.clone();
     let r = support::client()

@@ -20,8 +20,7 @@ pub async fn blob(
     Path(digest): Path<String>,
     request: Request,
 ) -> Response {
-    let store = &state.proxy.blobs;
-    let Some(secret) = state.proxy.replicas.peers.as_ref().map(|p| &p.secret) else {
+    let Some(secret) = state.proxy.cluster_secret() else {
         return Error::NotFound("not a cluster member (no redis_url)".into()).into_response();
     };
     if super::api::authorized(&request, secret) != Some(true) {
@@ -37,11 +36,8 @@ pub async fn blob(
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok())
         .and_then(ByteRange::parse);
-    match store.local_body(&digest, range).await {
-        Ok(Some(body)) => {
-            // Whether it was fetched with credentials: the follower then serves it only where
-            // upstream shows it.
-            let private = store.held_private(&digest);
+    match state.proxy.blob_for_peer(&digest, range).await {
+        Ok(Some((body, private))) => {
             let mut response = blobs::respond(&digest, body, &state.metrics);
             response.headers_mut().insert(
                 crate::cluster::PRIVATE_HEADER,

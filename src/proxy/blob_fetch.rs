@@ -415,6 +415,23 @@ impl Proxy {
         Ok(None)
     }
 
+    /// For another replica (cluster-internal): the blob this replica holds or is downloading,
+    /// never a new download, and whether it was fetched with credentials (the other replica
+    /// then serves it only where upstream shows it); `None` when it has neither.
+    pub async fn blob_for_peer(
+        &self,
+        digest: &Digest,
+        range: Option<ByteRange>,
+    ) -> Result<Option<(BlobBody, bool)>, Error> {
+        let body = self.blobs.local_body(digest, range).await?;
+        Ok(body.map(|body| (body, self.blobs.held_private(digest))))
+    }
+
+    /// The secret other replicas authenticate with; `None` outside a cluster.
+    pub fn cluster_secret(&self) -> Option<&crate::config::Secret> {
+        self.replicas.peers.as_ref().map(|p| &p.secret)
+    }
+
     /// Drops a blob from this replica's store and from the bucket.
     pub(super) async fn drop_blob(&self, digest: &Digest) {
         if let Some(bucket) = &self.replicas.bucket {

@@ -13,8 +13,8 @@
 mod support;
 
 use pullthrough::config::Secret;
-use support::{FakeHub, Image, TestProxy, error_code};
 use std::time::Duration;
+use support::{FakeHub, Image, TestProxy, error_code};
 
 use support::DOCKER_MANIFEST;
 

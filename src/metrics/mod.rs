@@ -62,6 +62,8 @@ struct PerUpstream {
     stale: PerKey<StaleCause, AtomicU64, { StaleCause::ALL.len() }>,
     pulls_saved: AtomicU64,
     bytes_fetched: AtomicU64,
+    prefetched_manifests: AtomicU64,
+    prefetched_blobs: AtomicU64,
 }
 
 /// Every counter. Client requests carry the upstream they were routed to (or none, for `/v2/`,
@@ -143,6 +145,12 @@ impl UpstreamMetrics {
     /// A client manifest GET answered without an upstream GET.
     pub fn pull_saved(&self) {
         add(&self.own().pulls_saved, 1);
+    }
+
+    /// Manifests and blobs fetched ahead of clients after a tag moved.
+    pub fn prefetched(&self, manifests: u64, blobs: u64) {
+        add(&self.own().prefetched_manifests, manifests);
+        add(&self.own().prefetched_blobs, blobs);
     }
 
     /// A stale answer.

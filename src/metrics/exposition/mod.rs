@@ -231,10 +231,10 @@ impl Scrape {
         Ok(())
     }
 
-    /// `blob_fetched` and `pulls_saved`, by upstream.
+    /// `blob_fetched`, `pulls_saved` and what was prefetched, by upstream.
     fn per_upstream_counters(&self, encoder: &mut DescriptorEncoder) -> fmt::Result {
         type Value = fn(&PerUpstream) -> u64;
-        let families: [(&str, &str, Option<Unit>, Value); 2] = [
+        let families: [(&str, &str, Option<Unit>, Value); 4] = [
             (
                 "blob_fetched",
                 "Blob bytes received from upstream, by upstream.",
@@ -246,6 +246,18 @@ impl Scrape {
                 "Client manifest GETs answered without an upstream GET (Docker Hub pulls saved), by upstream.",
                 None,
                 |own| get(&own.pulls_saved),
+            ),
+            (
+                "prefetched_manifests",
+                "Manifests fetched ahead of clients after a tag moved upstream (prefetch_on_move), by upstream.",
+                None,
+                |own| get(&own.prefetched_manifests),
+            ),
+            (
+                "prefetched_blobs",
+                "Blobs fetched ahead of clients after a tag moved upstream (prefetch_on_move), by upstream.",
+                None,
+                |own| get(&own.prefetched_blobs),
             ),
         ];
         for (name, help, unit, value) in families {
@@ -322,6 +334,8 @@ mod tests {
                 "stale_served_total counter",
                 "blob_fetched_bytes_total counter",
                 "pulls_saved_total counter",
+                "prefetched_manifests_total counter",
+                "prefetched_blobs_total counter",
                 "blob_evictions_total counter",
                 "blob_evicted_bytes_total counter",
                 "manifest_cache_entries gauge",

@@ -56,7 +56,7 @@ fn header(name: &'static str, value: &str) -> HeaderMap {
 proptest! {
     #[test]
     fn registry_path_never_panics_and_round_trips(
-        tail in text("[a-zA-Z0-9._:/%_-]{0,60}(/(manifests|blobs|tags)/[a-z0-9:._-]{0,70})?"),
+        tail in text("[a-zA-Z0-9._:/%_-]{0,60}(/(manifests|blobs|tags|referrers)/[a-z0-9:._-]{0,70})?"),
         docker_hub: bool,
     ) {
         if let Ok(path) = RegistryPath::parse(&tail, docker_hub) {
@@ -64,6 +64,7 @@ proptest! {
                 RegistryPath::Manifest { name, reference } => format!("{name}/manifests/{reference}"),
                 RegistryPath::Blob { name, digest } => format!("{name}/blobs/{digest}"),
                 RegistryPath::TagsList { name } => format!("{name}/tags/list"),
+                RegistryPath::Referrers { name, digest } => format!("{name}/referrers/{digest}"),
             };
             let hub_name = format!("library/{tail}");
             prop_assert!(rendered == tail || (docker_hub && rendered == hub_name), "{tail:?} rendered as {rendered:?}");
@@ -91,6 +92,9 @@ proptest! {
         prop_assert!(ok, "{parsed:?}");
         let parsed = RegistryPath::parse(&format!("{name}/tags/list"), docker_hub).unwrap();
         let ok = matches!(&parsed, RegistryPath::TagsList { .. });
+        prop_assert!(ok, "{parsed:?}");
+        let parsed = RegistryPath::parse(&format!("{name}/referrers/{digest}"), docker_hub).unwrap();
+        let ok = matches!(&parsed, RegistryPath::Referrers { digest: d, .. } if d.to_string() == digest);
         prop_assert!(ok, "{parsed:?}");
     }
 

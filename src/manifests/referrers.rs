@@ -159,7 +159,7 @@ impl ManifestCache {
             .await
             .unwrap_or_default();
         subjects.extend(on_disk);
-        subjects.sort_by(|a, b| a.to_string().cmp(&b.to_string()));
+        subjects.sort_by_key(Digest::to_string);
         subjects.dedup();
         subjects
     }
@@ -248,7 +248,10 @@ mod tests {
         let read = cache.referrers(&name, &subject).await.unwrap();
         assert_eq!(read.entry, entry("a"));
         assert_eq!(read.list.len(), 1);
-        assert_eq!(cache.referrers_subjects(&name).await, [subject.clone()]);
+        assert_eq!(
+            cache.referrers_subjects(&name).await,
+            std::slice::from_ref(&subject)
+        );
         cache.remove_referrers(&name, &subject).await;
         cache.flushed().await;
         assert!(cache.referrers(&name, &subject).await.is_none());

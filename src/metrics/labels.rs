@@ -88,9 +88,7 @@ impl RequestKind {
             Some(tail) if tail.contains("/manifests/") => RequestKind::Manifest,
             Some(tail) if tail.contains("/blobs/") => RequestKind::Blob,
             Some(tail) if tail.ends_with("/tags/list") => RequestKind::Tags,
-            Some(tail) if tail.rsplitn(3, '/').nth(1) == Some("referrers") => {
-                RequestKind::Referrers
-            }
+            Some(tail) if tail.rsplit('/').nth(1) == Some("referrers") => RequestKind::Referrers,
             _ => RequestKind::Other,
         }
     }

@@ -202,9 +202,9 @@ impl Image {
         subject: Option<&Image>,
         annotations: &str,
     ) -> Image {
-        let mut json = format!(
-            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json""#
-        );
+        let mut json =
+            r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json""#
+                .to_owned();
         if !artifact_type.is_empty() {
             json.push_str(&format!(r#","artifactType":"{artifact_type}""#));
         }

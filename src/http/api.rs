@@ -185,7 +185,9 @@ async fn target(state: &AppState, rest: &str, ns: Option<&str>) -> Result<Target
     let (proxy, rest, default) = state.route(rest, query.as_deref()).await?;
     let hub = default && state.docker_hub_known();
     let name = |raw: &str| RepoName::parse(raw, hub).map_err(|e| Error::NameInvalid(e.to_string()));
-    if let Some((repo, subject)) = rest.rsplit_once("/referrers/") {
+    if let Some((repo, subject)) = rest.rsplit_once("/referrers/")
+        && !subject.contains('/')
+    {
         let subject = subject
             .parse()
             .map_err(|e: crate::registry::DigestError| Error::DigestInvalid(e.to_string()))?;

@@ -163,12 +163,6 @@ impl ManifestCache {
         subjects.dedup();
         subjects
     }
-
-    /// Referrers lists in memory.
-    pub fn referrers_in_memory(&self) -> u64 {
-        self.referrers.run_pending_tasks();
-        self.referrers.entry_count()
-    }
 }
 
 /// The memory side of the referrers lists, bounded by bytes.

@@ -376,6 +376,34 @@ async fn pages_are_followed_and_bounded() {
 }
 
 #[tokio::test]
+async fn a_link_to_another_origin_is_not_followed() {
+    let (hub, elsewhere) = (FakeHub::start().await, FakeHub::start().await);
+    hub.set_referrers_api(true, 1);
+    hub.set_referrers_link_base(&elsewhere.url);
+    let subject = Image::single("linked", support::DOCKER_MANIFEST, 10);
+    hub.push("org/app", "1", &subject);
+    for i in 0..3 {
+        hub.push_untagged(
+            "org/app",
+            &Image::artifact(&format!("x{i}"), SBOM, &subject),
+        );
+    }
+    let proxy = TestProxy::start(&hub).await;
+    let body = index(proxy.get(&path("org/app", &subject.digest)).await).await;
+    assert_eq!(
+        body["manifests"].as_array().unwrap().len(),
+        1,
+        "the first page only"
+    );
+    assert_eq!(hub.count("referrers"), 1);
+    assert_eq!(
+        elsewhere.total(),
+        0,
+        "nothing (and no token) sent to another origin"
+    );
+}
+
+#[tokio::test]
 async fn an_invalid_digest_is_400_without_an_upstream_request() {
     let hub = FakeHub::start().await;
     hub.set_referrers_api(true, 0);

@@ -139,7 +139,8 @@ impl Proxy {
     }
 
     /// The descriptors of every page of the upstream's referrers answer (`None`: it has no
-    /// referrers API), and whether the answer was cut at [`MAX_PAGES`] or [`MAX_BYTES`].
+    /// referrers API), and whether the answer was cut: at [`MAX_PAGES`] or [`MAX_BYTES`], or
+    /// at a `Link` not followed.
     async fn referrers_api(
         &self,
         name: &RepoName,
@@ -173,7 +174,7 @@ impl Proxy {
             descriptors.extend(found);
             match answer.next {
                 Some(next) => page = Some(next),
-                None => return Ok((Some(descriptors), false)),
+                None => return Ok((Some(descriptors), answer.refused)),
             }
         }
         tracing::warn!(repo = %name, %subject, pages = MAX_PAGES, "referrers answer cut at the page bound");

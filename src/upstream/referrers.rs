@@ -16,6 +16,8 @@ pub struct ReferrersPage {
     pub body: Bytes,
     /// The path and query of the next page, when there is one on this upstream.
     pub next: Option<String>,
+    /// A `Link` named a next page that is not followed (another origin or path).
+    pub refused: bool,
 }
 
 impl Upstream {
@@ -33,14 +35,24 @@ impl Upstream {
         let exchange = self
             .send(Method::GET, name, path, None, Kind::Referrers)
             .await?;
-        let next = exchange
+        let link = exchange
             .response
             .headers()
             .get(header::LINK)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|link| self.next_page(&first, link));
+            .and_then(|v| v.to_str().ok());
+        let next = link.and_then(|link| self.next_page(&first, link));
+        if let (Some(link), None) = (link, &next)
+            && link.contains("next")
+        {
+            tracing::warn!(repo = %name, %subject, link, "referrers Link not followed: not a next page on this upstream's origin and path");
+        }
+        let refused = link.is_some_and(|l| l.contains("next")) && next.is_none();
         let body = read_limited(exchange.response, limit).await?;
-        Ok(ReferrersPage { body, next })
+        Ok(ReferrersPage {
+            body,
+            next,
+            refused,
+        })
     }
 
     /// The next page a `Link` header names, as a path and query on this upstream: a target on

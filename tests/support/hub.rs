@@ -81,6 +81,8 @@ struct Inner {
     referrers_api: bool,
     /// Descriptors per referrers page (0: all in one).
     referrers_page: usize,
+    /// Where the referrers `Link` points (None: a relative link, to this registry).
+    referrers_link_base: Option<String>,
 }
 
 #[derive(Clone)]
@@ -436,6 +438,11 @@ impl FakeHub {
         });
     }
 
+    /// Makes the referrers API's `Link` point at `base` (another origin) instead of itself.
+    pub fn set_referrers_link_base(&self, base: &str) {
+        self.with(|i| i.referrers_link_base = Some(base.to_owned()));
+    }
+
     pub fn fault(&self, fault: Fault) {
         self.with(|i| i.faults.push(fault));
     }
@@ -677,13 +684,13 @@ async fn route(
 /// The referrers API: the descriptors of the repository's manifests whose `subject` is
 /// `digest`, in digest order, `page` of them per answer with a `Link` to the next.
 fn referrers(hub: &FakeHub, repo: &str, digest: &str, query: &str) -> Response {
-    let (manifests, page) = hub.with(|i| {
+    let (manifests, page, link_base) = hub.with(|i| {
         let all: Vec<(Bytes, String)> = i
             .repos
             .get(repo)
             .map(|r| r.manifests.values().cloned().collect())
             .unwrap_or_default();
-        (all, i.referrers_page)
+        (all, i.referrers_page, i.referrers_link_base.clone())
     });
     let mut found: Vec<serde_json::Value> = manifests
         .into_iter()
@@ -730,7 +737,8 @@ fn referrers(hub: &FakeHub, repo: &str, digest: &str, query: &str) -> Response {
         .into_response();
     if (start + 1) * size < found.len() {
         let link = format!(
-            "</v2/{repo}/referrers/{digest}?page={}>; rel=\"next\"",
+            "<{}/v2/{repo}/referrers/{digest}?page={}>; rel=\"next\"",
+            link_base.unwrap_or_default(),
             start + 1
         );
         r.headers_mut().insert(header::LINK, link.parse().unwrap());

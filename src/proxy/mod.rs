@@ -1,8 +1,9 @@
-//! Cache-or-fetch for manifests, blobs, tags and referrers lists: the only module that knows both the
-//! caches and the upstream. Policy: digests are served from cache forever; tags are fresh for
-//! `tag_ttl`, then served stale while one background HEAD per tag revalidates; past `max_stale`
-//! a request waits for upstream. Misses are single-flight and run as their own tasks, so the
-//! HTTP edge can bound every request by `upstream_deadline` while the fetch goes on.
+//! Cache-or-fetch for manifests, blobs, tags and referrers lists: the only module that knows
+//! both the caches and the upstream. Policy: digests are served from cache forever; tags (and
+//! referrers lists) are fresh for `tag_ttl`, then served stale while one background HEAD per tag
+//! revalidates; past `max_stale` a request waits for upstream. Misses are single-flight and run
+//! as their own tasks, so the HTTP edge can bound every request by `upstream_deadline` while the
+//! fetch goes on.
 
 mod blob_fetch;
 mod blobs;

@@ -85,15 +85,6 @@ impl Proxy {
         })
     }
 
-    /// The cached referrers list of `subject` in `name`, if any (for the cache API).
-    pub async fn cached_referrers(
-        &self,
-        name: &RepoName,
-        subject: &Digest,
-    ) -> Option<Arc<Referrers>> {
-        self.manifests.referrers(name, subject).await
-    }
-
     /// Fetches a subject's referrers (single-flight per repository and subject, as its own
     /// task) and stores them; a failure rests the subject in `referrers_backoff`.
     fn refresh_referrers(

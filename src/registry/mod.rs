@@ -1,5 +1,6 @@
 //! The registry vocabulary: repository names, references, digests and manifest media
-//! types, referrers, byte ranges, parsed once at the edge and trusted everywhere else. Pure code, no I/O.
+//! types, referrers, byte ranges, parsed once at the edge and trusted everywhere else. Pure
+//! code, no I/O.
 
 mod contents;
 mod digest;

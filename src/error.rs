@@ -24,6 +24,10 @@ pub enum Error {
     /// `n` of a tags list is not a number.
     #[error("invalid number of results requested")]
     PaginationInvalid,
+    /// A query parameter the endpoint cannot take (a referrers `artifactType` that is no
+    /// media type).
+    #[error("invalid query: {0}")]
+    QueryInvalid(String),
     /// A path that is not part of the pull API.
     #[error("unknown endpoint: {0}")]
     NotFound(String),

@@ -18,33 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 use support::hub::sha256;
-use support::{Process, TestProxy, eventually, free_port};
-
-/// Debian's `docker-registry` (distribution 2.8) on a free port with its own storage.
-async fn reference_registry(dir: &Path) -> (Process, String) {
-    let port = free_port();
-    let config = dir.join("registry.yml");
-    std::fs::write(
-        &config,
-        format!("version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n", dir.join("storage").display()),
-    )
-    .unwrap();
-    let child = Command::new("docker-registry")
-        .arg("serve")
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("docker-registry is installed (apt-get install docker-registry)");
-    let url = format!("http://127.0.0.1:{port}");
-    let client = support::client();
-    let up = eventually(Duration::from_secs(20), async || {
-        client.get(format!("{url}/v2/")).send().await.is_ok()
-    })
-    .await;
-    assert!(up, "{url} did not come up");
-    (Process(child), url)
-}
+use support::{Process, TestProxy, eventually, free_port, reference_registry};
 
 fn write_blob(layout: &Path, bytes: &[u8]) -> (String, usize) {
     let digest = sha256(bytes);

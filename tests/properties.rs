@@ -1,5 +1,6 @@
 //! Property tests for every parser that sees outside bytes (`/v2/` paths, names, tags, digests,
-//! `Accept`, `Range`, `WWW-Authenticate`, rate-limit headers, manifest lists, configuration):
+//! `Accept`, `Range`, `WWW-Authenticate`, rate-limit headers, manifest lists, referrers indexes and
+//! their `artifactType` filter, configuration):
 //! none panics on any input, and each round-trips where it has an inverse. `fuzz/` runs the
 //! same properties under libFuzzer.
 
@@ -16,7 +17,8 @@ use pullthrough::config::Overrides;
 use pullthrough::http::path::RegistryPath;
 use pullthrough::registry::ByteRange;
 use pullthrough::registry::{
-    Accept, Algorithm, Digest, MediaType, Negotiation, Reference, RepoName, Tag, platform_child,
+    Accept, Algorithm, ArtifactFilter, Digest, MediaType, Negotiation, Reference, RepoName, Tag,
+    index_descriptors, platform_child, referrers_tag, render_referrers, union_referrers,
 };
 use pullthrough::upstream::auth::{Challenge, parse_challenges};
 use pullthrough::upstream::ratelimit::{RateLimits, parse_quota, retry_after};
@@ -56,7 +58,7 @@ fn header(name: &'static str, value: &str) -> HeaderMap {
 proptest! {
     #[test]
     fn registry_path_never_panics_and_round_trips(
-        tail in text("[a-zA-Z0-9._:/%_-]{0,60}(/(manifests|blobs|tags)/[a-z0-9:._-]{0,70})?"),
+        tail in text("[a-zA-Z0-9._:/%_-]{0,60}(/(manifests|blobs|tags|referrers)/[a-z0-9:._-]{0,70})?"),
         docker_hub: bool,
     ) {
         if let Ok(path) = RegistryPath::parse(&tail, docker_hub) {
@@ -64,6 +66,7 @@ proptest! {
                 RegistryPath::Manifest { name, reference } => format!("{name}/manifests/{reference}"),
                 RegistryPath::Blob { name, digest } => format!("{name}/blobs/{digest}"),
                 RegistryPath::TagsList { name } => format!("{name}/tags/list"),
+                RegistryPath::Referrers { name, digest } => format!("{name}/referrers/{digest}"),
             };
             let hub_name = format!("library/{tail}");
             prop_assert!(rendered == tail || (docker_hub && rendered == hub_name), "{tail:?} rendered as {rendered:?}");
@@ -91,6 +94,9 @@ proptest! {
         prop_assert!(ok, "{parsed:?}");
         let parsed = RegistryPath::parse(&format!("{name}/tags/list"), docker_hub).unwrap();
         let ok = matches!(&parsed, RegistryPath::TagsList { .. });
+        prop_assert!(ok, "{parsed:?}");
+        let parsed = RegistryPath::parse(&format!("{name}/referrers/{digest}"), docker_hub).unwrap();
+        let ok = matches!(&parsed, RegistryPath::Referrers { digest: d, .. } if d.to_string() == digest);
         prop_assert!(ok, "{parsed:?}");
     }
 
@@ -363,5 +369,47 @@ fn config_env_escapes_never_panic() {
         if key == "UPSTREAM_USERNAME" {
             prop_assert_eq!(loaded.unwrap().upstream_username, Some(value));
         }
+    });
+}
+
+/// A referrers index from upstream (the API's pages, the tag-schema index) never panics, keeps
+/// only descriptors with a valid digest, and what pullthrough renders from them is an image
+/// index holding each digest once and only what the filter admits.
+#[test]
+fn referrers_indexes_and_filters_never_panic() {
+    let descriptor = "\\{\"mediaType\":\"[a-z/+.]{0,12}\",\"digest\":\"sha256:[0-9a-f]{64}\",\"size\":[0-9]{1,3}(,\"artifactType\":\"(a/b|c/d|)\")?\\}";
+    let bodies = prop_oneof![
+        any::<Vec<u8>>(),
+        prop::collection::vec(descriptor, 0..6).prop_map(|d| format!(
+            "{{\"schemaVersion\":2,\"manifests\":[{}]}}",
+            d.join(",")
+        )
+        .into_bytes()),
+    ];
+    proptest!(|(a in bodies.clone(), b in bodies, query in text("artifactType=(a%2Fb|c/d|%0A|)&ns=x"))| {
+        let lists: Vec<Vec<serde_json::Value>> = [a, b]
+            .iter()
+            .map(|body| index_descriptors(body).unwrap_or_default())
+            .collect();
+        let merged = union_referrers(lists.iter().map(Vec::as_slice));
+        let mut digests: Vec<_> = merged.iter().map(|r| r.digest.to_string()).collect();
+        digests.sort();
+        digests.dedup();
+        prop_assert_eq!(digests.len(), merged.len());
+        if let Ok(filter) = ArtifactFilter::parse(Some(&query)) {
+            let index: serde_json::Value = serde_json::from_slice(&render_referrers(&merged, &filter)).unwrap();
+            prop_assert_eq!(&index["mediaType"], "application/vnd.oci.image.index.v1+json");
+            let shown = index["manifests"].as_array().unwrap();
+            prop_assert!(shown.len() <= merged.len());
+            if !filter.is_active() {
+                prop_assert_eq!(shown.len(), merged.len());
+            }
+        }
+    });
+    proptest!(|(d in digest())| {
+        let d: Digest = d.parse().unwrap();
+        let tag = referrers_tag(&d).unwrap();
+        prop_assert!(tag.as_str().starts_with(d.algorithm().as_str()));
+        prop_assert!(tag.as_str().len() <= 128);
     });
 }

@@ -1,6 +1,6 @@
 //! The cache API under `/_pullthrough/`, pretty-printed JSON for curl: the cached tags
 //! (filtered, paged), one entry with its platforms and blobs and what a pull would cost
-//! (`?explain=pull`), the stats, and purges (`?dry_run=true` lists what would go).
+//! (`?explain=pull`), a referrers list (`<name>/referrers/<digest>`), the stats, and purges (`?dry_run=true` lists what would go).
 //!
 //! Access: with `admin_token` set, every endpoint needs `Authorization: Bearer <admin_token>`;
 //! without it, a purge is accepted only from a loopback client, and reading is open, except
@@ -160,6 +160,7 @@ fn bad_request(message: &str) -> Response {
 enum Target {
     Repository(Arc<Proxy>, RepoName),
     Manifest(Arc<Proxy>, RepoName, Reference),
+    Referrers(Arc<Proxy>, RepoName, Digest),
     Blob(Digest),
 }
 
@@ -184,6 +185,14 @@ async fn target(state: &AppState, rest: &str, ns: Option<&str>) -> Result<Target
     let (proxy, rest, default) = state.route(rest, query.as_deref()).await?;
     let hub = default && state.docker_hub_known();
     let name = |raw: &str| RepoName::parse(raw, hub).map_err(|e| Error::NameInvalid(e.to_string()));
+    if let Some((repo, subject)) = rest.rsplit_once("/referrers/")
+        && !subject.contains('/')
+    {
+        let subject = subject
+            .parse()
+            .map_err(|e: crate::registry::DigestError| Error::DigestInvalid(e.to_string()))?;
+        return Ok(Target::Referrers(proxy, name(repo)?, subject));
+    }
     match rest.rsplit_once("/manifests/") {
         Some((repo, reference)) => {
             let reference =
@@ -202,7 +211,9 @@ fn check_view(state: &AppState, viewer: &Viewer, target: &Target) -> Result<(), 
         return Ok(());
     }
     match target {
-        Target::Repository(proxy, name) => state.check_view(viewer, proxy, name),
+        Target::Repository(proxy, name) | Target::Referrers(proxy, name, _) => {
+            state.check_view(viewer, proxy, name)
+        }
         Target::Manifest(proxy, name, reference) => {
             state.check_view(viewer, proxy, name)?;
             match reference {
@@ -248,6 +259,17 @@ async fn show(
             }
             Some(_) => Ok(bad_request("explain takes one value: pull")),
             None => Ok(json(StatusCode::OK, &proxy.entry(&name, &reference).await)),
+        },
+        Target::Referrers(proxy, name, subject) => match p.explain.as_deref() {
+            Some("pull") => Ok(json(
+                StatusCode::OK,
+                &proxy.explain_referrers(&name, &subject).await,
+            )),
+            Some(_) => Ok(bad_request("explain takes one value: pull")),
+            None => Ok(json(
+                StatusCode::OK,
+                &proxy.referrers_view(&name, &subject).await,
+            )),
         },
         Target::Repository(proxy, name) => {
             let entries = proxy.repository(&name).await;
@@ -296,14 +318,19 @@ async fn purge(
         Target::Manifest(proxy, name, reference) => {
             proxy.purge_manifest(&name, &reference, dry_run).await
         }
+        Target::Referrers(proxy, name, subject) => {
+            proxy.purge_referrers(&name, &subject, dry_run).await
+        }
         Target::Blob(digest) => state.proxy.purge_blob(&digest, dry_run).await,
     };
-    let removed = purge.tags.len() + purge.manifests.len() + purge.blobs.len();
+    let removed =
+        purge.tags.len() + purge.manifests.len() + purge.blobs.len() + purge.referrers.len();
     if !dry_run && removed > 0 {
         tracing::info!(
             tags = purge.tags.len(),
             manifests = purge.manifests.len(),
             blobs = purge.blobs.len(),
+            referrers = purge.referrers.len(),
             "purged from the cache"
         );
     }

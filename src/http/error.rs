@@ -20,6 +20,7 @@ impl Error {
             Error::TagInvalid(_) => (StatusCode::BAD_REQUEST, "TAG_INVALID"),
             Error::DigestInvalid(_) => (StatusCode::BAD_REQUEST, "DIGEST_INVALID"),
             Error::PaginationInvalid => (StatusCode::BAD_REQUEST, "PAGINATION_NUMBER_INVALID"),
+            Error::QueryInvalid(_) => (StatusCode::BAD_REQUEST, "UNSUPPORTED"),
             Error::NotFound(_) => (StatusCode::NOT_FOUND, "NOT_FOUND"),
             Error::Unsupported(_) => (StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED"),
             Error::ManifestUnknown(_) => (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN"),

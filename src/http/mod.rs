@@ -9,6 +9,7 @@ mod manifests;
 mod observe;
 mod ops;
 pub mod path;
+mod referrers;
 pub mod server;
 mod status;
 mod tags;
@@ -17,8 +18,8 @@ pub mod tls;
 use crate::error::Error;
 use crate::metrics::{Outcome, Routed};
 use crate::proxy::{ManifestRequest, TagsQuery};
-use crate::registry::Accept;
 use crate::registry::ByteRange;
+use crate::registry::{Accept, ArtifactFilter};
 use crate::state::AppState;
 use axum::Router;
 use axum::extract::{Request, State};
@@ -182,6 +183,12 @@ async fn serve(
         RegistryPath::TagsList { .. } => TagsQuery::parse(uri.query())?,
         _ => TagsQuery::default(),
     };
+    let filter = match target {
+        RegistryPath::Referrers { .. } => {
+            ArtifactFilter::parse(uri.query()).map_err(|e| Error::QueryInvalid(e.to_string()))?
+        }
+        _ => ArtifactFilter::default(),
+    };
     if default && !target.name().as_str().contains('/') && state.docker_hub().await? {
         target = RegistryPath::parse(tail, true)?;
     }
@@ -223,6 +230,10 @@ async fn serve(
                 let head = Box::pin(proxy.blob_head(&name, &digest)).await?;
                 Ok(blobs::respond_head(&digest, head))
             }
+        }
+        RegistryPath::Referrers { name, digest } => {
+            let answer = Box::pin(proxy.referrers(&name, &digest, &filter)).await?;
+            Ok(referrers::respond(answer, with_body))
         }
         RegistryPath::TagsList { name } => {
             let mut page = Box::pin(proxy.tags_list(&name, tags_query)).await?;

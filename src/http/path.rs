@@ -1,6 +1,6 @@
 //! The `/v2/` tail → what is asked for. Repository names contain '/', so the tail is parsed
 //! from the right (protocol §4.3): `<name>/manifests/<ref>`, `<name>/blobs/<digest>`,
-//! `<name>/tags/list`.
+//! `<name>/tags/list`, `<name>/referrers/<digest>`.
 
 use crate::error::Error;
 use crate::registry::{Digest, Reference, RepoName};
@@ -28,6 +28,13 @@ pub enum RegistryPath {
         /// Repository.
         name: RepoName,
     },
+    /// `/v2/<name>/referrers/<digest>` (OCI distribution-spec v1.1)
+    Referrers {
+        /// Repository.
+        name: RepoName,
+        /// The subject's digest.
+        digest: Digest,
+    },
 }
 
 impl RegistryPath {
@@ -36,7 +43,8 @@ impl RegistryPath {
         match self {
             RegistryPath::Manifest { name, .. }
             | RegistryPath::Blob { name, .. }
-            | RegistryPath::TagsList { name } => name,
+            | RegistryPath::TagsList { name }
+            | RegistryPath::Referrers { name, .. } => name,
         }
     }
 
@@ -68,6 +76,13 @@ impl RegistryPath {
                     .map_err(|e: DigestError| Error::DigestInvalid(e.to_string()))?;
                 Ok(RegistryPath::Blob { name, digest })
             }
+            (Some("referrers"), true) => {
+                let name = name()?;
+                let digest = last
+                    .parse()
+                    .map_err(|e: DigestError| Error::DigestInvalid(e.to_string()))?;
+                Ok(RegistryPath::Referrers { name, digest })
+            }
             _ if tail.split('/').any(|s| s == "uploads") => {
                 Err(Error::Unsupported("pushing".into()))
             }
@@ -88,6 +103,7 @@ mod tests {
                 }
                 RegistryPath::Blob { name, digest } => format!("blob {name} {digest}"),
                 RegistryPath::TagsList { name } => format!("tags {name}"),
+                RegistryPath::Referrers { name, digest } => format!("referrers {name} {digest}"),
             })
             .map_err(|e| match e {
                 Error::NameInvalid(_) => "NAME_INVALID".into(),
@@ -129,6 +145,18 @@ mod tests {
             (
                 "manifests/x/manifests/y".into(),
                 Ok("manifest manifests/x y".into()),
+            ),
+            (
+                format!("library/alpine/referrers/{d}"),
+                Ok(format!("referrers library/alpine {d}")),
+            ),
+            (
+                "library/alpine/referrers/sha256:xyz".into(),
+                Err("DIGEST_INVALID".into()),
+            ),
+            (
+                "library/alpine/referrers/latest".into(),
+                Err("DIGEST_INVALID".into()),
             ),
             ("../etc/manifests/latest".into(), Err("NAME_INVALID".into())),
             (

@@ -34,6 +34,11 @@ impl TagPolicy {
         if !self.immutable.is_empty() && self.immutable.is_match(tag.as_str()) {
             return Freshness::Fresh;
         }
+        self.by_age(validated_at, now)
+    }
+
+    /// The same rule for what has no immutable form (a referrers list): by age alone.
+    pub fn by_age(&self, validated_at: u64, now: u64) -> Freshness {
         let age = Duration::from_millis(now.saturating_sub(validated_at));
         if age < self.ttl {
             Freshness::Fresh

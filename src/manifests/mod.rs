@@ -4,13 +4,16 @@
 //! freshness is decided by [`TagPolicy`].
 //!
 //! `store` holds the cache and its manifests, `tags` the tag index in the same cache,
-//! `intents` the order its files are written and removed in, and `freshness` the TTL policy.
+//! `referrers` the referrers lists (OCI 1.1) of each subject, `intents` the order its files are
+//! written and removed in, and `freshness` the TTL policy.
 
 mod freshness;
 mod intents;
+mod referrers;
 mod store;
 mod tags;
 
 pub use freshness::{Freshness, TagPolicy};
+pub use referrers::{Referrers, ReferrersEntry, TagIndex};
 pub use store::ManifestCache;
 pub use tags::{TagEntry, TagUsage};

@@ -26,6 +26,9 @@ pub struct ManifestCache {
     /// The order of manifest file changes (by digest) and of tag file changes.
     manifest_order: Arc<Intents<Digest>>,
     pub(super) tag_order: Arc<Intents<(RepoName, Tag)>>,
+    /// Referrers lists by repository and subject (see `referrers.rs`), and their file order.
+    pub(super) referrers: Cache<(RepoName, Digest), Arc<super::Referrers>>,
+    pub(super) referrers_order: Arc<Intents<(RepoName, Digest)>>,
     /// Disk writes not finished yet.
     pending: Arc<Writes>,
     /// Object storage shared with other replicas, and this cache's place in it.
@@ -53,6 +56,8 @@ impl ManifestCache {
             layout,
             manifest_order: Arc::default(),
             tag_order: Arc::default(),
+            referrers: super::referrers::memory(),
+            referrers_order: Arc::default(),
             pending: Arc::default(),
             usage: Cache::builder().max_capacity(1_000_000).build(),
             shared: None,

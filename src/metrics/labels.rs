@@ -67,15 +67,18 @@ pub enum RequestKind {
     Blob,
     /// `/v2/<name>/tags/list`.
     Tags,
+    /// `/v2/<name>/referrers/<digest>`.
+    Referrers,
     /// Anything else (`/v2/`, the cache API, health, metrics, the status page).
     Other,
 }
 
 impl RequestKind {
-    pub(super) const ALL: [RequestKind; 4] = [
+    pub(super) const ALL: [RequestKind; 5] = [
         RequestKind::Manifest,
         RequestKind::Blob,
         RequestKind::Tags,
+        RequestKind::Referrers,
         RequestKind::Other,
     ];
 
@@ -85,6 +88,7 @@ impl RequestKind {
             Some(tail) if tail.contains("/manifests/") => RequestKind::Manifest,
             Some(tail) if tail.contains("/blobs/") => RequestKind::Blob,
             Some(tail) if tail.ends_with("/tags/list") => RequestKind::Tags,
+            Some(tail) if tail.rsplit('/').nth(1) == Some("referrers") => RequestKind::Referrers,
             _ => RequestKind::Other,
         }
     }
@@ -94,6 +98,7 @@ impl RequestKind {
             RequestKind::Manifest => "manifest",
             RequestKind::Blob => "blob",
             RequestKind::Tags => "tags",
+            RequestKind::Referrers => "referrers",
             RequestKind::Other => "other",
         }
     }
@@ -113,6 +118,8 @@ pub enum UpstreamKind {
     BlobHead,
     /// A tags-list GET.
     Tags,
+    /// A referrers API GET (a page).
+    Referrers,
     /// A token request.
     Token,
     /// The `/v2/` ping.
@@ -125,12 +132,13 @@ impl UpstreamKind {
         self.label()
     }
 
-    pub(super) const ALL: [UpstreamKind; 7] = [
+    pub(super) const ALL: [UpstreamKind; 8] = [
         UpstreamKind::ManifestGet,
         UpstreamKind::ManifestHead,
         UpstreamKind::BlobGet,
         UpstreamKind::BlobHead,
         UpstreamKind::Tags,
+        UpstreamKind::Referrers,
         UpstreamKind::Token,
         UpstreamKind::Ping,
     ];
@@ -142,6 +150,7 @@ impl UpstreamKind {
             UpstreamKind::BlobGet => "blob_get",
             UpstreamKind::BlobHead => "blob_head",
             UpstreamKind::Tags => "tags",
+            UpstreamKind::Referrers => "referrers",
             UpstreamKind::Token => "token",
             UpstreamKind::Ping => "ping",
         }
@@ -331,6 +340,11 @@ mod tests {
             ("/v2/library/alpine/manifests/3.20", RequestKind::Manifest),
             ("/v2/library/alpine/blobs/sha256:ab", RequestKind::Blob),
             ("/v2/library/alpine/tags/list", RequestKind::Tags),
+            (
+                "/v2/library/alpine/referrers/sha256:ab",
+                RequestKind::Referrers,
+            ),
+            ("/v2/referrers/x/manifests/y", RequestKind::Manifest),
             ("/v2/", RequestKind::Other),
             ("/metrics", RequestKind::Other),
         ];

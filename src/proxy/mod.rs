@@ -1,8 +1,9 @@
-//! Cache-or-fetch for manifests, blobs and tags lists: the only module that knows both the
-//! caches and the upstream. Policy: digests are served from cache forever; tags are fresh for
-//! `tag_ttl`, then served stale while one background HEAD per tag revalidates; past `max_stale`
-//! a request waits for upstream. Misses are single-flight and run as their own tasks, so the
-//! HTTP edge can bound every request by `upstream_deadline` while the fetch goes on.
+//! Cache-or-fetch for manifests, blobs, tags and referrers lists: the only module that knows
+//! both the caches and the upstream. Policy: digests are served from cache forever; tags (and
+//! referrers lists) are fresh for `tag_ttl`, then served stale while one background HEAD per tag
+//! revalidates; past `max_stale` a request waits for upstream. Misses are single-flight and run
+//! as their own tasks, so the HTTP edge can bound every request by `upstream_deadline` while the
+//! fetch goes on.
 
 mod blob_fetch;
 mod blobs;
@@ -11,17 +12,19 @@ mod fetch;
 mod inspect;
 mod lookup;
 mod prefetch;
+mod referrers;
 mod tags;
 
 pub use blobs::BlobHead;
-pub use inspect::{EntryView, Explain, ListQuery, Listing, Purge, TagView, list};
+pub use inspect::{EntryView, Explain, ListQuery, Listing, Purge, ReferrersView, TagView, list};
+pub use referrers::ReferrersAnswer;
 pub use tags::{TagsPage, TagsQuery};
 
 use crate::blobs::BlobStore;
 use crate::cluster::Replicas;
 use crate::config::Config;
 use crate::flight::Flights;
-use crate::manifests::{ManifestCache, TagEntry, TagPolicy};
+use crate::manifests::{ManifestCache, Referrers, TagEntry, TagPolicy};
 pub use crate::metrics::Outcome;
 use crate::registry::{Accept, Digest, Manifest, MediaType, Reference, RepoName, Tag};
 use crate::upstream::Upstream;
@@ -103,6 +106,9 @@ pub struct Proxy {
     tags_ttl: Duration,
     /// Tags whose last revalidation failed: not retried until this expires.
     backoff: Cache<TagKey, ()>,
+    /// Referrers lists being fetched, and those whose last fetch failed (as `backoff`).
+    referrers_flights: Flights<(RepoName, Digest), Arc<Referrers>>,
+    referrers_backoff: Cache<(RepoName, Digest), ()>,
     /// Tags whose move was held back for the budget (logged once each).
     held_logged: Cache<TagKey, ()>,
     /// Access control is on: cached content reaches a repository only where its upstream
@@ -185,6 +191,11 @@ impl Proxy {
             tag_page_flights: Flights::default(),
             tags_ttl: config.tags_list_ttl,
             backoff: Cache::builder()
+                .time_to_live(backoff_for)
+                .max_capacity(100_000)
+                .build(),
+            referrers_flights: Flights::default(),
+            referrers_backoff: Cache::builder()
                 .time_to_live(backoff_for)
                 .max_capacity(100_000)
                 .build(),

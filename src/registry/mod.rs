@@ -1,5 +1,6 @@
 //! The registry vocabulary: repository names, references, digests and manifest media
-//! types, byte ranges, parsed once at the edge and trusted everywhere else. Pure code, no I/O.
+//! types, referrers, byte ranges, parsed once at the edge and trusted everywhere else. Pure
+//! code, no I/O.
 
 mod contents;
 mod digest;
@@ -7,6 +8,7 @@ mod manifest;
 mod name;
 mod range;
 mod reference;
+mod referrers;
 
 pub use contents::{Contents, Descriptor, platform_matches};
 pub use digest::{Algorithm, Digest, DigestError, Verifier};
@@ -16,3 +18,7 @@ pub use manifest::{
 pub use name::{NameError, RepoName};
 pub use range::{ByteRange, ContentRange};
 pub use reference::{Reference, ReferenceError, Tag, TagError};
+pub use referrers::{
+    ArtifactFilter, EMPTY_INDEX, FilterError, REFERRERS_MEDIA_TYPE, Referrer, index_descriptors,
+    referrers_tag, render as render_referrers, union as union_referrers,
+};

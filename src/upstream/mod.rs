@@ -6,7 +6,10 @@ pub mod auth;
 mod challenge;
 pub mod ratelimit;
 mod realm;
+mod referrers;
 mod token;
+
+pub use referrers::ReferrersPage;
 
 use crate::config::Config;
 use crate::error::Cause;
@@ -191,7 +194,7 @@ pub struct Upstream {
     base: Url,
     /// Client for blobs: follows redirects (to the CDN), up to reqwest's limit of 10.
     http: reqwest::Client,
-    /// Client for the ping, manifests and tags lists: follows no redirect. A registry answers
+    /// Client for the ping, manifests, tags and referrers lists: follows no redirect. A registry answers
     /// these itself; a redirect could only aim pullthrough at an address the upstream chose,
     /// and what came back would be stored and served as the manifest.
     api: reqwest::Client,
@@ -455,6 +458,9 @@ impl Upstream {
             if matches!(kind, Kind::ManifestGet | Kind::ManifestHead) {
                 request = request.header(header::ACCEPT, UPSTREAM_ACCEPT);
             }
+            if kind == Kind::Referrers {
+                request = request.header(header::ACCEPT, crate::registry::REFERRERS_MEDIA_TYPE);
+            }
             if !matches!(kind, Kind::BlobGet) {
                 request = request.timeout(self.request_timeout);
             }
@@ -519,10 +525,10 @@ impl Upstream {
         Err(match status {
             // Only blob requests follow redirects; any other 3xx arrives here.
             s if s.is_redirection() && !matches!(kind, Kind::BlobGet | Kind::BlobHead) => {
-                let what = if kind == Kind::Tags {
-                    "tags list"
-                } else {
-                    "manifest"
+                let what = match kind {
+                    Kind::Tags => "tags list",
+                    Kind::Referrers => "referrers",
+                    _ => "manifest",
                 };
                 Error::BadResponse(format!(
                     "upstream redirected a {what} request (HTTP {}); not followed",

@@ -77,6 +77,12 @@ struct Inner {
     realm_host: Option<String>,
     /// The next this-many CDN responses break off half way.
     breaks_left: u32,
+    /// The registry answers the OCI 1.1 referrers API (Docker Hub did not, until 2025).
+    referrers_api: bool,
+    /// Descriptors per referrers page (0: all in one).
+    referrers_page: usize,
+    /// Where the referrers `Link` points (None: a relative link, to this registry).
+    referrers_link_base: Option<String>,
 }
 
 #[derive(Clone)]
@@ -166,6 +172,115 @@ impl Image {
             children: children.into_iter().map(|(_, c)| c).collect(),
         }
     }
+}
+
+/// The empty config of OCI artifacts (image-spec `manifest.md` §Guidance for an Empty
+/// Descriptor).
+pub const EMPTY_CONFIG: &str = "application/vnd.oci.empty.v1+json";
+
+impl Image {
+    /// An OCI artifact referring to `subject`: the empty config, `artifactType`, one layer of
+    /// `layer_type` holding `content`, and an annotation.
+    pub fn artifact(seed: &str, artifact_type: &str, subject: &Image) -> Image {
+        let config = Bytes::from_static(b"{}");
+        let layer = Bytes::from(format!("{seed}: content of type {artifact_type}\n"));
+        Image::artifact_with(
+            artifact_type,
+            (EMPTY_CONFIG, config),
+            ("application/vnd.oci.image.layer.v1.tar", layer),
+            Some(subject),
+            &format!(
+                r#"{{"org.opencontainers.image.created":"2026-12-06T00:00:00Z","seed":"{seed}"}}"#
+            ),
+        )
+    }
+
+    /// An OCI manifest with this config and layer (media type, bytes), `artifactType` (when
+    /// not empty), a `subject` and manifest annotations (a JSON object).
+    pub fn artifact_with(
+        artifact_type: &str,
+        (config_type, config): (&str, Bytes),
+        (layer_type, layer): (&str, Bytes),
+        subject: Option<&Image>,
+        annotations: &str,
+    ) -> Image {
+        let mut json =
+            r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json""#
+                .to_owned();
+        if !artifact_type.is_empty() {
+            json.push_str(&format!(r#","artifactType":"{artifact_type}""#));
+        }
+        json.push_str(&format!(
+            r#","config":{{"mediaType":"{config_type}","digest":"{}","size":{}}},"layers":[{{"mediaType":"{layer_type}","digest":"{}","size":{}}}]"#,
+            sha256(&config),
+            config.len(),
+            sha256(&layer),
+            layer.len()
+        ));
+        if let Some(s) = subject {
+            json.push_str(&format!(
+                r#","subject":{{"mediaType":"{}","digest":"{}","size":{}}}"#,
+                s.media_type,
+                s.digest,
+                s.bytes.len()
+            ));
+        }
+        json.push_str(&format!(r#","annotations":{annotations}}}"#));
+        let bytes = Bytes::from(json);
+        Image {
+            digest: sha256(&bytes),
+            bytes,
+            media_type: "application/vnd.oci.image.manifest.v1+json".to_owned(),
+            blobs: vec![config, layer],
+            children: vec![],
+        }
+    }
+
+    /// The descriptor a referrers list gives `self`: media type, digest, size, and the
+    /// manifest's `artifactType` (else its config's media type) and annotations.
+    pub fn referrer_descriptor(&self) -> serde_json::Value {
+        let m: serde_json::Value = serde_json::from_slice(&self.bytes).unwrap();
+        let artifact_type = m
+            .get("artifactType")
+            .cloned()
+            .unwrap_or_else(|| m["config"]["mediaType"].clone());
+        let mut d = serde_json::json!({
+            "mediaType": self.media_type,
+            "digest": self.digest,
+            "size": self.bytes.len(),
+            "artifactType": artifact_type,
+        });
+        if let Some(a) = m.get("annotations") {
+            d["annotations"] = a.clone();
+        }
+        d
+    }
+
+    /// The index a client of a registry without the referrers API pushes under the subject's
+    /// tag (`sha256-<hex>`): the descriptors of `referrers`.
+    pub fn referrers_index(referrers: &[&Image]) -> Image {
+        let manifests: Vec<_> = referrers.iter().map(|r| r.referrer_descriptor()).collect();
+        let bytes = Bytes::from(
+            serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": "application/vnd.oci.image.index.v1+json",
+                "manifests": manifests,
+            })
+            .to_string(),
+        );
+        Image {
+            digest: sha256(&bytes),
+            bytes,
+            media_type: "application/vnd.oci.image.index.v1+json".to_owned(),
+            blobs: vec![],
+            children: vec![],
+        }
+    }
+}
+
+/// The referrers tag schema's tag of `digest` (`sha256:<hex>` → `sha256-<hex>`).
+pub fn referrers_tag(digest: &str) -> String {
+    digest.replace(':', "-")
 }
 
 /// Deterministic bytes.
@@ -314,6 +429,20 @@ impl FakeHub {
         self.with(|i| i.remaining = i.limit);
     }
 
+    /// Turns the OCI 1.1 referrers API on or off (off: 404, as Docker Hub and distribution
+    /// 2.8 answer), with `page` descriptors per page (0: one page).
+    pub fn set_referrers_api(&self, on: bool, page: usize) {
+        self.with(|i| {
+            i.referrers_api = on;
+            i.referrers_page = page;
+        });
+    }
+
+    /// Makes the referrers API's `Link` point at `base` (another origin) instead of itself.
+    pub fn set_referrers_link_base(&self, base: &str) {
+        self.with(|i| i.referrers_link_base = Some(base.to_owned()));
+    }
+
     pub fn fault(&self, fault: Fault) {
         self.with(|i| i.faults.push(fault));
     }
@@ -327,7 +456,7 @@ impl FakeHub {
     }
 
     /// Requests counted under `key`: `token`, `manifest_get`, `manifest_head`, `blob_get`,
-    /// `blob_head`, `cdn_get`, `tags`, `ping`, or `GET <path>` / `HEAD <path>`.
+    /// `blob_head`, `cdn_get`, `tags`, `referrers`, `ping`, or `GET <path>` / `HEAD <path>`.
     pub fn count(&self, key: &str) -> u64 {
         self.with(|i| i.counts.get(key).copied().unwrap_or(0))
     }
@@ -342,6 +471,7 @@ impl FakeHub {
             "blob_get",
             "blob_head",
             "tags",
+            "referrers",
             "other",
         ]
         .iter()
@@ -473,6 +603,11 @@ async fn route(
         (repo.to_owned(), "manifest", r.to_owned())
     } else if let Some((repo, r)) = tail.rsplit_once("/blobs/") {
         (repo.to_owned(), "blob", r.to_owned())
+    } else if let Some((repo, r)) = tail
+        .rsplit_once("/referrers/")
+        .filter(|_| hub.with(|i| i.referrers_api))
+    {
+        (repo.to_owned(), "referrers", r.to_owned())
     } else {
         hub.bump("other");
         return json_error(StatusCode::NOT_FOUND, "NOT_FOUND", "not found");
@@ -482,6 +617,7 @@ async fn route(
         ("manifest", true) => "manifest_head",
         ("blob", false) => "blob_get",
         ("blob", true) => "blob_head",
+        ("referrers", _) => "referrers",
         _ => "tags",
     };
     hub.bump(counter);
@@ -540,8 +676,74 @@ async fn route(
             &reference,
             hub.faults().contains(&Fault::CdnRefusesHead),
         ),
+        "referrers" => referrers(hub, &repo, &reference, query),
         _ => tags(hub, &repo, query),
     }
+}
+
+/// The referrers API: the descriptors of the repository's manifests whose `subject` is
+/// `digest`, in digest order, `page` of them per answer with a `Link` to the next.
+fn referrers(hub: &FakeHub, repo: &str, digest: &str, query: &str) -> Response {
+    let (manifests, page, link_base) = hub.with(|i| {
+        let all: Vec<(Bytes, String)> = i
+            .repos
+            .get(repo)
+            .map(|r| r.manifests.values().cloned().collect())
+            .unwrap_or_default();
+        (all, i.referrers_page, i.referrers_link_base.clone())
+    });
+    let mut found: Vec<serde_json::Value> = manifests
+        .into_iter()
+        .filter_map(|(bytes, media_type)| {
+            let m: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+            (m["subject"]["digest"] == digest).then(|| {
+                Image {
+                    digest: sha256(&bytes),
+                    bytes,
+                    media_type,
+                    blobs: vec![],
+                    children: vec![],
+                }
+                .referrer_descriptor()
+            })
+        })
+        .collect();
+    found.sort_by(|a, b| a["digest"].as_str().cmp(&b["digest"].as_str()));
+    let params: HashMap<String, String> = url::form_urlencoded::parse(query.as_bytes())
+        .into_owned()
+        .collect();
+    let start: usize = params.get("page").and_then(|p| p.parse().ok()).unwrap_or(0);
+    let size = if page == 0 { found.len().max(1) } else { page };
+    let slice: Vec<_> = found
+        .iter()
+        .skip(start * size)
+        .take(size)
+        .cloned()
+        .collect();
+    let body = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": slice,
+    })
+    .to_string();
+    let mut r = (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            "application/vnd.oci.image.index.v1+json",
+        )],
+        body,
+    )
+        .into_response();
+    if (start + 1) * size < found.len() {
+        let link = format!(
+            "<{}/v2/{repo}/referrers/{digest}?page={}>; rel=\"next\"",
+            link_base.unwrap_or_default(),
+            start + 1
+        );
+        r.headers_mut().insert(header::LINK, link.parse().unwrap());
+    }
+    r
 }
 
 fn rate_headers(r: &mut Response, limit: u64, remaining: u64) {

@@ -284,3 +284,29 @@ pub fn retry_after(response: &reqwest::Response) -> u64 {
         .parse()
         .unwrap()
 }
+
+/// Debian's `docker-registry` (distribution 2.8) on a free port with its own storage.
+pub async fn reference_registry(dir: &std::path::Path) -> (Process, String) {
+    let port = free_port();
+    let config = dir.join("registry.yml");
+    std::fs::write(
+        &config,
+        format!("version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n", dir.join("storage").display()),
+    )
+    .unwrap();
+    let child = std::process::Command::new("docker-registry")
+        .arg("serve")
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("docker-registry is installed (apt-get install docker-registry)");
+    let url = format!("http://127.0.0.1:{port}");
+    let client = client();
+    let up = eventually(Duration::from_secs(20), async || {
+        client.get(format!("{url}/v2/")).send().await.is_ok()
+    })
+    .await;
+    assert!(up, "{url} did not come up");
+    (Process(child), url)
+}

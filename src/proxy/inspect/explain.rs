@@ -3,7 +3,9 @@
 use crate::clock::now_ms;
 use crate::manifests::Freshness;
 use crate::proxy::Proxy;
-use crate::registry::{Contents, Digest, Reference, RepoName, Tag, platform_matches};
+use crate::registry::{
+    Contents, Digest, Reference, RepoName, Tag, platform_matches, referrers_tag,
+};
 use serde::Serialize;
 
 /// One upstream request a pull would make.
@@ -11,7 +13,7 @@ use serde::Serialize;
 pub struct Step {
     /// `GET` or `HEAD`.
     pub method: &'static str,
-    /// `manifest` or `blob`.
+    /// `manifest`, `blob` or `referrers`.
     pub kind: &'static str,
     /// Tag or digest.
     pub reference: String,
@@ -22,7 +24,8 @@ pub struct Step {
 /// What a pull of a reference would cost upstream now.
 #[derive(Debug, Clone, Serialize)]
 pub struct Explain {
-    /// The platform a pull resolves an index to.
+    /// The platform a pull resolves an index to (none for a referrers request).
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub platform: String,
     /// Why the pull would fail, from the cache alone (the index lacks the platform).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -33,6 +36,9 @@ pub struct Explain {
     pub manifest_gets: usize,
     /// Blob GETs among them.
     pub blob_gets: usize,
+    /// Referrers API GETs among them (a referrers request's).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub referrers_gets: usize,
     /// Bytes those blob GETs would fetch (as the manifests declare them).
     pub blob_bytes: u64,
     /// Whether more requests may follow that cannot be known without upstream (a manifest not
@@ -79,7 +85,8 @@ impl Plan {
             .filter(|s| s.method == "GET" && s.kind == "manifest")
             .count();
         let blob_gets = self.steps.iter().filter(|s| s.kind == "blob").count();
-        let heads = self.steps.len() - manifest_gets - blob_gets;
+        let referrers_gets = self.steps.iter().filter(|s| s.kind == "referrers").count();
+        let heads = self.steps.iter().filter(|s| s.method == "HEAD").count();
         let summary = if let Some(error) = &self.error {
             error.clone()
         } else if self.steps.is_empty() {
@@ -91,8 +98,13 @@ impl Plan {
             } else {
                 ""
             };
+            let referrers = if referrers_gets > 0 {
+                format!("{referrers_gets} referrers GET(s), ")
+            } else {
+                String::new()
+            };
             format!(
-                "{manifest_gets} manifest GET(s){pulls}, {heads} HEAD(s), {blob_gets} blob GET(s) ({} bytes){}",
+                "{referrers}{manifest_gets} manifest GET(s){pulls}, {heads} HEAD(s), {blob_gets} blob GET(s) ({} bytes){}",
                 self.blob_bytes,
                 if self.more_unknown {
                     ", and more once the missing manifests are known"
@@ -107,6 +119,7 @@ impl Plan {
             upstream_requests: self.steps,
             manifest_gets,
             blob_gets,
+            referrers_gets,
             blob_bytes: self.blob_bytes,
             more_unknown: self.more_unknown,
             summary,
@@ -126,6 +139,44 @@ impl Proxy {
             self.plan_manifests(digest, platform, &mut plan).await;
         }
         plan.explain(platform, self.upstream.known_docker_hub())
+    }
+
+    /// What a referrers request for `subject` would ask upstream now: nothing while its list
+    /// is fresh, else the referrers API (every page: one counted) and a HEAD of the tag-schema
+    /// tag, and a GET of that tag's index when it is new or moved (not known without upstream).
+    pub async fn explain_referrers(&self, name: &RepoName, subject: &Digest) -> Explain {
+        let mut plan = Plan::default();
+        let tag = referrers_tag(subject).map_or_else(String::new, |t| t.to_string());
+        let why = match self.manifests.referrers(name, subject).await {
+            None => Some((
+                "referrers list not cached",
+                "referrers tag schema: is there an index",
+            )),
+            Some(list) => match self.policy.by_age(list.entry.validated_at, now_ms()) {
+                Freshness::Fresh => None,
+                Freshness::Stale
+                    if self
+                        .referrers_backoff
+                        .contains_key(&(name.clone(), subject.clone())) =>
+                {
+                    None
+                }
+                Freshness::Stale => Some((
+                    "list past tag_ttl: refreshed in the background (the request does not wait)",
+                    "the tag-schema index revalidated in the same refresh",
+                )),
+                Freshness::Expired => Some((
+                    "list past max_stale: the request waits for this refresh",
+                    "the tag-schema index revalidated in the same refresh",
+                )),
+            },
+        };
+        if let Some((list_why, tag_why)) = why {
+            plan.step("GET", "referrers", subject.to_string(), list_why);
+            plan.step("HEAD", "manifest", tag, tag_why);
+            plan.more_unknown = true;
+        }
+        plan.explain("", self.upstream.known_docker_hub())
     }
 
     /// The digest tag `tag` points to in the index, with the request its age calls for; a tag
@@ -195,6 +246,10 @@ impl Proxy {
             }
         }
     }
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 #[cfg(test)]

@@ -1,16 +1,18 @@
 //! Looking into the cache without touching upstream, for the cache API: listing tags with
 //! their freshness and use, one entry with its platforms and blobs (`list`), what a pull would
-//! cost upstream right now (`explain`), and purging (`purge`). A purge never breaks a pull in
+//! cost upstream right now (`explain`), a referrers list (`referrers`), and purging (`purge`). A purge never breaks a pull in
 //! progress: open files stay readable, downloads under way finish, and what is gone is fetched
 //! again.
 
 mod explain;
 mod list;
 mod purge;
+mod referrers;
 
 pub use explain::Explain;
 pub use list::{EntryView, ListQuery, Listing, list};
 pub use purge::Purge;
+pub use referrers::ReferrersView;
 
 use super::Proxy;
 use crate::clock::now_ms;

@@ -1,4 +1,4 @@
-//! Purging tags, manifests and blobs, here and (in a cluster) on the other replicas.
+//! Purging tags, manifests, referrers lists and blobs, here and (in a cluster) on the other replicas.
 
 use crate::manifests::TagEntry;
 use crate::proxy::Proxy;
@@ -14,6 +14,8 @@ pub struct Purge {
     pub manifests: Vec<Digest>,
     /// Blob digests.
     pub blobs: Vec<Digest>,
+    /// Referrers lists, as `repository@subject`.
+    pub referrers: Vec<String>,
 }
 
 impl Proxy {
@@ -23,8 +25,28 @@ impl Proxy {
         let (gone, kept): (Vec<_>, Vec<_>) = all.into_iter().partition(|(n, _, _)| n == name);
         let manifests = orphaned(&gone, &kept);
         let tags = gone.into_iter().map(|(n, t, _)| (n, t)).collect();
-        self.purge_tags_and_manifests(tags, manifests, dry_run)
-            .await
+        let mut purge = self
+            .purge_tags_and_manifests(tags, manifests, dry_run)
+            .await;
+        for subject in self.manifests.referrers_subjects(name).await {
+            let more = self.purge_referrers(name, &subject, dry_run).await;
+            purge.referrers.extend(more.referrers);
+        }
+        purge
+    }
+
+    /// Purges the referrers list of `subject` in `name`.
+    pub async fn purge_referrers(&self, name: &RepoName, subject: &Digest, dry_run: bool) -> Purge {
+        let mut purge = Purge::default();
+        if self.manifests.referrers(name, subject).await.is_some() {
+            purge.referrers.push(format!("{}@{subject}", name.as_str()));
+            if !dry_run {
+                self.manifests.remove_referrers(name, subject).await;
+                self.announce("referrers", name.as_str(), &subject.to_string())
+                    .await;
+            }
+        }
+        purge
     }
 
     /// Purges a tag (the manifest stays for other tags and digest pulls), or a manifest by
@@ -78,6 +100,7 @@ impl Proxy {
                 .collect(),
             manifests,
             blobs: Vec::new(),
+            referrers: Vec::new(),
         };
         if !dry_run {
             for (n, t) in &tags {
@@ -124,6 +147,14 @@ impl Proxy {
             "blob" => {
                 if let Ok(digest) = purged.reference.parse::<Digest>() {
                     self.blobs.purge(&digest).await;
+                }
+            }
+            "referrers" => {
+                if let (Ok(name), Ok(subject)) = (
+                    RepoName::parse(&purged.name, false),
+                    purged.reference.parse::<Digest>(),
+                ) {
+                    self.manifests.remove_referrers(&name, &subject).await;
                 }
             }
             _ => {}

@@ -35,8 +35,12 @@ const VETH_NS: &str = "ptimage-n";
 const HOST_ADDR: &str = "10.79.0.1";
 const NS_ADDR: &str = "10.79.0.2";
 const SUBNET: &str = "10.79.0.0/30";
-/// Where the registry listens inside the namespace (the container's 5000 is pullthrough's).
-const REGISTRY_PORT: u16 = 5001;
+/// Where the registry listens inside the namespace, on every address there (the container's
+/// 5000 is pullthrough's, the replicas' balancer publishes 5001), so that containers on
+/// compose's bridge networks reach it at `NS_ADDR`.
+const REGISTRY_PORT: u16 = 5002;
+/// The replicas compose file's balancer, published on the namespace's loopback.
+const BALANCER_PORT: u16 = 5001;
 const PULLTHROUGH_PORT: u16 = 5000;
 const CONTAINER: &str = "pullthrough-image-test";
 const IMAGE: &str = "pullthrough:test";
@@ -496,21 +500,27 @@ fn pullthrough_image(docker: &Docker) -> Duration {
     started.elapsed()
 }
 
-/// Debian's `docker-registry` inside the namespace, storing under `dir`.
+/// Debian's `docker-registry` inside the namespace, storing under `dir`; its access log (one
+/// line per request, combined format) goes to `dir/access.log`.
 fn registry(dir: &Path) -> Daemon {
     let config = dir.join("registry.yml");
     std::fs::write(
         &config,
         format!(
-            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{REGISTRY_PORT}\n",
+            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 0.0.0.0:{REGISTRY_PORT}\n",
             dir.join("storage").display()
         ),
     )
     .unwrap();
+    let access_log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("access.log"))
+        .unwrap();
     let child = Network::command("docker-registry")
         .arg("serve")
         .arg(&config)
-        .stdout(Stdio::null())
+        .stdout(access_log)
         .stderr(Stdio::null())
         .spawn()
         .expect("docker-registry is installed (apt-get install docker-registry)");
@@ -587,11 +597,23 @@ fn skopeo(args: &[&str]) -> String {
 
 /// Pulls `repo:tag` from pullthrough into an OCI layout under `dir`: the manifest's digest.
 fn pull(dir: &Path, name: &str, repo: &str, tag: &str) -> String {
+    pull_from(
+        &format!("127.0.0.1:{PULLTHROUGH_PORT}"),
+        dir,
+        name,
+        repo,
+        tag,
+    )
+}
+
+/// Pulls `repo:tag` from the mirror at `address` into an OCI layout under `dir`: the
+/// manifest's digest.
+fn pull_from(address: &str, dir: &Path, name: &str, repo: &str, tag: &str) -> String {
     let layout = dir.join(name);
     skopeo(&[
         "copy",
         "--src-tls-verify=false",
-        &format!("docker://127.0.0.1:{PULLTHROUGH_PORT}/{repo}:{tag}"),
+        &format!("docker://{address}/{repo}:{tag}"),
         &format!("oci:{}:{tag}", layout.display()),
     ]);
     let index: serde_json::Value =
@@ -610,16 +632,21 @@ impl Drop for Container<'_> {
 
 /// Waits for the health status `healthy`: how long it took.
 fn wait_healthy(docker: &Docker) -> Duration {
+    wait_container_healthy(docker, CONTAINER)
+}
+
+/// Waits for `container`'s health status `healthy`: how long it took.
+fn wait_container_healthy(docker: &Docker, container: &str) -> Duration {
     let started = Instant::now();
     loop {
-        let status = docker.inspect(CONTAINER, "{{.State.Health.Status}}");
+        let status = docker.inspect(container, "{{.State.Health.Status}}");
         if status == "healthy" {
             return started.elapsed();
         }
         assert!(
             started.elapsed() < Duration::from_secs(60) && status != "unhealthy",
             "health status {status}; logs: {}",
-            docker.run(&["logs", CONTAINER])
+            docker.run(&["logs", container])
         );
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -723,6 +750,255 @@ fn prune(docker: &Docker) {
     quietly(&mut docker.command(&["volume", "prune", "--force"]));
 }
 
+/// The compose files' images that cannot be pulled here (nginx, Redis, MinIO and its client),
+/// replaced by one local image: Debian's nginx and Redis, and moto's S3 server for MinIO.
+const SERVICES_IMAGE: &str = "pullthrough-test/services:1";
+
+fn services_image(docker: &Docker) {
+    let context = tempfile::tempdir().unwrap();
+    // pip reaches PyPI through TLS that may be inspected: it trusts this machine's bundle.
+    std::fs::copy(
+        "/etc/ssl/certs/ca-certificates.crt",
+        context.path().join("ca-certificates.crt"),
+    )
+    .unwrap();
+    std::fs::write(
+        context.path().join("Dockerfile"),
+        "FROM debian:bookworm-slim\n\
+         RUN apt-get update && apt-get install -y --no-install-recommends nginx redis-server curl \\\n\
+         \x20   python3 python3-venv ca-certificates && rm -rf /var/lib/apt/lists/* \\\n\
+         \x20   && rm /etc/nginx/sites-enabled/default\n\
+         COPY ca-certificates.crt /usr/local/share/host-ca-certificates.crt\n\
+         RUN python3 -m venv /opt/moto && PIP_CERT=/usr/local/share/host-ca-certificates.crt \\\n\
+         \x20   /opt/moto/bin/pip install -q 'moto[server]>=5,<6'\n",
+    )
+    .unwrap();
+    docker.run(&[
+        "build",
+        "--network",
+        "host",
+        "--tag",
+        SERVICES_IMAGE,
+        context.path().to_str().unwrap(),
+    ]);
+}
+
+/// A compose project brought up with Debian's docker-compose (1.29) on the test's dockerd, and
+/// taken down with its volumes when dropped.
+struct Compose<'a> {
+    docker: &'a Docker,
+    project: &'static str,
+    files: Vec<PathBuf>,
+}
+
+impl Compose<'_> {
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new("docker-compose");
+        command
+            .env(
+                "DOCKER_HOST",
+                format!("unix://{}", self.docker.socket.display()),
+            )
+            .env("DOCKER_CONFIG", self.docker.config.path())
+            .env(
+                "PULLTHROUGH_CLUSTER_SECRET",
+                "compose-test-secret-0123456789",
+            )
+            .args(["--ansi", "never"])
+            .arg("--project-directory")
+            .arg(env!("CARGO_MANIFEST_DIR"))
+            .arg("--project-name")
+            .arg(self.project);
+        for file in &self.files {
+            command.arg("--file").arg(file);
+        }
+        command.args(args);
+        command
+    }
+
+    fn run(&self, args: &[&str]) -> String {
+        run(&mut self.command(args))
+    }
+
+    /// The container of `service`.
+    fn container(&self, service: &str) -> String {
+        let id = self.run(&["ps", "-q", service]).trim().to_owned();
+        assert!(!id.is_empty(), "no container for {service}");
+        id
+    }
+
+    /// The address of `service`'s container on the project's network.
+    fn address(&self, service: &str) -> String {
+        self.docker.inspect(
+            &self.container(service),
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+        )
+    }
+}
+
+impl Drop for Compose<'_> {
+    fn drop(&mut self) {
+        quietly(&mut self.command(&["down", "--volumes", "--remove-orphans", "--timeout", "10"]));
+    }
+}
+
+/// The replicas file for Compose v1, which does not read the top-level `name:` (Compose v2
+/// does); the project name is given with `--project-name` instead.
+fn replicas_file_for_compose_v1(dir: &Path) -> PathBuf {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(repo.join("docker-compose.replicas.yml")).unwrap();
+    assert!(
+        text.lines().any(|l| l == "name: pullthrough-replicas"),
+        "the replicas file names its own project"
+    );
+    let v1: String = text
+        .lines()
+        .filter(|l| !l.starts_with("name:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let file = dir.join("docker-compose.replicas.v1.yml");
+    std::fs::write(&file, v1).unwrap();
+    file
+}
+
+/// The test-only override: the upstream is the namespace's registry, and the unpullable images
+/// are the local services image.
+fn compose_override(dir: &Path) -> (PathBuf, PathBuf) {
+    let upstream = format!("http://{NS_ADDR}:{REGISTRY_PORT}");
+    let single = dir.join("single.override.yml");
+    std::fs::write(
+        &single,
+        format!(
+            "services:\n  pullthrough:\n    environment:\n      PULLTHROUGH_UPSTREAM: {upstream}\n"
+        ),
+    )
+    .unwrap();
+    let replicas = dir.join("replicas.override.yml");
+    std::fs::write(
+        &replicas,
+        format!(
+            r#"services:
+  pullthrough-a:
+    environment:
+      PULLTHROUGH_UPSTREAM: {upstream}
+  pullthrough-b:
+    environment:
+      PULLTHROUGH_UPSTREAM: {upstream}
+  balancer:
+    image: {SERVICES_IMAGE}
+    command: ["nginx", "-g", "daemon off;"]
+  redis:
+    image: {SERVICES_IMAGE}
+    command: ["redis-server", "--protected-mode", "no", "--save", "", "--appendonly", "no"]
+  minio:
+    image: {SERVICES_IMAGE}
+    command: ["/opt/moto/bin/moto_server", "-H", "0.0.0.0", "-p", "9000"]
+  bucket:
+    image: {SERVICES_IMAGE}
+    entrypoint: ["sh", "-c", "until curl -fsS -X PUT http://minio:9000/pullthrough; do sleep 1; done"]
+"#
+        ),
+    )
+    .unwrap();
+    (single, replicas)
+}
+
+/// Upstream GETs of the tag and of each blob, from the registry's access log.
+fn upstream_gets(registry_dir: &Path, blobs: &[&str]) -> Vec<usize> {
+    let log = std::fs::read_to_string(registry_dir.join("access.log")).unwrap_or_default();
+    let paths = std::iter::once("/v2/library/hello/manifests/1".to_owned())
+        .chain(blobs.iter().map(|b| format!("/v2/library/hello/blobs/{b}")));
+    paths
+        .map(|path| {
+            let needle = format!("\"GET {path} HTTP/");
+            log.lines().filter(|l| l.contains(&needle)).count()
+        })
+        .collect()
+}
+
+/// Both compose files pass `docker-compose config`; docker-compose.yml comes up healthy and
+/// serves pulls; the replicas file comes up (the balancer after both replicas are healthy), and
+/// pulls through the balancer and through each replica cost one upstream GET per object.
+fn check_compose_files(docker: &Docker, dir: &Path, image: (&str, &str), start: Instant) {
+    let (digest, layer) = image;
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.join("layout/blobs/sha256").join(&digest[7..])).unwrap(),
+    )
+    .unwrap();
+    let config = manifest["config"]["digest"].as_str().unwrap();
+    docker.run(&["tag", IMAGE, "pullthrough:latest"]);
+    services_image(docker);
+    log(start, "services image ready");
+    let (single_override, replicas_override) = compose_override(dir);
+    let registry_dir = dir.join("compose-registry");
+    std::fs::create_dir_all(&registry_dir).unwrap();
+    let _registry = registry(&registry_dir);
+    skopeo(&[
+        "copy",
+        "--dest-tls-verify=false",
+        &format!("oci:{}:1", dir.join("layout").display()),
+        &format!("docker://127.0.0.1:{REGISTRY_PORT}/library/hello:1"),
+    ]);
+    let gets = || upstream_gets(&registry_dir, &[config, layer]);
+    assert_eq!(gets(), [0, 0, 0]);
+
+    let single = Compose {
+        docker,
+        project: "pullthrough",
+        files: vec![repo.join("docker-compose.yml"), single_override],
+    };
+    run(single
+        .command(&["config", "--quiet"])
+        .env_remove("PULLTHROUGH_CLUSTER_SECRET"));
+    single.run(&["up", "--detach", "--no-build", "pullthrough"]);
+    let healthy = wait_container_healthy(docker, &single.container("pullthrough"));
+    log(
+        start,
+        &format!("compose: the mirror healthy after {healthy:?}"),
+    );
+    assert_eq!(pull(dir, "compose-first", "library/hello", "1"), digest);
+    assert_eq!(pull(dir, "compose-second", "library/hello", "1"), digest);
+    check_hits("library/hello", "1", layer);
+    assert_eq!(
+        gets(),
+        [1, 1, 1],
+        "one upstream GET per object for two pulls"
+    );
+    drop(single);
+
+    let replicas = Compose {
+        docker,
+        project: "pullthrough-replicas",
+        files: vec![replicas_file_for_compose_v1(dir), replicas_override],
+    };
+    replicas.run(&["config", "--quiet"]);
+    replicas.run(&["up", "--detach", "--no-build"]);
+    for service in ["pullthrough-a", "pullthrough-b"] {
+        wait_container_healthy(docker, &replicas.container(service));
+    }
+    wait_for(BALANCER_PORT, "/v2/");
+    log(start, "compose: replicas healthy, balancer answering");
+    let mirrors = [
+        format!("127.0.0.1:{BALANCER_PORT}"),
+        format!("{}:5000", replicas.address("pullthrough-a")),
+        format!("{}:5000", replicas.address("pullthrough-b")),
+    ];
+    for (n, mirror) in mirrors.iter().enumerate() {
+        let got = pull_from(mirror, dir, &format!("replicas-{n}"), "library/hello", "1");
+        assert_eq!(got, digest, "through {mirror}");
+    }
+    assert_eq!(
+        gets(),
+        [2, 2, 2],
+        "one more upstream GET per object for pulls through the balancer and each replica"
+    );
+    log(
+        start,
+        "compose: replicas pulled through with one upstream GET per object",
+    );
+}
+
 #[test]
 #[ignore = "needs root, debootstrap, docker.io, skopeo, docker-registry, iproute2 and iptables (run by .ci/run)"]
 fn the_image_builds_runs_read_only_as_its_user_and_serves_pulls_from_its_cache() {
@@ -758,7 +1034,7 @@ fn the_image_builds_runs_read_only_as_its_user_and_serves_pulls_from_its_cache()
         &format!("docker://127.0.0.1:{REGISTRY_PORT}/library/hello:1"),
     ]);
 
-    let _container = Container(&docker);
+    let container = Container(&docker);
     quietly(&mut docker.command(&["rm", "--force", "--volumes", CONTAINER]));
     docker.run(&[
         "run",
@@ -789,4 +1065,8 @@ fn the_image_builds_runs_read_only_as_its_user_and_serves_pulls_from_its_cache()
     check_logs(&docker);
     let stop = check_stop(&docker);
     log(start, &format!("stopped in {stop:?}, exit code 0"));
+    drop(container);
+
+    check_compose_files(&docker, dir.path(), (&digest, &layer), start);
+    prune(&docker);
 }

@@ -140,6 +140,7 @@ impl Config {
             ("max_upstream_pause", self.max_upstream_pause, true),
             ("scrub_interval", self.scrub_interval, true),
             ("tags_list_ttl", self.tags_list_ttl, false),
+            ("negative_ttl", self.negative_ttl, false),
             ("connect_timeout", self.connect_timeout, true),
             ("request_timeout", self.request_timeout, true),
             ("client_header_timeout", self.client_header_timeout, true),
@@ -170,6 +171,12 @@ impl Config {
         }
         if !(1..=1_000_000).contains(&self.max_client_connections) {
             return bad("max_client_connections", "must be from 1 to 1000000");
+        }
+        if self.negative_cache_entries > 10_000_000 {
+            return bad(
+                "negative_cache_entries",
+                "must be from 0 (no negative cache) to 10000000",
+            );
         }
         Ok(())
     }

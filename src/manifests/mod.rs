@@ -4,13 +4,16 @@
 //! freshness is decided by [`TagPolicy`].
 //!
 //! `store` holds the cache and its manifests, `tags` the tag index in the same cache,
-//! `intents` the order its files are written and removed in, and `freshness` the TTL policy.
+//! `intents` the order its files are written and removed in, `freshness` the TTL policy, and
+//! `negative` the upstream 404s remembered for a while (`negative_ttl`).
 
 mod freshness;
 mod intents;
+mod negative;
 mod store;
 mod tags;
 
 pub use freshness::{Freshness, TagPolicy};
+pub use negative::{Missing, Negative, NegativeCache};
 pub use store::ManifestCache;
 pub use tags::{TagEntry, TagUsage};

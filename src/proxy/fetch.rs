@@ -239,7 +239,7 @@ impl Proxy {
             .await
         {
             Ok(head) => head,
-            Err(e @ (upstream::Error::NotFound | upstream::Error::Denied)) => {
+            Err(e @ (upstream::Error::NotFound { .. } | upstream::Error::Denied)) => {
                 tracing::info!(repo = %name, %tag, "tag is gone upstream; forgetting it");
                 self.manifests.remove_tag(name, tag).await;
                 return Err(failure::manifest(e));

@@ -94,6 +94,11 @@ impl Negative {
         (Arc::clone(&self.upstream), name.clone(), what.clone())
     }
 
+    /// 404s remembered now, of every upstream.
+    pub fn entries(&self) -> u64 {
+        self.cache.len()
+    }
+
     /// Whether upstream said `what` is not in `name` less than `negative_ttl` ago.
     pub fn contains(&self, name: &RepoName, what: &Missing) -> bool {
         // `get`, not `contains_key`: a hit makes the entry the most recently used.

@@ -48,6 +48,9 @@ pub struct UpstreamCounts {
     pub stale: BTreeMap<&'static str, u64>,
     /// Blob bytes received from upstream.
     pub blob_bytes_fetched: u64,
+    /// Requests answered from the negative cache (an upstream 404 remembered for
+    /// `negative_ttl`), without asking upstream.
+    pub negative_cache_hits: u64,
 }
 
 impl UpstreamCounts {
@@ -62,6 +65,7 @@ impl UpstreamCounts {
             upstream_requests: BTreeMap::new(),
             stale: StaleCause::ALL.iter().map(|c| (c.label(), 0)).collect(),
             blob_bytes_fetched: 0,
+            negative_cache_hits: 0,
         }
     }
 
@@ -94,6 +98,7 @@ impl UpstreamCounts {
         }
         self.pulls_saved += get(&own.pulls_saved);
         self.blob_bytes_fetched += get(&own.bytes_fetched);
+        self.negative_cache_hits += get(&own.negative_hits);
     }
 }
 

@@ -62,6 +62,8 @@ struct PerUpstream {
     stale: PerKey<StaleCause, AtomicU64, { StaleCause::ALL.len() }>,
     pulls_saved: AtomicU64,
     bytes_fetched: AtomicU64,
+    /// Requests answered from the negative cache (a remembered upstream 404).
+    negative_hits: AtomicU64,
 }
 
 /// Every counter. Client requests carry the upstream they were routed to (or none, for `/v2/`,
@@ -143,6 +145,11 @@ impl UpstreamMetrics {
     /// A client manifest GET answered without an upstream GET.
     pub fn pull_saved(&self) {
         add(&self.own().pulls_saved, 1);
+    }
+
+    /// A request answered from the negative cache, without asking upstream.
+    pub fn negative_hit(&self) {
+        add(&self.own().negative_hits, 1);
     }
 
     /// A stale answer.

@@ -10,6 +10,7 @@ mod failure;
 mod fetch;
 mod inspect;
 mod lookup;
+mod missing;
 mod tags;
 
 pub use blobs::BlobHead;

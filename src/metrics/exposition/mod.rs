@@ -231,10 +231,10 @@ impl Scrape {
         Ok(())
     }
 
-    /// `blob_fetched` and `pulls_saved`, by upstream.
+    /// `blob_fetched`, `pulls_saved` and `negative_cache_hits`, by upstream.
     fn per_upstream_counters(&self, encoder: &mut DescriptorEncoder) -> fmt::Result {
         type Value = fn(&PerUpstream) -> u64;
-        let families: [(&str, &str, Option<Unit>, Value); 2] = [
+        let families: [(&str, &str, Option<Unit>, Value); 3] = [
             (
                 "blob_fetched",
                 "Blob bytes received from upstream, by upstream.",
@@ -246,6 +246,12 @@ impl Scrape {
                 "Client manifest GETs answered without an upstream GET (Docker Hub pulls saved), by upstream.",
                 None,
                 |own| get(&own.pulls_saved),
+            ),
+            (
+                "negative_cache_hits",
+                "Requests answered from the negative cache (an upstream 404 remembered for negative_ttl), by upstream.",
+                None,
+                |own| get(&own.negative_hits),
             ),
         ];
         for (name, help, unit, value) in families {
@@ -322,6 +328,7 @@ mod tests {
                 "stale_served_total counter",
                 "blob_fetched_bytes_total counter",
                 "pulls_saved_total counter",
+                "negative_cache_hits_total counter",
                 "blob_evictions_total counter",
                 "blob_evicted_bytes_total counter",
                 "manifest_cache_entries gauge",
@@ -331,6 +338,7 @@ mod tests {
                 "blob_store_blobs gauge",
                 "blob_store_bytes gauge",
                 "blob_downloads gauge",
+                "offline gauge",
                 "cluster_alone gauge",
                 "object_storage_requests_total counter",
                 "object_storage_failures_total counter",
@@ -345,6 +353,8 @@ mod tests {
             r#"pullthrough_stale_served_total{upstream="docker.io",cause="budget"} 1"#,
             r#"pullthrough_request_duration_seconds_bucket{kind="manifest",le="0.001"} 1"#,
             "pullthrough_cluster_alone 1",
+            "pullthrough_offline 0",
+            r#"pullthrough_negative_cache_hits_total{upstream="docker.io"} 0"#,
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
         }

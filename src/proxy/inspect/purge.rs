@@ -1,6 +1,6 @@
 //! Purging tags, manifests and blobs, here and (in a cluster) on the other replicas.
 
-use crate::manifests::TagEntry;
+use crate::manifests::{Missing, TagEntry};
 use crate::proxy::Proxy;
 use crate::registry::{Digest, Reference, RepoName, Tag};
 use serde::Serialize;
@@ -14,6 +14,9 @@ pub struct Purge {
     pub manifests: Vec<Digest>,
     /// Blob digests.
     pub blobs: Vec<Digest>,
+    /// Upstream 404s the negative cache remembered (`repository:tag`, `repository@digest`):
+    /// forgotten, so the next request asks upstream.
+    pub not_found: Vec<String>,
 }
 
 impl Proxy {
@@ -23,8 +26,11 @@ impl Proxy {
         let (gone, kept): (Vec<_>, Vec<_>) = all.into_iter().partition(|(n, _, _)| n == name);
         let manifests = orphaned(&gone, &kept);
         let tags = gone.into_iter().map(|(n, t, _)| (n, t)).collect();
-        self.purge_tags_and_manifests(tags, manifests, dry_run)
-            .await
+        let mut purge = self
+            .purge_tags_and_manifests(tags, manifests, dry_run)
+            .await;
+        purge.not_found = self.forget_missing(name, None, dry_run).await;
+        purge
     }
 
     /// Purges a tag (the manifest stays for other tags and digest pulls), or a manifest by
@@ -49,8 +55,44 @@ impl Proxy {
                 (tags, cached.then(|| d.clone()).into_iter().collect())
             }
         };
-        self.purge_tags_and_manifests(tags, manifests, dry_run)
-            .await
+        let mut purge = self
+            .purge_tags_and_manifests(tags, manifests, dry_run)
+            .await;
+        purge.not_found = self.forget_missing(name, Some(reference), dry_run).await;
+        purge
+    }
+
+    /// Forgets the upstream 404s remembered for `reference` of `name` (a digest's referrers
+    /// too), or (`None`) for the whole repository, here and on the other replicas.
+    async fn forget_missing(
+        &self,
+        name: &RepoName,
+        reference: Option<&Reference>,
+        dry_run: bool,
+    ) -> Vec<String> {
+        let forgotten = self.forget_missing_here(name, reference, dry_run);
+        if !dry_run {
+            let reference = reference.map(Reference::to_string).unwrap_or_default();
+            self.announce("not_found", name.as_str(), &reference).await;
+        }
+        forgotten
+    }
+
+    fn forget_missing_here(
+        &self,
+        name: &RepoName,
+        reference: Option<&Reference>,
+        dry_run: bool,
+    ) -> Vec<String> {
+        let negative = &self.manifests.negative;
+        match reference {
+            None => negative.forget(name, None, dry_run),
+            Some(Reference::Tag(t)) => negative.forget(name, Some(&Missing::Tag(t.clone())), dry_run),
+            Some(Reference::Digest(d)) => [Missing::Manifest(d.clone()), Missing::Referrers(d.clone())]
+                .iter()
+                .flat_map(|what| negative.forget(name, Some(what), dry_run))
+                .collect(),
+        }
     }
 
     /// Tag `tag` of `name`, if it is known here or (with object storage) to another replica.
@@ -78,6 +120,7 @@ impl Proxy {
                 .collect(),
             manifests,
             blobs: Vec::new(),
+            not_found: Vec::new(),
         };
         if !dry_run {
             for (n, t) in &tags {
@@ -124,6 +167,18 @@ impl Proxy {
             "blob" => {
                 if let Ok(digest) = purged.reference.parse::<Digest>() {
                     self.blobs.purge(&digest).await;
+                }
+            }
+            "not_found" => {
+                if let Ok(name) = RepoName::parse(&purged.name, false) {
+                    let reference = match purged.reference.as_str() {
+                        "" => None,
+                        r => match Reference::parse(r) {
+                            Ok(reference) => Some(reference),
+                            Err(_) => return,
+                        },
+                    };
+                    self.forget_missing_here(&name, reference.as_ref(), false);
                 }
             }
             _ => {}

@@ -343,7 +343,12 @@ async fn set_offline(
     if viewer != Viewer::Admin {
         return Error::AccessDenied.into_response();
     }
-    let switch = match serde_json::from_slice::<OfflineSwitch>(&body) {
+    // An object only: serde would take `[true]` for the struct too.
+    let parsed = serde_json::from_slice::<serde_json::Value>(&body).and_then(|value| match value {
+        serde_json::Value::Object(_) => serde_json::from_value::<OfflineSwitch>(value),
+        _ => Err(serde::de::Error::custom("not a JSON object")),
+    });
+    let switch = match parsed {
         Ok(switch) => switch,
         Err(e) => {
             return bad_request(&format!(
@@ -354,7 +359,9 @@ async fn set_offline(
     let was = state.offline.set(switch.offline);
     if was != switch.offline {
         match switch.offline {
-            true => tracing::warn!("offline (cache API): nothing is asked upstream; what is not cached answers 503"),
+            true => tracing::warn!(
+                "offline (cache API): nothing is asked upstream; what is not cached answers 503"
+            ),
             false => tracing::info!("online again (cache API): upstream is asked as usual"),
         }
     }

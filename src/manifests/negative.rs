@@ -124,7 +124,11 @@ impl Negative {
         let keys: Vec<Key> = match what {
             Some(what) => {
                 let key = self.key(name, what);
-                entries.contains_key(&key).then_some(key).into_iter().collect()
+                entries
+                    .contains_key(&key)
+                    .then_some(key)
+                    .into_iter()
+                    .collect()
             }
             None => entries
                 .iter()
@@ -164,15 +168,24 @@ mod tests {
         hub.remember(&name("a/b"), &digest);
         ghcr.remember(&name("a/b"), &tag);
         assert_eq!(hub.forget(&name("a/b"), None, true).len(), 2);
-        assert!(hub.contains(&name("a/b"), &tag), "a dry run forgets nothing");
+        assert!(
+            hub.contains(&name("a/b"), &tag),
+            "a dry run forgets nothing"
+        );
         let mut forgotten = hub.forget(&name("a/b"), None, false);
         forgotten.sort();
         assert_eq!(
             forgotten,
-            [format!("a/b@{}", Digest::sha256(b"x")), "a/b:nope".to_owned()]
+            [
+                format!("a/b@{}", Digest::sha256(b"x")),
+                "a/b:nope".to_owned()
+            ]
         );
         assert!(!hub.contains(&name("a/b"), &tag));
-        assert!(ghcr.contains(&name("a/b"), &tag), "the other upstream's stays");
+        assert!(
+            ghcr.contains(&name("a/b"), &tag),
+            "the other upstream's stays"
+        );
         assert_eq!(ghcr.forget(&name("a/b"), Some(&tag), false), ["a/b:nope"]);
         assert!(ghcr.forget(&name("a/b"), Some(&tag), false).is_empty());
     }

@@ -1,8 +1,8 @@
 //! The upstream operations behind manifest requests, each single-flight per key and run as its
 //! own task: GET by tag, HEAD by tag, GET by digest, and tag revalidation.
 
-use super::{failure, missing};
 use super::{Proxy, TagKey, plausible};
+use super::{failure, missing};
 use crate::clock::now_ms;
 use crate::cluster::{Claim, Lock};
 use crate::error::Error;

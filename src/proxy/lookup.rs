@@ -1,8 +1,8 @@
 //! Answering a manifest request from the caches: tag freshness, Accept negotiation, and when
 //! to wait for (or only start) an upstream operation.
 
-use super::{failure, missing};
 use super::{ManifestBody, ManifestRequest, Proxy, Served, plausible};
+use super::{failure, missing};
 use crate::error::Error;
 use crate::manifests::{Freshness, Missing, TagEntry};
 use crate::metrics::{Outcome, StaleCause};
@@ -22,10 +22,7 @@ impl Proxy {
                 self.by_digest(&req.name, d, &req.accept, req.want_body)
                     .await
             }
-            Reference::Tag(t) => {
-                self.by_tag(&req.name, t, &req.accept, req.want_body)
-                    .await
-            }
+            Reference::Tag(t) => self.by_tag(&req.name, t, &req.accept, req.want_body).await,
         };
         let served = served.map_err(|e| {
             failure::offline(e, || match &req.reference {

@@ -16,8 +16,8 @@ use crate::registry::{
     ContentRange, Digest, Manifest, MediaType, Reference, RepoName, UPSTREAM_ACCEPT,
 };
 use auth::{Credentials, TokenCache};
-pub use offline::Offline;
 use bytes::{Bytes, BytesMut};
+pub use offline::Offline;
 use parking_lot::{Mutex, RwLock};
 use ratelimit::RateLimits;
 use reqwest::header::{self, HeaderMap};

@@ -87,11 +87,15 @@ impl Proxy {
         let negative = &self.manifests.negative;
         match reference {
             None => negative.forget(name, None, dry_run),
-            Some(Reference::Tag(t)) => negative.forget(name, Some(&Missing::Tag(t.clone())), dry_run),
-            Some(Reference::Digest(d)) => [Missing::Manifest(d.clone()), Missing::Referrers(d.clone())]
-                .iter()
-                .flat_map(|what| negative.forget(name, Some(what), dry_run))
-                .collect(),
+            Some(Reference::Tag(t)) => {
+                negative.forget(name, Some(&Missing::Tag(t.clone())), dry_run)
+            }
+            Some(Reference::Digest(d)) => {
+                [Missing::Manifest(d.clone()), Missing::Referrers(d.clone())]
+                    .iter()
+                    .flat_map(|what| negative.forget(name, Some(what), dry_run))
+                    .collect()
+            }
         }
     }
 

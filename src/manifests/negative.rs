@@ -139,7 +139,9 @@ impl Negative {
         if !dry_run {
             keys.iter().for_each(|k| entries.invalidate(k));
         }
-        keys.iter().map(|(_, n, w)| w.describe(n)).collect()
+        let mut forgotten: Vec<String> = keys.iter().map(|(_, n, w)| w.describe(n)).collect();
+        forgotten.sort();
+        forgotten
     }
 }
 
@@ -172,8 +174,7 @@ mod tests {
             hub.contains(&name("a/b"), &tag),
             "a dry run forgets nothing"
         );
-        let mut forgotten = hub.forget(&name("a/b"), None, false);
-        forgotten.sort();
+        let forgotten = hub.forget(&name("a/b"), None, false);
         assert_eq!(
             forgotten,
             [

@@ -71,6 +71,20 @@ async fn a_storm_for_a_missing_tag_costs_one_upstream_request_per_ttl() {
             &[]
         ) >= 51.0
     );
+    let explain: serde_json::Value = proxy
+        .get("/_pullthrough/cache/library/app/manifests/typo?explain=pull")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(explain["upstream_requests"], serde_json::json!([]));
+    assert!(
+        explain["summary"]
+            .as_str()
+            .unwrap()
+            .contains("negative_ttl"),
+        "{explain}"
+    );
     // A cached tag of the same repository is untouched; another missing tag is asked.
     assert_eq!(proxy.get("/v2/library/app/manifests/1").await.status(), 200);
     assert_eq!(

@@ -244,6 +244,25 @@ async fn switched_offline_at_run_time_it_serves_stale_and_asks_nothing_until_swi
         "library/app:2",
     )
     .await;
+    // explain=pull says the same: the stale tag is not revalidated, the miss fails.
+    let explain = async |reference: &str| {
+        let url = format!("/_pullthrough/cache/library/app/manifests/{reference}?explain=pull");
+        proxy
+            .get(&url)
+            .await
+            .json::<serde_json::Value>()
+            .await
+            .unwrap()
+    };
+    let stale = explain("1").await;
+    // (Its blobs were never pulled: those a pull would need.)
+    let steps = stale["upstream_requests"].as_array().unwrap();
+    assert!(steps.iter().all(|s| s["kind"] == "blob"), "{stale}");
+    let miss = explain("2").await;
+    assert!(
+        miss["summary"].as_str().unwrap().contains("offline"),
+        "{miss}"
+    );
     support::settled(&proxy).await;
     assert_eq!(asked(&[&hub]), before, "an upstream request while offline");
 

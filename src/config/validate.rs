@@ -372,6 +372,44 @@ mod tests {
     }
 
     #[test]
+    fn offline_and_the_negative_cache_are_read_from_the_environment_and_checked() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("PULLTHROUGH_OFFLINE", "true"),
+                ("PULLTHROUGH_NEGATIVE_TTL", "0s"),
+                ("PULLTHROUGH_NEGATIVE_CACHE_ENTRIES", "0"),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert!(c.offline);
+        assert!(c.negative_ttl.is_zero());
+        assert_eq!(c.negative_cache_entries, 0);
+        let defaults = Config::load(None, env(&[]), &Overrides::default()).unwrap();
+        assert!(!defaults.offline);
+        assert_eq!(defaults.negative_ttl.as_secs(), 10);
+        assert_eq!(defaults.negative_cache_entries, 10_000);
+        for (key, value) in [
+            ("PULLTHROUGH_OFFLINE", "yes please"),
+            ("PULLTHROUGH_NEGATIVE_TTL", "soon"),
+            ("PULLTHROUGH_NEGATIVE_TTL", "11y"),
+            ("PULLTHROUGH_NEGATIVE_CACHE_ENTRIES", "10000001"),
+            ("PULLTHROUGH_NEGATIVE_CACHE_ENTRIES", "-1"),
+        ] {
+            let err = Config::load(None, env(&[(key, value)]), &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            let named = key.trim_start_matches("PULLTHROUGH_").to_lowercase();
+            assert!(
+                err.contains(&format!("\"{named}\"")),
+                "{key}={value}: {err}"
+            );
+            assert!(!err.contains('\n'), "{err}");
+        }
+    }
+
+    #[test]
     fn credentials_on_an_open_listener_need_consent() {
         let creds = [
             ("PULLTHROUGH_UPSTREAM_USERNAME", "u"),

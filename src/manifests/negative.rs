@@ -178,8 +178,8 @@ mod tests {
         assert_eq!(
             forgotten,
             [
-                format!("a/b@{}", Digest::sha256(b"x")),
-                "a/b:nope".to_owned()
+                "a/b:nope".to_owned(),
+                format!("a/b@{}", Digest::sha256(b"x"))
             ]
         );
         assert!(!hub.contains(&name("a/b"), &tag));

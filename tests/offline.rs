@@ -151,6 +151,17 @@ async fn offline_from_startup_asks_nothing_and_serves_what_is_cached() {
         "the tags list of library/app",
     )
     .await;
+    // A one-component name needs to know whether the upstream is Docker Hub (a ping).
+    let r = proxy.get("/v2/app/manifests/1").await;
+    assert_eq!(r.status(), 503);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        body["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("library/<name>"),
+        "{body}"
+    );
     // The other upstream's misses alike.
     offline_answer(
         proxy.get("/v2/ghcr.io/acme/other/manifests/1").await,

@@ -117,7 +117,16 @@ impl AppState {
             2 => return Ok(true),
             _ => {}
         }
-        let docker_hub = Box::pin(self.proxy.upstream.is_docker_hub()).await?;
+        let docker_hub = match Box::pin(self.proxy.upstream.is_docker_hub()).await {
+            Ok(docker_hub) => docker_hub,
+            Err(crate::upstream::Error::Offline) => {
+                return Err(Error::Offline(
+                    "pullthrough is offline and has not learned yet whether its upstream is Docker Hub, which a one-component name needs: name the repository in full (library/<name>)"
+                        .to_owned(),
+                ));
+            }
+            Err(e) => return Err(e.into()),
+        };
         if self
             .docker_hub
             .swap(1 + u8::from(docker_hub), Ordering::Relaxed)

@@ -357,3 +357,36 @@ async fn the_offline_switch_takes_only_a_clear_body_and_the_admin_token_when_set
     assert_eq!(r.status(), 503);
     assert_eq!(hub.total(), 0);
 }
+
+#[tokio::test]
+async fn a_blob_redirect_answered_after_the_switch_is_not_followed_to_the_cdn() {
+    let hub = FakeHub::start().await;
+    let app = Image::single("app", DOCKER_MANIFEST, 1000);
+    hub.push("library/app", "1", &app);
+    let proxy = TestProxy::start(&hub).await;
+    // The ping and a token are known, so the blob GET is the next request sent.
+    proxy.get_ok("/v2/library/app/manifests/1").await;
+    hub.fault(support::Fault::Delay(Duration::from_millis(600)));
+    let digest = support::hub::sha256(&app.blobs[0]);
+    let url = format!("{}/v2/library/app/blobs/{digest}", proxy.url);
+    let client = proxy.client.clone();
+    let pull = tokio::spawn(async move { client.get(url).send().await.unwrap() });
+    // The GET is at the registry, which answers with the CDN redirect after the switch.
+    let sent = format!("GET /v2/library/app/blobs/{digest}");
+    assert!(support::eventually(Duration::from_secs(5), async || hub.count(&sent) == 1).await);
+    assert_eq!(
+        put_offline(&proxy, r#"{"offline": true}"#).await.status(),
+        200
+    );
+    let r = pull.await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(hub.count("cdn_get"), 0, "the redirect was followed");
+    assert_eq!(hub.count("blob_get"), 1);
+    hub.clear_faults();
+    // Online again, the blob is fetched as usual.
+    put_offline(&proxy, r#"{"offline": false}"#).await;
+    let r = proxy.get(&format!("/v2/library/app/blobs/{digest}")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap(), app.blobs[0]);
+    assert_eq!(hub.count("cdn_get"), 1);
+}

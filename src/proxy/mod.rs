@@ -2,7 +2,9 @@
 //! caches and the upstream. Policy: digests are served from cache forever; tags are fresh for
 //! `tag_ttl`, then served stale while one background HEAD per tag revalidates; past `max_stale`
 //! a request waits for upstream. Misses are single-flight and run as their own tasks, so the
-//! HTTP edge can bound every request by `upstream_deadline` while the fetch goes on.
+//! HTTP edge can bound every request by `upstream_deadline` while the fetch goes on. A 404
+//! upstream just gave is remembered for `negative_ttl`; while offline no tag expires and
+//! misses are 503 (`missing`).
 
 mod blob_fetch;
 mod blobs;

@@ -516,8 +516,12 @@ impl Upstream {
             let started = Instant::now();
             let response = match request.send().await {
                 Ok(response) => response,
-                // A redirect refused because pullthrough went offline meanwhile.
-                Err(_) if self.offline.is_on() => return Err(Error::Offline),
+                // A redirect refused because pullthrough went offline meanwhile: the first
+                // hop was sent, so it counts, but as no failure of upstream's.
+                Err(_) if self.offline.is_on() => {
+                    self.metrics.upstream(kind, None, started.elapsed());
+                    return Err(Error::Offline);
+                }
                 Err(e) => {
                     let e = Error::from_reqwest(e);
                     self.metrics.upstream(kind, None, started.elapsed());

@@ -61,6 +61,7 @@ pub async fn serve(
     config: &Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    check_upstreams(&app.state);
     let tls = match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => Some(http::tls::acceptor(cert, key)?.0),
         _ => None,
@@ -80,6 +81,31 @@ pub async fn serve(
         tracing::warn!("cache writes still under way at exit; they are fetched again when missed");
     }
     Ok(())
+}
+
+/// Asks every upstream's `/v2/` once, at startup, and logs whether it answered, so a first run
+/// says at once whether its upstream is reachable. Nothing waits for it: readiness does not
+/// depend on upstream. It is the one ping each upstream costs anyway (learning how it
+/// authenticates), done early; one that failed is asked again at the next miss. Offline, none.
+fn check_upstreams(state: &state::AppState) {
+    // Offline, nothing is asked: the ping waits for the first miss after going online.
+    if state.offline.is_on() {
+        return;
+    }
+    for proxy in state.proxies() {
+        let proxy = Arc::clone(proxy);
+        tokio::spawn(async move {
+            match proxy.upstream.check().await {
+                Ok(()) => tracing::info!(host = %proxy.name(), "upstream answered"),
+                Err(e) => tracing::warn!(
+                    host = %proxy.name(),
+                    url = %proxy.upstream.base(),
+                    error = %error::Chain(&e),
+                    "upstream did not answer; cached content is still served"
+                ),
+            }
+        });
+    }
 }
 
 /// The complete router and the state it serves.

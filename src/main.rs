@@ -252,6 +252,24 @@ fn local_url(config: &Config) -> String {
     format!("{}://{addr}", scheme(config))
 }
 
+/// Whether a pullthrough answers at `url` (any HTTP answer will do): the cause in a word when
+/// nothing does (`connection refused`, `name not resolved`).
+async fn reachable(url: &str) -> Result<(), String> {
+    pullthrough::config::parse_url(url).map_err(|why| format!("invalid --url: {why}"))?;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap_or_default();
+    match client
+        .get(format!("{}/readyz", url.trim_end_matches('/')))
+        .send()
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) => Err(pullthrough::upstream::unreachable_class(&e).to_owned()),
+    }
+}
+
 /// `pullthrough healthcheck`.
 async fn healthcheck(url: Option<String>, config: &Config) -> ExitCode {
     // Its own listener on this machine: over TLS the certificate names the public host, not
@@ -335,8 +353,13 @@ async fn warm(
         eprintln!("pullthrough: warm needs at least one image (or --file)");
         return ExitCode::from(2);
     }
+    let url = url.unwrap_or_else(|| local_url(config));
+    if let Err(why) = reachable(&url).await {
+        eprintln!("pullthrough: warm cannot reach pullthrough at {url}: {why}");
+        return ExitCode::from(2);
+    }
     let request = pullthrough::warm::Request {
-        url: url.unwrap_or_else(|| local_url(config)),
+        url,
         images,
         platform,
         admin_token,

@@ -299,11 +299,13 @@ fn a_bad_setting_says_what_to_fix() {
         &[("PULLTHROUGH_DATA_DIR", data)],
         &["warm", "--url", &url, "alpine"],
     );
-    assert_eq!(out.status.code(), Some(1));
-    let printed = String::from_utf8([out.stdout, out.stderr].concat()).unwrap();
-    assert!(
-        printed.to_lowercase().contains("connection refused"),
-        "warm names the cause: {printed}"
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stdout.is_empty(), "nothing warmed, no summary");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(
+        stderr,
+        format!("pullthrough: warm cannot reach pullthrough at {url}: connection refused\n"),
+        "one line naming the address and the cause"
     );
 }
 

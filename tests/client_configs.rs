@@ -14,6 +14,7 @@
 
 mod support;
 
+use std::io::Read;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -308,9 +309,10 @@ fn start_pullthrough(
         };
         cmd.env(name, value);
     }
+    // Its logs are not read; a startup failure's one line on stderr is.
     let child = cmd
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     (Process(child), format!("http://127.0.0.1:{port}"))
@@ -355,10 +357,26 @@ async fn the_daemonset_runs_pullthrough_as_its_user_on_a_fresh_host_path() {
 
     // Without the init containers, pullthrough cannot use the directory: the pod of the issue.
     let (mut bare, url) = start_pullthrough(container, volume, user, &host_dir, &binary);
-    assert!(
-        healthy(&mut bare, &url).await.is_err(),
+    let exited = healthy(&mut bare, &url).await;
+    assert_eq!(
+        exited,
+        Err("pullthrough exited: exit status: 2".to_owned()),
         "pullthrough ran as {user:?} on a root-owned 0755 directory"
     );
+    let mut said = String::new();
+    bare.0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut said)
+        .unwrap();
+    assert_eq!(said.lines().count(), 1, "one line: {said}");
+    assert_eq!(
+        said.to_lowercase().matches("permission denied").count(),
+        1,
+        "says permission denied once: {said}"
+    );
+    assert!(said.contains("data_dir"), "names the setting: {said}");
     drop(bare);
 
     // The pod's start, twice (the second on a directory the first has already handed over):

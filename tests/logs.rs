@@ -304,6 +304,17 @@ async fn the_access_log_names_the_upstream_and_keeps_the_query_without_secrets()
     }
 }
 
+/// The first line of the whole log (startup included) that contains `needle`, within 10 s.
+async fn logged(running: &Running, needle: &str) -> String {
+    let mut found = None;
+    support::eventually(Duration::from_secs(10), async || {
+        found = running.lines().into_iter().find(|l| l.contains(needle));
+        found.is_some()
+    })
+    .await;
+    found.unwrap_or_else(|| panic!("no log line with {needle:?}; saw {:#?}", running.lines()))
+}
+
 #[tokio::test]
 async fn a_failed_request_logs_its_cause_chain_in_words() {
     let dead = format!("http://127.0.0.1:{}", support::free_port());
@@ -327,4 +338,37 @@ async fn a_failed_request_logs_its_cause_chain_in_words() {
         !line.contains("Unreachable {") && !line.contains("Upstream("),
         "{line}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_says_whether_each_upstream_answered_without_waiting_for_it() {
+    let hub = FakeHub::start().await;
+    let running = start(&[("PULLTHROUGH_UPSTREAM", &hub.url)]).await;
+    let line = logged(&running, "upstream answered").await;
+    assert!(
+        line.contains("INFO") && line.contains("host=127.0.0.1:"),
+        "{line}"
+    );
+    assert_eq!(hub.count("ping"), 1, "the one ping it costs, done early");
+    // A first miss needs no second ping.
+    let r = support::client()
+        .get(format!("{}/v2/library/none/manifests/1", running.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(hub.count("ping"), 1);
+
+    let dead = format!("http://127.0.0.1:{}", support::free_port());
+    let running = start(&[("PULLTHROUGH_UPSTREAM", &dead)]).await;
+    let line = logged(&running, "upstream did not answer").await;
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains("connection refused"), "{line}");
+    // Readiness does not wait for upstream.
+    let ready = support::client()
+        .get(format!("{}/readyz", running.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
 }

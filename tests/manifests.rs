@@ -400,3 +400,127 @@ fn assert_describes(response: &reqwest::Response, image: &Image) {
         image.media_type.as_str()
     );
 }
+
+/// Pulls `image`'s `arch` child and its blobs through `proxy`, as a client does.
+async fn pull_platform(proxy: &TestProxy, repo: &str, image: &Image, arch: usize) {
+    let child = &image.children[arch];
+    let path = format!("/v2/{repo}/manifests/{}", child.digest);
+    assert_eq!(proxy.get_ok(&path).await, child.bytes);
+    for blob in &child.blobs {
+        let path = format!("/v2/{repo}/blobs/{}", support::hub::sha256(blob));
+        assert_eq!(&proxy.get_ok(&path).await, blob);
+    }
+}
+
+#[tokio::test]
+async fn a_moved_tag_prefetches_the_platforms_pulled_before() {
+    let hub = FakeHub::start().await;
+    let v1 = multi_arch("prefetch-1", OCI_INDEX, OCI_MANIFEST);
+    let v2 = multi_arch("prefetch-2", OCI_INDEX, OCI_MANIFEST);
+    hub.push("library/app", "latest", &v1);
+    let proxy = TestProxy::start_with(&hub, |c| c.tag_ttl = Duration::from_millis(300)).await;
+    let tag = "/v2/library/app/manifests/latest";
+    assert_eq!(get_accept(&proxy, tag, FULL_ACCEPT).await.status(), 200);
+    // A client pulled amd64 only.
+    pull_platform(&proxy, "library/app", &v1, 0).await;
+
+    hub.push("library/app", "latest", &v2);
+    // The TTL passes; the next request finds the move.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    get_accept(&proxy, tag, FULL_ACCEPT).await;
+    let amd64 = &v2.children[0];
+    let arm64 = &v2.children[1];
+    let blob_path =
+        |blob: &bytes::Bytes| format!("GET /v2/library/app/blobs/{}", support::hub::sha256(blob));
+    let prefetched = eventually(Duration::from_secs(10), async || {
+        amd64.blobs.iter().all(|b| hub.count(&blob_path(b)) == 1)
+    })
+    .await;
+    assert!(prefetched, "the new amd64 manifest's blobs were prefetched");
+    assert_eq!(
+        hub.count(&format!("GET /v2/library/app/manifests/{}", amd64.digest)),
+        1
+    );
+    // The platform nobody pulled is left alone.
+    assert_eq!(
+        hub.count(&format!("GET /v2/library/app/manifests/{}", arm64.digest)),
+        0
+    );
+    assert!(arm64.blobs.iter().all(|b| hub.count(&blob_path(b)) == 0));
+
+    // The first pull after the release is all hits, at no upstream cost.
+    support::settled(&proxy).await;
+    let before = hub.total();
+    let index = get_accept(&proxy, tag, FULL_ACCEPT).await;
+    assert_eq!(index.headers()["docker-content-digest"], v2.digest.as_str());
+    let child = proxy
+        .get(&format!("/v2/library/app/manifests/{}", amd64.digest))
+        .await;
+    assert_eq!(child.headers()["x-cache"], "HIT");
+    for blob in &amd64.blobs {
+        let r = proxy
+            .get(&format!(
+                "/v2/library/app/blobs/{}",
+                support::hub::sha256(blob)
+            ))
+            .await;
+        assert_eq!(r.headers()["x-cache"], "HIT");
+        assert_eq!(&r.bytes().await.unwrap(), blob);
+    }
+    assert_eq!(hub.total(), before, "nothing asked upstream");
+
+    let stats: serde_json::Value = proxy.get("/_pullthrough/stats").await.json().await.unwrap();
+    assert_eq!(stats["counters"]["prefetched_manifests"], 1, "{stats}");
+    assert_eq!(stats["counters"]["prefetched_blobs"], 2, "{stats}");
+    let scrape = support::scrape(&proxy).await;
+    let upstream = proxy_host(&hub);
+    assert_eq!(
+        support::metric(
+            &scrape,
+            "pullthrough_prefetched_blobs_total",
+            &[("upstream", &upstream)]
+        ),
+        2.0
+    );
+}
+
+fn proxy_host(hub: &FakeHub) -> String {
+    hub.url.trim_start_matches("http://").to_owned()
+}
+
+#[tokio::test]
+async fn no_prefetch_when_turned_off_or_below_the_budget_reserve() {
+    for (off, budget) in [(true, None), (false, Some((100, 10)))] {
+        let hub = FakeHub::start().await;
+        let v1 = multi_arch("noprefetch-1", OCI_INDEX, OCI_MANIFEST);
+        let v2 = multi_arch("noprefetch-2", OCI_INDEX, OCI_MANIFEST);
+        hub.push("library/app", "latest", &v1);
+        let proxy = TestProxy::start_with(&hub, |c| {
+            c.tag_ttl = Duration::from_millis(300);
+            c.max_stale = Duration::ZERO;
+            c.prefetch_on_move = !off;
+        })
+        .await;
+        let tag = "/v2/library/app/manifests/latest";
+        get_accept(&proxy, tag, FULL_ACCEPT).await;
+        pull_platform(&proxy, "library/app", &v1, 0).await;
+        hub.push("library/app", "latest", &v2);
+        if let Some((limit, remaining)) = budget {
+            // The reserve is 10 of 100: the revalidation's HEAD sees 10 left and takes the
+            // move; its GET of the new index leaves 9, below the reserve, for the prefetch.
+            hub.set_budget(limit, remaining);
+        }
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let r = get_accept(&proxy, tag, FULL_ACCEPT).await;
+        assert_eq!(r.headers()["docker-content-digest"], v2.digest.as_str());
+        support::settled(&proxy).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let amd64 = &v2.children[0];
+        assert_eq!(
+            hub.count(&format!("GET /v2/library/app/manifests/{}", amd64.digest)),
+            0,
+            "off: {off}, budget: {budget:?}"
+        );
+        assert_eq!(hub.count("blob_get"), 2, "only the blobs the client pulled");
+    }
+}

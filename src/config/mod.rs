@@ -58,6 +58,9 @@ pub struct Config {
     /// Fraction of upstream's rate limit kept for content pullthrough does not have yet.
     #[serde(deserialize_with = "fraction")]
     pub ratelimit_reserve: f64,
+    /// When a revalidation finds a tag moved, fetch in the background the new content clients
+    /// pulled under the old digest (their platforms' manifests, configs and layers).
+    pub prefetch_on_move: bool,
     /// Most requests in flight to the upstream at once, each counted until its body is read.
     pub upstream_max_concurrency: usize,
     /// The longest pause a 429's `Retry-After` can impose on upstream requests.
@@ -188,6 +191,7 @@ impl Default for Config {
             immutable_tags: Vec::new(),
             upstream_deadline: Duration::from_secs(10),
             ratelimit_reserve: 0.1,
+            prefetch_on_move: true,
             upstream_max_concurrency: 32,
             max_upstream_pause: Duration::from_secs(3600),
             data_dir: PathBuf::from("pullthrough-data"),

@@ -48,6 +48,10 @@ pub struct UpstreamCounts {
     pub stale: BTreeMap<&'static str, u64>,
     /// Blob bytes received from upstream.
     pub blob_bytes_fetched: u64,
+    /// Manifests fetched ahead of clients after a tag moved (`prefetch_on_move`).
+    pub prefetched_manifests: u64,
+    /// Blobs fetched ahead of clients after a tag moved.
+    pub prefetched_blobs: u64,
     /// Requests answered from the negative cache (an upstream 404 remembered for
     /// `negative_ttl`), without asking upstream.
     pub negative_cache_hits: u64,
@@ -65,6 +69,8 @@ impl UpstreamCounts {
             upstream_requests: BTreeMap::new(),
             stale: StaleCause::ALL.iter().map(|c| (c.label(), 0)).collect(),
             blob_bytes_fetched: 0,
+            prefetched_manifests: 0,
+            prefetched_blobs: 0,
             negative_cache_hits: 0,
         }
     }
@@ -98,6 +104,8 @@ impl UpstreamCounts {
         }
         self.pulls_saved += get(&own.pulls_saved);
         self.blob_bytes_fetched += get(&own.bytes_fetched);
+        self.prefetched_manifests += get(&own.prefetched_manifests);
+        self.prefetched_blobs += get(&own.prefetched_blobs);
         self.negative_cache_hits += get(&own.negative_hits);
     }
 }

@@ -62,6 +62,8 @@ struct PerUpstream {
     stale: PerKey<StaleCause, AtomicU64, { StaleCause::ALL.len() }>,
     pulls_saved: AtomicU64,
     bytes_fetched: AtomicU64,
+    prefetched_manifests: AtomicU64,
+    prefetched_blobs: AtomicU64,
     /// Requests answered from the negative cache (a remembered upstream 404).
     negative_hits: AtomicU64,
 }
@@ -145,6 +147,12 @@ impl UpstreamMetrics {
     /// A client manifest GET answered without an upstream GET.
     pub fn pull_saved(&self) {
         add(&self.own().pulls_saved, 1);
+    }
+
+    /// Manifests and blobs fetched ahead of clients after a tag moved.
+    pub fn prefetched(&self, manifests: u64, blobs: u64) {
+        add(&self.own().prefetched_manifests, manifests);
+        add(&self.own().prefetched_blobs, blobs);
     }
 
     /// A request answered from the negative cache, without asking upstream.

@@ -317,6 +317,9 @@ impl Proxy {
         };
         tracing::info!(repo = %name, %tag, from = %entry.digest, to = %new_entry.digest, "tag moved upstream");
         self.manifests.set_tag(name, tag, new_entry.clone()).await;
+        if had_bytes {
+            self.prefetch_moved(name, tag, &entry.digest, &new_entry.digest);
+        }
         Ok(new_entry)
     }
 }

@@ -13,6 +13,7 @@ mod fetch;
 mod inspect;
 mod lookup;
 mod missing;
+mod prefetch;
 mod tags;
 
 pub use blobs::BlobHead;
@@ -110,6 +111,8 @@ pub struct Proxy {
     /// Access control is on: cached content reaches a repository only where its upstream
     /// shows it there (one HEAD, remembered), whoever fetched it.
     restricted: bool,
+    /// `prefetch_on_move`.
+    prefetch_on_move: bool,
 }
 
 /// A request for a manifest, as parsed at the edge.
@@ -193,6 +196,7 @@ impl Proxy {
                 .max_capacity(100_000)
                 .build(),
             restricted: config.access_control(),
+            prefetch_on_move: config.prefetch_on_move,
         })
     }
 }

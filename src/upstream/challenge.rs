@@ -25,6 +25,12 @@ impl Upstream {
             || self.ping.get().is_some_and(|p| p.docker_hub)
     }
 
+    /// Asks the upstream's `/v2/` now (the one ping it costs, done early): whether it answered
+    /// as a registry.
+    pub async fn check(&self) -> Result<(), Error> {
+        self.pinged().await.map(|_| ())
+    }
+
     /// Pings `/v2/` once (like distribution's proxy) to learn the auth scheme and realm, so
     /// every later request carries its credentials up front instead of collecting a 401.
     async fn pinged(&self) -> Result<Ping, Error> {

@@ -119,9 +119,9 @@ impl Error {
     }
 }
 
-/// What kind of failure kept a request from upstream, in a client's words: the first cause in
-/// the chain that says.
-fn unreachable_class(e: &reqwest::Error) -> &'static str {
+/// What kind of failure kept a request from its server, in a client's words: the first cause
+/// in the chain that says (`connection refused`, `name not resolved`, ...).
+pub fn unreachable_class(e: &reqwest::Error) -> &'static str {
     use std::io::ErrorKind;
     let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(cause) = next {

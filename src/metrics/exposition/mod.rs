@@ -231,10 +231,10 @@ impl Scrape {
         Ok(())
     }
 
-    /// `blob_fetched`, `pulls_saved` and `negative_cache_hits`, by upstream.
+    /// `blob_fetched`, `pulls_saved`, what was prefetched and `negative_cache_hits`, by upstream.
     fn per_upstream_counters(&self, encoder: &mut DescriptorEncoder) -> fmt::Result {
         type Value = fn(&PerUpstream) -> u64;
-        let families: [(&str, &str, Option<Unit>, Value); 3] = [
+        let families: [(&str, &str, Option<Unit>, Value); 5] = [
             (
                 "blob_fetched",
                 "Blob bytes received from upstream, by upstream.",
@@ -246,6 +246,18 @@ impl Scrape {
                 "Client manifest GETs answered without an upstream GET (Docker Hub pulls saved), by upstream.",
                 None,
                 |own| get(&own.pulls_saved),
+            ),
+            (
+                "prefetched_manifests",
+                "Manifests fetched ahead of clients after a tag moved upstream (prefetch_on_move), by upstream.",
+                None,
+                |own| get(&own.prefetched_manifests),
+            ),
+            (
+                "prefetched_blobs",
+                "Blobs fetched ahead of clients after a tag moved upstream (prefetch_on_move), by upstream.",
+                None,
+                |own| get(&own.prefetched_blobs),
             ),
             (
                 "negative_cache_hits",
@@ -328,6 +340,8 @@ mod tests {
                 "stale_served_total counter",
                 "blob_fetched_bytes_total counter",
                 "pulls_saved_total counter",
+                "prefetched_manifests_total counter",
+                "prefetched_blobs_total counter",
                 "negative_cache_hits_total counter",
                 "blob_evictions_total counter",
                 "blob_evicted_bytes_total counter",

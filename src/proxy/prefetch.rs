@@ -1,0 +1,199 @@
+//! Prefetch when a tag moves (`prefetch_on_move`): once a revalidation has found a tag at a new
+//! digest, what clients pulled under the old one is fetched at the new one in the background:
+//! for an index, the new manifests of the platforms whose manifests were cached under the old
+//! index, then their configs and layers not cached yet; for a plain image, its new blobs. The
+//! first pull after an upstream release is then all hits.
+//!
+//! It goes through the same single-flight fetches as client requests (a client asking for the
+//! same manifest or blob meanwhile joins it), under the upstream's concurrency cap, and asks
+//! nothing while the rate-limit budget is below `ratelimit_reserve`.
+
+use super::Proxy;
+use crate::error::Error;
+use crate::registry::{ByteRange, Contents, Descriptor, Digest, RepoName, Tag};
+use futures_util::{StreamExt, TryStreamExt};
+use std::sync::Arc;
+use tracing::Instrument;
+
+/// Most platform manifests one move prefetches.
+const MAX_PLATFORMS: usize = 16;
+/// Most blobs of one image prefetched (a manifest may name any number).
+const MAX_BLOBS: usize = 256;
+/// Blobs one prefetch downloads at once, as a client pulls layers.
+const BLOBS_AT_ONCE: usize = 2;
+
+/// What one prefetch fetched from upstream.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Fetched {
+    manifests: u64,
+    blobs: u64,
+    bytes: u64,
+    /// It stopped early: the rate-limit budget went below the reserve.
+    held: bool,
+}
+
+impl Proxy {
+    /// Starts the prefetch for `tag`, moved from `from` to `to`, behind the answer that found
+    /// the move (when `prefetch_on_move` is on).
+    pub(super) fn prefetch_moved(
+        self: &Arc<Self>,
+        name: &RepoName,
+        tag: &Tag,
+        from: &Digest,
+        to: &Digest,
+    ) {
+        if !self.prefetch_on_move {
+            return;
+        }
+        let (this, name, tag) = (Arc::clone(self), name.clone(), tag.clone());
+        let (from, to) = (from.clone(), to.clone());
+        let task = async move {
+            let mut fetched = Fetched::default();
+            let outcome = this.prefetch(&name, &from, &to, &mut fetched).await;
+            this.upstream
+                .metrics
+                .prefetched(fetched.manifests, fetched.blobs);
+            match outcome {
+                Err(e) => {
+                    tracing::warn!(repo = %name, %tag, to = %to, manifests = fetched.manifests, blobs = fetched.blobs, error = %crate::error::Chain(&e), "prefetch after the tag moved failed")
+                }
+                Ok(()) if fetched.held => {
+                    tracing::warn!(repo = %name, %tag, to = %to, manifests = fetched.manifests, blobs = fetched.blobs, "prefetch after the tag moved stopped: the rate-limit budget is below the reserve")
+                }
+                Ok(()) if fetched != Fetched::default() => {
+                    tracing::info!(repo = %name, %tag, to = %to, manifests = fetched.manifests, blobs = fetched.blobs, bytes = fetched.bytes, "prefetched what the moved tag now names")
+                }
+                Ok(()) => {
+                    tracing::debug!(repo = %name, %tag, to = %to, "nothing to prefetch after the tag moved")
+                }
+            }
+        };
+        tokio::spawn(task.in_current_span());
+    }
+
+    async fn prefetch(
+        self: &Arc<Self>,
+        name: &RepoName,
+        from: &Digest,
+        to: &Digest,
+        fetched: &mut Fetched,
+    ) -> Result<(), Error> {
+        let Some(old) = self.manifests.get(from).await else {
+            return Ok(());
+        };
+        let new = match self.manifests.get(to).await {
+            Some(new) => new,
+            None => {
+                if self.below_reserve(fetched) {
+                    return Ok(());
+                }
+                fetched.manifests += 1;
+                self.fetch_digest(name, to).await?
+            }
+        };
+        let images = match (Contents::parse(&old.bytes), Contents::parse(&new.bytes)) {
+            (Some(Contents::Index(old)), Some(Contents::Index(new))) => {
+                self.platforms_pulled(&old, new).await
+            }
+            // A tag that was an index and is now one image: its blobs, if anything was pulled.
+            (Some(Contents::Index(old)), Some(Contents::Image(_))) => {
+                if self.platforms_pulled(&old, old.clone()).await.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![to.clone()]
+                }
+            }
+            (Some(Contents::Image(_)), Some(Contents::Image(_))) => vec![to.clone()],
+            // An image that became an index: which platform the old one was is in its config,
+            // not its manifest; nothing is guessed.
+            _ => Vec::new(),
+        };
+        for image in images {
+            let manifest = match self.manifests.get(&image).await {
+                Some(manifest) => manifest,
+                None => {
+                    if self.below_reserve(fetched) {
+                        return Ok(());
+                    }
+                    fetched.manifests += 1;
+                    self.fetch_digest(name, &image).await?
+                }
+            };
+            if let Some(Contents::Image(blobs)) = Contents::parse(&manifest.bytes) {
+                self.prefetch_blobs(name, blobs, fetched).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The entries of `new` for the platforms whose manifests under `old` are cached.
+    async fn platforms_pulled(&self, old: &[Descriptor], new: Vec<Descriptor>) -> Vec<Digest> {
+        let mut pulled = Vec::new();
+        for entry in old {
+            if let Some(platform) = &entry.platform
+                && self.manifests.has_manifest(&entry.digest).await
+            {
+                pulled.push(platform.clone());
+            }
+        }
+        new.into_iter()
+            .filter(|d| d.platform.as_ref().is_some_and(|p| pulled.contains(p)))
+            .map(|d| d.digest)
+            .take(MAX_PLATFORMS)
+            .collect()
+    }
+
+    /// Downloads the blobs not stored yet, a few at a time, each to its end (verified and
+    /// stored); joins a download already under way.
+    async fn prefetch_blobs(
+        self: &Arc<Self>,
+        name: &RepoName,
+        blobs: Vec<Descriptor>,
+        fetched: &mut Fetched,
+    ) -> Result<(), Error> {
+        let missing: Vec<Descriptor> = blobs
+            .into_iter()
+            .filter(|b| b.size > 0 && !self.blobs.contains(&b.digest))
+            .take(MAX_BLOBS)
+            .collect();
+        let mut downloads = futures_util::stream::iter(missing)
+            .map(|blob| async move {
+                self.download_to_end(name, &blob.digest)
+                    .await
+                    .map(|()| blob.size)
+            })
+            .buffer_unordered(BLOBS_AT_ONCE);
+        while let Some(done) = downloads.next().await {
+            let size = done?;
+            fetched.blobs += 1;
+            fetched.bytes = fetched.bytes.saturating_add(size);
+        }
+        Ok(())
+    }
+
+    /// Fetches a blob and waits until it is stored: a follower's last byte comes only once the
+    /// whole blob has verified, so asking for it (and nothing more) waits for the end.
+    async fn download_to_end(
+        self: &Arc<Self>,
+        name: &RepoName,
+        digest: &Digest,
+    ) -> Result<(), Error> {
+        let joined = self
+            .fetch_blob(name, digest, Some(ByteRange::Suffix(1)), true)
+            .await?;
+        if let super::blob_fetch::Joined::Body(body) = joined {
+            body.stream
+                .try_for_each(|_| async { Ok(()) })
+                .await
+                // The download failed: the follower's stream says why.
+                .map_err(|e| Error::Upstream(Arc::new(e)))?;
+        }
+        Ok(())
+    }
+
+    /// Whether the budget is below the reserve (then nothing more is fetched).
+    fn below_reserve(&self, fetched: &mut Fetched) -> bool {
+        fetched.held = self.upstream.limits.below_reserve(self.reserve);
+        fetched.held
+    }
+}

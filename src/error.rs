@@ -72,6 +72,9 @@ pub enum Error {
         /// When the brake's window ends.
         retry_after: Duration,
     },
+    /// pullthrough is offline and what was asked is not cached: the message names it.
+    #[error("{0}")]
+    Offline(String),
     /// Upstream did not answer within the deadline.
     #[error("upstream did not answer in time")]
     GatewayTimeout,

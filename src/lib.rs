@@ -86,8 +86,12 @@ pub async fn serve(
 /// Asks every upstream's `/v2/` once, at startup, and logs whether it answered, so a first run
 /// says at once whether its upstream is reachable. Nothing waits for it: readiness does not
 /// depend on upstream. It is the one ping each upstream costs anyway (learning how it
-/// authenticates), done early; one that failed is asked again at the next miss.
+/// authenticates), done early; one that failed is asked again at the next miss. Offline, none.
 fn check_upstreams(state: &state::AppState) {
+    // Offline, nothing is asked: the ping waits for the first miss after going online.
+    if state.offline.is_on() {
+        return;
+    }
     for proxy in state.proxies() {
         let proxy = Arc::clone(proxy);
         tokio::spawn(async move {

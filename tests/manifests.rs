@@ -459,19 +459,17 @@ async fn a_moved_tag_prefetches_the_platforms_pulled_before() {
     assert_eq!(child.headers()["x-cache"], "HIT");
     for blob in &amd64.blobs {
         let r = proxy
-            .get(&format!("/v2/library/app/blobs/{}", support::hub::sha256(blob)))
+            .get(&format!(
+                "/v2/library/app/blobs/{}",
+                support::hub::sha256(blob)
+            ))
             .await;
         assert_eq!(r.headers()["x-cache"], "HIT");
         assert_eq!(&r.bytes().await.unwrap(), blob);
     }
     assert_eq!(hub.total(), before, "nothing asked upstream");
 
-    let stats: serde_json::Value = proxy
-        .get("/_pullthrough/stats")
-        .await
-        .json()
-        .await
-        .unwrap();
+    let stats: serde_json::Value = proxy.get("/_pullthrough/stats").await.json().await.unwrap();
     assert_eq!(stats["counters"]["prefetched_manifests"], 1, "{stats}");
     assert_eq!(stats["counters"]["prefetched_blobs"], 2, "{stats}");
     let scrape = support::scrape(&proxy).await;

@@ -769,3 +769,45 @@ async fn signatures_charts_and_artifacts_pass_through_byte_exact() {
         "application/vnd.example.thing.v1"
     );
 }
+
+#[tokio::test]
+async fn offline_a_cached_list_is_served_at_any_age_and_a_missing_one_is_503() {
+    let hub = FakeHub::start().await;
+    hub.set_referrers_api(true, 0);
+    let f = fixture(&hub, "org/app");
+    let proxy = TestProxy::start_with(&hub, |c| {
+        c.tag_ttl = Duration::from_millis(200);
+        c.max_stale = Duration::from_millis(300);
+    })
+    .await;
+    let p = path("org/app", &f.subject.digest);
+    let online = index(proxy.get(&p).await).await;
+    assert_eq!(online["manifests"].as_array().unwrap().len(), 2);
+    let switched = proxy
+        .request(reqwest::Method::PUT, "/_pullthrough/offline", &[])
+        .await;
+    // (The body goes with the request below; this one only proves the switch needs it.)
+    assert_eq!(switched.status(), 400);
+    let switched = support::client()
+        .put(format!("{}/_pullthrough/offline", proxy.url))
+        .body(r#"{"offline": true}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(switched.status(), 200);
+    let before = hub.total() + hub.count("ping");
+    // Past tag_ttl and max_stale: still served, and nothing is asked.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let r = proxy.get(&p).await;
+    assert_eq!(r.headers()["x-cache"], "STALE");
+    assert_eq!(index(r).await, online);
+    let other = Image::single("offline-other", support::DOCKER_MANIFEST, 10);
+    let r = proxy.get(&path("org/app", &other.digest)).await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(error_code(r).await, "UNAVAILABLE");
+    assert_eq!(
+        hub.total() + hub.count("ping"),
+        before,
+        "nothing asked offline"
+    );
+}

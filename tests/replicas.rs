@@ -676,6 +676,54 @@ async fn a_purge_through_one_replica_takes_effect_on_every_replica() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs redis-server and moto_server (run by .ci/run)"]
+async fn a_purge_through_one_replica_forgets_a_remembered_404_on_every_replica() {
+    let hub = FakeHub::start().await;
+    hub.push("library/app", "1", &image());
+    let s3 = S3::start().await;
+    let redis = Redis::start().await;
+    let (replicas, _dirs) =
+        cluster_with(&hub, &s3, &redis, &[("PULLTHROUGH_NEGATIVE_TTL", "10m")]).await;
+    let path = "/v2/library/app/manifests/late";
+    for replica in &replicas {
+        for _ in 0..3 {
+            assert_eq!(replica.get(path).await.status(), 404);
+        }
+    }
+    let asked = hub.count(&format!("GET {path}"));
+    assert!(asked <= 3, "{asked} GETs: each replica remembers its 404");
+    // Pushed upstream: still remembered everywhere, until a purge through one replica.
+    hub.push(
+        "library/app",
+        "late",
+        &Image::single("late", DOCKER_MANIFEST, 10),
+    );
+    for replica in &replicas {
+        assert_eq!(replica.get(path).await.status(), 404);
+    }
+    assert_eq!(hub.count(&format!("GET {path}")), asked);
+    let r = support::client()
+        .delete(format!(
+            "{}/_pullthrough/cache/library/app/manifests/late",
+            replicas[0].url
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let forgotten = eventually(Duration::from_secs(10), async || {
+        for replica in &replicas {
+            if replica.get(path).await.status() != 200 {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    assert!(forgotten, "a replica still answered its remembered 404");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server and moto_server (run by .ci/run)"]
 async fn with_object_storage_down_cached_pulls_go_on_and_new_content_is_fetched() {
     let hub = FakeHub::start().await;
     let image = image();

@@ -9,7 +9,8 @@ const PURGES: &str = "pullthrough:purges";
 /// A purge done through one replica's cache API.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Purged {
-    /// `tag`, `manifest` or `blob`.
+    /// `tag`, `manifest`, `blob`, or `not_found` (remembered upstream 404s of a repository,
+    /// or of one reference when `reference` is set).
     pub kind: String,
     /// The upstream (its host, as the cache API names it).
     pub upstream: String,

@@ -113,6 +113,18 @@ pub struct Config {
     /// How long a tags list answer is reused.
     #[serde(with = "humantime_serde")]
     pub tags_list_ttl: Duration,
+    /// Ask no upstream anything (registry, token realm, blob CDN): serve what is cached, tags
+    /// whatever their age, and answer 503 for the rest. Switchable at run time through the
+    /// cache API (`PUT /_pullthrough/offline`).
+    pub offline: bool,
+    /// How long an upstream 404 for a tag or manifest is remembered, per upstream and
+    /// repository, so repeated requests for something missing cost one upstream request per
+    /// this time. `0s` turns the negative cache off.
+    #[serde(with = "humantime_serde")]
+    pub negative_ttl: Duration,
+    /// Most upstream 404s remembered at once (least recently used forgotten first); 0 turns
+    /// the negative cache off.
+    pub negative_cache_entries: u64,
     /// Time allowed to open a connection to the upstream.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -201,6 +213,9 @@ impl Default for Config {
             advertise_url: String::new(),
             cluster_secret: None,
             tags_list_ttl: Duration::from_secs(30),
+            offline: false,
+            negative_ttl: Duration::from_secs(10),
+            negative_cache_entries: 10_000,
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
             client_header_timeout: Duration::from_secs(20),

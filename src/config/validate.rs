@@ -140,6 +140,7 @@ impl Config {
             ("max_upstream_pause", self.max_upstream_pause, true),
             ("scrub_interval", self.scrub_interval, true),
             ("tags_list_ttl", self.tags_list_ttl, false),
+            ("negative_ttl", self.negative_ttl, false),
             ("connect_timeout", self.connect_timeout, true),
             ("request_timeout", self.request_timeout, true),
             ("client_header_timeout", self.client_header_timeout, true),
@@ -170,6 +171,12 @@ impl Config {
         }
         if !(1..=1_000_000).contains(&self.max_client_connections) {
             return bad("max_client_connections", "must be from 1 to 1000000");
+        }
+        if self.negative_cache_entries > 10_000_000 {
+            return bad(
+                "negative_cache_entries",
+                "must be from 0 (no negative cache) to 10000000",
+            );
         }
         Ok(())
     }
@@ -362,6 +369,44 @@ mod tests {
             !shown.contains("6379") && !shown.contains("0123456789abcdef"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn offline_and_the_negative_cache_are_read_from_the_environment_and_checked() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("PULLTHROUGH_OFFLINE", "true"),
+                ("PULLTHROUGH_NEGATIVE_TTL", "0s"),
+                ("PULLTHROUGH_NEGATIVE_CACHE_ENTRIES", "0"),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert!(c.offline);
+        assert!(c.negative_ttl.is_zero());
+        assert_eq!(c.negative_cache_entries, 0);
+        let defaults = Config::load(None, env(&[]), &Overrides::default()).unwrap();
+        assert!(!defaults.offline);
+        assert_eq!(defaults.negative_ttl.as_secs(), 10);
+        assert_eq!(defaults.negative_cache_entries, 10_000);
+        for (key, value) in [
+            ("PULLTHROUGH_OFFLINE", "yes please"),
+            ("PULLTHROUGH_NEGATIVE_TTL", "soon"),
+            ("PULLTHROUGH_NEGATIVE_TTL", "11y"),
+            ("PULLTHROUGH_NEGATIVE_CACHE_ENTRIES", "10000001"),
+            ("PULLTHROUGH_NEGATIVE_CACHE_ENTRIES", "-1"),
+        ] {
+            let err = Config::load(None, env(&[(key, value)]), &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            let named = key.trim_start_matches("PULLTHROUGH_").to_lowercase();
+            assert!(
+                err.contains(&format!("\"{named}\"")),
+                "{key}={value}: {err}"
+            );
+            assert!(!err.contains('\n'), "{err}");
+        }
     }
 
     #[test]

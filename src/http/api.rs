@@ -1,9 +1,13 @@
 //! The cache API under `/_pullthrough/`, pretty-printed JSON for curl: the cached tags
 //! (filtered, paged), one entry with its platforms and blobs and what a pull would cost
-//! (`?explain=pull`), a referrers list (`<name>/referrers/<digest>`), the stats, and purges (`?dry_run=true` lists what would go).
+//! (`?explain=pull`), a referrers list (`<name>/referrers/<digest>`), the stats, purges
+//! (`?dry_run=true` lists what would go), and the offline switch (`GET`/`PUT /offline`,
+//! `{"offline": true|false}`).
 //!
 //! Access: with `admin_token` set, every endpoint needs `Authorization: Bearer <admin_token>`;
-//! without it, a purge is accepted only from a loopback client, and reading is open, except
+//! without it, a change (a purge, the offline switch) is accepted only from a loopback client,
+//! and the offline switch only from the admin (not a client of access control); reading is
+//! open, except
 //! that with client access control on a client sees only the repositories it may pull (no
 //! blob entries, no upstream URLs or recent upstream errors). Unknown query keys are a 400: a
 //! misspelled `dry_run` must not purge for real.
@@ -28,6 +32,7 @@ pub fn router(state: Arc<AppState>) -> Router<Arc<AppState>> {
         .route("/cache/", axum::routing::get(list))
         .route("/cache/{*rest}", axum::routing::get(show).delete(purge))
         .route("/stats", axum::routing::get(stats))
+        .route("/offline", axum::routing::get(offline).put(set_offline))
         .layer(middleware::from_fn_with_state(state, guard))
 }
 
@@ -91,11 +96,11 @@ async fn guard(State(state): State<Arc<AppState>>, mut request: Request, next: N
                 return unauthorized("this endpoint needs Authorization: Bearer <admin_token>");
             }
         },
-        None if request.method() == Method::DELETE => {
+        None if !matches!(*request.method(), Method::GET | Method::HEAD) => {
             let loopback = super::peer_ip(&request).is_some_and(|ip| ip.is_loopback());
             if !loopback {
                 return unauthorized(
-                    "purging is accepted only from a loopback client unless admin_token is set",
+                    "purging and switching offline are accepted only from a loopback client unless admin_token is set",
                 );
             }
         }
@@ -323,18 +328,74 @@ async fn purge(
         }
         Target::Blob(digest) => state.proxy.purge_blob(&digest, dry_run).await,
     };
-    let removed =
-        purge.tags.len() + purge.manifests.len() + purge.blobs.len() + purge.referrers.len();
+    let removed = purge.tags.len()
+        + purge.manifests.len()
+        + purge.blobs.len()
+        + purge.referrers.len()
+        + purge.not_found.len();
     if !dry_run && removed > 0 {
         tracing::info!(
             tags = purge.tags.len(),
             manifests = purge.manifests.len(),
             blobs = purge.blobs.len(),
             referrers = purge.referrers.len(),
+            not_found = purge.not_found.len(),
             "purged from the cache"
         );
     }
     Ok(json(StatusCode::OK, &PurgeAnswer { dry_run, purge }))
+}
+
+/// The offline switch's body and answer.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OfflineSwitch {
+    offline: bool,
+}
+
+/// `GET /offline`: whether pullthrough is offline.
+async fn offline(State(state): State<Arc<AppState>>) -> Response {
+    json(
+        StatusCode::OK,
+        &OfflineSwitch {
+            offline: state.offline.is_on(),
+        },
+    )
+}
+
+/// `PUT /offline` with `{"offline": true|false}`: the admin switches offline mode (it takes
+/// effect for every upstream request not yet sent; exchanges under way finish).
+async fn set_offline(
+    State(state): State<Arc<AppState>>,
+    Extension(viewer): Extension<Viewer>,
+    body: axum::body::Bytes,
+) -> Response {
+    if viewer != Viewer::Admin {
+        return Error::AccessDenied.into_response();
+    }
+    // An object only: serde would take `[true]` for the struct too.
+    let parsed = serde_json::from_slice::<serde_json::Value>(&body).and_then(|value| match value {
+        serde_json::Value::Object(_) => serde_json::from_value::<OfflineSwitch>(value),
+        _ => Err(serde::de::Error::custom("not a JSON object")),
+    });
+    let switch = match parsed {
+        Ok(switch) => switch,
+        Err(e) => {
+            return bad_request(&format!(
+                r#"body: {{"offline": true}} or {{"offline": false}} ({e})"#
+            ));
+        }
+    };
+    let was = state.offline.set(switch.offline);
+    if was != switch.offline {
+        match switch.offline {
+            true => tracing::warn!(
+                "offline (cache API): nothing is asked upstream; what is not cached answers 503"
+            ),
+            false => tracing::info!("online again (cache API): upstream is asked as usual"),
+        }
+    }
+    json(StatusCode::OK, &switch)
 }
 
 async fn stats(

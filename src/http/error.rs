@@ -35,6 +35,7 @@ impl Error {
                 (StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS")
             }
             Error::GatewayTimeout => (StatusCode::GATEWAY_TIMEOUT, "UNAVAILABLE"),
+            Error::Offline(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
             Error::Upstream(_) => (StatusCode::BAD_GATEWAY, "UNAVAILABLE"),
             Error::Storage(_) | Error::Task(_) => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN"),
         }

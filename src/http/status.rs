@@ -1,7 +1,7 @@
 //! The status page at `/`: one small server-rendered HTML page, no script, that shows at a
 //! glance what the stats endpoint reports: hit ratio, pulls saved, rate-limit budget, the most
 //! pulled images with their freshness, disk use, each upstream's share, and the last upstream
-//! errors.
+//! errors; and a banner while offline.
 
 use crate::metrics::UpstreamFailure;
 use crate::state::{AppState, Stats, UpstreamStats, Viewer};
@@ -86,9 +86,10 @@ h1{{font-size:1.4em}} h2{{font-size:1.1em;margin-top:2em}}
 .card b{{display:block;font-size:1.6em}}
 table{{border-collapse:collapse;width:100%}} td,th{{border-bottom:1px solid #eee;padding:.3em .5em;text-align:left}}
 .num{{text-align:right}} .fresh{{color:#2a7}} .stale{{color:#c80}} .expired{{color:#c33}}
+.offline{{background:#fdf3d8;border:1px solid #e8c060;border-radius:6px;padding:.6em 1em}}
 </style></head><body>
 <h1>pullthrough <small>→ {upstream}</small></h1>
-<div class="cards">
+{offline}<div class="cards">
 <div class="card">manifest hit ratio<b id="hit-ratio">{hit_ratio}</b></div>
 <div class="card">blob hit ratio<b id="blob-hit-ratio">{blob_ratio}</b></div>
 <div class="card">pulls saved<b id="pulls-saved">{pulls_saved}</b></div>
@@ -105,6 +106,11 @@ table{{border-collapse:collapse;width:100%}} td,th{{border-bottom:1px solid #eee
 </body></html>
 "#,
         upstream = esc(&stats.upstream),
+        offline = if stats.offline {
+            "<p id=\"offline\" class=\"offline\"><b>Offline</b>: nothing is asked upstream; cached content is served (tags whatever their age), the rest answers 503.</p>\n"
+        } else {
+            ""
+        },
         hit_ratio = ratio("manifest"),
         blob_ratio = ratio("blob"),
         pulls_saved = c.totals.pulls_saved,

@@ -5,15 +5,18 @@
 //!
 //! `store` holds the cache and its manifests, `tags` the tag index in the same cache,
 //! `referrers` the referrers lists (OCI 1.1) of each subject, `intents` the order its files are
-//! written and removed in, and `freshness` the TTL policy.
+//! written and removed in, `freshness` the TTL policy, and `negative` the upstream 404s
+//! remembered for a while (`negative_ttl`).
 
 mod freshness;
 mod intents;
+mod negative;
 mod referrers;
 mod store;
 mod tags;
 
 pub use freshness::{Freshness, TagPolicy};
+pub use negative::{Missing, Negative, NegativeCache};
 pub use referrers::{Referrers, ReferrersEntry, TagIndex};
 pub use store::ManifestCache;
 pub use tags::{TagEntry, TagUsage};

@@ -35,6 +35,8 @@ pub struct ManifestCache {
     pub(super) shared: Option<(Arc<ObjectStorage>, String)>,
     /// Replicas coordinate through Redis: object storage writes are awaited.
     coordinated: bool,
+    /// Upstream 404s remembered for `negative_ttl` (nothing, unless [`Self::remembering`]).
+    pub negative: super::Negative,
 }
 
 /// The largest manifest or tag entry read back from object storage.
@@ -62,6 +64,7 @@ impl ManifestCache {
             usage: Cache::builder().max_capacity(1_000_000).build(),
             shared: None,
             coordinated: false,
+            negative: super::Negative::default(),
         };
         cache.load_tags()?;
         Ok(cache)
@@ -77,6 +80,12 @@ impl ManifestCache {
     ) -> ManifestCache {
         self.shared = Some((objects, prefix));
         self.coordinated = coordinated;
+        self
+    }
+
+    /// Remembers upstream 404s in `negative` (this upstream's part of the shared cache).
+    pub fn remembering(mut self, negative: super::Negative) -> ManifestCache {
+        self.negative = negative;
         self
     }
 

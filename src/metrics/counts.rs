@@ -52,6 +52,9 @@ pub struct UpstreamCounts {
     pub prefetched_manifests: u64,
     /// Blobs fetched ahead of clients after a tag moved.
     pub prefetched_blobs: u64,
+    /// Requests answered from the negative cache (an upstream 404 remembered for
+    /// `negative_ttl`), without asking upstream.
+    pub negative_cache_hits: u64,
 }
 
 impl UpstreamCounts {
@@ -68,6 +71,7 @@ impl UpstreamCounts {
             blob_bytes_fetched: 0,
             prefetched_manifests: 0,
             prefetched_blobs: 0,
+            negative_cache_hits: 0,
         }
     }
 
@@ -102,6 +106,7 @@ impl UpstreamCounts {
         self.blob_bytes_fetched += get(&own.bytes_fetched);
         self.prefetched_manifests += get(&own.prefetched_manifests);
         self.prefetched_blobs += get(&own.prefetched_blobs);
+        self.negative_cache_hits += get(&own.negative_hits);
     }
 }
 

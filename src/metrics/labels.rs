@@ -166,13 +166,16 @@ pub enum StaleCause {
     UpstreamError,
     /// The rate-limit budget was below the reserve.
     Budget,
+    /// pullthrough is offline: upstream is not asked.
+    Offline,
 }
 
 impl StaleCause {
-    pub(super) const ALL: [StaleCause; 3] = [
+    pub(super) const ALL: [StaleCause; 4] = [
         StaleCause::Revalidating,
         StaleCause::UpstreamError,
         StaleCause::Budget,
+        StaleCause::Offline,
     ];
 
     pub(super) fn label(self) -> &'static str {
@@ -180,6 +183,7 @@ impl StaleCause {
             StaleCause::Revalidating => "revalidating",
             StaleCause::UpstreamError => "upstream_error",
             StaleCause::Budget => "budget",
+            StaleCause::Offline => "offline",
         }
     }
 }

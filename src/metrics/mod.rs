@@ -64,6 +64,8 @@ struct PerUpstream {
     bytes_fetched: AtomicU64,
     prefetched_manifests: AtomicU64,
     prefetched_blobs: AtomicU64,
+    /// Requests answered from the negative cache (a remembered upstream 404).
+    negative_hits: AtomicU64,
 }
 
 /// Every counter. Client requests carry the upstream they were routed to (or none, for `/v2/`,
@@ -151,6 +153,11 @@ impl UpstreamMetrics {
     pub fn prefetched(&self, manifests: u64, blobs: u64) {
         add(&self.own().prefetched_manifests, manifests);
         add(&self.own().prefetched_blobs, blobs);
+    }
+
+    /// A request answered from the negative cache, without asking upstream.
+    pub fn negative_hit(&self) {
+        add(&self.own().negative_hits, 1);
     }
 
     /// A stale answer.

@@ -151,6 +151,8 @@ impl Proxy {
             let outcome = this.download(incoming, &name, &digest, &mut run).await;
             let stored = match &outcome {
                 Ok(private) => Some(*private),
+                // Every request that follows it says so; no warning per request.
+                Err(Error::Offline(_)) => None,
                 Err(e) => {
                     tracing::warn!(%digest, repo = %name, error = %crate::error::Chain(e), "blob download failed; nothing stored");
                     None

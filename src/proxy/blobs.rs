@@ -39,6 +39,28 @@ impl Proxy {
         digest: &Digest,
         range: Option<ByteRange>,
     ) -> Result<BlobBody, Error> {
+        Box::pin(self.serve_blob(name, digest, range))
+            .await
+            .map_err(|e| failure::offline(e, || format!("blob {name}@{digest}")))
+    }
+
+    /// HEAD of a blob: the store, a download under way, or an upstream HEAD.
+    pub async fn blob_head(
+        self: &Arc<Self>,
+        name: &RepoName,
+        digest: &Digest,
+    ) -> Result<BlobHead, Error> {
+        self.describe_blob(name, digest)
+            .await
+            .map_err(|e| failure::offline(e, || format!("blob {name}@{digest}")))
+    }
+
+    async fn serve_blob(
+        self: &Arc<Self>,
+        name: &RepoName,
+        digest: &Digest,
+        range: Option<ByteRange>,
+    ) -> Result<BlobBody, Error> {
         if self.blobs.verified_size(digest).await.is_some() {
             self.may_share_stored(name, digest).await?;
             if let Some(body) = self.blobs.open_stored(digest, range).await? {
@@ -70,8 +92,7 @@ impl Proxy {
         Ok(body)
     }
 
-    /// HEAD of a blob: the store, a download under way, or an upstream HEAD.
-    pub async fn blob_head(
+    async fn describe_blob(
         self: &Arc<Self>,
         name: &RepoName,
         digest: &Digest,

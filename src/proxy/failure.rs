@@ -8,7 +8,8 @@ use std::sync::Arc;
 impl From<upstream::Error> for Error {
     fn from(e: upstream::Error) -> Error {
         match e {
-            upstream::Error::NotFound | upstream::Error::Denied => Error::NameUnknown,
+            upstream::Error::NotFound { .. } | upstream::Error::Denied => Error::NameUnknown,
+            upstream::Error::Offline => Error::Offline(OFFLINE.to_owned()),
             upstream::Error::TooManyRequests { retry_after } => {
                 Error::TooManyRequests { retry_after }
             }
@@ -30,7 +31,7 @@ impl From<upstream::Error> for Error {
 /// Maps an upstream failure for a manifest request.
 pub(crate) fn manifest(e: upstream::Error) -> Error {
     match e {
-        upstream::Error::NotFound => Error::ManifestUnknown("manifest unknown".into()),
+        upstream::Error::NotFound { .. } => Error::ManifestUnknown("manifest unknown".into()),
         other => Error::from(other),
     }
 }
@@ -38,8 +39,23 @@ pub(crate) fn manifest(e: upstream::Error) -> Error {
 /// Maps an upstream failure for a blob request.
 pub(crate) fn blob(e: upstream::Error) -> Error {
     match e {
-        upstream::Error::NotFound => Error::BlobUnknown,
+        upstream::Error::NotFound { .. } => Error::BlobUnknown,
         other => Error::from(other),
+    }
+}
+
+/// What an offline answer says when nothing names the reference (see [`offline`]).
+const OFFLINE: &str = "pullthrough is offline and this is not cached";
+
+/// `e`, when pullthrough is offline, saying what is not cached (`what`: `library/alpine:3.20`,
+/// `the tags list of library/alpine`).
+pub(crate) fn offline(e: Error, what: impl FnOnce() -> String) -> Error {
+    match e {
+        Error::Offline(_) => Error::Offline(format!(
+            "pullthrough is offline and {} is not cached",
+            what()
+        )),
+        other => other,
     }
 }
 
@@ -71,16 +87,21 @@ mod tests {
     #[test]
     fn not_found_means_what_was_asked_for() {
         assert!(matches!(
-            manifest(upstream::Error::NotFound),
+            manifest(upstream::Error::NotFound { registry: true }),
             Error::ManifestUnknown(_)
         ));
         assert!(matches!(
-            blob(upstream::Error::NotFound),
+            blob(upstream::Error::NotFound { registry: false }),
             Error::BlobUnknown
         ));
         assert!(matches!(
             Error::from(upstream::Error::Denied),
             Error::NameUnknown
         ));
+        let offline = offline(manifest(upstream::Error::Offline), || "a/b:1".to_owned());
+        assert_eq!(
+            offline.to_string(),
+            "pullthrough is offline and a/b:1 is not cached"
+        );
     }
 }

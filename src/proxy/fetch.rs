@@ -1,12 +1,12 @@
 //! The upstream operations behind manifest requests, each single-flight per key and run as its
 //! own task: GET by tag, HEAD by tag, GET by digest, and tag revalidation.
 
-use super::failure;
 use super::{Proxy, TagKey, plausible};
+use super::{failure, missing};
 use crate::clock::now_ms;
 use crate::cluster::{Claim, Lock};
 use crate::error::Error;
-use crate::manifests::{Freshness, TagEntry};
+use crate::manifests::{Freshness, Missing, TagEntry};
 use crate::metrics::StaleCause;
 use crate::registry::{Digest, Manifest, Reference, RepoName};
 use crate::upstream;
@@ -34,16 +34,27 @@ impl Proxy {
     ) -> impl Future<Output = Result<TagEntry, Error>> + use<> {
         let this = Arc::clone(self);
         self.tag_gets.join(key.clone(), move || async move {
+            // Again inside the flight: a 404 remembered just after this request looked.
+            let missing = Missing::Tag(key.1.clone());
+            if this.remembered_missing(&key.0, &missing) {
+                return Err(missing::manifest_unknown());
+            }
             let _lock = match this.coordinate_tag(&key).await {
                 Ok(entry) => return Ok(entry),
                 Err(lock) => lock,
             };
             let (name, tag) = key;
-            let manifest = this
+            let manifest = match this
                 .upstream
                 .get_manifest(&name, &Reference::Tag(tag.clone()))
                 .await
-                .map_err(failure::manifest)?;
+            {
+                Ok(manifest) => manifest,
+                Err(e) => {
+                    this.remember_missing(&name, &missing, &e);
+                    return Err(failure::manifest(e));
+                }
+            };
             let entry = TagEntry::new(
                 &manifest.digest,
                 &manifest.media_type,
@@ -63,16 +74,26 @@ impl Proxy {
     ) -> impl Future<Output = Result<TagEntry, Error>> + use<> {
         let this = Arc::clone(self);
         self.tag_heads.join(key.clone(), move || async move {
+            let missing = Missing::Tag(key.1.clone());
+            if this.remembered_missing(&key.0, &missing) {
+                return Err(missing::manifest_unknown());
+            }
             let _lock = match this.coordinate_tag(&key).await {
                 Ok(entry) => return Ok(entry),
                 Err(lock) => lock,
             };
             let (name, tag) = key;
-            let head = this
+            let head = match this
                 .upstream
                 .head_manifest(&name, &Reference::Tag(tag.clone()))
                 .await
-                .map_err(failure::manifest)?;
+            {
+                Ok(head) => head,
+                Err(e) => {
+                    this.remember_missing(&name, &missing, &e);
+                    return Err(failure::manifest(e));
+                }
+            };
             match (head.digest, head.media_type, head.size) {
                 (Some(digest), Some(media_type), Some(size)) if plausible(size) => {
                     let entry = TagEntry::new(&digest, &media_type, size);
@@ -139,12 +160,12 @@ impl Proxy {
     async fn shared_tag(self: &Arc<Self>, key: &TagKey) -> Option<TagEntry> {
         let (name, tag) = key;
         let entry = self.manifests.shared_tag(name, tag).await?;
-        let freshness = self.policy.freshness(tag, entry.validated_at, now_ms());
+        let freshness = self.freshness(tag, entry.validated_at);
         if freshness == Freshness::Expired {
             return None;
         }
         self.manifests.adopt_tag(name, tag, entry.clone());
-        if freshness == Freshness::Stale {
+        if freshness == Freshness::Stale && !self.offline() {
             drop(self.revalidate(key.clone()));
         }
         Some(entry)
@@ -160,6 +181,10 @@ impl Proxy {
         let key = (name.clone(), digest.clone());
         self.digest_gets.join(key.clone(), move || async move {
             let (name, digest) = key;
+            let missing = Missing::Manifest(digest.clone());
+            if this.remembered_missing(&name, &missing) {
+                return Err(missing::manifest_unknown());
+            }
             // In a cluster one replica fetches it; the others take it from object storage
             // (where access cannot depend on credentials or access rules: else they fetch it
             // themselves, so upstream answers for this repository).
@@ -175,11 +200,17 @@ impl Proxy {
                 return Ok(m);
             }
             let _lock = turn.lock();
-            let manifest = this
+            let manifest = match this
                 .upstream
                 .get_manifest(&name, &Reference::Digest(digest.clone()))
                 .await
-                .map_err(failure::manifest)?;
+            {
+                Ok(manifest) => manifest,
+                Err(e) => {
+                    this.remember_missing(&name, &missing, &e);
+                    return Err(failure::manifest(e));
+                }
+            };
             this.manifests.grant(&name, &digest);
             Ok(this.manifests.put(manifest).await)
         })
@@ -210,7 +241,7 @@ impl Proxy {
             return None;
         }
         self.manifests.adopt_tag(name, tag, shared.clone());
-        let fresh = self.policy.freshness(tag, shared.validated_at, now_ms()) == Freshness::Fresh;
+        let fresh = self.freshness(tag, shared.validated_at) == Freshness::Fresh;
         *entry = shared;
         fresh.then(|| entry.clone())
     }
@@ -239,9 +270,10 @@ impl Proxy {
             .await
         {
             Ok(head) => head,
-            Err(e @ (upstream::Error::NotFound | upstream::Error::Denied)) => {
+            Err(e @ (upstream::Error::NotFound { .. } | upstream::Error::Denied)) => {
                 tracing::info!(repo = %name, %tag, "tag is gone upstream; forgetting it");
                 self.manifests.remove_tag(name, tag).await;
+                self.remember_missing(name, &Missing::Tag(tag.clone()), &e);
                 return Err(failure::manifest(e));
             }
             Err(e) => {

@@ -1,11 +1,10 @@
 //! Answering a manifest request from the caches: tag freshness, Accept negotiation, and when
 //! to wait for (or only start) an upstream operation.
 
-use super::failure;
 use super::{ManifestBody, ManifestRequest, Proxy, Served, plausible};
-use crate::clock::now_ms;
+use super::{failure, missing};
 use crate::error::Error;
-use crate::manifests::{Freshness, TagEntry};
+use crate::manifests::{Freshness, Missing, TagEntry};
 use crate::metrics::{Outcome, StaleCause};
 use crate::registry::{
     Accept, Digest, Manifest, Negotiation, Reference, RepoName, Tag, platform_child,
@@ -21,13 +20,16 @@ impl Proxy {
         let served = match &req.reference {
             Reference::Digest(d) => {
                 self.by_digest(&req.name, d, &req.accept, req.want_body)
-                    .await?
+                    .await
             }
-            Reference::Tag(t) => {
-                self.by_tag(&req.name, t, &req.accept, req.want_body)
-                    .await?
-            }
+            Reference::Tag(t) => self.by_tag(&req.name, t, &req.accept, req.want_body).await,
         };
+        let served = served.map_err(|e| {
+            failure::offline(e, || match &req.reference {
+                Reference::Tag(t) => format!("{}:{t}", req.name),
+                Reference::Digest(d) => format!("{}@{d}", req.name),
+            })
+        })?;
         // A tag that moved brought new content: that is a fetch, not a pull saved.
         if req.want_body && served.status != Outcome::Miss && !served.moved {
             self.upstream.metrics.pull_saved();
@@ -50,6 +52,9 @@ impl Proxy {
             // Paths that reach upstream are boxed: their futures are large, and inline they
             // would make every hit's future (allocated and moved per request) as large.
             None => {
+                if self.remembered_missing(name, &Missing::Tag(tag.clone())) {
+                    return Err(missing::manifest_unknown());
+                }
                 let flight = if want_body {
                     Either::Left(Box::pin(self.fetch_tag(key)))
                 } else {
@@ -57,12 +62,15 @@ impl Proxy {
                 };
                 (flight.await?, Outcome::Miss)
             }
-            Some(entry) => match self.policy.freshness(tag, entry.validated_at, now_ms()) {
+            Some(entry) => match self.freshness(tag, entry.validated_at) {
                 Freshness::Fresh => (entry, Outcome::Hit),
                 Freshness::Stale => {
                     // After a failed revalidation the tag rests in `backoff`: stale because
-                    // upstream failed, not because a revalidation is under way.
-                    if self.backoff.contains_key(&key) {
+                    // upstream failed, not because a revalidation is under way. Offline,
+                    // nothing revalidates.
+                    if self.offline() {
+                        self.upstream.metrics.stale(StaleCause::Offline);
+                    } else if self.backoff.contains_key(&key) {
                         self.upstream.metrics.stale(StaleCause::UpstreamError);
                     } else {
                         drop(self.revalidate(key));
@@ -149,6 +157,9 @@ impl Proxy {
     ) -> Result<Served, Error> {
         let started = Instant::now();
         let cached = self.manifests.get(digest).await;
+        if cached.is_none() && self.remembered_missing(name, &Missing::Manifest(digest.clone())) {
+            return Err(missing::manifest_unknown());
+        }
         if cached.is_some() {
             let reference = Reference::Digest(digest.clone());
             let confirm = || Box::pin(self.upstream.head_manifest(name, &reference));
@@ -220,11 +231,17 @@ impl Proxy {
         name: &RepoName,
         digest: &Digest,
     ) -> Result<ManifestBody, Error> {
-        let head = self
+        let head = match self
             .upstream
             .head_manifest(name, &Reference::Digest(digest.clone()))
             .await
-            .map_err(failure::manifest)?;
+        {
+            Ok(head) => head,
+            Err(e) => {
+                self.remember_missing(name, &Missing::Manifest(digest.clone()), &e);
+                return Err(failure::manifest(e));
+            }
+        };
         match (head.media_type, head.size) {
             (Some(media_type), Some(size))
                 if head.digest.as_ref().is_none_or(|d| d == digest) && plausible(size) =>

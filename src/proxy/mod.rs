@@ -3,7 +3,8 @@
 //! referrers lists) are fresh for `tag_ttl`, then served stale while one background HEAD per tag
 //! revalidates; past `max_stale` a request waits for upstream. Misses are single-flight and run
 //! as their own tasks, so the HTTP edge can bound every request by `upstream_deadline` while the
-//! fetch goes on.
+//! fetch goes on. A 404 upstream just gave is remembered for `negative_ttl`; while offline no
+//! tag expires and misses are 503 (`missing`).
 
 mod blob_fetch;
 mod blobs;
@@ -11,6 +12,7 @@ mod failure;
 mod fetch;
 mod inspect;
 mod lookup;
+mod missing;
 mod prefetch;
 mod referrers;
 mod tags;

@@ -53,6 +53,24 @@ impl Proxy {
         let key = (name.clone(), subject.clone());
         let cached = self.manifests.referrers(name, subject).await;
         let (list, outcome) = match cached {
+            // Offline: the cached list at any age, never refreshed; none is a 503.
+            _ if self.offline() => match cached {
+                Some(list) => {
+                    let fresh =
+                        self.policy.by_age(list.entry.validated_at, now_ms()) == Freshness::Fresh;
+                    if fresh {
+                        (list, Outcome::Hit)
+                    } else {
+                        self.upstream.metrics.stale(StaleCause::Offline);
+                        (list, Outcome::Stale)
+                    }
+                }
+                None => {
+                    return Err(Error::Offline(format!(
+                        "pullthrough is offline and the referrers of {name}@{subject} are not cached"
+                    )));
+                }
+            },
             None => (Box::pin(self.refresh_referrers(key)).await?, Outcome::Miss),
             Some(list) => match self.policy.by_age(list.entry.validated_at, now_ms()) {
                 Freshness::Fresh => (list, Outcome::Hit),
@@ -187,7 +205,7 @@ impl Proxy {
         let reference = Reference::Tag(tag);
         let head = match self.upstream.head_manifest(name, &reference).await {
             Ok(head) => head,
-            Err(upstream::Error::NotFound | upstream::Error::Denied) => return Ok(None),
+            Err(upstream::Error::NotFound { .. } | upstream::Error::Denied) => return Ok(None),
             Err(e) => return Err(failure::manifest(e)),
         };
         if let Some(previous) = previous {
@@ -231,7 +249,7 @@ impl Proxy {
 fn no_api(e: &upstream::Error) -> bool {
     matches!(
         e,
-        upstream::Error::NotFound
+        upstream::Error::NotFound { .. }
             | upstream::Error::Denied
             | upstream::Error::Rejected {
                 status: 400 | 405,

@@ -95,6 +95,20 @@ impl Proxy {
         {
             return Ok((**page).clone());
         }
+        if self.offline() {
+            // The last copy, while the cache keeps it (`tags_list_ttl` + `max_stale`).
+            return cached
+                .inspect(|_| self.upstream.metrics.stale(StaleCause::Offline))
+                .map(|p| TagsPage {
+                    outcome: Outcome::Stale,
+                    ..(*p).clone()
+                })
+                .ok_or_else(|| {
+                    Error::Offline(format!(
+                        "pullthrough is offline and the tags list of {name} is not cached"
+                    ))
+                });
+        }
         let this = Arc::clone(self);
         let flight = self.tag_page_flights.join(key.clone(), move || async move {
             let (name, query) = key;

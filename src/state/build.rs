@@ -7,11 +7,11 @@ use crate::blobs::{BlobStore, DiskLimits};
 use crate::cluster::{Bucket, Cluster, Peers, Replicas};
 use crate::config::Config;
 use crate::disk::Layout;
-use crate::manifests::ManifestCache;
+use crate::manifests::{ManifestCache, Negative, NegativeCache};
 use crate::metrics::Metrics;
 use crate::objects::ObjectStorage;
 use crate::proxy::Proxy;
-use crate::upstream::Upstream;
+use crate::upstream::{Offline, Upstream};
 use std::sync::{Arc, Weak};
 
 /// The upstreams' names (the registry hosts), the default first, in the order the metrics
@@ -23,9 +23,11 @@ pub(super) fn upstream_hosts(config: &Config, default_name: &str) -> Vec<String>
 }
 
 /// How each upstream's manifest cache is opened: shared through object storage, under its own
-/// prefix, when `storage_url` is set.
+/// prefix, when `storage_url` is set, and remembering upstream 404s in one negative cache
+/// bounded for all of them.
 pub(super) struct ManifestCaches {
     memory_bytes: u64,
+    negative: Arc<NegativeCache>,
     pub(super) objects: Option<Arc<ObjectStorage>>,
     /// Replicas coordinate through Redis (`redis_url` is set).
     pub(super) clustered: bool,
@@ -41,6 +43,10 @@ impl ManifestCaches {
         };
         Ok(ManifestCaches {
             memory_bytes: config.manifest_cache_bytes.as_u64(),
+            negative: Arc::new(NegativeCache::new(
+                config.negative_ttl,
+                config.negative_cache_entries,
+            )),
             objects,
             clustered: !config.redis_url.0.is_empty(),
         })
@@ -48,7 +54,9 @@ impl ManifestCaches {
 
     /// Opens one upstream's manifest cache in `layout`, under `prefix` in object storage.
     pub(super) fn open(&self, layout: Layout, prefix: String) -> std::io::Result<ManifestCache> {
-        let cache = ManifestCache::open(layout, self.memory_bytes)?;
+        // The prefix is unique per upstream: it names the upstream in the negative cache.
+        let negative = Negative::new(Arc::clone(&self.negative), &prefix);
+        let cache = ManifestCache::open(layout, self.memory_bytes)?.remembering(negative);
         Ok(match &self.objects {
             Some(objects) => cache.shared(Arc::clone(objects), prefix, self.clustered),
             None => cache,
@@ -119,11 +127,16 @@ pub(super) fn other_proxies(
     blobs: &Arc<BlobStore>,
     replicas: &Arc<Replicas>,
     caches: &ManifestCaches,
+    offline: &Arc<Offline>,
 ) -> anyhow::Result<Vec<Arc<Proxy>>> {
     let mut others = Vec::new();
     for (i, u) in config.upstreams.iter().enumerate() {
         let derived = config.for_upstream(u);
-        let upstream = Arc::new(Upstream::new(&derived, metrics.for_upstream(i + 1))?);
+        let upstream = Arc::new(Upstream::new(
+            &derived,
+            metrics.for_upstream(i + 1),
+            Arc::clone(offline),
+        )?);
         if let Some(cluster) = replicas.cluster() {
             cluster.share_limits(&u.host, Arc::clone(&upstream));
         }

@@ -16,7 +16,7 @@ use crate::disk::Layout;
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
-use crate::upstream::Upstream;
+use crate::upstream::{Offline, Upstream};
 use anyhow::Context;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -56,6 +56,8 @@ pub struct AppState {
     default_names: Vec<String>,
     /// `upstream_deadline`: the longest any request waits for its response headers.
     pub deadline: std::time::Duration,
+    /// The offline switch every upstream client reads (`offline`, `PUT /_pullthrough/offline`).
+    pub offline: Arc<Offline>,
 }
 
 impl AppState {
@@ -65,21 +67,32 @@ impl AppState {
             Layout::open(&config.data_dir).context("invalid value for key \"data_dir\"")?;
         let default_name = config.default_host().unwrap_or_default();
         let metrics = Metrics::new(build::upstream_hosts(config, &default_name));
-        let upstream = Arc::new(Upstream::new(config, metrics.for_upstream(0))?);
+        let offline = Arc::new(Offline::new(config.offline));
+        let upstream = Arc::new(Upstream::new(
+            config,
+            metrics.for_upstream(0),
+            Arc::clone(&offline),
+        )?);
         let caches = build::ManifestCaches::new(config)?;
         let manifests = Arc::new(caches.open(layout.clone(), String::new())?);
         let blobs = build::open_blobs(config, &layout, &metrics)?;
         let replicas = build::replicas(config, &caches, &blobs, &default_name, &upstream)?;
         blobs.warn_if_short_of_space();
         blobs.spawn_maintenance();
-        let others = build::other_proxies(config, &layout, &metrics, &blobs, &replicas, &caches)?;
+        let others = build::other_proxies(
+            config, &layout, &metrics, &blobs, &replicas, &caches, &offline,
+        )?;
         let proxy = Arc::new(
             Proxy::new(config, Arc::clone(&upstream), manifests, blobs, replicas)?
                 .named(&default_name, true),
         );
         build::follow_purges(&proxy, &others);
         build::log_upstreams(std::iter::once(&proxy).chain(&others));
+        if config.offline {
+            tracing::warn!("offline: nothing is asked upstream; what is not cached answers 503");
+        }
         Ok(AppState {
+            offline,
             proxy,
             metrics,
             admin_token: config.admin_token.clone(),
@@ -104,7 +117,16 @@ impl AppState {
             2 => return Ok(true),
             _ => {}
         }
-        let docker_hub = Box::pin(self.proxy.upstream.is_docker_hub()).await?;
+        let docker_hub = match Box::pin(self.proxy.upstream.is_docker_hub()).await {
+            Ok(docker_hub) => docker_hub,
+            Err(crate::upstream::Error::Offline) => {
+                return Err(Error::Offline(
+                    "pullthrough is offline and has not learned yet whether its upstream is Docker Hub, which a one-component name needs: name the repository in full (library/<name>)"
+                        .to_owned(),
+                ));
+            }
+            Err(e) => return Err(e.into()),
+        };
         if self
             .docker_hub
             .swap(1 + u8::from(docker_hub), Ordering::Relaxed)

@@ -21,6 +21,10 @@ pub struct Stats {
     pub upstream_in_flight: u64,
     /// The same, per upstream: the default first, then the `[[upstreams]]` in order.
     pub upstreams: Vec<UpstreamStats>,
+    /// Offline mode is on: nothing is asked upstream.
+    pub offline: bool,
+    /// Upstream 404s remembered now (`negative_ttl`), over every upstream.
+    pub negative_cache_entries: u64,
 }
 
 impl Stats {
@@ -132,6 +136,8 @@ impl AppState {
             },
             upstream_in_flight: sum(|g| g.in_flight),
             upstreams,
+            offline: gauges.offline,
+            negative_cache_entries: self.proxy.manifests.negative.entries(),
         }
     }
 
@@ -169,6 +175,7 @@ impl AppState {
             })
             .collect();
         Gauges {
+            offline: self.offline.is_on(),
             upstreams,
             blobs: self.proxy.blobs.count(),
             blob_bytes: self.proxy.blobs.total_bytes(),

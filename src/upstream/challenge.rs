@@ -41,6 +41,7 @@ impl Upstream {
     }
 
     async fn send_ping(&self) -> Result<Ping, Error> {
+        self.check_online()?;
         let url = self
             .base
             .join("/v2/")

@@ -4,6 +4,7 @@
 
 pub mod auth;
 mod challenge;
+mod offline;
 pub mod ratelimit;
 mod realm;
 mod referrers;
@@ -19,6 +20,7 @@ use crate::registry::{
 };
 use auth::{Credentials, TokenCache};
 use bytes::{Bytes, BytesMut};
+pub use offline::Offline;
 use parking_lot::{Mutex, RwLock};
 use ratelimit::RateLimits;
 use reqwest::header::{self, HeaderMap};
@@ -38,9 +40,18 @@ const MAX_SMALL_BODY: usize = 4 * 1024 * 1024;
 /// Why an upstream request failed. Cheap to clone: one failure is shared by every waiter.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
-    /// 404 from upstream.
+    /// 404 from upstream. `registry` says it was the registry's own answer that the content
+    /// is not there: a HEAD (which has no body to say more), or a body naming
+    /// `MANIFEST_UNKNOWN` or `NAME_UNKNOWN`. Only those are remembered by the negative cache;
+    /// a 404 page of something in front of the registry is not.
     #[error("not found upstream")]
-    NotFound,
+    NotFound {
+        /// The registry said so (see above).
+        registry: bool,
+    },
+    /// pullthrough is offline: nothing was sent.
+    #[error("pullthrough is offline")]
+    Offline,
     /// 401/403 after authenticating: private, nonexistent, or not ours to read.
     #[error("upstream denied access")]
     Denied,
@@ -227,6 +238,8 @@ pub struct Upstream {
     request_timeout: Duration,
     /// What the first `GET /v2/` taught us; retried until it succeeds once.
     ping: tokio::sync::OnceCell<Ping>,
+    /// While on, nothing is sent (checked before every request and redirect).
+    offline: Arc<Offline>,
     /// Rate-limit state for this upstream's credential.
     pub limits: RateLimits,
     /// Where requests are counted.
@@ -234,8 +247,13 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Builds the client. Fails only on an unreadable password file or a TLS set-up problem.
-    pub fn new(config: &Config, metrics: UpstreamMetrics) -> anyhow::Result<Upstream> {
+    /// Builds the client, which sends nothing while `offline` is on. Fails only on an
+    /// unreadable password file or a TLS set-up problem.
+    pub fn new(
+        config: &Config,
+        metrics: UpstreamMetrics,
+        offline: Arc<Offline>,
+    ) -> anyhow::Result<Upstream> {
         let password = config.password()?;
         let credentials = match (&config.upstream_username, password) {
             (Some(username), Some(password)) => Some(Credentials {
@@ -244,7 +262,21 @@ impl Upstream {
             }),
             _ => None,
         };
-        let http = client_builder(config).build()?;
+        // Blob requests follow redirects (to the CDN) up to reqwest's limit of 10, and none
+        // once offline mode is on.
+        let redirects = {
+            let offline = Arc::clone(&offline);
+            reqwest::redirect::Policy::custom(move |attempt| {
+                if offline.is_on() {
+                    attempt.error(Error::Offline)
+                } else if attempt.previous().len() >= 10 {
+                    attempt.error("too many redirects")
+                } else {
+                    attempt.follow()
+                }
+            })
+        };
+        let http = client_builder(config).redirect(redirects).build()?;
         let api = client_builder(config)
             .redirect(reqwest::redirect::Policy::none())
             .build()?;
@@ -274,9 +306,23 @@ impl Upstream {
             )),
             request_timeout: config.request_timeout,
             ping: tokio::sync::OnceCell::new(),
+            offline,
             limits: RateLimits::new(config.max_upstream_pause),
             metrics,
         })
+    }
+
+    /// Refuses while offline: called before anything is sent.
+    fn check_online(&self) -> Result<(), Error> {
+        if self.offline.is_on() {
+            return Err(Error::Offline);
+        }
+        Ok(())
+    }
+
+    /// Whether pullthrough is offline now (then every upstream request fails at once).
+    pub fn offline(&self) -> bool {
+        self.offline.is_on()
     }
 
     /// The upstream's URL.
@@ -424,6 +470,7 @@ impl Upstream {
         range: Option<&str>,
         kind: Kind,
     ) -> Result<Exchange, Error> {
+        self.check_online()?;
         if let Some(left) = self.limits.paused_for(matches!(kind, Kind::ManifestGet)) {
             return Err(Error::TooManyRequests {
                 retry_after: Some(left),
@@ -470,9 +517,17 @@ impl Upstream {
             if let Some((value, _)) = &auth {
                 request = request.header(header::AUTHORIZATION, value.clone());
             }
+            // Switched offline while this request waited for its place or its token.
+            self.check_online()?;
             let started = Instant::now();
             let response = match request.send().await {
                 Ok(response) => response,
+                // A redirect refused because pullthrough went offline meanwhile: the first
+                // hop was sent, so it counts, but as no failure of upstream's.
+                Err(_) if self.offline.is_on() => {
+                    self.metrics.upstream(kind, None, started.elapsed());
+                    return Err(Error::Offline);
+                }
                 Err(e) => {
                     let e = Error::from_reqwest(e);
                     self.metrics.upstream(kind, None, started.elapsed());
@@ -535,7 +590,10 @@ impl Upstream {
                     s.as_u16()
                 ))
             }
-            StatusCode::NOT_FOUND => Error::NotFound,
+            StatusCode::NOT_FOUND => Error::NotFound {
+                registry: matches!(kind, Kind::ManifestHead | Kind::BlobHead)
+                    || registry_404(response).await,
+            },
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Error::Denied,
             StatusCode::REQUEST_TIMEOUT => Error::Status(status.as_u16()),
             s if s.is_client_error() && s != StatusCode::TOO_MANY_REQUESTS => {
@@ -618,6 +676,20 @@ async fn rejected(status: u16, response: reqwest::Response) -> Error {
         code,
         message,
     }
+}
+
+/// Whether a 404's body is a registry's own error saying the content is not there
+/// (distribution-spec §Error Codes: `MANIFEST_UNKNOWN`, `NAME_UNKNOWN`).
+async fn registry_404(response: reqwest::Response) -> bool {
+    let body = tokio::time::timeout(Duration::from_secs(2), read_limited(response, 64 * 1024))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default();
+    matches!(
+        registry_error(&body).0.as_deref(),
+        Some("MANIFEST_UNKNOWN" | "NAME_UNKNOWN")
+    )
 }
 
 /// The first code and message of a registry error body, sanitised for passing on.

@@ -75,6 +75,8 @@ impl Upstream {
         scope: &str,
         credentials: Option<&Credentials>,
     ) -> Result<auth::Token, Error> {
+        // Before the realm check too: it resolves the realm's host name.
+        self.check_online()?;
         self.check_realm(&realm).await?;
         if let Some(c) = credentials {
             let post_ok = !self.post_unsupported.lock().contains(realm.as_str());

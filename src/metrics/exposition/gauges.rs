@@ -40,6 +40,8 @@ pub struct Gauges {
     /// Redis requests and failures, and whether this replica goes on alone now, with
     /// `redis_url`.
     pub redis: Option<(u64, u64, bool)>,
+    /// Offline mode is on.
+    pub offline: bool,
 }
 
 impl Scrape {
@@ -96,7 +98,8 @@ impl Scrape {
         for (name, help, value) in gauges {
             single_gauge(encoder, name, help, value)?;
         }
-        Ok(())
+        let help = "1 while offline: nothing is asked upstream, what is not cached answers 503.";
+        single_gauge(encoder, "offline", help, u64::from(g.offline))
     }
 
     /// What replicas share, when they do: `cluster_alone`, then the object storage and Redis

@@ -231,10 +231,10 @@ impl Scrape {
         Ok(())
     }
 
-    /// `blob_fetched`, `pulls_saved` and what was prefetched, by upstream.
+    /// `blob_fetched`, `pulls_saved`, what was prefetched and `negative_cache_hits`, by upstream.
     fn per_upstream_counters(&self, encoder: &mut DescriptorEncoder) -> fmt::Result {
         type Value = fn(&PerUpstream) -> u64;
-        let families: [(&str, &str, Option<Unit>, Value); 4] = [
+        let families: [(&str, &str, Option<Unit>, Value); 5] = [
             (
                 "blob_fetched",
                 "Blob bytes received from upstream, by upstream.",
@@ -258,6 +258,12 @@ impl Scrape {
                 "Blobs fetched ahead of clients after a tag moved upstream (prefetch_on_move), by upstream.",
                 None,
                 |own| get(&own.prefetched_blobs),
+            ),
+            (
+                "negative_cache_hits",
+                "Requests answered from the negative cache (an upstream 404 remembered for negative_ttl), by upstream.",
+                None,
+                |own| get(&own.negative_hits),
             ),
         ];
         for (name, help, unit, value) in families {
@@ -336,6 +342,7 @@ mod tests {
                 "pulls_saved_total counter",
                 "prefetched_manifests_total counter",
                 "prefetched_blobs_total counter",
+                "negative_cache_hits_total counter",
                 "blob_evictions_total counter",
                 "blob_evicted_bytes_total counter",
                 "manifest_cache_entries gauge",
@@ -345,6 +352,7 @@ mod tests {
                 "blob_store_blobs gauge",
                 "blob_store_bytes gauge",
                 "blob_downloads gauge",
+                "offline gauge",
                 "cluster_alone gauge",
                 "object_storage_requests_total counter",
                 "object_storage_failures_total counter",
@@ -359,6 +367,8 @@ mod tests {
             r#"pullthrough_stale_served_total{upstream="docker.io",cause="budget"} 1"#,
             r#"pullthrough_request_duration_seconds_bucket{kind="manifest",le="0.001"} 1"#,
             "pullthrough_cluster_alone 1",
+            "pullthrough_offline 0",
+            r#"pullthrough_negative_cache_hits_total{upstream="docker.io"} 0"#,
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
         }

@@ -1,7 +1,7 @@
 //! What a pull of a reference would ask upstream right now, worked out from the cache alone.
 
 use crate::clock::now_ms;
-use crate::manifests::Freshness;
+use crate::manifests::{Freshness, Missing};
 use crate::proxy::Proxy;
 use crate::registry::{
     Contents, Digest, Reference, RepoName, Tag, platform_matches, referrers_tag,
@@ -138,6 +138,12 @@ impl Proxy {
         if let Some(digest) = digest {
             self.plan_manifests(digest, platform, &mut plan).await;
         }
+        if self.offline() && !plan.steps.is_empty() && plan.error.is_none() {
+            plan.error = Some(
+                "pullthrough is offline: these requests are not made, and a pull that needs them fails with 503"
+                    .to_owned(),
+            );
+        }
         plan.explain(platform, self.upstream.known_docker_hub())
     }
 
@@ -183,12 +189,25 @@ impl Proxy {
     /// not cached is fetched, and what it points to is not known yet.
     fn plan_tag(&self, name: &RepoName, tag: &Tag, plan: &mut Plan) -> Option<Digest> {
         let Some(entry) = self.manifests.tag(name, tag) else {
+            if self
+                .manifests
+                .negative
+                .contains(name, &Missing::Tag(tag.clone()))
+            {
+                plan.error = Some(
+                    "upstream answered 404 for this tag within negative_ttl: a pull is answered MANIFEST_UNKNOWN without asking upstream"
+                        .to_owned(),
+                );
+                return None;
+            }
             plan.step("GET", "manifest", tag.to_string(), "tag not cached");
             plan.more_unknown = true;
             return None;
         };
-        match self.policy.freshness(tag, entry.validated_at, now_ms()) {
+        match self.freshness(tag, entry.validated_at) {
             Freshness::Fresh => {}
+            // Offline, nothing revalidates: the stale tag is served as it is.
+            Freshness::Stale if self.offline() => {}
             // A revalidation that failed lately is not retried before its backoff ends.
             Freshness::Stale if self.backoff.contains_key(&(name.clone(), tag.clone())) => {}
             Freshness::Stale => plan.step(

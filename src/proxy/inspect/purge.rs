@@ -1,6 +1,6 @@
 //! Purging tags, manifests, referrers lists and blobs, here and (in a cluster) on the other replicas.
 
-use crate::manifests::TagEntry;
+use crate::manifests::{Missing, TagEntry};
 use crate::proxy::Proxy;
 use crate::registry::{Digest, Reference, RepoName, Tag};
 use serde::Serialize;
@@ -16,6 +16,9 @@ pub struct Purge {
     pub blobs: Vec<Digest>,
     /// Referrers lists, as `repository@subject`.
     pub referrers: Vec<String>,
+    /// Upstream 404s the negative cache remembered (`repository:tag`, `repository@digest`):
+    /// forgotten, so the next request asks upstream.
+    pub not_found: Vec<String>,
 }
 
 impl Proxy {
@@ -28,6 +31,7 @@ impl Proxy {
         let mut purge = self
             .purge_tags_and_manifests(tags, manifests, dry_run)
             .await;
+        purge.not_found = self.forget_missing(name, None, dry_run).await;
         for subject in self.manifests.referrers_subjects(name).await {
             let more = self.purge_referrers(name, &subject, dry_run).await;
             purge.referrers.extend(more.referrers);
@@ -71,8 +75,48 @@ impl Proxy {
                 (tags, cached.then(|| d.clone()).into_iter().collect())
             }
         };
-        self.purge_tags_and_manifests(tags, manifests, dry_run)
-            .await
+        let mut purge = self
+            .purge_tags_and_manifests(tags, manifests, dry_run)
+            .await;
+        purge.not_found = self.forget_missing(name, Some(reference), dry_run).await;
+        purge
+    }
+
+    /// Forgets the upstream 404s remembered for `reference` of `name` (a digest's referrers
+    /// too), or (`None`) for the whole repository, here and on the other replicas.
+    async fn forget_missing(
+        &self,
+        name: &RepoName,
+        reference: Option<&Reference>,
+        dry_run: bool,
+    ) -> Vec<String> {
+        let forgotten = self.forget_missing_here(name, reference, dry_run);
+        if !dry_run {
+            let reference = reference.map(Reference::to_string).unwrap_or_default();
+            self.announce("not_found", name.as_str(), &reference).await;
+        }
+        forgotten
+    }
+
+    fn forget_missing_here(
+        &self,
+        name: &RepoName,
+        reference: Option<&Reference>,
+        dry_run: bool,
+    ) -> Vec<String> {
+        let negative = &self.manifests.negative;
+        match reference {
+            None => negative.forget(name, None, dry_run),
+            Some(Reference::Tag(t)) => {
+                negative.forget(name, Some(&Missing::Tag(t.clone())), dry_run)
+            }
+            Some(Reference::Digest(d)) => {
+                [Missing::Manifest(d.clone()), Missing::Referrers(d.clone())]
+                    .iter()
+                    .flat_map(|what| negative.forget(name, Some(what), dry_run))
+                    .collect()
+            }
+        }
     }
 
     /// Tag `tag` of `name`, if it is known here or (with object storage) to another replica.
@@ -101,6 +145,7 @@ impl Proxy {
             manifests,
             blobs: Vec::new(),
             referrers: Vec::new(),
+            not_found: Vec::new(),
         };
         if !dry_run {
             for (n, t) in &tags {
@@ -155,6 +200,18 @@ impl Proxy {
                     purged.reference.parse::<Digest>(),
                 ) {
                     self.manifests.remove_referrers(&name, &subject).await;
+                }
+            }
+            "not_found" => {
+                if let Ok(name) = RepoName::parse(&purged.name, false) {
+                    let reference = match purged.reference.as_str() {
+                        "" => None,
+                        r => match Reference::parse(r) {
+                            Ok(reference) => Some(reference),
+                            Err(_) => return,
+                        },
+                    };
+                    self.forget_missing_here(&name, reference.as_ref(), false);
                 }
             }
             _ => {}

@@ -85,7 +85,7 @@ mod tests {
         let upstream = Upstream::new(
             &config,
             crate::metrics::Metrics::new(vec![]).for_upstream(0),
-            std::sync::Arc::new(super::offline::Offline::new(false)),
+            std::sync::Arc::new(crate::upstream::Offline::new(false)),
         )
         .unwrap();
         let first = format!("/v2/a/b/referrers/sha256:{}", "a".repeat(64));

@@ -161,6 +161,39 @@ async fn without_the_api_the_tag_schema_answers_and_nothing_is_an_empty_index() 
         EMPTY_INDEX.len().to_string().as_str()
     );
     assert_eq!(r.headers()["x-cache"], "HIT");
+
+    // Empty lists stay in memory: any client may ask for any subject, and a file for each
+    // would fill the disk. The list with entries is on disk.
+    let data_dir = proxy.config.data_dir.clone();
+    let referrers_files = || {
+        let mut files = Vec::new();
+        let mut dirs = vec![data_dir.clone()];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let entry = entry.unwrap();
+                if entry.file_type().unwrap().is_dir() {
+                    dirs.push(entry.path());
+                } else if entry.path().to_string_lossy().contains("_referrers") {
+                    files.push(entry.path());
+                }
+            }
+        }
+        files
+    };
+    // (Written behind the answers.)
+    eventually(Duration::from_secs(5), async || {
+        !referrers_files().is_empty()
+    })
+    .await;
+    let files = referrers_files();
+    let hex = |d: &str| d.split_once(':').unwrap().1.to_owned();
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(files[0].to_string_lossy().contains(&hex(&f.subject.digest)));
+    assert!(
+        !files
+            .iter()
+            .any(|p| p.to_string_lossy().contains(&hex(&nothing)))
+    );
 }
 
 #[tokio::test]

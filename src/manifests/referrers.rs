@@ -108,8 +108,9 @@ impl ManifestCache {
         Some(referrers)
     }
 
-    /// Records a referrers list in memory, and on disk behind the caller (not fsynced: losing
-    /// one costs a refetch). Racing updates leave the newest; a purge stays purged.
+    /// Records a referrers list in memory, and (unless it is empty) on disk behind the caller
+    /// (not fsynced: losing one costs a refetch). Racing updates leave the newest; a purge
+    /// stays purged.
     pub fn set_referrers(
         &self,
         name: &RepoName,
@@ -128,6 +129,14 @@ impl ManifestCache {
             Arc::clone(&referrers),
         );
         self.in_background("referrers", format!("{name}@{subject}"), move || {
+            // An empty list is kept in memory only (any client can ask for any subject: files
+            // for each would fill the disk), and an older file of the subject goes.
+            if stored.list.is_empty() {
+                return order.land(&key, seq, || match std::fs::remove_file(&path) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    removed => removed,
+                });
+            }
             let json = serde_json::to_vec(&stored.entry).map_err(std::io::Error::other)?;
             let file = layout.prepare(&[&json], false)?;
             order.land(&key, seq, || Layout::put_in_place(file, &path))

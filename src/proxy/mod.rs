@@ -118,6 +118,8 @@ pub struct Proxy {
     restricted: bool,
     /// `prefetch_on_move`.
     prefetch_on_move: bool,
+    /// Blob downloads all prefetches may run at once.
+    prefetch_places: tokio::sync::Semaphore,
 }
 
 /// A request for a manifest, as parsed at the edge.
@@ -207,6 +209,7 @@ impl Proxy {
                 .build(),
             restricted: config.access_control(),
             prefetch_on_move: config.prefetch_on_move,
+            prefetch_places: tokio::sync::Semaphore::new(prefetch::PREFETCH_PLACES),
         })
     }
 }

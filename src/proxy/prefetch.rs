@@ -21,6 +21,8 @@ const MAX_PLATFORMS: usize = 16;
 const MAX_BLOBS: usize = 256;
 /// Blobs one prefetch downloads at once, as a client pulls layers.
 const BLOBS_AT_ONCE: usize = 2;
+/// Blobs all prefetches of one upstream download at once.
+pub(super) const PREFETCH_PLACES: usize = 4;
 
 /// What one prefetch fetched from upstream.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -110,6 +112,9 @@ impl Proxy {
         };
         for image in images {
             let manifest = match self.manifests.get(&image).await {
+                // Cached for another repository only: whether this one may see it is for
+                // upstream to say when a client asks; nothing is prefetched through it.
+                Some(_) if !self.manifests.granted(name, &image) => continue,
                 Some(manifest) => manifest,
                 None => {
                     if self.below_reserve(fetched) {
@@ -178,8 +183,13 @@ impl Proxy {
         name: &RepoName,
         digest: &Digest,
     ) -> Result<(), Error> {
+        // Prefetches of every moved tag share a few places, beside clients' downloads.
+        let _turn = self.prefetch_places.acquire().await;
+        // As a client's request: a download started for another repository is joined only
+        // where access from this one is known.
+        let shared_ok = self.manifests.granted(name, digest);
         let joined = self
-            .fetch_blob(name, digest, Some(ByteRange::Suffix(1)), true)
+            .fetch_blob(name, digest, Some(ByteRange::Suffix(1)), shared_ok)
             .await?;
         if let super::blob_fetch::Joined::Body(body) = joined {
             body.stream

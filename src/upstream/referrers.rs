@@ -35,18 +35,22 @@ impl Upstream {
         let exchange = self
             .send(Method::GET, name, path, None, Kind::Referrers)
             .await?;
-        let link = exchange
-            .response
-            .headers()
-            .get(header::LINK)
-            .and_then(|v| v.to_str().ok());
-        let next = link.and_then(|link| self.next_page(&first, link));
-        if let (Some(link), None) = (link, &next)
-            && link.contains("next")
-        {
-            tracing::warn!(repo = %name, %subject, link, "referrers Link not followed: not a next page on this upstream's origin and path");
+        let target = next_target(
+            exchange
+                .response
+                .headers()
+                .get_all(header::LINK)
+                .iter()
+                .filter_map(|v| v.to_str().ok()),
+        )
+        .map(str::to_owned);
+        let next = target
+            .as_deref()
+            .and_then(|target| self.next_page(&first, target));
+        let refused = target.is_some() && next.is_none();
+        if refused {
+            tracing::warn!(repo = %name, %subject, link = target.as_deref().unwrap_or_default(), "referrers Link not followed: not a next page on this upstream's origin and path");
         }
-        let refused = link.is_some_and(|l| l.contains("next")) && next.is_none();
         let body = read_limited(exchange.response, limit).await?;
         Ok(ReferrersPage {
             body,
@@ -55,13 +59,10 @@ impl Upstream {
         })
     }
 
-    /// The next page a `Link` header names, as a path and query on this upstream: a target on
-    /// another origin, or outside `first`'s path, is not followed (credentials go with it).
-    fn next_page(&self, first: &str, link: &str) -> Option<String> {
-        let (target, params) = link.trim().strip_prefix('<')?.split_once('>')?;
-        if !params.contains("rel=\"next\"") && !params.contains("rel=next") {
-            return None;
-        }
+    /// The next page `target` (a `Link`'s `rel="next"`) names, as a path and query on this
+    /// upstream: a target on another origin, or outside `first`'s path, is not followed
+    /// (credentials go with it).
+    fn next_page(&self, first: &str, target: &str) -> Option<String> {
         let url = self.base().join(target).ok()?;
         let same_origin = url.origin() == self.base().origin();
         (same_origin && url.path() == first).then(|| match url.query() {
@@ -69,6 +70,37 @@ impl Upstream {
             None => url.path().to_owned(),
         })
     }
+}
+
+/// The target of the link whose `rel` includes `next`, among every `Link` header value (RFC
+/// 8288: comma-separated link-values, each `<target>` then `;`-separated parameters).
+fn next_target<'a>(values: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    for value in values {
+        let mut rest = value;
+        loop {
+            rest = rest.trim_start_matches(|c: char| c == ',' || c.is_whitespace());
+            let Some((target, tail)) = rest.strip_prefix('<').and_then(|r| r.split_once('>'))
+            else {
+                break;
+            };
+            let (params, after) = tail.split_at(tail.find(',').unwrap_or(tail.len()));
+            let next = params.split(';').any(|param| {
+                param.split_once('=').is_some_and(|(key, value)| {
+                    key.trim().eq_ignore_ascii_case("rel")
+                        && value
+                            .trim()
+                            .trim_matches('"')
+                            .split_ascii_whitespace()
+                            .any(|rel| rel.eq_ignore_ascii_case("next"))
+                })
+            });
+            if next {
+                return Some(target);
+            }
+            rest = after;
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -111,7 +143,26 @@ mod tests {
             ("garbage".to_owned(), None),
         ];
         for (link, want) in cases {
-            assert_eq!(upstream.next_page(&first, &link), want, "{link}");
+            let got = next_target([link.as_str()]).and_then(|t| upstream.next_page(&first, t));
+            assert_eq!(got, want, "{link}");
+        }
+    }
+
+    #[test]
+    fn finds_the_next_link_among_several() {
+        let cases: [(&[&str], Option<&str>); 6] = [
+            (&[r#"</p1>; rel="prev", </p2>; rel="next""#], Some("/p2")),
+            (
+                &[r#"</p1>; rel="prev""#, r#"</p2>; rel="next""#],
+                Some("/p2"),
+            ),
+            (&[r#"</a,b>; title="x"; rel=next"#], Some("/a,b")),
+            (&[r#"</p>; rel="prev next""#], Some("/p")),
+            (&[r#"</p>; rel="nextish""#, "garbage", "<unclosed"], None),
+            (&[], None),
+        ];
+        for (values, want) in cases {
+            assert_eq!(next_target(values.iter().copied()), want, "{values:?}");
         }
     }
 }

@@ -24,6 +24,7 @@ pub mod disk;
 pub mod error;
 pub mod flight;
 pub mod http;
+pub mod logging;
 pub mod manifests;
 pub mod metrics;
 pub mod objects;

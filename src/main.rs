@@ -163,7 +163,7 @@ async fn run_command(command: Command, config: &Config) -> ExitCode {
 /// Sets up logging, then serves until Ctrl-C or SIGTERM: exit status 2 for a bad setting
 /// found on the way, 1 if serving fails.
 async fn run_server(config: &Config) -> ExitCode {
-    init_logging(config.log_format);
+    let _log = init_logging(config.log_format);
     let (app, listener) = match start(config).await {
         Ok(started) => started,
         Err(why) => {
@@ -181,23 +181,29 @@ async fn run_server(config: &Config) -> ExitCode {
     }
 }
 
-/// Log events to stdout, filtered by `RUST_LOG` (default `pullthrough=info`).
-fn init_logging(format: LogFormat) {
+/// Log events to stdout through the log's own writer thread (`pullthrough::logging`),
+/// filtered by `RUST_LOG` (default `pullthrough=info`). The guard flushes the queue: keep it
+/// until the process ends.
+fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("pullthrough=info"));
     // Colour only for a person at a terminal; files and log collectors get plain text.
     let ansi = std::io::stdout().is_terminal();
+    let (writer, guard) = pullthrough::logging::stdout();
     match format {
         LogFormat::Text => tracing_subscriber::fmt()
             .with_ansi(ansi)
+            .with_writer(writer)
             .with_env_filter(filter)
             .init(),
         LogFormat::Json => tracing_subscriber::fmt()
             .json()
             .flatten_event(true)
+            .with_writer(writer)
             .with_env_filter(filter)
             .init(),
     }
+    guard
 }
 
 /// The application and its bound listener. Everything that can fail on a bad setting (data

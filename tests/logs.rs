@@ -372,3 +372,53 @@ async fn startup_says_whether_each_upstream_answered_without_waiting_for_it() {
         .unwrap();
     assert_eq!(ready.status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_reader_that_stalls_does_not_stall_requests() {
+    let hub = FakeHub::start().await;
+    hub.push(
+        "library/stall",
+        "1",
+        &support::Image::single("stall", support::DOCKER_MANIFEST, 10),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let port = support::free_port();
+    // Standard output is a pipe nobody reads: once its 64 KiB are full, a worker writing its
+    // access-log line there itself would wait, and every request with it.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pullthrough"))
+        .env_clear()
+        .env("PULLTHROUGH_UPSTREAM", &hub.url)
+        .env("PULLTHROUGH_DATA_DIR", dir.path())
+        .env("PULLTHROUGH_LISTEN", format!("127.0.0.1:{port}"))
+        .env("RUST_LOG", "pullthrough=info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let unread = child.stdout.take();
+    let url = format!("http://127.0.0.1:{port}");
+    let client = support::client();
+    let up = support::eventually(Duration::from_secs(10), async || {
+        client.get(format!("{url}/healthz")).send().await.is_ok()
+    })
+    .await;
+    assert!(up, "pullthrough did not come up");
+    let path = format!("{url}/v2/library/stall/manifests/1");
+    // About 3,000 access-log lines: several times what the pipe holds.
+    let served = tokio::time::timeout(Duration::from_secs(60), async {
+        for _ in 0..3000 {
+            let r = client
+                .get(&path)
+                .header("accept", support::FULL_ACCEPT)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+    })
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    drop(unread);
+    assert!(served.is_ok(), "requests stalled behind an unread log");
+}

@@ -279,7 +279,7 @@ impl Scrape {
         Ok(())
     }
 
-    /// `blob_evictions` and `blob_evicted`.
+    /// `blob_evictions`, `blob_evicted`, and `log_lines_dropped`.
     fn evictions(&self, encoder: &mut DescriptorEncoder) -> fmt::Result {
         let m = &self.metrics;
         let (evictions, evicted) = (get(&m.evictions), get(&m.evicted_bytes));
@@ -291,7 +291,14 @@ impl Scrape {
             evictions,
         )?;
         let help = "Bytes evicted from the store.";
-        single_counter(encoder, "blob_evicted", help, Some(Unit::Bytes), evicted)
+        single_counter(encoder, "blob_evicted", help, Some(Unit::Bytes), evicted)?;
+        single_counter(
+            encoder,
+            "log_lines_dropped",
+            "Log lines dropped because the log writer's queue was full (the log is written by a thread of its own).",
+            None,
+            crate::logging::dropped_lines(),
+        )
     }
 }
 
@@ -345,6 +352,7 @@ mod tests {
                 "negative_cache_hits_total counter",
                 "blob_evictions_total counter",
                 "blob_evicted_bytes_total counter",
+                "log_lines_dropped_total counter",
                 "manifest_cache_entries gauge",
                 "manifest_cache_bytes gauge",
                 "tags gauge",

@@ -11,9 +11,9 @@
 //! cluster/          replicas: Redis locks, shared limits, purges, the bucket, peers
 //! upstream/         the registry client: tokens, challenges, realm checks, rate limits
 //! manifests/ blobs/ the stores: memory and the data directory
-//! registry/ clock error metrics/ config/ disk objects resting flight   the foundation
+//! registry/ clock error logging metrics/ config/ disk objects resting flight   the foundation
 //! ```
-//! Nothing below `http` imports axum; `error` and `clock` import nothing of the crate.
+//! Nothing below `http` imports axum; `error`, `clock` and `logging` import nothing of the crate.
 
 pub mod access;
 pub mod blobs;

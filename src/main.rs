@@ -258,19 +258,28 @@ fn local_url(config: &Config) -> String {
     format!("{}://{addr}", scheme(config))
 }
 
+/// `GET {url}/readyz`, as `healthcheck` and `warm` ask a running pullthrough.
+async fn readyz(
+    url: &str,
+    accept_invalid_certs: bool,
+    timeout: Duration,
+) -> Result<reqwest::Response, reqwest::Error> {
+    let client = reqwest::Client::builder()
+        .danger_accept_invalid_certs(accept_invalid_certs)
+        .timeout(timeout)
+        .build()
+        .unwrap_or_default();
+    client
+        .get(format!("{}/readyz", url.trim_end_matches('/')))
+        .send()
+        .await
+}
+
 /// Whether a pullthrough answers at `url` (any HTTP answer will do): the cause in a word when
 /// nothing does (`connection refused`, `name not resolved`).
 async fn reachable(url: &str) -> Result<(), String> {
     pullthrough::config::parse_url(url).map_err(|why| format!("invalid --url: {why}"))?;
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap_or_default();
-    match client
-        .get(format!("{}/readyz", url.trim_end_matches('/')))
-        .send()
-        .await
-    {
+    match readyz(url, false, Duration::from_secs(5)).await {
         Ok(_) => Ok(()),
         Err(e) => Err(pullthrough::upstream::unreachable_class(&e).to_owned()),
     }
@@ -286,16 +295,7 @@ async fn healthcheck(url: Option<String>, config: &Config) -> ExitCode {
         eprintln!("pullthrough: invalid value for --url: {why}");
         return ExitCode::FAILURE;
     }
-    let client = reqwest::Client::builder()
-        .danger_accept_invalid_certs(own)
-        .timeout(Duration::from_secs(3))
-        .build()
-        .unwrap_or_default();
-    match client
-        .get(format!("{}/readyz", url.trim_end_matches('/')))
-        .send()
-        .await
-    {
+    match readyz(&url, own, Duration::from_secs(3)).await {
         Ok(r) if r.status().is_success() => ExitCode::SUCCESS,
         Ok(r) => {
             eprintln!("pullthrough: not ready: HTTP {}", r.status().as_u16());

@@ -40,6 +40,31 @@ pub fn x_cache(outcome: Outcome) -> HeaderValue {
     HeaderValue::from_static(outcome.as_str())
 }
 
+/// A JSON document pullthrough answers from its cache (a tags-list page, a referrers index):
+/// the body for GET (`with_body`) or its length alone for HEAD, its media type, `X-Cache`, and
+/// the [`Answer`] for the metrics.
+fn cached_document(
+    body: bytes::Bytes,
+    media_type: &'static str,
+    answer: Answer,
+    with_body: bool,
+) -> Response {
+    let length = HeaderValue::from(body.len());
+    let mut response = Response::new(if with_body {
+        axum::body::Body::from(body)
+    } else {
+        axum::body::Body::empty()
+    });
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(media_type));
+    headers.insert(header::CONTENT_LENGTH, length);
+    if let Some(outcome) = answer.outcome {
+        headers.insert(X_CACHE, x_cache(outcome));
+    }
+    response.extensions_mut().insert(answer);
+    response
+}
+
 /// How a request was answered, attached to its response for the metrics and the access log
 /// (one extension, so one allocation).
 #[derive(Debug, Clone, Copy, Default)]

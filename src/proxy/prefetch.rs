@@ -17,6 +17,8 @@ use tracing::Instrument;
 
 /// Most platform manifests one move prefetches.
 const MAX_PLATFORMS: usize = 16;
+/// Most platform entries of an index looked up in the cache.
+const MAX_LOOKUPS: usize = 64;
 /// Most blobs of one image prefetched (a manifest may name any number).
 const MAX_BLOBS: usize = 256;
 /// Blobs one prefetch downloads at once, as a client pulls layers.
@@ -95,11 +97,16 @@ impl Proxy {
         };
         let images = match (Contents::parse(&old.bytes), Contents::parse(&new.bytes)) {
             (Some(Contents::Index(old)), Some(Contents::Index(new))) => {
-                self.platforms_pulled(&old, new).await
+                self.platforms_pulled(&old, new, MAX_PLATFORMS).await
             }
             // A tag that was an index and is now one image: its blobs, if anything was pulled.
             (Some(Contents::Index(old)), Some(Contents::Image(_))) => {
-                if self.platforms_pulled(&old, old.clone()).await.is_empty() {
+                let any = old
+                    .iter()
+                    .filter(|d| d.platform.is_some())
+                    .cloned()
+                    .collect();
+                if self.platforms_pulled(&old, any, 1).await.is_empty() {
                     Vec::new()
                 } else {
                     vec![to.clone()]
@@ -131,21 +138,32 @@ impl Proxy {
         Ok(())
     }
 
-    /// The entries of `new` for the platforms whose manifests under `old` are cached.
-    async fn platforms_pulled(&self, old: &[Descriptor], new: Vec<Descriptor>) -> Vec<Digest> {
-        let mut pulled = Vec::new();
-        for entry in old {
-            if let Some(platform) = &entry.platform
-                && self.manifests.has_manifest(&entry.digest).await
-            {
-                pulled.push(platform.clone());
+    /// The entries of `new` (at most `most`) for the platforms whose manifests under `old` are
+    /// cached. Only old entries of a platform `new` names are looked up, and only the first
+    /// [`MAX_LOOKUPS`] of `new` (a lookup may reach the disk or the bucket; both indexes came
+    /// from upstream, of any length).
+    async fn platforms_pulled(
+        &self,
+        old: &[Descriptor],
+        new: Vec<Descriptor>,
+        most: usize,
+    ) -> Vec<Digest> {
+        let mut picked = Vec::new();
+        for entry in new.into_iter().take(MAX_LOOKUPS) {
+            if picked.len() == most {
+                break;
+            }
+            let Some(platform) = &entry.platform else {
+                continue;
+            };
+            let Some(before) = old.iter().find(|d| d.platform.as_ref() == Some(platform)) else {
+                continue;
+            };
+            if self.manifests.has_manifest(&before.digest).await {
+                picked.push(entry.digest);
             }
         }
-        new.into_iter()
-            .filter(|d| d.platform.as_ref().is_some_and(|p| pulled.contains(p)))
-            .map(|d| d.digest)
-            .take(MAX_PLATFORMS)
-            .collect()
+        picked
     }
 
     /// Downloads the blobs not stored yet, a few at a time, each to its end (verified and
@@ -165,24 +183,26 @@ impl Proxy {
             .map(|blob| async move {
                 self.download_to_end(name, &blob.digest)
                     .await
-                    .map(|()| blob.size)
+                    .map(|fetched| fetched.then_some(blob.size))
             })
             .buffer_unordered(BLOBS_AT_ONCE);
         while let Some(done) = downloads.next().await {
-            let size = done?;
-            fetched.blobs += 1;
-            fetched.bytes = fetched.bytes.saturating_add(size);
+            if let Some(size) = done? {
+                fetched.blobs += 1;
+                fetched.bytes = fetched.bytes.saturating_add(size);
+            }
         }
         Ok(())
     }
 
     /// Fetches a blob and waits until it is stored: a follower's last byte comes only once the
-    /// whole blob has verified, so asking for it (and nothing more) waits for the end.
+    /// whole blob has verified, so asking for it (and nothing more) waits for the end. `false`
+    /// when nothing was fetched (a download for another repository this one may not join).
     async fn download_to_end(
         self: &Arc<Self>,
         name: &RepoName,
         digest: &Digest,
-    ) -> Result<(), Error> {
+    ) -> Result<bool, Error> {
         // Prefetches of every moved tag share a few places, beside clients' downloads.
         let _turn = self.prefetch_places.acquire().await;
         // As a client's request: a download started for another repository is joined only
@@ -191,14 +211,15 @@ impl Proxy {
         let joined = self
             .fetch_blob(name, digest, Some(ByteRange::Suffix(1)), shared_ok)
             .await?;
-        if let super::blob_fetch::Joined::Body(body) = joined {
-            body.stream
-                .try_for_each(|_| async { Ok(()) })
-                .await
-                // The download failed: the follower's stream says why.
-                .map_err(|e| Error::Upstream(Arc::new(e)))?;
-        }
-        Ok(())
+        let super::blob_fetch::Joined::Body(body) = joined else {
+            return Ok(false);
+        };
+        body.stream
+            .try_for_each(|_| async { Ok(()) })
+            .await
+            // The download failed: the follower's stream says why.
+            .map_err(|e| Error::Upstream(Arc::new(e)))?;
+        Ok(true)
     }
 
     /// Whether the budget is below the reserve (then nothing more is fetched).

@@ -263,6 +263,15 @@ async fn concurrent_requests_share_one_fetch_and_hits_cost_nothing() {
     }))
     .await;
     assert!(answers.windows(2).all(|w| w[0] == w[1]));
+    let answer: Value = serde_json::from_slice(&answers[0]).unwrap();
+    assert_eq!(
+        answer["manifests"],
+        json!([
+            f.sbom.referrer_descriptor(),
+            f.signature.referrer_descriptor()
+        ]),
+        "{answer}"
+    );
     assert_eq!(hub.count("referrers"), 1, "one API request for 20 clients");
     assert_eq!(hub.count("manifest_head"), 1, "one HEAD of the tag");
     assert_eq!(hub.count("manifest_get"), 1, "one GET of the tag's index");
@@ -352,6 +361,10 @@ async fn served_stale_when_upstream_fails_within_max_stale() {
     support::settled(&proxy).await;
     // The failed refresh rests: the next stale answers do not ask again at once.
     let asked = hub.count("referrers");
+    assert!(
+        asked >= 2,
+        "the stale answer started a refresh, which failed: {asked}"
+    );
     let r = proxy.get(&p).await;
     assert_eq!(r.headers()["x-cache"], "STALE");
     assert_eq!(hub.count("referrers"), asked);

@@ -332,10 +332,11 @@ async fn a_host_prefix_not_configured_is_never_asked_of_any_upstream() {
     let proxy = TestProxy::start_with_upstream(&url).await;
     // The one `/v2/` ping each upstream costs is asked at startup; nothing after it is asked
     // for a host that is not configured.
-    support::eventually(Duration::from_secs(10), async || {
+    let pinged = support::eventually(Duration::from_secs(10), async || {
         asked.load(std::sync::atomic::Ordering::SeqCst) == 1
     })
     .await;
+    assert!(pinged, "the startup ping");
     let default_host = url.trim_start_matches("http://").to_owned();
     for (path, host) in [
         ("/v2/ghcr.io/team/app/manifests/1", "ghcr.io"),

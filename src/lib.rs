@@ -91,6 +91,9 @@ pub async fn serve(
 fn check_upstreams(state: &state::AppState) {
     // Offline, nothing is asked: the ping waits for the first miss after going online.
     if state.offline.is_on() {
+        tracing::warn!(
+            "offline: no upstream is asked; cached content is served, the rest answers 503 (PUT /_pullthrough/offline switches back)"
+        );
         return;
     }
     for proxy in state.proxies() {

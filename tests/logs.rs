@@ -422,3 +422,32 @@ async fn a_log_reader_that_stalls_does_not_stall_requests() {
     drop(unread);
     assert!(served.is_ok(), "requests stalled behind an unread log");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn started_offline_it_says_so_and_asks_nothing() {
+    let hub = FakeHub::start().await;
+    let running = start(&[
+        ("PULLTHROUGH_UPSTREAM", &hub.url),
+        ("PULLTHROUGH_OFFLINE", "true"),
+    ])
+    .await;
+    let line = logged(&running, "offline: no upstream is asked").await;
+    assert!(line.contains("WARN"), "{line}");
+    let r = support::client()
+        .get(format!("{}/v2/library/none/manifests/1", running.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let ready = support::client()
+        .get(format!("{}/readyz", running.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    assert_eq!(
+        hub.total() + hub.count("ping"),
+        0,
+        "nothing asked, not even a ping"
+    );
+}

@@ -266,6 +266,12 @@ impl ManifestCache {
         if let Some((objects, prefix)) = &self.shared {
             objects.delete(&Self::manifest_object(prefix, digest)).await;
         }
+        self.forget_manifest(digest).await;
+    }
+
+    /// Forgets a manifest's bytes here (memory and disk) and not in object storage: for a
+    /// purge another replica made (see `forget_tag`).
+    pub async fn forget_manifest(&self, digest: &Digest) {
         remove_in_order(
             Arc::clone(&self.manifest_order),
             self.by_digest.clone(),

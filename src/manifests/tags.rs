@@ -163,6 +163,13 @@ impl ManifestCache {
         if let Some((objects, prefix)) = &self.shared {
             objects.delete(&Self::tag_object(prefix, name, tag)).await;
         }
+        self.forget_tag(name, tag).await;
+    }
+
+    /// Forgets a tag here (memory and disk) and not in object storage: for a purge another
+    /// replica made, which deleted the shared entry itself. Deleting it again could delete the
+    /// entry a replica stored after the purge, and cost the cluster one more upstream GET.
+    pub async fn forget_tag(&self, name: &RepoName, tag: &Tag) {
         remove_in_order(
             Arc::clone(&self.tag_order),
             self.tags.clone(),

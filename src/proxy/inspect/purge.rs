@@ -173,7 +173,8 @@ impl Proxy {
         }
     }
 
-    /// Applies a purge another replica announced (its upstream is this proxy's).
+    /// Applies a purge another replica announced (its upstream is this proxy's): drops the
+    /// copies here only, since the announcing replica deleted the shared ones itself.
     pub async fn apply_purge(&self, purged: &crate::cluster::Purged) {
         match purged.kind.as_str() {
             "tag" => {
@@ -181,12 +182,12 @@ impl Proxy {
                     RepoName::parse(&purged.name, false),
                     Tag::parse(&purged.reference),
                 ) {
-                    self.manifests.remove_tag(&name, &tag).await;
+                    self.manifests.forget_tag(&name, &tag).await;
                 }
             }
             "manifest" => {
                 if let Ok(digest) = purged.reference.parse::<Digest>() {
-                    self.manifests.remove_manifest(&digest).await;
+                    self.manifests.forget_manifest(&digest).await;
                 }
             }
             "blob" => {

@@ -159,7 +159,7 @@ async fn black_holed_upstream_gets_504_within_the_deadline() {
             let r = proxy.request(method.clone(), path, &[]).await;
             assert_eq!(r.status(), 504, "{method} {path}");
             assert!(
-                started.elapsed() < Duration::from_millis(1000),
+                started.elapsed() < Duration::from_secs(3),
                 "{method} {path}: {:?}",
                 started.elapsed()
             );

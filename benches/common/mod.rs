@@ -49,6 +49,7 @@ pub fn start(workers: usize) -> Rig {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(false)
+        .fmt_fields(pullthrough::logging::PlainFields)
         .event_format(pullthrough::logging::PlainText::default())
         .with_writer(std::io::sink)
         .init();

@@ -9,6 +9,10 @@ pullthrough in front of it, and prints, in one run, with each row's target:
   1. manifest cache hits at 64 connections (wrk), GET by tag, GET by digest and HEAD, against
      nginx serving the same bytes with the same headers: requests/s, p99 and the ratio;
   2. the same GET by tag at 1,000 connections: errors, p99 against nginx's, and RSS after;
+     rows 1 and 2 run in each of BENCH_MODES (default "quiet,defaults"): quiet is pullthrough
+     at RUST_LOG=pullthrough=warn against nginx with access_log off; defaults is each as it
+     ships, pullthrough at its default log level (an access-log line per request) and nginx with
+     its default access log (combined), both logging to a file;
   3. cold manifest misses, sequential, p50 through pullthrough against p50 straight from the
      upstream (the overhead);
   4. a cached blob (4 connections, wrk) against nginx serving the same file, and a cold blob
@@ -19,6 +23,9 @@ pullthrough in front of it, and prints, in one run, with each row's target:
   6. the repeatable measures: instructions per manifest hit (callgrind, two runs of different
      length, the difference divided) and heap allocations per hit (dhat's counting allocator),
      from benches/hit_instructions.rs and benches/hit_allocations.rs.
+
+BENCH_BINARY runs a binary built elsewhere (an earlier commit, for before-and-after rows)
+instead of building this tree; BENCH_ROWS=hits stops after rows 1 and 2.
 
 Single runs on 2 shared cores swing by 10-20 %: the two servers alternate BENCH_ROUNDS (3) times
 and each keeps its best; rows 1-4 are ratios within one run, never absolute targets.
@@ -42,7 +49,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DURATION = os.environ.get("BENCH_DURATION", "10s")
 BLOB_MIB = int(os.environ.get("BENCH_BLOB_MIB", "256"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+ROWS = os.environ.get("BENCH_ROWS", "all")
 SOAK = int(os.environ.get("BENCH_SOAK", "60"))
+# quiet: pullthrough at warn against nginx with access_log off; defaults: each as it ships,
+# pullthrough at its default log level (an access-log line per request, to a file) against
+# nginx with its default access log (combined format, to a file).
+MODES = [m for m in os.environ.get("BENCH_MODES", "quiet,defaults").split(",") if m]
 ACCEPT = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json"
 
 
@@ -187,8 +199,10 @@ def per_hit_costs():
 def main():
     ensure_tools()
     raise_fd_limit()
-    subprocess.run(["cargo", "build", "--release", "--locked"], cwd=ROOT, check=True)
-    binary = os.path.join(ROOT, "target/release/pullthrough")
+    binary = os.environ.get("BENCH_BINARY")
+    if not binary:
+        subprocess.run(["cargo", "build", "--release", "--locked"], cwd=ROOT, check=True)
+        binary = os.path.join(ROOT, "target/release/pullthrough")
     work = tempfile.mkdtemp(prefix="pullthrough-bench-")
     os.chmod(work, 0o755)  # nginx workers run as www-data
     procs = []
@@ -209,12 +223,16 @@ def main():
         layer_digest = json.loads(manifest)["layers"][0]["digest"]
         layer = urllib.request.urlopen(f"{registry}/blobs/{layer_digest}").read()
 
-        def start_pullthrough(data_dir):
+        def start_pullthrough(data_dir, mode="quiet"):
             port = free_port()
             env = {**os.environ, "PULLTHROUGH_UPSTREAM": f"http://127.0.0.1:{reg_port}", "PULLTHROUGH_DATA_DIR": data_dir,
                    "PULLTHROUGH_LISTEN": f"127.0.0.1:{port}", "PULLTHROUGH_TAG_TTL": "1h", "RUST_LOG": "pullthrough=warn",
                    "PULLTHROUGH_CACHE_MAX_DISK": str(4 * BLOB_MIB * 1024 * 1024), "PULLTHROUGH_MAX_CLIENT_CONNECTIONS": "4096"}
-            p = subprocess.Popen([binary], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            log = subprocess.DEVNULL
+            if mode == "defaults":
+                del env["RUST_LOG"]
+                log = open(os.path.join(work, f"pullthrough-{port}.log"), "wb")
+            p = subprocess.Popen([binary], env=env, stdout=log, stderr=log)
             procs.append(p)
             wait_http(f"http://127.0.0.1:{port}/v2/")
             return p, f"http://127.0.0.1:{port}"
@@ -226,15 +244,18 @@ def main():
             f.write(manifest)
         with open(os.path.join(static, "blob"), "wb") as f:
             f.write(layer)
-        nginx_port = free_port()
-        with open(os.path.join(work, "nginx.conf"), "w") as f:
-            f.write(f"""worker_processes 2;
-pid {work}/nginx.pid;
-error_log {work}/nginx-error.log;
+
+        def start_nginx(mode):
+            nginx_port = free_port()
+            access_log = f"access_log {work}/nginx-{nginx_port}-access.log combined" if mode == "defaults" else "access_log off"
+            with open(os.path.join(work, f"nginx-{nginx_port}.conf"), "w") as f:
+                f.write(f"""worker_processes 2;
+pid {work}/nginx-{nginx_port}.pid;
+error_log {work}/nginx-{nginx_port}-error.log;
 worker_rlimit_nofile 8192;
 events {{ worker_connections 4096; }}
 http {{
-  access_log off;
+  {access_log};
   sendfile on;
   tcp_nopush on;
   keepalive_requests 100000;
@@ -264,9 +285,12 @@ http {{
   }}
 }}
 """)
-        procs.append(subprocess.Popen(["nginx", "-c", f"{work}/nginx.conf", "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        nginx = f"http://127.0.0.1:{nginx_port}"
-        wait_http(nginx + "/v2/library/bench/manifests/bench")
+            procs.append(subprocess.Popen(["nginx", "-c", f"{work}/nginx-{nginx_port}.conf", "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            started = f"http://127.0.0.1:{nginx_port}"
+            wait_http(started + "/v2/library/bench/manifests/bench")
+            return started
+
+        nginx = start_nginx("quiet")
 
         # Tags for the misses: the same manifest under many names (PUT straight to the registry).
         miss_tags = [f"miss{i}" for i in range(200 + 2000)]
@@ -288,16 +312,17 @@ http {{
         def best(runs):
             return max(runs, key=lambda r: r[0])
 
-        def side_by_side(title, path, connections, head=False, allow_errors=False):
+        def side_by_side(title, path, connections, head=False, allow_errors=False, servers=None):
+            nginx_url, pt_url = servers or (nginx, url)
             print(f"\n{title}, {connections} connections, best of {ROUNDS} runs of {DURATION} each", flush=True)
             nginx_runs, pt_runs = [], []
             for _ in range(ROUNDS):
                 if head:
-                    nginx_runs.append(hey_head(nginx + path, connections, [accept]))
-                    pt_runs.append(hey_head(url + path, connections, [accept]))
+                    nginx_runs.append(hey_head(nginx_url + path, connections, [accept]))
+                    pt_runs.append(hey_head(pt_url + path, connections, [accept]))
                 else:
-                    nginx_runs.append(wrk(nginx + path, connections, [accept], allow_errors=allow_errors))
-                    pt_runs.append(wrk(url + path, connections, [accept], allow_errors=allow_errors))
+                    nginx_runs.append(wrk(nginx_url + path, connections, [accept], allow_errors=allow_errors))
+                    pt_runs.append(wrk(pt_url + path, connections, [accept], allow_errors=allow_errors))
             n, p = best(nginx_runs), best(pt_runs)
             print(f"   nginx        {n[0]:10.0f} req/s   p99 {n[1]:.2f} ms   errors {sum(r[4] for r in nginx_runs)}")
             print(f"   pullthrough  {p[0]:10.0f} req/s   p99 {p[1]:.2f} ms   errors {sum(r[4] for r in pt_runs)}")
@@ -305,15 +330,37 @@ http {{
             return n, p, sum(r[2] for r in pt_runs), sum(r[4] for r in pt_runs)
 
         print(f"\n0. pullthrough idle resident memory: {idle_rss / 1024:.1f} MiB (target < 15 MiB)")
-        _, p, hits, _ = side_by_side("1a. manifest GET by tag", manifest_path, 64)
-        print(f"   targets: >= 1.0 x nginx, p99 < 2 ms (p99 {p[1]:.2f} ms)")
-        side_by_side("1b. manifest GET by digest", digest_path, 64)
-        print("   target: >= 1.0 x nginx")
-        side_by_side("1c. manifest HEAD by tag (hey: wrk cannot HEAD)", manifest_path, 64, head=True)
-        print("   target: >= 1.0 x nginx")
-        n, p, more, errors = side_by_side("2. manifest GET by tag", manifest_path, 1000, allow_errors=True)
-        print(f"   targets: 0 errors ({errors}), p99 no worse than nginx's ({p[1]:.2f} vs {n[1]:.2f} ms)")
-        print(f"   pullthrough resident memory after {hits + more} hits: {rss_kib(pt.pid) / 1024:.1f} MiB")
+        hits = 0
+        for mode in MODES:
+            if mode == "quiet":
+                servers = (nginx, url)
+                print("\n== quiet: pullthrough at RUST_LOG=pullthrough=warn, nginx with access_log off ==")
+            else:
+                # Each with its own access log to a file, as it ships.
+                d_nginx = start_nginx("defaults")
+                d_pt, d_url = start_pullthrough(os.path.join(work, "defaults"), "defaults")
+                get(d_url + manifest_path)
+                get(d_url + digest_path)
+                servers = (d_nginx, d_url)
+                print("\n== defaults: pullthrough at its default log level (an access-log line per request, to a file), nginx with its default access log (combined, to a file) ==")
+            _, p, more, _ = side_by_side(f"1a. [{mode}] manifest GET by tag", manifest_path, 64, servers=servers)
+            hits += more
+            print(f"   targets: >= 1.0 x nginx, p99 < 2 ms (p99 {p[1]:.2f} ms)")
+            side_by_side(f"1b. [{mode}] manifest GET by digest", digest_path, 64, servers=servers)
+            print("   target: >= 1.0 x nginx")
+            side_by_side(f"1c. [{mode}] manifest HEAD by tag (hey: wrk cannot HEAD)", manifest_path, 64, head=True, servers=servers)
+            print("   target: >= 1.0 x nginx")
+            n, p, more, errors = side_by_side(f"2. [{mode}] manifest GET by tag", manifest_path, 1000, allow_errors=True, servers=servers)
+            hits += more
+            print(f"   targets: 0 errors ({errors}), p99 no worse than nginx's ({p[1]:.2f} vs {n[1]:.2f} ms)")
+            if mode == "quiet":
+                print(f"   pullthrough resident memory after {hits} hits: {rss_kib(pt.pid) / 1024:.1f} MiB")
+            else:
+                d_pt.terminate()
+                d_pt.wait()
+
+        if ROWS == "hits":
+            return
 
         print("\n3. cold manifest misses, sequential, 200 tags", flush=True)
         direct, through = [], []

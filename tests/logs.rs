@@ -439,6 +439,14 @@ async fn started_offline_it_says_so_and_asks_nothing() {
         .await
         .unwrap();
     assert_eq!(r.status(), 503);
+    // Offline by choice: the access log's 503 is the only line about it, not a WARN.
+    let line = logged(&running, "status=503").await;
+    assert!(line.contains(" INFO "), "{line}");
+    let lines = running.lines();
+    assert!(
+        !lines.iter().any(|l| l.contains("request failed")),
+        "{lines:#?}"
+    );
     let ready = support::client()
         .get(format!("{}/readyz", running.url))
         .send()

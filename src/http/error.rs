@@ -46,7 +46,10 @@ impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
         let code = code.to_owned();
-        if status.is_server_error() {
+        if let Error::Offline(_) = &self {
+            // Chosen, not a failure: the access log's 503 says enough for each request.
+            tracing::debug!(error = %self, "not cached, and offline");
+        } else if status.is_server_error() {
             // The one place request failures are logged; we are inside the request span.
             tracing::warn!(error = %crate::error::Chain(&self), "request failed");
         }

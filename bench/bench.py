@@ -181,7 +181,7 @@ def per_hit_costs():
     binary = [json.loads(l)["executable"] for l in built.splitlines() if '"executable":"' in l and "hit_instructions" in l][-1]
     instructions = {}
     # "tag at info": the default log level, where every request also writes an access-log line.
-    for kind in ["tag", "digest", "head", "tag at info"]:
+    for kind in ["tag", "digest", "head", "tag at info", "miss"]:
         counts = []
         level = "pullthrough=info" if kind.endswith("info") else "pullthrough=warn"
         for n in (200, 1200):
@@ -459,6 +459,7 @@ http {{
             allocs = next((a for a in allocations if a[0] == label), ("", "?", "?"))
             print(f"   {label:14} {instructions[kind]:8.0f} instructions   {allocs[1]:>5} allocations ({allocs[2]} bytes)")
         print(f"   GET by tag at the default log level (an access-log line per request): {instructions['tag at info']:.0f} instructions")
+        print(f"   a cold miss by tag, with the in-process upstream's share: {instructions['miss']:.0f} instructions")
     finally:
         for p in procs:
             p.terminate()

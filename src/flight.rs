@@ -49,7 +49,10 @@ where
         if let Some(flight) = running.get(&key) {
             return flight.clone();
         }
-        let operation = start();
+        // Boxed: an upstream fetch's state is many kilobytes, and a task's future is moved
+        // into the task and its finished stage written over it (a copy of its whole size
+        // each time, most of a cold miss's instructions unboxed).
+        let operation = Box::pin(start());
         let map = Arc::clone(&self.running);
         let done_key = key.clone();
         // The lock is held until the entry is inserted, so the task cannot remove it first.

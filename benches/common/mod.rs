@@ -10,7 +10,7 @@ use std::net::{SocketAddr, TcpStream};
 
 /// The manifest the upstream serves for `library/bench:1`.
 const MANIFEST: &str = r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:7d865e959b2466918c9863afca942d0fb89d7c9ac0c99bafc3749504ded97730","size":10}]}"#;
-const MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
 
 /// A running pullthrough with `library/bench:1` cached.
 pub struct Rig {

@@ -168,7 +168,8 @@ impl Proxy {
             }
             drop(run.lock);
         };
-        tokio::spawn(task.in_current_span());
+        // Boxed, as in `flight`: the download's state is large, and a task copies its future.
+        tokio::spawn(Box::pin(task).in_current_span());
     }
 
     /// Receives, verifies and stores the blob, resuming a body that broke off; whether it is

@@ -72,7 +72,7 @@ impl Proxy {
                 }
             }
         };
-        tokio::spawn(task.in_current_span());
+        tokio::spawn(Box::pin(task).in_current_span());
     }
 
     async fn prefetch(

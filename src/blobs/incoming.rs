@@ -717,6 +717,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_follower_behind_the_window_reads_the_temp_file_as_it_grows() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path(), 64 << 20);
+        let bytes: Vec<u8> = (0..4 * WINDOW as usize).map(|i| (i % 251) as u8).collect();
+        let digest = digest_of(&bytes);
+        let mut incoming = started(&store, &digest).await;
+        let download = Arc::clone(incoming.download());
+        incoming.announce(Some(bytes.len() as u64)).unwrap();
+        let follower = store.follow(Arc::clone(&download), &digest, None).await;
+        let mut follower = follower.unwrap().unwrap().stream;
+        // All received (queued for the spool thread in 32 chunks) before the follower reads:
+        // its first bytes are no longer in the window, so it reads them from the temp file as
+        // the spool thread writes them.
+        for chunk in bytes.chunks(1 << 20) {
+            incoming.push(Bytes::copy_from_slice(chunk)).await.unwrap();
+        }
+        let mut got = Vec::new();
+        while got.len() < bytes.len() - 1 {
+            let next = tokio::time::timeout(std::time::Duration::from_secs(10), follower.next());
+            got.extend_from_slice(&next.await.expect("woken").unwrap().unwrap());
+        }
+        assert!(got == bytes[..bytes.len() - 1], "the bytes, in order");
+        assert!(!incoming.commit().await.unwrap());
+        store.end(&digest, &download, Ok(()));
+        let last = follower.next().await.unwrap().unwrap();
+        assert_eq!(last.as_ref(), &bytes[bytes.len() - 1..]);
+        assert!(follower.next().await.is_none());
+    }
+
+    #[tokio::test]
     async fn bytes_that_do_not_match_their_digest_are_never_stored_or_served_whole() {
         let dir = tempfile::tempdir().unwrap();
         let store = store(dir.path(), 1 << 20);

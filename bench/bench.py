@@ -158,6 +158,12 @@ def hey_head(url, connections, headers=()):
     return rps, float(p99.group(1)) * 1000 if p99 else 0.0, total, 0.0, 0
 
 
+def cpu_seconds(pid):
+    """utime + stime of a process so far, from /proc/<pid>/stat."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def raise_fd_limit():
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -395,12 +401,16 @@ http {{
         print(f"\n4b. cold {BLOB_MIB} MiB blob, one client, hashing what it receives", flush=True)
         direct_mb, _ = timed_pull(f"{registry}/blobs/{layer_digest}")
         one, one_url = start_pullthrough(os.path.join(work, "one"))
+        cpu_before = cpu_seconds(one.pid)
         through_mb, verified = timed_pull(one_url + blob_path)
+        cpu = cpu_seconds(one.pid) - cpu_before
         one.terminate()
         one.wait()
         print(f"   upstream directly   {direct_mb:8.0f} MB/s")
         print(f"   through pullthrough {through_mb:8.0f} MB/s, verified: {verified}")
         print(f"   ratio               {through_mb / direct_mb:.2f} x   (target >= 0.9)")
+        per_gib = cpu / (len(layer) / 2**30)
+        print(f"   pullthrough CPU     {cpu:.2f} s for the pull, {per_gib:.2f} CPU-s per GiB (target <= {0.30 * 4:.2f}: 0.30 per 256 MiB)")
 
         print(f"\n5a. resident memory over {SOAK} s of mixed hits and misses", flush=True)
         stop = threading.Event()

@@ -26,7 +26,7 @@ import tempfile
 import time
 import urllib.request
 
-from bench import ROOT, free_port, wait_http
+from bench import ROOT, cpu_seconds, free_port, wait_http
 from cluster_rig import put_blob, start_registry, stop
 
 BINARIES = sys.argv[1:] or [os.path.join(ROOT, "target/release/pullthrough")]
@@ -34,11 +34,6 @@ MIB = int(os.environ.get("MIB", "256"))
 N = int(os.environ.get("N", "3"))
 PERF = os.environ.get("PERF")
 GIB_PER_PULL = MIB / 1024
-
-
-def cpu_seconds(pid):
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def own_cpu():

@@ -31,9 +31,14 @@ impl From<upstream::Error> for Error {
 /// Maps an upstream failure for a manifest request.
 pub(crate) fn manifest(e: upstream::Error) -> Error {
     match e {
-        upstream::Error::NotFound { .. } => Error::ManifestUnknown("manifest unknown".into()),
+        upstream::Error::NotFound { .. } => manifest_unknown(),
         other => Error::from(other),
     }
+}
+
+/// The answer for a manifest upstream does not have (or said a moment ago it did not have).
+pub(crate) fn manifest_unknown() -> Error {
+    Error::ManifestUnknown("manifest unknown".into())
 }
 
 /// Maps an upstream failure for a blob request.

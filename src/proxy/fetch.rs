@@ -1,8 +1,8 @@
 //! The upstream operations behind manifest requests, each single-flight per key and run as its
 //! own task: GET by tag, HEAD by tag, GET by digest, and tag revalidation.
 
+use super::failure;
 use super::{Proxy, TagKey, plausible};
-use super::{failure, missing};
 use crate::clock::now_ms;
 use crate::cluster::{Claim, Lock};
 use crate::error::Error;
@@ -37,7 +37,7 @@ impl Proxy {
             // Again inside the flight: a 404 remembered just after this request looked.
             let missing = Missing::Tag(key.1.clone());
             if this.remembered_missing(&key.0, &missing) {
-                return Err(missing::manifest_unknown());
+                return Err(failure::manifest_unknown());
             }
             let _lock = match this.coordinate_tag(&key).await {
                 Ok(entry) => return Ok(entry),
@@ -50,10 +50,7 @@ impl Proxy {
                 .await
             {
                 Ok(manifest) => manifest,
-                Err(e) => {
-                    this.remember_missing(&name, &missing, &e);
-                    return Err(failure::manifest(e));
-                }
+                Err(e) => return Err(this.manifest_failed(&name, &missing, e)),
             };
             let entry = TagEntry::new(
                 &manifest.digest,
@@ -76,7 +73,7 @@ impl Proxy {
         self.tag_heads.join(key.clone(), move || async move {
             let missing = Missing::Tag(key.1.clone());
             if this.remembered_missing(&key.0, &missing) {
-                return Err(missing::manifest_unknown());
+                return Err(failure::manifest_unknown());
             }
             let _lock = match this.coordinate_tag(&key).await {
                 Ok(entry) => return Ok(entry),
@@ -89,10 +86,7 @@ impl Proxy {
                 .await
             {
                 Ok(head) => head,
-                Err(e) => {
-                    this.remember_missing(&name, &missing, &e);
-                    return Err(failure::manifest(e));
-                }
+                Err(e) => return Err(this.manifest_failed(&name, &missing, e)),
             };
             match (head.digest, head.media_type, head.size) {
                 (Some(digest), Some(media_type), Some(size)) if plausible(size) => {
@@ -183,7 +177,7 @@ impl Proxy {
             let (name, digest) = key;
             let missing = Missing::Manifest(digest.clone());
             if this.remembered_missing(&name, &missing) {
-                return Err(missing::manifest_unknown());
+                return Err(failure::manifest_unknown());
             }
             // In a cluster one replica fetches it; the others take it from object storage
             // (where access cannot depend on credentials or access rules: else they fetch it
@@ -206,10 +200,7 @@ impl Proxy {
                 .await
             {
                 Ok(manifest) => manifest,
-                Err(e) => {
-                    this.remember_missing(&name, &missing, &e);
-                    return Err(failure::manifest(e));
-                }
+                Err(e) => return Err(this.manifest_failed(&name, &missing, e)),
             };
             this.manifests.grant(&name, &digest);
             Ok(this.manifests.put(manifest).await)
@@ -273,8 +264,7 @@ impl Proxy {
             Err(e @ (upstream::Error::NotFound { .. } | upstream::Error::Denied)) => {
                 tracing::info!(repo = %name, %tag, "tag is gone upstream; forgetting it");
                 self.manifests.remove_tag(name, tag).await;
-                self.remember_missing(name, &Missing::Tag(tag.clone()), &e);
-                return Err(failure::manifest(e));
+                return Err(self.manifest_failed(name, &Missing::Tag(tag.clone()), e));
             }
             Err(e) => {
                 tracing::warn!(repo = %name, %tag, error = %crate::error::Chain(&e), "tag revalidation failed");

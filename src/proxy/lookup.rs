@@ -1,8 +1,8 @@
 //! Answering a manifest request from the caches: tag freshness, Accept negotiation, and when
 //! to wait for (or only start) an upstream operation.
 
+use super::failure;
 use super::{ManifestBody, ManifestRequest, Proxy, Served, plausible};
-use super::{failure, missing};
 use crate::error::Error;
 use crate::manifests::{Freshness, Missing, TagEntry};
 use crate::metrics::{Outcome, StaleCause};
@@ -53,7 +53,7 @@ impl Proxy {
             // would make every hit's future (allocated and moved per request) as large.
             None => {
                 if self.remembered_missing(name, &Missing::Tag(tag.clone())) {
-                    return Err(missing::manifest_unknown());
+                    return Err(failure::manifest_unknown());
                 }
                 let flight = if want_body {
                     Either::Left(Box::pin(self.fetch_tag(key)))
@@ -158,7 +158,7 @@ impl Proxy {
         let started = Instant::now();
         let cached = self.manifests.get(digest).await;
         if cached.is_none() && self.remembered_missing(name, &Missing::Manifest(digest.clone())) {
-            return Err(missing::manifest_unknown());
+            return Err(failure::manifest_unknown());
         }
         if cached.is_some() {
             let reference = Reference::Digest(digest.clone());
@@ -238,8 +238,7 @@ impl Proxy {
         {
             Ok(head) => head,
             Err(e) => {
-                self.remember_missing(name, &Missing::Manifest(digest.clone()), &e);
-                return Err(failure::manifest(e));
+                return Err(self.manifest_failed(name, &Missing::Manifest(digest.clone()), e));
             }
         };
         match (head.media_type, head.size) {

@@ -3,7 +3,7 @@
 //! moment ago is not there (the negative cache, consulted before a fetch and filled by the
 //! fetches' own 404s, inside their single flight).
 
-use super::Proxy;
+use super::{Proxy, failure};
 use crate::clock::now_ms;
 use crate::error::Error;
 use crate::manifests::{Freshness, Missing};
@@ -31,6 +31,18 @@ impl Proxy {
         }
     }
 
+    /// A failed manifest request upstream: remembered when it was a 404, and what the client
+    /// is told.
+    pub(super) fn manifest_failed(
+        &self,
+        name: &RepoName,
+        what: &Missing,
+        e: upstream::Error,
+    ) -> Error {
+        self.remember_missing(name, what, &e);
+        failure::manifest(e)
+    }
+
     /// How far a cached tag can be trusted now. While offline no tag expires: past `tag_ttl`
     /// it is stale, whatever its age, since upstream cannot be asked.
     pub(super) fn freshness(&self, tag: &Tag, validated_at: u64) -> Freshness {
@@ -44,9 +56,4 @@ impl Proxy {
     pub(super) fn offline(&self) -> bool {
         self.upstream.offline()
     }
-}
-
-/// The answer for a manifest upstream said (a moment ago) is not there.
-pub(super) fn manifest_unknown() -> Error {
-    Error::ManifestUnknown("manifest unknown".into())
 }

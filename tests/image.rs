@@ -699,7 +699,7 @@ fn check_hits(repo: &str, tag: &str, layer: &str) {
         format!("/v2/{repo}/manifests/{tag}"),
         format!("/v2/{repo}/blobs/{layer}"),
     ] {
-        let (status, headers, _) = Network::get(
+        let (status, headers, body) = Network::get(
             PULLTHROUGH_PORT,
             &path,
             "application/vnd.oci.image.manifest.v1+json",
@@ -710,6 +710,10 @@ fn check_hits(repo: &str, tag: &str, layer: &str) {
             headers.lines().any(|l| l.trim() == "x-cache: hit"),
             "{path}: {headers}"
         );
+        if path.contains("/blobs/") {
+            // The cached layer's bytes, whole.
+            assert_eq!(format!("sha256:{}", sha256_hex(&body)), layer, "{path}");
+        }
     }
 }
 

@@ -338,6 +338,7 @@ mod tests {
             (("PULLTHROUGH_LISTEN", "nowhere"), "listen"),
             (("PULLTHROUGH_UPSTREAM", "ftp://x"), "upstream"),
             (("PULLTHROUGH_LOG_FORMAT", "xml"), "log_format"),
+            (("PULLTHROUGH_RUNTIME", "threads"), "runtime"),
             (
                 ("PULLTHROUGH_UPSTREAM", "https://me:secret@registry.example"),
                 "upstream",

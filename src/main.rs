@@ -2,12 +2,12 @@
 
 use clap::Parser;
 use pullthrough::config::{Config, LogFormat, Overrides, Secret};
+use pullthrough::http::listeners::Listeners;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use pullthrough::http::listeners::Listeners;
 use tracing_subscriber::EnvFilter;
 use url::Url;
 

@@ -276,7 +276,7 @@ fn syntax_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
 #[cfg(test)]
 mod tests {
     use crate::config::tests::env;
-    use crate::config::{Config, Overrides, Secret};
+    use crate::config::{Config, Overrides, Runtime, Secret};
     use bytesize::ByteSize;
     use std::time::Duration;
 
@@ -329,6 +329,18 @@ mod tests {
         assert_eq!(c.upstream_username.as_deref(), Some("bob"));
         assert_eq!(c.password().unwrap(), Some(Secret("1234".into())));
         assert!(!format!("{c:?}").contains("1234"));
+    }
+
+    #[test]
+    fn the_runtime_is_per_core_or_work_stealing() {
+        for (text, runtime) in [
+            ("per-core", Runtime::PerCore),
+            ("work-stealing", Runtime::WorkStealing),
+        ] {
+            let vars = env(&[("PULLTHROUGH_RUNTIME", text)]);
+            let c = Config::load(None, vars, &Overrides::default()).unwrap();
+            assert_eq!(c.runtime, runtime);
+        }
     }
 
     #[test]

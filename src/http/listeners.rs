@@ -105,7 +105,8 @@ impl Workers {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let (serving, mut stopped, closing) = (serving.clone(), stopped.clone(), closing.clone());
+            let (serving, mut stopped, closing) =
+                (serving.clone(), stopped.clone(), closing.clone());
             std::thread::Builder::new()
                 .name(format!("per-core-{i}"))
                 .spawn(move || {

@@ -105,28 +105,10 @@ impl Workers {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let (serving, mut stopped, closing) =
-                (serving.clone(), stopped.clone(), closing.clone());
+            let (serving, stopped, closing) = (serving.clone(), stopped.clone(), closing.clone());
             std::thread::Builder::new()
                 .name(format!("per-core-{i}"))
-                .spawn(move || {
-                    runtime.block_on(async move {
-                        match TcpListener::from_std(listener) {
-                            Ok(listener) => {
-                                let stop = stopped.clone();
-                                accept(listener, &serving, async move {
-                                    let mut stop = stop;
-                                    let _ = stop.wait_for(|stop| *stop).await;
-                                })
-                                .await;
-                            }
-                            Err(e) => tracing::error!(error = %e, "a per-core listener failed"),
-                        }
-                        drop(closing);
-                        // Serving what is in progress, until the server is done.
-                        while stopped.changed().await.is_ok() {}
-                    });
-                })?;
+                .spawn(move || runtime.block_on(work(listener, serving, stopped, closing)))?;
         }
         drop(closing);
         shutdown.await;
@@ -134,4 +116,27 @@ impl Workers {
         while closed.recv().await.is_some() {}
         Ok(Workers { _release: stop })
     }
+}
+
+/// One worker's life, on its own runtime: accepts on `listener` until `stopped` turns true,
+/// says so by dropping `closing`, then runs what is in progress until the sender of `stopped`
+/// is dropped.
+async fn work(
+    listener: std::net::TcpListener,
+    serving: Serving,
+    mut stopped: watch::Receiver<bool>,
+    closing: mpsc::Sender<()>,
+) {
+    match TcpListener::from_std(listener) {
+        Ok(listener) => {
+            let mut stop = stopped.clone();
+            let stop = async move {
+                let _ = stop.wait_for(|stop| *stop).await;
+            };
+            accept(listener, &serving, stop).await;
+        }
+        Err(e) => tracing::error!(error = %e, "a per-core listener failed"),
+    }
+    drop(closing);
+    while stopped.changed().await.is_ok() {}
 }

@@ -53,12 +53,12 @@ pub async fn run(
 /// How long shutdown waits for cache writes still under way.
 const FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Serves a built application (see [`app`]) with the connection limits (and the TLS
-/// certificate, if any) of `config` until `shutdown` resolves, then waits (briefly) for cache
-/// writes still under way.
+/// Serves a built application (see [`app`]) on `listeners` with the connection limits (and the
+/// TLS certificate, if any) of `config` until `shutdown` resolves, then waits (briefly) for
+/// cache writes still under way.
 pub async fn serve(
     app: App,
-    listener: TcpListener,
+    listeners: impl Into<http::listeners::Listeners>,
     config: &Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
@@ -67,9 +67,10 @@ pub async fn serve(
         (Some(cert), Some(key)) => Some(http::tls::acceptor(cert, key)?.0),
         _ => None,
     };
-    http::server::serve(
+    // Per-core workers keep running until the cache writes they may hold are done.
+    let _workers = http::server::serve(
         app.router,
-        listener,
+        listeners.into(),
         http::server::Limits::from_config(config),
         tls,
         shutdown,

@@ -2,12 +2,12 @@
 
 use clap::Parser;
 use pullthrough::config::{Config, LogFormat, Overrides, Secret};
+use pullthrough::http::listeners::Listeners;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 use url::Url;
 
@@ -164,15 +164,15 @@ async fn run_command(command: Command, config: &Config) -> ExitCode {
 /// found on the way, 1 if serving fails.
 async fn run_server(config: &Config) -> ExitCode {
     let _log = init_logging(config.log_format);
-    let (app, listener) = match start(config).await {
+    let (app, listeners) = match start(config).await {
         Ok(started) => started,
         Err(why) => {
             eprintln!("pullthrough: {why}");
             return ExitCode::from(2);
         }
     };
-    announce(config, &listener);
-    match pullthrough::serve(app, listener, config, shutdown_signal()).await {
+    announce(config, &listeners);
+    match pullthrough::serve(app, listeners, config, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("pullthrough: {e:#}");
@@ -211,15 +211,15 @@ fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
 /// The application and its bound listener. Everything that can fail on a bad setting (data
 /// directory, password file, patterns, certificate, listen address) fails here, before
 /// serving.
-async fn start(config: &Config) -> Result<(pullthrough::App, TcpListener), String> {
+async fn start(config: &Config) -> Result<(pullthrough::App, Listeners), String> {
     let app = pullthrough::app(config).map_err(|e| format!("{e:#}"))?;
     if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key)
         && let Err(e) = pullthrough::http::tls::acceptor(cert, key)
     {
         return Err(format!("invalid value for key \"tls_cert\": {e:#}"));
     }
-    match TcpListener::bind(config.listen).await {
-        Ok(listener) => Ok((app, listener)),
+    match Listeners::bind(config.listen, config.runtime).await {
+        Ok(listeners) => Ok((app, listeners)),
         Err(e) => Err(format!(
             "invalid value for key \"listen\": cannot listen on {}: {e}",
             config.listen
@@ -229,8 +229,8 @@ async fn start(config: &Config) -> Result<(pullthrough::App, TcpListener), Strin
 
 /// Logs the address really bound, and warns when upstream credentials are open to every
 /// client.
-fn announce(config: &Config, listener: &TcpListener) {
-    let bound = listener.local_addr().unwrap_or(config.listen);
+fn announce(config: &Config, listeners: &Listeners) {
+    let bound = listeners.local_addr().unwrap_or(config.listen);
     let scheme = scheme(config);
     tracing::info!(addr = %bound, scheme, upstream = %config.upstream, data_dir = %config.data_dir.display(), "listening");
     if config.credentials_open_to_all() {

@@ -19,6 +19,17 @@ use support::{FakeHub, Fault, eventually};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_a_blob_pull_lets_it_finish_and_exits_0() {
+    sigterm_during_a_blob_pull("work-stealing").await;
+}
+
+/// The same with a listener and a runtime per core: every listener closes, and the pull, on
+/// whichever worker took it, finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_core_sigterm_during_a_blob_pull_lets_it_finish_and_exits_0() {
+    sigterm_during_a_blob_pull("per-core").await;
+}
+
+async fn sigterm_during_a_blob_pull(runtime: &str) {
     let hub = FakeHub::start().await;
     let blob = Bytes::from(pattern("drain", 1024 * 1024));
     let digest = hub.push_blob("library/drain", blob.clone());
@@ -30,6 +41,7 @@ async fn sigterm_during_a_blob_pull_lets_it_finish_and_exits_0() {
         .upstream(&hub.url)
         .data_dir(&data)
         .env("PULLTHROUGH_SHUTDOWN_GRACE", "10s")
+        .env("PULLTHROUGH_RUNTIME", runtime)
         .start()
         .await;
     let addr = running.addr.clone();

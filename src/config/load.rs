@@ -276,7 +276,7 @@ fn syntax_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
 #[cfg(test)]
 mod tests {
     use crate::config::tests::env;
-    use crate::config::{Config, Overrides, Secret};
+    use crate::config::{Config, Overrides, Runtime, Secret};
     use bytesize::ByteSize;
     use std::time::Duration;
 
@@ -332,12 +332,25 @@ mod tests {
     }
 
     #[test]
+    fn the_runtime_is_per_core_or_work_stealing() {
+        for (text, runtime) in [
+            ("per-core", Runtime::PerCore),
+            ("work-stealing", Runtime::WorkStealing),
+        ] {
+            let vars = env(&[("PULLTHROUGH_RUNTIME", text)]);
+            let c = Config::load(None, vars, &Overrides::default()).unwrap();
+            assert_eq!(c.runtime, runtime);
+        }
+    }
+
+    #[test]
     fn bad_values_name_the_key() {
         let cases = [
             (("PULLTHROUGH_TAG_TTL", "soon"), "tag_ttl"),
             (("PULLTHROUGH_LISTEN", "nowhere"), "listen"),
             (("PULLTHROUGH_UPSTREAM", "ftp://x"), "upstream"),
             (("PULLTHROUGH_LOG_FORMAT", "xml"), "log_format"),
+            (("PULLTHROUGH_RUNTIME", "threads"), "runtime"),
             (
                 ("PULLTHROUGH_UPSTREAM", "https://me:secret@registry.example"),
                 "upstream",

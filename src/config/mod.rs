@@ -167,6 +167,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Log format.
     pub log_format: LogFormat,
+    /// How client connections are spread over the cores.
+    pub runtime: Runtime,
 }
 
 /// How log events are written.
@@ -177,6 +179,18 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
+}
+
+/// How the server's threads take client connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Runtime {
+    /// One thread per core, each with its own `SO_REUSEPORT` listener and a current-thread
+    /// runtime serving the connections it accepts (nginx's workers): a connection's tasks
+    /// stay on one thread and are run in the order they were woken.
+    PerCore,
+    /// One listener and tokio's multi-thread runtime, whose threads steal each other's tasks.
+    WorkStealing,
 }
 
 impl Default for Config {
@@ -231,6 +245,7 @@ impl Default for Config {
             admin_token: None,
             shutdown_grace: Duration::from_secs(30),
             log_format: LogFormat::Text,
+            runtime: Runtime::WorkStealing,
         }
     }
 }

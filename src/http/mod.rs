@@ -5,6 +5,7 @@ mod api;
 mod blobs;
 mod cluster;
 mod error;
+pub mod listeners;
 mod manifests;
 mod observe;
 mod ops;

@@ -18,6 +18,7 @@
 //!
 //! On shutdown every connection finishes its response in progress, for up to `shutdown_grace`.
 
+use super::listeners::{Listeners, Workers};
 use crate::config::Config;
 use axum::Router;
 use hyper::body::Incoming;
@@ -169,35 +170,38 @@ impl Registry {
     }
 }
 
-/// Serves `app` on `listener` until `shutdown` resolves, then lets responses in progress finish
-/// for up to `limits.grace`.
+/// Serves `app` on `listeners` until `shutdown` resolves, then lets responses in progress
+/// finish for up to `limits.grace`. Per-core listeners are served by worker threads that run
+/// until the returned [`Workers`] is dropped: tasks they spawned (a download other requests
+/// wait on) may still be finishing, so the caller keeps it while it waits for them.
 pub async fn serve(
     app: Router,
-    listener: TcpListener,
+    listeners: Listeners,
     limits: Limits,
     tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> io::Result<()> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // The watchdog enforces the header timeout for every protocol; hyper's own would arm a
-    // timer (an allocation) for every HTTP/1 request.
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(None);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(MAX_STREAMS)
-        .max_send_buf_size(STREAM_SEND_BUFFER);
-    let registry = Arc::new(Registry {
-        started: Instant::now(),
-        open: Mutex::default(),
-        next_id: AtomicU64::new(0),
-        ended: Notify::new(),
-    });
-    let (stopping, stop) = watch::channel(Stop::No);
+) -> io::Result<Option<Workers>> {
+    let (serving, stopping) = Serving::new(app, limits, tls);
+    let workers = match listeners {
+        Listeners::Shared(listener) => {
+            accept(listener, &serving, shutdown).await;
+            None
+        }
+        Listeners::PerCore(listeners) => Some(Workers::serve(listeners, &serving, shutdown).await?),
+    };
+    stopping.drain(limits.grace).await;
+    Ok(workers)
+}
+
+/// Accepts connections on `listener` until `shutdown` resolves, each served by a task on the
+/// current runtime, then closes the listener.
+pub(super) async fn accept(
+    listener: TcpListener,
+    serving: &Serving,
+    shutdown: impl Future<Output = ()>,
+) {
     tokio::pin!(shutdown);
+    let registry = &serving.registry;
     let mut warned_fds: Option<Instant> = None;
     loop {
         let accepted = tokio::select! {
@@ -222,48 +226,87 @@ pub async fn serve(
                 continue;
             }
         };
-        if registry.live() >= limits.max_connections {
+        if registry.live() >= serving.limits.max_connections {
             registry.shed(1);
         }
         let _ = stream.set_nodelay(true);
-        let serving = Serving {
-            app: app.clone(),
-            builder: builder.clone(),
-            tls: tls.clone(),
-            registry: Arc::clone(&registry),
-            stop: stop.clone(),
-            limits,
-        };
-        tokio::spawn(connection(stream, peer, serving));
+        tokio::spawn(connection(stream, peer, serving.clone()));
     }
-    drop(listener);
-    let _ = stopping.send(Stop::AfterResponse);
-    let drained = tokio::time::timeout(limits.grace, async {
-        loop {
-            let ended = registry.ended.notified();
-            if registry.open.lock().is_empty() {
-                return;
-            }
-            ended.await;
-        }
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!("shutdown grace period over; dropping open connections");
-        let _ = stopping.send(Stop::Now);
-    }
-    Ok(())
 }
 
 /// What every connection shares: the router, the protocol settings, TLS, the registry of
 /// connections, the server's state and the limits.
-struct Serving {
+#[derive(Clone)]
+pub(super) struct Serving {
     app: Router,
     builder: auto::Builder<TokioExecutor>,
     tls: Option<TlsAcceptor>,
     registry: Arc<Registry>,
     stop: watch::Receiver<Stop>,
     limits: Limits,
+}
+
+impl Serving {
+    /// What the connections of one server share, and what stops them.
+    fn new(app: Router, limits: Limits, tls: Option<TlsAcceptor>) -> (Serving, Stopping) {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        // The watchdog enforces the header timeout for every protocol; hyper's own would arm a
+        // timer (an allocation) for every HTTP/1 request.
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(None);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(MAX_STREAMS)
+            .max_send_buf_size(STREAM_SEND_BUFFER);
+        let registry = Arc::new(Registry {
+            started: Instant::now(),
+            open: Mutex::default(),
+            next_id: AtomicU64::new(0),
+            ended: Notify::new(),
+        });
+        let (stopping, stop) = watch::channel(Stop::No);
+        let serving = Serving {
+            app,
+            builder,
+            tls,
+            registry: Arc::clone(&registry),
+            stop,
+            limits,
+        };
+        (serving, Stopping { registry, stopping })
+    }
+}
+
+/// Stops a server's connections, once no listener accepts new ones.
+struct Stopping {
+    registry: Arc<Registry>,
+    stopping: watch::Sender<Stop>,
+}
+
+impl Stopping {
+    /// Asks every connection to close after its response in progress, waits up to `grace`
+    /// for them to, then closes those left.
+    async fn drain(self, grace: Duration) {
+        let _ = self.stopping.send(Stop::AfterResponse);
+        let registry = &self.registry;
+        let drained = tokio::time::timeout(grace, async {
+            loop {
+                let ended = registry.ended.notified();
+                if registry.open.lock().is_empty() {
+                    return;
+                }
+                ended.await;
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("shutdown grace period over; dropping open connections");
+            let _ = self.stopping.send(Stop::Now);
+        }
+    }
 }
 
 /// Serves one connection until it ends, times out, is shed, or the server stops.

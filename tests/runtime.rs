@@ -1,0 +1,200 @@
+//! `runtime = "per-core"`: a `SO_REUSEPORT` listener per core, each with a thread and a
+//! current-thread runtime of its own. Through the binary: the listeners share the port, every
+//! worker serves connections, a miss shared by connections on different workers costs one
+//! upstream request, TLS, HTTP/2 and h2c work, and SIGTERM ends it with exit status 0.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::too_many_lines,
+    reason = "a test panics on what it did not expect, and may read as one long story"
+)]
+
+mod support;
+
+use std::time::Duration;
+use support::binary::{Pullthrough, Running};
+use support::{DOCKER_MANIFEST, FakeHub, Fault, Image};
+
+/// Threads (and listeners) pullthrough starts per core: one for each core this test may use.
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+/// The thread ids of `running`'s per-core workers, by their names.
+fn workers(running: &Running) -> Vec<String> {
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", running.pid())).unwrap();
+    tasks
+        .map(|t| t.unwrap().path())
+        .filter(|t| {
+            std::fs::read_to_string(t.join("comm")).is_ok_and(|c| c.starts_with("per-core-"))
+        })
+        .map(|t| t.file_name().unwrap().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// How many times the thread `tid` of `running` has gone to sleep waiting for something (an
+/// idle worker sleeps once and is never woken).
+fn sleeps(running: &Running, tid: &str) -> u64 {
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/task/{tid}/status", running.pid())).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// The listening sockets `running` holds on `port`, from the kernel's table of TCP sockets
+/// and the process's file descriptors.
+fn listeners_on(running: &Running, port: u16) -> usize {
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", running.pid())).unwrap();
+    let sockets: Vec<String> = fds
+        .filter_map(|fd| std::fs::read_link(fd.unwrap().path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    let table = std::fs::read_to_string(format!("/proc/{}/net/tcp", running.pid())).unwrap();
+    let local = format!(":{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        // local address, state (0A: LISTEN), inode
+        .filter(|f| f[1].ends_with(&local) && f[3] == "0A" && sockets.contains(&f[9].to_owned()))
+        .count()
+}
+
+/// `n` clients at once, each on a connection of its own (every fourth over h2c), GET `url`;
+/// their bodies.
+async fn at_once(n: usize, url: &str) -> Vec<bytes::Bytes> {
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let url = url.to_owned();
+            tokio::spawn(async move {
+                let mut client = reqwest::Client::builder().no_proxy();
+                if i % 4 == 3 {
+                    client = client.http2_prior_knowledge();
+                }
+                let r = client.build().unwrap().get(url).send().await.unwrap();
+                assert_eq!(r.status(), 200);
+                r.bytes().await.unwrap()
+            })
+        })
+        .collect();
+    let mut bodies = Vec::new();
+    for t in tasks {
+        bodies.push(t.await.unwrap());
+    }
+    bodies
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_core_workers_share_the_port_and_a_miss_costs_one_upstream_request() {
+    let hub = FakeHub::start().await;
+    let image = Image::single("percore", DOCKER_MANIFEST, 512 * 1024);
+    hub.push("library/percore", "1", &image);
+    // Misses wait upstream, so that every client's request joins the first one's.
+    hub.fault(Fault::Delay(Duration::from_millis(300)));
+    let mut running = Pullthrough::new()
+        .upstream(&hub.url)
+        .env("PULLTHROUGH_RUNTIME", "per-core")
+        .env("PULLTHROUGH_SHUTDOWN_GRACE", "10s")
+        .start()
+        .await;
+    let port: u16 = running.addr.rsplit_once(':').unwrap().1.parse().unwrap();
+    assert_eq!(listeners_on(&running, port), cores(), "a listener per core");
+    let workers = workers(&running);
+    assert_eq!(workers.len(), cores(), "a worker thread per core");
+    let before: Vec<u64> = workers.iter().map(|w| sleeps(&running, w)).collect();
+
+    // 32 connections: the kernel spreads them over the listeners, so each worker has some
+    // (all on one of two: a chance of 2^-31). Each miss is one upstream GET.
+    let manifest = format!("{}/v2/library/percore/manifests/1", running.url);
+    for body in at_once(32, &manifest).await {
+        assert_eq!(body, image.bytes);
+    }
+    assert_eq!(hub.count("manifest_get"), 1);
+    for blob in &image.blobs {
+        let url = format!(
+            "{}/v2/library/percore/blobs/{}",
+            running.url,
+            support::hub::sha256(blob)
+        );
+        for body in at_once(32, &url).await {
+            assert_eq!(&body, blob);
+        }
+    }
+    assert_eq!(hub.count("blob_get"), image.blobs.len() as u64);
+    for (worker, before) in workers.iter().zip(before) {
+        assert!(
+            sleeps(&running, worker) > before + 4,
+            "worker {worker} served no connection"
+        );
+    }
+
+    running.terminate();
+    let status = running.exit_status(Duration::from_secs(10)).await;
+    assert_eq!(status.and_then(|s| s.code()), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_core_serves_tls_with_http2() {
+    let hub = FakeHub::start().await;
+    let image = Image::single("percore-tls", DOCKER_MANIFEST, 1000);
+    hub.push("library/secure", "1", &image);
+    let certs = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = support::ca_and_certificate("pullthrough.test");
+    std::fs::write(certs.path().join("cert.pem"), cert).unwrap();
+    std::fs::write(certs.path().join("key.pem"), key).unwrap();
+    let running = Pullthrough::new()
+        .upstream(&hub.url)
+        .env("PULLTHROUGH_RUNTIME", "per-core")
+        .env("PULLTHROUGH_TLS_CERT", certs.path().join("cert.pem"))
+        .env("PULLTHROUGH_TLS_KEY", certs.path().join("key.pem"))
+        .start()
+        .await;
+    assert!(running.url.starts_with("https://"), "{}", running.url);
+    let addr: std::net::SocketAddr = running.addr.parse().unwrap();
+    for _ in 0..8 {
+        // A connection each (no pool), so both workers' listeners are used.
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .tls_certs_only([reqwest::Certificate::from_pem(ca.as_bytes()).unwrap()])
+            .resolve("pullthrough.test", addr)
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap();
+        let url = format!(
+            "https://pullthrough.test:{}/v2/library/secure/manifests/1",
+            addr.port()
+        );
+        let r = client.get(url).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.version(), reqwest::Version::HTTP_2, "ALPN chose h2");
+        assert_eq!(r.bytes().await.unwrap(), image.bytes);
+    }
+    assert_eq!(hub.count("manifest_get"), 1);
+}
+
+#[test]
+fn a_bad_runtime_stops_startup_with_one_line_naming_both_values() {
+    let out = Pullthrough::new()
+        .env("PULLTHROUGH_RUNTIME", "threads")
+        .output();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    for word in [
+        "runtime",
+        "PULLTHROUGH_RUNTIME",
+        "per-core",
+        "work-stealing",
+    ] {
+        assert!(stderr.contains(word), "{word}: {stderr}");
+    }
+}

@@ -25,7 +25,8 @@ pullthrough in front of it, and prints, in one run, with each row's target:
      from benches/hit_instructions.rs and benches/hit_allocations.rs.
 
 BENCH_BINARY runs a binary built elsewhere (an earlier commit, for before-and-after rows)
-instead of building this tree; BENCH_ROWS=hits stops after rows 1 and 2.
+instead of building this tree; BENCH_ROWS=hits stops after rows 1 and 2, BENCH_ROWS=load after
+row 5 (the load rows of a binary, without building the cost benches).
 
 Single runs on 2 shared cores swing by 10-20 %: the two servers alternate BENCH_ROUNDS (3) times
 and each keeps its best; rows 1-4 are ratios within one run, never absolute targets.
@@ -462,6 +463,9 @@ http {{
         peak = rss_kib(cold.pid, "VmHWM")
         print(f"\n5b. 20 concurrent cold pulls of the {BLOB_MIB} MiB blob: {time.time() - started:.1f} s, all verified: {all(results) and len(results) == 20}")
         print(f"   resident memory {before / 1024:.1f} MiB before, peak {peak / 1024:.1f} MiB: growth {(peak - before) / 1024:.1f} MiB (target < 64 MiB)")
+
+        if ROWS == "load":
+            return
 
         print("\n6. per manifest hit (repeatable; benches/hit_instructions.rs, benches/hit_allocations.rs)", flush=True)
         instructions, allocations = per_hit_costs()

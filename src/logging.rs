@@ -48,7 +48,7 @@ pub fn dropped_lines() -> u64 {
 /// format, with the access-log event (one per request, `http::observe`) written by a fast path
 /// of its own. The default formatter paints every part through `nu_ansi_term` even when colour
 /// is off and formats every field through `fmt::Debug`: at the default log level that was a
-/// third of a cache hit's instructions. Every other event, and coloured output, goes to the
+/// quarter of a cache hit's instructions. Every other event, and coloured output, goes to the
 /// default formatter.
 #[derive(Debug, Default)]
 pub struct PlainText {

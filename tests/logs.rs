@@ -305,6 +305,15 @@ async fn the_access_log_names_the_upstream_and_keeps_the_query_without_secrets()
 }
 
 /// The first line of the whole log (startup included) that contains `needle`, within 10 s.
+/// A GET of `path` from the running binary.
+async fn get(running: &Running, path: &str) -> reqwest::Response {
+    support::client()
+        .get(format!("{}{path}", running.url))
+        .send()
+        .await
+        .unwrap()
+}
+
 async fn logged(running: &Running, needle: &str) -> String {
     let mut found = None;
     support::eventually(Duration::from_secs(10), async || {
@@ -351,11 +360,7 @@ async fn startup_says_whether_each_upstream_answered_without_waiting_for_it() {
     );
     assert_eq!(hub.count("ping"), 1, "the one ping it costs, done early");
     // A first miss needs no second ping.
-    let r = support::client()
-        .get(format!("{}/v2/library/none/manifests/1", running.url))
-        .send()
-        .await
-        .unwrap();
+    let r = get(&running, "/v2/library/none/manifests/1").await;
     assert_eq!(r.status(), 404);
     assert_eq!(hub.count("ping"), 1);
 
@@ -365,11 +370,7 @@ async fn startup_says_whether_each_upstream_answered_without_waiting_for_it() {
     assert!(line.contains("WARN"), "{line}");
     assert!(line.contains("connection refused"), "{line}");
     // Readiness does not wait for upstream.
-    let ready = support::client()
-        .get(format!("{}/readyz", running.url))
-        .send()
-        .await
-        .unwrap();
+    let ready = get(&running, "/readyz").await;
     assert_eq!(ready.status(), 200);
 }
 
@@ -433,11 +434,7 @@ async fn started_offline_it_says_so_and_asks_nothing() {
     .await;
     let line = logged(&running, "offline: no upstream is asked").await;
     assert!(line.contains("WARN"), "{line}");
-    let r = support::client()
-        .get(format!("{}/v2/library/none/manifests/1", running.url))
-        .send()
-        .await
-        .unwrap();
+    let r = get(&running, "/v2/library/none/manifests/1").await;
     assert_eq!(r.status(), 503);
     // Offline by choice: the access log's 503 is the only line about it, not a WARN.
     let line = logged(&running, "status=503").await;
@@ -447,11 +444,7 @@ async fn started_offline_it_says_so_and_asks_nothing() {
         !lines.iter().any(|l| l.contains("request failed")),
         "{lines:#?}"
     );
-    let ready = support::client()
-        .get(format!("{}/readyz", running.url))
-        .send()
-        .await
-        .unwrap();
+    let ready = get(&running, "/readyz").await;
     assert_eq!(ready.status(), 200);
     assert_eq!(
         hub.total() + hub.count("ping"),

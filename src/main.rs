@@ -191,13 +191,18 @@ fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
     let ansi = std::io::stdout().is_terminal();
     let (writer, guard) = pullthrough::logging::stdout();
     match format {
-        LogFormat::Text => tracing_subscriber::fmt()
-            .with_ansi(ansi)
-            .fmt_fields(pullthrough::logging::PlainFields)
-            .event_format(pullthrough::logging::PlainText::default())
-            .with_writer(writer)
-            .with_env_filter(filter)
-            .init(),
+        LogFormat::Text => {
+            if !ansi {
+                pullthrough::logging::write_access_lines_to(writer.clone());
+            }
+            tracing_subscriber::fmt()
+                .with_ansi(ansi)
+                .fmt_fields(pullthrough::logging::PlainFields)
+                .event_format(pullthrough::logging::PlainText::default())
+                .with_writer(writer)
+                .with_env_filter(filter)
+                .init();
+        }
         LogFormat::Json => tracing_subscriber::fmt()
             .json()
             .flatten_event(true)

@@ -284,6 +284,7 @@ async fn the_access_log_names_the_upstream_and_keeps_the_query_without_secrets()
         .get(format!(
             "{url}/v2/library/logged/manifests/1?ns=docker.io&access_token=s3cr3t"
         ))
+        .header("x-request-id", "trace-text-1")
         .send()
         .await
         .unwrap();
@@ -295,6 +296,13 @@ async fn the_access_log_names_the_upstream_and_keeps_the_query_without_secrets()
     );
     let host = hub.url.trim_start_matches("http://");
     assert!(line.contains(&format!("upstream=\"{host}\"")), "{line}");
+    // The line as tracing's default format writes the event, in its request's span.
+    assert!(
+        line.contains(
+            " INFO request{request_id=\"trace-text-1\"}: pullthrough::http::observe: request method=GET path=\"/v2/library/logged/manifests/1?"
+        ) && line.contains(" status=200 upstream=") && line.contains(" cache=\"MISS\" upstream_ms="),
+        "{line}"
+    );
     let all = running.quiet_log(Duration::from_millis(300)).await;
     for probe in ["/healthz", "/readyz", "/metrics"] {
         assert!(

@@ -43,15 +43,21 @@ pub fn requests(rig: &Rig) -> [(&'static str, Vec<u8>); 3] {
 /// as the binary would on that many cores) and caches the manifest with one pull.
 pub fn start(workers: usize) -> Rig {
     // As `bench/bench.py` runs the binary: `RUST_LOG=pullthrough=warn` unless told otherwise,
-    // with the binary's formatter as it runs off a terminal (writing nowhere).
+    // with the binary's formatter and writer thread as it runs off a terminal (writing nowhere).
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("pullthrough=warn"));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(pullthrough::logging::QUEUED_LINES)
+        .finish(std::io::sink());
+    std::mem::forget(guard);
+    pullthrough::logging::write_access_lines_to(writer.clone());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(false)
         .fmt_fields(pullthrough::logging::PlainFields)
         .event_format(pullthrough::logging::PlainText::default())
-        .with_writer(std::io::sink)
+        .with_writer(writer)
         .init();
     let data = tempfile::tempdir().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();

@@ -4,6 +4,7 @@
 //! and it ends in one access-log event. The API version header is added to every response.
 
 use super::{Answer, millis};
+use crate::logging::AccessLine;
 use crate::metrics::{Outcome, RequestKind};
 use crate::state::AppState;
 use axum::extract::{Request, State};
@@ -56,9 +57,9 @@ pub async fn observe(State(state): State<Arc<AppState>>, request: Request, next:
     let span = tracing::info_span!("request", request_id = id.to_str().unwrap_or("-"));
     let mut response = next.run(request).instrument(span.clone()).await;
     let elapsed = started.elapsed();
-    let headers = response.headers_mut();
-    headers.insert(API_VERSION, HeaderValue::from_static("registry/2.0"));
-    headers.insert(X_REQUEST_ID, id);
+    response
+        .headers_mut()
+        .insert(API_VERSION, HeaderValue::from_static("registry/2.0"));
     let answer = response
         .extensions()
         .get::<Answer>()
@@ -76,23 +77,37 @@ pub async fn observe(State(state): State<Arc<AppState>>, request: Request, next:
     if let Some(path) = path {
         let upstream_ms = answer.upstream_wait.map(millis);
         let upstream = answer.routed.and_then(|r| state.metrics.host(r));
-        span.in_scope(|| {
-            if probe {
+        let cache = outcome.map_or("-", Outcome::as_str);
+        let line = AccessLine {
+            request_id: id.to_str().unwrap_or("-"),
+            method: method.as_str(),
+            path: &path,
+            status,
+            upstream,
+            cache,
+            upstream_ms,
+            elapsed_ms: millis(elapsed),
+        };
+        if probe {
+            span.in_scope(|| {
                 tracing::debug!(%method, path, status, elapsed_ms = millis(elapsed), "request");
-            } else {
+            });
+        } else if !line.write_directly() {
+            span.in_scope(|| {
                 tracing::info!(
                     %method,
                     path,
                     status,
                     upstream,
-                    cache = outcome.map_or("-", Outcome::as_str),
+                    cache,
                     upstream_ms,
-                    elapsed_ms = millis(elapsed),
+                    elapsed_ms = line.elapsed_ms,
                     "request"
                 );
-            }
-        });
+            });
+        }
     }
+    response.headers_mut().insert(X_REQUEST_ID, id);
     response
 }
 

@@ -208,15 +208,17 @@ pub struct AccessLine<'a> {
 }
 
 impl AccessLine<'_> {
-    /// Writes the line to the direct writer, or returns false when there is none (JSON,
-    /// colour, tests with a subscriber of their own): then the caller makes the event.
-    pub fn write_directly(&self) -> bool {
+    /// Logs the line: straight to the direct writer when there is one, else as the access-log
+    /// event in `span` (the request's), for JSON, colour, and tests with a subscriber of their
+    /// own. The caller has checked that `INFO` is enabled for [`ACCESS_TARGET`] and these
+    /// fields ([`AccessLine::enabled`]).
+    pub fn log(&self, span: &tracing::Span) {
         use std::io::Write as _;
         thread_local! {
             static LINE: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
         }
         let Some(writer) = DIRECT.get() else {
-            return false;
+            return span.in_scope(|| self.emit());
         };
         LINE.with_borrow_mut(|line| {
             line.clear();
@@ -225,7 +227,37 @@ impl AccessLine<'_> {
                 let _ = writer.clone().write_all(line.as_bytes());
             }
         });
-        true
+    }
+
+    /// Whether the filter lets the access-log event through (its level, target and fields).
+    pub fn enabled() -> bool {
+        tracing::enabled!(
+            target: ACCESS_TARGET,
+            Level::INFO,
+            message,
+            method,
+            path,
+            status,
+            upstream,
+            cache,
+            upstream_ms,
+            elapsed_ms
+        )
+    }
+
+    /// The access-log event.
+    fn emit(&self) {
+        tracing::info!(
+            target: ACCESS_TARGET,
+            method = tracing::field::display(self.method),
+            path = self.path,
+            status = self.status,
+            upstream = self.upstream,
+            cache = self.cache,
+            upstream_ms = self.upstream_ms,
+            elapsed_ms = self.elapsed_ms,
+            "request"
+        );
     }
 
     /// The line as [`PlainText`] writes the event, timestamp and newline included.
@@ -526,7 +558,7 @@ mod tests {
         );
         drop(_entered);
         // Span fields longer than what is gathered before it is written on.
-        let long = "x".repeat(200);
+        let long = "x".repeat(300);
         let outer = tracing::info_span!("outer", id = 7_u64, name = "n\u{e9}", long, more = %long);
         let _outer = outer.enter();
         tracing::warn!(error = %"upstream said \"no\"", "request failed");
@@ -552,19 +584,8 @@ mod tests {
             for i in 0..paths.len() {
                 let line = lines_of(i);
                 let span = tracing::info_span!("request", request_id = line.request_id);
-                let _entered = span.enter();
-                let method = axum::http::Method::from_bytes(line.method.as_bytes()).unwrap();
-                tracing::info!(
-                    target: ACCESS_TARGET,
-                    %method,
-                    path = line.path,
-                    status = line.status,
-                    upstream = line.upstream,
-                    cache = line.cache,
-                    upstream_ms = line.upstream_ms,
-                    elapsed_ms = line.elapsed_ms,
-                    "request"
-                );
+                // No direct writer is set in tests: this is the event.
+                line.log(&span);
             }
         });
         assert_eq!(events.len(), paths.len());
@@ -583,6 +604,25 @@ mod tests {
             "{}",
             events[1]
         );
+    }
+
+    #[test]
+    fn the_line_is_filtered_as_the_access_event_is() {
+        let enabled = |directives: &str| {
+            let subscriber = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(directives))
+                .with_writer(std::io::sink)
+                .finish();
+            tracing::subscriber::with_default(subscriber, AccessLine::enabled)
+        };
+        assert!(enabled("pullthrough=info"));
+        assert!(enabled("pullthrough::http=info,warn"));
+        assert!(!enabled("pullthrough=warn"));
+        assert!(!enabled("pullthrough=info,pullthrough::http::observe=warn"));
+        // A directive on the event's fields.
+        assert!(!enabled(
+            "pullthrough=info,pullthrough::http::observe[{path}]=warn"
+        ));
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Every request is observed once, here: it gets an id (`x-request-id` taken from the client
 //! when it is sane, else generated; echoed back), every log event of the request carries it
 //! (a span), it is counted and timed in the metrics by kind, method, status and cache outcome,
-//! and it ends in one access-log event. The API version header is added to every response.
+//! and it ends in one access-log line (`logging::AccessLine`). The API version header is added
+//! to every response.
 
 use super::{Answer, millis};
 use crate::logging::AccessLine;
@@ -50,7 +51,7 @@ pub async fn observe(State(state): State<Arc<AppState>>, request: Request, next:
     let level_on = if probe {
         tracing::enabled!(tracing::Level::DEBUG)
     } else {
-        tracing::enabled!(tracing::Level::INFO)
+        AccessLine::enabled()
     };
     // Copy the path only when someone will see the event (benchmarks run at RUST_LOG=warn).
     let path = level_on.then(|| logged_path(request.uri()));
@@ -75,36 +76,22 @@ pub async fn observe(State(state): State<Arc<AppState>>, request: Request, next:
         elapsed,
     );
     if let Some(path) = path {
-        let upstream_ms = answer.upstream_wait.map(millis);
-        let upstream = answer.routed.and_then(|r| state.metrics.host(r));
-        let cache = outcome.map_or("-", Outcome::as_str);
-        let line = AccessLine {
-            request_id: id.to_str().unwrap_or("-"),
-            method: method.as_str(),
-            path: &path,
-            status,
-            upstream,
-            cache,
-            upstream_ms,
-            elapsed_ms: millis(elapsed),
-        };
         if probe {
             span.in_scope(|| {
                 tracing::debug!(%method, path, status, elapsed_ms = millis(elapsed), "request");
             });
-        } else if !line.write_directly() {
-            span.in_scope(|| {
-                tracing::info!(
-                    %method,
-                    path,
-                    status,
-                    upstream,
-                    cache,
-                    upstream_ms,
-                    elapsed_ms = line.elapsed_ms,
-                    "request"
-                );
-            });
+        } else {
+            let line = AccessLine {
+                request_id: id.to_str().unwrap_or("-"),
+                method: method.as_str(),
+                path: &path,
+                status,
+                upstream: answer.routed.and_then(|r| state.metrics.host(r)),
+                cache: outcome.map_or("-", Outcome::as_str),
+                upstream_ms: answer.upstream_wait.map(millis),
+                elapsed_ms: millis(elapsed),
+            };
+            line.log(&span);
         }
     }
     response.headers_mut().insert(X_REQUEST_ID, id);

@@ -97,7 +97,7 @@ pub struct ArtifactFilter(Vec<String>);
 /// Why a referrers query is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FilterError {
-    /// More values than [`MAX_FILTERS`].
+    /// More values than `MAX_FILTERS` (16).
     #[error("at most {MAX_FILTERS} artifactType values")]
     TooMany,
     /// A value that is no media type: empty, too long, or with control characters.

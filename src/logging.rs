@@ -7,13 +7,12 @@
 
 use std::fmt::{self, Write as _};
 use std::sync::OnceLock;
+use tracing::Level;
 use tracing::field::{Field, Visit};
-use tracing::{Event, Level, Subscriber};
 use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::field::RecordFields;
+use tracing_subscriber::fmt::FormatFields;
 use tracing_subscriber::fmt::format::{DefaultFields, Writer};
-use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
-use tracing_subscriber::registry::LookupSpan;
 
 /// Lines waiting for the writer thread at most. The queue is allocated whole at startup (about
 /// 32 bytes a line: 128 KiB here), so it is sized for idle memory; the writer drains it in
@@ -44,82 +43,13 @@ pub fn dropped_lines() -> u64 {
         .map_or(0, |counter| counter.dropped_lines() as u64)
 }
 
-/// The text format of log lines, without colour: exactly tracing-subscriber's default (`Full`)
-/// format, with the access-log event (one per request, `http::observe`) written by a fast path
-/// of its own. The default formatter paints every part through `nu_ansi_term` even when colour
-/// is off and formats every field through `fmt::Debug`: at the default log level that was a
-/// quarter of a cache hit's instructions. Every other event, and coloured output, goes to the
-/// default formatter.
-#[derive(Debug, Default)]
-pub struct PlainText {
-    full: tracing_subscriber::fmt::format::Format,
-}
-
 /// The target of the access-log event.
 const ACCESS_TARGET: &str = "pullthrough::http::observe";
 
-impl<S, N> FormatEvent<S, N> for PlainText
-where
-    S: Subscriber + for<'a> LookupSpan<'a>,
-    N: for<'a> FormatFields<'a> + 'static,
-{
-    fn format_event(
-        &self,
-        ctx: &FmtContext<'_, S, N>,
-        mut writer: Writer<'_>,
-        event: &Event<'_>,
-    ) -> fmt::Result {
-        let meta = event.metadata();
-        if writer.has_ansi_escapes() || meta.target() != ACCESS_TARGET {
-            return self.full.format_event(ctx, writer, event);
-        }
-        write!(
-            writer,
-            "{} ",
-            humantime::format_rfc3339_micros(std::time::SystemTime::now())
-        )?;
-        writer.write_str(match *meta.level() {
-            Level::TRACE => "TRACE ",
-            Level::DEBUG => "DEBUG ",
-            Level::INFO => " INFO ",
-            Level::WARN => " WARN ",
-            Level::ERROR => "ERROR ",
-        })?;
-        if let Some(scope) = ctx.event_scope() {
-            let mut seen = false;
-            for span in scope.from_root() {
-                seen = true;
-                writer.write_str(span.metadata().name())?;
-                let extensions = span.extensions();
-                if let Some(fields) = extensions.get::<FormattedFields<N>>()
-                    && !fields.is_empty()
-                {
-                    writer.write_char('{')?;
-                    writer.write_str(fields)?;
-                    writer.write_char('}')?;
-                }
-                writer.write_char(':')?;
-            }
-            if seen {
-                writer.write_char(' ')?;
-            }
-        }
-        writer.write_str(meta.target())?;
-        writer.write_str(": ")?;
-        let mut fields = Fields {
-            writer: &mut writer,
-            first: true,
-            result: Ok(()),
-        };
-        event.record(&mut fields);
-        fields.result?;
-        writer.write_char('\n')
-    }
-}
-
-/// The fields of spans and events, written as tracing-subscriber's `DefaultFields` writes them,
-/// by the same fast path as the access-log line when there is no colour. Every request's span
-/// (its `request_id`) is formatted once, when it is made.
+/// The fields of spans and events, written as tracing-subscriber's `DefaultFields` writes them
+/// (the same bytes), without its `Debug` formatting of every value and painting of every part,
+/// when there is no colour. Every request's span (its `request_id`) is formatted once, when it
+/// is made.
 #[derive(Debug, Default)]
 pub struct PlainFields;
 
@@ -185,8 +115,8 @@ impl fmt::Write for Gathered<'_, '_> {
 static DIRECT: OnceLock<NonBlocking> = OnceLock::new();
 
 /// Access-log lines from now on skip `tracing` and go straight to `writer`, formatted exactly
-/// as [`PlainText`] formats the access-log event. Only for a subscriber that writes plain text
-/// without colour to `writer`.
+/// as tracing-subscriber's default format writes the access-log event. Only for a subscriber
+/// that writes plain text in that format without colour to `writer`.
 pub fn write_access_lines_to(writer: NonBlocking) {
     let _ = DIRECT.set(writer);
 }
@@ -260,7 +190,7 @@ impl AccessLine<'_> {
         );
     }
 
-    /// The line as [`PlainText`] writes the event, timestamp and newline included.
+    /// The line as the default format writes the event, timestamp and newline included.
     fn render(&self, line: &mut String) -> fmt::Result {
         let mut writer = Writer::new(line);
         write!(
@@ -456,6 +386,8 @@ impl<W: fmt::Write> fmt::Write for Escaping<'_, W> {
 mod tests {
     use super::*;
     use std::sync::{Arc, Mutex};
+    use tracing_subscriber::fmt::FormatEvent;
+    use tracing_subscriber::fmt::format::Format;
 
     /// Lines written through a subscriber with `format`, for the events `emit` makes.
     fn lines<F, N>(format: F, fields: N, emit: impl Fn()) -> Vec<String>
@@ -578,7 +510,7 @@ mod tests {
             upstream_ms: i.is_multiple_of(3).then_some(12.5),
             elapsed_ms: [1.0, 0.123, 1234.567, 1e-3, 0.0][i],
         };
-        let events = lines(PlainText::default(), PlainFields, || {
+        let events = lines(Format::default(), PlainFields, || {
             for i in 0..paths.len() {
                 let line = lines_of(i);
                 let span = tracing::info_span!("request", request_id = line.request_id);
@@ -624,13 +556,9 @@ mod tests {
     }
 
     #[test]
-    fn access_lines_are_written_exactly_as_the_default_format_writes_them() {
-        let default = lines(
-            tracing_subscriber::fmt::format::Format::default(),
-            DefaultFields::new(),
-            access_events,
-        );
-        let fast = lines(PlainText::default(), PlainFields, access_events);
+    fn plain_fields_are_written_exactly_as_the_default_fields_are() {
+        let default = lines(Format::default(), DefaultFields::new(), access_events);
+        let fast = lines(Format::default(), PlainFields, access_events);
         assert_eq!(default.len(), 9);
         assert_eq!(fast.len(), default.len());
         for (fast, default) in fast.iter().zip(&default) {

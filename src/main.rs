@@ -198,7 +198,6 @@ fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
             tracing_subscriber::fmt()
                 .with_ansi(ansi)
                 .fmt_fields(pullthrough::logging::PlainFields)
-                .event_format(pullthrough::logging::PlainText::default())
                 .with_writer(writer)
                 .with_env_filter(filter)
                 .init();

@@ -56,7 +56,6 @@ pub fn start(workers: usize) -> Rig {
         .with_env_filter(filter)
         .with_ansi(false)
         .fmt_fields(pullthrough::logging::PlainFields)
-        .event_format(pullthrough::logging::PlainText::default())
         .with_writer(writer)
         .init();
     let data = tempfile::tempdir().unwrap();

@@ -312,7 +312,6 @@ async fn the_access_log_names_the_upstream_and_keeps_the_query_without_secrets()
     }
 }
 
-/// The first line of the whole log (startup included) that contains `needle`, within 10 s.
 /// A GET of `path` from the running binary.
 async fn get(running: &Running, path: &str) -> reqwest::Response {
     support::client()
@@ -322,6 +321,7 @@ async fn get(running: &Running, path: &str) -> reqwest::Response {
         .unwrap()
 }
 
+/// The first line of the whole log (startup included) that contains `needle`, within 10 s.
 async fn logged(running: &Running, needle: &str) -> String {
     let mut found = None;
     support::eventually(Duration::from_secs(10), async || {

@@ -1,7 +1,8 @@
-//! `runtime = "per-core"`: a `SO_REUSEPORT` listener per core, each with a thread and a
-//! current-thread runtime of its own. Through the binary: the listeners share the port, every
-//! worker serves connections, a miss shared by connections on different workers costs one
-//! upstream request, TLS, HTTP/2 and h2c work, and SIGTERM ends it with exit status 0.
+//! `runtime = "per-core"`: one listener whose connections are handed to a thread per core, each
+//! with a current-thread runtime of its own, the one holding the fewest connections taking the
+//! next. Through the binary: one listening socket, connections split evenly over the workers, a
+//! miss shared by connections on different workers costs one upstream request, TLS, HTTP/2 and
+//! h2c work, and SIGTERM ends it with exit status 0.
 
 #![allow(
     clippy::unwrap_used,
@@ -16,7 +17,7 @@ use std::time::Duration;
 use support::binary::{Pullthrough, Running};
 use support::{DOCKER_MANIFEST, FakeHub, Fault, Image};
 
-/// Threads (and listeners) pullthrough starts per core: one for each core this test may use.
+/// Worker threads pullthrough starts per core: one for each core this test may use.
 fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from)
 }
@@ -47,6 +48,37 @@ fn sleeps(running: &Running, tid: &str) -> u64 {
         .unwrap()
 }
 
+/// Nanoseconds the thread `tid` of `running` has run, from the scheduler's statistics.
+fn on_cpu(running: &Running, tid: &str) -> u64 {
+    let stat =
+        std::fs::read_to_string(format!("/proc/{}/task/{tid}/schedstat", running.pid())).unwrap();
+    stat.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+/// Which of `workers` serves `connection`: the one that runs for its requests (an idle one runs
+/// a little now and then, for timers).
+async fn serving_worker(
+    running: &Running,
+    workers: &[String],
+    connection: &mut tokio::net::TcpStream,
+) -> usize {
+    let before: Vec<u64> = workers.iter().map(|w| on_cpu(running, w)).collect();
+    for _ in 0..100 {
+        ask_v2(connection).await;
+    }
+    let mut ran: Vec<(u64, usize)> = workers
+        .iter()
+        .zip(&before)
+        .enumerate()
+        .map(|(i, (w, b))| (on_cpu(running, w) - b, i))
+        .collect();
+    ran.sort_unstable();
+    let (most, serving) = ran[ran.len() - 1];
+    let next = ran.len().checked_sub(2).map_or(0, |i| ran[i].0);
+    assert!(most >= 10 * next, "one worker serves it: {ran:?}");
+    serving
+}
+
 /// The listening sockets `running` holds on `port`, from the kernel's table of TCP sockets
 /// and the process's file descriptors.
 fn listeners_on(running: &Running, port: u16) -> usize {
@@ -67,6 +99,38 @@ fn listeners_on(running: &Running, port: u16) -> usize {
         // local address, state (0A: LISTEN), inode
         .filter(|f| f[1].ends_with(&local) && f[3] == "0A" && sockets.contains(&f[9].to_owned()))
         .count()
+}
+
+/// Asks for `/v2/` on `connection` and reads the whole answer, leaving the connection open.
+async fn ask_v2(connection: &mut tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    connection
+        .write_all(b"GET /v2/ HTTP/1.1\r\nHost: pullthrough.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    loop {
+        let mut chunk = [0; 4096];
+        let n = connection.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&answer).into_owned();
+        let Some((head, body)) = text.split_once("\r\n\r\n") else {
+            continue;
+        };
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let length: usize = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse().unwrap())
+            })
+            .expect("a Content-Length");
+        if body.len() >= length {
+            return;
+        }
+    }
 }
 
 /// `n` clients at once, each on a connection of its own (every fourth over h2c), GET `url`;
@@ -107,13 +171,12 @@ async fn per_core_workers_share_the_port_and_a_miss_costs_one_upstream_request()
         .start()
         .await;
     let port: u16 = running.addr.rsplit_once(':').unwrap().1.parse().unwrap();
-    assert_eq!(listeners_on(&running, port), cores(), "a listener per core");
+    assert_eq!(listeners_on(&running, port), 1, "one listening socket");
     let workers = workers(&running);
     assert_eq!(workers.len(), cores(), "a worker thread per core");
     let before: Vec<u64> = workers.iter().map(|w| sleeps(&running, w)).collect();
 
-    // 32 connections: the kernel spreads them over the listeners, so each worker has some
-    // (all on one of two: a chance of 2^-31). Each miss is one upstream GET.
+    // 32 connections, spread over the workers. Each miss is one upstream GET.
     let manifest = format!("{}/v2/library/percore/manifests/1", running.url);
     for body in at_once(32, &manifest).await {
         assert_eq!(body, image.bytes);
@@ -140,6 +203,55 @@ async fn per_core_workers_share_the_port_and_a_miss_costs_one_upstream_request()
     running.terminate();
     let status = running.exit_status(Duration::from_secs(10)).await;
     assert_eq!(status.and_then(|s| s.code()), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_core_hands_each_connection_to_the_worker_holding_the_fewest() {
+    let running = Pullthrough::new()
+        .env("PULLTHROUGH_RUNTIME", "per-core")
+        .start()
+        .await;
+    let workers = workers(&running);
+    let per_worker = 3;
+    // Connections opened one after another and kept open: they go to the workers in turn.
+    let addr: std::net::SocketAddr = running.addr.parse().unwrap();
+    let mut connections = Vec::new();
+    for _ in 0..per_worker * workers.len() {
+        let mut connection = tokio::net::TcpStream::connect(addr).await.unwrap();
+        ask_v2(&mut connection).await;
+        connections.push(connection);
+    }
+    let mut held = vec![0; workers.len()];
+    let mut owners = Vec::new();
+    for connection in &mut connections {
+        let owner = serving_worker(&running, &workers, connection).await;
+        held[owner] += 1;
+        owners.push(owner);
+    }
+    assert_eq!(
+        held,
+        vec![per_worker; workers.len()],
+        "connections per worker"
+    );
+
+    // The first worker's connections close: the next ones it is given all go to it.
+    let first = owners[0];
+    let mut kept = Vec::new();
+    for (connection, owner) in connections.into_iter().zip(&owners) {
+        if *owner != first {
+            kept.push(connection);
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for _ in 0..per_worker {
+        let mut connection = tokio::net::TcpStream::connect(addr).await.unwrap();
+        ask_v2(&mut connection).await;
+        assert_eq!(
+            serving_worker(&running, &workers, &mut connection).await,
+            first
+        );
+        kept.push(connection);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

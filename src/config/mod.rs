@@ -185,9 +185,10 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Runtime {
-    /// One thread per core, each with its own `SO_REUSEPORT` listener and a current-thread
-    /// runtime serving the connections it accepts (nginx's workers): a connection's tasks
-    /// stay on one thread and are run in the order they were woken.
+    /// One thread per core, each with a current-thread runtime, accepting on the one listener
+    /// and serving each connection itself or handing it to the thread holding the fewest
+    /// (nginx's workers, balanced): a connection's tasks stay on one thread and are run in the
+    /// order they were woken. The default.
     PerCore,
     /// One listener and tokio's multi-thread runtime, whose threads steal each other's tasks.
     WorkStealing,
@@ -245,7 +246,7 @@ impl Default for Config {
             admin_token: None,
             shutdown_grace: Duration::from_secs(30),
             log_format: LogFormat::Text,
-            runtime: Runtime::WorkStealing,
+            runtime: Runtime::PerCore,
         }
     }
 }

@@ -1,10 +1,17 @@
-//! Where client connections are accepted, by the `runtime` setting: one listener whose
-//! connections tokio's multi-thread runtime serves (`work-stealing`), or one `SO_REUSEPORT`
-//! listener per core, each with a thread and a current-thread runtime of its own serving the
-//! connections it accepts (`per-core`), as nginx's workers do. The kernel spreads new
-//! connections over the listeners. A current-thread runtime runs the tasks woken in the order
-//! they woke, with no bound on its queue: 1,000 connections woken at once do not overflow into
-//! a shared queue that is looked at only every few dozen tasks (docs/benchmarks.md).
+//! Where client connections are accepted and served, by the `runtime` setting: one listener
+//! whose connections tokio's multi-thread runtime serves (`work-stealing`), or one listener
+//! whose connections are served by worker threads, one per core, each with a current-thread
+//! runtime of its own (`per-core`), as nginx's workers do. A current-thread runtime runs the
+//! tasks woken in the order they woke, with no bound on its queue: 1,000 connections woken at
+//! once do not overflow into a shared queue that is looked at only every few dozen tasks
+//! (docs/benchmarks.md).
+//!
+//! Per core, every worker accepts on the one listening socket (the kernel wakes each that
+//! waits; one gets the connection). A worker keeps a connection while it holds no more than any
+//! other, and otherwise hands it to the one holding the fewest, so 64 connections are served 32
+//! and 32 by two workers. The kernel's `SO_REUSEPORT` hash, which a listener per worker would
+//! leave it to, splits them unevenly (40 and 24 is common), and the busier worker's clients
+//! wait longer; one listener also keeps the port this process's alone.
 //!
 //! The workers share everything else: the application, the registry of connections (the
 //! connection limit and shutdown count every worker's), the stop signal. A task one worker
@@ -12,23 +19,27 @@
 //! polled from another worker, so no worker's runtime stops before the server is done: they
 //! end together, when [`Workers`] is dropped.
 
-use super::server::{Serving, accept};
+use super::server::{Serving, accept, connection};
 use crate::config::Runtime;
 use std::io;
 use std::net::SocketAddr;
-use tokio::net::{TcpListener, TcpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
-/// Connections the kernel queues, per listener, before one is accepted (as tokio's `bind`).
-const BACKLOG: u32 = 1024;
-
-/// The bound listeners of a server.
+/// The bound listener of a server, and how its connections are served.
 #[derive(Debug)]
 pub enum Listeners {
-    /// One listener, served on the runtime that calls `serve`.
+    /// Served on the runtime that calls `serve`.
     Shared(TcpListener),
-    /// One listener per core, all on one port, each served by a thread of its own.
-    PerCore(Vec<std::net::TcpListener>),
+    /// Served by `workers` threads of their own, one per core.
+    PerCore {
+        /// The listener, accepted on by the runtime that calls `serve`.
+        listener: TcpListener,
+        /// Worker threads (at least one).
+        workers: usize,
+    },
 }
 
 impl From<TcpListener> for Listeners {
@@ -38,48 +49,57 @@ impl From<TcpListener> for Listeners {
 }
 
 impl Listeners {
-    /// Binds `addr` as `runtime` serves it. Per core, the first listener takes the port (any
-    /// free one when `addr`'s is 0) and the others join it there.
+    /// Binds `addr` as `runtime` serves it.
     pub async fn bind(addr: SocketAddr, runtime: Runtime) -> io::Result<Listeners> {
-        match runtime {
-            Runtime::WorkStealing => TcpListener::bind(addr).await.map(Listeners::Shared),
-            Runtime::PerCore => {
-                let cores = std::thread::available_parallelism().map_or(1, usize::from);
-                let first = reuse_port(addr)?;
-                let addr = first.local_addr()?;
-                let mut listeners = vec![first];
-                for _ in 1..cores {
-                    listeners.push(reuse_port(addr)?);
-                }
-                Ok(Listeners::PerCore(listeners))
-            }
-        }
+        let listener = TcpListener::bind(addr).await?;
+        Ok(match runtime {
+            Runtime::WorkStealing => Listeners::Shared(listener),
+            Runtime::PerCore => Listeners::PerCore {
+                listener,
+                workers: std::thread::available_parallelism().map_or(1, usize::from),
+            },
+        })
     }
 
-    /// The address bound (all per-core listeners have the same).
+    /// The address bound.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         match self {
-            Listeners::Shared(listener) => listener.local_addr(),
-            Listeners::PerCore(listeners) => listeners
-                .first()
-                .ok_or_else(|| io::Error::other("no listener"))?
-                .local_addr(),
+            Listeners::Shared(listener) | Listeners::PerCore { listener, .. } => {
+                listener.local_addr()
+            }
         }
     }
 }
 
-/// A listener on `addr` that other `SO_REUSEPORT` sockets of this user may share, taken off
-/// the current runtime to be given to a worker's.
-fn reuse_port(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-    let socket = match addr {
-        SocketAddr::V4(_) => TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => TcpSocket::new_v6()?,
-    };
-    // As std and tokio bind: a restart may reuse the port of connections still in TIME_WAIT.
-    socket.set_reuseaddr(true)?;
-    socket.set_reuseport(true)?;
-    socket.bind(addr)?;
-    socket.listen(BACKLOG)?.into_std()
+/// A connection on its way to a worker: the socket, not yet on any runtime, and its peer.
+type Handed = (std::net::TcpStream, SocketAddr);
+
+/// One worker as the others see it.
+#[derive(Debug)]
+struct Worker {
+    /// Where connections handed to it go.
+    incoming: mpsc::UnboundedSender<Handed>,
+    /// Connections it serves or has been handed, not yet ended.
+    open: Arc<AtomicUsize>,
+}
+
+/// Which worker serves a connection worker `me` accepted: `me` while it holds no more than any
+/// other, otherwise the one holding the fewest (the first after `me` among equals).
+fn choose(workers: &[Worker], me: usize) -> Option<&Worker> {
+    let counts = workers.iter().map(|w| w.open.load(Ordering::Relaxed));
+    fewest(counts, me).and_then(|i| workers.get(i))
+}
+
+/// The index of the smallest of `counts`, the first found searching from `start` (wrapping
+/// around); `None` when there are none.
+fn fewest(counts: impl ExactSizeIterator<Item = usize>, start: usize) -> Option<usize> {
+    let n = counts.len();
+    // How far after `start` index `i` comes, wrapping around (`n` is not 0 once any count is).
+    let turn = move |i: usize| (i + n - start % n) % n;
+    counts
+        .enumerate()
+        .min_by_key(|&(i, count)| (count, turn(i)))
+        .map(|(i, _)| i)
 }
 
 /// The per-core worker threads, running until this is dropped.
@@ -90,53 +110,148 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// Starts a worker thread per listener, accepting and serving until `shutdown` resolves;
-    /// returns once every listener is closed.
+    /// Starts `workers` threads accepting on `listener` until `shutdown` resolves; returns once
+    /// every worker has stopped accepting and taken the connections handed to it.
     pub(super) async fn serve(
-        listeners: Vec<std::net::TcpListener>,
+        listener: TcpListener,
+        workers: usize,
         serving: &Serving,
         shutdown: impl Future<Output = ()>,
     ) -> io::Result<Workers> {
+        let listener = listener.into_std()?;
         // `true`: stop accepting; the sender dropped: end.
-        let (stop, stopped) = watch::channel(false);
-        // Each worker holds a sender until its listener is closed.
-        let (closing, mut closed) = mpsc::channel::<()>(1);
-        for (i, listener) in listeners.into_iter().enumerate() {
+        let (release, released) = watch::channel(false);
+        // Each worker holds a sender until its queue of handed connections is closed and empty.
+        let (taken, mut all_taken) = mpsc::channel::<()>(1);
+        let mut queues = Vec::new();
+        let mut all = Vec::new();
+        for _ in 0..workers.max(1) {
+            let (incoming, queue) = mpsc::unbounded_channel();
+            queues.push(queue);
+            all.push(Worker {
+                incoming,
+                open: Arc::new(AtomicUsize::new(0)),
+            });
+        }
+        let all = Arc::new(all);
+        for (me, queue) in queues.into_iter().enumerate() {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let (serving, stopped, closing) = (serving.clone(), stopped.clone(), closing.clone());
+            let listener = listener.try_clone()?;
+            let (serving, released, taken, all) = (
+                serving.clone(),
+                released.clone(),
+                taken.clone(),
+                all.clone(),
+            );
             std::thread::Builder::new()
-                .name(format!("per-core-{i}"))
-                .spawn(move || runtime.block_on(work(listener, serving, stopped, closing)))?;
+                .name(format!("per-core-{me}"))
+                .spawn(move || {
+                    runtime.block_on(work(me, listener, all, queue, serving, released, taken));
+                })?;
         }
-        drop(closing);
+        drop((taken, all, listener));
         shutdown.await;
-        let _ = stop.send(true);
-        while closed.recv().await.is_some() {}
-        Ok(Workers { _release: stop })
+        let _ = release.send(true);
+        while all_taken.recv().await.is_some() {}
+        Ok(Workers { _release: release })
     }
 }
 
-/// One worker's life, on its own runtime: accepts on `listener` until `stopped` turns true,
-/// says so by dropping `closing`, then runs what is in progress until the sender of `stopped`
-/// is dropped.
+/// One worker's life, on its own runtime: accepts on `listener` until `released` turns true,
+/// serving each connection itself or handing it to the worker holding the fewest, and serves
+/// those handed to it until every worker has stopped accepting; says so by dropping `taken`,
+/// then runs what is in progress until the sender of `released` is dropped.
 async fn work(
+    me: usize,
     listener: std::net::TcpListener,
+    all: Arc<Vec<Worker>>,
+    mut queue: mpsc::UnboundedReceiver<Handed>,
     serving: Serving,
-    mut stopped: watch::Receiver<bool>,
-    closing: mpsc::Sender<()>,
+    mut released: watch::Receiver<bool>,
+    taken: mpsc::Sender<()>,
 ) {
-    match TcpListener::from_std(listener) {
-        Ok(listener) => {
-            let mut stop = stopped.clone();
-            let stop = async move {
-                let _ = stop.wait_for(|stop| *stop).await;
-            };
-            accept(listener, &serving, stop).await;
+    let Some(open) = all.get(me).map(|w| w.open.clone()) else {
+        return;
+    };
+    let accepting = async {
+        match TcpListener::from_std(listener) {
+            Ok(listener) => {
+                let mut stop = released.clone();
+                let stop = async move {
+                    let _ = stop.wait_for(|stop| *stop).await;
+                };
+                accept(listener, &serving, stop, |stream, peer| {
+                    let Some(worker) = choose(&all, me) else {
+                        return;
+                    };
+                    worker.open.fetch_add(1, Ordering::Relaxed);
+                    if Arc::ptr_eq(&worker.open, &open) {
+                        serve(stream, peer, Held(open.clone()), &serving);
+                        return;
+                    }
+                    // Off this runtime, to be put on the other's.
+                    let handed = stream
+                        .into_std()
+                        .map(|stream| worker.incoming.send((stream, peer)));
+                    if !matches!(handed, Ok(Ok(()))) {
+                        worker.open.fetch_sub(1, Ordering::Relaxed);
+                    }
+                })
+                .await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "a per-core worker cannot accept on the listener")
+            }
         }
-        Err(e) => tracing::error!(error = %e, "a per-core listener failed"),
+        // Its senders gone from every worker, each queue closes once empty.
+        drop(all);
+    };
+    let receiving = async {
+        while let Some((stream, peer)) = queue.recv().await {
+            let held = Held(open.clone());
+            match TcpStream::from_std(stream) {
+                Ok(stream) => serve(stream, peer, held, &serving),
+                Err(e) => tracing::warn!(error = %e, %peer, "a worker could not take a connection"),
+            }
+        }
+    };
+    tokio::join!(accepting, receiving);
+    drop(taken);
+    while released.changed().await.is_ok() {}
+}
+
+/// Serves a connection on this worker's runtime; `held` counts it until it ends.
+fn serve(stream: TcpStream, peer: SocketAddr, held: Held, serving: &Serving) {
+    let serving = serving.clone();
+    tokio::spawn(async move {
+        connection(stream, peer, serving).await;
+        drop(held);
+    });
+}
+
+/// One of a worker's open connections: counted until dropped.
+struct Held(Arc<AtomicUsize>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
-    drop(closing);
-    while stopped.changed().await.is_ok() {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fewest;
+
+    #[test]
+    fn the_fewest_wins_and_ties_go_to_the_first_from_the_start() {
+        assert_eq!(fewest([3, 1, 2].into_iter(), 0), Some(1));
+        assert_eq!(fewest([3, 1, 1].into_iter(), 0), Some(1));
+        assert_eq!(fewest([3, 1, 1].into_iter(), 2), Some(2));
+        assert_eq!(fewest([0, 0].into_iter(), 1), Some(1));
+        assert_eq!(fewest([0, 0].into_iter(), 2), Some(0));
+        assert_eq!(fewest([5].into_iter(), 7), Some(0));
+        assert_eq!(fewest([].into_iter(), 0), None);
+    }
 }

@@ -184,21 +184,45 @@ pub async fn serve(
     let (serving, stopping) = Serving::new(app, limits, tls);
     let workers = match listeners {
         Listeners::Shared(listener) => {
-            accept(listener, &serving, shutdown).await;
+            accept(listener, &serving, shutdown, |stream, peer| {
+                tokio::spawn(connection(stream, peer, serving.clone()));
+            })
+            .await;
             None
         }
-        Listeners::PerCore(listeners) => Some(Workers::serve(listeners, &serving, shutdown).await?),
+        Listeners::PerCore { listener, workers } => {
+            Some(Workers::serve(listener, workers, &serving, shutdown).await?)
+        }
     };
     stopping.drain(limits.grace).await;
     Ok(workers)
 }
 
-/// Accepts connections on `listener` until `shutdown` resolves, each served by a task on the
-/// current runtime, then closes the listener.
-pub(super) async fn accept(
-    listener: TcpListener,
+/// A listening socket: what [`accept`] takes connections from.
+pub(super) trait Listen {
+    /// An accepted connection.
+    type Stream;
+    /// The next connection, with `TCP_NODELAY` set (responses are written whole).
+    fn next(&self) -> impl Future<Output = io::Result<(Self::Stream, std::net::SocketAddr)>>;
+}
+
+impl Listen for TcpListener {
+    type Stream = TcpStream;
+
+    async fn next(&self) -> io::Result<(TcpStream, std::net::SocketAddr)> {
+        let (stream, peer) = self.accept().await?;
+        let _ = stream.set_nodelay(true);
+        Ok((stream, peer))
+    }
+}
+
+/// Accepts connections on `listener` until `shutdown` resolves, giving each to `place` (which
+/// has it served), then closes the listener.
+pub(super) async fn accept<L: Listen>(
+    listener: L,
     serving: &Serving,
     shutdown: impl Future<Output = ()>,
+    mut place: impl FnMut(L::Stream, std::net::SocketAddr),
 ) {
     tokio::pin!(shutdown);
     let registry = &serving.registry;
@@ -206,7 +230,7 @@ pub(super) async fn accept(
     loop {
         let accepted = tokio::select! {
             () = &mut shutdown => break,
-            accepted = listener.accept() => accepted,
+            accepted = listener.next() => accepted,
         };
         let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
@@ -229,8 +253,7 @@ pub(super) async fn accept(
         if registry.live() >= serving.limits.max_connections {
             registry.shed(1);
         }
-        let _ = stream.set_nodelay(true);
-        tokio::spawn(connection(stream, peer, serving.clone()));
+        place(stream, peer);
     }
 }
 
@@ -310,7 +333,7 @@ impl Stopping {
 }
 
 /// Serves one connection until it ends, times out, is shed, or the server stops.
-async fn connection(stream: TcpStream, peer: std::net::SocketAddr, serving: Serving) {
+pub(super) async fn connection(stream: TcpStream, peer: std::net::SocketAddr, serving: Serving) {
     let Serving {
         app,
         builder,

@@ -40,13 +40,15 @@ use tokio::net::TcpListener;
 
 pub use config::Config;
 
-/// Serves until `shutdown` resolves, then lets in-flight responses finish for up to
-/// `shutdown_grace`. Tests pass a port-0 listener and their own trigger.
+/// Serves on `listener` as `config.runtime` says until `shutdown` resolves, then lets in-flight
+/// responses finish for up to `shutdown_grace`. Tests pass a port-0 listener and their own
+/// trigger.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let listener = http::listeners::Listeners::served(listener, config.runtime);
     serve(app(&config)?, listener, &config, shutdown).await
 }
 

@@ -34,20 +34,6 @@ fn workers(running: &Running) -> Vec<String> {
         .collect()
 }
 
-/// How many times the thread `tid` of `running` has gone to sleep waiting for something (an
-/// idle worker sleeps once and is never woken).
-fn sleeps(running: &Running, tid: &str) -> u64 {
-    let status =
-        std::fs::read_to_string(format!("/proc/{}/task/{tid}/status", running.pid())).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 /// Nanoseconds the thread `tid` of `running` has run, from the scheduler's statistics.
 fn on_cpu(running: &Running, tid: &str) -> u64 {
     let stat =
@@ -174,7 +160,6 @@ async fn per_core_workers_share_the_port_and_a_miss_costs_one_upstream_request()
     assert_eq!(listeners_on(&running, port), 1, "one listening socket");
     let workers = workers(&running);
     assert_eq!(workers.len(), cores(), "a worker thread per core");
-    let before: Vec<u64> = workers.iter().map(|w| sleeps(&running, w)).collect();
 
     // 32 connections, spread over the workers. Each miss is one upstream GET.
     let manifest = format!("{}/v2/library/percore/manifests/1", running.url);
@@ -193,13 +178,6 @@ async fn per_core_workers_share_the_port_and_a_miss_costs_one_upstream_request()
         }
     }
     assert_eq!(hub.count("blob_get"), image.blobs.len() as u64);
-    for (worker, before) in workers.iter().zip(before) {
-        assert!(
-            sleeps(&running, worker) > before + 4,
-            "worker {worker} served no connection"
-        );
-    }
-
     running.terminate();
     let status = running.exit_status(Duration::from_secs(10)).await;
     assert_eq!(status.and_then(|s| s.code()), Some(0));
@@ -207,8 +185,11 @@ async fn per_core_workers_share_the_port_and_a_miss_costs_one_upstream_request()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_core_hands_each_connection_to_the_worker_holding_the_fewest() {
+    // Kept connections sit idle while others are measured: not for long enough to be closed.
     let running = Pullthrough::new()
         .env("PULLTHROUGH_RUNTIME", "per-core")
+        .env("PULLTHROUGH_CLIENT_HEADER_TIMEOUT", "300s")
+        .env("PULLTHROUGH_CLIENT_IDLE_TIMEOUT", "300s")
         .start()
         .await;
     let workers = workers(&running);
@@ -273,7 +254,7 @@ async fn per_core_serves_tls_with_http2() {
     assert!(running.url.starts_with("https://"), "{}", running.url);
     let addr: std::net::SocketAddr = running.addr.parse().unwrap();
     for _ in 0..8 {
-        // A connection each (no pool), so both workers' listeners are used.
+        // A connection each (no pool), so both workers serve some.
         let client = reqwest::Client::builder()
             .no_proxy()
             .tls_certs_only([reqwest::Certificate::from_pem(ca.as_bytes()).unwrap()])

@@ -35,7 +35,7 @@ pub enum Listeners {
     Shared(TcpListener),
     /// Served by `workers` threads of their own, one per core.
     PerCore {
-        /// The listener, accepted on by the runtime that calls `serve`.
+        /// The listener, accepted on by every worker.
         listener: TcpListener,
         /// Worker threads (at least one).
         workers: usize,
@@ -51,14 +51,18 @@ impl From<TcpListener> for Listeners {
 impl Listeners {
     /// Binds `addr` as `runtime` serves it.
     pub async fn bind(addr: SocketAddr, runtime: Runtime) -> io::Result<Listeners> {
-        let listener = TcpListener::bind(addr).await?;
-        Ok(match runtime {
+        Ok(Listeners::served(TcpListener::bind(addr).await?, runtime))
+    }
+
+    /// `listener`, served as `runtime` says.
+    pub fn served(listener: TcpListener, runtime: Runtime) -> Listeners {
+        match runtime {
             Runtime::WorkStealing => Listeners::Shared(listener),
             Runtime::PerCore => Listeners::PerCore {
                 listener,
                 workers: std::thread::available_parallelism().map_or(1, usize::from),
             },
-        })
+        }
     }
 
     /// The address bound.
@@ -123,38 +127,50 @@ impl Workers {
         let (release, released) = watch::channel(false);
         // Each worker holds a sender until its queue of handed connections is closed and empty.
         let (taken, mut all_taken) = mpsc::channel::<()>(1);
-        let mut queues = Vec::new();
+        // Everything a worker needs, made before any starts: a failure here starts none.
         let mut all = Vec::new();
+        let mut own = Vec::new();
         for _ in 0..workers.max(1) {
             let (incoming, queue) = mpsc::unbounded_channel();
-            queues.push(queue);
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            own.push((runtime, listener.try_clone()?, queue));
             all.push(Worker {
                 incoming,
                 open: Arc::new(AtomicUsize::new(0)),
             });
         }
         let all = Arc::new(all);
-        for (me, queue) in queues.into_iter().enumerate() {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let listener = listener.try_clone()?;
+        for (me, (runtime, listener, queue)) in own.into_iter().enumerate() {
             let (serving, released, taken, all) = (
                 serving.clone(),
                 released.clone(),
                 taken.clone(),
                 all.clone(),
             );
-            std::thread::Builder::new()
+            // A worker that could not start is never handed a connection: what is sent to it
+            // is served by the sender (`work`).
+            let started = std::thread::Builder::new()
                 .name(format!("per-core-{me}"))
                 .spawn(move || {
                     runtime.block_on(work(me, listener, all, queue, serving, released, taken));
-                })?;
+                });
+            if let Err(e) = started {
+                tracing::error!(error = %e, worker = me, "a per-core worker thread could not start");
+            }
         }
         drop((taken, all, listener));
         shutdown.await;
         let _ = release.send(true);
-        while all_taken.recv().await.is_some() {}
+        // A worker stuck in a handler would hold this forever; the drain's grace bounds it.
+        let all_stopped = async { while all_taken.recv().await.is_some() {} };
+        if tokio::time::timeout(serving.grace(), all_stopped)
+            .await
+            .is_err()
+        {
+            tracing::warn!("a per-core worker did not stop accepting within the grace period");
+        }
         Ok(Workers { _release: release })
     }
 }
@@ -186,17 +202,25 @@ async fn work(
                     let Some(worker) = choose(&all, me) else {
                         return;
                     };
-                    worker.open.fetch_add(1, Ordering::Relaxed);
                     if Arc::ptr_eq(&worker.open, &open) {
-                        serve(stream, peer, Held(open.clone()), &serving);
+                        serve(stream, peer, Held::new(&open), &serving);
                         return;
                     }
                     // Off this runtime, to be put on the other's.
-                    let handed = stream
-                        .into_std()
-                        .map(|stream| worker.incoming.send((stream, peer)));
-                    if !matches!(handed, Ok(Ok(()))) {
+                    let stream = match stream.into_std() {
+                        Ok(stream) => stream,
+                        Err(e) => {
+                            tracing::debug!(error = %e, %peer, "could not hand a connection over");
+                            return;
+                        }
+                    };
+                    worker.open.fetch_add(1, Ordering::Relaxed);
+                    if let Err(mpsc::error::SendError((stream, peer))) =
+                        worker.incoming.send((stream, peer))
+                    {
+                        // That worker is gone: serve it here.
                         worker.open.fetch_sub(1, Ordering::Relaxed);
+                        take(stream, peer, Held::new(&open), &serving);
                     }
                 })
                 .await;
@@ -210,16 +234,21 @@ async fn work(
     };
     let receiving = async {
         while let Some((stream, peer)) = queue.recv().await {
-            let held = Held(open.clone());
-            match TcpStream::from_std(stream) {
-                Ok(stream) => serve(stream, peer, held, &serving),
-                Err(e) => tracing::warn!(error = %e, %peer, "a worker could not take a connection"),
-            }
+            // Counted when it was handed over.
+            take(stream, peer, Held(open.clone()), &serving);
         }
     };
     tokio::join!(accepting, receiving);
     drop(taken);
     while released.changed().await.is_ok() {}
+}
+
+/// Serves a connection handed over from another runtime on this worker's.
+fn take(stream: std::net::TcpStream, peer: SocketAddr, held: Held, serving: &Serving) {
+    match TcpStream::from_std(stream) {
+        Ok(stream) => serve(stream, peer, held, serving),
+        Err(e) => tracing::warn!(error = %e, %peer, "a worker could not take a connection"),
+    }
 }
 
 /// Serves a connection on this worker's runtime; `held` counts it until it ends.
@@ -233,6 +262,14 @@ fn serve(stream: TcpStream, peer: SocketAddr, held: Held, serving: &Serving) {
 
 /// One of a worker's open connections: counted until dropped.
 struct Held(Arc<AtomicUsize>);
+
+impl Held {
+    /// Counts one more in `open`.
+    fn new(open: &Arc<AtomicUsize>) -> Held {
+        open.fetch_add(1, Ordering::Relaxed);
+        Held(open.clone())
+    }
+}
 
 impl Drop for Held {
     fn drop(&mut self) {

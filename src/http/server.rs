@@ -133,6 +133,11 @@ struct Registry {
     next_id: AtomicU64,
     /// Woken each time a connection ends (shutdown waits on it).
     ended: Notify,
+    /// When connections were last shed for want of file descriptors (ms on this clock, plus
+    /// one; 0: never).
+    last_shed: AtomicU64,
+    /// When that was last logged (the same).
+    last_fd_warning: AtomicU64,
 }
 
 impl Registry {
@@ -160,6 +165,20 @@ impl Registry {
         }
     }
 
+    /// Out of file descriptors (`error`): closes the 8 quietest connections to make room, at
+    /// most once per 10 ms and warning at most once per 10 s however many accept loops (one per
+    /// per-core worker) fail on the same pending connection.
+    fn out_of_descriptors(&self, error: &io::Error) {
+        let now = self.now_ms();
+        if !claim(&self.last_shed, now, 10) {
+            return;
+        }
+        if claim(&self.last_fd_warning, now, 10_000) {
+            tracing::warn!(error = %error, "out of file descriptors; closing quiet client connections");
+        }
+        self.shed(8);
+    }
+
     /// Connections not yet asked to close.
     fn live(&self) -> usize {
         self.open
@@ -170,8 +189,19 @@ impl Registry {
     }
 }
 
+/// Whether it is `every` ms or more since `last` (ms plus one; 0: never) and this caller is the
+/// one to set it to `now`.
+fn claim(last: &AtomicU64, now: u64, every: u64) -> bool {
+    let was = last.load(Ordering::Relaxed);
+    let now = now.saturating_add(1);
+    (was == 0 || now.saturating_sub(was) >= every)
+        && last
+            .compare_exchange(was, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+}
+
 /// Serves `app` on `listeners` until `shutdown` resolves, then lets responses in progress
-/// finish for up to `limits.grace`. Per-core listeners are served by worker threads that run
+/// finish for up to `limits.grace`. Per core, connections are served by worker threads that run
 /// until the returned [`Workers`] is dropped: tasks they spawned (a download other requests
 /// wait on) may still be finishing, so the caller keeps it while it waits for them.
 pub async fn serve(
@@ -226,7 +256,6 @@ pub(super) async fn accept<L: Listen>(
 ) {
     tokio::pin!(shutdown);
     let registry = &serving.registry;
-    let mut warned_fds: Option<Instant> = None;
     loop {
         let accepted = tokio::select! {
             () = &mut shutdown => break,
@@ -235,16 +264,11 @@ pub(super) async fn accept<L: Listen>(
         let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
-                // Out of file descriptors: make room by closing the quietest connections.
                 if matches!(
                     rustix::io::Errno::from_io_error(&e),
                     Some(rustix::io::Errno::MFILE | rustix::io::Errno::NFILE)
                 ) {
-                    if warned_fds.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
-                        warned_fds = Some(Instant::now());
-                        tracing::warn!(error = %e, "out of file descriptors; closing quiet client connections");
-                    }
-                    registry.shed(8);
+                    registry.out_of_descriptors(&e);
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
@@ -270,6 +294,11 @@ pub(super) struct Serving {
 }
 
 impl Serving {
+    /// How long responses in progress may take to finish on shutdown.
+    pub(super) fn grace(&self) -> Duration {
+        self.limits.grace
+    }
+
     /// What the connections of one server share, and what stops them.
     fn new(app: Router, limits: Limits, tls: Option<TlsAcceptor>) -> (Serving, Stopping) {
         let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -289,6 +318,8 @@ impl Serving {
             open: Mutex::default(),
             next_id: AtomicU64::new(0),
             ended: Notify::new(),
+            last_shed: AtomicU64::new(0),
+            last_fd_warning: AtomicU64::new(0),
         });
         let (stopping, stop) = watch::channel(Stop::No);
         let serving = Serving {

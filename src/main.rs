@@ -172,12 +172,59 @@ async fn run_server(config: &Config) -> ExitCode {
         }
     };
     announce(config, &listeners);
+    raise_open_file_limit(config.max_client_connections);
     match pullthrough::serve(app, listeners, config, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("pullthrough: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Descriptors beyond the client connections: the listener, each worker's runtime, upstream
+/// connections, blob files being read and written, the log.
+const SPARE_DESCRIPTORS: u64 = 256;
+
+/// The most open files asked for (Go's runtime raises its limit the same way, to the hard
+/// limit).
+const MOST_OPEN_FILES: u64 = 1 << 20;
+
+/// Raises the soft limit on open files to the hard one: every client connection, upstream
+/// connection and blob being served holds a descriptor, and the soft limit systemd and
+/// containerd give a service (1,024) is taken by `max_client_connections`' default alone.
+/// Warns when even the raised limit leaves no room for `max_connections` clients.
+fn raise_open_file_limit(max_connections: usize) {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let wanted = limit
+        .maximum
+        .map_or(MOST_OPEN_FILES, |m| m.min(MOST_OPEN_FILES));
+    let mut current = limit.current;
+    if current.is_some_and(|c| c < wanted) {
+        let raised = Rlimit {
+            current: Some(wanted),
+            maximum: limit.maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => {
+                tracing::debug!(from = ?current, to = wanted, "raised the open-file limit");
+                current = Some(wanted);
+            }
+            Err(e) => tracing::debug!(error = %e, "could not raise the open-file limit"),
+        }
+    }
+    let needed = u64::try_from(max_connections)
+        .unwrap_or(u64::MAX)
+        .saturating_add(SPARE_DESCRIPTORS);
+    if let Some(current) = current.filter(|&c| c < needed) {
+        tracing::warn!(
+            open_file_limit = current,
+            max_client_connections = max_connections,
+            "the open-file limit leaves no room for max_client_connections clients: when \
+             descriptors run out the quietest connections are closed; raise the limit \
+             (ulimit -n, LimitNOFILE=, --ulimit nofile=) or lower max_client_connections"
+        );
     }
 }
 

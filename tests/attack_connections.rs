@@ -177,6 +177,40 @@ async fn at_the_file_descriptor_limit_new_clients_are_still_answered() {
     outcome.expect("test hung");
 }
 
+/// The open-file limits of process `pid`: soft, hard (`None`: unlimited).
+fn open_file_limits(pid: u32) -> (Option<u64>, Option<u64>) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    (fields[3].parse().ok(), fields[4].parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_soft_open_file_limit_is_raised_to_the_hard_one() {
+    // As systemd and containerd start a service: a low soft limit under a higher hard one.
+    let running = Pullthrough::new().soft_fd_limit(256).start().await;
+    let (soft, hard) = open_file_limits(running.pid());
+    let wanted = hard.map_or(1 << 20, |h| h.min(1 << 20));
+    assert!(
+        wanted > 256,
+        "the hard limit here is {hard:?}: nothing to raise"
+    );
+    assert_eq!(soft, Some(wanted), "soft limit raised to the hard one");
+    let quiet = running.quiet_log(Duration::from_millis(300)).await;
+    assert!(!quiet.contains("open-file limit"), "{quiet}");
+    drop(running);
+
+    // A hard limit below max_client_connections: one warning naming both.
+    let mut running = Pullthrough::new().fd_limit(512).start().await;
+    let line = running.line("open-file limit").await;
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains("open_file_limit=512"), "{line}");
+    assert!(line.contains("max_client_connections=1024"), "{line}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_idle_timeout_never_cuts_a_slow_download_or_a_wait_for_upstream() {
     let hub = FakeHub::start().await;

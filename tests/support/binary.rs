@@ -16,7 +16,8 @@ use std::time::Duration;
 pub struct Pullthrough {
     args: Vec<OsString>,
     env: Vec<(OsString, OsString)>,
-    fd_limit: Option<u32>,
+    /// `ulimit` flags and value to run under (`-n 64`: soft and hard; `-Sn 64`: soft).
+    fd_limit: Option<String>,
     echo: bool,
 }
 
@@ -69,9 +70,15 @@ impl Pullthrough {
         self.arg("--config").arg(file.as_ref())
     }
 
-    /// Runs under `ulimit -n limit`.
+    /// Runs under `ulimit -n limit` (the soft and the hard limit).
     pub fn fd_limit(mut self, limit: u32) -> Self {
-        self.fd_limit = Some(limit);
+        self.fd_limit = Some(format!("-n {limit}"));
+        self
+    }
+
+    /// Runs under `ulimit -Sn limit` (the soft limit only).
+    pub fn soft_fd_limit(mut self, limit: u32) -> Self {
+        self.fd_limit = Some(format!("-Sn {limit}"));
         self
     }
 
@@ -87,11 +94,11 @@ impl Pullthrough {
 
     fn command(&self) -> Command {
         let binary = env!("CARGO_BIN_EXE_pullthrough");
-        let mut command = match self.fd_limit {
+        let mut command = match &self.fd_limit {
             Some(limit) => {
                 let mut bash = Command::new("bash");
                 bash.arg("-c")
-                    .arg(format!("ulimit -n {limit} && exec \"$0\" \"$@\""))
+                    .arg(format!("ulimit {limit} && exec \"$0\" \"$@\""))
                     .arg(binary);
                 bash
             }

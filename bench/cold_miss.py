@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""The cold-miss row alone, interleaved: each variant's p50 over a direct request, round by round.
+
+Run with `python3 bench/cold_miss.py VARIANT...` where a variant is a binary path, optionally
+followed by `:NAME=VALUE,...` environment settings, e.g.
+
+    python3 bench/cold_miss.py target/release/pullthrough:PULLTHROUGH_RUNTIME=work-stealing \\
+        target/release/pullthrough:PULLTHROUGH_RUNTIME=per-core
+
+Debian's reference registry serves one small manifest under many tags. Every variant runs at
+once (each with an empty cache); each round asks ROUNDS_OF (100) tags, alternating between a
+direct request and one through each variant, so that the machine's noise falls on all of them
+alike. Requests are sequential, each on a new connection (as `bench/bench.py`'s row 3). Prints
+each variant's overhead (its p50 minus the direct p50) per round and the median over ROUNDS (5).
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import ACCEPT, free_port, get, p50_ms, wait_http  # noqa: E402
+
+ROUNDS = int(os.environ.get("ROUNDS", "5"))
+ROUNDS_OF = int(os.environ.get("ROUNDS_OF", "100"))
+
+
+def variants(args):
+    for arg in args:
+        binary, _, settings = arg.partition(":")
+        env = dict(s.split("=", 1) for s in settings.split(",") if s)
+        yield arg, binary, env
+
+
+def main():
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    work = tempfile.mkdtemp(prefix="pullthrough-cold-miss-")
+    procs = []
+    try:
+        reg_port = free_port()
+        with open(os.path.join(work, "registry.yml"), "w") as f:
+            f.write(f"version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {work}/registry\nhttp:\n  addr: 127.0.0.1:{reg_port}\n")
+        procs.append(subprocess.Popen(["docker-registry", "serve", f"{work}/registry.yml"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        registry = f"http://127.0.0.1:{reg_port}/v2/library/bench"
+        wait_http(f"http://127.0.0.1:{reg_port}/v2/")
+        config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}).encode()
+        config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
+        start = urllib.request.urlopen(urllib.request.Request(f"{registry}/blobs/uploads/", data=b"", method="POST"))
+        location = start.headers["Location"]
+        location = location if location.startswith("http") else f"http://127.0.0.1:{reg_port}{location}"
+        sep = "&" if "?" in location else "?"
+        urllib.request.urlopen(urllib.request.Request(f"{location}{sep}digest={config_digest}", data=config, method="PUT", headers={"Content-Type": "application/octet-stream"})).read()
+        manifest = json.dumps({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": len(config)},
+            "layers": [],
+        }).encode()
+        tags = [f"miss{i}" for i in range(ROUNDS * ROUNDS_OF)]
+        for tag in tags:
+            urllib.request.urlopen(urllib.request.Request(f"{registry}/manifests/{tag}", data=manifest, method="PUT", headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"})).read()
+
+        urls = {}
+        for name, binary, extra in variants(sys.argv[1:]):
+            port = free_port()
+            env = {**os.environ, **extra, "PULLTHROUGH_UPSTREAM": f"http://127.0.0.1:{reg_port}",
+                   "PULLTHROUGH_DATA_DIR": os.path.join(work, f"data-{port}"),
+                   "PULLTHROUGH_LISTEN": f"127.0.0.1:{port}", "RUST_LOG": "pullthrough=warn"}
+            procs.append(subprocess.Popen([binary], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            urls[name] = f"http://127.0.0.1:{port}"
+            wait_http(f"{urls[name]}/v2/")
+        time.sleep(1)
+
+        overheads = {name: [] for name in urls}
+        for r in range(ROUNDS):
+            direct = []
+            through = {name: [] for name in urls}
+            for tag in tags[r * ROUNDS_OF:(r + 1) * ROUNDS_OF]:
+                started = time.perf_counter()
+                get(f"{registry}/manifests/{tag}", accept=ACCEPT)
+                direct.append(time.perf_counter() - started)
+                for name, url in urls.items():
+                    started = time.perf_counter()
+                    get(f"{url}/v2/library/bench/manifests/{tag}", accept=ACCEPT)
+                    through[name].append(time.perf_counter() - started)
+            line = [f"round {r + 1}: direct p50 {p50_ms(direct):.3f} ms"]
+            for name in urls:
+                overhead = p50_ms(through[name]) - p50_ms(direct)
+                overheads[name].append(overhead)
+                line.append(f"{name} {overhead:+.3f}")
+            print("; ".join(line), flush=True)
+        for name in urls:
+            print(f"{name}: overhead median {statistics.median(overheads[name]):+.3f} ms over {ROUNDS} rounds (target <= 0.2 ms)")
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

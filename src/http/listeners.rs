@@ -149,8 +149,8 @@ impl Workers {
                 taken.clone(),
                 all.clone(),
             );
-            // A worker that could not start is never handed a connection: what is sent to it
-            // is served by the sender (`work`).
+            // A connection handed to a worker that could not start is served by the worker
+            // that accepted it (`work`).
             let started = std::thread::Builder::new()
                 .name(format!("per-core-{me}"))
                 .spawn(move || {

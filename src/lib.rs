@@ -60,7 +60,7 @@ const FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// cache writes still under way.
 pub async fn serve(
     app: App,
-    listeners: impl Into<http::listeners::Listeners>,
+    listeners: http::listeners::Listeners,
     config: &Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
@@ -72,7 +72,7 @@ pub async fn serve(
     // Per-core workers keep running until the cache writes they may hold are done.
     let _workers = http::server::serve(
         app.router,
-        listeners.into(),
+        listeners,
         http::server::Limits::from_config(config),
         tls,
         shutdown,

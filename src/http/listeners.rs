@@ -42,12 +42,6 @@ pub enum Listeners {
     },
 }
 
-impl From<TcpListener> for Listeners {
-    fn from(listener: TcpListener) -> Listeners {
-        Listeners::Shared(listener)
-    }
-}
-
 impl Listeners {
     /// Binds `addr` as `runtime` serves it.
     pub async fn bind(addr: SocketAddr, runtime: Runtime) -> io::Result<Listeners> {

@@ -228,38 +228,20 @@ pub async fn serve(
     Ok(workers)
 }
 
-/// A listening socket: what [`accept`] takes connections from.
-pub(super) trait Listen {
-    /// An accepted connection.
-    type Stream;
-    /// The next connection, with `TCP_NODELAY` set (responses are written whole).
-    fn next(&self) -> impl Future<Output = io::Result<(Self::Stream, std::net::SocketAddr)>>;
-}
-
-impl Listen for TcpListener {
-    type Stream = TcpStream;
-
-    async fn next(&self) -> io::Result<(TcpStream, std::net::SocketAddr)> {
-        let (stream, peer) = self.accept().await?;
-        let _ = stream.set_nodelay(true);
-        Ok((stream, peer))
-    }
-}
-
 /// Accepts connections on `listener` until `shutdown` resolves, giving each to `place` (which
 /// has it served), then closes the listener.
-pub(super) async fn accept<L: Listen>(
-    listener: L,
+pub(super) async fn accept(
+    listener: TcpListener,
     serving: &Serving,
     shutdown: impl Future<Output = ()>,
-    mut place: impl FnMut(L::Stream, std::net::SocketAddr),
+    mut place: impl FnMut(TcpStream, std::net::SocketAddr),
 ) {
     tokio::pin!(shutdown);
     let registry = &serving.registry;
     loop {
         let accepted = tokio::select! {
             () = &mut shutdown => break,
-            accepted = listener.next() => accepted,
+            accepted = listener.accept() => accepted,
         };
         let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
@@ -277,6 +259,8 @@ pub(super) async fn accept<L: Listen>(
         if registry.live() >= serving.limits.max_connections {
             registry.shed(1);
         }
+        // Responses are written whole.
+        let _ = stream.set_nodelay(true);
         place(stream, peer);
     }
 }

@@ -36,6 +36,11 @@ PERF = os.environ.get("PERF")
 GIB_PER_PULL = MIB / 1024
 
 
+def minor_faults(pid):
+    """Minor page faults of a process so far (fresh memory touched), from /proc/<pid>/stat."""
+    return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[7])
+
+
 def own_cpu():
     t = os.times()
     return t.user + t.system
@@ -74,16 +79,16 @@ def main():
             if perf_out:
                 perf = subprocess.Popen(["perf", "record", "-g", "-o", perf_out, "-p", str(pt.pid)], stderr=subprocess.DEVNULL)
                 time.sleep(0.5)
-            p0, r0, c0 = cpu_seconds(pt.pid), cpu_seconds(registry.pid), own_cpu()
+            p0, r0, c0, f0 = cpu_seconds(pt.pid), cpu_seconds(registry.pid), own_cpu(), minor_faults(pt.pid)
             rate, verified = timed(f"http://127.0.0.1:{listen}/v2/library/b/blobs/{digest}")
-            p1, r1, c1 = cpu_seconds(pt.pid), cpu_seconds(registry.pid), own_cpu()
+            p1, r1, c1, f1 = cpu_seconds(pt.pid), cpu_seconds(registry.pid), own_cpu(), minor_faults(pt.pid)
             if perf:
                 perf.send_signal(2)
                 perf.wait()
             pt.terminate()
             pt.wait()
             shutil.rmtree(data_dir, ignore_errors=True)
-            return rate, verified, p1 - p0, r1 - r0, c1 - c0
+            return rate, verified, p1 - p0, r1 - r0, c1 - c0, f1 - f0
 
         for i in range(N):
             r0, c0 = cpu_seconds(registry.pid), own_cpu()
@@ -94,10 +99,11 @@ def main():
                   f"together {sum(direct_cpu):.2f} per pull, {sum(direct_cpu) / GIB_PER_PULL:.2f} per GiB", flush=True)
             for b, binary in enumerate(BINARIES):
                 perf_out = "/tmp/pullthrough-cold-blob.perf" if PERF and b == 0 else None
-                rate, verified, pt_cpu, reg_cpu, client_cpu = through(binary, f"{work}/data{i}-{b}", perf_out)
+                rate, verified, pt_cpu, reg_cpu, client_cpu, faults = through(binary, f"{work}/data{i}-{b}", perf_out)
                 results[binary].append((rate, pt_cpu))
                 print(f"  through {binary}: {rate:6.0f} MB/s   ratio {rate / direct:.2f}   verified {verified}   "
-                      f"CPU s: pullthrough {pt_cpu:.2f}, registry {reg_cpu:.2f}, client {client_cpu:.2f}", flush=True)
+                      f"CPU s: pullthrough {pt_cpu:.2f}, registry {reg_cpu:.2f}, client {client_cpu:.2f}; "
+                      f"pullthrough's page faults {faults}", flush=True)
                 print(f"  through {binary}: pullthrough CPU-seconds {pt_cpu:.3f} per {MIB} MiB pull, "
                       f"{pt_cpu / GIB_PER_PULL:.3f} per GiB", flush=True)
         print(f"direct: {spread([d[0] for d in directs], '{:.0f}')} MB/s, registry + client "

@@ -34,6 +34,7 @@ pub mod resting;
 pub mod state;
 pub mod upstream;
 pub mod warm;
+pub mod worker;
 
 use std::sync::Arc;
 use tokio::net::TcpListener;

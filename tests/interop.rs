@@ -875,3 +875,89 @@ async fn skopeo_and_podman_without_a_login_pull_what_anonymous_rules_allow() {
         .arg(format!("docker://{host}/team/app:1")));
     assert_eq!(sha256(&raw), team);
 }
+
+/// Debian's reference registry serving `dir`'s storage (another instance's) over TLS with
+/// `cert` and `key`; its `https://` URL.
+async fn reference_registry_over_tls(dir: &Path, cert: &str, key: &str) -> (Process, String) {
+    let port = free_port();
+    std::fs::write(dir.join("tls.crt"), cert).unwrap();
+    std::fs::write(dir.join("tls.key"), key).unwrap();
+    let config = dir.join("registry-tls.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n  tls:\n    certificate: {}\n    key: {}\n",
+            dir.join("storage").display(),
+            dir.join("tls.crt").display(),
+            dir.join("tls.key").display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new("docker-registry")
+        .arg("serve")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    let up = eventually(Duration::from_secs(20), async || {
+        tokio::net::TcpStream::connect(&addr).await.is_ok()
+    })
+    .await;
+    assert!(up, "the TLS registry did not come up");
+    (Process(child), format!("https://{addr}"))
+}
+
+/// Every upstream client shares one TLS configuration made by pullthrough (the system's roots,
+/// `SSL_CERT_FILE` included, as reqwest's own): an HTTPS upstream signed by a CA the system
+/// trusts serves a whole multi-platform copy, manifests and blobs, on every worker's clients;
+/// one signed by a CA it does not trust gets no request through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs docker-registry and skopeo (run by .ci/run)"]
+async fn an_https_upstream_is_trusted_through_the_systems_roots_and_only_through_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_plain, plain) = reference_registry(dir.path()).await;
+    let digest = push(dir.path(), &plain, "library/secure", "1");
+    let (ca, cert, key) = support::ca_and_certificate("127.0.0.1");
+    let (_tls, upstream) = reference_registry_over_tls(dir.path(), &cert, &key).await;
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca).unwrap();
+
+    let trusted = support::binary::Pullthrough::new()
+        .upstream(&upstream)
+        .env("SSL_CERT_FILE", &ca_file)
+        .start()
+        .await;
+    let host = trusted.addr.clone();
+    let out = dir.path().join("copied");
+    run(skopeo()
+        .args(["copy", "--all", "--src-tls-verify=false"])
+        .arg(format!("docker://{host}/library/secure:1"))
+        .arg(format!("oci:{}:1", out.display())));
+    assert!(
+        std::fs::read_to_string(out.join("index.json"))
+            .unwrap()
+            .contains(&digest),
+        "the copy through the HTTPS upstream holds the index"
+    );
+
+    // Another CA in SSL_CERT_FILE: the upstream's certificate is not trusted.
+    let (other_ca, _, _) = support::ca_and_certificate("127.0.0.1");
+    let other_file = dir.path().join("other-ca.pem");
+    std::fs::write(&other_file, &other_ca).unwrap();
+    let untrusted = support::binary::Pullthrough::new()
+        .upstream(&upstream)
+        .env("SSL_CERT_FILE", &other_file)
+        .start()
+        .await;
+    let answer = reqwest::get(format!("{}/v2/library/secure/manifests/1", untrusted.url))
+        .await
+        .unwrap();
+    let status = answer.status().as_u16();
+    let body = answer.text().await.unwrap();
+    assert!(
+        (500..600).contains(&status) && body.contains("\"errors\""),
+        "an untrusted upstream certificate is a registry error, not content: {status} {body}"
+    );
+}

@@ -54,7 +54,7 @@ impl Listeners {
             Runtime::WorkStealing => Listeners::Shared(listener),
             Runtime::PerCore => Listeners::PerCore {
                 listener,
-                workers: std::thread::available_parallelism().map_or(1, usize::from),
+                workers: crate::worker::count(),
             },
         }
     }
@@ -148,6 +148,7 @@ impl Workers {
             let started = std::thread::Builder::new()
                 .name(format!("per-core-{me}"))
                 .spawn(move || {
+                    crate::worker::enter(me);
                     runtime.block_on(work(me, listener, all, queue, serving, released, taken));
                 });
             if let Err(e) = started {

@@ -47,7 +47,14 @@ impl Upstream {
             .join("/v2/")
             .map_err(|e| Error::BadResponse(e.to_string()))?;
         let started = std::time::Instant::now();
-        let sent = self.api.get(url).timeout(self.request_timeout).send().await;
+        let sent = self
+            .clients
+            .here()
+            .api
+            .get(url)
+            .timeout(self.request_timeout)
+            .send()
+            .await;
         let status = sent.as_ref().ok().map(|r| r.status().as_u16());
         self.metrics.upstream(
             crate::metrics::UpstreamKind::Ping,

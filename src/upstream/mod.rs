@@ -12,7 +12,7 @@ mod token;
 
 pub use referrers::ReferrersPage;
 
-use crate::config::Config;
+use crate::config::{Config, Runtime};
 use crate::error::Cause;
 use crate::metrics::{UpstreamKind as Kind, UpstreamMetrics};
 use crate::registry::{
@@ -26,8 +26,8 @@ use ratelimit::RateLimits;
 use reqwest::header::{self, HeaderMap};
 use reqwest::{Method, StatusCode};
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use url::Url;
@@ -203,12 +203,8 @@ const DOCKER_HUB_HOSTS: &[&str] = &[
 #[derive(Debug)]
 pub struct Upstream {
     base: Url,
-    /// Client for blobs: follows redirects (to the CDN), up to reqwest's limit of 10.
-    http: reqwest::Client,
-    /// Client for the ping, manifests, tags and referrers lists: follows no redirect. A registry answers
-    /// these itself; a redirect could only aim pullthrough at an address the upstream chose,
-    /// and what came back would be stored and served as the manifest.
-    api: reqwest::Client,
+    /// The clients requests go out on.
+    clients: Clients,
     credentials: Option<Credentials>,
     tokens: TokenCache,
     /// Realm and service of the last Bearer challenge, so later requests carry a token
@@ -262,33 +258,30 @@ impl Upstream {
             }),
             _ => None,
         };
-        // Blob requests follow redirects (to the CDN) up to reqwest's limit of 10, and none
-        // once offline mode is on.
-        let redirects = {
-            let offline = Arc::clone(&offline);
-            reqwest::redirect::Policy::custom(move |attempt| {
-                if offline.is_on() {
-                    attempt.error(Error::Offline)
-                } else if attempt.previous().len() >= 10 {
-                    attempt.error("too many redirects")
-                } else {
-                    attempt.follow()
-                }
-            })
+        let settings = ClientSettings {
+            connect_timeout: config.connect_timeout,
+            request_timeout: config.request_timeout,
+            offline: Arc::clone(&offline),
+            tls: tls_config()?,
         };
-        let http = client_builder(config).redirect(redirects).build()?;
-        let api = client_builder(config)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()?;
         let realm_pins = Arc::new(realm::PinnedResolver::default());
-        let token_http = client_builder(config)
+        let token_http = settings
+            .builder()
             .redirect(reqwest::redirect::Policy::none())
             .dns_resolver(Arc::clone(&realm_pins))
             .build()?;
+        let workers = match config.runtime {
+            Runtime::PerCore => crate::worker::count(),
+            Runtime::WorkStealing => 0,
+        };
+        let clients = Clients {
+            shared: settings.pair()?,
+            per_worker: (0..workers).map(|_| OnceLock::new()).collect(),
+            settings,
+        };
         Ok(Upstream {
             base: config.upstream.clone(),
-            http,
-            api,
+            clients,
             credentials,
             tokens: TokenCache::default(),
             bearer: RwLock::new(None),
@@ -497,9 +490,10 @@ impl Upstream {
         let default_scope = format!("repository:{name}:pull");
         let mut auth = self.preemptive_auth(&default_scope).await?;
         for attempt in 0..2 {
+            let clients = self.clients.here();
             let client = match kind {
-                Kind::BlobGet | Kind::BlobHead => &self.http,
-                _ => &self.api,
+                Kind::BlobGet | Kind::BlobHead => &clients.http,
+                _ => &clients.api,
             };
             let mut request = client.request(method.clone(), url.clone());
             if matches!(kind, Kind::ManifestGet | Kind::ManifestHead) {
@@ -653,13 +647,111 @@ fn not_a_manifest(content_type: Option<&MediaType>) -> Error {
     })
 }
 
-/// The settings every upstream client shares; each sets its own redirect policy.
-fn client_builder(config: &Config) -> reqwest::ClientBuilder {
-    reqwest::Client::builder()
-        .connect_timeout(config.connect_timeout)
-        .read_timeout(config.request_timeout)
-        .referer(false)
-        .user_agent(concat!("pullthrough/", env!("CARGO_PKG_VERSION")))
+/// The clients one thread's requests to the registry go out on.
+#[derive(Debug, Clone)]
+struct ClientPair {
+    /// For blobs: follows redirects (to the CDN), up to reqwest's limit of 10.
+    http: reqwest::Client,
+    /// For the ping, manifests, tags and referrers lists: follows no redirect. A registry
+    /// answers these itself; a redirect could only aim pullthrough at an address the upstream
+    /// chose, and what came back would be stored and served as the manifest.
+    api: reqwest::Client,
+}
+
+/// What a [`ClientPair`] is made from.
+#[derive(Debug)]
+struct ClientSettings {
+    connect_timeout: Duration,
+    request_timeout: Duration,
+    offline: Arc<Offline>,
+    /// Shared by every client (see [`tls_config`]).
+    tls: rustls::ClientConfig,
+}
+
+impl ClientSettings {
+    /// What every upstream client shares; each sets its own redirect policy.
+    fn builder(&self) -> reqwest::ClientBuilder {
+        reqwest::Client::builder()
+            .connect_timeout(self.connect_timeout)
+            .read_timeout(self.request_timeout)
+            .referer(false)
+            .user_agent(concat!("pullthrough/", env!("CARGO_PKG_VERSION")))
+            .tls_backend_preconfigured(self.tls.clone())
+    }
+
+    /// New clients, with a connection pool of their own.
+    fn pair(&self) -> reqwest::Result<ClientPair> {
+        // Blob requests follow redirects (to the CDN) up to reqwest's limit of 10, and none
+        // once offline mode is on.
+        let redirects = {
+            let offline = Arc::clone(&self.offline);
+            reqwest::redirect::Policy::custom(move |attempt| {
+                if offline.is_on() {
+                    attempt.error(Error::Offline)
+                } else if attempt.previous().len() >= 10 {
+                    attempt.error("too many redirects")
+                } else {
+                    attempt.follow()
+                }
+            })
+        };
+        Ok(ClientPair {
+            http: self.builder().redirect(redirects).build()?,
+            api: self
+                .builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()?,
+        })
+    }
+}
+
+/// The clients of one upstream: a pair per per-core worker, made on its first request, and a
+/// shared pair for every other thread. A pooled connection is driven by a task on the runtime
+/// that opened it; with one pool for all, a worker's request would go through another
+/// runtime's thread and its answer come back the same way (two thread wake-ups per request,
+/// most of a cold miss's overhead on two cores). With a pool per worker, a worker's upstream
+/// connections run on its own runtime, as its client connections do.
+#[derive(Debug)]
+struct Clients {
+    shared: ClientPair,
+    /// One per per-core worker (none under `work-stealing`).
+    per_worker: Box<[OnceLock<ClientPair>]>,
+    settings: ClientSettings,
+}
+
+impl Clients {
+    /// The pair for the calling thread.
+    fn here(&self) -> &ClientPair {
+        let Some(slot) = crate::worker::current().and_then(|i| self.per_worker.get(i)) else {
+            return &self.shared;
+        };
+        slot.get_or_init(|| {
+            // The same settings made the shared pair at startup, so this does not fail in
+            // practice; if it does, this worker shares that pair.
+            self.settings.pair().unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot make a worker's upstream client; it shares the main one");
+                self.shared.clone()
+            })
+        })
+    }
+}
+
+/// The TLS configuration of every upstream client, as reqwest makes its own (the system's root
+/// certificates through rustls-platform-verifier, TLS 1.2 and 1.3, ALPN `h2` then `http/1.1`),
+/// made once: reqwest would read and parse the system's certificates for each client it builds
+/// (6 ms and 120 KiB each here), and with a pair per per-core worker there are many.
+fn tls_config() -> anyhow::Result<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let verifier = rustls_platform_verifier::Verifier::new(Arc::clone(&provider)).map_err(|e| {
+        anyhow::anyhow!("cannot load the system's CA certificates for TLS to the upstream: {e}")
+    })?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tls)
 }
 
 /// A 4xx answer as [`Error::Rejected`], with the registry error code and message of its body
@@ -733,4 +825,56 @@ async fn read_limited(mut response: reqwest::Response, limit: usize) -> Result<B
         buf.extend_from_slice(&chunk);
     }
     Ok(buf.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream(runtime: Runtime) -> Upstream {
+        let config = Config {
+            runtime,
+            ..Config::default()
+        };
+        Upstream::new(
+            &config,
+            crate::metrics::Metrics::new(vec![]).for_upstream(0),
+            Arc::new(Offline::new(false)),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_per_core_worker_has_clients_of_its_own_and_other_threads_share_one_pair() {
+        let upstream = upstream(Runtime::PerCore);
+        let clients = &upstream.clients;
+        assert!(std::ptr::eq(clients.here(), &clients.shared));
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                crate::worker::enter(0);
+                let own = clients.here();
+                assert!(!std::ptr::eq(own, &clients.shared));
+                assert!(std::ptr::eq(own, clients.here()), "made once");
+            });
+        });
+        // A worker index beyond the workers counted (none here is) shares the main pair.
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                crate::worker::enter(usize::MAX);
+                assert!(std::ptr::eq(clients.here(), &clients.shared));
+            });
+        });
+    }
+
+    #[test]
+    fn under_work_stealing_every_thread_shares_one_pair() {
+        let upstream = upstream(Runtime::WorkStealing);
+        let clients = &upstream.clients;
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                crate::worker::enter(0);
+                assert!(std::ptr::eq(clients.here(), &clients.shared));
+            });
+        });
+    }
 }

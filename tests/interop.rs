@@ -921,14 +921,18 @@ async fn an_https_upstream_is_trusted_through_the_systems_roots_and_only_through
     let digest = push(dir.path(), &plain, "library/secure", "1");
     let (ca, cert, key) = support::ca_and_certificate("127.0.0.1");
     let (_tls, upstream) = reference_registry_over_tls(dir.path(), &cert, &key).await;
-    let ca_file = dir.path().join("ca.pem");
-    std::fs::write(&ca_file, &ca).unwrap();
+    // A pullthrough in front of the HTTPS upstream whose system roots are `ca` alone.
+    let trusting = async |name: &str, ca: &str| {
+        let file = dir.path().join(name);
+        std::fs::write(&file, ca).unwrap();
+        support::binary::Pullthrough::new()
+            .upstream(&upstream)
+            .env("SSL_CERT_FILE", &file)
+            .start()
+            .await
+    };
 
-    let trusted = support::binary::Pullthrough::new()
-        .upstream(&upstream)
-        .env("SSL_CERT_FILE", &ca_file)
-        .start()
-        .await;
+    let trusted = trusting("ca.pem", &ca).await;
     let host = trusted.addr.clone();
     let out = dir.path().join("copied");
     run(skopeo()
@@ -944,13 +948,7 @@ async fn an_https_upstream_is_trusted_through_the_systems_roots_and_only_through
 
     // Another CA in SSL_CERT_FILE: the upstream's certificate is not trusted.
     let (other_ca, _, _) = support::ca_and_certificate("127.0.0.1");
-    let other_file = dir.path().join("other-ca.pem");
-    std::fs::write(&other_file, &other_ca).unwrap();
-    let untrusted = support::binary::Pullthrough::new()
-        .upstream(&upstream)
-        .env("SSL_CERT_FILE", &other_file)
-        .start()
-        .await;
+    let untrusted = trusting("other-ca.pem", &other_ca).await;
     let answer = reqwest::get(format!("{}/v2/library/secure/manifests/1", untrusted.url))
         .await
         .unwrap();

@@ -214,12 +214,14 @@ impl ManifestCache {
     /// Runs a disk write off the async workers without the caller waiting, counted until done;
     /// a failure is logged.
     ///
-    /// The blocking thread is woken from a task of its own, once the tasks already queued on
-    /// this runtime have run: on a cold miss, the fetch runs in a task of its own, and the
-    /// request's task (woken when the fetch ends, after this write was spawned) writes the
-    /// answer then. Waking a thread is a system call, and on a busy core the woken thread may
-    /// run first: a cold miss's two writes (manifest and tag) no longer delay its answer
-    /// (docs/benchmarks.md, fourth sitting).
+    /// The blocking thread is woken from a task of its own, after one yield: on a per-core
+    /// worker (a current-thread runtime, tasks run in the order they woke), the tasks already
+    /// queued run first. On a cold miss the fetch runs in a task of its own, and the request's
+    /// task, woken when the fetch ended (after this write was spawned), writes the answer then.
+    /// Waking a thread is a system call, and on a busy core the woken thread may run first: a
+    /// cold miss's two writes (manifest and tag) no longer delay its answer (docs/benchmarks.md,
+    /// fourth sitting). Under `work-stealing` another thread may take the task sooner; the
+    /// order is then not promised, only that the caller never waits.
     pub(super) fn in_background(
         &self,
         what: &'static str,

@@ -738,9 +738,14 @@ impl Clients {
 
 /// The TLS configuration of every upstream client, as reqwest makes its own (the system's root
 /// certificates through rustls-platform-verifier, TLS 1.2 and 1.3, ALPN `h2` then `http/1.1`),
-/// made once: reqwest would read and parse the system's certificates for each client it builds
-/// (6 ms and 120 KiB each here), and with a pair per per-core worker there are many.
+/// made once per process: reqwest would read and parse the system's certificates for each
+/// client it builds (6 ms and 120 KiB each here), and with a pair per per-core worker and
+/// upstream there are many. Clones share the verifier and the session cache.
 fn tls_config() -> anyhow::Result<rustls::ClientConfig> {
+    static MADE: OnceLock<rustls::ClientConfig> = OnceLock::new();
+    if let Some(tls) = MADE.get() {
+        return Ok(tls.clone());
+    }
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let verifier = rustls_platform_verifier::Verifier::new(Arc::clone(&provider)).map_err(|e| {
         anyhow::anyhow!("cannot load the system's CA certificates for TLS to the upstream: {e}")
@@ -751,7 +756,7 @@ fn tls_config() -> anyhow::Result<rustls::ClientConfig> {
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_no_client_auth();
     tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(tls)
+    Ok(MADE.get_or_init(|| tls).clone())
 }
 
 /// A 4xx answer as [`Error::Rejected`], with the registry error code and message of its body
@@ -864,6 +869,13 @@ mod tests {
                 assert!(std::ptr::eq(clients.here(), &clients.shared));
             });
         });
+    }
+
+    #[test]
+    fn upstream_tls_offers_h2_then_http1_with_sni_as_reqwest_would() {
+        let tls = tls_config().unwrap();
+        assert_eq!(tls.alpn_protocols, [b"h2".to_vec(), b"http/1.1".to_vec()]);
+        assert!(tls.enable_sni);
     }
 
     #[test]

@@ -708,8 +708,8 @@ impl ClientSettings {
 /// The clients of one upstream: a pair per per-core worker, made on its first request, and a
 /// shared pair for every other thread. A pooled connection is driven by a task on the runtime
 /// that opened it; with one pool for all, a worker's request would go through another
-/// runtime's thread and its answer come back the same way (two thread wake-ups per request,
-/// most of a cold miss's overhead on two cores). With a pool per worker, a worker's upstream
+/// runtime's thread and its answer come back the same way (two thread wake-ups per request;
+/// docs/benchmarks.md, fourth sitting). With a pool per worker, a worker's upstream
 /// connections run on its own runtime, as its client connections do.
 #[derive(Debug)]
 struct Clients {
@@ -862,7 +862,7 @@ mod tests {
                 assert!(std::ptr::eq(own, clients.here()), "made once");
             });
         });
-        // A worker index beyond the workers counted (none here is) shares the main pair.
+        // A worker index beyond the workers counted shares the main pair.
         std::thread::scope(|s| {
             s.spawn(|| {
                 crate::worker::enter(usize::MAX);

@@ -126,6 +126,17 @@ fn push(dir: &Path, registry: &str, repo: &str, tag: &str) -> String {
     digest
 }
 
+/// Copies every platform of `image` (`host:port/repo:1`, plain HTTP) into an OCI layout at
+/// `out` with skopeo, which verifies every manifest and blob digest on the way; the layout's
+/// `index.json`.
+fn copy_all(image: &str, out: &Path) -> String {
+    run(skopeo()
+        .args(["copy", "--all", "--src-tls-verify=false"])
+        .arg(format!("docker://{image}"))
+        .arg(format!("oci:{}:1", out.display())));
+    std::fs::read_to_string(out.join("index.json")).unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs docker-registry and skopeo (run by .ci/run)"]
 async fn skopeo_through_pullthrough_gets_the_reference_registrys_exact_bytes() {
@@ -151,24 +162,18 @@ async fn skopeo_through_pullthrough_gets_the_reference_registrys_exact_bytes() {
     assert_eq!(sha256(&through), digest);
 
     // A full multi-platform copy verifies every manifest and blob digest on the way.
-    let out = dir.path().join("copied");
-    run(skopeo()
-        .args(["copy", "--all", "--src-tls-verify=false"])
-        .arg(format!("docker://{host}/library/multi:1"))
-        .arg(format!("oci:{}:1", out.display())));
-    assert!(
-        std::fs::read_to_string(out.join("index.json"))
-            .unwrap()
-            .contains(&digest)
+    let copied = copy_all(
+        &format!("{host}/library/multi:1"),
+        &dir.path().join("copied"),
     );
+    assert!(copied.contains(&digest));
 
     // Everything is now cached: with the upstream gone, the same copy still succeeds.
     drop(registry);
-    let again = dir.path().join("again");
-    run(skopeo()
-        .args(["copy", "--all", "--src-tls-verify=false"])
-        .arg(format!("docker://{host}/library/multi:1"))
-        .arg(format!("oci:{}:1", again.display())));
+    copy_all(
+        &format!("{host}/library/multi:1"),
+        &dir.path().join("again"),
+    );
     let by_digest = run(skopeo()
         .args(["inspect", "--raw", "--tls-verify=false"])
         .arg(format!("docker://{host}/library/multi@{digest}")));
@@ -933,16 +938,12 @@ async fn an_https_upstream_is_trusted_through_the_systems_roots_and_only_through
     };
 
     let trusted = trusting("ca.pem", &ca).await;
-    let host = trusted.addr.clone();
-    let out = dir.path().join("copied");
-    run(skopeo()
-        .args(["copy", "--all", "--src-tls-verify=false"])
-        .arg(format!("docker://{host}/library/secure:1"))
-        .arg(format!("oci:{}:1", out.display())));
+    let copied = copy_all(
+        &format!("{}/library/secure:1", trusted.addr),
+        &dir.path().join("copied"),
+    );
     assert!(
-        std::fs::read_to_string(out.join("index.json"))
-            .unwrap()
-            .contains(&digest),
+        copied.contains(&digest),
         "the copy through the HTTPS upstream holds the index"
     );
 

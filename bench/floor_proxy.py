@@ -43,20 +43,16 @@ def blob(client, path, upstream, data_dir):
     partial = os.path.join(data_dir, digest + ".partial")
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     sha = hashlib.sha256()
-    for chunk in (memoryview(rest),):
+    chunk, received = memoryview(rest), 0
+    while True:
         sha.update(chunk)
         os.write(fd, chunk)
         client.sendall(chunk)
-    received = len(rest)
-    while received < length:
-        n = sock.recv_into(BUF)
+        received += len(chunk)
+        n = sock.recv_into(BUF) if received < length else 0
         if n == 0:
             break
         chunk = BUF[:n]
-        sha.update(chunk)
-        os.write(fd, chunk)
-        client.sendall(chunk)
-        received += n
     os.fsync(fd)
     os.close(fd)
     sock.close()

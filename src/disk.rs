@@ -236,6 +236,8 @@ impl Layout {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashSet;
+    use std::sync::atomic::Ordering;
 
     #[test]
     fn refuses_foreign_directories_and_adopts_its_own() {
@@ -281,6 +283,109 @@ mod tests {
         assert_eq!(std::fs::read(target).unwrap(), b"data");
         assert!(root.join(MARKER).is_file());
     }
+
+    /// The order writes ran in.
+    type Ran = std::sync::Arc<parking_lot::Mutex<Vec<usize>>>;
+
+    /// Records the order writes ran in.
+    fn recorder() -> (Ran, impl Fn(usize) -> Job) {
+        let ran = Ran::default();
+        let log = std::sync::Arc::clone(&ran);
+        let write = move |i: usize| -> Job {
+            let log = std::sync::Arc::clone(&log);
+            Box::new(move || log.lock().push(i))
+        };
+        (ran, write)
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn writes_queued_together_share_one_thread_in_order_and_are_waited_for() {
+        let writes = std::sync::Arc::new(Writes::default());
+        let (ran, write) = recorder();
+        let threads = std::sync::Arc::new(parking_lot::Mutex::new(HashSet::new()));
+        // Two writes, as a cold miss makes them; then more than a batch at once.
+        for i in 0..2 + 2 * BATCH + 3 {
+            let (write, threads) = (write(i), std::sync::Arc::clone(&threads));
+            writes.behind(move || {
+                threads.lock().insert(std::thread::current().id());
+                write();
+            });
+        }
+        assert_eq!(writes.count.load(Ordering::SeqCst), 2 + 2 * BATCH + 3);
+        writes.idle().await;
+        let ran = ran.lock().clone();
+        let mut sorted = ran.clone();
+        sorted.sort_unstable();
+        assert_eq!(
+            sorted,
+            (0..2 + 2 * BATCH + 3).collect::<Vec<_>>(),
+            "each ran once"
+        );
+        // Full batches went at once, the rest together after the yield; each in order.
+        for batch in [0..BATCH, BATCH..2 * BATCH, 2 * BATCH..2 + 2 * BATCH + 3] {
+            let order: Vec<_> = ran.iter().filter(|i| batch.contains(i)).copied().collect();
+            assert_eq!(order, batch.collect::<Vec<_>>());
+        }
+        assert!(
+            threads.lock().len() <= 3,
+            "{} threads",
+            threads.lock().len()
+        );
+        assert!(writes.queued.0.lock().is_empty());
+
+        // The first two of a later miss go to one thread.
+        let (seen, pair) = (
+            std::sync::Arc::new(parking_lot::Mutex::new(Vec::new())),
+            write,
+        );
+        for i in 0..2 {
+            let (seen, write) = (std::sync::Arc::clone(&seen), pair(100 + i));
+            writes.behind(move || {
+                seen.lock().push(std::thread::current().id());
+                write();
+            });
+        }
+        writes.idle().await;
+        let seen = seen.lock();
+        assert_eq!(seen.len(), 2);
+        assert_eq!(seen[0], seen[1], "one wake-up for both");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_write_that_panics_ends_alone() {
+        let writes = std::sync::Arc::new(Writes::default());
+        let (ran, write) = recorder();
+        writes.behind(write(0));
+        writes.behind(|| panic!("a write's bug"));
+        writes.behind(write(2));
+        writes.idle().await;
+        assert_eq!(*ran.lock(), vec![0, 2]);
+    }
+
+    #[test]
+    fn writes_whose_runtime_ended_before_their_thread_was_woken_end_unwritten_and_block_none() {
+        let writes = std::sync::Arc::new(Writes::default());
+        let (ran, write) = recorder();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        // Queued, but the task that hands them over never runs.
+        runtime.block_on(async {
+            writes.behind(write(0));
+            writes.behind(write(1));
+        });
+        drop(runtime);
+        assert_eq!(writes.count.load(Ordering::SeqCst), 0);
+        assert!(writes.queued.0.lock().is_empty());
+        // Later writes are not stuck behind them.
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            writes.behind(write(2));
+            writes.idle().await;
+        });
+        assert_eq!(*ran.lock(), vec![2]);
+    }
 }
 
 /// Writes under way that nobody waits for (a cache entry made durable behind its response), so
@@ -289,6 +394,60 @@ mod tests {
 pub struct Writes {
     count: std::sync::atomic::AtomicUsize,
     done: tokio::sync::Notify,
+    /// Blocking writes waiting for their thread (see [`Writes::behind`]).
+    queued: Queued,
+}
+
+/// A blocking write, with its [`Writing`] guard inside.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The most blocking writes one thread takes in turn; more queued at once wake another.
+const BATCH: usize = 8;
+
+/// Blocking writes not yet handed to a thread; non-empty exactly while a [`Handoff`] is
+/// scheduled for them (or they fill a batch and go at once).
+#[derive(Default)]
+struct Queued(parking_lot::Mutex<Vec<Job>>);
+
+impl std::fmt::Debug for Queued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Queued({})", self.0.lock().len())
+    }
+}
+
+impl Queued {
+    fn take(&self) -> Vec<Job> {
+        std::mem::take(&mut *self.0.lock())
+    }
+}
+
+/// The task that hands the queued writes to a blocking thread. Dropped unrun (its runtime
+/// shut down), it drops them, so their guards end and later writes queue afresh.
+struct Handoff(Option<std::sync::Arc<Writes>>);
+
+impl Handoff {
+    fn take(&mut self) -> Vec<Job> {
+        self.0.take().map(|w| w.queued.take()).unwrap_or_default()
+    }
+}
+
+impl Drop for Handoff {
+    fn drop(&mut self) {
+        drop(self.take());
+    }
+}
+
+/// Runs `jobs` in turn on one blocking thread; a job that panics ends alone.
+fn run_blocking(jobs: Vec<Job>) {
+    if jobs.is_empty() {
+        return;
+    }
+    tokio::task::spawn_blocking(move || {
+        for job in jobs {
+            // The panic is reported by the hook; the writes after it still run.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+        }
+    });
 }
 
 /// One write under way; it ends when dropped.
@@ -300,6 +459,43 @@ impl Writes {
     pub fn start(self: &std::sync::Arc<Self>) -> Writing {
         self.count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Writing(std::sync::Arc::clone(self))
+    }
+
+    /// Runs `write` on a blocking thread behind the caller, counted until done (from a task on
+    /// the caller's runtime).
+    ///
+    /// The thread is woken from a task of its own, after one yield: on a per-core worker (a
+    /// current-thread runtime, tasks run in the order they woke) the tasks already queued run
+    /// first, so a cold miss's answer is written before its writes wake a thread (waking one
+    /// is a system call, and on a busy core the woken thread may run first). Writes queued
+    /// meanwhile go to the same thread, in order, up to [`BATCH`]: a cold miss's manifest and
+    /// tag cost one wake-up, not two racing for the blocking pool's lock. Under
+    /// `work-stealing` another thread may take the task sooner; the order is then not
+    /// promised, only that the caller never waits.
+    pub fn behind(self: &std::sync::Arc<Self>, write: impl FnOnce() + Send + 'static) {
+        let writing = self.start();
+        let job: Job = Box::new(move || {
+            write();
+            drop(writing);
+        });
+        let mut queued = self.queued.0.lock();
+        queued.push(job);
+        match queued.len() {
+            1 => {
+                drop(queued);
+                let mut handoff = Handoff(Some(std::sync::Arc::clone(self)));
+                tokio::spawn(async move {
+                    tokio::task::yield_now().await;
+                    run_blocking(handoff.take());
+                });
+            }
+            BATCH => {
+                let jobs = std::mem::take(&mut *queued);
+                drop(queued);
+                run_blocking(jobs);
+            }
+            _ => {}
+        }
     }
 
     /// Waits until no write is under way.

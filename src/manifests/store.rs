@@ -211,32 +211,18 @@ impl ManifestCache {
         m
     }
 
-    /// Runs a disk write off the async workers without the caller waiting, counted until done;
-    /// a failure is logged.
-    ///
-    /// The blocking thread is woken from a task of its own, after one yield: on a per-core
-    /// worker (a current-thread runtime, tasks run in the order they woke), the tasks already
-    /// queued run first. On a cold miss the fetch runs in a task of its own, and the request's
-    /// task, woken when the fetch ended (after this write was spawned), writes the answer then.
-    /// Waking a thread is a system call, and on a busy core the woken thread may run first: a
-    /// cold miss's two writes (manifest and tag) no longer delay its answer (docs/benchmarks.md,
-    /// fourth sitting). Under `work-stealing` another thread may take the task sooner; the
-    /// order is then not promised, only that the caller never waits.
+    /// Runs a disk write off the async workers without the caller waiting, counted until done
+    /// ([`Writes::behind`]); a failure is logged.
     pub(super) fn in_background(
         &self,
         what: &'static str,
         which: String,
         write: impl FnOnce() -> std::io::Result<()> + Send + 'static,
     ) {
-        let writing = self.pending.start();
-        tokio::spawn(async move {
-            tokio::task::yield_now().await;
-            tokio::task::spawn_blocking(move || {
-                if let Err(e) = write() {
-                    tracing::error!(error = %e, what, which, "could not store on disk");
-                }
-                drop(writing);
-            });
+        self.pending.behind(move || {
+            if let Err(e) = write() {
+                tracing::error!(error = %e, what, which, "could not store on disk");
+            }
         });
     }
 

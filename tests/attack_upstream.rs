@@ -2,8 +2,9 @@
 //! `Retry-After` values, registry 400s, a slow `/v2/` ping, a token realm that redirects
 //! credentials to another host, a private blob shared while it downloads, manifest, tags and
 //! token requests redirected to an address upstream chose, manifest answers that are not of a
-//! manifest type, and token realms on private or link-local addresses. Each test states the
-//! required behaviour; each failed on the code it was written against.
+//! manifest type, token realms on private or link-local addresses, and a manifest body that
+//! stalls half way. Each test states the required behaviour; each failed on the code it was
+//! written against.
 
 #![allow(
     clippy::unwrap_used,
@@ -852,6 +853,74 @@ async fn a_token_endpoint_redirect_is_not_followed_even_on_its_own_host() {
             0,
             "the redirect was followed"
         );
+    })
+    .await
+    .expect("test hung");
+}
+
+#[tokio::test]
+async fn a_manifest_body_that_stalls_ends_at_the_request_timeout_and_frees_its_upstream_place() {
+    tokio::time::timeout(TEST_LIMIT, async {
+        let up = Hostile::start().await;
+        up.answer_ping(Duration::ZERO, None);
+        let stalled = Image::single("stalled", DOCKER_MANIFEST, 1000);
+        let fine = Image::single("fine", DOCKER_MANIFEST, 1000);
+        // Headers (with the whole length) and half the body at once, then nothing.
+        let (bytes, digest) = (stalled.bytes.clone(), stalled.digest.clone());
+        up.on(Method::GET, "/v2/acme/stalled/manifests/", move |_, _| {
+            let half = bytes.slice(..bytes.len() / 2);
+            let body = futures_util::stream::once(async move { Ok::<_, std::io::Error>(half) })
+                .chain(futures_util::stream::pending());
+            let length = bytes.len().to_string();
+            respond(
+                200,
+                &[
+                    ("content-type", DOCKER_MANIFEST),
+                    ("content-length", length.as_str()),
+                    ("docker-content-digest", digest.as_str()),
+                ],
+                axum::body::Body::from_stream(body),
+            )
+        });
+        let served = fine.clone();
+        up.on(Method::GET, "/v2/acme/fine/manifests/", move |_, _| {
+            respond(
+                200,
+                &[
+                    ("content-type", DOCKER_MANIFEST),
+                    ("docker-content-digest", served.digest.as_str()),
+                ],
+                served.bytes.clone(),
+            )
+        });
+        // One upstream place: the stalled exchange holds it until its deadline.
+        let proxy = TestProxy::start_for(&up.url, |c| {
+            c.upstream_max_concurrency = 1;
+            c.request_timeout = Duration::from_secs(2);
+            c.upstream_deadline = Duration::from_secs(10);
+        })
+        .await;
+
+        let started = std::time::Instant::now();
+        let (status, message) =
+            status_and_message(proxy.get("/v2/acme/stalled/manifests/1").await).await;
+        let took = started.elapsed();
+        assert!(status >= 500, "{status}: {message}");
+        assert!(
+            took >= Duration::from_millis(1500) && took < Duration::from_secs(8),
+            "the stalled body ended after {took:?}, not at the 2 s request timeout"
+        );
+        // Its place is free again: the next manifest goes out at once.
+        let started = std::time::Instant::now();
+        let r = proxy.get("/v2/acme/fine/manifests/1").await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.bytes().await.unwrap(), fine.bytes);
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(up.count(Method::GET, "/v2/acme/stalled/manifests/"), 1);
     })
     .await
     .expect("test hung");

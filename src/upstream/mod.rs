@@ -267,6 +267,7 @@ impl Upstream {
         let realm_pins = Arc::new(realm::PinnedResolver::default());
         let token_http = settings
             .builder()
+            .read_timeout(settings.request_timeout)
             .redirect(reqwest::redirect::Policy::none())
             .dns_resolver(Arc::clone(&realm_pins))
             .build()?;
@@ -669,11 +670,11 @@ struct ClientSettings {
 }
 
 impl ClientSettings {
-    /// What every upstream client shares; each sets its own redirect policy.
+    /// What every upstream client shares; each sets its own redirect policy, and those whose
+    /// requests carry no deadline of their own (blobs, tokens) a read timeout.
     fn builder(&self) -> reqwest::ClientBuilder {
         reqwest::Client::builder()
             .connect_timeout(self.connect_timeout)
-            .read_timeout(self.request_timeout)
             .referer(false)
             .user_agent(concat!("pullthrough/", env!("CARGO_PKG_VERSION")))
             .tls_backend_preconfigured(self.tls.clone())
@@ -696,7 +697,14 @@ impl ClientSettings {
             })
         };
         Ok(ClientPair {
-            http: self.builder().redirect(redirects).build()?,
+            http: self
+                .builder()
+                .read_timeout(self.request_timeout)
+                .redirect(redirects)
+                .build()?,
+            // Every request on it has `request_timeout` as its whole deadline, body included,
+            // which a read timeout of the same length could only repeat (two more timers per
+            // request, each waking the worker's event loop once).
             api: self
                 .builder()
                 .redirect(reqwest::redirect::Policy::none())

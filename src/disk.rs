@@ -218,13 +218,21 @@ impl Layout {
         Ok(file)
     }
 
-    /// Renames a prepared file to `path`, creating its directory.
+    /// Renames a prepared file to `path`, creating its directory. The directory is usually
+    /// there already: it is made only when the rename finds it missing (two system calls
+    /// fewer per write than making sure first).
     pub fn put_in_place(file: tempfile::NamedTempFile, path: &Path) -> std::io::Result<()> {
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)?;
+        match file.persist(path) {
+            Ok(_) => Ok(()),
+            Err(e) if e.error.kind() == std::io::ErrorKind::NotFound => {
+                let Some(parent) = path.parent() else {
+                    return Err(e.error);
+                };
+                std::fs::create_dir_all(parent)?;
+                e.file.persist(path).map(drop).map_err(|e| e.error)
+            }
+            Err(e) => Err(e.error),
         }
-        file.persist(path).map_err(|e| e.error)?;
-        Ok(())
     }
 
     /// Reads a small state file of the layout (`None` if absent or unreadable).
@@ -282,6 +290,20 @@ mod tests {
         layout.write_atomic(&target, &[b"data"], false).unwrap();
         assert_eq!(std::fs::read(target).unwrap(), b"data");
         assert!(root.join(MARKER).is_file());
+    }
+
+    #[test]
+    fn a_file_is_put_in_place_its_directory_made_only_when_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("cache");
+        let layout = Layout::open(&root).unwrap();
+        let target = root.join("tags/acme/app/_tags/1");
+        for body in [&b"one"[..], b"two"] {
+            let file = layout.prepare(&[body], false).unwrap();
+            Layout::put_in_place(file, &target).unwrap();
+            assert_eq!(std::fs::read(&target).unwrap(), body);
+        }
+        assert_eq!(std::fs::read_dir(layout.tmp()).unwrap().count(), 0);
     }
 
     /// The order writes ran in.

@@ -325,26 +325,24 @@ mod tests {
         let writes = std::sync::Arc::new(Writes::default());
         let (ran, write) = recorder();
         let threads = std::sync::Arc::new(parking_lot::Mutex::new(HashSet::new()));
-        // Two writes, as a cold miss makes them; then more than a batch at once.
-        for i in 0..2 + 2 * BATCH + 3 {
+        // Two full batches at once, then fewer than a batch, which wait for the handoff.
+        const REST: usize = BATCH - 1;
+        let all = 2 * BATCH + REST;
+        for i in 0..all {
             let (write, threads) = (write(i), std::sync::Arc::clone(&threads));
             writes.behind(move || {
                 threads.lock().insert(std::thread::current().id());
                 write();
             });
         }
-        assert_eq!(writes.count.load(Ordering::SeqCst), 2 + 2 * BATCH + 3);
+        assert_eq!(writes.count.load(Ordering::SeqCst), all);
         writes.idle().await;
         let ran = ran.lock().clone();
         let mut sorted = ran.clone();
         sorted.sort_unstable();
-        assert_eq!(
-            sorted,
-            (0..2 + 2 * BATCH + 3).collect::<Vec<_>>(),
-            "each ran once"
-        );
-        // Full batches went at once, the rest together after the yield; each in order.
-        for batch in [0..BATCH, BATCH..2 * BATCH, 2 * BATCH..2 + 2 * BATCH + 3] {
+        assert_eq!(sorted, (0..all).collect::<Vec<_>>(), "each ran once");
+        // Each batch in order, on one thread.
+        for batch in [0..BATCH, BATCH..2 * BATCH, 2 * BATCH..all] {
             let order: Vec<_> = ran.iter().filter(|i| batch.contains(i)).copied().collect();
             assert_eq!(order, batch.collect::<Vec<_>>());
         }
@@ -353,7 +351,7 @@ mod tests {
             "{} threads",
             threads.lock().len()
         );
-        assert!(writes.queued.0.lock().is_empty());
+        assert!(writes.queued.iter().all(|q| q.0.lock().is_empty()));
 
         // The first two of a later miss go to one thread.
         let (seen, pair) = (
@@ -371,6 +369,32 @@ mod tests {
         let seen = seen.lock();
         assert_eq!(seen.len(), 2);
         assert_eq!(seen[0], seen[1], "one wake-up for both");
+    }
+
+    #[test]
+    fn a_worker_whose_runtime_ended_drops_only_its_own_queued_writes() {
+        let writes = std::sync::Arc::new(Writes::default());
+        let (ran, write) = recorder();
+        // Here, on no worker: queued, and waiting for this runtime's handoff.
+        let here = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        here.block_on(async { writes.behind(write(0)) });
+        // A worker queues one and its runtime ends before its handoff runs.
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                crate::worker::enter(0);
+                let worker = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                worker.block_on(async { writes.behind(write(1)) });
+            });
+        });
+        here.block_on(writes.idle());
+        assert_eq!(*ran.lock(), vec![0]);
+        assert!(writes.queued.iter().all(|q| q.0.lock().is_empty()));
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -399,7 +423,7 @@ mod tests {
         });
         drop(runtime);
         assert_eq!(writes.count.load(Ordering::SeqCst), 0);
-        assert!(writes.queued.0.lock().is_empty());
+        assert!(writes.queued.iter().all(|q| q.0.lock().is_empty()));
         // Later writes are not stuck behind them.
         let runtime = tokio::runtime::Runtime::new().unwrap();
         runtime.block_on(async {
@@ -412,19 +436,36 @@ mod tests {
 
 /// Writes under way that nobody waits for (a cache entry made durable behind its response), so
 /// that shutdown can wait for them.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Writes {
     count: std::sync::atomic::AtomicUsize,
     done: tokio::sync::Notify,
-    /// Blocking writes waiting for their thread (see [`Writes::behind`]).
-    queued: Queued,
+    /// Blocking writes waiting for their thread (see [`Writes::behind`]), by runtime: the
+    /// first for every thread that is no per-core worker (the main runtime's), then one per
+    /// worker, so that a runtime's handoff carries only its own runtime's writes.
+    queued: Box<[Queued]>,
+}
+
+impl Default for Writes {
+    fn default() -> Writes {
+        Writes {
+            count: std::sync::atomic::AtomicUsize::new(0),
+            done: tokio::sync::Notify::new(),
+            queued: (0..=crate::worker::count())
+                .map(|_| Queued::default())
+                .collect(),
+        }
+    }
 }
 
 /// A blocking write, with its [`Writing`] guard inside.
 type Job = Box<dyn FnOnce() + Send>;
 
-/// The most blocking writes one thread takes in turn; more queued at once wake another.
-const BATCH: usize = 8;
+/// The most blocking writes one thread takes in turn; more queued at once wake another. A
+/// cold miss makes two (three with a referrers list), which must not fill a batch: a full one
+/// wakes its thread at once, before the answer is written. Kept small because the writes of a
+/// batch wait for one another (a slow disk's stall holds up the rest of its batch).
+const BATCH: usize = 4;
 
 /// Blocking writes not yet handed to a thread; non-empty exactly while a [`Handoff`] is
 /// scheduled for them (or they fill a batch and go at once).
@@ -443,19 +484,29 @@ impl Queued {
     }
 }
 
-/// The task that hands the queued writes to a blocking thread. Dropped unrun (its runtime
-/// shut down), it drops them, so their guards end and later writes queue afresh.
-struct Handoff(Option<std::sync::Arc<Writes>>);
+/// The task that hands one queue's writes to a blocking thread. Dropped unrun (its runtime
+/// shut down before `flushed` was awaited), it drops them, so their guards end and later
+/// writes queue afresh.
+struct Handoff(Option<(std::sync::Arc<Writes>, usize)>);
 
 impl Handoff {
     fn take(&mut self) -> Vec<Job> {
-        self.0.take().map(|w| w.queued.take()).unwrap_or_default()
+        self.0
+            .take()
+            .and_then(|(writes, queue)| writes.queued.get(queue).map(Queued::take))
+            .unwrap_or_default()
     }
 }
 
 impl Drop for Handoff {
     fn drop(&mut self) {
-        drop(self.take());
+        let dropped = self.take();
+        if !dropped.is_empty() {
+            tracing::warn!(
+                writes = dropped.len(),
+                "cache writes dropped unwritten: their runtime ended first"
+            );
+        }
     }
 }
 
@@ -490,9 +541,9 @@ impl Writes {
     /// current-thread runtime, tasks run in the order they woke) the tasks already queued run
     /// first, so a cold miss's answer is written before its writes wake a thread (waking one
     /// is a system call, and on a busy core the woken thread may run first). Writes queued
-    /// meanwhile go to the same thread, in order, up to [`BATCH`]: a cold miss's manifest and
-    /// tag cost one wake-up, not two racing for the blocking pool's lock. Under
-    /// `work-stealing` another thread may take the task sooner; the order is then not
+    /// meanwhile on the same runtime go to the same thread, in order, up to [`BATCH`]: a cold
+    /// miss's manifest and tag cost one wake-up, not two racing for the blocking pool's lock.
+    /// Under `work-stealing` another thread may take the task sooner; the order is then not
     /// promised, only that the caller never waits.
     pub fn behind(self: &std::sync::Arc<Self>, write: impl FnOnce() + Send + 'static) {
         let writing = self.start();
@@ -500,12 +551,20 @@ impl Writes {
             write();
             drop(writing);
         });
-        let mut queued = self.queued.0.lock();
+        // This runtime's queue (`Default` made one per worker and one for the rest).
+        let queue = crate::worker::current()
+            .map(|i| i + 1)
+            .filter(|&i| i < self.queued.len())
+            .unwrap_or(0);
+        let Some(mine) = self.queued.get(queue) else {
+            return run_blocking(vec![job]);
+        };
+        let mut queued = mine.0.lock();
         queued.push(job);
         match queued.len() {
             1 => {
                 drop(queued);
-                let mut handoff = Handoff(Some(std::sync::Arc::clone(self)));
+                let mut handoff = Handoff(Some((std::sync::Arc::clone(self), queue)));
                 tokio::spawn(async move {
                     tokio::task::yield_now().await;
                     run_blocking(handoff.take());

@@ -267,7 +267,6 @@ impl Upstream {
         let realm_pins = Arc::new(realm::PinnedResolver::default());
         let token_http = settings
             .builder()
-            .read_timeout(settings.request_timeout)
             .redirect(reqwest::redirect::Policy::none())
             .dns_resolver(Arc::clone(&realm_pins))
             .build()?;
@@ -670,8 +669,9 @@ struct ClientSettings {
 }
 
 impl ClientSettings {
-    /// What every upstream client shares; each sets its own redirect policy, and those whose
-    /// requests carry no deadline of their own (blobs, tokens) a read timeout.
+    /// What every upstream client shares; each sets its own redirect policy, and the blob
+    /// client, whose downloads have no overall deadline, a read timeout. Every other request
+    /// carries `request_timeout` as its whole deadline, body included.
     fn builder(&self) -> reqwest::ClientBuilder {
         reqwest::Client::builder()
             .connect_timeout(self.connect_timeout)
@@ -702,9 +702,8 @@ impl ClientSettings {
                 .read_timeout(self.request_timeout)
                 .redirect(redirects)
                 .build()?,
-            // Every request on it has `request_timeout` as its whole deadline, body included,
-            // which a read timeout of the same length could only repeat (two more timers per
-            // request, each waking the worker's event loop once).
+            // A read timeout of `request_timeout` could only repeat its requests' own deadline
+            // (two more timers per request, each waking the worker's event loop once).
             api: self
                 .builder()
                 .redirect(reqwest::redirect::Policy::none())

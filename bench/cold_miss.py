@@ -40,20 +40,26 @@ ROUNDS_OF = int(os.environ.get("ROUNDS_OF", "100"))
 
 
 def cpu_ns(pid):
-    """CPU time so far of process `pid`, its threads and its children (nginx's workers)."""
-    pids, total = [pid], 0
+    """CPU time so far of process `pid`, its threads and its children (nginx's workers), and
+    the part of it in pullthrough's tokio threads other than the per-core workers (the blocking
+    threads that write files behind the answer, and the main runtime's)."""
+    pids, total, behind = [pid], 0, 0
     for children in glob.glob(f"/proc/{pid}/task/*/children"):
         try:
             pids += [int(c) for c in open(children).read().split()]
         except (OSError, ValueError):
             pass
     for p in pids:
-        for stat in glob.glob(f"/proc/{p}/task/*/schedstat"):
+        for task in glob.glob(f"/proc/{p}/task/*"):
             try:
-                total += int(open(stat).read().split()[0])
+                ns = int(open(f"{task}/schedstat").read().split()[0])
+                name = open(f"{task}/comm").read()
             except (OSError, ValueError, IndexError):
-                pass
-    return total
+                continue
+            total += ns
+            if name.startswith("tokio-rt"):
+                behind += ns
+    return total, behind
 
 
 def variants(args):
@@ -124,7 +130,8 @@ def main():
             # Once the writes behind the last answers are done.
             time.sleep(0.2)
             for name in urls:
-                cpu[name].append((cpu_ns(pids[name]) - before[name]) / ROUNDS_OF / 1000)
+                (total, behind), (total0, behind0) = cpu_ns(pids[name]), before[name]
+                cpu[name].append(((total - total0) / ROUNDS_OF / 1000, (behind - behind0) / ROUNDS_OF / 1000))
             # The same tags again, now cached: what the hop through pullthrough costs by itself.
             hits = {name: [] for name in urls}
             for tag in tags[r * ROUNDS_OF:(r + 1) * ROUNDS_OF]:
@@ -136,11 +143,13 @@ def main():
             for name in urls:
                 overhead = p50_ms(through[name]) - p50_ms(direct)
                 overheads[name].append(overhead)
-                line.append(f"{name} {overhead:+.3f} (a hit {p50_ms(hits[name]):.3f}, {cpu[name][-1]:.0f} us CPU per miss)")
+                line.append(f"{name} {overhead:+.3f} (a hit {p50_ms(hits[name]):.3f}, {cpu[name][-1][0]:.0f} us CPU per miss, "
+                            f"{cpu[name][-1][1]:.0f} of it in blocking and main-runtime threads)")
             print("; ".join(line), flush=True)
         for name in urls:
             print(f"{name}: overhead median {statistics.median(overheads[name]):+.3f} ms over {ROUNDS} rounds (target <= 0.2 ms); "
-                  f"CPU per miss median {statistics.median(cpu[name]):.0f} us")
+                  f"CPU per miss median {statistics.median(c[0] for c in cpu[name]):.0f} us, "
+                  f"{statistics.median(c[0] - c[1] for c in cpu[name]):.0f} us of it outside blocking and main-runtime threads")
     finally:
         for p in procs:
             p.terminate()

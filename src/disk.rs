@@ -306,6 +306,19 @@ mod tests {
         assert_eq!(std::fs::read_dir(layout.tmp()).unwrap().count(), 0);
     }
 
+    fn nothing_queued(writes: &Writes) -> bool {
+        std::iter::once(&writes.shared)
+            .chain(writes.per_worker.iter())
+            .all(|q| q.0.lock().is_empty())
+    }
+
+    fn current_thread_runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
     /// The order writes ran in.
     type Ran = std::sync::Arc<parking_lot::Mutex<Vec<usize>>>;
 
@@ -351,7 +364,7 @@ mod tests {
             "{} threads",
             threads.lock().len()
         );
-        assert!(writes.queued.iter().all(|q| q.0.lock().is_empty()));
+        assert!(nothing_queued(&writes));
 
         // The first two of a later miss go to one thread.
         let (seen, pair) = (
@@ -376,25 +389,19 @@ mod tests {
         let writes = std::sync::Arc::new(Writes::default());
         let (ran, write) = recorder();
         // Here, on no worker: queued, and waiting for this runtime's handoff.
-        let here = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let here = current_thread_runtime();
         here.block_on(async { writes.behind(write(0)) });
         // A worker queues one and its runtime ends before its handoff runs.
         std::thread::scope(|s| {
             s.spawn(|| {
                 crate::worker::enter(0);
-                let worker = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
+                let worker = current_thread_runtime();
                 worker.block_on(async { writes.behind(write(1)) });
             });
         });
         here.block_on(writes.idle());
         assert_eq!(*ran.lock(), vec![0]);
-        assert!(writes.queued.iter().all(|q| q.0.lock().is_empty()));
+        assert!(nothing_queued(&writes));
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -412,10 +419,7 @@ mod tests {
     fn writes_whose_runtime_ended_before_their_thread_was_woken_end_unwritten_and_block_none() {
         let writes = std::sync::Arc::new(Writes::default());
         let (ran, write) = recorder();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = current_thread_runtime();
         // Queued, but the task that hands them over never runs.
         runtime.block_on(async {
             writes.behind(write(0));
@@ -423,7 +427,7 @@ mod tests {
         });
         drop(runtime);
         assert_eq!(writes.count.load(Ordering::SeqCst), 0);
-        assert!(writes.queued.iter().all(|q| q.0.lock().is_empty()));
+        assert!(nothing_queued(&writes));
         // Later writes are not stuck behind them.
         let runtime = tokio::runtime::Runtime::new().unwrap();
         runtime.block_on(async {
@@ -440,10 +444,12 @@ mod tests {
 pub struct Writes {
     count: std::sync::atomic::AtomicUsize,
     done: tokio::sync::Notify,
-    /// Blocking writes waiting for their thread (see [`Writes::behind`]), by runtime: the
-    /// first for every thread that is no per-core worker (the main runtime's), then one per
-    /// worker, so that a runtime's handoff carries only its own runtime's writes.
-    queued: Box<[Queued]>,
+    /// Blocking writes waiting for their thread (see [`Writes::behind`]), by runtime, so that
+    /// a runtime's handoff carries only its own runtime's writes: those of every thread that is
+    /// no per-core worker (the main runtime's)...
+    shared: Queued,
+    /// ...and those of each per-core worker.
+    per_worker: Box<[Queued]>,
 }
 
 impl Default for Writes {
@@ -451,7 +457,8 @@ impl Default for Writes {
         Writes {
             count: std::sync::atomic::AtomicUsize::new(0),
             done: tokio::sync::Notify::new(),
-            queued: (0..=crate::worker::count())
+            shared: Queued::default(),
+            per_worker: (0..crate::worker::count())
                 .map(|_| Queued::default())
                 .collect(),
         }
@@ -487,13 +494,13 @@ impl Queued {
 /// The task that hands one queue's writes to a blocking thread. Dropped unrun (its runtime
 /// shut down before `flushed` was awaited), it drops them, so their guards end and later
 /// writes queue afresh.
-struct Handoff(Option<(std::sync::Arc<Writes>, usize)>);
+struct Handoff(Option<(std::sync::Arc<Writes>, Option<usize>)>);
 
 impl Handoff {
     fn take(&mut self) -> Vec<Job> {
         self.0
             .take()
-            .and_then(|(writes, queue)| writes.queued.get(queue).map(Queued::take))
+            .map(|(writes, worker)| writes.queue(worker).take())
             .unwrap_or_default()
     }
 }
@@ -551,20 +558,16 @@ impl Writes {
             write();
             drop(writing);
         });
-        // This runtime's queue (`Default` made one per worker and one for the rest).
-        let queue = crate::worker::current()
-            .map(|i| i + 1)
-            .filter(|&i| i < self.queued.len())
-            .unwrap_or(0);
-        let Some(mine) = self.queued.get(queue) else {
-            return run_blocking(vec![job]);
+        let (worker, mine) = match crate::worker::own(&self.per_worker) {
+            Some((i, queue)) => (Some(i), queue),
+            None => (None, &self.shared),
         };
         let mut queued = mine.0.lock();
         queued.push(job);
         match queued.len() {
             1 => {
                 drop(queued);
-                let mut handoff = Handoff(Some((std::sync::Arc::clone(self), queue)));
+                let mut handoff = Handoff(Some((std::sync::Arc::clone(self), worker)));
                 tokio::spawn(async move {
                     tokio::task::yield_now().await;
                     run_blocking(handoff.take());
@@ -577,6 +580,13 @@ impl Writes {
             }
             _ => {}
         }
+    }
+
+    /// The queue of per-core worker `worker`, or the shared one.
+    fn queue(&self, worker: Option<usize>) -> &Queued {
+        worker
+            .and_then(|i| self.per_worker.get(i))
+            .unwrap_or(&self.shared)
     }
 
     /// Waits until no write is under way.

@@ -23,6 +23,12 @@ pub fn current() -> Option<usize> {
     INDEX.with(Cell::get)
 }
 
+/// The calling worker's entry of `per_worker` (one per worker) and its index; `None` on any
+/// other thread, or past the entries' end.
+pub fn own<T>(per_worker: &[T]) -> Option<(usize, &T)> {
+    current().and_then(|i| per_worker.get(i).map(|entry| (i, entry)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -37,5 +43,19 @@ mod tests {
         .join()
         .unwrap();
         assert_eq!(current(), None, "another thread's index is its own");
+    }
+
+    #[test]
+    fn a_worker_owns_its_entry_and_no_other_thread_owns_one() {
+        let entries = ["a", "b"];
+        assert_eq!(own(&entries), None);
+        std::thread::spawn(move || {
+            enter(1);
+            assert_eq!(own(&entries), Some((1, &"b")));
+            enter(2);
+            assert_eq!(own(&entries), None, "past the end");
+        })
+        .join()
+        .unwrap();
     }
 }

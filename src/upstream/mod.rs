@@ -729,7 +729,7 @@ struct Clients {
 impl Clients {
     /// The pair for the calling thread.
     fn here(&self) -> &ClientPair {
-        let Some(slot) = crate::worker::current().and_then(|i| self.per_worker.get(i)) else {
+        let Some((_, slot)) = crate::worker::own(&self.per_worker) else {
             return &self.shared;
         };
         slot.get_or_init(|| {

@@ -18,7 +18,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 use support::hub::sha256;
-use support::{Process, TestProxy, eventually, free_port, reference_registry};
+use support::{
+    Process, TestProxy, eventually, free_port, reference_registry, reference_registry_serving,
+};
 
 fn write_blob(layout: &Path, bytes: &[u8]) -> (String, usize) {
     let digest = sha256(bytes);
@@ -881,39 +883,6 @@ async fn skopeo_and_podman_without_a_login_pull_what_anonymous_rules_allow() {
     assert_eq!(sha256(&raw), team);
 }
 
-/// Debian's reference registry serving `dir`'s storage (another instance's) over TLS with
-/// `cert` and `key`; its `https://` URL.
-async fn reference_registry_over_tls(dir: &Path, cert: &str, key: &str) -> (Process, String) {
-    let port = free_port();
-    std::fs::write(dir.join("tls.crt"), cert).unwrap();
-    std::fs::write(dir.join("tls.key"), key).unwrap();
-    let config = dir.join("registry-tls.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n  tls:\n    certificate: {}\n    key: {}\n",
-            dir.join("storage").display(),
-            dir.join("tls.crt").display(),
-            dir.join("tls.key").display()
-        ),
-    )
-    .unwrap();
-    let child = Command::new("docker-registry")
-        .arg("serve")
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let addr = format!("127.0.0.1:{port}");
-    let up = eventually(Duration::from_secs(20), async || {
-        tokio::net::TcpStream::connect(&addr).await.is_ok()
-    })
-    .await;
-    assert!(up, "the TLS registry did not come up");
-    (Process(child), format!("https://{addr}"))
-}
-
 /// Every upstream client shares one TLS configuration made by pullthrough (the system's roots,
 /// `SSL_CERT_FILE` included, as reqwest's own): an HTTPS upstream signed by a CA the system
 /// trusts serves a whole multi-platform copy, manifests and blobs, on every worker's clients;
@@ -925,7 +894,7 @@ async fn an_https_upstream_is_trusted_through_the_systems_roots_and_only_through
     let (_plain, plain) = reference_registry(dir.path()).await;
     let digest = push(dir.path(), &plain, "library/secure", "1");
     let (ca, cert, key) = support::ca_and_certificate("127.0.0.1");
-    let (_tls, upstream) = reference_registry_over_tls(dir.path(), &cert, &key).await;
+    let (_tls, upstream) = reference_registry_serving(dir.path(), Some((&cert, &key))).await;
     // A pullthrough in front of the HTTPS upstream whose system roots are `ca` alone.
     let trusting = async |name: &str, ca: &str| {
         let file = dir.path().join(name);

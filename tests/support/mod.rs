@@ -287,13 +287,35 @@ pub fn retry_after(response: &reqwest::Response) -> u64 {
 
 /// Debian's `docker-registry` (distribution 2.8) on a free port with its own storage.
 pub async fn reference_registry(dir: &std::path::Path) -> (Process, String) {
+    reference_registry_serving(dir, None).await
+}
+
+/// Debian's `docker-registry` on a free port serving `dir`'s storage (another instance's too),
+/// over TLS with the PEM `(certificate, key)` when given; its URL.
+pub async fn reference_registry_serving(
+    dir: &std::path::Path,
+    tls: Option<(&str, &str)>,
+) -> (Process, String) {
     let port = free_port();
-    let config = dir.join("registry.yml");
-    std::fs::write(
-        &config,
-        format!("version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n", dir.join("storage").display()),
-    )
-    .unwrap();
+    let mut yaml = format!(
+        "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+        dir.join("storage").display()
+    );
+    let (scheme, config) = match tls {
+        None => ("http", dir.join("registry.yml")),
+        Some((cert, key)) => {
+            let (cert_file, key_file) = (dir.join("tls.crt"), dir.join("tls.key"));
+            std::fs::write(&cert_file, cert).unwrap();
+            std::fs::write(&key_file, key).unwrap();
+            yaml += &format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                cert_file.display(),
+                key_file.display()
+            );
+            ("https", dir.join("registry-tls.yml"))
+        }
+    };
+    std::fs::write(&config, yaml).unwrap();
     let child = std::process::Command::new("docker-registry")
         .arg("serve")
         .arg(&config)
@@ -301,10 +323,11 @@ pub async fn reference_registry(dir: &std::path::Path) -> (Process, String) {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("docker-registry is installed (apt-get install docker-registry)");
-    let url = format!("http://127.0.0.1:{port}");
-    let client = client();
+    let url = format!("{scheme}://127.0.0.1:{port}");
+    // Listening is enough: a TLS registry's certificate is one this client does not trust.
+    let addr = format!("127.0.0.1:{port}");
     let up = eventually(Duration::from_secs(20), async || {
-        client.get(format!("{url}/v2/")).send().await.is_ok()
+        tokio::net::TcpStream::connect(&addr).await.is_ok()
     })
     .await;
     assert!(up, "{url} did not come up");

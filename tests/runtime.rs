@@ -1,8 +1,8 @@
 //! `runtime = "per-core"`: one listener whose connections are handed to a thread per core, each
 //! with a current-thread runtime of its own, the one holding the fewest connections taking the
 //! next. Through the binary: one listening socket, connections split evenly over the workers, a
-//! miss shared by connections on different workers costs one upstream request, TLS, HTTP/2 and
-//! h2c work, and SIGTERM ends it with exit status 0.
+//! miss shared by connections on different workers costs one upstream request, one client after
+//! another wakes one worker, TLS, HTTP/2 and h2c work, and SIGTERM ends it with exit status 0.
 
 #![allow(
     clippy::unwrap_used,
@@ -39,6 +39,13 @@ fn on_cpu(running: &Running, tid: &str) -> u64 {
     let stat =
         std::fs::read_to_string(format!("/proc/{}/task/{tid}/schedstat", running.pid())).unwrap();
     stat.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+/// How many times the thread `tid` of `running` has been run (woken or scheduled in).
+fn runs(running: &Running, tid: &str) -> u64 {
+    let stat =
+        std::fs::read_to_string(format!("/proc/{}/task/{tid}/schedstat", running.pid())).unwrap();
+    stat.split_whitespace().nth(2).unwrap().parse().unwrap()
 }
 
 /// Which of `workers` serves `connection`: the one that runs for its requests (an idle one runs
@@ -233,6 +240,40 @@ async fn per_core_hands_each_connection_to_the_worker_holding_the_fewest() {
         );
         kept.push(connection);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_core_wakes_one_worker_for_one_client_after_another() {
+    let running = Pullthrough::new()
+        .env("PULLTHROUGH_RUNTIME", "per-core")
+        .start()
+        .await;
+    let workers = workers(&running);
+    if workers.len() < 2 {
+        return;
+    }
+    let addr: std::net::SocketAddr = running.addr.parse().unwrap();
+    let before: Vec<u64> = workers.iter().map(|w| runs(&running, w)).collect();
+    // One connection after another, each closed before the next: the acceptor holds none when
+    // the next comes, so it serves them all, and no other worker is woken for them.
+    let connections = 200;
+    for _ in 0..connections {
+        let mut connection = tokio::net::TcpStream::connect(addr).await.unwrap();
+        ask_v2(&mut connection).await;
+        drop(connection);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let mut woken: Vec<u64> = workers
+        .iter()
+        .zip(&before)
+        .map(|(w, b)| runs(&running, w) - b)
+        .collect();
+    woken.sort_unstable();
+    // Each worker waiting on the listening socket would be woken for every connection.
+    assert!(
+        woken[woken.len() - 1] >= connections && woken[0] < connections / 4,
+        "runs per worker for {connections} connections in turn: {woken:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

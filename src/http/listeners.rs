@@ -6,12 +6,18 @@
 //! once do not overflow into a shared queue that is looked at only every few dozen tasks
 //! (docs/benchmarks.md).
 //!
-//! Per core, every worker accepts on the one listening socket (the kernel wakes each that
-//! waits; one gets the connection). A worker keeps a connection while it holds no more than any
-//! other, and otherwise hands it to the one holding the fewest, so 64 connections are served 32
-//! and 32 by two workers. The kernel's `SO_REUSEPORT` hash, which a listener per worker would
-//! leave it to, splits them unevenly (40 and 24 is common), and the busier worker's clients
-//! wait longer; one listener also keeps the port this process's alone.
+//! Per core, one worker accepts on the one listening socket: the first to start. It keeps a
+//! connection while it holds no more than any other worker, and otherwise hands it to the one
+//! holding the fewest, so 64 connections are served 32 and 32 by two workers, and one client
+//! after another is served by the acceptor alone. Were every worker waiting on the socket, the
+//! kernel would wake them all for each connection (tokio cannot ask epoll for
+//! `EPOLLEXCLUSIVE`): on two cores those wake-ups for nothing cost about 40 µs of CPU per cold
+//! miss and 13-39 µs of a hit's time on a new connection (docs/benchmarks.md, sixth sitting).
+//! The price: while the acceptor runs a long step (a TLS handshake, hashing a large manifest),
+//! a new connection waits for it, where an idle worker would have taken it. The kernel's
+//! `SO_REUSEPORT` hash, which a listener per worker would leave it to, splits connections
+//! unevenly (40 and 24 is common), and the busier worker's clients wait longer; one listener
+//! also keeps the port this process's alone.
 //!
 //! The workers share everything else: the application, the registry of connections (the
 //! connection limit and shutdown count every worker's), the stop signal. A task one worker
@@ -21,6 +27,7 @@
 
 use super::server::{Serving, accept, connection};
 use crate::config::Runtime;
+use parking_lot::Mutex;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,7 +42,7 @@ pub enum Listeners {
     Shared(TcpListener),
     /// Served by `workers` threads of their own, one per core.
     PerCore {
-        /// The listener, accepted on by every worker.
+        /// The listener, accepted on by the first worker to start.
         listener: TcpListener,
         /// Worker threads (at least one).
         workers: usize,
@@ -116,7 +123,8 @@ impl Workers {
         serving: &Serving,
         shutdown: impl Future<Output = ()>,
     ) -> io::Result<Workers> {
-        let listener = listener.into_std()?;
+        // Taken by the first worker to run: the one that accepts.
+        let listener = Arc::new(Mutex::new(Some(listener.into_std()?)));
         // `true`: stop accepting; the sender dropped: end.
         let (release, released) = watch::channel(false);
         // Each worker holds a sender until its queue of handed connections is closed and empty.
@@ -129,7 +137,7 @@ impl Workers {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            own.push((runtime, listener.try_clone()?, queue));
+            own.push((runtime, Arc::clone(&listener), queue));
             all.push(Worker {
                 incoming,
                 open: Arc::new(AtomicUsize::new(0)),
@@ -170,13 +178,14 @@ impl Workers {
     }
 }
 
-/// One worker's life, on its own runtime: accepts on `listener` until `released` turns true,
-/// serving each connection itself or handing it to the worker holding the fewest, and serves
-/// those handed to it until every worker has stopped accepting; says so by dropping `taken`,
-/// then runs what is in progress until the sender of `released` is dropped.
+/// One worker's life, on its own runtime: if it is the first to start (it takes `listener`),
+/// accepts on it until `released` turns true, serving each connection itself or handing it to the
+/// worker holding the fewest; serves those handed to it until the acceptor has stopped
+/// accepting; says so by dropping `taken`, then runs what is in progress until the sender of
+/// `released` is dropped.
 async fn work(
     me: usize,
-    listener: std::net::TcpListener,
+    listener: Arc<Mutex<Option<std::net::TcpListener>>>,
     all: Arc<Vec<Worker>>,
     mut queue: mpsc::UnboundedReceiver<Handed>,
     serving: Serving,
@@ -186,9 +195,12 @@ async fn work(
     let Some(open) = all.get(me).map(|w| w.open.clone()) else {
         return;
     };
+    // A worker whose thread could not start never takes it: the next one does.
+    let listener = listener.lock().take();
     let accepting = async {
-        match TcpListener::from_std(listener) {
-            Ok(listener) => {
+        match listener.map(TcpListener::from_std) {
+            None => {}
+            Some(Ok(listener)) => {
                 let mut stop = released.clone();
                 let stop = async move {
                     let _ = stop.wait_for(|stop| *stop).await;
@@ -220,7 +232,7 @@ async fn work(
                 })
                 .await;
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 tracing::error!(error = %e, "a per-core worker cannot accept on the listener")
             }
         }

@@ -22,8 +22,8 @@ async fn sigterm_during_a_blob_pull_lets_it_finish_and_exits_0() {
     sigterm_during_a_blob_pull("work-stealing").await;
 }
 
-/// The same with a runtime per core (the default): every worker stops accepting, and the pull,
-/// on whichever worker took it, finishes.
+/// The same with a runtime per core (the default): the accepting worker stops, and the pull, on
+/// whichever worker serves it, finishes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_core_sigterm_during_a_blob_pull_lets_it_finish_and_exits_0() {
     sigterm_during_a_blob_pull("per-core").await;

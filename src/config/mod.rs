@@ -185,8 +185,8 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Runtime {
-    /// One thread per core, each with a current-thread runtime, accepting on the one listener
-    /// and serving each connection itself or handing it to the thread holding the fewest
+    /// One thread per core, each with a current-thread runtime; one of them accepts on the
+    /// listener and serves each connection itself or hands it to the thread holding the fewest
     /// (nginx's workers, balanced): a connection's tasks stay on one thread and are run in the
     /// order they were woken. The default.
     PerCore,

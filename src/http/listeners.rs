@@ -11,10 +11,14 @@
 //! holding the fewest, so 64 connections are served 32 and 32 by two workers, and one client
 //! after another is served by the acceptor alone. Were every worker waiting on the socket, the
 //! kernel would wake them all for each connection (tokio cannot ask epoll for
-//! `EPOLLEXCLUSIVE`): on two cores those wake-ups for nothing cost about 40 µs of CPU per cold
-//! miss and 13-39 µs of a hit's time on a new connection (docs/benchmarks.md, sixth sitting).
-//! The price: while the acceptor runs a long step (a TLS handshake, hashing a large manifest),
-//! a new connection waits for it, where an idle worker would have taken it. The kernel's
+//! `EPOLLEXCLUSIVE`): on two cores, in one interleaved run, those wake-ups for nothing cost
+//! about 40 µs of CPU per cold miss and 13-39 µs of a hit's time on a new connection
+//! (docs/benchmarks.md, sixth sitting).
+//! The price: a new connection waits while the acceptor runs its own connections' work (up to
+//! 61 task polls between two looks at the listener, tokio's `event_interval`, or one long step
+//! such as a TLS handshake or hashing a large manifest), where an idle worker would have taken
+//! it; and nothing else accepts, so a server whose acceptor could not start ends with an error,
+//! and one whose acceptor panics aborts, for its supervisor to restart it. The kernel's
 //! `SO_REUSEPORT` hash, which a listener per worker would leave it to, splits connections
 //! unevenly (40 and 24 is common), and the busier worker's clients wait longer; one listener
 //! also keeps the port this process's alone.
@@ -33,7 +37,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// The bound listener of a server, and how its connections are served.
 #[derive(Debug)]
@@ -115,16 +119,22 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// Starts `workers` threads accepting on `listener` until `shutdown` resolves; returns once
-    /// every worker has stopped accepting and taken the connections handed to it.
+    /// Starts `workers` threads, the first to run accepting on `listener` until `shutdown`
+    /// resolves; returns once it has stopped accepting and every worker has taken the
+    /// connections handed to it. An error when none could accept: the process then ends rather
+    /// than hold a port that takes no connection.
     pub(super) async fn serve(
         listener: TcpListener,
         workers: usize,
         serving: &Serving,
         shutdown: impl Future<Output = ()>,
     ) -> io::Result<Workers> {
-        // Taken by the first worker to run: the one that accepts.
-        let listener = Arc::new(Mutex::new(Some(listener.into_std()?)));
+        // Taken by the first worker to run: the one that accepts, and says whether it could.
+        let (accepting, mut started) = oneshot::channel();
+        let acceptor = Arc::new(Mutex::new(Some(Acceptor {
+            listener: listener.into_std()?,
+            accepting,
+        })));
         // `true`: stop accepting; the sender dropped: end.
         let (release, released) = watch::channel(false);
         // Each worker holds a sender until its queue of handed connections is closed and empty.
@@ -137,14 +147,14 @@ impl Workers {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            own.push((runtime, Arc::clone(&listener), queue));
+            own.push((runtime, Arc::clone(&acceptor), queue));
             all.push(Worker {
                 incoming,
                 open: Arc::new(AtomicUsize::new(0)),
             });
         }
         let all = Arc::new(all);
-        for (me, (runtime, listener, queue)) in own.into_iter().enumerate() {
+        for (me, (runtime, acceptor, queue)) in own.into_iter().enumerate() {
             let (serving, released, taken, all) = (
                 serving.clone(),
                 released.clone(),
@@ -153,18 +163,32 @@ impl Workers {
             );
             // A connection handed to a worker that could not start is served by the worker
             // that accepted it (`work`).
-            let started = std::thread::Builder::new()
+            let spawned = std::thread::Builder::new()
                 .name(format!("per-core-{me}"))
                 .spawn(move || {
                     crate::worker::enter(me);
-                    runtime.block_on(work(me, listener, all, queue, serving, released, taken));
+                    runtime.block_on(work(me, acceptor, all, queue, serving, released, taken));
                 });
-            if let Err(e) = started {
+            if let Err(e) = spawned {
                 tracing::error!(error = %e, worker = me, "a per-core worker thread could not start");
             }
         }
-        drop((taken, all, listener));
-        shutdown.await;
+        drop((taken, all, acceptor));
+        // The acceptor answers, or every worker is gone without taking the listener.
+        tokio::pin!(shutdown);
+        let stopped = tokio::select! {
+            answer = &mut started => match answer {
+                Ok(Ok(())) => false,
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(io::Error::other(
+                    "no per-core worker thread started to accept connections",
+                )),
+            },
+            () = &mut shutdown => true,
+        };
+        if !stopped {
+            shutdown.await;
+        }
         let _ = release.send(true);
         // A worker stuck in a handler would hold this forever; the drain's grace bounds it.
         let all_stopped = async { while all_taken.recv().await.is_some() {} };
@@ -172,20 +196,22 @@ impl Workers {
             .await
             .is_err()
         {
-            tracing::warn!("a per-core worker did not stop accepting within the grace period");
+            tracing::warn!(
+                "the per-core workers did not stop accepting and take their connections within the grace period"
+            );
         }
         Ok(Workers { _release: release })
     }
 }
 
-/// One worker's life, on its own runtime: if it is the first to start (it takes `listener`),
+/// One worker's life, on its own runtime: if it is the first to start (it takes the `acceptor`),
 /// accepts on it until `released` turns true, serving each connection itself or handing it to the
 /// worker holding the fewest; serves those handed to it until the acceptor has stopped
 /// accepting; says so by dropping `taken`, then runs what is in progress until the sender of
 /// `released` is dropped.
 async fn work(
     me: usize,
-    listener: Arc<Mutex<Option<std::net::TcpListener>>>,
+    acceptor: Arc<Mutex<Option<Acceptor>>>,
     all: Arc<Vec<Worker>>,
     mut queue: mpsc::UnboundedReceiver<Handed>,
     serving: Serving,
@@ -196,11 +222,19 @@ async fn work(
         return;
     };
     // A worker whose thread could not start never takes it: the next one does.
-    let listener = listener.lock().take();
+    let mine = acceptor.lock().take();
     let accepting = async {
-        match listener.map(TcpListener::from_std) {
-            None => {}
-            Some(Ok(listener)) => {
+        let Some(Acceptor {
+            listener,
+            accepting,
+        }) = mine
+        else {
+            return drop(all);
+        };
+        match TcpListener::from_std(listener) {
+            Ok(listener) => {
+                let _ = accepting.send(Ok(()));
+                let _alone = Alone;
                 let mut stop = released.clone();
                 let stop = async move {
                     let _ = stop.wait_for(|stop| *stop).await;
@@ -232,8 +266,9 @@ async fn work(
                 })
                 .await;
             }
-            Some(Err(e)) => {
-                tracing::error!(error = %e, "a per-core worker cannot accept on the listener")
+            Err(e) => {
+                tracing::error!(error = %e, "a per-core worker cannot accept on the listener");
+                let _ = accepting.send(Err(e));
             }
         }
         // Its senders gone from every worker, each queue closes once empty.
@@ -248,6 +283,26 @@ async fn work(
     tokio::join!(accepting, receiving);
     drop(taken);
     while released.changed().await.is_ok() {}
+}
+
+/// The listener, and where the worker that takes it says whether it can accept on it.
+struct Acceptor {
+    listener: std::net::TcpListener,
+    accepting: oneshot::Sender<io::Result<()>>,
+}
+
+/// Held while the one accepting worker accepts: if that worker panics, nothing would take
+/// connections again, so the process ends (a supervisor restarts it) rather than keep a port
+/// that answers nobody.
+struct Alone;
+
+impl Drop for Alone {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!("the per-core worker accepting connections panicked; exiting");
+            std::process::abort();
+        }
+    }
 }
 
 /// Serves a connection handed over from another runtime on this worker's.

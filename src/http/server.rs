@@ -152,13 +152,17 @@ impl Registry {
             .iter()
             .filter(|(_, e)| !e.closing.load(Ordering::Relaxed))
             .collect();
-        // Connections without a response in progress first, then the longest quiet.
-        quiet.sort_by_key(|(_, e)| {
-            (
-                e.activity.in_flight.load(Ordering::Relaxed) > 0,
-                e.activity.last_byte.load(Ordering::Relaxed),
-            )
-        });
+        // Connections without a response in progress first, then the longest quiet: the `n`
+        // first after a partial sort (linear, where a full sort of every open connection would
+        // be paid at each accept at the cap).
+        if n < quiet.len() {
+            quiet.select_nth_unstable_by_key(n, |(_, e)| {
+                (
+                    e.activity.in_flight.load(Ordering::Relaxed) > 0,
+                    e.activity.last_byte.load(Ordering::Relaxed),
+                )
+            });
+        }
         for (_, entry) in quiet.into_iter().take(n) {
             entry.closing.store(true, Ordering::Relaxed);
             entry.close.notify_one();
@@ -166,8 +170,8 @@ impl Registry {
     }
 
     /// Out of file descriptors (`error`): closes the 8 quietest connections to make room, at
-    /// most once per 10 ms and warning at most once per 10 s however many accept loops (one per
-    /// per-core worker) fail on the same pending connection.
+    /// most once per 10 ms and warning at most once per 10 s however often the accept loop
+    /// fails on the same pending connection.
     fn out_of_descriptors(&self, error: &io::Error) {
         let now = self.now_ms();
         if !claim(&self.last_shed, now, 10) {
@@ -246,13 +250,31 @@ pub(super) async fn accept(
         let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
-                if matches!(
-                    rustix::io::Errno::from_io_error(&e),
-                    Some(rustix::io::Errno::MFILE | rustix::io::Errno::NFILE)
-                ) {
-                    registry.out_of_descriptors(&e);
+                use rustix::io::Errno;
+                match Errno::from_io_error(&e) {
+                    // The one connection's failure, passed on by accept(2) (its manual says
+                    // to retry these): the next one is taken at once.
+                    Some(
+                        Errno::CONNABORTED
+                        | Errno::PROTO
+                        | Errno::PERM
+                        | Errno::NETDOWN
+                        | Errno::NETUNREACH
+                        | Errno::HOSTDOWN
+                        | Errno::HOSTUNREACH
+                        | Errno::NOPROTOOPT
+                        | Errno::OPNOTSUPP,
+                    ) => {
+                        tracing::debug!(error = %e, "a connection failed before it was accepted");
+                    }
+                    // Out of something (or broken): wait for it to come back.
+                    errno => {
+                        if matches!(errno, Some(Errno::MFILE | Errno::NFILE)) {
+                            registry.out_of_descriptors(&e);
+                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
                 }
-                tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             }
         };

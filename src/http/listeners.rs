@@ -176,18 +176,18 @@ impl Workers {
         drop((taken, all, acceptor));
         // The acceptor answers, or every worker is gone without taking the listener.
         tokio::pin!(shutdown);
-        let stopped = tokio::select! {
-            answer = &mut started => match answer {
-                Ok(Ok(())) => false,
-                Ok(Err(e)) => return Err(e),
-                Err(_) => return Err(io::Error::other(
-                    "no per-core worker thread started to accept connections",
-                )),
-            },
-            () = &mut shutdown => true,
-        };
-        if !stopped {
-            shutdown.await;
+        tokio::select! {
+            answer = &mut started => {
+                match answer {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return Err(e),
+                    Err(_) => return Err(io::Error::other(
+                        "no per-core worker thread started to accept connections",
+                    )),
+                }
+                shutdown.await;
+            }
+            () = &mut shutdown => {}
         }
         let _ = release.send(true);
         // A worker stuck in a handler would hold this forever; the drain's grace bounds it.

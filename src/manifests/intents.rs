@@ -58,34 +58,20 @@ pub(super) async fn remove_in_order<K, V>(
 }
 
 impl<K: std::hash::Hash + Eq + Clone> Intents<K> {
-    /// A write of `key`, with the memory change it mirrors; returns its number.
-    pub(super) fn write(&self, key: &K, change_memory: impl FnOnce()) -> u64 {
+    /// A write of `key`, with the memory change it mirrors: its place in the key's order, to
+    /// land once its file is ready.
+    pub(super) fn write(self: &Arc<Self>, key: &K, change_memory: impl FnOnce()) -> Ticket<K> {
         let mut state = self.state.lock();
         change_memory();
         state.next += 1;
         let seq = state.next;
         let entry = state.newest.entry(key.clone()).or_insert((0, 0));
         *entry = (seq, entry.1 + 1);
-        seq
-    }
-
-    /// Puts write `seq`'s file in place (`land`) if it is still the newest change of `key`.
-    pub(super) fn land(
-        &self,
-        key: &K,
-        seq: u64,
-        land: impl FnOnce() -> std::io::Result<()>,
-    ) -> std::io::Result<()> {
-        let mut state = self.state.lock();
-        let newest = state.newest.get(key).map(|e| e.0);
-        let landed = if newest == Some(seq) { land() } else { Ok(()) };
-        if let Some(entry) = state.newest.get_mut(key) {
-            entry.1 -= 1;
-            if entry.1 == 0 {
-                state.newest.remove(key);
-            }
+        Ticket {
+            order: Arc::clone(self),
+            key: key.clone(),
+            seq,
         }
-        landed
     }
 
     /// A removal of `key`: the memory change and the file's deletion in one step, newer than
@@ -102,15 +88,61 @@ impl<K: std::hash::Hash + Eq + Clone> Intents<K> {
     }
 }
 
+impl<K> IntentState<K>
+where
+    K: std::hash::Hash + Eq,
+{
+    /// One write of `key` ended, landed or not: the key is forgotten with its last.
+    fn ended(&mut self, key: &K) {
+        if let Some(entry) = self.newest.get_mut(key) {
+            entry.1 -= 1;
+            if entry.1 == 0 {
+                self.newest.remove(key);
+            }
+        }
+    }
+}
+
+/// One write's place in its key's order ([`Intents::write`]). It ends when it lands, or when
+/// it is dropped unlanded (its file could not be prepared, on a full or failing disk, or its
+/// thread never ran it): either way the key's entry goes with its last write, so failed
+/// writes leave nothing behind.
+#[derive(Debug)]
+pub(super) struct Ticket<K: std::hash::Hash + Eq + Clone> {
+    order: Arc<Intents<K>>,
+    key: K,
+    seq: u64,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Ticket<K> {
+    /// Puts this write's file in place (`land`) if it is still the newest change of its key;
+    /// the write ends as the ticket drops.
+    pub(super) fn land(self, land: impl FnOnce() -> std::io::Result<()>) -> std::io::Result<()> {
+        let state = self.order.state.lock();
+        let newest = state.newest.get(&self.key).map(|e| e.0);
+        if newest == Some(self.seq) {
+            land()
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Drop for Ticket<K> {
+    fn drop(&mut self) {
+        self.order.state.lock().ended(&self.key);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Lands write `seq` of `key`, recording whether its file was put in place.
-    fn land(order: &Intents<&'static str>, key: &'static str, seq: u64) -> bool {
+    /// Lands a write, recording whether its file was put in place.
+    fn land(ticket: Ticket<&'static str>) -> bool {
         let mut landed = false;
-        order
-            .land(&key, seq, || {
+        ticket
+            .land(|| {
                 landed = true;
                 Ok(())
             })
@@ -120,16 +152,13 @@ mod tests {
 
     #[test]
     fn only_the_newest_write_of_a_key_lands() {
-        let order = Intents::default();
+        let order = Arc::new(Intents::default());
         let older = order.write(&"a", || {});
         let newer = order.write(&"a", || {});
         let other = order.write(&"b", || {});
-        assert!(land(&order, "a", newer));
-        assert!(
-            !land(&order, "a", older),
-            "an older write undid a newer one"
-        );
-        assert!(land(&order, "b", other), "keys are ordered apart");
+        assert!(land(newer));
+        assert!(!land(older), "an older write undid a newer one");
+        assert!(land(other), "keys are ordered apart");
         assert!(
             order.state.lock().newest.is_empty(),
             "landed keys are forgotten"
@@ -138,16 +167,29 @@ mod tests {
 
     #[test]
     fn a_removal_outranks_the_writes_in_flight() {
-        let order = Intents::default();
+        let order = Arc::new(Intents::default());
         let (mut memory, mut deleted) = (false, false);
-        let seq = order.write(&"a", || {});
+        let under_way = order.write(&"a", || {});
         order.remove(&"a", || memory = true, || deleted = true);
         assert!(memory && deleted);
-        assert!(
-            !land(&order, "a", seq),
-            "a purge was undone by a write under way"
-        );
+        assert!(!land(under_way), "a purge was undone by a write under way");
         let after = order.write(&"a", || {});
-        assert!(land(&order, "a", after), "a write after the removal lands");
+        assert!(land(after), "a write after the removal lands");
+    }
+
+    #[test]
+    fn a_write_that_never_lands_is_forgotten_and_orders_nothing() {
+        let order = Arc::new(Intents::default());
+        let failed = order.write(&"a", || {});
+        let newer = order.write(&"a", || {});
+        // Its file could not be prepared (a full disk): the write ends unlanded.
+        drop(failed);
+        assert!(land(newer), "a failed older write held back a newer one");
+        let lone = order.write(&"b", || {});
+        drop(lone);
+        assert!(
+            order.state.lock().newest.is_empty(),
+            "a write that failed left its key behind"
+        );
     }
 }

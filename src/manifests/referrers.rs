@@ -119,27 +119,26 @@ impl ManifestCache {
     ) -> Arc<Referrers> {
         let referrers = Arc::new(Referrers::new(entry));
         let key = (name.clone(), subject.clone());
-        let seq = self.referrers_order.write(&key, || {
+        let write = self.referrers_order.write(&key, || {
             self.referrers.insert(key.clone(), Arc::clone(&referrers));
         });
-        let (path, layout, order, stored) = (
+        let (path, layout, stored) = (
             self.referrers_path(name, subject),
             self.layout.clone(),
-            Arc::clone(&self.referrers_order),
             Arc::clone(&referrers),
         );
         self.in_background("referrers", format!("{name}@{subject}"), move || {
             // An empty list is kept in memory only (any client can ask for any subject: files
             // for each would fill the disk), and an older file of the subject goes.
             if stored.list.is_empty() {
-                return order.land(&key, seq, || match std::fs::remove_file(&path) {
+                return write.land(|| match std::fs::remove_file(&path) {
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
                     removed => removed,
                 });
             }
             let json = serde_json::to_vec(&stored.entry).map_err(std::io::Error::other)?;
             let file = layout.prepare(&[&json], false)?;
-            order.land(&key, seq, || Layout::put_in_place(file, &path))
+            write.land(|| Layout::put_in_place(file, &path))
         });
         referrers
     }

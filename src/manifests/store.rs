@@ -189,24 +189,20 @@ impl ManifestCache {
         // Verified bytes, whole: served from memory at once, made durable (fsynced) behind the
         // response, never partial on disk (written beside and renamed).
         let digest = m.digest.clone();
-        let seq = self.manifest_order.write(&digest, || {
+        let write = self.manifest_order.write(&digest, || {
             self.by_digest.insert(digest.clone(), Arc::clone(&m));
         });
         let path = self.manifest_path(&digest);
-        let (layout, stored, order) = (
-            self.layout.clone(),
-            Arc::clone(&m),
-            Arc::clone(&self.manifest_order),
-        );
+        let (layout, stored) = (self.layout.clone(), Arc::clone(&m));
         self.in_background("manifest", digest.to_string(), move || {
-            // A digest's file never changes: one already there is not written again (the write
-            // still ends, so its key's order entry goes).
+            // A digest's file never changes: one already there is not written again (the
+            // write ends as it is dropped).
             if path.is_file() {
-                return order.land(&stored.digest, seq, || Ok(()));
+                return Ok(());
             }
             let header = format!("{}\n", stored.media_type);
             let file = layout.prepare(&[header.as_bytes(), &stored.bytes], true)?;
-            order.land(&stored.digest, seq, || Layout::put_in_place(file, &path))
+            write.land(|| Layout::put_in_place(file, &path))
         });
         m
     }

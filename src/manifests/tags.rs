@@ -143,18 +143,14 @@ impl ManifestCache {
     pub fn adopt_tag(&self, name: &RepoName, tag: &Tag, entry: TagEntry) {
         self.grant(name, &entry.digest);
         let key = (name.clone(), tag.clone());
-        let seq = self.tag_order.write(&key, || {
+        let write = self.tag_order.write(&key, || {
             self.tags.insert(key.clone(), entry.clone());
         });
-        let (path, layout, order) = (
-            self.tag_path(name, tag),
-            self.layout.clone(),
-            Arc::clone(&self.tag_order),
-        );
+        let (path, layout) = (self.tag_path(name, tag), self.layout.clone());
         self.in_background("tag", format!("{name}:{tag}"), move || {
             let json = serde_json::to_vec(&entry).map_err(std::io::Error::other)?;
             let file = layout.prepare(&[&json], false)?;
-            order.land(&key, seq, || Layout::put_in_place(file, &path))
+            write.land(|| Layout::put_in_place(file, &path))
         });
     }
 

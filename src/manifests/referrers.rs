@@ -57,50 +57,39 @@ pub struct Referrers {
     pub list: Vec<Referrer>,
     /// The answer without a filter, rendered once.
     pub body: Bytes,
+    /// About the heap all this takes (see [`Referrers::weight`]), reckoned once.
+    heap: usize,
 }
 
 impl Referrers {
     /// Merges an entry: the API's descriptors first, then the tag index's not among them.
-    pub fn new(entry: ReferrersEntry) -> Referrers {
+    pub fn new(mut entry: ReferrersEntry) -> Referrers {
+        // Lists collected page by page, or parsed, have room to spare.
+        if let Some(api) = &mut entry.api {
+            api.shrink_to_fit();
+        }
+        if let Some(tag) = &mut entry.tag {
+            tag.manifests.shrink_to_fit();
+        }
         let list = union_referrers([
             entry.api.as_deref().unwrap_or_default(),
             entry.tag.as_ref().map_or(&[][..], |t| &t.manifests[..]),
         ]);
         let body = render_referrers(&list, &ArtifactFilter::default());
-        Referrers { entry, list, body }
+        let heap = heap_of_list(&entry, &list, &body);
+        Referrers {
+            entry,
+            list,
+            body,
+            heap,
+        }
     }
 
-    /// What the list weighs in memory, in bytes, for the cache's bound: its own heap (see
-    /// [`heap_of`]) and the key's. Weighed from the values held, not from the rendered body:
-    /// an upstream may list one digest many times, which the union keeps once.
+    /// What the list weighs in memory, in bytes, for the cache's bound: the heap it takes
+    /// (reckoned from the values held, not from the rendered body: an upstream may list one
+    /// digest many times, which the union keeps once), and the key's.
     pub fn weight(&self, name: &RepoName) -> u32 {
-        /// An empty list takes 320 bytes, the cache's entry some more.
-        const FIXED: usize = 384;
-        let descriptors = |list: &[Value]| {
-            list.iter()
-                .fold(0usize, |sum, v| sum.saturating_add(VALUE + heap_of(v)))
-        };
-        let entry = descriptors(self.entry.api.as_deref().unwrap_or_default()).saturating_add(
-            self.entry
-                .tag
-                .as_ref()
-                .map_or(0, |t| descriptors(&t.manifests)),
-        );
-        let union = self.list.iter().fold(0usize, |sum, r| {
-            let own = std::mem::size_of::<Referrer>()
-                + heap_of(&r.descriptor)
-                + r.artifact_type.as_ref().map_or(0, String::len)
-                + 16
-                + r.digest.hex().len();
-            sum.saturating_add(own)
-        });
-        // A quarter more for what the estimate leaves out (it came 5–12 % under the heap
-        // measured) and the allocator's rounding.
-        let values = entry.saturating_add(union);
-        let bytes = FIXED
-            .saturating_add(name.as_str().len())
-            .saturating_add(self.body.len())
-            .saturating_add(values.saturating_add(values / 4));
+        let bytes = self.heap.saturating_add(name.as_str().len());
         u32::try_from(bytes).unwrap_or(u32::MAX)
     }
 }
@@ -108,22 +97,63 @@ impl Referrers {
 /// The size of a `serde_json::Value` in a vector or map.
 const VALUE: usize = std::mem::size_of::<Value>();
 
+/// About the heap a referrers list takes: the descriptors as JSON values twice (the entry's
+/// and the union's, about ten times their rendered size), the rendered body, and a fixed part
+/// (an empty list takes 320 bytes, the cache's entry some more). A quarter more for what the
+/// reckoning leaves out (it came 5–12 % under the heap measured) and the allocator's rounding.
+/// `tests/referrers_memory.rs` holds it to the heap dhat counts.
+fn heap_of_list(entry: &ReferrersEntry, list: &[Referrer], body: &Bytes) -> usize {
+    const FIXED: usize = 384;
+    let values = |list: &Vec<Value>| {
+        list.iter()
+            .fold(list.capacity().saturating_mul(VALUE), |sum, v| {
+                sum.saturating_add(heap_of(v))
+            })
+    };
+    let entry = entry
+        .api
+        .as_ref()
+        .map_or(0, values)
+        .saturating_add(entry.tag.as_ref().map_or(0, |t| values(&t.manifests)));
+    let union = list.iter().fold(
+        list.len().saturating_mul(std::mem::size_of::<Referrer>()),
+        |sum, r| {
+            let own = heap_of(&r.descriptor)
+                .saturating_add(r.artifact_type.as_ref().map_or(0, String::capacity))
+                .saturating_add(16 + r.digest.hex().len());
+            sum.saturating_add(own)
+        },
+    );
+    let values = entry.saturating_add(union);
+    FIXED
+        .saturating_add(body.len())
+        .saturating_add(values.saturating_add(values / 4))
+}
+
 /// About the heap a parsed JSON value holds beyond its own slot: strings' bytes, arrays'
-/// slots, and objects' B-tree nodes (each holds up to 11 keys and values; about 640 bytes
-/// allocated in full). Values come from `serde_json`'s parser, nested at most 128 deep.
+/// slots, and objects' B-tree nodes. A node holds up to 11 keys and values (about 640 bytes,
+/// allocated in full); past one node, nodes are counted as if 5 full, as keys inserted in order
+/// leave them, with an inner node (96 bytes more) for every 5. Values come from `serde_json`'s
+/// parser, nested at most 128 deep.
 fn heap_of(value: &Value) -> usize {
     const NODE: usize = 11 * (std::mem::size_of::<String>() + VALUE) + 32;
     match value {
         Value::String(s) => s.capacity(),
         Value::Array(items) => items
             .iter()
-            .fold(items.len().saturating_mul(VALUE), |sum, v| {
+            .fold(items.capacity().saturating_mul(VALUE), |sum, v| {
                 sum.saturating_add(heap_of(v))
             }),
-        Value::Object(map) => map.iter().fold(
-            map.len().div_ceil(11).saturating_mul(NODE),
-            |sum, (k, v)| sum.saturating_add(k.capacity()).saturating_add(heap_of(v)),
-        ),
+        Value::Object(map) => {
+            let nodes = match map.len() {
+                0 => 0,
+                1..=11 => NODE,
+                n => n.div_ceil(5).saturating_mul(NODE + 96),
+            };
+            map.iter().fold(nodes, |sum, (k, v)| {
+                sum.saturating_add(k.capacity()).saturating_add(heap_of(v))
+            })
+        }
         Value::Null | Value::Bool(_) | Value::Number(_) => 0,
     }
 }

@@ -64,13 +64,15 @@ pub fn index_descriptors(body: &[u8]) -> Option<Vec<Value>> {
         manifests: Vec<Value>,
     }
     let index: Index = serde_json::from_slice(body).ok()?;
-    Some(
-        index
-            .manifests
-            .into_iter()
-            .filter(|d| Referrer::from_descriptor(d.clone()).is_some())
-            .collect(),
-    )
+    let mut kept: Vec<Value> = index
+        .manifests
+        .into_iter()
+        .filter(|d| Referrer::from_descriptor(d.clone()).is_some())
+        .collect();
+    // Collected in place: without this the list would keep the parsed array's room, entries
+    // left out included (an index of a few descriptors among a million zeros).
+    kept.shrink_to_fit();
+    Some(kept)
 }
 
 /// The union by digest of several lists of descriptors, the first list's entries first and

@@ -185,7 +185,16 @@ mod tests {
         // Its file could not be prepared (a full disk): the write ends unlanded.
         drop(failed);
         assert!(land(newer), "a failed older write held back a newer one");
-        let lone = order.write(&"b", || {});
+        // The newest write failed: an older one still under way must not land over it (memory
+        // holds the newest).
+        let older = order.write(&"b", || {});
+        let newest = order.write(&"b", || {});
+        drop(newest);
+        assert!(
+            !land(older),
+            "an older write landed after the newest failed"
+        );
+        let lone = order.write(&"c", || {});
         drop(lone);
         assert!(
             order.state.lock().newest.is_empty(),

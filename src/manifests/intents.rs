@@ -1,5 +1,6 @@
 //! The write ordering of the cache's files: an intent journal per kind of file, so that each
-//! file ends as memory did whatever order the blocking threads that write it run in.
+//! file ends as memory did whatever order the blocking threads that write it run in, and a
+//! file read back into memory on a miss does not bring back what a purge removed meanwhile.
 
 use moka::sync::Cache;
 use std::collections::HashMap;
@@ -11,6 +12,8 @@ use std::sync::Arc;
 /// if need be, outside the lock) is renamed into place only if no newer change of that key came
 /// since. So a file ends as memory did, whatever order the blocking threads run in: racing
 /// updates leave the newest, and a purge is never undone by a write that was under way.
+/// Reading a file back into memory (after memory dropped it) is ordered too: what was read is
+/// kept only if no change of that key came while it was read.
 #[derive(Debug)]
 pub(super) struct Intents<K> {
     state: parking_lot::Mutex<IntentState<K>>,
@@ -19,8 +22,17 @@ pub(super) struct Intents<K> {
 #[derive(Debug)]
 struct IntentState<K> {
     next: u64,
-    /// Keys with writes in flight: the newest change's number, and how many writes are in flight.
-    newest: HashMap<K, (u64, usize)>,
+    /// Keys with writes or reads in flight.
+    newest: HashMap<K, InFlight>,
+}
+
+/// A key's changes and reads in flight.
+#[derive(Debug, Clone, Copy)]
+struct InFlight {
+    /// The newest change's number, once one came while this entry was kept.
+    seq: u64,
+    writes: usize,
+    reads: usize,
 }
 
 impl<K: std::hash::Hash + Eq + Clone> Default for Intents<K> {
@@ -65,8 +77,13 @@ impl<K: std::hash::Hash + Eq + Clone> Intents<K> {
         change_memory();
         state.next += 1;
         let seq = state.next;
-        let entry = state.newest.entry(key.clone()).or_insert((0, 0));
-        *entry = (seq, entry.1 + 1);
+        let entry = state.newest.entry(key.clone()).or_insert(InFlight {
+            seq,
+            writes: 0,
+            reads: 0,
+        });
+        entry.seq = seq;
+        entry.writes += 1;
         Ticket {
             order: Arc::clone(self),
             key: key.clone(),
@@ -82,9 +99,26 @@ impl<K: std::hash::Hash + Eq + Clone> Intents<K> {
         state.next += 1;
         let seq = state.next;
         if let Some(entry) = state.newest.get_mut(key) {
-            entry.0 = seq;
+            entry.seq = seq;
         }
         delete();
+    }
+
+    /// A read of `key`'s file begins (memory did not have it): see [`Reading::adopt`].
+    pub(super) fn reading(self: &Arc<Self>, key: &K) -> Reading<K> {
+        let mut state = self.state.lock();
+        let since = state.next;
+        let entry = state.newest.entry(key.clone()).or_insert(InFlight {
+            seq: since,
+            writes: 0,
+            reads: 0,
+        });
+        entry.reads += 1;
+        Reading {
+            order: Arc::clone(self),
+            key: key.clone(),
+            since,
+        }
     }
 }
 
@@ -92,11 +126,16 @@ impl<K> IntentState<K>
 where
     K: std::hash::Hash + Eq,
 {
-    /// One write of `key` ended, landed or not: the key is forgotten with its last.
-    fn ended(&mut self, key: &K) {
+    /// One write (or read) of `key` ended, landed or not: the key is forgotten with its last.
+    fn ended(&mut self, key: &K, read: bool) {
         if let Some(entry) = self.newest.get_mut(key) {
-            entry.1 -= 1;
-            if entry.1 == 0 {
+            let count = if read {
+                &mut entry.reads
+            } else {
+                &mut entry.writes
+            };
+            *count = count.saturating_sub(1);
+            if entry.writes == 0 && entry.reads == 0 {
                 self.newest.remove(key);
             }
         }
@@ -105,7 +144,7 @@ where
 
 /// One write's place in its key's order ([`Intents::write`]). It ends when it lands, or when
 /// it is dropped unlanded (its file could not be prepared, on a full or failing disk, or its
-/// thread never ran it): either way the key's entry goes with its last write, so failed
+/// thread never ran it): either way the key's entry goes with the last write or read in flight, so failed
 /// writes leave nothing behind.
 #[derive(Debug)]
 pub(super) struct Ticket<K: std::hash::Hash + Eq + Clone> {
@@ -119,7 +158,7 @@ impl<K: std::hash::Hash + Eq + Clone> Ticket<K> {
     /// the write ends as the ticket drops.
     pub(super) fn land(self, land: impl FnOnce() -> std::io::Result<()>) -> std::io::Result<()> {
         let state = self.order.state.lock();
-        let newest = state.newest.get(&self.key).map(|e| e.0);
+        let newest = state.newest.get(&self.key).map(|e| e.seq);
         if newest == Some(self.seq) {
             land()
         } else {
@@ -130,7 +169,39 @@ impl<K: std::hash::Hash + Eq + Clone> Ticket<K> {
 
 impl<K: std::hash::Hash + Eq + Clone> Drop for Ticket<K> {
     fn drop(&mut self) {
-        self.order.state.lock().ended(&self.key);
+        self.order.state.lock().ended(&self.key, false);
+    }
+}
+
+/// A read of a key's file under way ([`Intents::reading`]); it ends as it drops.
+#[derive(Debug)]
+pub(super) struct Reading<K: std::hash::Hash + Eq + Clone> {
+    order: Arc<Intents<K>>,
+    key: K,
+    /// The newest change's number when the read began.
+    since: u64,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Reading<K> {
+    /// Puts what was read in memory (`adopt`) unless the key changed while it was read: a
+    /// removal (the file read was purged), or a write, begun or landed (memory had, or has,
+    /// something newer than the file). `false` when it was not kept.
+    pub(super) fn adopt(self, adopt: impl FnOnce()) -> bool {
+        let state = self.order.state.lock();
+        let changed = state
+            .newest
+            .get(&self.key)
+            .is_some_and(|e| e.seq > self.since || e.writes > 0);
+        if !changed {
+            adopt();
+        }
+        !changed
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Drop for Reading<K> {
+    fn drop(&mut self) {
+        self.order.state.lock().ended(&self.key, true);
     }
 }
 
@@ -199,6 +270,52 @@ mod tests {
         assert!(
             order.state.lock().newest.is_empty(),
             "a write that failed left its key behind"
+        );
+    }
+
+    /// Whether a read of `key` begun before `meanwhile` ran is kept.
+    fn kept(
+        order: &Arc<Intents<&'static str>>,
+        key: &'static str,
+        meanwhile: impl FnOnce(),
+    ) -> bool {
+        let reading = order.reading(&key);
+        meanwhile();
+        let mut adopted = false;
+        assert_eq!(reading.adopt(|| adopted = true), adopted);
+        adopted
+    }
+
+    #[test]
+    fn a_file_read_back_is_kept_only_if_its_key_did_not_change_meanwhile() {
+        let order = Arc::new(Intents::default());
+        assert!(kept(&order, "a", || {}), "an untouched read was not kept");
+        assert!(
+            !kept(&order, "a", || order.remove(&"a", || {}, || {})),
+            "a read brought back what a purge removed"
+        );
+        let mut write = None;
+        assert!(
+            !kept(&order, "a", || write = Some(order.write(&"a", || {}))),
+            "a read replaced what a write put in memory"
+        );
+        assert!(land(write.unwrap()), "a read held back a write's file");
+        // A write under way before the read: memory has something newer than the file.
+        let under_way = order.write(&"b", || {});
+        assert!(
+            !kept(&order, "b", || {}),
+            "a read overtook a write under way"
+        );
+        assert!(land(under_way), "a read held back a write under way");
+        assert!(
+            kept(&order, "b", || {}),
+            "a read after the write landed was not kept"
+        );
+        // Reads of other keys, and other keys' changes, are apart.
+        assert!(kept(&order, "c", || order.remove(&"d", || {}, || {})));
+        assert!(
+            order.state.lock().newest.is_empty(),
+            "reads left their keys behind"
         );
     }
 }

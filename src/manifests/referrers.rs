@@ -179,19 +179,22 @@ impl ManifestCache {
     }
 
     /// The referrers list of `subject` in `name`: from memory, else from disk (read off the
-    /// async workers; an unreadable file is deleted).
+    /// async workers; an unreadable file is deleted; one purged or replaced while it is read is
+    /// answered to this caller, not kept).
     pub async fn referrers(&self, name: &RepoName, subject: &Digest) -> Option<Arc<Referrers>> {
         let key = (name.clone(), subject.clone());
         if let Some(found) = self.referrers.get(&key) {
             return Some(found);
         }
         let path = self.referrers_path(name, subject);
+        let reading = self.referrers_order.reading(&key);
         let entry = tokio::task::spawn_blocking(move || read_entry(&path))
             .await
             .ok()
             .flatten()?;
         let referrers = Arc::new(Referrers::new(entry));
-        self.referrers.insert(key, Arc::clone(&referrers));
+        // Kept in memory unless it was purged or replaced while it was read.
+        reading.adopt(|| self.referrers.insert(key, Arc::clone(&referrers)));
         Some(referrers)
     }
 

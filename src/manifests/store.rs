@@ -124,13 +124,15 @@ impl ManifestCache {
     }
 
     /// A manifest by digest, from memory or disk (read and hashed off the async workers). A
-    /// file whose bytes do not hash to its name is deleted, never served.
+    /// file whose bytes do not hash to its name is deleted, never served. One a purge removes
+    /// while it is read is answered to this caller, not kept.
     pub async fn get(&self, digest: &Digest) -> Option<Arc<Manifest>> {
         if let Some(m) = self.by_digest.get(digest) {
             return Some(m);
         }
         let path = self.manifest_path(digest);
         let wanted = digest.clone();
+        let reading = self.manifest_order.reading(digest);
         let loaded = tokio::task::spawn_blocking(move || {
             let raw = std::fs::read(&path).ok()?;
             let decoded = decode_manifest(&raw, &wanted);
@@ -147,7 +149,8 @@ impl ManifestCache {
             Some(loaded) => Arc::new(loaded),
             None => return self.get_shared(digest).await,
         };
-        self.by_digest.insert(digest.clone(), Arc::clone(&m));
+        // Kept in memory unless a purge removed it while it was read.
+        reading.adopt(|| self.by_digest.insert(digest.clone(), Arc::clone(&m)));
         Some(m)
     }
 

@@ -144,8 +144,8 @@ where
 
 /// One write's place in its key's order ([`Intents::write`]). It ends when it lands, or when
 /// it is dropped unlanded (its file could not be prepared, on a full or failing disk, or its
-/// thread never ran it): either way the key's entry goes with the last write or read in flight, so failed
-/// writes leave nothing behind.
+/// thread never ran it): either way the key's entry goes with the last write or read in
+/// flight, so failed writes leave nothing behind.
 #[derive(Debug)]
 pub(super) struct Ticket<K: std::hash::Hash + Eq + Clone> {
     order: Arc<Intents<K>>,

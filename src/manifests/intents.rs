@@ -75,15 +75,7 @@ impl<K: std::hash::Hash + Eq + Clone> Intents<K> {
     pub(super) fn write(self: &Arc<Self>, key: &K, change_memory: impl FnOnce()) -> Ticket<K> {
         let mut state = self.state.lock();
         change_memory();
-        state.next += 1;
-        let seq = state.next;
-        let entry = state.newest.entry(key.clone()).or_insert(InFlight {
-            seq,
-            writes: 0,
-            reads: 0,
-        });
-        entry.seq = seq;
-        entry.writes += 1;
+        let seq = state.begin_write(key);
         Ticket {
             order: Arc::clone(self),
             key: key.clone(),
@@ -118,14 +110,30 @@ impl<K: std::hash::Hash + Eq + Clone> Intents<K> {
             order: Arc::clone(self),
             key: key.clone(),
             since,
+            // Memory had something newer than the file, which that write has yet to land.
+            behind_write: entry.writes > 0,
         }
     }
 }
 
 impl<K> IntentState<K>
 where
-    K: std::hash::Hash + Eq,
+    K: std::hash::Hash + Eq + Clone,
 {
+    /// Numbers a write of `key` and counts it in flight.
+    fn begin_write(&mut self, key: &K) -> u64 {
+        self.next += 1;
+        let seq = self.next;
+        let entry = self.newest.entry(key.clone()).or_insert(InFlight {
+            seq,
+            writes: 0,
+            reads: 0,
+        });
+        entry.seq = seq;
+        entry.writes += 1;
+        seq
+    }
+
     /// One write (or read) of `key` ended, landed or not: the key is forgotten with its last.
     fn ended(&mut self, key: &K, read: bool) {
         if let Some(entry) = self.newest.get_mut(key) {
@@ -173,29 +181,54 @@ impl<K: std::hash::Hash + Eq + Clone> Drop for Ticket<K> {
     }
 }
 
-/// A read of a key's file under way ([`Intents::reading`]); it ends as it drops.
+/// A read of a key's file (or object) under way ([`Intents::reading`]); it ends as it drops.
 #[derive(Debug)]
 pub(super) struct Reading<K: std::hash::Hash + Eq + Clone> {
     order: Arc<Intents<K>>,
     key: K,
     /// The newest change's number when the read began.
     since: u64,
+    /// A write of the key was in flight when the read began.
+    behind_write: bool,
 }
 
 impl<K: std::hash::Hash + Eq + Clone> Reading<K> {
-    /// Puts what was read in memory (`adopt`) unless the key changed while it was read: a
-    /// removal (the file read was purged), or a write, begun or landed (memory had, or has,
-    /// something newer than the file). `false` when it was not kept.
+    /// Whether the key changed since the read began: a removal (what was read was purged), or
+    /// a write, begun or landed (memory had, or has, something newer than the file).
+    fn changed(&self, state: &IntentState<K>) -> bool {
+        self.behind_write
+            || state
+                .newest
+                .get(&self.key)
+                .is_some_and(|e| e.seq > self.since || e.writes > 0)
+    }
+
+    /// Puts what was read in memory (`adopt`) unless the key changed while it was read.
+    /// `false` when it was not kept.
     pub(super) fn adopt(self, adopt: impl FnOnce()) -> bool {
         let state = self.order.state.lock();
-        let changed = state
-            .newest
-            .get(&self.key)
-            .is_some_and(|e| e.seq > self.since || e.writes > 0);
+        let changed = self.changed(&state);
         if !changed {
             adopt();
         }
         !changed
+    }
+
+    /// As [`Reading::adopt`], for what is also written to a file here (read from elsewhere,
+    /// object storage): the memory change and the write's place in the key's order, unless
+    /// the key changed while it was read.
+    pub(super) fn write(self, change_memory: impl FnOnce()) -> Option<Ticket<K>> {
+        let mut state = self.order.state.lock();
+        if self.changed(&state) {
+            return None;
+        }
+        change_memory();
+        let seq = state.begin_write(&self.key);
+        Some(Ticket {
+            order: Arc::clone(&self.order),
+            key: self.key.clone(),
+            seq,
+        })
     }
 }
 
@@ -311,6 +344,22 @@ mod tests {
             kept(&order, "b", || {}),
             "a read after the write landed was not kept"
         );
+        // A write under way when the read began lands before the read ends: memory had the
+        // newer value all along.
+        let under_way = order.write(&"e", || {});
+        let reading = order.reading(&"e");
+        assert!(land(under_way));
+        assert!(
+            !reading.adopt(|| {}),
+            "a read overtook a write that landed meanwhile"
+        );
+        // What is read from elsewhere and written here too: written only if unchanged.
+        let reading = order.reading(&"f");
+        let written = reading.write(|| {}).expect("an untouched read is written");
+        assert!(land(written), "its file lands");
+        let reading = order.reading(&"f");
+        order.remove(&"f", || {}, || {});
+        assert!(reading.write(|| {}).is_none(), "a purged object came back");
         // Reads of other keys, and other keys' changes, are apart.
         assert!(kept(&order, "c", || order.remove(&"d", || {}, || {})));
         assert!(

@@ -2,7 +2,7 @@
 //! and in object storage when replicas share one; the tag index ([`super::tags`]) lives in the
 //! same value. Every file write is ordered by an intent journal ([`super::intents`]).
 
-use super::intents::{Intents, remove_in_order};
+use super::intents::{Intents, Reading, remove_in_order};
 use super::tags::{TagEntry, TagUsage};
 use crate::disk::{Layout, Writes};
 use crate::objects::ObjectStorage;
@@ -147,15 +147,16 @@ impl ManifestCache {
         .flatten();
         let m = match loaded {
             Some(loaded) => Arc::new(loaded),
-            None => return self.get_shared(digest).await,
+            None => return self.get_shared(digest, reading).await,
         };
         // Kept in memory unless a purge removed it while it was read.
         reading.adopt(|| self.by_digest.insert(digest.clone(), Arc::clone(&m)));
         Some(m)
     }
 
-    /// A manifest another replica stored in object storage, verified, then kept here too.
-    async fn get_shared(&self, digest: &Digest) -> Option<Arc<Manifest>> {
+    /// A manifest another replica stored in object storage, verified, then kept here too
+    /// (unless it was purged here while it was read).
+    async fn get_shared(&self, digest: &Digest, reading: Reading<Digest>) -> Option<Arc<Manifest>> {
         let (objects, prefix) = self.shared.as_ref()?;
         let key = Self::manifest_object(prefix, digest);
         let raw = objects.get_bytes(&key, MAX_SHARED_OBJECT).await?;
@@ -164,13 +165,13 @@ impl ManifestCache {
             objects.delete(&key).await;
             return None;
         };
-        Some(self.store(manifest))
+        Some(self.store(manifest, Some(reading)))
     }
 
     /// Stores a verified manifest in memory and, durably, on disk (and in object storage: in a
     /// cluster before returning, so the replicas waiting for it find it).
     pub async fn put(&self, manifest: Manifest) -> Arc<Manifest> {
-        let m = self.store(manifest);
+        let m = self.store(manifest, None);
         if let Some((objects, prefix)) = &self.shared {
             let (objects, key, stored) = (
                 Arc::clone(objects),
@@ -187,14 +188,23 @@ impl ManifestCache {
         m
     }
 
-    fn store(&self, manifest: Manifest) -> Arc<Manifest> {
+    /// Keeps a verified manifest in memory and writes it behind the caller; one `read` from
+    /// elsewhere is kept only if it was not purged here meanwhile.
+    fn store(&self, manifest: Manifest, read: Option<Reading<Digest>>) -> Arc<Manifest> {
         let m = Arc::new(manifest);
         // Verified bytes, whole: served from memory at once, made durable (fsynced) behind the
         // response, never partial on disk (written beside and renamed).
         let digest = m.digest.clone();
-        let write = self.manifest_order.write(&digest, || {
+        let insert = || {
             self.by_digest.insert(digest.clone(), Arc::clone(&m));
-        });
+        };
+        let write = match read {
+            None => self.manifest_order.write(&digest, insert),
+            Some(read) => match read.write(insert) {
+                Some(write) => write,
+                None => return m,
+            },
+        };
         let path = self.manifest_path(&digest);
         let (layout, stored) = (self.layout.clone(), Arc::clone(&m));
         self.in_background("manifest", digest.to_string(), move || {

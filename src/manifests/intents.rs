@@ -29,7 +29,8 @@ struct IntentState<K> {
 /// A key's changes and reads in flight.
 #[derive(Debug, Clone, Copy)]
 struct InFlight {
-    /// The newest change's number, once one came while this entry was kept.
+    /// The newest change's number (in an entry a read made, the journal's newest number
+    /// when that read began, until a change of this key comes).
     seq: u64,
     writes: usize,
     reads: usize,

@@ -19,4 +19,4 @@ pub use freshness::{Freshness, TagPolicy};
 pub use negative::{Missing, Negative, NegativeCache};
 pub use referrers::{Referrers, ReferrersEntry, TagIndex};
 pub use store::ManifestCache;
-pub use tags::{TagEntry, TagUsage};
+pub use tags::{SharedTag, TagEntry, TagUsage};

@@ -2,7 +2,7 @@
 //! disk, and in object storage when replicas share one), how often each tag is served, and
 //! which repositories upstream has shown a digest in.
 
-use super::intents::remove_in_order;
+use super::intents::{Reading, remove_in_order};
 use super::store::{MAX_SHARED_OBJECT, ManifestCache};
 use crate::clock::now_ms;
 use crate::disk::Layout;
@@ -54,14 +54,25 @@ pub struct TagUsage {
     pub last_access: AtomicU64,
 }
 
+/// A tag entry read from another replica's object storage, not yet adopted here.
+#[derive(Debug)]
+pub struct SharedTag {
+    /// The entry.
+    pub entry: TagEntry,
+    /// Its read, in the tag's order: adopting it fails if the tag changed here meanwhile.
+    reading: Reading<(RepoName, Tag)>,
+}
+
 impl ManifestCache {
     fn tag_object(prefix: &str, name: &RepoName, tag: &Tag) -> String {
         format!("{prefix}tags/{name}/_tags/{tag}")
     }
 
-    /// A tag entry another replica stored in object storage (`None` without object storage).
-    pub async fn shared_tag(&self, name: &RepoName, tag: &Tag) -> Option<TagEntry> {
+    /// A tag entry another replica stored in object storage (`None` without object storage),
+    /// to adopt here with [`ManifestCache::adopt_tag`].
+    pub async fn shared_tag(&self, name: &RepoName, tag: &Tag) -> Option<SharedTag> {
         let (objects, prefix) = self.shared.as_ref()?;
+        let reading = self.tag_order.reading(&(name.clone(), tag.clone()));
         let raw = objects
             .get_bytes(&Self::tag_object(prefix, name, tag), MAX_SHARED_OBJECT)
             .await?;
@@ -70,7 +81,7 @@ impl ManifestCache {
         // would look fresh for as long as the skew, everywhere.
         let soon = now_ms().saturating_add(5_000);
         (entry.validated_at <= soon && entry.fetched_at <= soon && entry.size <= MAX_SHARED_OBJECT)
-            .then_some(entry)
+            .then_some(SharedTag { entry, reading })
     }
 
     fn tag_path(&self, name: &RepoName, tag: &Tag) -> PathBuf {
@@ -136,22 +147,43 @@ impl ManifestCache {
             })
             .await;
         }
-        self.adopt_tag(name, tag, entry);
+        self.record_tag(name, tag, entry, None);
     }
 
-    /// Records a tag entry read from object storage (memory and disk, not written back).
-    pub fn adopt_tag(&self, name: &RepoName, tag: &Tag, entry: TagEntry) {
-        self.grant(name, &entry.digest);
+    /// Records a tag entry read from object storage (memory and disk, not written back),
+    /// unless the tag was purged or changed here while it was read: `false` then.
+    pub fn adopt_tag(&self, name: &RepoName, tag: &Tag, shared: SharedTag) -> bool {
+        self.record_tag(name, tag, shared.entry, Some(shared.reading))
+    }
+
+    /// Records a tag entry (one `read` from object storage only if its tag did not change
+    /// meanwhile): in memory, and on disk behind the caller.
+    fn record_tag(
+        &self,
+        name: &RepoName,
+        tag: &Tag,
+        entry: TagEntry,
+        read: Option<Reading<(RepoName, Tag)>>,
+    ) -> bool {
         let key = (name.clone(), tag.clone());
-        let write = self.tag_order.write(&key, || {
+        let insert = || {
+            self.grant(name, &entry.digest);
             self.tags.insert(key.clone(), entry.clone());
-        });
+        };
+        let write = match read {
+            None => self.tag_order.write(&key, insert),
+            Some(read) => match read.write(insert) {
+                Some(write) => write,
+                None => return false,
+            },
+        };
         let (path, layout) = (self.tag_path(name, tag), self.layout.clone());
         self.in_background("tag", format!("{name}:{tag}"), move || {
             let json = serde_json::to_vec(&entry).map_err(std::io::Error::other)?;
             let file = layout.prepare(&[&json], false)?;
             write.land(|| Layout::put_in_place(file, &path))
         });
+        true
     }
 
     /// Forgets a tag upstream no longer has (here and in object storage).

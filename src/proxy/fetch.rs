@@ -153,12 +153,16 @@ impl Proxy {
     /// there is no object storage.
     async fn shared_tag(self: &Arc<Self>, key: &TagKey) -> Option<TagEntry> {
         let (name, tag) = key;
-        let entry = self.manifests.shared_tag(name, tag).await?;
+        let shared = self.manifests.shared_tag(name, tag).await?;
+        let entry = shared.entry.clone();
         let freshness = self.freshness(tag, entry.validated_at);
         if freshness == Freshness::Expired {
             return None;
         }
-        self.manifests.adopt_tag(name, tag, entry.clone());
+        // Purged or fetched here while it was read: what memory has now stands.
+        if !self.manifests.adopt_tag(name, tag, shared) {
+            return self.manifests.tag(name, tag);
+        }
         if freshness == Freshness::Stale && !self.offline() {
             drop(self.revalidate(key.clone()));
         }
@@ -228,12 +232,16 @@ impl Proxy {
     /// when fresh, else made `entry` (still to be revalidated).
     async fn newer_shared(&self, (name, tag): &TagKey, entry: &mut TagEntry) -> Option<TagEntry> {
         let shared = self.manifests.shared_tag(name, tag).await?;
-        if shared.validated_at <= entry.validated_at {
+        if shared.entry.validated_at <= entry.validated_at {
             return None;
         }
-        self.manifests.adopt_tag(name, tag, shared.clone());
-        let fresh = self.freshness(tag, shared.validated_at) == Freshness::Fresh;
-        *entry = shared;
+        let newer = shared.entry.clone();
+        // Purged or changed here while it was read: then this revalidation goes on.
+        if !self.manifests.adopt_tag(name, tag, shared) {
+            return None;
+        }
+        let fresh = self.freshness(tag, newer.validated_at) == Freshness::Fresh;
+        *entry = newer;
         fresh.then(|| entry.clone())
     }
 

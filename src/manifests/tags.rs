@@ -345,4 +345,45 @@ mod tests {
         }
         assert_eq!(apart, 0, "{apart} of 500 rounds: memory and disk differ");
     }
+
+    /// An entry read from object storage (as `shared_tag` reads one) is adopted only if its
+    /// tag was not purged or changed here while it was read.
+    #[tokio::test]
+    async fn an_entry_read_from_object_storage_is_adopted_only_if_the_tag_did_not_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ManifestCache::open(Layout::open(dir.path()).unwrap(), 1 << 20).unwrap();
+        let name = RepoName::parse("library/alpine", true).unwrap();
+        let tag = Tag::parse("3.20").unwrap();
+        let entries: Vec<TagEntry> = (0..5)
+            .map(|n| {
+                let m = padded(n, 64);
+                TagEntry::new(&m.digest, &m.media_type, 64)
+            })
+            .collect();
+        let entry = |n: usize| entries[n].clone();
+        let read = |e: TagEntry| SharedTag {
+            entry: e,
+            reading: cache.tag_order.reading(&(name.clone(), tag.clone())),
+        };
+        let untouched = read(entry(1));
+        assert!(cache.adopt_tag(&name, &tag, untouched));
+        assert_eq!(cache.tag(&name, &tag), Some(entry(1)));
+        // Purged while it was read: nothing comes back.
+        let purged = read(entry(2));
+        cache.forget_tag(&name, &tag).await;
+        assert!(!cache.adopt_tag(&name, &tag, purged));
+        assert_eq!(cache.tag(&name, &tag), None, "a purged tag came back");
+        // Fetched here while it was read: memory keeps what was fetched.
+        let overtaken = read(entry(3));
+        cache.set_tag(&name, &tag, entry(4)).await;
+        assert!(!cache.adopt_tag(&name, &tag, overtaken));
+        assert_eq!(cache.tag(&name, &tag), Some(entry(4)));
+        cache.flushed().await;
+        let reopened = ManifestCache::open(Layout::open(dir.path()).unwrap(), 1 << 20).unwrap();
+        assert_eq!(
+            reopened.tag(&name, &tag),
+            Some(entry(4)),
+            "disk differs from memory"
+        );
+    }
 }

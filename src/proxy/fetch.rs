@@ -159,10 +159,17 @@ impl Proxy {
         if freshness == Freshness::Expired {
             return None;
         }
-        // Purged or fetched here while it was read: what memory has now stands.
-        if !self.manifests.adopt_tag(name, tag, shared) {
-            return self.manifests.tag(name, tag);
-        }
+        // Purged or fetched here while it was read: what memory has now stands, judged the same.
+        let (entry, freshness) = if self.manifests.adopt_tag(name, tag, shared) {
+            (entry, freshness)
+        } else {
+            let now = self.manifests.tag(name, tag)?;
+            let freshness = self.freshness(tag, now.validated_at);
+            if freshness == Freshness::Expired {
+                return None;
+            }
+            (now, freshness)
+        };
         if freshness == Freshness::Stale && !self.offline() {
             drop(self.revalidate(key.clone()));
         }

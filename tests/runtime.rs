@@ -34,18 +34,26 @@ fn workers(running: &Running) -> Vec<String> {
         .collect()
 }
 
-/// Nanoseconds the thread `tid` of `running` has run, from the scheduler's statistics.
-fn on_cpu(running: &Running, tid: &str) -> u64 {
+/// The scheduler's statistics of the thread `tid` of `running`: nanoseconds on the CPU, and how
+/// many times it has been run (woken or scheduled in).
+fn schedstat(running: &Running, tid: &str) -> (u64, u64) {
     let stat =
         std::fs::read_to_string(format!("/proc/{}/task/{tid}/schedstat", running.pid())).unwrap();
-    stat.split_whitespace().next().unwrap().parse().unwrap()
+    let fields: Vec<u64> = stat
+        .split_whitespace()
+        .map(|f| f.parse().unwrap())
+        .collect();
+    (fields[0], fields[2])
 }
 
-/// How many times the thread `tid` of `running` has been run (woken or scheduled in).
+/// Nanoseconds the thread `tid` of `running` has run.
+fn on_cpu(running: &Running, tid: &str) -> u64 {
+    schedstat(running, tid).0
+}
+
+/// How many times the thread `tid` of `running` has been run.
 fn runs(running: &Running, tid: &str) -> u64 {
-    let stat =
-        std::fs::read_to_string(format!("/proc/{}/task/{tid}/schedstat", running.pid())).unwrap();
-    stat.split_whitespace().nth(2).unwrap().parse().unwrap()
+    schedstat(running, tid).1
 }
 
 /// Which of `workers` serves `connection`: the one that runs for its requests (an idle one runs

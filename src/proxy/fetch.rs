@@ -154,24 +154,20 @@ impl Proxy {
     async fn shared_tag(self: &Arc<Self>, key: &TagKey) -> Option<TagEntry> {
         let (name, tag) = key;
         let shared = self.manifests.shared_tag(name, tag).await?;
-        let entry = shared.entry.clone();
-        let freshness = self.freshness(tag, entry.validated_at);
-        if freshness == Freshness::Expired {
+        if self.freshness(tag, shared.entry.validated_at) == Freshness::Expired {
             return None;
         }
+        let read = shared.entry.clone();
         // Purged or fetched here while it was read: what memory has now stands, judged the same.
-        let (entry, freshness) = if self.manifests.adopt_tag(name, tag, shared) {
-            (entry, freshness)
+        let entry = if self.manifests.adopt_tag(name, tag, shared) {
+            read
         } else {
-            let now = self.manifests.tag(name, tag)?;
-            let freshness = self.freshness(tag, now.validated_at);
-            if freshness == Freshness::Expired {
-                return None;
-            }
-            (now, freshness)
+            self.manifests.tag(name, tag)?
         };
-        if freshness == Freshness::Stale && !self.offline() {
-            drop(self.revalidate(key.clone()));
+        match self.freshness(tag, entry.validated_at) {
+            Freshness::Expired => return None,
+            Freshness::Stale if !self.offline() => drop(self.revalidate(key.clone())),
+            Freshness::Stale | Freshness::Fresh => {}
         }
         Some(entry)
     }

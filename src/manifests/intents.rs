@@ -76,7 +76,20 @@ impl<K: std::hash::Hash + Eq + Clone> Intents<K> {
     pub(super) fn write(self: &Arc<Self>, key: &K, change_memory: impl FnOnce()) -> Ticket<K> {
         let mut state = self.state.lock();
         change_memory();
-        let seq = state.begin_write(key);
+        self.begin_write(&mut state, key)
+    }
+
+    /// Numbers a write of `key` and counts it in flight (under `state`'s lock).
+    fn begin_write(self: &Arc<Self>, state: &mut IntentState<K>, key: &K) -> Ticket<K> {
+        state.next += 1;
+        let seq = state.next;
+        let entry = state.newest.entry(key.clone()).or_insert(InFlight {
+            seq,
+            writes: 0,
+            reads: 0,
+        });
+        entry.seq = seq;
+        entry.writes += 1;
         Ticket {
             order: Arc::clone(self),
             key: key.clone(),
@@ -117,24 +130,7 @@ impl<K: std::hash::Hash + Eq + Clone> Intents<K> {
     }
 }
 
-impl<K> IntentState<K>
-where
-    K: std::hash::Hash + Eq + Clone,
-{
-    /// Numbers a write of `key` and counts it in flight.
-    fn begin_write(&mut self, key: &K) -> u64 {
-        self.next += 1;
-        let seq = self.next;
-        let entry = self.newest.entry(key.clone()).or_insert(InFlight {
-            seq,
-            writes: 0,
-            reads: 0,
-        });
-        entry.seq = seq;
-        entry.writes += 1;
-        seq
-    }
-
+impl<K: std::hash::Hash + Eq> IntentState<K> {
     /// One write (or read) of `key` ended, landed or not: the key is forgotten with its last.
     fn ended(&mut self, key: &K, read: bool) {
         if let Some(entry) = self.newest.get_mut(key) {
@@ -143,6 +139,7 @@ where
             } else {
                 &mut entry.writes
             };
+            debug_assert!(*count > 0, "a write or read ended twice");
             *count = count.saturating_sub(1);
             if entry.writes == 0 && entry.reads == 0 {
                 self.newest.remove(key);
@@ -224,12 +221,7 @@ impl<K: std::hash::Hash + Eq + Clone> Reading<K> {
             return None;
         }
         change_memory();
-        let seq = state.begin_write(&self.key);
-        Some(Ticket {
-            order: Arc::clone(&self.order),
-            key: self.key.clone(),
-            seq,
-        })
+        Some(self.order.begin_write(&mut state, &self.key))
     }
 }
 

@@ -129,6 +129,8 @@ pub enum Begun {
     Running(Arc<Download>),
     /// None was: this caller feeds the new one, and ends it with [`BlobStore::end`].
     Started(Incoming),
+    /// None was because one ended after the caller looked in the store: serve the stored blob.
+    Stored,
 }
 
 /// The feeding end of a download: what was received, and the spool thread that writes and
@@ -213,17 +215,25 @@ impl BlobStore {
         if let Some(d) = self.downloads.lock().get(digest) {
             return Ok(Begun::Running(Arc::clone(d)));
         }
+        // A download stores its blob before it ends, so one that ended since the caller looked
+        // in the store is found there (looked at after the downloads, never before).
+        if self.contains(digest) {
+            return Ok(Begun::Stored);
+        }
         // Creating a file is blocking I/O: do it off the async workers and outside the lock.
         let layout = self.layout.clone();
         let temp = tokio::task::spawn_blocking(move || layout.temp_file()).await??;
         let (file, temp) = temp.into_parts();
         let download = {
             let mut downloads = self.downloads.lock();
-            if let Some(d) = downloads.get(digest) {
-                let d = Arc::clone(d);
+            let begun = match downloads.get(digest) {
+                Some(d) => Some(Begun::Running(Arc::clone(d))),
+                None => self.contains(digest).then_some(Begun::Stored),
+            };
+            if let Some(begun) = begun {
                 drop(downloads);
                 tokio::task::spawn_blocking(move || drop((file, temp)));
-                return Ok(Begun::Running(d));
+                return Ok(begun);
             }
             let (progress, _) = watch::channel(Progress::default());
             let download = Arc::new(Download {
@@ -638,7 +648,31 @@ mod tests {
         match store.begin(digest, origin(), false).await.unwrap() {
             Begun::Started(incoming) => incoming,
             Begun::Running(_) => panic!("a download was already under way"),
+            Begun::Stored => panic!("the blob was already stored"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_download_that_ended_after_the_caller_looked_is_found_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path(), 1 << 20);
+        let bytes = b"stored as the caller looked";
+        let digest = digest_of(bytes);
+        // The caller found neither the blob nor its download...
+        assert!(!store.contains(&digest));
+        let mut incoming = started(&store, &digest).await;
+        let download = Arc::clone(incoming.download());
+        incoming.announce(Some(bytes.len() as u64)).unwrap();
+        incoming.push(Bytes::from_static(bytes)).await.unwrap();
+        assert!(!incoming.commit().await.unwrap());
+        store.end(&digest, &download, Ok(()));
+        // ... and begins once that download ended: no second download.
+        assert!(matches!(
+            store.begin(&digest, origin(), false).await.unwrap(),
+            Begun::Stored
+        ));
+        assert_eq!(store.downloads(), 0);
+        assert_eq!(store.count(), 1);
     }
 
     #[test]
@@ -834,7 +868,7 @@ mod tests {
         let digest = digest_of(b"shared");
         let mut incoming = match store.begin(&digest, origin(), true).await.unwrap() {
             Begun::Started(incoming) => incoming,
-            Begun::Running(_) => unreachable!(),
+            Begun::Running(_) | Begun::Stored => unreachable!(),
         };
         let download = Arc::clone(incoming.download());
         assert!(store.held_private(&digest));

@@ -73,8 +73,9 @@ struct Run {
 }
 
 impl Proxy {
-    /// Joins the download of `digest`, or starts it (fetching from `name`). A download under
-    /// way for another repository is joined only when `shared_ok`. Returns once the blob's
+    /// Joins the download of `digest`, or starts it (fetching from `name`), or serves the blob
+    /// a download stored since the caller looked. A download under way for another repository
+    /// is joined only when `shared_ok`. Returns once the blob's
     /// size is known, with the body following the download; a range is served as soon as its
     /// bytes are on disk.
     pub(super) async fn fetch_blob(
@@ -125,6 +126,12 @@ impl Proxy {
                 let download = Arc::clone(incoming.download());
                 self.spawn_download(incoming, name, digest, shared_ok);
                 download
+            }
+            // Stored by a download that ended since the caller looked: under the stored rule.
+            Begun::Stored => {
+                self.may_share_stored(name, digest).await?;
+                let body = self.blobs.open_stored(digest, range).await?;
+                return Ok(body.map(Joined::Body));
             }
         };
         let body = self.blobs.follow(download, digest, range).await?;

@@ -23,7 +23,11 @@ pub struct BlobHead {
 impl Proxy {
     /// The rule for serving a stored blob for `name`: one fetched with credentials only where
     /// upstream shows it (an upstream HEAD, once per repository).
-    async fn may_share_stored(&self, name: &RepoName, digest: &Digest) -> Result<(), Error> {
+    pub(super) async fn may_share_stored(
+        &self,
+        name: &RepoName,
+        digest: &Digest,
+    ) -> Result<(), Error> {
         let private = self.restricted || self.blobs.is_private(digest);
         self.may_share(name, digest, private, || {
             Box::pin(self.upstream.head_blob(name, digest))

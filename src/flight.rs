@@ -45,14 +45,34 @@ where
     where
         F: Future<Output = Outcome<V>> + Send + 'static,
     {
+        self.join_unless(&key, |_| None, |_| start())
+    }
+
+    /// [`Self::join`] (starting `start(key)`), unless no operation runs for `key` and `done(key)`
+    /// finds its result. For
+    /// operations that store their result before they end: a caller that looked for it just
+    /// before one ended and joins just after finds it here instead of starting another.
+    pub fn join_unless<F>(
+        &self,
+        key: &K,
+        done: impl FnOnce(&K) -> Option<V>,
+        start: impl FnOnce(K) -> F,
+    ) -> Flight<V>
+    where
+        F: Future<Output = Outcome<V>> + Send + 'static,
+    {
         let mut running = self.running.lock();
-        if let Some(flight) = running.get(&key) {
+        if let Some(flight) = running.get(key) {
             return flight.clone();
+        }
+        // Under the lock: an operation's result is stored before it leaves the map.
+        if let Some(value) = done(key) {
+            return futures_util::future::ready(Ok(value)).boxed().shared();
         }
         // Boxed: an upstream fetch's state is many kilobytes, and a task's future is moved
         // into the task and its finished stage written over it (a copy of its whole size
         // each time, most of a cold miss's instructions unboxed).
-        let operation = Box::pin(start());
+        let operation = Box::pin(start(key.clone()));
         let map = Arc::clone(&self.running);
         let done_key = key.clone();
         // The lock is held until the entry is inserted, so the task cannot remove it first.
@@ -68,7 +88,7 @@ where
         let flight = async move { task.await.unwrap_or_else(|e| Err(Error::from(e))) }
             .boxed()
             .shared();
-        running.insert(key, flight.clone());
+        running.insert(key.clone(), flight.clone());
         flight
     }
 
@@ -101,12 +121,46 @@ mod tests {
         assert_eq!(runs.load(Ordering::SeqCst), 1);
 
         drop(flights.join(2, start(runs.clone())));
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Running until it ends (however slow the machine).
+        for _ in 0..1_000 {
+            if !flights.is_running(&2) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         assert_eq!(
             runs.load(Ordering::SeqCst),
             2,
             "the dropped flight still ran"
         );
         assert!(!flights.is_running(&2));
+    }
+
+    #[tokio::test]
+    async fn a_join_after_an_operation_ended_finds_what_it_stored() {
+        let flights: Flights<u32, u32> = Flights::default();
+        let (stored, runs) = (Arc::new(Mutex::new(None)), Arc::new(AtomicUsize::new(0)));
+        let start = |stored: Arc<Mutex<Option<u32>>>, runs: Arc<AtomicUsize>| {
+            move || async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                *stored.lock() = Some(7);
+                Ok(7)
+            }
+        };
+        let done = |_: &u32| *stored.lock();
+        // Nothing stored: the operation runs, stores its result and ends.
+        let first = flights.join_unless(&1, done, |_| start(stored.clone(), runs.clone())());
+        assert_eq!(first.await.unwrap(), 7);
+        assert!(!flights.is_running(&1));
+        // A caller that looked before it ended joins after: no second run.
+        let second = flights.join_unless(&1, done, |_| start(stored.clone(), runs.clone())());
+        assert_eq!(second.await.unwrap(), 7);
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        // A plain join always runs again.
+        assert_eq!(
+            flights.join(1, start(stored, runs.clone())).await.unwrap(),
+            7
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 2);
     }
 }

@@ -32,35 +32,36 @@ impl Proxy {
         self: &Arc<Self>,
         key: TagKey,
     ) -> impl Future<Output = Result<TagEntry, Error>> + use<> {
-        let this = Arc::clone(self);
-        self.tag_gets.join(key.clone(), move || async move {
-            // Again inside the flight: a 404 remembered just after this request looked.
-            let missing = Missing::Tag(key.1.clone());
-            if this.remembered_missing(&key.0, &missing) {
-                return Err(failure::manifest_unknown());
-            }
-            let _lock = match this.coordinate_tag(&key).await {
-                Ok(entry) => return Ok(entry),
-                Err(lock) => lock,
-            };
-            let (name, tag) = key;
-            let manifest = match this
-                .upstream
-                .get_manifest(&name, &Reference::Tag(tag.clone()))
-                .await
-            {
-                Ok(manifest) => manifest,
-                Err(e) => return Err(this.manifest_failed(&name, &missing, e)),
-            };
-            let entry = TagEntry::new(
-                &manifest.digest,
-                &manifest.media_type,
-                manifest.bytes.len() as u64,
-            );
-            this.manifests.put(manifest).await;
-            this.manifests.set_tag(&name, &tag, entry.clone()).await;
-            Ok(entry)
-        })
+        let (this, stored) = (Arc::clone(self), |key: &TagKey| self.fresh_tag(key));
+        self.tag_gets
+            .join_unless(&key, stored, move |key| async move {
+                // Again inside the flight: a 404 remembered just after this request looked.
+                let missing = Missing::Tag(key.1.clone());
+                if this.remembered_missing(&key.0, &missing) {
+                    return Err(failure::manifest_unknown());
+                }
+                let _lock = match this.coordinate_tag(&key).await {
+                    Ok(entry) => return Ok(entry),
+                    Err(lock) => lock,
+                };
+                let (name, tag) = key;
+                let manifest = match this
+                    .upstream
+                    .get_manifest(&name, &Reference::Tag(tag.clone()))
+                    .await
+                {
+                    Ok(manifest) => manifest,
+                    Err(e) => return Err(this.manifest_failed(&name, &missing, e)),
+                };
+                let entry = TagEntry::new(
+                    &manifest.digest,
+                    &manifest.media_type,
+                    manifest.bytes.len() as u64,
+                );
+                this.manifests.put(manifest).await;
+                this.manifests.set_tag(&name, &tag, entry.clone()).await;
+                Ok(entry)
+            })
     }
 
     /// HEAD by tag for a client HEAD on an unknown tag (single-flight); falls back to a GET
@@ -69,34 +70,35 @@ impl Proxy {
         self: &Arc<Self>,
         key: TagKey,
     ) -> impl Future<Output = Result<TagEntry, Error>> + use<> {
-        let this = Arc::clone(self);
-        self.tag_heads.join(key.clone(), move || async move {
-            let missing = Missing::Tag(key.1.clone());
-            if this.remembered_missing(&key.0, &missing) {
-                return Err(failure::manifest_unknown());
-            }
-            let _lock = match this.coordinate_tag(&key).await {
-                Ok(entry) => return Ok(entry),
-                Err(lock) => lock,
-            };
-            let (name, tag) = key;
-            let head = match this
-                .upstream
-                .head_manifest(&name, &Reference::Tag(tag.clone()))
-                .await
-            {
-                Ok(head) => head,
-                Err(e) => return Err(this.manifest_failed(&name, &missing, e)),
-            };
-            match (head.digest, head.media_type, head.size) {
-                (Some(digest), Some(media_type), Some(size)) if plausible(size) => {
-                    let entry = TagEntry::new(&digest, &media_type, size);
-                    this.manifests.set_tag(&name, &tag, entry.clone()).await;
-                    Ok(entry)
+        let (this, stored) = (Arc::clone(self), |key: &TagKey| self.fresh_tag(key));
+        self.tag_heads
+            .join_unless(&key, stored, move |key| async move {
+                let missing = Missing::Tag(key.1.clone());
+                if this.remembered_missing(&key.0, &missing) {
+                    return Err(failure::manifest_unknown());
                 }
-                _ => this.fetch_tag((name, tag)).await,
-            }
-        })
+                let _lock = match this.coordinate_tag(&key).await {
+                    Ok(entry) => return Ok(entry),
+                    Err(lock) => lock,
+                };
+                let (name, tag) = key;
+                let head = match this
+                    .upstream
+                    .head_manifest(&name, &Reference::Tag(tag.clone()))
+                    .await
+                {
+                    Ok(head) => head,
+                    Err(e) => return Err(this.manifest_failed(&name, &missing, e)),
+                };
+                match (head.digest, head.media_type, head.size) {
+                    (Some(digest), Some(media_type), Some(size)) if plausible(size) => {
+                        let entry = TagEntry::new(&digest, &media_type, size);
+                        this.manifests.set_tag(&name, &tag, entry.clone()).await;
+                        Ok(entry)
+                    }
+                    _ => this.fetch_tag((name, tag)).await,
+                }
+            })
     }
 
     /// Before fetching a tag unknown here: another replica's entry from object storage if
@@ -114,6 +116,12 @@ impl Proxy {
             return Ok(entry);
         }
         Err(turn.lock())
+    }
+
+    /// The tag's entry while it is fresh: one a flight stored since the caller looked.
+    fn fresh_tag(&self, (name, tag): &TagKey) -> Option<TagEntry> {
+        let entry = self.manifests.tag(name, tag)?;
+        (self.freshness(tag, entry.validated_at) == Freshness::Fresh).then_some(entry)
     }
 
     /// In a cluster: takes the lock `key`, or waits until its holder released it.
@@ -180,38 +188,44 @@ impl Proxy {
     ) -> impl Future<Output = Result<Arc<Manifest>, Error>> + use<> {
         let this = Arc::clone(self);
         let key = (name.clone(), digest.clone());
-        self.digest_gets.join(key.clone(), move || async move {
-            let (name, digest) = key;
-            let missing = Missing::Manifest(digest.clone());
-            if this.remembered_missing(&name, &missing) {
-                return Err(failure::manifest_unknown());
-            }
-            // In a cluster one replica fetches it; the others take it from object storage
-            // (where access cannot depend on credentials or access rules: else they fetch it
-            // themselves, so upstream answers for this repository).
-            let turn = if this.upstream.has_credentials() || this.restricted {
-                Turn::Go(None)
-            } else {
-                let key = format!("pullthrough:lock:manifest:{}:{digest}", this.upstream_name);
-                this.coordinate(key).await
-            };
-            if !matches!(turn, Turn::Go(None))
-                && let Some(m) = this.manifests.get(&digest).await
-            {
-                return Ok(m);
-            }
-            let _lock = turn.lock();
-            let manifest = match this
-                .upstream
-                .get_manifest(&name, &Reference::Digest(digest.clone()))
-                .await
-            {
-                Ok(manifest) => manifest,
-                Err(e) => return Err(this.manifest_failed(&name, &missing, e)),
-            };
-            this.manifests.grant(&name, &digest);
-            Ok(this.manifests.put(manifest).await)
-        })
+        // Fetched for this repository by a flight that ended since the caller looked.
+        let stored = |(name, digest): &(RepoName, Digest)| {
+            let granted = self.manifests.granted(name, digest);
+            granted.then(|| self.manifests.in_memory(digest)).flatten()
+        };
+        self.digest_gets
+            .join_unless(&key, stored, move |key| async move {
+                let (name, digest) = key;
+                let missing = Missing::Manifest(digest.clone());
+                if this.remembered_missing(&name, &missing) {
+                    return Err(failure::manifest_unknown());
+                }
+                // In a cluster one replica fetches it; the others take it from object storage
+                // (where access cannot depend on credentials or access rules: else they fetch it
+                // themselves, so upstream answers for this repository).
+                let turn = if this.upstream.has_credentials() || this.restricted {
+                    Turn::Go(None)
+                } else {
+                    let key = format!("pullthrough:lock:manifest:{}:{digest}", this.upstream_name);
+                    this.coordinate(key).await
+                };
+                if !matches!(turn, Turn::Go(None))
+                    && let Some(m) = this.manifests.get(&digest).await
+                {
+                    return Ok(m);
+                }
+                let _lock = turn.lock();
+                let manifest = match this
+                    .upstream
+                    .get_manifest(&name, &Reference::Digest(digest.clone()))
+                    .await
+                {
+                    Ok(manifest) => manifest,
+                    Err(e) => return Err(this.manifest_failed(&name, &missing, e)),
+                };
+                this.manifests.grant(&name, &digest);
+                Ok(this.manifests.put(manifest).await)
+            })
     }
 
     /// Revalidates a tag with one upstream HEAD (single-flight per tag). An unchanged digest
@@ -221,14 +235,15 @@ impl Proxy {
         self: &Arc<Self>,
         key: TagKey,
     ) -> impl Future<Output = Result<TagEntry, Error>> + use<> {
-        let this = Arc::clone(self);
-        self.tag_heads.join(key.clone(), move || async move {
-            let outcome = this.revalidate_now(&key).await;
-            if outcome.is_err() {
-                this.backoff.insert(key, ());
-            }
-            outcome
-        })
+        let (this, stored) = (Arc::clone(self), |key: &TagKey| self.fresh_tag(key));
+        self.tag_heads
+            .join_unless(&key, stored, move |key| async move {
+                let outcome = this.revalidate_now(&key).await;
+                if outcome.is_err() {
+                    this.backoff.insert(key, ());
+                }
+                outcome
+            })
     }
 
     /// Takes another replica's entry of the tag when it was validated after `entry`: returned

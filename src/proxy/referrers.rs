@@ -111,7 +111,14 @@ impl Proxy {
     ) -> impl Future<Output = Result<Arc<Referrers>, Error>> + use<> {
         let this = Arc::clone(self);
         self.referrers_flights.join(key.clone(), move || async move {
-            match this.fetch_referrers(&key).await {
+            // Again inside the flight: a list stored by one that ended after the caller looked.
+            let previous = this.manifests.referrers(&key.0, &key.1).await;
+            if let Some(list) = &previous
+                && this.policy.by_age(list.entry.validated_at, now_ms()) == Freshness::Fresh
+            {
+                return Ok(Arc::clone(list));
+            }
+            match this.fetch_referrers(&key, previous).await {
                 Ok(entry) => {
                     this.referrers_backoff.invalidate(&key);
                     Ok(this.manifests.set_referrers(&key.0, &key.1, entry))
@@ -126,11 +133,12 @@ impl Proxy {
     }
 
     /// Asks upstream for both parts at once: the referrers API and the tag schema's HEAD.
+    /// `previous`: the list cached now.
     async fn fetch_referrers(
         self: &Arc<Self>,
         (name, subject): &Key,
+        previous: Option<Arc<Referrers>>,
     ) -> Result<ReferrersEntry, Error> {
-        let previous = self.manifests.referrers(name, subject).await;
         let previous_tag = previous.as_ref().and_then(|p| p.entry.tag.as_ref());
         let (api, tag) = tokio::join!(
             self.referrers_api(name, subject),

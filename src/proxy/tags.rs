@@ -110,23 +110,30 @@ impl Proxy {
                 });
         }
         let this = Arc::clone(self);
-        let flight = self.tag_page_flights.join(key.clone(), move || async move {
-            let (name, query) = key;
-            let (body, link) = this
-                .upstream
-                .tags_list(&name, &query.upstream_query())
-                .await
-                .map_err(Error::from)?;
-            let link = link.map(|l| relative_link(&l));
-            let page = Arc::new(TagsPage {
-                body,
-                link,
-                fetched_at: Instant::now(),
-                outcome: Outcome::Hit,
+        // A page stored by a fetch that ended after this request looked.
+        let stored = |key: &_| {
+            let page = self.tag_pages.get(key)?;
+            (page.fetched_at.elapsed() < self.tags_ttl).then_some(page)
+        };
+        let flight = self
+            .tag_page_flights
+            .join_unless(&key, stored, move |key| async move {
+                let (name, query) = key;
+                let (body, link) = this
+                    .upstream
+                    .tags_list(&name, &query.upstream_query())
+                    .await
+                    .map_err(Error::from)?;
+                let link = link.map(|l| relative_link(&l));
+                let page = Arc::new(TagsPage {
+                    body,
+                    link,
+                    fetched_at: Instant::now(),
+                    outcome: Outcome::Hit,
+                });
+                this.tag_pages.insert((name, query), Arc::clone(&page));
+                Ok(page)
             });
-            this.tag_pages.insert((name, query), Arc::clone(&page));
-            Ok(page)
-        });
         // A little under the deadline, so the stale copy beats the request-wide deadline.
         match tokio::time::timeout(self.deadline.mul_f64(0.9), flight).await {
             Ok(Ok(page)) => Ok(TagsPage {

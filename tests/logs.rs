@@ -407,7 +407,7 @@ async fn a_log_reader_that_stalls_does_not_stall_requests() {
     let unread = child.stdout.take();
     let url = format!("http://127.0.0.1:{port}");
     let client = support::client();
-    let up = support::eventually(Duration::from_secs(10), async || {
+    let up = support::eventually(Duration::from_secs(30), async || {
         client.get(format!("{url}/healthz")).send().await.is_ok()
     })
     .await;

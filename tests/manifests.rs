@@ -176,12 +176,13 @@ async fn expired_unchanged_tag_costs_one_head_and_moved_tag_is_picked_up() {
     let v1 = Image::single("moving-1", DOCKER_MANIFEST, 10);
     let v2 = Image::single("moving-2", DOCKER_MANIFEST, 10);
     hub.push("library/moving", "latest", &v1);
-    let proxy = TestProxy::start_with(&hub, |c| c.tag_ttl = Duration::from_millis(600)).await;
+    // A TTL long enough for the polls after a revalidation to run within it on a loaded machine.
+    let proxy = TestProxy::start_with(&hub, |c| c.tag_ttl = Duration::from_secs(2)).await;
     let path = "/v2/library/moving/manifests/latest";
 
     assert_eq!(proxy.get(path).await.headers()["x-cache"], "MISS");
     // The TTL passes.
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
     let (gets, heads) = (hub.count("manifest_get"), hub.count("manifest_head"));
     let stale = proxy.get(path).await;
     assert_eq!(stale.headers()["x-cache"], "STALE");
@@ -197,7 +198,7 @@ async fn expired_unchanged_tag_costs_one_head_and_moved_tag_is_picked_up() {
 
     hub.push("library/moving", "latest", &v2);
     // The TTL passes again.
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
     proxy.get(path).await;
     let picked_up = eventually(Duration::from_secs(5), async || {
         proxy.get(path).await.headers()["docker-content-digest"] == v2.digest.as_str()
@@ -418,7 +419,8 @@ async fn a_moved_tag_prefetches_the_platforms_pulled_before() {
     let v1 = multi_arch("prefetch-1", OCI_INDEX, OCI_MANIFEST);
     let v2 = multi_arch("prefetch-2", OCI_INDEX, OCI_MANIFEST);
     hub.push("library/app", "latest", &v1);
-    let proxy = TestProxy::start_with(&hub, |c| c.tag_ttl = Duration::from_millis(300)).await;
+    // A TTL long enough for the checks after the move to run within it on a loaded machine.
+    let proxy = TestProxy::start_with(&hub, |c| c.tag_ttl = Duration::from_secs(2)).await;
     let tag = "/v2/library/app/manifests/latest";
     assert_eq!(get_accept(&proxy, tag, FULL_ACCEPT).await.status(), 200);
     // A client pulled amd64 only.
@@ -426,7 +428,7 @@ async fn a_moved_tag_prefetches_the_platforms_pulled_before() {
 
     hub.push("library/app", "latest", &v2);
     // The TTL passes; the next request finds the move.
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
     get_accept(&proxy, tag, FULL_ACCEPT).await;
     let amd64 = &v2.children[0];
     let arm64 = &v2.children[1];

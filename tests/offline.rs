@@ -229,7 +229,8 @@ async fn switched_offline_at_run_time_it_serves_stale_and_asks_nothing_until_swi
     let app = Image::single("app", DOCKER_MANIFEST, 1000);
     hub.push("library/app", "1", &app);
     let proxy = TestProxy::start_with(&hub, |c| {
-        c.tag_ttl = Duration::from_millis(200);
+        // Long enough for the polls after the revalidation to run within it on a loaded machine.
+        c.tag_ttl = Duration::from_millis(1_500);
         c.tags_list_ttl = Duration::from_millis(100);
     })
     .await;
@@ -244,7 +245,7 @@ async fn switched_offline_at_run_time_it_serves_stale_and_asks_nothing_until_swi
         serde_json::json!({ "offline": true })
     );
     let before = asked(&[&hub]);
-    tokio::time::sleep(Duration::from_millis(250)).await;
+    tokio::time::sleep(Duration::from_millis(1_600)).await;
     for _ in 0..3 {
         let r = proxy.get(tag).await;
         assert_eq!((r.status().as_u16(), cache(&r)), (200, "STALE".to_owned()));
@@ -380,7 +381,10 @@ async fn a_blob_redirect_answered_after_the_switch_is_not_followed_to_the_cdn() 
     let proxy = TestProxy::start(&hub).await;
     // The ping and a token are known, so the blob GET is the next request sent.
     proxy.get_ok("/v2/library/app/manifests/1").await;
-    hub.fault(support::Fault::Delay(Duration::from_millis(600)));
+    // The registry answers only once the switch is made (or after 20 s, to fail, not hang).
+    let gate = support::Gate::new();
+    gate.open_after(Duration::from_secs(20));
+    hub.fault(support::Fault::Hold(gate.clone()));
     let digest = support::hub::sha256(&app.blobs[0]);
     let url = format!("{}/v2/library/app/blobs/{digest}", proxy.url);
     let client = proxy.client.clone();
@@ -392,6 +396,7 @@ async fn a_blob_redirect_answered_after_the_switch_is_not_followed_to_the_cdn() 
         put_offline(&proxy, r#"{"offline": true}"#).await.status(),
         200
     );
+    gate.open();
     let r = pull.await.unwrap();
     assert_eq!(r.status(), 503);
     assert_eq!(hub.count("cdn_get"), 0, "the redirect was followed");

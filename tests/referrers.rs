@@ -288,7 +288,8 @@ async fn the_tag_is_revalidated_by_head_and_fetched_only_when_it_moved() {
     let hub = FakeHub::start().await;
     let f = fixture(&hub, "org/app");
     let proxy = TestProxy::start_with(&hub, |c| {
-        c.tag_ttl = Duration::from_secs(1);
+        // Long enough for the checks after a refresh to run within it on a loaded machine.
+        c.tag_ttl = Duration::from_secs(2);
         c.max_stale = Duration::from_secs(3600);
     })
     .await;
@@ -303,7 +304,7 @@ async fn the_tag_is_revalidated_by_head_and_fetched_only_when_it_moved() {
 
     // Past tag_ttl, unchanged upstream: served stale while one refresh asks the API and
     // HEADs the tag; no GET.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
     let r = proxy.get(&p).await;
     assert_eq!(r.headers()["x-cache"], "STALE");
     assert!(
@@ -326,7 +327,7 @@ async fn the_tag_is_revalidated_by_head_and_fetched_only_when_it_moved() {
     hub.push_untagged("org/app", &second);
     let moved = Image::referrers_index(&[&f.signature, &f.sbom, &second]);
     hub.push("org/app", &referrers_tag(&f.subject.digest), &moved);
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
     assert_eq!(proxy.get(&p).await.headers()["x-cache"], "STALE");
     let now_three = eventually(Duration::from_secs(5), async || {
         let body: Value = proxy.get(&p).await.json().await.unwrap();
@@ -347,14 +348,15 @@ async fn served_stale_when_upstream_fails_within_max_stale() {
     hub.set_referrers_api(true, 0);
     let f = fixture(&hub, "org/app");
     let proxy = TestProxy::start_with(&hub, |c| {
-        c.tag_ttl = Duration::from_millis(200);
+        // A failed refresh rests for the TTL: long enough to ask within it on a loaded machine.
+        c.tag_ttl = Duration::from_secs(1);
         c.max_stale = Duration::from_secs(3);
     })
     .await;
     let p = path("org/app", &f.subject.digest);
     let first = proxy.get(&p).await.bytes().await.unwrap();
     hub.fault(Fault::Status(503));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
     let r = proxy.get(&p).await;
     assert_eq!(r.headers()["x-cache"], "STALE");
     assert_eq!(r.bytes().await.unwrap(), first);

@@ -343,8 +343,9 @@ async fn concurrent_cold_pulls_on_every_replica_make_one_upstream_get() {
     let hub = FakeHub::start().await;
     let blob = Bytes::from(support::hub::pattern("cluster", 64 * 1024 * 1024));
     let digest = hub.push_blob("library/big", blob.clone());
-    // 1,024 chunks of 64 KiB, 1 ms apart: the download takes over a second.
-    hub.fault(Fault::SlowBlob(Duration::from_millis(1)));
+    // 1,024 chunks of 64 KiB, 3 ms apart: the download takes over three seconds, for every
+    // client to join it on a loaded machine.
+    hub.fault(Fault::SlowBlob(Duration::from_millis(3)));
     let s3 = S3::start().await;
     let redis = Redis::start().await;
     let (replicas, _dirs) = cluster(&hub, &s3, &redis).await;
@@ -383,8 +384,9 @@ async fn a_replica_killed_mid_download_is_replaced_and_its_followers_finish() {
     let hub = FakeHub::start().await;
     let blob = Bytes::from(support::hub::pattern("killed", 32 * 1024 * 1024));
     let digest = hub.push_blob("library/big", blob.clone());
-    // 512 chunks of 64 KiB, 4 ms apart: about two seconds.
-    hub.fault(Fault::SlowBlob(Duration::from_millis(4)));
+    // 512 chunks of 64 KiB, 20 ms apart: about ten seconds, for the followers to join it on a
+    // loaded machine (the resume after the kill goes at full speed).
+    hub.fault(Fault::SlowBlob(Duration::from_millis(20)));
     let s3 = S3::start().await;
     let redis = Redis::start().await;
     let (mut replicas, _dirs) = cluster(&hub, &s3, &redis).await;
@@ -414,6 +416,7 @@ async fn a_replica_killed_mid_download_is_replaced_and_its_followers_finish() {
     .await;
     assert!(following, "the followers got no byte");
     replicas[0].process.kill();
+    hub.clear_faults();
     assert!(
         owner.await.is_err(),
         "the killed replica's own client is cut off"
@@ -489,7 +492,8 @@ async fn with_redis_stopped_pulls_go_on_and_coordination_resumes_when_it_is_back
     assert!(rejoined, "the replicas never rejoined");
     let again = Bytes::from(support::hub::pattern("again", 16 * 1024 * 1024));
     let again_digest = hub.push_blob("library/app", again.clone());
-    hub.fault(Fault::SlowBlob(Duration::from_millis(2)));
+    // 256 chunks 8 ms apart: about two seconds, for every replica to join on a loaded machine.
+    hub.fault(Fault::SlowBlob(Duration::from_millis(8)));
     let started = Instant::now();
     let pulls: Vec<_> = replicas
         .iter()
@@ -522,8 +526,9 @@ async fn a_tag_costs_one_get_and_one_head_per_ttl_across_the_cluster() {
     let redis = Redis::start().await;
     let (replicas, _dirs) = cluster_with(&hub, &s3, &redis, &[("PULLTHROUGH_TAG_TTL", "2s")]).await;
 
-    // Concurrent cold GETs of the tag on every replica: one upstream GET.
-    hub.fault(Fault::Delay(Duration::from_millis(300)));
+    // Concurrent cold GETs of the tag on every replica: one upstream GET (held long enough for
+    // all 30 to arrive on a loaded machine).
+    hub.fault(Fault::Delay(Duration::from_millis(1_500)));
     let mut gets = Vec::new();
     for replica in &replicas {
         for _ in 0..10 {
@@ -608,8 +613,8 @@ async fn a_429_pause_on_one_replica_holds_every_replica() {
     assert_eq!(gets, 1);
     // Shared within half a second: the other replicas do not ask upstream while it lasts. They
     // show that they know only in how they answer, and asking one too soon would go upstream:
-    // time for the sharing (every 0.5 s) to reach them.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // time for the sharing (every 0.5 s) to reach them, on a loaded machine too.
+    tokio::time::sleep(Duration::from_secs(4)).await;
     hub.clear_faults();
     for (replica, tag) in replicas[1..].iter().zip(["2", "3"]) {
         let r = replica
@@ -877,9 +882,19 @@ async fn object_storage_is_kept_under_its_limit_least_recently_used_across_the_c
     s3.wait_for(&key(&digests[0])).await;
     pull(&replicas[1], &digests[1]).await;
     s3.wait_for(&key(&digests[1])).await;
-    // Every replica's access times reach Redis (each flushes every 5 s) before x is used. A
-    // flush with nothing newer to write leaves no trace, so time must pass.
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    // Every replica's access times reach Redis (each flushes every 5 s) before x is used.
+    let both = eventually(Duration::from_secs(20), async || {
+        let mut both = true;
+        for digest in &digests[..2] {
+            both &= redis
+                .zscore("pullthrough:blobs:access", digest)
+                .await
+                .is_some();
+        }
+        both
+    })
+    .await;
+    assert!(both, "the access times of x and y never reached Redis");
     // x is used again, on another replica (read from object storage): y is now the coldest,
     // once that replica's flush brings x's new access time to Redis.
     let used = now_ms();
@@ -1044,7 +1059,8 @@ async fn replicas_serving_tls_stream_blobs_to_each_other_trusting_their_certific
     let hub = FakeHub::start().await;
     let blob = Bytes::from(support::hub::pattern("tls", 16 * 1024 * 1024));
     let digest = hub.push_blob("library/big", blob.clone());
-    hub.fault(Fault::SlowBlob(Duration::from_millis(2)));
+    // 256 chunks 8 ms apart: about two seconds, for the other replicas to join.
+    hub.fault(Fault::SlowBlob(Duration::from_millis(8)));
     let s3 = S3::start().await;
     let redis = Redis::start().await;
     // A CA and a certificate for 127.0.0.1 it signed; the replicas' tls_cert file has both.

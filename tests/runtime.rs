@@ -22,6 +22,17 @@ fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from)
 }
 
+/// The thread ids of `running`'s per-core workers, once there is one per core: their threads
+/// start after the server says it listens.
+async fn started_workers(running: &Running) -> Vec<String> {
+    let all = support::eventually(Duration::from_secs(10), async || {
+        workers(running).len() == cores()
+    })
+    .await;
+    assert!(all, "a worker thread per core");
+    workers(running)
+}
+
 /// The thread ids of `running`'s per-core workers, by their names.
 fn workers(running: &Running) -> Vec<String> {
     let tasks = std::fs::read_dir(format!("/proc/{}/task", running.pid())).unwrap();
@@ -173,8 +184,7 @@ async fn per_core_workers_share_the_port_and_a_miss_costs_one_upstream_request()
         .await;
     let port: u16 = running.addr.rsplit_once(':').unwrap().1.parse().unwrap();
     assert_eq!(listeners_on(&running, port), 1, "one listening socket");
-    let workers = workers(&running);
-    assert_eq!(workers.len(), cores(), "a worker thread per core");
+    started_workers(&running).await;
 
     // 32 connections, spread over the workers. Each miss is one upstream GET.
     let manifest = format!("{}/v2/library/percore/manifests/1", running.url);
@@ -207,7 +217,7 @@ async fn per_core_hands_each_connection_to_the_worker_holding_the_fewest() {
         .env("PULLTHROUGH_CLIENT_IDLE_TIMEOUT", "300s")
         .start()
         .await;
-    let workers = workers(&running);
+    let workers = started_workers(&running).await;
     let per_worker = 3;
     // Connections opened one after another and kept open: they go to the workers in turn.
     let addr: std::net::SocketAddr = running.addr.parse().unwrap();
@@ -230,15 +240,22 @@ async fn per_core_hands_each_connection_to_the_worker_holding_the_fewest() {
         "connections per worker"
     );
 
-    // The first worker's connections close: the next ones it is given all go to it.
+    // The first worker's connections close (the server's end too, before going on): the
+    // next ones it is given all go to it.
     let first = owners[0];
     let mut kept = Vec::new();
-    for (connection, owner) in connections.into_iter().zip(&owners) {
+    for (mut connection, owner) in connections.into_iter().zip(&owners) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         if *owner != first {
             kept.push(connection);
+            continue;
         }
+        connection.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        connection.read_to_end(&mut rest).await.unwrap();
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The server counts a connection off after closing it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     for _ in 0..per_worker {
         let mut connection = tokio::net::TcpStream::connect(addr).await.unwrap();
         ask_v2(&mut connection).await;
@@ -259,14 +276,7 @@ async fn per_core_wakes_one_worker_for_one_client_after_another() {
     if cores() < 2 {
         return;
     }
-    // The workers' threads start after the server says it listens.
-    assert!(
-        support::eventually(Duration::from_secs(10), async || workers(&running).len()
-            == cores())
-        .await,
-        "a worker thread per core"
-    );
-    let workers = workers(&running);
+    let workers = started_workers(&running).await;
     let addr: std::net::SocketAddr = running.addr.parse().unwrap();
     let before: Vec<u64> = workers.iter().map(|w| runs(&running, w)).collect();
     // One connection after another, each closed by the server (it saw the client's end)

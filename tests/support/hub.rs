@@ -29,6 +29,8 @@ pub enum Fault {
     Status(u16),
     /// Registry endpoints wait this long first.
     Delay(Duration),
+    /// Registry endpoints wait until the gate opens.
+    Hold(Gate),
     /// Registry endpoints accept and never answer.
     BlackHole,
     /// Manifest GETs answer 429 with this Retry-After.
@@ -47,6 +49,41 @@ pub enum Fault {
     CdnRefusesHead,
     /// The CDN ignores `Range` and always sends the whole blob with 200.
     IgnoreRange,
+}
+
+/// What [`Fault::Hold`] waits for: held requests go on once it opens.
+#[derive(Debug, Clone)]
+pub struct Gate(Arc<tokio::sync::watch::Sender<bool>>);
+
+impl Gate {
+    pub fn new() -> Gate {
+        Gate(Arc::new(tokio::sync::watch::channel(false).0))
+    }
+
+    /// Lets every held request (and every later one) go on.
+    pub fn open(&self) {
+        self.0.send_replace(true);
+    }
+
+    /// Opens the gate after `after`, however the test goes: a request that should not have
+    /// waited for it then shows as slow instead of hanging.
+    pub fn open_after(&self, after: Duration) {
+        let gate = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            gate.open();
+        });
+    }
+
+    async fn passed(&self) {
+        let _ = self.0.subscribe().wait_for(|open| *open).await;
+    }
+}
+
+impl PartialEq for Gate {
+    fn eq(&self, other: &Gate) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
 }
 
 #[derive(Default)]
@@ -553,6 +590,7 @@ async fn registry_handler(State(hub): State<FakeHub>, request: Request) -> Respo
     for fault in hub.faults() {
         match fault {
             Fault::Delay(d) => tokio::time::sleep(d).await,
+            Fault::Hold(gate) => gate.passed().await,
             Fault::BlackHole => std::future::pending::<()>().await,
             Fault::Abuse => {
                 return (

@@ -21,7 +21,7 @@ use tokio::sync::oneshot;
 
 // Not every test binary names all three.
 #[allow(unused_imports)]
-pub use hub::{FakeHub, Fault, Image};
+pub use hub::{FakeHub, Fault, Gate, Image};
 
 /// A pullthrough running against some upstream, stopped on drop.
 pub struct TestProxy {

@@ -42,7 +42,7 @@ impl S3 {
         };
         let client = super::client();
         assert!(
-            eventually(Duration::from_secs(30), async || client
+            eventually(Duration::from_secs(90), async || client
                 .get(&s3.url)
                 .send()
                 .await

@@ -73,14 +73,17 @@ where
         // into the task and its finished stage written over it (a copy of its whole size
         // each time, most of a cold miss's instructions unboxed).
         let operation = Box::pin(start(key.clone()));
-        let map = Arc::clone(&self.running);
-        let done_key = key.clone();
+        let leave = Leave {
+            map: Arc::clone(&self.running),
+            key: Some(key.clone()),
+        };
         // The lock is held until the entry is inserted, so the task cannot remove it first.
         // The operation logs inside the span of the request that started it (its request id).
         let task = tokio::spawn(
             async move {
+                let mut leave = leave;
                 let outcome = operation.await;
-                map.lock().remove(&done_key);
+                leave.now();
                 outcome
             }
             .in_current_span(),
@@ -95,6 +98,27 @@ where
     /// True while an operation for `key` runs.
     pub fn is_running(&self, key: &K) -> bool {
         self.running.lock().contains_key(key)
+    }
+}
+
+/// Takes an operation's key out of the map when it ends: returned, panicked or dropped (a
+/// panic must not leave its error in the map for every later join of the key).
+struct Leave<K: Hash + Eq, V> {
+    map: Arc<Mutex<HashMap<K, Flight<V>>>>,
+    key: Option<K>,
+}
+
+impl<K: Hash + Eq, V> Leave<K, V> {
+    fn now(&mut self) {
+        if let Some(key) = self.key.take() {
+            self.map.lock().remove(&key);
+        }
+    }
+}
+
+impl<K: Hash + Eq, V> Drop for Leave<K, V> {
+    fn drop(&mut self) {
+        self.now();
     }
 }
 
@@ -134,6 +158,20 @@ mod tests {
             "the dropped flight still ran"
         );
         assert!(!flights.is_running(&2));
+    }
+
+    #[tokio::test]
+    async fn an_operation_that_panicked_leaves_and_the_next_join_runs_again() {
+        let flights: Flights<u32, u32> = Flights::default();
+        let panicked = flights.join(1, || async {
+            if true {
+                panic!("a bug in an operation");
+            }
+            Ok(0)
+        });
+        assert!(panicked.await.is_err());
+        assert!(!flights.is_running(&1));
+        assert_eq!(flights.join(1, || async { Ok(7) }).await.unwrap(), 7);
     }
 
     #[tokio::test]

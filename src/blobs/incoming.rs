@@ -129,7 +129,8 @@ pub enum Begun {
     Running(Arc<Download>),
     /// None was: this caller feeds the new one, and ends it with [`BlobStore::end`].
     Started(Incoming),
-    /// None was because one ended after the caller looked in the store: serve the stored blob.
+    /// None was, and the store holds it (stored by one that ended after the caller looked, or
+    /// asked for again): serve the stored blob.
     Stored,
 }
 

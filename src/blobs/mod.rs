@@ -605,7 +605,7 @@ mod tests {
         let digest = digest_of(bytes);
         let Begun::Started(mut incoming) = store.begin(&digest, origin(), false).await.unwrap()
         else {
-            panic!("a download was already under way");
+            panic!("a download was already under way, or the blob stored");
         };
         incoming.announce(Some(bytes.len() as u64)).unwrap();
         incoming.push(Bytes::copy_from_slice(bytes)).await.unwrap();

@@ -91,8 +91,11 @@ impl Proxy {
                 }
             }
         };
-        // Upstream served `digest` from `name` (this request's download, or one it may join).
-        self.manifests.grant(name, digest);
+        // Upstream served `digest` from `name` (this request's download, or one it may join);
+        // not so for the stored blob a download left since the first look (a hit, as above).
+        if body.source != Outcome::Hit {
+            self.manifests.grant(name, digest);
+        }
         Ok(body)
     }
 

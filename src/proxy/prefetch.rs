@@ -197,7 +197,8 @@ impl Proxy {
 
     /// Fetches a blob and waits until it is stored: a follower's last byte comes only once the
     /// whole blob has verified, so asking for it (and nothing more) waits for the end. `false`
-    /// when nothing was fetched (a download for another repository this one may not join).
+    /// when nothing was fetched (a download for another repository this one may not join, or
+    /// the blob stored meanwhile).
     async fn download_to_end(
         self: &Arc<Self>,
         name: &RepoName,
@@ -214,6 +215,10 @@ impl Proxy {
         let super::blob_fetch::Joined::Body(body) = joined else {
             return Ok(false);
         };
+        // Stored meanwhile (a client's download ended after this looked): nothing fetched.
+        if body.source == crate::metrics::Outcome::Hit {
+            return Ok(false);
+        }
         body.stream
             .try_for_each(|_| async { Ok(()) })
             .await

@@ -75,9 +75,8 @@ struct Run {
 impl Proxy {
     /// Joins the download of `digest`, or starts it (fetching from `name`), or serves the blob
     /// a download stored since the caller looked. A download under way for another repository
-    /// is joined only when `shared_ok`. Returns once the blob's
-    /// size is known, with the body following the download; a range is served as soon as its
-    /// bytes are on disk.
+    /// is joined only when `shared_ok`. Returns once the blob's size is known, with the body
+    /// following the download; a range is served as soon as its bytes are on disk.
     pub(super) async fn fetch_blob(
         self: &Arc<Self>,
         name: &RepoName,

@@ -858,29 +858,33 @@ async fn a_token_endpoint_redirect_is_not_followed_even_on_its_own_host() {
     .expect("test hung");
 }
 
+/// The whole exchange has a deadline, not only its silences: a body that stops half way, and
+/// one that never stops arriving a byte at a time (20 s in all), each end at the 2 s request
+/// timeout and give their upstream place back.
 #[tokio::test]
-async fn a_manifest_body_that_stalls_ends_at_the_request_timeout_and_frees_its_upstream_place() {
+async fn a_manifest_body_that_stalls_or_trickles_ends_at_the_request_timeout_and_frees_its_upstream_place()
+ {
     tokio::time::timeout(TEST_LIMIT, async {
         let up = Hostile::start().await;
         up.answer_ping(Duration::ZERO, None);
-        let stalled = Image::single("stalled", DOCKER_MANIFEST, 1000);
         let fine = Image::single("fine", DOCKER_MANIFEST, 1000);
-        // Headers (with the whole length) and half the body at once, then nothing.
-        let (bytes, digest) = (stalled.bytes.clone(), stalled.digest.clone());
-        up.on(Method::GET, "/v2/acme/stalled/manifests/", move |_, _| {
+        // Headers (with the whole length), then half the body at once and nothing more.
+        slow_manifest(&up, "stalled", |bytes| {
             let half = bytes.slice(..bytes.len() / 2);
-            let body = futures_util::stream::once(async move { Ok::<_, std::io::Error>(half) })
-                .chain(futures_util::stream::pending());
-            let length = bytes.len().to_string();
-            respond(
-                200,
-                &[
-                    ("content-type", DOCKER_MANIFEST),
-                    ("content-length", length.as_str()),
-                    ("docker-content-digest", digest.as_str()),
-                ],
-                axum::body::Body::from_stream(body),
-            )
+            futures_util::stream::once(async move { Ok::<_, std::io::Error>(half) })
+                .chain(futures_util::stream::pending())
+                .boxed()
+        });
+        // Headers, then a byte every 20 ms.
+        slow_manifest(&up, "trickled", |bytes| {
+            futures_util::stream::unfold(0, move |at| {
+                let bytes = bytes.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    (at < bytes.len()).then(|| (Ok(bytes.slice(at..=at)), at + 1))
+                }
+            })
+            .boxed()
         });
         let served = fine.clone();
         up.on(Method::GET, "/v2/acme/fine/manifests/", move |_, _| {
@@ -893,7 +897,7 @@ async fn a_manifest_body_that_stalls_ends_at_the_request_timeout_and_frees_its_u
                 served.bytes.clone(),
             )
         });
-        // One upstream place: the stalled exchange holds it until its deadline.
+        // One upstream place: the slow exchange holds it until its deadline.
         let proxy = TestProxy::start_for(&up.url, |c| {
             c.upstream_max_concurrency = 1;
             c.request_timeout = Duration::from_secs(2);
@@ -901,27 +905,59 @@ async fn a_manifest_body_that_stalls_ends_at_the_request_timeout_and_frees_its_u
         })
         .await;
 
-        let started = std::time::Instant::now();
-        let (status, message) =
-            status_and_message(proxy.get("/v2/acme/stalled/manifests/1").await).await;
-        let took = started.elapsed();
-        assert!(status >= 500, "{status}: {message}");
-        assert!(
-            took >= Duration::from_millis(1500) && took < Duration::from_secs(8),
-            "the stalled body ended after {took:?}, not at the 2 s request timeout"
-        );
-        // Its place is free again: the next manifest goes out at once.
-        let started = std::time::Instant::now();
-        let r = proxy.get("/v2/acme/fine/manifests/1").await;
-        assert_eq!(r.status(), 200);
-        assert_eq!(r.bytes().await.unwrap(), fine.bytes);
-        assert!(
-            started.elapsed() < Duration::from_secs(1),
-            "{:?}",
-            started.elapsed()
-        );
-        assert_eq!(up.count(Method::GET, "/v2/acme/stalled/manifests/"), 1);
+        for repo in ["stalled", "trickled"] {
+            let started = std::time::Instant::now();
+            let (status, message) =
+                status_and_message(proxy.get(&format!("/v2/acme/{repo}/manifests/1")).await).await;
+            let took = started.elapsed();
+            assert!(status >= 500, "{repo}: {status}: {message}");
+            assert!(
+                took >= Duration::from_millis(1500) && took < Duration::from_secs(8),
+                "the {repo} body ended after {took:?}, not at the 2 s request timeout"
+            );
+            // Its place is free again: the next manifest goes out at once.
+            let started = std::time::Instant::now();
+            let r = proxy.get("/v2/acme/fine/manifests/1").await;
+            assert_eq!(r.status(), 200);
+            assert_eq!(r.bytes().await.unwrap(), fine.bytes);
+            assert!(
+                started.elapsed() < Duration::from_secs(1),
+                "{repo}: {:?}",
+                started.elapsed()
+            );
+            let path = format!("/v2/acme/{repo}/manifests/");
+            assert_eq!(up.count(Method::GET, &path), 1, "{repo}");
+        }
     })
     .await
     .expect("test hung");
+}
+
+/// Serves a manifest for `acme/<repo>` with its whole length announced and `body` making what
+/// arrives of its bytes.
+fn slow_manifest(
+    up: &Hostile,
+    repo: &str,
+    body: impl Fn(Bytes) -> futures_util::stream::BoxStream<'static, std::io::Result<Bytes>>
+    + Send
+    + Sync
+    + 'static,
+) {
+    let image = Image::single(repo, DOCKER_MANIFEST, 1000);
+    up.on(
+        Method::GET,
+        &format!("/v2/acme/{repo}/manifests/"),
+        move |_, _| {
+            let length = image.bytes.len().to_string();
+            respond(
+                200,
+                &[
+                    ("content-type", DOCKER_MANIFEST),
+                    ("content-length", length.as_str()),
+                    ("docker-content-digest", image.digest.as_str()),
+                ],
+                axum::body::Body::from_stream(body(image.bytes.clone())),
+            )
+        },
+    );
 }

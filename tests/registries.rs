@@ -1,7 +1,8 @@
 //! Several registries behind one pullthrough: `?ns=<host>` (containerd) and a `/v2/<host>/`
 //! path prefix reach the configured upstream and share its cache; an unknown host is 404 with
 //! no outbound request; one upstream's credentials never reach another; content fetched with
-//! credentials is not served for another registry's repository.
+//! credentials is not served for another registry's repository; an upstream behind a system
+//! proxy (`HTTP_PROXY`) is reached through it.
 
 #![allow(
     clippy::unwrap_used,
@@ -394,4 +395,81 @@ async fn words_for_a_registry_that_is_not_docker_hub() {
         summary.contains("manifest GET") && !summary.contains("Docker Hub"),
         "{summary}"
     );
+}
+
+/// A system proxy that applies to the upstream carries every request to it, manifests
+/// included (which otherwise go out on pullthrough's own lean client), and `NO_PROXY` is
+/// honoured: here the upstream's name points at a closed port, so only the proxy (the
+/// emulated hub, which answers absolute-form requests as any HTTP server must) can answer
+/// for it, while the token realm, on `127.0.0.1`, is reached directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_behind_a_system_proxy_is_reached_through_it() {
+    let hub = FakeHub::start().await;
+    let image = Image::single("proxied", DOCKER_MANIFEST, 300);
+    hub.push("library/proxied", "1", &image);
+    let closed = support::free_port();
+    let upstream = format!("http://localhost:{closed}");
+    let start = |proxy: Option<&str>| {
+        let mut binary = support::binary::Pullthrough::new()
+            .upstream(&upstream)
+            .env("NO_PROXY", "127.0.0.1");
+        for var in [
+            "HTTP_PROXY",
+            "HTTPS_PROXY",
+            "ALL_PROXY",
+            "http_proxy",
+            "https_proxy",
+            "all_proxy",
+        ] {
+            binary = binary.env(var, "");
+        }
+        if let Some(proxy) = proxy {
+            binary = binary.env("HTTP_PROXY", proxy);
+        }
+        binary.start()
+    };
+    let manifest = async |base: &str| {
+        reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .unwrap()
+            .get(format!("{base}/v2/library/proxied/manifests/1"))
+            .header("accept", DOCKER_MANIFEST)
+            .send()
+            .await
+            .unwrap()
+    };
+
+    let proxied = start(Some(&hub.url)).await;
+    assert!(
+        proxied
+            .lines()
+            .iter()
+            .any(|l| l.contains("upstream requests go through the system proxy")),
+        "startup says the proxy is used: {:?}",
+        proxied.lines()
+    );
+    let answer = manifest(&proxied.url).await;
+    assert_eq!(answer.status(), 200);
+    assert_eq!(
+        answer.headers()["docker-content-digest"],
+        image.digest.as_str()
+    );
+    assert_eq!(answer.bytes().await.unwrap(), image.bytes);
+    assert_eq!(hub.count("manifest_get"), 1, "one GET, through the proxy");
+    let blob = reqwest::get(format!(
+        "{}/v2/library/proxied/blobs/{}",
+        proxied.url,
+        support::hub::sha256(&image.blobs[0])
+    ))
+    .await
+    .unwrap();
+    assert_eq!(blob.status(), 200);
+    assert_eq!(blob.bytes().await.unwrap(), image.blobs[0]);
+
+    // Without the proxy, the same upstream name is a closed port: nothing is served.
+    let direct = start(None).await;
+    let answer = manifest(&direct.url).await;
+    assert!(answer.status().is_server_error(), "{}", answer.status());
+    assert_eq!(hub.count("manifest_get"), 1);
 }

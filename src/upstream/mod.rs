@@ -4,6 +4,7 @@
 
 pub mod auth;
 mod challenge;
+mod direct;
 mod offline;
 pub mod ratelimit;
 mod realm;
@@ -23,7 +24,7 @@ use bytes::{Bytes, BytesMut};
 pub use offline::Offline;
 use parking_lot::{Mutex, RwLock};
 use ratelimit::RateLimits;
-use reqwest::header::{self, HeaderMap};
+use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64};
@@ -125,41 +126,66 @@ impl Error {
 /// What kind of failure kept a request from its server, in a client's words: the first cause
 /// in the chain that says (`connection refused`, `name not resolved`, ...).
 pub fn unreachable_class(e: &reqwest::Error) -> &'static str {
-    use std::io::ErrorKind;
-    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(cause) = next {
-        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
-            match io.kind() {
-                ErrorKind::ConnectionRefused => return "connection refused",
-                ErrorKind::ConnectionReset
-                | ErrorKind::ConnectionAborted
-                | ErrorKind::BrokenPipe => {
-                    return "connection reset";
-                }
-                ErrorKind::TimedOut => return "connection timed out",
-                ErrorKind::UnexpectedEof => return "connection closed",
-                _ => {}
-            }
-        }
-        if cause.downcast_ref::<rustls::Error>().is_some() {
-            return "TLS handshake failed";
-        }
-        let text = cause.to_string();
-        if text.contains("dns error") || text.contains("failed to lookup address") {
-            return "name not resolved";
-        }
-        if text.contains("certificate") || text.contains("tls handshake") {
-            return "TLS handshake failed";
-        }
-        next = cause.source();
-    }
-    if e.is_connect() {
+    if let Some(class) = class_in_chain(e) {
+        class
+    } else if e.is_connect() {
         "connection failed"
     } else if e.is_body() || e.is_decode() {
         "body broke off"
     } else {
         "request failed"
     }
+}
+
+/// The first cause in `e`'s chain that says why a request failed, in a client's words.
+fn class_in_chain(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    use std::io::ErrorKind;
+    let mut next = Some(e);
+    while let Some(cause) = next {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            match io.kind() {
+                ErrorKind::ConnectionRefused => return Some("connection refused"),
+                ErrorKind::ConnectionReset
+                | ErrorKind::ConnectionAborted
+                | ErrorKind::BrokenPipe => {
+                    return Some("connection reset");
+                }
+                ErrorKind::TimedOut => return Some("connection timed out"),
+                ErrorKind::UnexpectedEof => return Some("connection closed"),
+                _ => {}
+            }
+        }
+        if cause.downcast_ref::<rustls::Error>().is_some() {
+            return Some("TLS handshake failed");
+        }
+        let text = cause.to_string();
+        if text.contains("dns error") || text.contains("failed to lookup address") {
+            return Some("name not resolved");
+        }
+        if text.contains("certificate") || text.contains("tls handshake") {
+            return Some("TLS handshake failed");
+        }
+        next = cause.source();
+    }
+    None
+}
+
+/// Whether `e` is a timeout somewhere in its chain, as reqwest's `is_timeout` judges one.
+fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(cause) = next {
+        let io = cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut);
+        let hyper = cause
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_timeout);
+        if io || hyper {
+            return true;
+        }
+        next = cause.source();
+    }
+    false
 }
 
 /// What a HEAD (or the headers of a GET) said about some content.
@@ -263,6 +289,7 @@ impl Upstream {
             request_timeout: config.request_timeout,
             offline: Arc::clone(&offline),
             tls: tls_config()?,
+            proxied: proxied(&config.upstream),
         };
         let realm_pins = Arc::new(realm::PinnedResolver::default());
         let token_http = settings
@@ -490,31 +517,19 @@ impl Upstream {
         let default_scope = format!("repository:{name}:pull");
         let mut auth = self.preemptive_auth(&default_scope).await?;
         for attempt in 0..2 {
-            let clients = self.clients.here();
-            let client = match kind {
-                Kind::BlobGet | Kind::BlobHead => &clients.http,
-                _ => &clients.api,
-            };
-            let mut request = client.request(method.clone(), url.clone());
-            if matches!(kind, Kind::ManifestGet | Kind::ManifestHead) {
-                request = request.header(header::ACCEPT, UPSTREAM_ACCEPT);
-            }
-            if kind == Kind::Referrers {
-                request = request.header(header::ACCEPT, crate::registry::REFERRERS_MEDIA_TYPE);
-            }
-            if !matches!(kind, Kind::BlobGet) {
-                request = request.timeout(self.request_timeout);
-            }
-            if let Some(range) = range {
-                request = request.header(header::RANGE, range);
-            }
-            if let Some((value, _)) = &auth {
-                request = request.header(header::AUTHORIZATION, value.clone());
-            }
             // Switched offline while this request waited for its place or its token.
             self.check_online()?;
             let started = Instant::now();
-            let response = match request.send().await {
+            let sent = self
+                .exchange(
+                    method.clone(),
+                    &url,
+                    range,
+                    kind,
+                    auth.as_ref().map(|a| &a.0),
+                )
+                .await;
+            let response = match sent {
                 Ok(response) => response,
                 // A redirect refused because pullthrough went offline meanwhile: the first
                 // hop was sent, so it counts, but as no failure of upstream's.
@@ -523,7 +538,6 @@ impl Upstream {
                     return Err(Error::Offline);
                 }
                 Err(e) => {
-                    let e = Error::from_reqwest(e);
                     self.metrics.upstream(kind, None, started.elapsed());
                     let detail = crate::error::Chain(&e).to_string();
                     self.metrics.upstream_failed(kind, None, detail);
@@ -560,6 +574,52 @@ impl Upstream {
             }
         }
         unreachable!("the loop returns on its second attempt")
+    }
+
+    /// Sends one request on this thread's client for `kind` and returns the answer once its
+    /// headers are in: blobs through reqwest (redirects to the CDN followed, no overall deadline),
+    /// anything else through the direct client unless a proxy applies, with `request_timeout`
+    /// as its deadline, body included.
+    async fn exchange(
+        &self,
+        method: Method,
+        url: &Url,
+        range: Option<&str>,
+        kind: Kind,
+        authorization: Option<&HeaderValue>,
+    ) -> Result<reqwest::Response, Error> {
+        let mut headers = HeaderMap::new();
+        match kind {
+            Kind::ManifestGet | Kind::ManifestHead => {
+                headers.insert(header::ACCEPT, HeaderValue::from_static(UPSTREAM_ACCEPT));
+            }
+            Kind::Referrers => {
+                headers.insert(
+                    header::ACCEPT,
+                    HeaderValue::from_static(crate::registry::REFERRERS_MEDIA_TYPE),
+                );
+            }
+            _ => {}
+        }
+        if let Some(value) = authorization {
+            headers.insert(header::AUTHORIZATION, value.clone());
+        }
+        let clients = self.clients.here();
+        let blob = matches!(kind, Kind::BlobGet | Kind::BlobHead);
+        if let (Some(direct), false) = (&clients.direct, blob) {
+            return direct
+                .send(method, url, headers, self.request_timeout)
+                .await;
+        }
+        let client = if blob { &clients.http } else { &clients.api };
+        let mut request = client.request(method, url.clone()).headers(headers);
+        if kind != Kind::BlobGet {
+            request = request.timeout(self.request_timeout);
+        }
+        if let Some(range) = range {
+            request = request.header(header::RANGE, range);
+        }
+        request.send().await.map_err(Error::from_reqwest)
     }
 
     async fn check_status(
@@ -639,6 +699,21 @@ impl Exchange {
     }
 }
 
+/// Whether a system proxy (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY`, less `NO_PROXY`) applies to
+/// `upstream`, judged as reqwest's clients judge it (the same matcher reads the same variables).
+fn proxied(upstream: &Url) -> bool {
+    let Ok(uri) = hyper::Uri::try_from(upstream.as_str()) else {
+        return true;
+    };
+    let proxied = hyper_util::client::proxy::matcher::Matcher::from_system()
+        .intercept(&uri)
+        .is_some();
+    if proxied {
+        tracing::info!(upstream = %upstream, "upstream requests go through the system proxy (HTTPS_PROXY, HTTP_PROXY or ALL_PROXY)");
+    }
+    proxied
+}
+
 /// A manifest answer that is no manifest: never stored, never served.
 fn not_a_manifest(content_type: Option<&MediaType>) -> Error {
     Error::BadResponse(match content_type {
@@ -656,6 +731,9 @@ struct ClientPair {
     /// answers these itself; a redirect could only aim pullthrough at an address the upstream
     /// chose, and what came back would be stored and served as the manifest.
     api: reqwest::Client,
+    /// For manifests, tags and referrers lists in `api`'s place, where no proxy applies to the
+    /// upstream (see [`direct`]); it follows no redirect either.
+    direct: Option<direct::Direct>,
 }
 
 /// What a [`ClientPair`] is made from.
@@ -666,6 +744,9 @@ struct ClientSettings {
     offline: Arc<Offline>,
     /// Shared by every client (see [`tls_config`]).
     tls: rustls::ClientConfig,
+    /// A system proxy applies to the upstream: API requests go through reqwest, which honours
+    /// it, instead of [`direct::Direct`].
+    proxied: bool,
 }
 
 impl ClientSettings {
@@ -676,7 +757,7 @@ impl ClientSettings {
         reqwest::Client::builder()
             .connect_timeout(self.connect_timeout)
             .referer(false)
-            .user_agent(concat!("pullthrough/", env!("CARGO_PKG_VERSION")))
+            .user_agent(direct::USER_AGENT)
             .tls_backend_preconfigured(self.tls.clone())
     }
 
@@ -708,6 +789,7 @@ impl ClientSettings {
                 .builder()
                 .redirect(reqwest::redirect::Policy::none())
                 .build()?,
+            direct: (!self.proxied).then(|| direct::Direct::new(self.connect_timeout, &self.tls)),
         })
     }
 }

@@ -961,3 +961,165 @@ fn slow_manifest(
         },
     );
 }
+
+/// The connect timeout covers the whole connect, the TLS handshake included: an upstream that
+/// accepts TCP connections and never answers a ClientHello costs a request `connect_timeout`
+/// (1 s here) per attempt to connect, not `request_timeout` (20 s).
+#[tokio::test]
+async fn a_tls_handshake_that_never_ends_fails_at_the_connect_timeout() {
+    tokio::time::timeout(TEST_LIMIT, async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("https://{}", listener.local_addr().unwrap());
+        let accepted = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = Arc::clone(&accepted);
+        let silent = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                held.push(socket);
+            }
+        });
+        let proxy = TestProxy::start_for(&url, |c| {
+            c.connect_timeout = Duration::from_secs(1);
+            c.request_timeout = Duration::from_secs(20);
+            c.upstream_deadline = Duration::from_secs(30);
+        })
+        .await;
+
+        let started = std::time::Instant::now();
+        let (status, message) =
+            status_and_message(proxy.get("/v2/acme/app/manifests/1").await).await;
+        let took = started.elapsed();
+        // The ping before it may take its own second (it is asked again after failing).
+        assert!(status >= 500, "{status}: {message}");
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_secs(6),
+            "the stalled handshake ended after {took:?}, not at the 1 s connect timeout"
+        );
+        assert!(accepted.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+        silent.abort();
+    })
+    .await
+    .expect("test hung");
+}
+
+/// An HTTP/2 upstream that refuses a stream before acting on it (`REFUSED_STREAM`, RFC 9113
+/// §8.7, as a server at its stream limit or going away does) has the request sent again, as
+/// reqwest did for every request: the manifest is served, after one refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_refused_by_an_http2_upstream_is_sent_again() {
+    use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+    tokio::time::timeout(TEST_LIMIT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, cert, key) = support::ca_and_certificate("127.0.0.1");
+        let image = Image::single("refused", DOCKER_MANIFEST, 300);
+        let (asked, served) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let url = h2_upstream(&cert, &key, {
+            let (image, asked, served) = (image.clone(), asked.clone(), served.clone());
+            move |path: &str, respond: &mut h2::server::SendResponse<Bytes>| {
+                if path == "/v2/" {
+                    return Some((200, "application/json", Bytes::from_static(b"{}")));
+                }
+                if path != "/v2/acme/app/manifests/1" {
+                    return Some((404, "application/json", Bytes::new()));
+                }
+                if asked.fetch_add(1, SeqCst) == 0 {
+                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                    return None;
+                }
+                served.fetch_add(1, SeqCst);
+                Some((200, DOCKER_MANIFEST, image.bytes.clone()))
+            }
+        })
+        .await;
+        let roots = dir.path().join("ca.pem");
+        std::fs::write(&roots, &ca).unwrap();
+        let proxy = support::binary::Pullthrough::new()
+            .upstream(&url)
+            .env("SSL_CERT_FILE", &roots)
+            .start()
+            .await;
+
+        let answer = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .unwrap()
+            .get(format!("{}/v2/acme/app/manifests/1", proxy.url))
+            .header("accept", DOCKER_MANIFEST)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200);
+        assert_eq!(
+            answer.headers()["docker-content-digest"],
+            image.digest.as_str()
+        );
+        assert_eq!(answer.bytes().await.unwrap(), image.bytes);
+        assert_eq!(asked.load(SeqCst), 2, "refused once, then sent again");
+        assert_eq!(served.load(SeqCst), 1);
+    })
+    .await
+    .expect("test hung");
+}
+
+/// An HTTPS upstream speaking HTTP/2 only, with the PEM `cert` and `key`: `answer` gets each
+/// request's path and either answers it (status, content type, body) or resets the stream
+/// itself. Its URL.
+async fn h2_upstream(
+    cert: &str,
+    key: &str,
+    answer: impl Fn(&str, &mut h2::server::SendResponse<Bytes>) -> Option<(u16, &'static str, Bytes)>
+    + Clone
+    + Send
+    + Sync
+    + 'static,
+) -> String {
+    use rustls::pki_types::pem::PemObject;
+    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(cert.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let (acceptor, answer) = (acceptor.clone(), answer.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(socket).await else {
+                    return;
+                };
+                let Ok(mut connection) = h2::server::handshake(tls).await else {
+                    return;
+                };
+                while let Some(Ok((request, mut respond))) = connection.accept().await {
+                    let Some((status, content_type, body)) =
+                        answer(request.uri().path(), &mut respond)
+                    else {
+                        continue;
+                    };
+                    let response = axum::http::Response::builder()
+                        .status(status)
+                        .header("content-type", content_type)
+                        .header("content-length", body.len())
+                        .body(())
+                        .unwrap();
+                    if let Ok(mut stream) = respond.send_response(response, body.is_empty())
+                        && !body.is_empty()
+                    {
+                        let _ = stream.send_data(body, true);
+                    }
+                }
+            });
+        }
+    });
+    url
+}

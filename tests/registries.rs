@@ -409,10 +409,10 @@ async fn an_upstream_behind_a_system_proxy_is_reached_through_it() {
     hub.push("library/proxied", "1", &image);
     let closed = support::free_port();
     let upstream = format!("http://localhost:{closed}");
-    let start = |proxy: Option<&str>| {
+    let start = |proxy: Option<&str>, no_proxy: &str| {
         let mut binary = support::binary::Pullthrough::new()
             .upstream(&upstream)
-            .env("NO_PROXY", "127.0.0.1");
+            .env("NO_PROXY", no_proxy);
         for var in [
             "HTTP_PROXY",
             "HTTPS_PROXY",
@@ -428,11 +428,9 @@ async fn an_upstream_behind_a_system_proxy_is_reached_through_it() {
         }
         binary.start()
     };
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let manifest = async |base: &str| {
-        reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .unwrap()
+        client
             .get(format!("{base}/v2/library/proxied/manifests/1"))
             .header("accept", DOCKER_MANIFEST)
             .send()
@@ -440,12 +438,14 @@ async fn an_upstream_behind_a_system_proxy_is_reached_through_it() {
             .unwrap()
     };
 
-    let proxied = start(Some(&hub.url)).await;
-    assert!(
-        proxied
-            .lines()
+    let says_proxied = |lines: Vec<String>| {
+        lines
             .iter()
-            .any(|l| l.contains("upstream requests go through the system proxy")),
+            .any(|l| l.contains("upstream requests go through the system proxy"))
+    };
+    let proxied = start(Some(&hub.url), "127.0.0.1").await;
+    assert!(
+        says_proxied(proxied.lines()),
         "startup says the proxy is used: {:?}",
         proxied.lines()
     );
@@ -457,19 +457,28 @@ async fn an_upstream_behind_a_system_proxy_is_reached_through_it() {
     );
     assert_eq!(answer.bytes().await.unwrap(), image.bytes);
     assert_eq!(hub.count("manifest_get"), 1, "one GET, through the proxy");
-    let blob = reqwest::get(format!(
-        "{}/v2/library/proxied/blobs/{}",
-        proxied.url,
-        support::hub::sha256(&image.blobs[0])
-    ))
-    .await
-    .unwrap();
+    let blob = client
+        .get(format!(
+            "{}/v2/library/proxied/blobs/{}",
+            proxied.url,
+            support::hub::sha256(&image.blobs[0])
+        ))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(blob.status(), 200);
     assert_eq!(blob.bytes().await.unwrap(), image.blobs[0]);
 
-    // Without the proxy, the same upstream name is a closed port: nothing is served.
-    let direct = start(None).await;
-    let answer = manifest(&direct.url).await;
-    assert!(answer.status().is_server_error(), "{}", answer.status());
-    assert_eq!(hub.count("manifest_get"), 1);
+    // Without the proxy, or with NO_PROXY naming the upstream's host, the same upstream name
+    // is a closed port: nothing is served, and nothing reaches the proxy.
+    for (proxy, no_proxy) in [
+        (None, "127.0.0.1"),
+        (Some(hub.url.as_str()), "127.0.0.1,localhost"),
+    ] {
+        let direct = start(proxy, no_proxy).await;
+        assert!(!says_proxied(direct.lines()), "{proxy:?} {no_proxy}");
+        let answer = manifest(&direct.url).await;
+        assert!(answer.status().is_server_error(), "{}", answer.status());
+        assert_eq!(hub.count("manifest_get"), 1);
+    }
 }

@@ -607,6 +607,7 @@ impl Upstream {
         let clients = self.clients.here();
         let blob = matches!(kind, Kind::BlobGet | Kind::BlobHead);
         if let (Some(direct), false) = (&clients.direct, blob) {
+            debug_assert!(range.is_none(), "only blob requests carry a range");
             return direct
                 .send(method, url, headers, self.request_timeout)
                 .await;

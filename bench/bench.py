@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """pullthrough benchmark: every row of the performance issue, each against its reference.
 
-Run with `python3 bench/bench.py` (root installs wrk, hey, nginx, docker-registry, skopeo and valgrind
-from Debian's packages if they are missing). It builds pullthrough in release mode, fills
-Debian's reference registry with an image whose layer is BENCH_BLOB_MIB (256) MiB, puts
-pullthrough in front of it, and prints, in one run, with each row's target:
+Run with `python3 bench/bench.py` (root installs wrk, ab (apache2-utils), nginx, docker-registry,
+skopeo and valgrind from Debian's packages if they are missing). It builds pullthrough in
+release mode, fills Debian's reference registry with an image whose layer is BENCH_BLOB_MIB
+(256) MiB, puts pullthrough in front of it, and prints, in one run, with each row's target:
 
-  1. manifest cache hits at 64 connections (wrk), GET by tag, GET by digest and HEAD, against
-     nginx serving the same bytes with the same headers: requests/s, p99 and the ratio;
+  1. manifest cache hits at 64 connections (wrk; HEAD with ab), GET by tag, GET by digest and
+     HEAD, against nginx serving the same bytes with the same headers: requests/s, p99 and the
+     ratio;
   2. the same GET by tag at 1,000 connections: errors, p99 against nginx's, and RSS after;
      rows 1 and 2 run in each of BENCH_MODES (default "quiet,defaults"): quiet is pullthrough
      at RUST_LOG=pullthrough=warn against nginx with access_log off; defaults is each as it
@@ -79,7 +80,7 @@ def wait_http(url, timeout=30):
 
 
 def ensure_tools():
-    missing = [p for p, b in [("wrk", "wrk"), ("nginx", "nginx"), ("skopeo", "skopeo"), ("docker-registry", "docker-registry"), ("valgrind", "valgrind"), ("hey", "hey")] if shutil.which(b) is None and not os.path.exists(f"/usr/sbin/{b}")]
+    missing = [p for p, b in [("wrk", "wrk"), ("nginx", "nginx"), ("skopeo", "skopeo"), ("docker-registry", "docker-registry"), ("valgrind", "valgrind"), ("apache2-utils", "ab")] if shutil.which(b) is None and not os.path.exists(f"/usr/sbin/{b}")]
     if missing:
         if os.geteuid() != 0:
             raise SystemExit(f"install first: apt-get install -y {' '.join(missing)}")
@@ -143,20 +144,36 @@ def wrk(url, connections, headers=(), allow_errors=False):
     return rps, p99_ms, total, mb, errors
 
 
-def hey_head(url, connections, headers=()):
-    """HEAD load with hey: wrk's parser waits for a body a HEAD answer never has."""
-    args = ["hey", "-m", "HEAD", "-c", str(connections), "-z", DURATION]
+def ab_head(url, connections, headers=()):
+    """HEAD load with ApacheBench (`ab -i`; wrk's parser waits for a body a HEAD answer never
+    has): two ab processes side by side, as wrk runs two threads, each with half the
+    connections. ab is C on one thread; hey (Go), the driver before, took most of a core itself
+    and left the row measuring the client."""
+    length = re.fullmatch(r"(\d+)([smh]?)", DURATION)
+    if not length:
+        raise SystemExit(f"BENCH_DURATION {DURATION!r}: expected seconds, e.g. 10s, or minutes, e.g. 2m")
+    seconds = int(length.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[length.group(2)]
+    args = ["ab", "-q", "-k", "-i", "-c", str(max(connections // 2, 1)), "-t", str(seconds), "-n", "100000000"]
     for h in headers:
         args += ["-H", h]
-    out = subprocess.run(args + [url], check=True, capture_output=True, text=True).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    p99 = re.search(r"99%+ in ([\d.]+) secs", out)
-    ok = re.search(r"\[200\]\s+(\d+) responses", out)
-    total = sum(int(n) for n in re.findall(r"\[\d+\]\s+(\d+) responses", out))
-    errors = total - (int(ok.group(1)) if ok else 0)
-    if "Error distribution" in out or errors:
-        raise SystemExit(f"hey saw errors from {url}\n{out}")
-    return rps, float(p99.group(1)) * 1000 if p99 else 0.0, total, 0.0, 0
+    runs = [subprocess.Popen(args + [url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    rps, total, p99 = 0.0, 0, 0.0
+    for run in runs:
+        out, err = run.communicate()
+        if run.returncode != 0:
+            raise SystemExit(f"ab failed against {url}\n{out}{err}")
+        done = int(re.search(r"Complete requests:\s+(\d+)", out).group(1))
+        failed = int(re.search(r"Failed requests:\s+(\d+)", out).group(1))
+        kept = int(re.search(r"Keep-Alive requests:\s+(\d+)", out).group(1))
+        # A server may close a connection after many requests (nginx's keepalive_requests), but a
+        # row with a new connection per request would measure connection setup instead.
+        if failed or "Non-2xx responses" in out or kept < done * 0.95:
+            raise SystemExit(f"ab saw errors (or connections not kept alive) from {url}\n{out}")
+        rps += float(re.search(r"Requests per second:\s+([\d.]+)", out).group(1))
+        total += done
+        slowest = re.search(r"^\s+99%\s+(\d+)", out, re.M)
+        p99 = max(p99, float(slowest.group(1)) if slowest else 0.0)
+    return rps, p99, total, 0.0, 0
 
 
 def cpu_seconds(pid):
@@ -325,8 +342,8 @@ http {{
             nginx_runs, pt_runs = [], []
             for _ in range(ROUNDS):
                 if head:
-                    nginx_runs.append(hey_head(nginx_url + path, connections, [accept]))
-                    pt_runs.append(hey_head(pt_url + path, connections, [accept]))
+                    nginx_runs.append(ab_head(nginx_url + path, connections, [accept]))
+                    pt_runs.append(ab_head(pt_url + path, connections, [accept]))
                 else:
                     nginx_runs.append(wrk(nginx_url + path, connections, [accept], allow_errors=allow_errors))
                     pt_runs.append(wrk(pt_url + path, connections, [accept], allow_errors=allow_errors))
@@ -355,7 +372,7 @@ http {{
             print(f"   targets: >= 1.0 x nginx, p99 < 2 ms (p99 {p[1]:.2f} ms)")
             side_by_side(f"1b. [{mode}] manifest GET by digest", digest_path, 64, servers=servers)
             print("   target: >= 1.0 x nginx")
-            side_by_side(f"1c. [{mode}] manifest HEAD by tag (hey: wrk cannot HEAD)", manifest_path, 64, head=True, servers=servers)
+            side_by_side(f"1c. [{mode}] manifest HEAD by tag (ab: wrk cannot HEAD)", manifest_path, 64, head=True, servers=servers)
             print("   target: >= 1.0 x nginx")
             n, p, more, errors = side_by_side(f"2. [{mode}] manifest GET by tag", manifest_path, 1000, allow_errors=True, servers=servers)
             hits += more

@@ -9,19 +9,25 @@ followed by `:NAME=VALUE,...` environment settings, e.g.
 
 Debian's reference registry serves one small manifest under many tags. Every variant runs at
 once (each with an empty cache); each round asks ROUNDS_OF (100) tags, each tag directly and
-through each variant, in an order that turns from tag to tag (each takes every place as often),
-so that the machine's noise, and each miss's disk writes behind its answer, fall on all of them
-alike. Requests are sequential, each on a new connection (as `bench/bench.py`'s row 3). Prints
-each variant's overhead (its p50 minus the direct p50) per round and the median over ROUNDS (5);
-beside it, the p50 of the same tags asked again (hits, also each on a new connection): the part
-of the overhead that is the hop through pullthrough, not the upstream exchange; and the CPU time
-each variant spent per miss (all its threads and child processes, from /proc's schedstat, so the
-disk writes behind the answer count too), which moves far less with the machine's noise than
-the p50 does.
+through each variant, in an order that turns from tag to tag (each takes every place, and
+follows each of the others, as often), so that the machine's noise, and each miss's disk writes
+behind its answer, fall on all of them alike. Requests are sequential, each on a new connection
+(as `bench/bench.py`'s row 3). Prints each variant's overhead (its p50 minus the direct p50) per
+round and the median over ROUNDS (5); beside it, the p50 of the same tags asked again (hits,
+also each on a new connection): the part of the overhead that is the hop through pullthrough,
+not the upstream exchange; and the CPU time each variant spent per miss (all its threads and
+child processes, from /proc's schedstat, so the disk writes behind the answer count too), which
+moves far less with the machine's noise than the p50 does, and its wake-ups per miss (times its
+threads were put on a core).
+
+The data directories and the registry's storage go under TMPDIR: `TMPDIR=/dev/shm` takes the
+disk's fsync cost out of the comparison (on these VMs it moves from 0.1 to over 1 ms of CPU per
+write from hour to hour).
 """
 
 import glob
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -42,8 +48,9 @@ ROUNDS_OF = int(os.environ.get("ROUNDS_OF", "100"))
 def cpu_ns(pid):
     """CPU time so far of process `pid`, its threads and its children (nginx's workers), and
     the part of it in pullthrough's tokio threads other than the per-core workers (the blocking
-    threads that write files behind the answer, and the main runtime's)."""
-    pids, total, behind = [pid], 0, 0
+    threads that write files behind the answer, and the main runtime's), and how many times its
+    threads were put on a core (wake-ups; schedstat's third field)."""
+    pids, total, behind, runs = [pid], 0, 0, 0
     for children in glob.glob(f"/proc/{pid}/task/*/children"):
         try:
             pids += [int(c) for c in open(children).read().split()]
@@ -52,14 +59,16 @@ def cpu_ns(pid):
     for p in pids:
         for task in glob.glob(f"/proc/{p}/task/*"):
             try:
-                ns = int(open(f"{task}/schedstat").read().split()[0])
+                stat = open(f"{task}/schedstat").read().split()
+                ns, slices = int(stat[0]), int(stat[2])
                 name = open(f"{task}/comm").read()
             except (OSError, ValueError, IndexError):
                 continue
             total += ns
+            runs += slices
             if name.startswith("tokio-rt"):
                 behind += ns
-    return total, behind
+    return total, behind, runs
 
 
 def variants(args):
@@ -111,15 +120,17 @@ def main():
 
         overheads = {name: [] for name in urls}
         cpu = {name: [] for name in urls}
-        turns = [None, *urls]
+        # Every order of the direct request and the variants, taken in turn from tag to tag: each
+        # takes every place, and follows each of the others, as often. A request right after a
+        # pullthrough miss shares the cores with that miss's disk writes (0.15 ms slower here),
+        # and a rotation of one order always put the same variant right after the first one.
+        orders = list(itertools.permutations([None, *urls]))
         for r in range(ROUNDS):
             direct = []
             through = {name: [] for name in urls}
             before = {name: cpu_ns(pids[name]) for name in urls}
             for k, tag in enumerate(tags[r * ROUNDS_OF:(r + 1) * ROUNDS_OF]):
-                # Each takes every place in turn: a request right after a pullthrough miss
-                # shares the cores with that miss's disk writes (0.15 ms slower here).
-                for name in turns[k % len(turns):] + turns[:k % len(turns)]:
+                for name in orders[(r * ROUNDS_OF + k) % len(orders)]:
                     started = time.perf_counter()
                     if name is None:
                         get(f"{registry}/manifests/{tag}", accept=ACCEPT)
@@ -130,8 +141,9 @@ def main():
             # Once the writes behind the last answers are done.
             time.sleep(0.2)
             for name in urls:
-                (total, behind), (total0, behind0) = cpu_ns(pids[name]), before[name]
-                cpu[name].append(((total - total0) / ROUNDS_OF / 1000, (behind - behind0) / ROUNDS_OF / 1000))
+                (total, behind, runs), (total0, behind0, runs0) = cpu_ns(pids[name]), before[name]
+                cpu[name].append(((total - total0) / ROUNDS_OF / 1000, (behind - behind0) / ROUNDS_OF / 1000,
+                                  (runs - runs0) / ROUNDS_OF))
             # The same tags again, now cached: what the hop through pullthrough costs by itself.
             hits = {name: [] for name in urls}
             for tag in tags[r * ROUNDS_OF:(r + 1) * ROUNDS_OF]:
@@ -144,12 +156,14 @@ def main():
                 overhead = p50_ms(through[name]) - p50_ms(direct)
                 overheads[name].append(overhead)
                 line.append(f"{name} {overhead:+.3f} (a hit {p50_ms(hits[name]):.3f}, {cpu[name][-1][0]:.0f} us CPU per miss, "
-                            f"{cpu[name][-1][1]:.0f} of it in blocking and main-runtime threads)")
+                            f"{cpu[name][-1][1]:.0f} of it in blocking and main-runtime threads, "
+                            f"{cpu[name][-1][2]:.1f} wake-ups per miss)")
             print("; ".join(line), flush=True)
         for name in urls:
             print(f"{name}: overhead median {statistics.median(overheads[name]):+.3f} ms over {ROUNDS} rounds (target <= 0.2 ms); "
                   f"CPU per miss median {statistics.median(c[0] for c in cpu[name]):.0f} us, "
-                  f"{statistics.median(c[0] - c[1] for c in cpu[name]):.0f} us of it outside blocking and main-runtime threads")
+                  f"{statistics.median(c[0] - c[1] for c in cpu[name]):.0f} us of it outside blocking and main-runtime threads; "
+                  f"{statistics.median(c[2] for c in cpu[name]):.1f} wake-ups per miss")
     finally:
         for p in procs:
             p.terminate()

@@ -269,7 +269,7 @@ async fn start(config: &Config) -> Result<(pullthrough::App, Listeners), String>
     {
         return Err(format!("invalid value for key \"tls_cert\": {e:#}"));
     }
-    match Listeners::bind(config.listen, config.runtime).await {
+    match Listeners::bind(config.listen, config.runtime) {
         Ok(listeners) => Ok((app, listeners)),
         Err(e) => Err(format!(
             "invalid value for key \"listen\": cannot listen on {}: {e}",

@@ -72,7 +72,7 @@ pub async fn serve(
     };
     // Per-core workers keep running until the cache writes they may hold are done.
     let _workers = http::server::serve(
-        app.router,
+        app.front(),
         listeners,
         http::server::Limits::from_config(config),
         tls,
@@ -124,6 +124,14 @@ pub struct App {
     state: Arc<state::AppState>,
     /// The data directory's lock, held while the application serves.
     _lock: Arc<disk::DirLock>,
+}
+
+impl App {
+    /// What the server answers requests with: the router, with registry requests taken
+    /// straight to their handler ([`http::Front`]).
+    pub fn front(&self) -> http::Front {
+        http::Front::new(self.router.clone(), Arc::clone(&self.state))
+    }
 }
 
 /// Builds the application from `config`.

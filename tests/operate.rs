@@ -479,6 +479,90 @@ async fn the_status_page_shows_what_the_stats_report() {
     assert!(html.contains("library/page:1"), "{html}");
 }
 
+/// The server takes registry requests straight to their handler, past the router
+/// (`pullthrough::http::Front`): every answer is the router's own, but for the request id,
+/// HEAD and GET, hits and errors.
+#[tokio::test]
+async fn registry_requests_past_the_router_are_answered_as_the_router_answers_them() {
+    use tower::ServiceExt;
+    let hub = FakeHub::start().await;
+    let image = Image::single("same", DOCKER_MANIFEST, 100);
+    hub.push("library/x", "1", &image);
+    let dir = tempfile::tempdir().unwrap();
+    let config = TestProxy::config(&hub.url, dir.path());
+    let app = pullthrough::app(&config).unwrap();
+    let (router, front) = (app.router.clone(), app.front());
+    let request = |method: &str, uri: &str| {
+        let mut request = axum::http::Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("accept", DOCKER_MANIFEST)
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let peer: std::net::SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        request
+            .extensions_mut()
+            .insert(axum::extract::ConnectInfo(peer));
+        request
+    };
+    let seen = |r: axum::response::Response| async move {
+        let (mut parts, body) = r.into_parts();
+        assert!(parts.headers.remove("x-request-id").is_some());
+        let body = axum::body::to_bytes(body, 1 << 20).await.unwrap();
+        (parts.status, format!("{:?}", parts.headers), body)
+    };
+    let (manifest, layer) = (
+        format!("/v2/library/x/manifests/{}", image.digest),
+        format!("/v2/library/x/blobs/{}", support::hub::sha256(&image.blobs[1])),
+    );
+    // Cached first, so both are answered from the cache.
+    for uri in ["/v2/library/x/manifests/1", &layer] {
+        let r = router.clone().oneshot(request("GET", uri)).await.unwrap();
+        assert_eq!(seen(r).await.0, 200, "{uri}");
+    }
+    let upstream = hub.total();
+    let requests = [
+        ("GET", "/v2/library/x/manifests/1"),
+        ("HEAD", "/v2/library/x/manifests/1"),
+        ("GET", &manifest),
+        ("HEAD", &manifest),
+        ("GET", &layer),
+        ("HEAD", &layer),
+        ("GET", "/v2/"),
+        ("HEAD", "/v2/"),
+        ("GET", "/v2"),
+        ("POST", "/v2/"),
+        ("GET", "/v2/Library/x/manifests/latest"),
+        ("HEAD", "/v2/Library/x/manifests/latest"),
+        ("GET", "/v2//x/manifests/latest"),
+        ("POST", "/v2/library/x/manifests/latest"),
+        ("GET", "/v2/library/x/manifests/bad:tag!"),
+        ("GET", "/v2/library/x/blobs/sha256:short"),
+        ("GET", "/v2/library/x/elsewhere"),
+        ("GET", "/v2/_catalog"),
+        ("GET", "/v3/"),
+        ("GET", "/healthz"),
+        ("GET", "/nope"),
+    ];
+    for (method, uri) in requests {
+        let routed = seen(router.clone().oneshot(request(method, uri)).await.unwrap()).await;
+        let direct = seen(front.answer(request(method, uri)).await).await;
+        assert_eq!(direct, routed, "{method} {uri}");
+        assert!(
+            direct.1.contains("docker-distribution-api-version"),
+            "{method} {uri}"
+        );
+        if method == "HEAD" {
+            assert!(direct.2.is_empty(), "{method} {uri}");
+        }
+    }
+    assert_eq!(
+        hub.total(),
+        upstream,
+        "hits and bad requests ask upstream nothing"
+    );
+}
+
 #[tokio::test]
 async fn without_an_admin_token_purges_are_for_loopback_clients_only() {
     use tower::ServiceExt;

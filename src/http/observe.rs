@@ -38,6 +38,19 @@ fn client_id(value: &HeaderValue) -> Option<HeaderValue> {
 
 /// The middleware: id, span, metrics, access log.
 pub async fn observe(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    observed(&state, request, |request| next.run(request)).await
+}
+
+/// `request` answered by `answer`, observed as [`observe`] does: the middleware's work, for
+/// the registry requests that skip the router (`super::Front`).
+pub async fn observed<F>(
+    state: &AppState,
+    request: Request,
+    answer: impl FnOnce(Request) -> F,
+) -> Response
+where
+    F: Future<Output = Response>,
+{
     let started = Instant::now();
     let id = request
         .headers()
@@ -56,7 +69,7 @@ pub async fn observe(State(state): State<Arc<AppState>>, request: Request, next:
     // Copy the path only when someone will see the event (benchmarks run at RUST_LOG=warn).
     let path = level_on.then(|| logged_path(request.uri()));
     let span = tracing::info_span!("request", request_id = id.to_str().unwrap_or("-"));
-    let mut response = next.run(request).instrument(span.clone()).await;
+    let mut response = answer(request).instrument(span.clone()).await;
     let elapsed = started.elapsed();
     response
         .headers_mut()

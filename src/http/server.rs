@@ -18,9 +18,9 @@
 //!
 //! On shutdown every connection finishes its response in progress, for up to `shutdown_grace`.
 
+use super::Front;
 use super::listeners::{Listeners, Workers};
 use crate::config::Config;
-use axum::Router;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -36,7 +36,6 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
 use tokio_rustls::TlsAcceptor;
-use tower::ServiceExt;
 
 /// Streams one HTTP/2 connection may have open (SETTINGS_MAX_CONCURRENT_STREAMS; hyper's
 /// default is 200). Each blob stream holds its file open and up to a few read chunks in memory,
@@ -209,7 +208,7 @@ fn claim(last: &AtomicU64, now: u64, every: u64) -> bool {
 /// until the returned [`Workers`] is dropped: tasks they spawned (a download other requests
 /// wait on) may still be finishing, so the caller keeps it while it waits for them.
 pub async fn serve(
-    app: Router,
+    app: Front,
     listeners: Listeners,
     limits: Limits,
     tls: Option<TlsAcceptor>,
@@ -291,7 +290,7 @@ pub(super) async fn accept(
 /// connections, the server's state and the limits.
 #[derive(Clone)]
 pub(super) struct Serving {
-    app: Router,
+    app: Front,
     builder: auto::Builder<TokioExecutor>,
     tls: Option<TlsAcceptor>,
     registry: Arc<Registry>,
@@ -306,7 +305,7 @@ impl Serving {
     }
 
     /// What the connections of one server share, and what stops them.
-    fn new(app: Router, limits: Limits, tls: Option<TlsAcceptor>) -> (Serving, Stopping) {
+    fn new(app: Front, limits: Limits, tls: Option<TlsAcceptor>) -> (Serving, Stopping) {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         // The watchdog enforces the header timeout for every protocol; hyper's own would arm a
         // timer (an allocation) for every HTTP/1 request.
@@ -430,7 +429,7 @@ pub(super) async fn connection(stream: TcpStream, peer: std::net::SocketAddr, se
 
 /// One accepted connection's parts, for [`Conn::drive`] over plain TCP or TLS.
 struct Conn {
-    app: Router,
+    app: Front,
     builder: auto::Builder<TokioExecutor>,
     registry: Arc<Registry>,
     activity: Arc<Activity>,
@@ -467,9 +466,9 @@ impl Conn {
             request
                 .extensions_mut()
                 .insert(axum::extract::ConnectInfo(peer));
-            let response = app.clone().oneshot(request);
+            let response = app.answer(request);
             async move {
-                let response = response.await?;
+                let response = response.await;
                 Ok::<_, std::convert::Infallible>(response.map(|body| Watched { body, in_flight }))
             }
         });

@@ -168,6 +168,33 @@ async fn failed_logins_are_braked_per_address() {
     assert!(r.headers().contains_key("retry-after"));
 }
 
+/// The same brake on registry requests, which reach their handler past the router, with the
+/// client's address handed along rather than read from the request.
+#[tokio::test]
+async fn failed_logins_on_registry_requests_are_braked_per_address() {
+    let hub = FakeHub::start().await;
+    hub.push(
+        "library/x",
+        "1",
+        &Image::single("braked", DOCKER_MANIFEST, 10),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start(&hub, dir.path()).await;
+    let path = "/v2/library/x/manifests/1";
+    for _ in 0..10 {
+        let r = get_as(&proxy, path, &basic("alice", "guess")).await;
+        assert_eq!(r.status(), 401);
+    }
+    let r = get_as(&proxy, path, &basic("alice", "alice-pw")).await;
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(
+        hub.total(),
+        0,
+        "nothing is asked upstream for a refused client"
+    );
+}
+
 #[test]
 fn a_non_bcrypt_htpasswd_entry_stops_startup() {
     let dir = tempfile::tempdir().unwrap();

@@ -513,7 +513,10 @@ async fn registry_requests_past_the_router_are_answered_as_the_router_answers_th
     };
     let (manifest, layer) = (
         format!("/v2/library/x/manifests/{}", image.digest),
-        format!("/v2/library/x/blobs/{}", support::hub::sha256(&image.blobs[1])),
+        format!(
+            "/v2/library/x/blobs/{}",
+            support::hub::sha256(&image.blobs[1])
+        ),
     );
     // Cached first, so both are answered from the cache.
     for uri in ["/v2/library/x/manifests/1", &layer] {
@@ -546,7 +549,8 @@ async fn registry_requests_past_the_router_are_answered_as_the_router_answers_th
     ];
     for (method, uri) in requests {
         let routed = seen(router.clone().oneshot(request(method, uri)).await.unwrap()).await;
-        let direct = seen(front.answer(request(method, uri)).await).await;
+        let peer = "127.0.0.1:40000".parse().unwrap();
+        let direct = seen(front.answer(request(method, uri), peer).await).await;
         assert_eq!(direct, routed, "{method} {uri}");
         assert!(
             direct.1.contains("docker-distribution-api-version"),

@@ -130,20 +130,32 @@ impl Front {
         Front { router, state }
     }
 
-    /// The response to `request`. Boxed: the future holds the whole request's state machine,
-    /// which hyper would otherwise copy each time it moves it (kilobytes, per request).
+    /// The response to `request` from the client at `peer`. Boxed: the future holds the whole
+    /// request's state machine, which hyper would otherwise copy each time it moves it
+    /// (kilobytes, per request).
     pub fn answer(
         &self,
-        request: Request,
+        mut request: Request,
+        peer: std::net::SocketAddr,
     ) -> std::pin::Pin<Box<dyn Future<Output = Response> + Send>> {
         let state = Arc::clone(&self.state);
-        let router = (!is_registry(request.uri().path())).then(|| self.router.clone());
+        let router = if is_registry(request.uri().path()) {
+            None
+        } else {
+            // The client's address, for the handlers that read it (loopback-only purges): an
+            // extension, which registry requests are spared (an allocation or two each).
+            request
+                .extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
+            Some(self.router.clone())
+        };
         Box::pin(async move {
             match router {
                 None => {
                     let head = request.method() == Method::HEAD;
+                    let peer = Some(peer.ip().to_canonical());
                     let response = observe::observed(&state, request, |request| {
-                        dispatch(State(Arc::clone(&state)), request)
+                        dispatch(Arc::clone(&state), request, peer)
                     })
                     .await;
                     as_routed(response, head)
@@ -210,22 +222,28 @@ async fn api_version(State(state): State<Arc<AppState>>, request: Request) -> Re
 }
 
 /// `/v2/<anything>` is a registry request; anything else no route took is 404.
-async fn registry_or_not_found(state: State<Arc<AppState>>, request: Request) -> Response {
+async fn registry_or_not_found(State(state): State<Arc<AppState>>, request: Request) -> Response {
     if request.uri().path().starts_with("/v2/") {
-        dispatch(state, request).await
+        let peer = peer_ip(&request);
+        dispatch(state, request, peer).await
     } else {
         Error::NotFound(request.uri().path().to_owned()).into_response()
     }
 }
 
 /// Every registry request gets its response headers within the upstream deadline, however its
-/// parts (learning the upstream's kind, fetching) add up; bodies stream on afterwards.
-async fn dispatch(State(state): State<Arc<AppState>>, request: Request) -> Response {
+/// parts (learning the upstream's kind, fetching) add up; bodies stream on afterwards. `peer`
+/// is the client's address.
+async fn dispatch(
+    state: Arc<AppState>,
+    request: Request,
+    peer: Option<std::net::IpAddr>,
+) -> Response {
     let deadline = state.deadline;
     // Where the request was routed, known even when the deadline cuts it short (a 504 is
     // counted under its upstream too).
     let routed = AtomicUsize::new(usize::MAX);
-    let mut response = tokio::time::timeout(deadline, pull(state, request, &routed))
+    let mut response = tokio::time::timeout(deadline, pull(state, request, peer, &routed))
         .await
         .unwrap_or(Err(Error::GatewayTimeout))
         .unwrap_or_else(IntoResponse::into_response);
@@ -248,6 +266,7 @@ async fn dispatch(State(state): State<Arc<AppState>>, request: Request) -> Respo
 async fn pull(
     state: Arc<AppState>,
     request: Request,
+    peer: Option<std::net::IpAddr>,
     routed: &AtomicUsize,
 ) -> Result<Response, Error> {
     let (method, uri) = (request.method(), request.uri());
@@ -259,13 +278,14 @@ async fn pull(
     routed.store(proxy.upstream.metrics.index(), Ordering::Relaxed);
     // The request moves into `serve`; the tail is passed as where it starts in the path.
     let tail_at = uri.path().len() - tail.len();
-    serve(&state, request, proxy, tail_at, default).await
+    serve(&state, request, peer, proxy, tail_at, default).await
 }
 
-/// Serves a registry request routed to `proxy`'s upstream.
+/// Serves a registry request from the client at `peer` routed to `proxy`'s upstream.
 async fn serve(
     state: &AppState,
     request: Request,
+    peer: Option<std::net::IpAddr>,
     proxy: Arc<crate::proxy::Proxy>,
     tail_at: usize,
     default: bool,
@@ -290,7 +310,7 @@ async fn serve(
     state
         .authorize(
             authorization(&request),
-            peer_ip(&request),
+            peer,
             &proxy,
             target.name().as_str(),
         )

@@ -461,12 +461,7 @@ impl Conn {
         let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
             let http2 = request.version() == hyper::Version::HTTP_2;
             let in_flight = InFlight::start(Arc::clone(&watched), Arc::clone(&clock), http2);
-            let mut request = request.map(axum::body::Body::new);
-            // The client's address, for rules that depend on it (loopback-only purges).
-            request
-                .extensions_mut()
-                .insert(axum::extract::ConnectInfo(peer));
-            let response = app.answer(request);
+            let response = app.answer(request.map(axum::body::Body::new), peer);
             async move {
                 let response = response.await;
                 Ok::<_, std::convert::Infallible>(response.map(|body| Watched { body, in_flight }))

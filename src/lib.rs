@@ -119,7 +119,8 @@ fn check_upstreams(state: &state::AppState) {
 /// The complete router and the state it serves.
 #[derive(Debug, Clone)]
 pub struct App {
-    /// Ready for [`serve`] or `oneshot`.
+    /// Every route, for `oneshot` (a request to a route that reads the client's address needs
+    /// an `axum::extract::ConnectInfo` extension); [`serve`] answers with [`App::front`].
     pub router: axum::Router,
     state: Arc<state::AppState>,
     /// The data directory's lock, held while the application serves.

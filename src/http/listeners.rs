@@ -55,7 +55,8 @@ pub enum Listeners {
 
 impl Listeners {
     /// Binds `addr` as `runtime` serves it, with room in the kernel for as many connections
-    /// not yet accepted as it allows ([`BACKLOG`]).
+    /// not yet accepted as it allows (`BACKLOG`). Called within a tokio runtime, which the
+    /// listener is registered with.
     pub fn bind(addr: SocketAddr, runtime: Runtime) -> io::Result<Listeners> {
         let socket = if addr.is_ipv4() {
             TcpSocket::new_v4()?
@@ -363,9 +364,9 @@ mod tests {
     use crate::config::Runtime;
     use std::time::Duration;
 
-    /// A burst of clients larger than std's and tokio's backlog of 128 (and than nginx's 511)
-    /// all complete their handshakes while nothing accepts: none waits for a SYN sent again a
-    /// second later. Limited by the machine's `net.core.somaxconn`, read here.
+    /// A burst of clients larger than std's and tokio's backlog of 128 all complete their
+    /// handshakes while nothing accepts: none waits for a SYN sent again a second later.
+    /// Limited by the machine's `net.core.somaxconn`, read here.
     #[test]
     fn a_burst_of_connections_waits_in_the_kernel_until_accepted() {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -379,13 +380,13 @@ mod tests {
             .ok()
             .and_then(|text| text.trim().parse().ok())
             .unwrap_or(4096);
-        // Within the 1,024 descriptors a test may be given; the queue holds one more than
-        // the backlog.
-        let burst = somaxconn.min(600);
-        assert!(
-            burst > 129,
-            "net.core.somaxconn {somaxconn} is too small to tell"
-        );
+        // Well within the 1,024 descriptors a test process may be given, beside the other
+        // tests running in it; the queue holds one more than the backlog.
+        let burst = somaxconn.min(300);
+        if burst <= 129 {
+            eprintln!("skipped: net.core.somaxconn {somaxconn} is too small to tell");
+            return;
+        }
         let mut held = Vec::with_capacity(burst);
         for i in 0..burst {
             match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {

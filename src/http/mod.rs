@@ -89,7 +89,9 @@ impl Answer {
     }
 }
 
-/// The complete router.
+/// The complete router. The server sends it every request but registry requests, which
+/// [`Front`] takes past it to `dispatch` (its fallback): a route added here under `/v2/`
+/// must be excepted in `is_registry` too.
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v2/", axum::routing::any(api_version))
@@ -113,8 +115,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// What answers every request: a registry request goes straight to [`dispatch`] under
-/// [`observe::observe`]'s work, as the router would send it (to its fallback, under the same
+/// What answers every request: a registry request goes straight to `dispatch` under
+/// `observe::observe`'s work, as the router would send it (to its fallback, under the same
 /// layer), and anything else through the router. Skipped: the router's path matching, its
 /// boxed services, futures and per-request extensions, about a sixth of a cache hit's
 /// instructions (docs/benchmarks.md, tenth sitting).
@@ -187,7 +189,7 @@ fn as_routed(mut response: Response, head: bool) -> Response {
     response
 }
 
-/// Whether the router sends a request for `path` to [`dispatch`]: `/v2/` followed by
+/// Whether the router sends a request for `path` to `dispatch`: `/v2/` followed by
 /// something, since no route but the fallback takes those.
 fn is_registry(path: &str) -> bool {
     path.len() > "/v2/".len() && path.starts_with("/v2/")

@@ -155,7 +155,7 @@ impl Front {
             match router {
                 None => {
                     let head = request.method() == Method::HEAD;
-                    let peer = Some(peer.ip().to_canonical());
+                    let peer = Some(client_ip(peer));
                     let response = observe::observed(&state, request, |request| {
                         dispatch(Arc::clone(&state), request, peer)
                     })
@@ -388,7 +388,13 @@ pub(crate) fn peer_ip(request: &Request) -> Option<std::net::IpAddr> {
     request
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|c| c.0.ip().to_canonical())
+        .map(|c| client_ip(c.0))
+}
+
+/// The address of the client at `peer` as access rules see it: an IPv4 client on a dual-stack
+/// listener (`::ffff:a.b.c.d`) as IPv4.
+fn client_ip(peer: std::net::SocketAddr) -> std::net::IpAddr {
+    peer.ip().to_canonical()
 }
 
 /// Milliseconds with microsecond precision, printed without float noise (`0.068`, not

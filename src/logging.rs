@@ -190,52 +190,52 @@ impl AccessLine<'_> {
         );
     }
 
-    /// The line as the default format writes the event, timestamp and newline included.
+    /// The line as the default format writes the event, timestamp and newline included,
+    /// pushed straight onto `line` (no `Writer` between: every piece is a `push_str`).
     fn render(&self, line: &mut String) -> fmt::Result {
-        let mut writer = Writer::new(line);
         write!(
-            writer,
+            line,
             "{} ",
             humantime::format_rfc3339_micros(std::time::SystemTime::now())
         )?;
-        writer.write_str(" INFO request{")?;
-        let mut fields = Fields {
-            writer: &mut writer,
-            first: true,
-            result: Ok(()),
-        };
-        fields.str_named("request_id", self.request_id);
-        fields.result?;
-        writer.write_str("}: ")?;
-        writer.write_str(ACCESS_TARGET)?;
-        writer.write_str(": request")?;
-        let mut fields = Fields {
-            writer: &mut writer,
-            first: false,
-            result: Ok(()),
-        };
+        push_quoted(line, " INFO request{request_id=", self.request_id)?;
+        line.push_str("}: ");
+        line.push_str(ACCESS_TARGET);
         // `%method`: its `Display` form, unquoted.
-        if fields.start_named("method") {
-            fields.result = fields.writer.write_str(self.method);
-        }
-        fields.str_named("path", self.path);
-        if fields.start_named("status") {
-            fields.result = write!(fields.writer, "{}", self.status);
-        }
+        line.push_str(": request method=");
+        line.push_str(self.method);
+        push_quoted(line, " path=", self.path)?;
+        line.push_str(" status=");
+        line.push_str(itoa::Buffer::new().format(self.status));
         if let Some(upstream) = self.upstream {
-            fields.str_named("upstream", upstream);
+            push_quoted(line, " upstream=", upstream)?;
         }
-        fields.str_named("cache", self.cache);
-        if let Some(ms) = self.upstream_ms
-            && fields.start_named("upstream_ms")
-        {
-            fields.result = write!(fields.writer, "{ms:?}");
+        push_quoted(line, " cache=", self.cache)?;
+        if let Some(ms) = self.upstream_ms {
+            write!(line, " upstream_ms={ms:?}")?;
         }
-        if fields.start_named("elapsed_ms") {
-            fields.result = write!(fields.writer, "{:?}", self.elapsed_ms);
-        }
-        fields.result?;
-        writer.write_char('\n')
+        writeln!(line, " elapsed_ms={:?}", self.elapsed_ms)
+    }
+}
+
+/// Whether `Debug` writes `value` as it is between quotes: printable ASCII without `"` or `\`.
+/// Every byte is looked at (no early exit), so the loop runs on vectors.
+fn plain(value: &str) -> bool {
+    value.bytes().fold(true, |plain, b| {
+        plain & (b' '..=b'~').contains(&b) & (b != b'"') & (b != b'\\')
+    })
+}
+
+/// `before`, then `value` in `Debug` form: in quotes, escaped when it needs it.
+fn push_quoted(line: &mut String, before: &str, value: &str) -> fmt::Result {
+    line.push_str(before);
+    if plain(value) {
+        line.push('"');
+        line.push_str(value);
+        line.push('"');
+        Ok(())
+    } else {
+        write!(line, "{value:?}")
     }
 }
 
@@ -281,13 +281,10 @@ impl Fields<'_, '_> {
     /// escaping.
     fn str_named(&mut self, name: &str, value: &str) {
         // `Debug` of a string that needs no escaping is the string in quotes.
-        let plain = value
-            .bytes()
-            .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\');
         if !self.start_named(name) {
             return;
         }
-        self.result = if plain {
+        self.result = if plain(value) {
             self.writer
                 .write_char('"')
                 .and_then(|()| self.writer.write_str(value))

@@ -21,7 +21,6 @@ use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::{mpsc, watch};
 
 /// How many of the most recent bytes a download keeps in memory for its followers. A follower
@@ -315,8 +314,10 @@ impl BlobStore {
             (Some(_), None) => return self.when_stored(&mut rx, digest, range).await,
             (None, _) => None,
         };
-        let file = match tokio::fs::File::open(&download.temp).await {
-            Ok(f) => f,
+        let temp = download.temp.clone();
+        let opened = tokio::task::spawn_blocking(move || std::fs::File::open(temp)).await?;
+        let file = match opened {
+            Ok(f) => Arc::new(f),
             // Already renamed into the store (the index may not know it yet): serve it from
             // there once the download has ended.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -332,7 +333,7 @@ impl BlobStore {
             size: progress.size,
             range: bounds,
             source: Outcome::Miss,
-            stream: Box::pin(follow(download, file, rx, start, end).await?),
+            stream: Box::pin(follow(download, file, rx, start, end)),
         }))
     }
 
@@ -561,82 +562,70 @@ impl std::fmt::Debug for Spool {
 /// `None`): from its window of recent bytes while they are held, else from the temp file. The
 /// blob's last byte waits for verification; a failed download ends the stream with an error,
 /// which aborts the client's transfer.
-async fn follow(
+fn follow(
     download: Arc<Download>,
-    mut file: tokio::fs::File,
+    file: Arc<std::fs::File>,
     rx: watch::Receiver<Progress>,
     start: u64,
     end: Option<u64>,
-) -> std::io::Result<impl Stream<Item = std::io::Result<Bytes>> + Send + use<>> {
-    if start > 0 {
-        file.seek(SeekFrom::Start(start)).await?;
-    }
-    // `at`: the file's position, which trails `sent` while the window serves.
-    Ok(futures_util::stream::unfold(
-        (file, rx, start, start, false),
-        move |(mut file, mut rx, sent, mut at, finished)| {
-            let download = Arc::clone(&download);
-            async move {
-                if finished || end.is_some_and(|end| sent >= end) {
+) -> impl Stream<Item = std::io::Result<Bytes>> + Send + use<> {
+    futures_util::stream::unfold((rx, start, false), move |(mut rx, sent, finished)| {
+        let (download, file) = (Arc::clone(&download), Arc::clone(&file));
+        async move {
+            if finished || end.is_some_and(|end| sent >= end) {
+                return None;
+            }
+            loop {
+                let progress = rx.borrow_and_update().clone();
+                if let Some(Err(e)) = &progress.outcome {
+                    let e = std::io::Error::other(e.to_string());
+                    return Some((Err(e), (rx, sent, true)));
+                }
+                let limit = end.map_or(progress.sendable(), |end| end.min(progress.sendable()));
+                if sent < limit {
+                    if let Some(bytes) = download.recent.lock().read(sent, limit) {
+                        let sent = sent + bytes.len() as u64;
+                        return Some((Ok(bytes), (rx, sent, false)));
+                    }
+                    let on_disk = limit.min(progress.written);
+                    if sent < on_disk {
+                        return Some(match read_at(file, sent, on_disk).await {
+                            Ok(bytes) => {
+                                let sent = sent + bytes.len() as u64;
+                                (Ok(bytes), (rx, sent, false))
+                            }
+                            Err(e) => (Err(e), (rx, sent, true)),
+                        });
+                    }
+                }
+                if progress.outcome.is_some() && sent >= limit {
                     return None;
                 }
-                loop {
-                    let progress = rx.borrow_and_update().clone();
-                    if let Some(Err(e)) = &progress.outcome {
-                        let e = std::io::Error::other(e.to_string());
-                        return Some((Err(e), (file, rx, sent, at, true)));
-                    }
-                    let limit = end.map_or(progress.sendable(), |end| end.min(progress.sendable()));
-                    if sent < limit {
-                        if let Some(bytes) = download.recent.lock().read(sent, limit) {
-                            let sent = sent + bytes.len() as u64;
-                            return Some((Ok(bytes), (file, rx, sent, at, false)));
-                        }
-                        let on_disk = limit.min(progress.written);
-                        if sent < on_disk {
-                            let read = read_at(&mut file, &mut at, sent, on_disk).await;
-                            return Some(match read {
-                                Ok(bytes) => {
-                                    let sent = sent + bytes.len() as u64;
-                                    (Ok(bytes), (file, rx, sent, at, false))
-                                }
-                                Err(e) => (Err(e), (file, rx, sent, at, true)),
-                            });
-                        }
-                    }
-                    if progress.outcome.is_some() && sent >= limit {
-                        return None;
-                    }
-                    if rx.changed().await.is_err() {
-                        // The download task is gone without an outcome: treat as failure.
-                        let e = std::io::Error::other("blob download stopped");
-                        return Some((Err(e), (file, rx, sent, at, true)));
-                    }
+                if rx.changed().await.is_err() {
+                    // The download task is gone without an outcome: treat as failure.
+                    let e = std::io::Error::other("blob download stopped");
+                    return Some((Err(e), (rx, sent, true)));
                 }
             }
-        },
-    ))
+        }
+    })
 }
 
-/// Reads up to [`CHUNK`] bytes of `file` from `offset` to `limit` (exclusive); `at` is the
-/// file's position before and after.
-async fn read_at(
-    file: &mut tokio::fs::File,
-    at: &mut u64,
-    offset: u64,
-    limit: u64,
-) -> std::io::Result<Bytes> {
-    if *at != offset {
-        file.seek(SeekFrom::Start(offset)).await?;
-        *at = offset;
-    }
-    let want = usize::try_from(limit - offset)
+/// Reads up to [`CHUNK`] bytes of `file` from `offset` to `limit` (exclusive), on a blocking
+/// thread, at that offset (`pread`) and straight into the chunk handed on: no file position to
+/// keep, and no copy through the buffer of a `tokio::fs::File`.
+async fn read_at(file: Arc<std::fs::File>, offset: u64, limit: u64) -> std::io::Result<Bytes> {
+    use std::os::unix::fs::FileExt as _;
+    let want = usize::try_from(limit.saturating_sub(offset))
         .unwrap_or(usize::MAX)
         .min(CHUNK);
-    let mut buf = vec![0u8; want];
-    file.read_exact(&mut buf).await?;
-    *at += want as u64;
-    Ok(Bytes::from(buf))
+    tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; want];
+        file.read_exact_at(&mut buf, offset)?;
+        Ok(Bytes::from(buf))
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }
 
 #[cfg(test)]

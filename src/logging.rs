@@ -434,10 +434,13 @@ mod tests {
     }
 
     /// Paths that need quoting and escaping, or are empty.
-    const AWKWARD_PATHS: [&str; 5] = [
+    const AWKWARD_PATHS: [&str; 7] = [
         "/v2/library/alpine/manifests/3.20",
         "/v2/a/tags/list?n=10&last=b",
         "/v2/\"quoted\"/back\\slash",
+        // The edges of what `Debug` writes as it is (' ', '\'', '~'), and just past them.
+        "/v2/it's ~ fine",
+        "/v2/del\u{7f}",
         "/v2/caf\u{e9}/\u{1b}[31mred\t\u{85}",
         "",
     ];
@@ -505,7 +508,7 @@ mod tests {
             upstream: i.is_multiple_of(2).then_some("registry-1.docker.io"),
             cache: ["HIT", "-", "MISS"][i % 3],
             upstream_ms: i.is_multiple_of(3).then_some(12.5),
-            elapsed_ms: [1.0, 0.123, 1234.567, 1e-3, 0.0][i],
+            elapsed_ms: [1.0, 0.123, 1234.567, 1e-3, 0.0, 7e22, 0.5][i],
         };
         let events = lines(Format::default(), PlainFields, || {
             for i in 0..paths.len() {
@@ -556,7 +559,7 @@ mod tests {
     fn plain_fields_are_written_exactly_as_the_default_fields_are() {
         let default = lines(Format::default(), DefaultFields::new(), access_events);
         let fast = lines(Format::default(), PlainFields, access_events);
-        assert_eq!(default.len(), 9);
+        assert_eq!(default.len(), 11);
         assert_eq!(fast.len(), default.len());
         for (fast, default) in fast.iter().zip(&default) {
             // The same line after the timestamp, and a timestamp of the same form.

@@ -751,17 +751,32 @@ mod tests {
         incoming.announce(Some(bytes.len() as u64)).unwrap();
         let follower = store.follow(Arc::clone(&download), &digest, None).await;
         let mut follower = follower.unwrap().unwrap().stream;
-        // All received (queued for the spool thread in 32 chunks) before the follower reads:
-        // its first bytes are no longer in the window, so it reads them from the temp file as
-        // the spool thread writes them.
+        // A range that starts and ends in the first window's worth, at odd offsets.
+        let (from, to) = (WINDOW as usize + 12_345, 2 * WINDOW as usize + 6_789);
+        let range = ByteRange::parse(&format!("bytes={from}-{to}"));
+        let ranged = store.follow(Arc::clone(&download), &digest, range).await;
+        let mut ranged = ranged.unwrap().unwrap().stream;
+        // All received (queued for the spool thread in 32 chunks) before the followers read:
+        // their first bytes are no longer in the window, so they read them from the temp file
+        // as the spool thread writes them.
         for chunk in bytes.chunks(1 << 20) {
             incoming.push(Bytes::copy_from_slice(chunk)).await.unwrap();
         }
-        let mut got = Vec::new();
-        while got.len() < bytes.len() - 1 {
-            let next = tokio::time::timeout(std::time::Duration::from_secs(10), follower.next());
-            got.extend_from_slice(&next.await.expect("woken").unwrap().unwrap());
+        async fn read(
+            stream: &mut std::pin::Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>>,
+            len: usize,
+        ) -> Vec<u8> {
+            let mut got = Vec::new();
+            while got.len() < len {
+                let next = tokio::time::timeout(std::time::Duration::from_secs(10), stream.next());
+                got.extend_from_slice(&next.await.expect("woken").unwrap().unwrap());
+            }
+            got
         }
+        let got = read(&mut ranged, to + 1 - from).await;
+        assert!(got == bytes[from..=to], "the range's bytes, in order");
+        assert!(ranged.next().await.is_none(), "nothing past the range");
+        let got = read(&mut follower, bytes.len() - 1).await;
         assert!(got == bytes[..bytes.len() - 1], "the bytes, in order");
         assert!(!incoming.commit().await.unwrap());
         store.end(&digest, &download, Ok(()));

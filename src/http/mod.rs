@@ -134,40 +134,36 @@ impl Front {
 
     /// The response to `request` from the client at `peer`. Boxed: the future holds the whole
     /// request's state machine, which hyper would otherwise copy each time it moves it
-    /// (kilobytes, per request).
+    /// (kilobytes, per request). Built by combinators, not in an `async` block: a block that
+    /// awaits the observer's future would copy all of it into its own state once more.
     pub fn answer(
         &self,
         mut request: Request,
         peer: std::net::SocketAddr,
     ) -> std::pin::Pin<Box<dyn Future<Output = Response> + Send>> {
-        let state = Arc::clone(&self.state);
-        let router = if is_registry(request.uri().path()) {
-            None
-        } else {
-            // The client's address, for the handlers that read it (loopback-only purges): an
-            // extension, which registry requests are spared (an allocation or two each).
-            request
-                .extensions_mut()
-                .insert(axum::extract::ConnectInfo(peer));
-            Some(self.router.clone())
-        };
-        Box::pin(async move {
-            match router {
-                None => {
-                    let head = request.method() == Method::HEAD;
-                    let peer = Some(client_ip(peer));
-                    let response = observe::observed(&state, request, |request| {
-                        dispatch(Arc::clone(&state), request, peer)
-                    })
-                    .await;
-                    as_routed(response, head)
-                }
-                Some(router) => match router.oneshot(request).await {
+        use futures_util::FutureExt as _;
+        if is_registry(request.uri().path()) {
+            let head = request.method() == Method::HEAD;
+            let (peer, state) = (Some(client_ip(peer)), Arc::clone(&self.state));
+            let observed = observe::observed(Arc::clone(&self.state), request, move |request| {
+                dispatch(state, request, peer)
+            });
+            return Box::pin(observed.map(move |response| as_routed(response, head)));
+        }
+        // The client's address, for the handlers that read it (loopback-only purges): an
+        // extension, which registry requests are spared (an allocation or two each).
+        request
+            .extensions_mut()
+            .insert(axum::extract::ConnectInfo(peer));
+        Box::pin(
+            self.router
+                .clone()
+                .oneshot(request)
+                .map(|answered| match answered {
                     Ok(response) => response,
                     Err(never) => match never {},
-                },
-            }
-        })
+                }),
+        )
     }
 }
 

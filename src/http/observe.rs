@@ -38,13 +38,13 @@ fn client_id(value: &HeaderValue) -> Option<HeaderValue> {
 
 /// The middleware: id, span, metrics, access log.
 pub async fn observe(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
-    observed(&state, request, |request| next.run(request)).await
+    observed(state, request, |request| next.run(request)).await
 }
 
 /// `request` answered by `answer`, observed as [`observe`] does: the middleware's work, for
 /// the registry requests that skip the router (`super::Front`).
 pub async fn observed<F>(
-    state: &AppState,
+    state: Arc<AppState>,
     request: Request,
     answer: impl FnOnce(Request) -> F,
 ) -> Response

@@ -241,7 +241,9 @@ async fn dispatch(
     // Where the request was routed, known even when the deadline cuts it short (a 504 is
     // counted under its upstream too).
     let routed = AtomicUsize::new(usize::MAX);
-    let mut response = tokio::time::timeout(deadline, pull(state, request, peer, &routed))
+    // The body is never read: a registry request is a GET or a HEAD (anything else is refused).
+    let (parts, _body) = request.into_parts();
+    let mut response = tokio::time::timeout(deadline, pull(&state, &parts, peer, &routed))
         .await
         .unwrap_or(Err(Error::GatewayTimeout))
         .unwrap_or_else(IntoResponse::into_response);
@@ -261,35 +263,22 @@ async fn dispatch(
     response
 }
 
+/// Serves a registry request from the client at `peer`, routed to its upstream (whose index
+/// goes to `routed` once known). One function, borrowing the request `dispatch` holds: each
+/// `async fn` between them would keep a copy of the request and copy the rest's state in.
 async fn pull(
-    state: Arc<AppState>,
-    request: Request,
+    state: &AppState,
+    request: &axum::http::request::Parts,
     peer: Option<std::net::IpAddr>,
     routed: &AtomicUsize,
 ) -> Result<Response, Error> {
-    let (method, uri) = (request.method(), request.uri());
+    let (method, uri, headers) = (&request.method, &request.uri, &request.headers);
     if method != Method::GET && method != Method::HEAD {
         return Err(Error::Unsupported(method.to_string()));
     }
     let tail = uri.path().strip_prefix("/v2/").unwrap_or_default();
     let (proxy, tail, default) = state.route(tail, uri.query()).await?;
     routed.store(proxy.upstream.metrics.index(), Ordering::Relaxed);
-    // The request moves into `serve`; the tail is passed as where it starts in the path.
-    let tail_at = uri.path().len() - tail.len();
-    serve(&state, request, peer, proxy, tail_at, default).await
-}
-
-/// Serves a registry request from the client at `peer` routed to `proxy`'s upstream.
-async fn serve(
-    state: &AppState,
-    request: Request,
-    peer: Option<std::net::IpAddr>,
-    proxy: Arc<crate::proxy::Proxy>,
-    tail_at: usize,
-    default: bool,
-) -> Result<Response, Error> {
-    let (method, uri, headers) = (request.method(), request.uri(), request.headers());
-    let tail = uri.path().get(tail_at..).unwrap_or_default();
     // Validate before anything can reach upstream; learn Hub-ness only for names that need it.
     let mut target = RegistryPath::parse(tail, false)?;
     let tags_query = match target {
@@ -307,7 +296,7 @@ async fn serve(
     }
     state
         .authorize(
-            authorization(&request),
+            authorization_in(headers),
             peer,
             &proxy,
             target.name().as_str(),
@@ -373,8 +362,12 @@ async fn serve(
 
 /// The `Authorization` header, as text.
 pub(crate) fn authorization(request: &Request) -> Option<&str> {
-    request
-        .headers()
+    authorization_in(request.headers())
+}
+
+/// The `Authorization` header among `headers`, as text.
+fn authorization_in(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
 }

@@ -221,7 +221,7 @@ async fn api_version(State(state): State<Arc<AppState>>, request: Request) -> Re
 
 /// `/v2/<anything>` is a registry request; anything else no route took is 404.
 async fn registry_or_not_found(State(state): State<Arc<AppState>>, request: Request) -> Response {
-    if request.uri().path().starts_with("/v2/") {
+    if is_registry(request.uri().path()) {
         let peer = peer_ip(&request);
         dispatch(state, request, peer).await
     } else {
